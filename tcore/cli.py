@@ -1,0 +1,30 @@
+"""The `tcore` command line: thin click groups that parse options and call into modules.
+
+Every command lives in `tcore/commands/<group>.py`; none of them holds logic of its own.
+"""
+import click
+
+from tcore.commands.bench import bench
+from tcore.commands.data import data
+from tcore.commands.demo import demo
+from tcore.commands.eval import eval_group
+from tcore.commands.pipeline import pipeline
+from tcore.commands.shards import shards
+from tcore.commands.train import train
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tcore")
+def main():
+    """tcore: train T-CoRe video representations fast.
+
+    Data flows one way: `tcore data synth` / your videos -> `tcore shards build` ->
+    `tcore train` (DALI pipeline + model) -> `tcore eval`. `tcore bench` measures throughput.
+    """
+
+
+for command in (shards, data, pipeline, train, eval_group, bench, demo):
+    main.add_command(command)
+
+if __name__ == "__main__":
+    main()
