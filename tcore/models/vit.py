@@ -1,0 +1,106 @@
+"""The DINOv2-style ViT backbone of T-CoRe, as a timm ``VisionTransformer``.
+
+Reference configuration (METHOD.md section 4): 4 register tokens, LayerScale 1e-5, uniform
+stochastic depth, learned positional embedding over [cls, patches] with the registers outside
+it (timm ``no_embed_class=True`` with the cls position folded into ``cls_token``), dynamic
+image size with bicubic antialiased interpolation, and a learned ``mask_token`` that replaces
+masked patch embeddings *before* the positional embedding is added.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import DropPath
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from tcore.models.attention import Attention, ResolvesAttentionOnMove, set_attention_backend
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+ARCHS = {
+    "vit_tiny": ArchSpec(192, 2, 3),  # the reference fixture's size: CPU tests and the demo
+    "vit_small": ArchSpec(384, 12, 6),
+    "vit_base": ArchSpec(768, 12, 12),
+    "vit_large": ArchSpec(1024, 24, 16),
+}
+
+
+class Backbone(ResolvesAttentionOnMove, VisionTransformer):
+    """timm ViT with a mask token and a dict-returning ``forward_features``.
+
+    Parameter names are timm's (``patch_embed.*``, ``cls_token``, ``reg_token``, ``pos_embed``,
+    ``mask_token``, ``blocks.{i}.*``, ``norm.*``): the optimizer's layer-wise decay parses them.
+    """
+
+    def __init__(self, *, embed_dim: int, depth: int, num_heads: int, patch_size: int = 16,
+                 img_size: int = 224, registers: int = 4, layerscale: float | None = 1e-5,
+                 drop_path: float = 0.0, mlp_ratio: float = 4.0, attention: str = "auto") -> None:
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, num_classes=0, global_pool="",
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            qkv_bias=True, init_values=layerscale or None, class_token=True,
+            no_embed_class=True, reg_tokens=registers, dynamic_img_size=True,
+            attn_layer=Attention,  # timm's default LayerNorm has the reference eps 1e-6
+        )
+        # Uniform stochastic depth (DINOv2 drop_path_uniform), not timm's linear ramp.
+        for block in self.blocks:
+            block.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+            block.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.num_blocks = depth
+        self.num_registers = registers
+        self.arch_kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                patch_size=patch_size, img_size=img_size, registers=registers,
+                                layerscale=layerscale, mlp_ratio=mlp_ratio)
+        set_attention_backend(self, attention)
+
+    def set_attention_backend(self, backend: str) -> None:
+        set_attention_backend(self, backend)
+
+    def embed(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens [B, 1 + R + N, D] before the blocks: mask token, then positional embedding."""
+        x = self.patch_embed(images)  # [B, H, W, D] (dynamic size keeps the grid)
+        if masks is not None:
+            batch, height, width, dim = x.shape
+            if masks.shape != (batch, height * width):
+                raise ValueError(f"masks of shape {tuple(masks.shape)} do not match the "
+                                 f"{batch} x {height * width} patch grid")
+            masked = masks.reshape(batch, height, width, 1)
+            x = torch.where(masked, self.mask_token.to(x.dtype).reshape(1, 1, 1, dim), x)
+        return self.norm_pre(self.patch_drop(self._pos_embed(x)))
+
+    def forward_features(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
+        """Final-norm tokens: ``{"cls": [B,D], "registers": [B,R,D], "patch": [B,N,D]}``."""
+        x = self.embed(images, masks)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models import checkpoint_seq
+
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        x = self.norm(x)
+        first_patch = 1 + self.num_registers
+        return {"cls": x[:, 0], "registers": x[:, 1:first_patch], "patch": x[:, first_patch:]}
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
+        return self.forward_features(images, masks)
+
+
+def build_backbone(arch: str = "vit_small", *, patch_size: int = 16, drop_path: float = 0.1,
+                   registers: int = 4, layerscale: float = 1e-5, attention: str = "auto",
+                   img_size: int = 224) -> Backbone:
+    """Build a preset backbone (``vit_tiny``, ``vit_small``, ``vit_base``, ``vit_large``)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    spec = ARCHS[arch]
+    return Backbone(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
+                    patch_size=patch_size, img_size=img_size, registers=registers,
+                    layerscale=layerscale, drop_path=drop_path, attention=attention)

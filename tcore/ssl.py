@@ -1,0 +1,217 @@
+"""The T-CoRe model and its training step (METHOD.md section 5).
+
+``TCoRe`` holds the student (backbone + DINO head), the EMA teacher, the Patch Matching Module
+and the two teacher centers. ``forward_losses`` computes every loss term of one step without
+host synchronisation: masked tokens are gathered with ``mask_indices`` (``index_select``), the
+number of masked tokens comes from that tensor's shape, and the centers are updated in place.
+The optimizer step, gradient scaling and schedules live in the train loop (``tcore.optim``).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tcore import losses
+from tcore.models import DINOHead, PatchMatchingModule, build_backbone
+
+
+def default_model_config() -> dict:
+    """The reference's network configuration (ViT-S/16)."""
+    return {
+        "arch": "vit_small", "patch_size": 16, "drop_path": 0.1, "registers": 4,
+        "layerscale": 1e-5, "attention": "auto", "img_size": 224,
+        "head": {"prototypes": 65536, "hidden": 2048, "bottleneck": 256, "layers": 3},
+        "pmm": {"heads": 16, "attn_mul": 4.0, "depth": 1},
+    }
+
+
+def default_loss_config() -> dict:
+    """The reference's loss configuration (weights as METHOD.md section 5)."""
+    return {
+        "student_temp": 0.1, "center_momentum": 0.9,
+        "dino_weight": 1.0, "dino_global_weight": 2.0,  # global CE pair counts twice (loss_scales)
+        "koleo_weight": 0.1, "patch_weight": 0.8, "past_future_weight": 20.0,
+    }
+
+
+def _merge(defaults: dict, overrides, where: str) -> dict:
+    """Deep-merge a mapping (dict or OmegaConf DictConfig) into defaults; unknown keys fail."""
+    if overrides is None:
+        return defaults
+    if not isinstance(overrides, Mapping):
+        try:
+            from omegaconf import OmegaConf
+
+            overrides = OmegaConf.to_container(overrides, resolve=True)
+        except Exception as error:
+            raise TypeError(f"{where}: expected a mapping, got {type(overrides).__name__}") from error
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise ValueError(f"{where}: unknown key {key!r} (known: {sorted(defaults)})")
+        if isinstance(defaults[key], dict):
+            merged[key] = _merge(defaults[key], value, f"{where}.{key}")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build_student_like(cfg: dict, drop_path: float) -> nn.ModuleDict:
+    backbone = build_backbone(cfg["arch"], patch_size=cfg["patch_size"], drop_path=drop_path,
+                              registers=cfg["registers"], layerscale=cfg["layerscale"],
+                              attention=cfg["attention"], img_size=cfg["img_size"])
+    head_cfg = cfg["head"]
+    head = DINOHead(backbone.embed_dim, out_dim=head_cfg["prototypes"], hidden_dim=head_cfg["hidden"],
+                    bottleneck_dim=head_cfg["bottleneck"], nlayers=head_cfg["layers"])
+    return nn.ModuleDict({"backbone": backbone, "head": head})
+
+
+class TCoRe(nn.Module):
+    """Student, EMA teacher, PMM and centers; ``forward_losses`` is one T-CoRe step's losses.
+
+    Loss terms returned by ``forward_losses`` (0-dim float32 tensors, already weighted, so
+    ``total`` is their sum):
+    - ``dino``: L_DINO, [CE(local, both teacher crops) + 2 CE(global, swapped teacher)] / 18;
+    - ``koleo``: 0.1 * sum over the 2 global crops of KoLeo(student cls tokens);
+    - ``patch_past`` / ``patch_future``: L_pt / L_ft, 0.8 * masked-token CE between
+      head(PMM(past or future, student tokens)) and the teacher's centred patch probabilities;
+    - ``past_future``: L_pf, 20 * MSE(head(PMM_past), head(PMM_future)) at masked tokens;
+    - ``total``.
+    """
+
+    def __init__(self, model_cfg=None, loss_cfg=None) -> None:
+        super().__init__()
+        self.model_cfg = _merge(default_model_config(), model_cfg, "model")
+        self.loss_cfg = _merge(default_loss_config(), loss_cfg, "loss")
+        self.student = _build_student_like(self.model_cfg, drop_path=self.model_cfg["drop_path"])
+        # The teacher never drops paths (DINOv2 builds it without stochastic depth).
+        self.teacher = _build_student_like(self.model_cfg, drop_path=0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        embed_dim = self.student["backbone"].embed_dim
+        pmm_cfg = self.model_cfg["pmm"]
+        self.pmm = PatchMatchingModule(embed_dim, num_heads=pmm_cfg["heads"], attn_mul=pmm_cfg["attn_mul"],
+                                       depth=pmm_cfg["depth"], attention=self.model_cfg["attention"])
+        prototypes = self.model_cfg["head"]["prototypes"]
+        self.register_buffer("center_cls", torch.zeros(1, prototypes))
+        self.register_buffer("center_patch", torch.zeros(1, prototypes))
+        self._check_ema_pairs()
+
+    # ------------------------------------------------------------------ modes and accessors
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher is a target network: always inference behaviour
+        return self
+
+    def teacher_backbone(self):
+        return self.teacher["backbone"]
+
+    def _check_ema_pairs(self) -> None:
+        student = [name for name, _ in self.student.named_parameters()]
+        teacher = [name for name, _ in self.teacher.named_parameters()]
+        if student != teacher:
+            raise RuntimeError("student and teacher parameters do not pair up for the EMA")
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def _update_center(self, center: torch.Tensor, logits: torch.Tensor) -> None:
+        """center <- m * center + (1 - m) * batch mean of ``logits`` (all-reduced across ranks)."""
+        batch_mean = logits.float().mean(dim=0, keepdim=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_mean)
+            batch_mean /= dist.get_world_size()
+        momentum = self.loss_cfg["center_momentum"]
+        center.mul_(momentum).add_(batch_mean, alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def _teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, teacher_temp: float):
+        """Centred teacher probabilities: cls [2B, K] in crop order, masked patches [M, K]."""
+        tokens = self.teacher["backbone"].forward_features(global_crops)
+        n_crops, n_masked = global_crops.shape[0], mask_indices.shape[0]
+        patch = tokens["patch"].flatten(0, 1).index_select(0, mask_indices)
+        # One head call on [cls; masked patches]: the head is shared.
+        logits = self.teacher["head"](torch.cat([tokens["cls"], patch]))
+        cls_logits, patch_logits = logits.split([n_crops, n_masked])
+        cls_probs = losses.softmax_centered(cls_logits, self.center_cls, teacher_temp)
+        patch_probs = losses.softmax_centered(patch_logits, self.center_patch, teacher_temp)
+        self._update_center(self.center_cls, cls_logits)
+        if n_masked:
+            self._update_center(self.center_patch, patch_logits)
+        return cls_probs, patch_probs
+
+    @torch.no_grad()
+    def _memory_tokens(self, past_crops: torch.Tensor, future_crops: torch.Tensor) -> torch.Tensor:
+        """Student backbone (no gradients) patch tokens of [past; future] crops, [4B, N, D]."""
+        return self.student["backbone"].forward_features(torch.cat([past_crops, future_crops]))["patch"]
+
+    def _student_tokens(self, global_crops, masks, local_crops):
+        """Student cls/patch tokens of the masked global crops and cls tokens of the local crops.
+
+        Kept separate so a fused multi-resolution forward can replace the two calls later.
+        """
+        backbone = self.student["backbone"]
+        global_tokens = backbone.forward_features(global_crops, masks)
+        if local_crops is not None and local_crops.shape[0]:
+            local_cls = backbone.forward_features(local_crops)["cls"]
+        else:
+            local_cls = global_tokens["cls"][:0]
+        return global_tokens, local_cls
+
+    def forward_losses(self, batch: Mapping, teacher_temp: float) -> dict:
+        """Every loss term of one step for a batch in the docs/ARCHITECTURE.md contract."""
+        cfg = self.loss_cfg
+        global_crops, masks = batch["global_crops"], batch["masks"]
+        mask_indices, mask_weights = batch["mask_indices"], batch["mask_weights"]
+        n_crops, n_masked = global_crops.shape[0], mask_indices.shape[0]
+
+        teacher_cls, teacher_patch = self._teacher_targets(global_crops, mask_indices, teacher_temp)
+        memory = self._memory_tokens(batch["past_crops"], batch["future_crops"])
+        global_tokens, local_cls = self._student_tokens(global_crops, masks, batch.get("local_crops"))
+
+        query = global_tokens["patch"]
+        matched = self.pmm(memory, torch.cat([query, query]))  # [past; future] x same query
+        dim = matched.shape[-1]
+        matched = matched.reshape(2, -1, dim).index_select(1, mask_indices)  # [2, M, D]
+        logits = self.student["head"](torch.cat([global_tokens["cls"], local_cls, matched.flatten(0, 1)]))
+        global_logits, local_logits, past_logits, future_logits = logits.split(
+            [n_crops, local_cls.shape[0], n_masked, n_masked])
+
+        student_temp = cfg["student_temp"]
+        terms = {
+            "dino": cfg["dino_weight"] * losses.dino_loss(
+                global_logits, local_logits, teacher_cls, student_temp, cfg["dino_global_weight"]),
+            "koleo": cfg["koleo_weight"] * losses.koleo_loss(global_tokens["cls"]),
+            "patch_past": cfg["patch_weight"] * losses.masked_patch_loss(
+                past_logits, teacher_patch, mask_weights, n_crops, student_temp),
+            "patch_future": cfg["patch_weight"] * losses.masked_patch_loss(
+                future_logits, teacher_patch, mask_weights, n_crops, student_temp),
+            "past_future": cfg["past_future_weight"] * losses.past_future_loss(past_logits, future_logits),
+        }
+        terms["total"] = sum(terms.values())
+        return terms
+
+    # ------------------------------------------------------------------ after backward
+    def clip_gradients(self, max_norm: float = 3.0) -> dict:
+        """Clip each module's gradient norm separately; returns the pre-clip norms (tensors)."""
+        norms = {}
+        for name, module in (("backbone", self.student["backbone"]), ("head", self.student["head"]),
+                             ("pmm", self.pmm)):
+            params = [p for p in module.parameters() if p.grad is not None]
+            if params:
+                norms[name] = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return norms
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student (backbone and head)."""
+        teacher = list(self.teacher.parameters())
+        student = [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+
+__all__ = ["TCoRe", "default_model_config", "default_loss_config"]
