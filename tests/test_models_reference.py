@@ -199,3 +199,13 @@ def test_official_layout_matches_official_keys(arch):
     ours = {f"teacher.{k}": list(v.shape) for k, v in checkpoint["teacher"].items()}
     ours.update({f"auxiliary.{k}": list(v.shape) for k, v in checkpoint["auxiliary"].items()})
     assert ours == expected
+
+
+def test_load_fixture_bundle_reads_its_recorded_sizes(fixture):
+    """The fixture file itself (checkpoint + config) loads, with the PMM's 8 heads from config."""
+    bundle = load_reference(FIXTURE)
+    assert bundle.pmm.num_heads == fixture["config"]["pmm_heads"]
+    out = fixture["outputs"]
+    with torch.no_grad():
+        pmm_out = bundle.pmm(out["pmm_memory"], out["pmm_query"])
+    torch.testing.assert_close(pmm_out, out["pmm_out"], rtol=1e-5, atol=1e-5)

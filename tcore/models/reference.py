@@ -192,6 +192,12 @@ def _read(path: str) -> tuple[dict, dict]:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     meta = checkpoint.get("tcore_meta", {}) if isinstance(checkpoint.get("tcore_meta"), dict) else {}
+    if isinstance(checkpoint.get("checkpoint"), dict) and isinstance(checkpoint.get("config"), dict):
+        # The reference fixture bundle (official_tiny.pt): the checkpoint plus its sizes.
+        config = checkpoint["config"]
+        meta = {"num_heads": config.get("num_heads"), "pmm_heads": config.get("pmm_heads"),
+                "pmm_attn_mul": config.get("pmm_attn_mul")}
+        checkpoint = checkpoint["checkpoint"]
     return checkpoint, meta
 
 
