@@ -1,7 +1,144 @@
-"""`tcore eval` commands (placeholder until its module lands)."""
+"""`tcore eval`: label-propagation benchmarks (DAVIS-2017, VIP, JHMDB) and DAVIS scoring."""
+from __future__ import annotations
+
+import functools
+import re
+
 import click
+
+DEFAULT_SIZES = {"davis": "480x880", "jhmdb": "320x320"}
+
+
+def parse_size(text: str | None):
+    """'480x880' / '480,880' -> (480, 880); 'native' -> None (each video's own size)."""
+    if text is None or text.lower() == "native":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text)
+    if not match:
+        raise click.BadParameter(f"expected HxW (e.g. 480x880) or 'native', got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def propagation_options(topk: int):
+    """Options shared by the propagation commands (METHOD.md section 7 defaults)."""
+    def decorate(command):
+        options = [
+            click.option("--data", "data_root", required=True,
+                         type=click.Path(exists=True, file_okay=False),
+                         help="Benchmark root in its official layout."),
+            click.option("--checkpoint", required=True,
+                         type=click.Path(exists=True, dir_okay=False),
+                         help="tcore training checkpoint, teacher_backbone.safetensors, reference "
+                              "T-CoRe checkpoint or DINOv2 backbone state dict."),
+            click.option("--arch", default=None,
+                         help="Backbone preset (e.g. vit_small); inferred from the checkpoint "
+                              "when left out."),
+            click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False),
+                         help="Directory for predictions, results.json and results.csv."),
+            click.option("--topk", default=topk, show_default=True, type=int),
+            click.option("--radius", default=20.0, show_default=True, type=float,
+                         help="Spatial radius in feature cells."),
+            click.option("--temperature", default=0.7, show_default=True, type=float),
+            click.option("--context", default=20, show_default=True, type=int,
+                         help="Previous frames in the context (plus the first frame)."),
+            click.option("--device", default=None, help="cuda / cpu (default: cuda if present)."),
+            click.option("--batch-size", default=8, show_default=True, type=int,
+                         help="Frames per feature batch."),
+            click.option("--chunk-size", default=1024, show_default=True, type=int,
+                         help="Query locations per affinity chunk (bounds memory)."),
+            click.option("--visualize", is_flag=True, help="Also write overlay strips."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+def _print_results(results: dict, output_dir: str) -> None:
+    from tcore.eval.report import summary_table
+    click.echo(summary_table(results))
+    for warning in results.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"results: {output_dir}/results.json, {output_dir}/results.csv")
+
+
+def _run(evaluate, checkpoint, arch, device, **kwargs):
+    from tcore.eval.checkpoint import load_eval_backbone
+    from tcore.eval.features import default_device
+    device = device or str(default_device())
+    backbone = load_eval_backbone(checkpoint, arch, device=device)
+    run_info = {"checkpoint": str(checkpoint), "arch": arch, "device": device}
+    results = evaluate(backbone, device=device, run_info=run_info, **kwargs)
+    _print_results(results, kwargs["output_dir"])
+
+
+def _errors_as_click(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (FileNotFoundError, ValueError) as error:
+            raise click.ClickException(str(error)) from error
+    return wrapper
 
 
 @click.group(name="eval")
 def eval_group():
-    """Not built yet."""
+    """Semi-supervised label propagation benchmarks (CRW protocol, METHOD.md section 7)."""
+
+
+@eval_group.command("davis")
+@propagation_options(topk=7)
+@click.option("--size", default=DEFAULT_SIZES["davis"], show_default=True,
+              help="Input HxW (multiples of 16) or 'native' (each video's own size).")
+@_errors_as_click
+def davis_command(checkpoint, arch, device, size, **kwargs):
+    """DAVIS-2017 val: J&F like davis2017-evaluation."""
+    from tcore.eval.davis import evaluate_davis
+    _run(evaluate_davis, checkpoint, arch, device, size=parse_size(size), **kwargs)
+
+
+@eval_group.command("vip")
+@propagation_options(topk=10)
+@click.option("--short-side", default=880, show_default=True, type=int,
+              help="Resize so the short side has this length (aspect kept).")
+@click.option("--size", default=None, help="Fixed input HxW instead of --short-side.")
+@_errors_as_click
+def vip_command(checkpoint, arch, device, size, **kwargs):
+    """VIP body parts: mIoU over 20 classes."""
+    from tcore.eval.vip import evaluate_vip
+    _run(evaluate_vip, checkpoint, arch, device, size=parse_size(size), **kwargs)
+
+
+@eval_group.command("jhmdb")
+@propagation_options(topk=7)
+@click.option("--size", default=DEFAULT_SIZES["jhmdb"], show_default=True, help="Input HxW.")
+@click.option("--split", default=1, show_default=True, type=int)
+@_errors_as_click
+def jhmdb_command(checkpoint, arch, device, size, **kwargs):
+    """JHMDB pose propagation: PCK@0.1 and PCK@0.2."""
+    from tcore.eval.jhmdb import evaluate_jhmdb
+    size = parse_size(size)
+    if size is None:
+        raise click.BadParameter("jhmdb needs a fixed --size", param_hint="--size")
+    _run(evaluate_jhmdb, checkpoint, arch, device, size=size, **kwargs)
+
+
+@eval_group.command("davis-score")
+@click.option("--data", "data_root", required=True, type=click.Path(exists=True, file_okay=False),
+              help="DAVIS-2017 root (official layout).")
+@click.option("--results", "results_dir", required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="Predicted palette PNGs as RESULTS/<sequence>/%05d.png.")
+@click.option("--split", default="val", show_default=True)
+@click.option("--output", "output_dir", default=None, type=click.Path(file_okay=False),
+              help="Where to write results.json / results.csv (default: RESULTS).")
+@_errors_as_click
+def davis_score_command(data_root, results_dir, split, output_dir):
+    """Score existing DAVIS predictions like the official davis2017-evaluation."""
+    from tcore.eval.davis import score_davis
+    from tcore.eval.report import write_results
+    results = score_davis(data_root, results_dir, split=split)
+    output_dir = output_dir or results_dir
+    write_results(output_dir, results)
+    _print_results(results, output_dir)

@@ -1,0 +1,165 @@
+"""File input/output for the benchmarks: palette PNGs, frames, atomic writes of results."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def davis_palette() -> np.ndarray:
+    """The 256-entry palette of DAVIS / PASCAL VOC annotations ([256, 3] uint8).
+
+    Colour of index i: bits of i spread over the high bits of r, g, b (the VOC bit trick).
+    """
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        value, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= ((value >> 0) & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """Label map [H,W] uint8 of a palette ('P') or greyscale ('L') PNG.
+
+    RGB annotations are refused: their colours would need a palette lookup we cannot guess.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L", "I", "I;16"):
+                raise ValueError(f"{path}: expected a palette or greyscale label PNG, got mode "
+                                 f"{image.mode!r}")
+            labels = np.array(image)
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read label PNG ({error})") from error
+    if labels.ndim != 2:
+        raise ValueError(f"{path}: label map must be 2-D, got shape {labels.shape}")
+    return labels
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """RGB frame [H,W,3] uint8."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: frame not found")
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot decode image ({error})") from error
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+def write_label_png(path: str | os.PathLike, labels: np.ndarray,
+                    palette: np.ndarray | None = None) -> None:
+    """Write a [H,W] label map as a palette PNG (temporary name, then rename)."""
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+        raise ValueError(f"{path}: label map must be 2-D with values in [0, 255]")
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    image.putpalette((davis_palette() if palette is None else palette).astype(np.uint8).ravel()
+                     .tolist())
+    tmp = _atomic_target(path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an RGB image [H,W,3] uint8 as PNG atomically."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, payload) -> None:
+    """Write JSON atomically (NaN written as null so strict readers accept it)."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(_nan_to_none(payload), handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_mat(path: str | os.PathLike, fields: dict) -> None:
+    """Write a MATLAB .mat file atomically (scipy.io.savemat)."""
+    import scipy.io
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        scipy.io.savemat(tmp, fields, appendmat=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write rows (dicts, the union of their keys as columns, in first-seen order)."""
+    path = Path(path)
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    tmp = _atomic_target(path)
+    try:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _csv_value(v) for k, v in row.items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return "" if value != value else repr(value)
+    return value
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, np.generic):
+        return _nan_to_none(value.item())
+    return value

@@ -1,0 +1,65 @@
+"""Propagate a first-frame label map (object or part ids) through a video: features ->
+soft labels at feature resolution -> bilinear upsampling -> argmax -> ids."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tcore.eval.features import (PatchEncoder, extract_features, labels_to_grid,
+                                 upsample_labels)
+from tcore.eval.propagation import propagate_labels
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """The protocol's knobs (METHOD.md section 7 defaults)."""
+    topk: int = 7
+    radius: float = 20
+    temperature: float = 0.7
+    context: int = 20
+    batch_size: int = 8
+    chunk_size: int = 1024
+
+    def as_dict(self) -> dict:
+        return dict(topk=self.topk, radius=self.radius, temperature=self.temperature,
+                    context=self.context, long_memory=[0])
+
+
+def label_set(first_labels: np.ndarray, ignore: tuple[int, ...] = (255,)) -> np.ndarray:
+    """Sorted ids present in the first frame, background 0 always included."""
+    ids = set(int(v) for v in np.unique(first_labels)) - set(ignore)
+    ids.add(0)
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def onehot(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """[H,W] ids -> [H,W,C] float32 one-hot over `ids` (other values, e.g. void, all zero)."""
+    return (labels[..., None] == ids[None, None, :]).astype(np.float32)
+
+
+def propagate_segmentation(encode: PatchEncoder, frames: np.ndarray, first_labels: np.ndarray,
+                           *, size: tuple[int, int], patch: int,
+                           settings: PropagationSettings, device) -> tuple[np.ndarray, np.ndarray]:
+    """Predict id maps for every frame of a video.
+
+    frames: [T,H,W,3] uint8; first_labels: [H',W'] ids of frame 0 (annotation resolution).
+    Returns (predictions [T,H',W'] uint8 with frame 0 = first_labels, ids used).
+    """
+    ids = label_set(first_labels)
+    features = extract_features(encode, frames, size, patch=patch,
+                                batch_size=settings.batch_size, device=device)
+    grid = tuple(features.shape[1:3])
+    first_soft = labels_to_grid(onehot(first_labels, ids), grid).to(features.device)
+    soft = propagate_labels(features, first_soft, topk=settings.topk, radius=settings.radius,
+                            temperature=settings.temperature, context=settings.context,
+                            chunk_size=settings.chunk_size)
+    out_size = first_labels.shape
+    predictions = np.empty((frames.shape[0], *out_size), dtype=np.uint8)
+    predictions[0] = first_labels
+    ids_t = torch.as_tensor(ids, device=soft.device)
+    for t in range(1, frames.shape[0]):
+        full = upsample_labels(soft[t], out_size)
+        predictions[t] = ids_t[full.argmax(-1)].cpu().numpy().astype(np.uint8)
+    return predictions, ids

@@ -1,0 +1,129 @@
+"""VIP (Video Instance-level Parsing) body-part propagation: mIoU over 20 classes.
+
+Layout: ROOT/Images/<video>/<frame>.jpg and ROOT/Annotations/Category_ids/<video>/<frame>.png
+(class ids 0 = background, 1..19 parts; 255 = ignore). Videos: ROOT/lists/val_videos.txt (one
+name per line) when present, else every folder of Annotations/Category_ids. The first frame's
+annotation is propagated; every later frame that has an annotation is scored, and one
+confusion matrix is accumulated over all of them (the CRW evaluation), from which the
+per-class IoUs and their mean are taken.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tcore.eval import metrics
+from tcore.eval.features import (backbone_patch_encoder, evaluates_frozen, patch_size_of,
+                                 resolve_device, short_side_size)
+from tcore.eval.io import read_label_png, read_rgb, write_label_png
+from tcore.eval.report import write_results
+from tcore.eval.segment import PropagationSettings, propagate_segmentation
+
+VIP_CLASSES = 20
+VIP_SHORT_SIDE = 880
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def video_names(root: Path) -> list[str]:
+    listing = root / "lists" / "val_videos.txt"
+    if listing.is_file():
+        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    else:
+        ann_root = root / "Annotations" / "Category_ids"
+        if not ann_root.is_dir():
+            raise FileNotFoundError(f"{ann_root}: VIP annotation folder not found")
+        names = sorted(p.name for p in ann_root.iterdir() if p.is_dir())
+    if not names:
+        raise ValueError(f"{root}: no VIP video to evaluate")
+    return names
+
+
+def read_video(root: Path, name: str) -> tuple[list[Path], dict[str, Path]]:
+    """Sorted frame paths and the annotations by frame stem; frame 0 must be annotated."""
+    frame_dir = root / "Images" / name
+    ann_dir = root / "Annotations" / "Category_ids" / name
+    for folder in (frame_dir, ann_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: VIP video folder not found")
+    frames = sorted(p for p in frame_dir.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    if not frames:
+        raise FileNotFoundError(f"{frame_dir}: no frames")
+    annotations = {p.stem: p for p in ann_dir.glob("*.png")}
+    orphans = sorted(set(annotations) - {p.stem for p in frames})
+    if orphans:
+        raise ValueError(f"{ann_dir}: annotations without a frame: {orphans[:5]}")
+    if frames[0].stem not in annotations:
+        raise FileNotFoundError(f"{ann_dir}: first frame {frames[0].stem} has no annotation")
+    return frames, annotations
+
+
+@evaluates_frozen
+def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT_SIDE,
+                 size=None, topk: int = 10, radius: float = 20, temperature: float = 0.7,
+                 context: int = 20, device=None, visualize: bool = False, progress: bool = True,
+                 videos: list[str] | None = None, batch_size: int = 8, chunk_size: int = 1024,
+                 encoder=None, patch: int | None = None, run_info: dict | None = None) -> dict:
+    """Propagate part labels through VIP videos; writes OUTPUT/predictions/<video>/<frame>.png
+    and results.json/csv; returns {"summary": {"mIoU", ...}, "per_class", "per_sequence"}.
+    `size` (H, W) overrides the short-side resize."""
+    from tcore.eval.visualize import mask_strip
+
+    root, output = Path(data_root), Path(output_dir)
+    device = resolve_device(backbone, device)
+    encode = encoder if encoder is not None else backbone_patch_encoder(backbone)
+    patch = patch if patch is not None else patch_size_of(backbone)
+    settings = PropagationSettings(topk=topk, radius=radius, temperature=temperature,
+                                   context=context, batch_size=batch_size, chunk_size=chunk_size)
+    names = videos if videos is not None else video_names(root)
+    total = np.zeros((VIP_CLASSES, VIP_CLASSES), dtype=np.int64)
+    seq_rows, warnings = [], []
+    started = time.time()
+    bar = tqdm(names, desc="vip", disable=not progress, unit="video")
+    for name in bar:
+        bar.set_postfix_str(name)
+        frames_paths, annotations = read_video(root, name)
+        frames = np.stack([read_rgb(p) for p in frames_paths])
+        first = read_label_png(annotations[frames_paths[0].stem])
+        if first.shape != frames.shape[1:3]:
+            raise ValueError(f"video {name}: annotation {first.shape} and frames "
+                             f"{frames.shape[1:3]} differ in size")
+        if int(np.where(first == 255, 0, first).max()) >= VIP_CLASSES:
+            raise ValueError(f"video {name}: class id above {VIP_CLASSES - 1} in the first "
+                             "annotation")
+        video_size = tuple(size) if size is not None else short_side_size(first.shape, short_side,
+                                                                           patch)
+        prediction, _ = propagate_segmentation(encode, frames, first, size=video_size, patch=patch,
+                                               settings=settings, device=device)
+        confusion = np.zeros_like(total)
+        scored = 0
+        for t in range(1, len(frames_paths)):
+            path = annotations.get(frames_paths[t].stem)
+            if path is None:
+                continue
+            truth = read_label_png(path)
+            confusion += metrics.confusion_matrix(truth, prediction[t], VIP_CLASSES)
+            scored += 1
+        unscored = len(frames_paths) - 1 - scored
+        if unscored:
+            warnings.append(f"{name}: {unscored} frames have no annotation; propagated, not scored")
+        total += confusion
+        seq_rows.append({"sequence": name, "frames": len(frames_paths), "scored_frames": scored,
+                         "mIoU": metrics.mean_iou(confusion)})
+        for path, labels in zip(frames_paths, prediction):
+            write_label_png(output / "predictions" / name / f"{path.stem}.png", labels)
+        if visualize:
+            mask_strip(output / "visualize" / f"{name}.png", frames, prediction)
+    ious = metrics.class_iou(total)
+    results = {"benchmark": "vip", "data": str(root), **(run_info or {}),
+               "settings": {"short_side": short_side, "size": list(size) if size else None,
+                            **settings.as_dict()},
+               "summary": {"mIoU": metrics.mean_iou(total),
+                           "classes_present": int(np.sum(~np.isnan(ious)))},
+               "per_class": [{"class": c, "IoU": float(v)} for c, v in enumerate(ious)],
+               "per_sequence": seq_rows, "warnings": warnings,
+               "seconds": round(time.time() - started, 2)}
+    write_results(output, results)
+    return results

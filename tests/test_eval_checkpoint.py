@@ -1,0 +1,55 @@
+"""`tcore eval --checkpoint` accepts every layout: our training checkpoints (EMA teacher), our
+teacher safetensors, the reference fixture; junk is refused naming the file."""
+import numpy as np
+import pytest
+import torch
+
+from tcore.eval.checkpoint import load_eval_backbone
+from tcore.models import CheckpointError, export_safetensors
+
+
+@pytest.fixture(scope="module")
+def tiny_tcore():
+    from tcore.ssl import TCoRe
+    torch.manual_seed(0)
+    model = TCoRe({"arch": "vit_tiny", "head": {"prototypes": 64, "hidden": 32, "bottleneck": 16}})
+    with torch.no_grad():  # make the teacher differ from the student
+        for param in model.teacher.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    return model
+
+
+def teacher_tokens(model, images):
+    return model.teacher_backbone().eval().forward_features(images)["patch"]
+
+
+def test_training_checkpoint_gives_the_ema_teacher(tiny_tcore, tmp_path):
+    path = tmp_path / "checkpoint-00000003.pt"
+    # the layout `tcore train` writes, numpy RNG state included
+    torch.save({"step": 3, "model": tiny_tcore.state_dict(),
+                "rng": [{"numpy": np.random.get_state(), "torch": torch.get_rng_state()}],
+                "config": {"model": {"arch": "vit_tiny", "patch_size": 16, "registers": 4}}},
+               path)
+    backbone = load_eval_backbone(path, arch="vit_tiny")
+    images = torch.randn(2, 3, 48, 64)
+    assert not backbone.training
+    torch.testing.assert_close(backbone.forward_features(images)["patch"],
+                               teacher_tokens(tiny_tcore, images))
+
+
+def test_teacher_safetensors(tiny_tcore, tmp_path):
+    path = tmp_path / "teacher_backbone.safetensors"
+    export_safetensors(tiny_tcore.teacher_backbone(), path)
+    backbone = load_eval_backbone(path)
+    images = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(backbone.forward_features(images)["patch"],
+                               teacher_tokens(tiny_tcore, images))
+
+
+def test_unreadable_checkpoints_name_the_file(tmp_path):
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(3)}, junk)
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_eval_backbone(junk)
+    with pytest.raises(ValueError, match="unknown arch"):
+        load_eval_backbone(junk, arch="vit_huge")

@@ -1,0 +1,131 @@
+"""Label propagation against a direct dense computation with plain loops."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tcore.eval.propagation import context_frames, propagate_labels, radius_mask
+
+
+def dense_reference(features, first_labels, topk, radius, temperature, context):
+    """The CRW rule written out naively: for each target frame and each location, score every
+    context location (first frame unrestricted; previous frames, clamped at frame 0, only
+    within the radius), keep the k best, softmax, weighted sum of their labels."""
+    feats = features.astype(np.float64)
+    n_frames, height, width, _ = feats.shape
+    labels = np.zeros((n_frames, height, width, first_labels.shape[-1]))
+    labels[0] = first_labels
+    for t in range(1, n_frames):
+        frames = [0] + [max(0, t - context + j) for j in range(context)]
+        for y in range(height):
+            for x in range(width):
+                scored = []
+                for slot, f in enumerate(frames):
+                    for yy in range(height):
+                        for xx in range(width):
+                            score = float(feats[t, y, x] @ feats[f, yy, xx])
+                            if slot > 0 and math.hypot(yy - y, xx - x) >= radius:
+                                score += -1e10
+                            scored.append((score / temperature, labels[f, yy, xx]))
+                scored.sort(key=lambda item: -item[0])
+                best = scored[:topk]
+                top = max(s for s, _ in best)
+                weights = np.array([math.exp(s - top) for s, _ in best])
+                weights /= weights.sum()
+                labels[t, y, x] = sum(w * lab for w, (_, lab) in zip(weights, best))
+    return labels
+
+
+def random_video(seed, frames=6, height=4, width=5, dim=8, classes=3):
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(frames, height, width, dim))
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    first = np.eye(classes)[rng.integers(0, classes, size=(height, width))]
+    return feats.astype(np.float32), first.astype(np.float32)
+
+
+@pytest.mark.parametrize("topk,radius,context", [(3, 2.0, 2), (5, 20.0, 4), (1, 1.5, 3)])
+def test_matches_dense_loops(topk, radius, context):
+    feats, first = random_video(seed=topk)
+    expected = dense_reference(feats, first, topk, radius, 0.7, context)
+    got = propagate_labels(torch.from_numpy(feats), torch.from_numpy(first), topk=topk,
+                           radius=radius, temperature=0.7, context=context, chunk_size=7)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
+def test_chunk_size_does_not_change_the_result():
+    feats, first = random_video(seed=11, frames=5, height=6, width=6)
+    kwargs = dict(topk=4, radius=3.0, temperature=0.7, context=3)
+    small = propagate_labels(torch.from_numpy(feats), torch.from_numpy(first), chunk_size=5,
+                             **kwargs)
+    whole = propagate_labels(torch.from_numpy(feats), torch.from_numpy(first), chunk_size=10_000,
+                             **kwargs)
+    torch.testing.assert_close(small, whole)
+
+
+def test_soft_labels_stay_distributions():
+    feats, first = random_video(seed=3, frames=8)
+    out = propagate_labels(torch.from_numpy(feats), torch.from_numpy(first), topk=5, radius=20,
+                           temperature=0.7, context=20)
+    torch.testing.assert_close(out.sum(-1), torch.ones(out.shape[:-1]))
+    torch.testing.assert_close(out[0], torch.from_numpy(first))
+
+
+def test_context_is_first_frame_plus_previous_frames_clamped_at_zero():
+    assert context_frames(1, 3) == [0, 0, 0, 0]
+    assert context_frames(2, 3) == [0, 0, 0, 1]
+    assert context_frames(7, 3) == [0, 4, 5, 6]
+    with pytest.raises(ValueError):
+        context_frames(0, 3)
+
+
+def test_radius_mask_is_strict_euclidean():
+    near = radius_mask(3, 3, 1.5)
+    centre = near[4].reshape(3, 3)
+    assert centre.all()  # distances 0, 1 and sqrt(2) < 1.5
+    corner = near[0].reshape(3, 3)
+    assert corner.tolist() == [[True, True, False], [True, True, False], [False, False, False]]
+    assert not radius_mask(1, 3, 2.0)[0, 2]  # distance 2 is not < 2
+
+
+def test_bad_arguments_are_errors():
+    feats, first = random_video(seed=0)
+    with pytest.raises(ValueError, match="topk"):
+        propagate_labels(torch.from_numpy(feats), torch.from_numpy(first), topk=10_000)
+    with pytest.raises(ValueError, match="do not match"):
+        propagate_labels(torch.from_numpy(feats), torch.from_numpy(first[:2]))
+
+
+# ----------------------------------------------------------------------------- features
+def test_features_are_row_major_unit_maps():
+    from tcore.eval.features import extract_features
+
+    def encode(images):  # token = (row, col, 1) of each 16x16 patch, row-major
+        b, _, h, w = images.shape
+        rows, cols = torch.meshgrid(torch.arange(h // 16), torch.arange(w // 16), indexing="ij")
+        tokens = torch.stack([rows, cols, torch.ones_like(rows)], -1).float().reshape(1, -1, 3)
+        return tokens.expand(b, -1, -1) * 5.0
+
+    frames = np.zeros((5, 40, 60, 3), dtype=np.uint8)
+    feats = extract_features(encode, frames, (32, 48), patch=16, batch_size=2, device="cpu")
+    assert feats.shape == (5, 2, 3, 3)
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(5, 2, 3))
+    expected = torch.tensor([1.0, 2.0, 1.0]) / math.sqrt(6.0)  # cell (1, 2)
+    torch.testing.assert_close(feats[3, 1, 2], expected)
+    with pytest.raises(ValueError, match="multiples of the patch"):
+        extract_features(encode, frames, (40, 48), patch=16, device="cpu")
+
+
+@pytest.mark.skipif(not Path("/work/shared/reference/official_tiny.pt").is_file(),
+                    reason="reference fixture not available")
+def test_reference_backbone_patch_tokens_match_the_fixture():
+    from tcore.eval.checkpoint import load_eval_backbone
+    from tcore.eval.features import backbone_patch_encoder
+    path = "/work/shared/reference/official_tiny.pt"
+    fixture = torch.load(path, weights_only=True)
+    backbone = load_eval_backbone(path, arch="vit_tiny")
+    patch = backbone_patch_encoder(backbone)(fixture["inputs"]["image_rect"])
+    expected = fixture["outputs"]["patch_rect"]
+    torch.testing.assert_close(patch, expected.reshape(patch.shape), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,202 @@
+"""VIP and JHMDB readers, propagation and metrics on small fixtures in their official
+layouts (a colour stand-in backbone makes the expected answers exact)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+from tcore.eval import jhmdb, vip
+from tcore.eval.io import read_label_png, write_label_png
+
+
+def colour_encoder(patch=16):
+    def encode(images):
+        return torch.nn.functional.avg_pool2d(images, patch).flatten(2).transpose(1, 2)
+    return encode
+
+
+# ----------------------------------------------------------------------------- VIP
+def write_vip(root: Path, name: str, images: np.ndarray, labels: dict[int, np.ndarray]) -> None:
+    for t, image in enumerate(images):
+        path = root / "Images" / name / f"{t:012d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path, quality=98)
+        if t in labels:
+            write_label_png(root / "Annotations" / "Category_ids" / name / f"{t:012d}.png",
+                            labels[t])
+
+
+def part_video(frames=4, size=(48, 64)):
+    """Patch-aligned part blocks (classes 0, 3, 7) that move by one patch every frame."""
+    images = np.full((frames, *size, 3), 128, dtype=np.uint8)
+    labels = np.zeros((frames, *size), dtype=np.uint8)
+    for t in range(frames):
+        x = 16 * (t % 2)
+        images[t, 0:32, x:x + 16] = (255, 0, 0)
+        labels[t, 0:32, x:x + 16] = 3
+        images[t, 32:48, 32:64] = (0, 0, 255)
+        labels[t, 32:48, 32:64] = 7
+    return images, labels
+
+
+def test_vip_perfect_parts_and_confusion_over_all_frames(tmp_path):
+    images, labels = part_video()
+    # frame 2 has no annotation: propagated but not scored, and reported
+    write_vip(tmp_path / "vip", "videos1", images, {0: labels[0], 1: labels[1], 3: labels[3]})
+    result = vip.evaluate_vip(None, tmp_path / "vip", tmp_path / "out", size=(48, 64), topk=3,
+                              encoder=colour_encoder(), patch=16, progress=False, device="cpu")
+    per_class = {row["class"]: row["IoU"] for row in result["per_class"]}
+    # every patch gets its true class; bilinear upsampling only rounds the blocks' corners
+    for cls in (0, 3, 7):
+        assert per_class[cls] == pytest.approx(1.0, abs=0.1)
+    assert np.isnan(per_class[5])
+    assert result["summary"]["classes_present"] == 3
+    assert result["per_sequence"][0]["scored_frames"] == 2
+    assert any("1 frames have no annotation" in w for w in result["warnings"])
+    pred = read_label_png(tmp_path / "out" / "predictions" / "videos1" / "000000000002.png")
+    np.testing.assert_array_equal(pred[8::16, 8::16], labels[2, 8::16, 8::16])
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["summary"]["mIoU"] == pytest.approx(result["summary"]["mIoU"])
+    assert (tmp_path / "out" / "results.csv").read_text().count("\nclass,") == 20
+
+
+def test_vip_layout_errors(tmp_path):
+    images, labels = part_video()
+    write_vip(tmp_path / "vip", "videos1", images, {1: labels[1]})
+    with pytest.raises(FileNotFoundError, match="first frame"):
+        vip.evaluate_vip(None, tmp_path / "vip", tmp_path / "out", encoder=colour_encoder(),
+                         patch=16, progress=False, device="cpu")
+    with pytest.raises(FileNotFoundError, match="annotation folder"):
+        vip.video_names(tmp_path / "nothing")
+
+
+def test_vip_short_side_size():
+    from tcore.eval.features import short_side_size
+    assert short_side_size((720, 1280), 880, 16) == (880, 1568)
+
+
+# ----------------------------------------------------------------------------- JHMDB
+JOINTS = np.array([[24 + 64 * (j % 5), 24 + 80 * (j // 5)] for j in range(15)], dtype=float)
+
+
+def write_jhmdb(root: Path, action: str, video: str, frames: np.ndarray, pos: np.ndarray,
+                test: bool = True) -> None:
+    for t, image in enumerate(frames):
+        path = root / "Rename_Images" / action / video / f"{t + 1:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    mat = root / "joint_positions" / action / video / "joint_positions.mat"
+    mat.parent.mkdir(parents=True, exist_ok=True)
+    # official field layout: pos_img [2, 15, T] (1-based pixels), pos_world, scale, viewpoint
+    scipy.io.savemat(str(mat), {"pos_img": pos + 1.0, "pos_world": pos / 100.0,
+                                "scale": np.ones((1, pos.shape[2])),
+                                "viewpoint": np.array(["E"] * pos.shape[2], dtype=object)})
+    split = root / "splits" / f"{action}_test_split1.txt"
+    split.parent.mkdir(parents=True, exist_ok=True)
+    with open(split, "a") as handle:
+        handle.write(f"{video}.avi {2 if test else 1}\n")
+
+
+def patchwork_frames(frames=4, size=(240, 320), seed=0):
+    """A static video of random patch colours (16x16 cells), so every location is unique."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, 256, size=(size[0] // 16 + 1, size[1] // 16 + 1, 3), dtype=np.uint8)
+    image = np.kron(cells, np.ones((16, 16, 1), dtype=np.uint8))[:size[0], :size[1]]
+    return np.repeat(image[None], frames, axis=0)
+
+
+def test_jhmdb_static_video_gives_full_pck(tmp_path):
+    frames = patchwork_frames()
+    pos = np.repeat(JOINTS.T[:, :, None], len(frames), axis=2)  # [2, 15, T]
+    write_jhmdb(tmp_path / "jhmdb", "walk", "clip_a", frames, pos)
+    write_jhmdb(tmp_path / "jhmdb", "walk", "clip_train", frames, pos, test=False)
+    result = jhmdb.evaluate_jhmdb(None, tmp_path / "jhmdb", tmp_path / "out", size=(320, 320),
+                                  encoder=colour_encoder(), patch=16, progress=False,
+                                  device="cpu", visualize=True)
+    assert [row["sequence"] for row in result["per_sequence"]] == ["walk/clip_a"]
+    assert result["summary"]["PCK@0.1"] == pytest.approx(1.0)
+    assert result["summary"]["PCK@0.2"] == pytest.approx(1.0)
+    saved = scipy.io.loadmat(str(tmp_path / "out" / "predictions" / "joint_positions" / "walk"
+                                 / "clip_a" / "joint_positions.mat"))["pos_img"]
+    assert saved.shape == (2, 15, len(frames))
+    # predictions land within a feature cell (16 px wide, 12 px high here) of the truth
+    assert np.abs(saved - 1 - pos)[:, :, 1:].max() < 16
+    assert (tmp_path / "out" / "visualize" / "walk__clip_a.png").is_file()
+
+
+def test_joint_label_maps_and_readout():
+    points = np.array([[2.3, 7.6], [4.0, 2.4]])  # two joints (x, y) in cells
+    labels = jhmdb.joint_labels(points, (6, 10))
+    assert labels.shape == (6, 10, 3)
+    assert labels[4, 2, 1] == pytest.approx(1.0)     # peak at (round(y), round(x))
+    assert labels[2, 8, 2] == pytest.approx(1.0)
+    assert labels[4, 3, 1] == pytest.approx(np.exp(-2.0))  # sigma 0.5 neighbour
+    assert labels[..., 0][labels[..., 1:].sum(-1) == 0].min() == 1.0
+    coords = jhmdb.read_out_keypoints(torch.from_numpy(labels)[None])
+    assert coords.shape == (2, 2, 1)
+    np.testing.assert_allclose(coords[:, 0, 0], [2.0, 4.0], atol=0.15)
+    empty = torch.zeros(1, 6, 10, 3)
+    assert (jhmdb.read_out_keypoints(empty) == -1).all()
+
+
+def test_jhmdb_readers_and_mismatches(tmp_path):
+    frames = patchwork_frames(frames=3)
+    pos = np.repeat(JOINTS.T[:, :, None], 5, axis=2)  # more poses than frames
+    write_jhmdb(tmp_path / "j", "run", "v", frames, pos)
+    with pytest.raises(ValueError, match="5 annotated poses but only 3 frames"):
+        jhmdb.evaluate_jhmdb(None, tmp_path / "j", tmp_path / "o", encoder=colour_encoder(),
+                             patch=16, progress=False, device="cpu")
+    # fewer poses than frames: the frames with a pose are evaluated, and that is reported
+    write_jhmdb(tmp_path / "k", "run", "w", patchwork_frames(frames=4),
+                np.repeat(JOINTS.T[:, :, None], 3, axis=2))
+    result = jhmdb.evaluate_jhmdb(None, tmp_path / "k", tmp_path / "o2", encoder=colour_encoder(),
+                                  patch=16, progress=False, device="cpu")
+    assert result["per_sequence"][0]["frames"] == 3
+    assert any("4 frames but 3 poses" in w for w in result["warnings"])
+    bad = tmp_path / "bad.mat"
+    scipy.io.savemat(str(bad), {"pos_img": np.zeros((2, 14, 3))})
+    with pytest.raises(ValueError, match="expected \\[2, 15, T\\]"):
+        jhmdb.read_joints(bad)
+    with pytest.raises(FileNotFoundError, match="split"):
+        jhmdb.test_videos(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- commands
+REFERENCE = Path("/work/shared/reference/official_tiny.pt")
+
+
+@pytest.mark.skipif(not REFERENCE.is_file(), reason="reference fixture not available")
+def test_vip_and_jhmdb_commands_with_the_reference_fixture(tmp_path):
+    from click.testing import CliRunner
+
+    from tcore.cli import main
+    images, labels = part_video(frames=3)
+    write_vip(tmp_path / "vip", "videos7", images, {t: labels[t] for t in range(3)})
+    run = CliRunner().invoke(main, ["eval", "vip", "--data", str(tmp_path / "vip"),
+                                    "--checkpoint", str(REFERENCE), "--size", "48x64",
+                                    "--output", str(tmp_path / "vip_out"), "--device", "cpu"])
+    assert run.exit_code == 0, run.output
+    saved = json.loads((tmp_path / "vip_out" / "results.json").read_text())
+    assert 0.0 <= saved["summary"]["mIoU"] <= 1.0
+    assert saved["checkpoint"] == str(REFERENCE) and saved["settings"]["topk"] == 10
+
+    frames = patchwork_frames(frames=3)
+    write_jhmdb(tmp_path / "jhmdb", "jump", "clip", frames,
+                np.repeat(JOINTS.T[:, :, None], 3, axis=2))
+    run = CliRunner().invoke(main, ["eval", "jhmdb", "--data", str(tmp_path / "jhmdb"),
+                                    "--checkpoint", str(REFERENCE), "--arch", "vit_tiny",
+                                    "--output", str(tmp_path / "j_out"), "--device", "cpu",
+                                    "--visualize"])
+    assert run.exit_code == 0, run.output
+    assert "PCK@0.1" in run.output
+    saved = json.loads((tmp_path / "j_out" / "results.json").read_text())
+    assert saved["settings"]["size"] == [320, 320]
+    assert 0.0 <= saved["summary"]["PCK@0.2"] <= 1.0
+    wrong_arch = CliRunner().invoke(main, ["eval", "jhmdb", "--data", str(tmp_path / "jhmdb"),
+                                           "--checkpoint", str(REFERENCE), "--arch", "vit_small",
+                                           "--output", str(tmp_path / "x")])
+    assert wrong_arch.exit_code != 0
