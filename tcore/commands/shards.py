@@ -1,7 +1,100 @@
-"""`tcore shards` commands (placeholder until its module lands)."""
+"""`tcore shards build | inspect | merge-manifest`: thin wrappers over tcore.preprocess."""
 import click
+
+from tcore.preprocess.errors import ShardDirError
+from tcore.preprocess.shards import DEFAULT_GOP, merge_node_manifests, run_build
+from tcore.preprocess.video import VIDEO_CODECS, VP9_SPEED
 
 
 @click.group(name="shards")
 def shards():
-    """Not built yet."""
+    """Build WebDataset shards (+ DALI index, manifest) from videos or images."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@shards.command(name="build")
+@click.argument("paths", nargs=-1, required=True, metavar="[SRC] OUT")
+@click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False),
+              help="Inputs from a file: one path per line, or the Kinetics CSV (needs --video-root). SRC is then omitted.")
+@click.option("--video-root", type=click.Path(exists=True, file_okay=False),
+              help="Root for relative paths of --list (Kinetics: where <label>/<id>_<start>_<end>.* live).")
+@click.option("--kind", type=click.Choice(["video", "image"]), default="video", show_default=True)
+@click.option("--frames", default=20, show_default=True, help="Frames per clip (T), uniformly spaced over the video.")
+@click.option("--short-side", default=320, show_default=True, help="Resize so the short side is this (even; 0 = keep).")
+@click.option("--allow-upscale", is_flag=True, help="Enlarge sources smaller than --short-side.")
+@click.option("--codec", type=click.Choice(sorted(VIDEO_CODECS)), default="vp9", show_default=True,
+              help="Clip codec: vp9 (WebM), h264 (MP4) or mjpeg (MKV). DALI's CPU decoder reads vp9/mjpeg only.")
+@click.option("--gop", default=DEFAULT_GOP, show_default=True, help="Keyframe interval in frames (smaller: faster random access, larger files).")
+@click.option("--crf", type=int, default=None, help="Constant quality for vp9/h264 (default 30 / 23).")
+@click.option("--quality", default=90, show_default=True, help="JPEG quality 1-100 for images and mjpeg.")
+@click.option("--vp9-speed", default=VP9_SPEED, show_default=True, help="libvpx cpu-used (realtime mode).")
+@click.option("--samples-per-shard", default=1000, show_default=True)
+@click.option("--prefix", default="shard", show_default=True, help="Shard file prefix: <prefix>-%06d.tar")
+@click.option("--workers", default=1, show_default=True, help="Processes, each writing whole shards.")
+@click.option("--node-rank", default=0, show_default=True, help="This machine's rank when several split one build.")
+@click.option("--num-nodes", default=1, show_default=True, help="Machines splitting the build (then run merge-manifest).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def build(paths, list_file, video_root, **options):
+    """Build shards from SRC/<class>/<file> (or --list FILE) into OUT. Reruns resume."""
+    if list_file:
+        if len(paths) not in (1, 2):
+            raise click.UsageError("with --list give OUT (or SRC OUT, SRC being the video root)")
+        src, out = (paths[0] if len(paths) == 2 else None), paths[-1]
+    elif len(paths) != 2:
+        raise click.UsageError("give SRC and OUT")
+    else:
+        src, out = paths
+    try:
+        result = run_build(src, out, list_file=list_file, video_root=video_root, **options)
+    except (ShardDirError, ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err))
+    manifest = result.manifest
+    click.echo(f"{result.manifest_path}: {manifest['total_samples']} samples in {len(manifest['shards'])} "
+               f"shards, {_mib(manifest['total_bytes'])}; {manifest['failures']} inputs failed"
+               + (f" (see {result.manifest_path.parent / 'failures.jsonl'})" if manifest["failures"] else ""))
+    click.echo(f"this run: {result.processed_inputs} inputs in {result.seconds:.1f} s = "
+               f"{result.videos_per_second:.2f} videos/s with {options['workers']} worker(s); "
+               f"{result.built_shards} shards built, {result.skipped_shards} already done")
+
+
+@shards.command(name="inspect")
+@click.argument("out", type=click.Path(exists=True))
+@click.option("--verify", is_flag=True, help="Decode every sample and report the ones that fail.")
+def inspect(out, verify):
+    """Print counts, sizes, codec and frames per sample of a shard directory."""
+    from tcore.preprocess.verify import inspect_shards
+
+    try:
+        report = inspect_shards(out, verify=verify)
+    except ShardDirError as err:
+        raise click.ClickException(str(err))
+    frames = report["frames"] if report["kind"] == "video" else "1 (images)"
+    click.echo(f"{report['directory']}: {report['kind']} shards, codec {report['codec']}, "
+               f"frames per sample {frames}, short side {report['short_side']}")
+    click.echo(f"  {report['shards']} shards, {report['samples']} samples, {report['classes']} classes, "
+               f"{_mib(report['bytes'])} ({report['bytes_per_sample'] / 1024:.1f} KiB/sample), "
+               f"{report['failures']} inputs failed at build time")
+    if verify:
+        click.echo(f"  per class: {report['per_class']}")
+        for problem in report["problems"]:
+            where = f"{problem['tar']}:{problem['key']}" if problem["key"] else problem["tar"]
+            click.echo(f"  BAD {where}: {problem['error']}")
+        click.echo(f"  verify: {len(report['problems'])} problem(s)")
+        if report["problems"]:
+            raise SystemExit(1)
+
+
+@shards.command(name="merge-manifest")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("parts", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+def merge_manifest(out, parts):
+    """Join the node manifests of a --num-nodes build (default: OUT/manifest.node-*.json)."""
+    try:
+        manifest = merge_node_manifests(out, parts)
+    except ShardDirError as err:
+        raise click.ClickException(str(err))
+    click.echo(f"{out}/manifest.json: {manifest['total_samples']} samples in {len(manifest['shards'])} "
+               f"shards, {manifest['failures']} failures")

@@ -1,0 +1,140 @@
+"""Find the inputs of a shard build: class folders, a path list, or a Kinetics CSV.
+
+Every input becomes a `Source` (absolute path, path relative to the root, class name); the
+list is sorted by relative path so that the same inputs always give the same shards, and
+labels are class indices in sorted class order.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str | None  # absolute path, None when the file could not be found
+    relative: str  # path relative to the input root (or the list's text) for the json
+    class_name: str
+
+
+@dataclass
+class Inputs:
+    sources: list[Source]
+    classes: list[str]
+
+    def label(self, class_name: str) -> int:
+        if not hasattr(self, "_labels"):
+            self._labels = {name: index for index, name in enumerate(self.classes)}
+        return self._labels[class_name]
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def discover_class_folders(root, kind: str = "video") -> Inputs:
+    """`root/<class>/<file>`: every regular, non-hidden file is an input (videos are not
+    filtered by extension so that broken or mislabelled files reach failures.jsonl; images
+    are filtered by image extension)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input directory {root} does not exist")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _is_hidden(d))
+    if not class_dirs:
+        raise ValueError(f"{root} holds no class folders (expected {root}/<class>/<file>)")
+    sources = []
+    for class_dir in class_dirs:
+        for path in sorted(class_dir.rglob("*")):
+            if not path.is_file() or _is_hidden(path):
+                continue
+            if kind == "image" and path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            sources.append(Source(str(path.resolve()), path.relative_to(root).as_posix(), class_dir.name))
+    sources.sort(key=lambda source: source.relative)
+    return Inputs(sources, [d.name for d in class_dirs])
+
+
+def _looks_like_kinetics_header(row: list[str]) -> bool:
+    return [cell.strip() for cell in row[:4]] == list(KINETICS_COLUMNS)
+
+
+def _find_kinetics_file(video_root: Path, label: str, youtube_id: str, start: int, end: int) -> Path | None:
+    """Downloaded Kinetics clips are `<id>_<start:06d>_<end:06d>.<any ext>`, under
+    `<video_root>/<label>/` or `<video_root>/`."""
+    stem = f"{youtube_id}_{start:06d}_{end:06d}"
+    for folder in (video_root / label, video_root / label.replace(" ", "_"), video_root):
+        if folder.is_dir():
+            matches = sorted(p for p in folder.glob(f"{glob_escape(stem)}.*") if p.is_file())
+            if matches:
+                return matches[0]
+    return None
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def discover_list(list_file, video_root=None, kind: str = "video") -> Inputs:
+    """`list_file` is either one path per line (class = the parent folder name; relative
+    paths are relative to `video_root` or the list's folder) or the Kinetics CSV
+    `label,youtube_id,time_start,time_end,split` (needs `video_root`)."""
+    list_file = Path(list_file)
+    text = list_file.read_text()
+    rows = list(csv.reader(text.splitlines()))
+    if rows and _looks_like_kinetics_header(rows[0]):
+        if video_root is None:
+            raise ValueError(f"{list_file} is a Kinetics CSV: pass --video-root")
+        return _discover_kinetics(rows[1:], Path(video_root), list_file)
+    root = Path(video_root) if video_root is not None else list_file.parent
+    sources = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = Path(line) if Path(line).is_absolute() else root / line
+        try:
+            relative = path.relative_to(root).as_posix()
+        except ValueError:
+            relative = path.as_posix()
+        found = str(path.resolve()) if path.is_file() else None
+        sources.append(Source(found, relative, path.parent.name))
+    if not sources:
+        raise ValueError(f"{list_file} lists no inputs")
+    sources.sort(key=lambda source: source.relative)
+    return Inputs(sources, sorted({source.class_name for source in sources}))
+
+
+def _discover_kinetics(rows: list[list[str]], video_root: Path, list_file: Path) -> Inputs:
+    sources = []
+    for line_number, row in enumerate(rows, start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 4:
+            raise ValueError(f"{list_file}:{line_number}: expected label,youtube_id,time_start,time_end,...")
+        label, youtube_id = row[0].strip(), row[1].strip()
+        start, end = int(float(row[2])), int(float(row[3]))
+        path = _find_kinetics_file(video_root, label, youtube_id, start, end)
+        if path is not None:
+            try:
+                relative = path.relative_to(video_root).as_posix()
+            except ValueError:
+                relative = path.as_posix()
+            sources.append(Source(str(path.resolve()), relative, label))
+        else:
+            sources.append(Source(None, f"{label}/{youtube_id}_{start:06d}_{end:06d}", label))
+    if not sources:
+        raise ValueError(f"{list_file} lists no videos")
+    sources.sort(key=lambda source: source.relative)
+    return Inputs(sources, sorted({source.class_name for source in sources}))
+
+
+def sample_key(index: int, source: Source) -> str:
+    """A tar key: the input index (unique, keeps sort order) and a readable slug of the
+    relative path, with no path separators, dots or `..`, short enough for one tar header."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", source.relative.rsplit(".", 1)[0]).strip("_")
+    return f"{index:08d}-{slug[:60]}" if slug else f"{index:08d}"

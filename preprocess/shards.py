@@ -1,0 +1,394 @@
+"""`tcore shards build`: videos (or images) -> WebDataset tar shards + DALI index + manifest.
+
+Determinism: inputs are sorted by relative path; shard k holds whichever of inputs
+k*S .. k*S+S-1 succeed; encoders are single-threaded and bit-exact; tar headers carry fixed
+metadata. So the same inputs and options give byte-identical shards, whatever `--workers`.
+
+Resumability: each shard is written under a temporary name; its index is renamed into place,
+then the tar, then a small record `OUT/.build/<prefix>-%06d.json` (sample count, bytes,
+failures). A shard counts as done only once its record exists, so a rerun after any
+interruption (kill -9 included) rebuilds exactly the shards without a record.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import queue as queue_module
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tcore.preprocess.discover import Inputs, Source, discover_class_folders, discover_list, sample_key
+from tcore.preprocess.errors import BadInput, ShardDirError
+from tcore.preprocess.images import prepare_image
+from tcore.preprocess.index import format_index
+from tcore.preprocess.manifest import (CLIP_EXTS, FAILURES_NAME, MANIFEST_NAME, load_manifest,
+                                       make_manifest, merge_manifest_parts, validate_manifest,
+                                       write_json_atomic, write_jsonl_atomic)
+from tcore.preprocess.tarwriter import ShardTarWriter
+from tcore.preprocess.video import VIDEO_CODECS, VP9_SPEED, encode_clip, read_clip
+
+STATE_DIR = ".build"
+DEFAULT_GOP = 20  # one keyframe per 20-frame clip: smallest and fastest for the sampler (docs/PERFORMANCE.md)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every option that changes the shard bytes (the build's fingerprint)."""
+    kind: str = "video"
+    frames: int | None = 20
+    short_side: int = 320
+    codec: str = "vp9"
+    gop: int = DEFAULT_GOP
+    crf: int | None = None
+    quality: int = 90
+    vp9_speed: int = VP9_SPEED
+    allow_upscale: bool = False
+    samples_per_shard: int = 1000
+    prefix: str = "shard"
+
+    def validate(self) -> None:
+        if self.kind not in ("video", "image"):
+            raise ValueError(f"kind must be 'video' or 'image', got {self.kind!r}")
+        if self.kind == "video":
+            if self.codec not in VIDEO_CODECS:
+                raise ValueError(f"codec must be one of {sorted(VIDEO_CODECS)}, got {self.codec!r}")
+            if not self.frames or self.frames < 1:
+                raise ValueError(f"frames must be >= 1, got {self.frames}")
+            if not 0 <= self.vp9_speed <= 8:
+                raise ValueError(f"vp9 speed must be in 0..8, got {self.vp9_speed}")
+            if self.gop < 1:
+                raise ValueError(f"gop must be >= 1, got {self.gop}")
+        if self.short_side < 0 or self.short_side % 2:
+            raise ValueError(f"short side must be an even number >= 0 (0 = keep), got {self.short_side}")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples per shard must be >= 1, got {self.samples_per_shard}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if not self.prefix or any(c in self.prefix for c in "/\\.") or self.prefix.startswith("-"):
+            raise ValueError(f"prefix {self.prefix!r} must be a plain name (no dots or slashes)")
+
+    @property
+    def clip_ext(self) -> str:
+        return CLIP_EXTS[self.codec]
+
+    def shard_name(self, shard_id: int) -> str:
+        return f"{self.prefix}-{shard_id:06d}"
+
+
+@dataclass
+class BuildResult:
+    manifest: dict
+    manifest_path: Path
+    processed_inputs: int  # inputs handled by this run (shards already done are skipped)
+    seconds: float
+    built_shards: int
+    skipped_shards: int
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def videos_per_second(self) -> float:
+        return self.processed_inputs / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------- one sample / one shard
+
+def _video_sample(source: Source, label: int, config: BuildConfig) -> list[tuple[str, bytes]]:
+    clip = read_clip(source.path, config.frames, config.short_side, config.allow_upscale)
+    data = encode_clip(clip.frames, config.codec, config.gop, config.crf, config.quality, config.vp9_speed)
+    meta = {"source": source.relative, "label": label, "class": source.class_name,
+            "frames": config.frames, "width": clip.width, "height": clip.height,
+            "fps": round(clip.source_fps, 6), "duration": round(clip.source_duration, 6),
+            "source_frames": clip.source_frames, "frame_indices": clip.frame_indices,
+            "codec": config.codec}
+    return [(config.clip_ext, data), ("json", json.dumps(meta, sort_keys=True).encode()),
+            ("cls", str(label).encode())]
+
+
+def _image_sample(source: Source, label: int, config: BuildConfig) -> list[tuple[str, bytes]]:
+    image = prepare_image(source.path, config.short_side, config.quality, config.allow_upscale)
+    meta = {"source": source.relative, "label": label, "class": source.class_name,
+            "width": image.width, "height": image.height, "source_width": image.source_width,
+            "source_height": image.source_height, "reencoded": image.reencoded, "codec": "jpeg"}
+    return [("jpg", image.data), ("json", json.dumps(meta, sort_keys=True).encode()),
+            ("cls", str(label).encode())]
+
+
+def make_sample(source: Source, label: int, config: BuildConfig) -> list[tuple[str, bytes]]:
+    """Components of one sample; raises BadInput (or any error) when the input is unusable."""
+    if source.path is None:
+        raise BadInput("file not found")
+    return (_video_sample if config.kind == "video" else _image_sample)(source, label, config)
+
+
+def _describe(err: Exception) -> str:
+    return str(err) if isinstance(err, BadInput) else f"{type(err).__name__}: {err}"
+
+
+def _record_path(out: Path, config: BuildConfig, shard_id: int) -> Path:
+    return out / STATE_DIR / f"{config.shard_name(shard_id)}.json"
+
+
+def _tmp_path(path: Path) -> Path:
+    # Per-process names: a stray writer (e.g. an orphaned worker of a killed build) can never
+    # interleave its bytes with a rerun's; both would rename identical, complete files.
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def _remove_stale_tmp(out: Path, config: BuildConfig, shard_ids: list[int]) -> None:
+    """Delete temporary files left by interrupted runs for these shards."""
+    for shard_id in shard_ids:
+        name = config.shard_name(shard_id)
+        for stale in [*out.glob(f"{name}.*.tmp-*"), *(out / STATE_DIR).glob(f".{name}.json.tmp-*")]:
+            stale.unlink(missing_ok=True)
+
+
+def build_one_shard(out: Path, config: BuildConfig, shard_id: int, items: list[tuple[int, Source, int]],
+                    tick=None) -> dict:
+    """Write shard `shard_id` from (input index, source, label) items; return its record."""
+    name = config.shard_name(shard_id)
+    tar_path, index_path = out / f"{name}.tar", out / f"{name}.idx"
+    failures = []
+    with ShardTarWriter(_tmp_path(tar_path)) as writer:
+        for input_index, source, label in items:
+            try:
+                components = make_sample(source, label, config)
+            except Exception as err:  # noqa: BLE001 - bad input never stops a build
+                failures.append({"source": source.relative, "error": _describe(err)})
+            else:
+                writer.add_sample(sample_key(input_index, source), components)
+            if tick is not None:
+                tick(1)
+    samples = len(writer.samples)
+    if samples:
+        _tmp_path(index_path).write_text(format_index(writer.samples))
+        os.replace(_tmp_path(index_path), index_path)
+        os.replace(_tmp_path(tar_path), tar_path)
+    else:  # every input failed: no tar (an empty tar is not a valid webdataset shard)
+        _tmp_path(tar_path).unlink()
+        for stale in (tar_path, index_path):
+            stale.unlink(missing_ok=True)
+    record = {"shard": shard_id, "tar": tar_path.name, "index": index_path.name, "samples": samples,
+              "bytes": tar_path.stat().st_size if samples else 0, "failures": failures}
+    write_json_atomic(_record_path(out, config, shard_id), record)
+    return record
+
+
+# Worker processes report each finished input through this queue for the progress bar.
+_TICK_QUEUE = None
+
+
+def _init_worker(tick_queue) -> None:
+    global _TICK_QUEUE
+    _TICK_QUEUE = tick_queue
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the build process dies (kill -9
+    included), so no orphan keeps writing shards next to a rerun."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_build(args) -> dict:
+    out, config, shard_id, items = args
+    return build_one_shard(out, config, shard_id, items, tick=_TICK_QUEUE.put)
+
+
+# ---------------------------------------------------------------- the whole build
+
+def _inputs_digest(inputs: Inputs) -> str:
+    text = json.dumps([inputs.classes, [(s.relative, s.class_name) for s in inputs.sources]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _options(config: BuildConfig, inputs: Inputs) -> dict:
+    return {**asdict(config), "inputs": len(inputs.sources), "inputs_sha256": _inputs_digest(inputs)}
+
+
+def _check_out_dir(out: Path, options: dict) -> None:
+    """Refuse a non-empty OUT built with other options (rather than mixing two builds)."""
+    saved = out / STATE_DIR / "options.json"
+    if saved.is_file():
+        previous = json.loads(saved.read_text())
+    elif (out / MANIFEST_NAME).is_file():
+        previous = load_manifest(out)["options"]
+    elif out.is_dir() and any(p.name != STATE_DIR for p in out.iterdir()):
+        raise ShardDirError(f"{out} is not empty and holds no tcore shard build; choose an empty "
+                            "or new output directory")
+    else:
+        previous = None
+    if previous is not None and previous != options:
+        changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
+        details = ", ".join(f"{k}: {previous.get(k)!r} -> {options.get(k)!r}" for k in changed)
+        raise ShardDirError(f"{out} already holds shards built with other options ({details}); "
+                            "use a new output directory or the original options")
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    if previous is None:
+        write_json_atomic(saved, options)
+
+
+def _load_record(out: Path, config: BuildConfig, shard_id: int) -> dict | None:
+    """The record of a finished shard, or None when the shard must be (re)built."""
+    path = _record_path(out, config, shard_id)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record["samples"] and not ((out / record["tar"]).is_file() and (out / record["index"]).is_file()):
+        return None
+    return record
+
+
+def node_suffix(node_rank: int, num_nodes: int) -> str:
+    return f"node-{node_rank:05d}-of-{num_nodes:05d}"
+
+
+def discover_inputs(src=None, kind: str = "video", list_file=None, video_root=None) -> Inputs:
+    if list_file is not None:
+        return discover_list(list_file, video_root if video_root is not None else src, kind)
+    if src is None:
+        raise ValueError("give a source directory or --list FILE")
+    return discover_class_folders(src, kind)
+
+
+def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: int = 320,
+              codec: str = "vp9", samples_per_shard: int = 1000, workers: int = 1,
+              prefix: str = "shard", gop: int = DEFAULT_GOP, crf: int | None = None,
+              quality: int = 90, vp9_speed: int = VP9_SPEED, allow_upscale: bool = False,
+              list_file=None, video_root=None,
+              node_rank: int = 0, num_nodes: int = 1, progress: bool = True) -> BuildResult:
+    """Build (or resume) the shards of `src` into `out`; see build_shards."""
+    config = BuildConfig(kind=kind, frames=frames if kind == "video" else None, short_side=short_side,
+                         codec=codec if kind == "video" else "jpeg", gop=gop, crf=crf, quality=quality,
+                         vp9_speed=vp9_speed,
+                         allow_upscale=allow_upscale, samples_per_shard=samples_per_shard, prefix=prefix)
+    config.validate()
+    if not 0 <= node_rank < num_nodes:
+        raise ValueError(f"node rank {node_rank} is not in 0..{num_nodes - 1}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    inputs = discover_inputs(src, kind, list_file, video_root)
+    out = Path(out)
+    options = _options(config, inputs)
+    _check_out_dir(out, options)
+
+    size = config.samples_per_shard
+    shard_count = -(-len(inputs.sources) // size)
+    mine = [k for k in range(shard_count) if k % num_nodes == node_rank]
+    records = {k: _load_record(out, config, k) for k in mine}
+    todo = [k for k in mine if records[k] is None]
+    tasks = []
+    for k in todo:
+        items = [(i, inputs.sources[i], inputs.label(inputs.sources[i].class_name))
+                 for i in range(k * size, min((k + 1) * size, len(inputs.sources)))]
+        tasks.append((out, config, k, items))
+    total = sum(len(task[3]) for task in tasks)
+
+    start = time.perf_counter()
+    bar = tqdm(total=total, unit="video" if kind == "video" else "image", disable=not progress,
+               desc=f"shards ({len(todo)} to build, {len(mine) - len(todo)} done)", smoothing=0.1)
+    if workers == 1 or len(tasks) <= 1:
+        for task in tasks:
+            records[task[2]] = build_one_shard(*task, tick=bar.update)
+    else:
+        _run_pool(tasks, workers, records, bar)
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    _remove_stale_tmp(out, config, mine)
+    failures = [f for k in mine for f in records[k]["failures"]]
+    shards = [{key: records[k][key] for key in ("tar", "index", "samples", "bytes")}
+              for k in mine if records[k]["samples"]]
+    manifest = make_manifest(kind=config.kind, frames=config.frames, codec=config.codec,
+                             short_side=config.short_side, classes=inputs.classes, shards=shards,
+                             failures=len(failures), options=options)
+    if num_nodes == 1:
+        manifest_file, failures_file = out / MANIFEST_NAME, out / FAILURES_NAME
+    else:
+        manifest["node"] = {"rank": node_rank, "count": num_nodes}
+        suffix = node_suffix(node_rank, num_nodes)
+        manifest_file, failures_file = out / f"manifest.{suffix}.json", out / f"failures.{suffix}.jsonl"
+    write_jsonl_atomic(failures_file, failures)
+    write_json_atomic(manifest_file, manifest)
+    return BuildResult(manifest, manifest_file, total, seconds, len(todo), len(mine) - len(todo), failures)
+
+
+def _run_pool(tasks: list, workers: int, records: dict, bar) -> None:
+    """Build shards in `workers` processes (each writes whole shards), ticking the bar per input."""
+    context = mp.get_context("fork")
+    tick_queue = context.Queue()
+    with context.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(tick_queue,)) as pool:
+        pending = [pool.apply_async(_worker_build, (task,)) for task in tasks]
+        while pending:
+            try:
+                bar.update(tick_queue.get(timeout=0.2))
+                while True:
+                    bar.update(tick_queue.get_nowait())
+            except queue_module.Empty:
+                pass
+            for result in [r for r in pending if r.ready()]:
+                record = result.get()  # re-raises a worker's unexpected error
+                records[record["shard"]] = record
+                pending.remove(result)
+
+
+def build_shards(src, out, *, kind: str = "video", frames: int = 20, short_side: int = 320,
+                 codec: str = "vp9", samples_per_shard: int = 1000, workers: int = 1,
+                 prefix: str = "shard", **options) -> dict:
+    """Build WebDataset shards from `src/<class>/<file>` (or `list_file=`) into `out` and
+    return the manifest dict (also written to `out/manifest.json`).
+
+    Other keyword options: gop, crf, quality, allow_upscale, list_file, video_root,
+    node_rank, num_nodes, progress. Reruns resume; other options in a non-empty `out` are
+    refused with ShardDirError."""
+    return run_build(src, out, kind=kind, frames=frames, short_side=short_side, codec=codec,
+                     samples_per_shard=samples_per_shard, workers=workers, prefix=prefix,
+                     **options).manifest
+
+
+def merge_node_manifests(out, parts=None) -> dict:
+    """Join the node manifests of a `--num-nodes` build into `out/manifest.json` and
+    `out/failures.jsonl`. `parts` defaults to every `out/manifest.node-*.json`; all ranks
+    must be present and every listed shard must exist in `out`."""
+    out = Path(out)
+    paths = [Path(p) for p in parts] if parts else sorted(out.glob("manifest.node-*.json"))
+    if not paths:
+        raise ShardDirError(f"{out} holds no node manifests (manifest.node-*.json)")
+    manifests = []
+    for path in paths:
+        try:
+            manifests.append(validate_manifest(json.loads(path.read_text()), str(path)))
+        except json.JSONDecodeError as err:
+            raise ShardDirError(f"{path}: not valid JSON ({err})") from err
+    ranks = sorted(m.get("node", {}).get("rank", -1) for m in manifests)
+    counts = {m.get("node", {}).get("count") for m in manifests}
+    if len(counts) != 1 or ranks != list(range(next(iter(counts)) or 0)):
+        raise ShardDirError(f"node manifests in {out} cover ranks {ranks} of {sorted(map(str, counts))} "
+                            "nodes; every node must finish before merging")
+    merged = merge_manifest_parts(manifests, [str(p) for p in paths])
+    for shard in merged["shards"]:
+        if not (out / shard["tar"]).is_file() or not (out / shard["index"]).is_file():
+            raise ShardDirError(f"shard {shard['tar']} (or its index) is not in {out}; copy every "
+                                "node's shards there before merging")
+    failures = []
+    for path in paths:
+        failure_file = path.with_name(path.name.replace("manifest.", "failures.", 1).replace(".json", ".jsonl"))
+        if failure_file.is_file():
+            failures += [json.loads(line) for line in failure_file.read_text().splitlines() if line]
+    failures.sort(key=lambda row: row["source"])
+    write_jsonl_atomic(out / FAILURES_NAME, failures)
+    write_json_atomic(out / MANIFEST_NAME, merged)
+    return merged

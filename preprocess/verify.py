@@ -1,0 +1,100 @@
+"""`tcore shards inspect`: summarise a shard directory and, with verify, decode every sample."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from tcore.preprocess.errors import BadInput
+from tcore.preprocess.index import read_index
+from tcore.preprocess.manifest import load_manifest
+from tcore.preprocess.video import probe_clip
+
+
+def _index_matches_tar(tar_path: Path, samples) -> str | None:
+    """None when the index lists exactly the tar's members at their data offsets."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isfile()]
+    listed = [(name, offset, size) for components in samples for _, offset, size, name in components]
+    if members != listed:
+        return f"index does not match the tar ({len(listed)} indexed members, {len(members)} in tar)"
+    return None
+
+
+def _check_sample(manifest: dict, components: dict[str, bytes]) -> None:
+    """Decode one sample and compare it with its json; raises BadInput on any mismatch."""
+    clip_ext = manifest["clip_ext"]
+    for ext in (clip_ext, "json", "cls"):
+        if ext not in components:
+            raise BadInput(f"missing component .{ext}")
+    try:
+        meta = json.loads(components["json"])
+    except ValueError as err:
+        raise BadInput(f"json does not parse ({err})") from err
+    if components["cls"].decode(errors="replace").strip() != str(meta.get("label")):
+        raise BadInput(f"cls {components['cls']!r} disagrees with json label {meta.get('label')}")
+    if manifest["kind"] == "video":
+        count, width, height = probe_clip(components[clip_ext])
+        expected = (manifest["frames"], meta.get("width"), meta.get("height"))
+        if (count, width, height) != expected:
+            raise BadInput(f"clip decodes to {count} frames of {width}x{height}, json/manifest say "
+                           f"{expected[0]} frames of {expected[1]}x{expected[2]}")
+    else:
+        try:
+            with Image.open(io.BytesIO(components[clip_ext])) as image:
+                image.load()
+                size = image.size
+        except (OSError, ValueError) as err:
+            raise BadInput(f"image does not decode ({err})") from err
+        if size != (meta.get("width"), meta.get("height")):
+            raise BadInput(f"image is {size[0]}x{size[1]}, json says {meta.get('width')}x{meta.get('height')}")
+
+
+def inspect_shards(out, verify: bool = False, progress=None) -> dict:
+    """Summary of a shard directory: counts, sizes, codec, frames per sample; with `verify`,
+    every sample is read through the index and decoded, and `problems` lists the ones
+    that fail ({"tar", "key", "error"}). `progress(n)` is called per sample verified."""
+    out = Path(out)
+    manifest = load_manifest(out, check_files=True)
+    report = {"directory": str(out), "kind": manifest["kind"], "codec": manifest["codec"],
+              "frames": manifest["frames"], "short_side": manifest["short_side"],
+              "classes": len(manifest["classes"]), "shards": len(manifest["shards"]),
+              "samples": manifest["total_samples"], "bytes": manifest["total_bytes"],
+              "bytes_per_sample": manifest["total_bytes"] / max(1, manifest["total_samples"]),
+              "failures": manifest["failures"], "verified": verify, "problems": []}
+    if not verify:
+        return report
+    per_class = Counter()
+    for shard in manifest["shards"]:
+        tar_path = out / shard["tar"]
+        try:
+            samples = read_index(out / shard["index"])
+        except ValueError as err:
+            report["problems"].append({"tar": shard["tar"], "key": None, "error": str(err)})
+            continue
+        mismatch = _index_matches_tar(tar_path, samples) if tarfile.is_tarfile(tar_path) else "not a tar file"
+        if mismatch:
+            report["problems"].append({"tar": shard["tar"], "key": None, "error": mismatch})
+        if len(samples) != shard["samples"]:
+            report["problems"].append({"tar": shard["tar"], "key": None, "error":
+                                       f"manifest says {shard['samples']} samples, index lists {len(samples)}"})
+        with open(tar_path, "rb") as handle:
+            for components in samples:
+                key = components[0][3].split(".", 1)[0]
+                data = {}
+                for ext, offset, size, _ in components:
+                    handle.seek(offset)
+                    data[ext] = handle.read(size)
+                try:
+                    _check_sample(manifest, data)
+                    per_class[json.loads(data["json"])["class"]] += 1
+                except BadInput as err:
+                    report["problems"].append({"tar": shard["tar"], "key": key, "error": str(err)})
+                if progress is not None:
+                    progress(1)
+    report["per_class"] = dict(sorted(per_class.items()))
+    return report

@@ -1,0 +1,352 @@
+"""Shard builder through real files and real codecs: good videos in several containers,
+broken inputs, deterministic rebuilds, refusal of mixed options, node split + merge,
+images, list files, inspect --verify."""
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tcore.cli import main as cli
+from tcore.preprocess.discover import Source, sample_key
+from tcore.preprocess.errors import ShardDirError
+from tcore.preprocess.index import read_index
+from tcore.preprocess.manifest import load_manifest
+from tcore.preprocess.shards import build_shards, merge_node_manifests, run_build
+from tcore.preprocess.verify import inspect_shards
+from tcore.preprocess.video import output_size, uniform_indices
+
+SHORT_SIDE = 96  # sources are 160x128 -> clips 120x96
+GOOD_PER_CLASS = 2
+
+
+def _audio_only(path: Path) -> None:
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for index in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, index * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def _zero_frames(path: Path) -> None:
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        container.start_encoding()
+
+
+# source relative path -> words its failure reason must contain
+BROKEN = {
+    "drift/zero_bytes.mp4": "empty file",
+    "drift/notes.mp4": "not a readable video container",
+    "orbit/cut.mp4": "not a readable video container",
+    "orbit/cut.webm": "truncated",
+    "pulse/speech.m4a": "no video stream",
+    "swing/nothing.avi": "no frames",
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_src(synth_root, tmp_path_factory) -> Path:
+    """Two good videos per class (mp4/h264, webm/vp9, avi/mjpeg among them) plus one broken
+    file of each kind."""
+    src = tmp_path_factory.mktemp("mixed") / "src"
+    for class_dir in sorted((synth_root / "train").iterdir()):
+        for video in sorted(class_dir.iterdir())[:GOOD_PER_CLASS]:
+            (src / class_dir.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(video, src / class_dir.name / video.name)
+    (src / "drift" / "zero_bytes.mp4").write_bytes(b"")
+    (src / "drift" / "notes.mp4").write_text("this is a text file, not a video\n" * 20)
+    mp4 = next((synth_root / "train").rglob("*.mp4")).read_bytes()
+    (src / "orbit" / "cut.mp4").write_bytes(mp4[: len(mp4) // 2])
+    webm = next((synth_root / "train").rglob("*.webm")).read_bytes()
+    (src / "orbit" / "cut.webm").write_bytes(webm[: len(webm) // 2])
+    _audio_only(src / "pulse" / "speech.m4a")
+    _zero_frames(src / "swing" / "nothing.avi")
+    return src
+
+
+@pytest.fixture(scope="module")
+def mixed_build(mixed_src, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mixed_out") / "shards"
+    build_shards(mixed_src, out, frames=20, short_side=SHORT_SIDE, samples_per_shard=4, progress=False)
+    return out
+
+
+def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    samples = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def _all_files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_broken_inputs_go_to_failures_and_the_build_carries_on(mixed_build):
+    manifest = load_manifest(mixed_build, check_files=True)
+    failures = [json.loads(line) for line in (mixed_build / "failures.jsonl").read_text().splitlines()]
+    assert {f["source"] for f in failures} == set(BROKEN)
+    for failure in failures:
+        assert BROKEN[failure["source"]] in failure["error"], failure
+    assert manifest["failures"] == len(BROKEN)
+    assert manifest["total_samples"] == 4 * GOOD_PER_CLASS
+    assert manifest["classes"] == ["drift", "orbit", "pulse", "swing"]
+    # 14 sorted inputs in shards of 4: shard k holds whichever of inputs 4k..4k+3 succeeded.
+    assert [s["tar"] for s in manifest["shards"]] == [f"shard-{k:06d}.tar" for k in range(4)]
+    assert sum(s["samples"] for s in manifest["shards"]) == 8
+    assert all(s["samples"] <= 4 for s in manifest["shards"])
+    assert manifest["shards"][0]["samples"] < 4  # drift's two broken files sort into shard 0
+
+
+def test_samples_hold_clip_json_and_label(mixed_build, mixed_src):
+    manifest = load_manifest(mixed_build)
+    for shard in manifest["shards"]:
+        samples = _read_tar(mixed_build / shard["tar"])
+        assert len(samples) == shard["samples"]
+        for key, components in samples.items():
+            assert set(components) == {"webm", "json", "cls"}
+            assert "." not in key and "/" not in key
+            meta = json.loads(components["json"])
+            assert meta["label"] == manifest["classes"].index(meta["class"])
+            assert components["cls"] == str(meta["label"]).encode()
+            assert (mixed_src / meta["source"]).is_file()
+            assert meta["source"].split("/")[0] == meta["class"]
+            assert (meta["frames"], meta["width"], meta["height"], meta["codec"]) == (20, 120, 96, "vp9")
+            assert meta["source_frames"] == 30 and meta["fps"] == 24.0
+            assert meta["duration"] == pytest.approx(30 / 24, abs=0.05)
+            assert meta["frame_indices"] == [int(i) for i in np.round(np.linspace(0, 29, 20))]
+            with av.open(io.BytesIO(components["webm"])) as clip:
+                frames = list(clip.decode(video=0))
+                assert clip.streams.video[0].codec_context.name == "vp9"
+            assert len(frames) == 20 and (frames[0].width, frames[0].height) == (120, 96)
+            assert _keyframes(components["webm"]) == [0]  # default GOP 20 = T: one keyframe
+
+
+def test_index_files_equal_what_dali_wds2idx_writes(mixed_build, tmp_path):
+    wds2idx = Path(sys.executable).with_name("wds2idx")
+    for shard in load_manifest(mixed_build)["shards"]:
+        reference = tmp_path / shard["index"]
+        subprocess.run([str(wds2idx), str(mixed_build / shard["tar"]), str(reference)],
+                       check=True, capture_output=True)
+        assert (mixed_build / shard["index"]).read_text() == reference.read_text()
+        assert len(read_index(reference)) == shard["samples"]
+
+
+def test_rebuild_with_two_workers_is_byte_identical(mixed_src, mixed_build, tmp_path):
+    again = tmp_path / "again"
+    build_shards(mixed_src, again, frames=20, short_side=SHORT_SIDE, samples_per_shard=4, workers=2,
+                 progress=False)
+    assert _all_files(again) == _all_files(mixed_build)
+
+
+def test_out_built_with_other_options_is_refused(mixed_src, mixed_build, tmp_path):
+    before = _all_files(mixed_build)
+    with pytest.raises(ShardDirError, match="short_side: 96 -> 64"):
+        build_shards(mixed_src, mixed_build, frames=20, short_side=64, samples_per_shard=4, progress=False)
+    result = CliRunner().invoke(cli, ["shards", "build", str(mixed_src), str(mixed_build), "--short-side", "96",
+                                      "--samples-per-shard", "4", "--codec", "mjpeg", "--no-progress"])
+    assert result.exit_code != 0 and "other options" in result.output and "codec" in result.output
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ShardDirError, match="not empty"):
+        build_shards(mixed_src, foreign, progress=False)
+    assert _all_files(mixed_build) == before
+    # The same options resume (nothing to do) and leave every file as it was.
+    result = run_build(mixed_src, mixed_build, frames=20, short_side=SHORT_SIDE, samples_per_shard=4,
+                       progress=False)
+    assert result.skipped_shards == 4 and result.built_shards == 0
+    assert _all_files(mixed_build) == before
+
+
+def test_node_split_and_merge_equal_a_single_build(mixed_src, mixed_build, tmp_path):
+    out = tmp_path / "nodes"
+    for rank in range(2):
+        part = build_shards(mixed_src, out, frames=20, short_side=SHORT_SIDE, samples_per_shard=4,
+                            node_rank=rank, num_nodes=2, progress=False)
+        assert [s["tar"] for s in part["shards"]] == [f"shard-{k:06d}.tar" for k in range(rank, 4, 2)]
+    assert not (out / "manifest.json").exists()
+    result = CliRunner().invoke(cli, ["shards", "merge-manifest", str(out)])
+    assert result.exit_code == 0, result.output
+    single = load_manifest(mixed_build)
+    merged = load_manifest(out, check_files=True)
+    assert (merged["total_samples"], merged["total_bytes"], merged["failures"]) == \
+           (single["total_samples"], single["total_bytes"], single["failures"])
+    assert merged == single
+    assert (out / "failures.jsonl").read_bytes() == (mixed_build / "failures.jsonl").read_bytes()
+    for shard in single["shards"]:
+        assert (out / shard["tar"]).read_bytes() == (mixed_build / shard["tar"]).read_bytes()
+
+
+def test_merge_refuses_missing_node(mixed_src, tmp_path):
+    out = tmp_path / "half"
+    build_shards(mixed_src, out, frames=20, short_side=SHORT_SIDE, samples_per_shard=8, node_rank=1,
+                 num_nodes=2, progress=False)
+    with pytest.raises(ShardDirError, match="every node must finish"):
+        merge_node_manifests(out)
+
+
+def test_image_kind(tmp_path):
+    src = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    (src / "cats").mkdir(parents=True)
+    (src / "dogs").mkdir(parents=True)
+    small = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    small.save(src / "cats" / "small.jpg", quality=85)
+    Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(src / "cats" / "big.jpg")
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(src / "dogs" / "pic.png")
+    (src / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (src / "dogs" / "readme.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["shards", "build", str(src), str(out), "--kind", "image",
+                                      "--short-side", "100", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    assert (manifest["kind"], manifest["codec"], manifest["clip_ext"], manifest["frames"]) == ("image", "jpeg", "jpg", None)
+    assert manifest["total_samples"] == 3 and manifest["failures"] == 1
+    failure = json.loads((out / "failures.jsonl").read_text())
+    assert failure["source"] == "dogs/broken.jpg" and "not a decodable image" in failure["error"]
+    samples = {json.loads(c["json"])["source"]: c for c in _read_tar(out / "shard-000000.tar").values()}
+    assert samples["cats/small.jpg"]["jpg"] == (src / "cats" / "small.jpg").read_bytes()  # kept as is
+    for source, size in {"cats/small.jpg": (80, 60), "cats/big.jpg": (100, 150), "dogs/pic.png": (70, 50)}.items():
+        meta = json.loads(samples[source]["json"])
+        image = Image.open(io.BytesIO(samples[source]["jpg"]))
+        assert image.format == "JPEG" and image.size == size == (meta["width"], meta["height"])
+        assert samples[source]["cls"] == (b"0" if source.startswith("cats") else b"1")
+    assert inspect_shards(out, verify=True)["problems"] == []
+
+
+def test_kinetics_csv_and_plain_list(synth_root, tmp_path):
+    root = tmp_path / "kinetics"
+    videos = sorted((synth_root / "train").rglob("*.webm"))[:2]
+    (root / "riding a bike").mkdir(parents=True)
+    shutil.copy(videos[0], root / "riding a bike" / "abc-_12_000010_000020.webm")
+    shutil.copy(videos[1], root / "xyz_000000_000010.mkv")  # flat layout, other extension
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("label,youtube_id,time_start,time_end,split\n"
+                        "riding a bike,abc-_12,10,20,train\n"
+                        "juggling,xyz,0,10,train\n"
+                        "juggling,missing1,5,15,train\n")
+    out = tmp_path / "out"
+    manifest = build_shards(None, out, list_file=csv_file, video_root=root, short_side=64, progress=False)
+    assert manifest["classes"] == ["juggling", "riding a bike"]
+    assert manifest["total_samples"] == 2 and manifest["failures"] == 1
+    failure = json.loads((out / "failures.jsonl").read_text())
+    assert failure == {"source": "juggling/missing1_000005_000015", "error": "file not found"}
+    metas = sorted((json.loads(c["json"]) for c in _read_tar(out / "shard-000000.tar").values()),
+                   key=lambda m: m["label"])
+    assert [(m["class"], m["label"], m["source"]) for m in metas] == [
+        ("juggling", 0, "xyz_000000_000010.mkv"),
+        ("riding a bike", 1, "riding a bike/abc-_12_000010_000020.webm")]
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p.relative_to(synth_root / 'train').as_posix()}\n" for p in videos))
+    out2 = tmp_path / "out2"
+    manifest = build_shards(None, out2, list_file=listing, video_root=synth_root / "train", short_side=64,
+                            progress=False)
+    assert manifest["total_samples"] == 2 and manifest["classes"] == sorted({p.parent.name for p in videos})
+
+
+def test_inspect_verify_finds_a_corrupted_sample(synth_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_shards, copy)
+    clean = CliRunner().invoke(cli, ["shards", "inspect", str(copy), "--verify"])
+    assert clean.exit_code == 0 and "verify: 0 problem(s)" in clean.output and "codec vp9" in clean.output
+    # Overwrite the middle of one clip's bytes in place (the tar structure stays valid).
+    samples = read_index(copy / "shard-000001.idx")
+    ext, offset, size, name = samples[2][0]
+    assert ext == "webm"
+    with open(copy / "shard-000001.tar", "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(size // 2))
+    report = inspect_shards(copy, verify=True)
+    assert [(p["tar"], p["key"]) for p in report["problems"]] == [("shard-000001.tar", name.split(".")[0])]
+    result = CliRunner().invoke(cli, ["shards", "inspect", str(copy), "--verify"])
+    assert result.exit_code == 1 and "BAD shard-000001.tar:" in result.output
+
+
+def test_manifest_errors_are_clear(tmp_path):
+    with pytest.raises(ShardDirError, match="no shard manifest"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "kind": "video"}))
+    with pytest.raises(ShardDirError, match="missing field 'codec'"):
+        load_manifest(tmp_path)
+
+
+def test_keys_frames_and_sizes():
+    key = sample_key(7, Source("/x", "../a.b/c d..e/../f.mp4", "a.b"))
+    assert key.startswith("00000007-") and "." not in key and "/" not in key and ".." not in key
+    assert uniform_indices(5, 8) == [0, 1, 1, 2, 2, 3, 3, 4]  # fewer frames than T: repeats
+    assert uniform_indices(100, 3) == [0, 50, 99]
+    assert output_size(640, 360, 320) == (568, 320)
+    assert output_size(300, 200, 320) == (300, 200)  # never upscaled unless asked
+    assert output_size(300, 201, 320, allow_upscale=True) == (476, 320)
+    assert output_size(301, 201, 0) == (300, 200)  # 0 keeps the size (rounded down to even)
+
+
+def _keyframes(data: bytes) -> list[int]:
+    with av.open(io.BytesIO(data)) as container:
+        return [i for i, packet in enumerate(p for p in container.demux(video=0) if p.size) if packet.is_keyframe]
+
+
+@pytest.mark.parametrize("codec, ext, decoder", [("h264", "mp4", "h264"), ("mjpeg", "mkv", "mjpeg")])
+def test_other_codecs_gop_and_upscale(synth_root, tmp_path, codec, ext, decoder):
+    src = tmp_path / "src"
+    (src / "drift").mkdir(parents=True)
+    for video in sorted((synth_root / "train" / "drift").iterdir())[:2]:
+        shutil.copy(video, src / "drift" / video.name)
+    plain = build_shards(src, tmp_path / "plain", codec=codec, short_side=256, gop=5, progress=False)
+    upscaled = build_shards(src, tmp_path / "up", codec=codec, short_side=256, gop=5, allow_upscale=True,
+                            progress=False)
+    for manifest, out, size in ((plain, tmp_path / "plain", (160, 128)), (upscaled, tmp_path / "up", (320, 256))):
+        assert (manifest["codec"], manifest["clip_ext"], manifest["total_samples"]) == (codec, ext, 2)
+        for components in _read_tar(out / "shard-000000.tar").values():
+            meta = json.loads(components["json"])
+            assert (meta["width"], meta["height"]) == size
+            with av.open(io.BytesIO(components[ext])) as clip:
+                assert clip.streams.video[0].codec_context.name == decoder
+                frames = list(clip.decode(video=0))
+            assert len(frames) == 20 and (frames[0].width, frames[0].height) == size
+            expected_keys = list(range(20)) if codec == "mjpeg" else [0, 5, 10, 15]
+            assert _keyframes(components[ext]) == expected_keys
+
+
+def _rgb_frames(data_or_path) -> list[np.ndarray]:
+    source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else str(data_or_path)
+    with av.open(source) as container:
+        return [f.to_ndarray(format="rgb24").astype(np.float32) for f in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("ext", ["mp4", "webm", "avi"])
+@pytest.mark.parametrize("codec", ["vp9", "h264", "mjpeg"])
+def test_clips_keep_the_source_pixels(synth_root, ext, codec):
+    """Colour range and matrix survive (MJPEG sources are full range), and a decoded frame's
+    picture type does not force keyframes."""
+    from tcore.preprocess.video import encode_clip, read_clip
+
+    path = next((synth_root / "train").rglob(f"*.{ext}"))
+    clip = read_clip(str(path), 20, 0)
+    data = encode_clip(clip.frames, codec, gop=10)
+    source, decoded = _rgb_frames(path), _rgb_frames(data)
+    assert len(decoded) == 20
+    for frame, index in zip(decoded, clip.frame_indices):
+        assert np.abs(frame - source[index]).mean() < 5.0  # lossy, but the same picture
+        assert abs(frame.mean() - source[index].mean()) < 1.0  # no brightness shift
+    assert _keyframes(data) == (list(range(20)) if codec == "mjpeg" else [0, 10])
