@@ -12,7 +12,7 @@ from PIL import Image
 from tcore.eval import davis
 from tcore.eval.io import davis_palette, read_label_png, write_label_png
 
-REFERENCE = Path("/work/shared/reference/official_tiny.pt")
+from reference_paths import OFFICIAL_TINY as REFERENCE
 
 
 def write_davis(root: Path, sequences: dict[str, np.ndarray], frames: dict | None = None) -> Path:
@@ -179,7 +179,6 @@ def synthetic_davis(request, tmp_path_factory):
     return Path(make_synthetic(out, seed=0, videos=0)["davis_dir"])
 
 
-@pytest.mark.skipif(not REFERENCE.is_file(), reason="reference fixture not available")
 def test_cli_end_to_end_with_reference_fixture(synthetic_davis, tmp_path):
     from tcore.cli import main
     out = tmp_path / "eval"

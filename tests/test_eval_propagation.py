@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference_paths import OFFICIAL_TINY
 
 from tcore.eval.propagation import context_frames, propagate_labels, radius_mask
 
@@ -118,12 +119,10 @@ def test_features_are_row_major_unit_maps():
         extract_features(encode, frames, (40, 48), patch=16, device="cpu")
 
 
-@pytest.mark.skipif(not Path("/work/shared/reference/official_tiny.pt").is_file(),
-                    reason="reference fixture not available")
 def test_reference_backbone_patch_tokens_match_the_fixture():
     from tcore.eval.checkpoint import load_eval_backbone
     from tcore.eval.features import backbone_patch_encoder
-    path = "/work/shared/reference/official_tiny.pt"
+    path = OFFICIAL_TINY
     fixture = torch.load(path, weights_only=True)
     backbone = load_eval_backbone(path, arch="vit_tiny")
     patch = backbone_patch_encoder(backbone)(fixture["inputs"]["image_rect"])

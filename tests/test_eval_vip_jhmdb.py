@@ -166,10 +166,9 @@ def test_jhmdb_readers_and_mismatches(tmp_path):
 
 
 # ----------------------------------------------------------------------------- commands
-REFERENCE = Path("/work/shared/reference/official_tiny.pt")
+from reference_paths import OFFICIAL_TINY as REFERENCE
 
 
-@pytest.mark.skipif(not REFERENCE.is_file(), reason="reference fixture not available")
 def test_vip_and_jhmdb_commands_with_the_reference_fixture(tmp_path):
     from click.testing import CliRunner
 

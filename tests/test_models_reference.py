@@ -10,12 +10,9 @@ from tcore.models import (CheckpointError, DINOHead, PatchMatchingModule, build_
                           export_reference, export_safetensors, load_reference)
 from tcore.models.reference import official_checkpoint
 
-REFERENCE = Path("/work/shared/reference")
-FIXTURE = REFERENCE / "official_tiny.pt"
+from reference_paths import OFFICIAL_TINY as FIXTURE, REFERENCE_DIR as REFERENCE
+
 RTOL = 1e-5  # the fixture README: same function => ~1e-5 relative in float32
-
-pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason=f"{FIXTURE} not present")
-
 
 def assert_close_rel(actual, expected, rtol=RTOL):
     """Relative error of the whole tensor (norm of the difference over the norm)."""
