@@ -1,7 +1,39 @@
-"""`tcore train` (placeholder until its module lands)."""
+"""`tcore train`: parse options, load the config, call `tcore.train.train`."""
+import sys
+
 import click
 
 
-@click.command(name="train")
-def train():
-    """Not built yet."""
+@click.command(name="train", context_settings={"ignore_unknown_options": False})
+@click.option("--config", "config", default="tiny_cpu", show_default=True,
+              help="Preset name (tiny_cpu, vits16_k400, vitb16_k400, vits16_imagenet) or YAML path.")
+@click.option("--data", required=True,
+              help="Shard directory or manifest.json (several: comma-separated).")
+@click.option("--output", required=True, help="Run directory (config, checkpoints, logs).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
+@click.option("--max-steps", type=int, default=None,
+              help="Stop after this many steps (schedules keep the configured length).")
+@click.option("--checkpoint-every", type=int, default=None,
+              help="Steps between checkpoints (overrides train.checkpoint_every).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs still written).")
+@click.argument("overrides", nargs=-1)
+def train(config, data, output, resume, max_steps, checkpoint_every, no_progress, overrides):
+    """Train T-CoRe. OVERRIDES are key=value config entries, e.g. optim.epochs=10."""
+    from tcore.config import ConfigError, load_config
+    from tcore.metrics_log import NonFiniteLossError
+    from tcore.train import train as run_train
+
+    try:
+        cfg = load_config(config, list(overrides))
+        result = run_train(cfg, data, output, resume=resume, max_steps=max_steps,
+                           checkpoint_every=checkpoint_every, progress=not no_progress)
+    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except NonFiniteLossError:
+        sys.exit(3)  # the message was printed by the loop
+    if result.is_main and result.end_step > result.start_step:
+        click.echo(f"trained steps {result.start_step + 1}..{result.end_step}; "
+                   f"run directory: {result.run_dir}")
+        click.echo(f"  checkpoint: {result.last_checkpoint}")
+        click.echo(f"  teacher backbone: {result.teacher_export}")
+        click.echo(f"  metrics: {result.metrics}")

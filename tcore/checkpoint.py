@@ -1,0 +1,124 @@
+"""Atomic training checkpoints: `RUN_DIR/checkpoints/checkpoint-<step>.pt`.
+
+A checkpoint is written to a hidden temporary file in the same directory, flushed to disk,
+then renamed over its final name, so a crash (or kill -9) mid-write never leaves a partial
+file under a checkpoint name: the previous checkpoints stay intact and the next start
+removes the stale temporary. Only the newest `keep_last` checkpoints are kept.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
+TMP_PREFIX = ".tmp-checkpoint-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or used; the message names the file."""
+
+
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    return Path(directory) / f"checkpoint-{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in `directory`, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporaries a crashed writer left behind; return what was removed."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for path in directory.glob(f"{TMP_PREFIX}*"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same directory, fsync, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints; return the deleted paths."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    existing = list_checkpoints(directory)
+    doomed = [path for _, path in existing[:-keep_last]]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, keep_last: int) -> Path:
+    """Write `state` as the checkpoint of `step`, then keep only the newest `keep_last`."""
+    path = atomic_torch_save({"step": step, **state}, checkpoint_path(directory, step))
+    prune_checkpoints(directory, keep_last)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        # Our own files: they hold numpy RNG state and python objects, so weights_only=False.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict:
+    """Every RNG the step may draw from: python, numpy, torch CPU and CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,161 @@
+"""Training configuration: OmegaConf presets, dotlist overrides, validation.
+
+A config is `configs/base.yaml` with a preset merged over it, then `key=value` overrides.
+`model` and `loss` are free-form (they go to `tcore.ssl.TCoRe`, which checks them);
+`data`, `optim` and `train` only accept the keys base.yaml defines, so a typo is an error
+that names the file and the key.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+STRICT_SECTIONS = ("data", "optim", "train")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the source."""
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+
+
+def resolve_config_path(config: str | os.PathLike) -> Path:
+    """A path to a YAML file, or a preset name (`tiny_cpu`, `vits16_k400`, ...)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / f"{path.name}", CONFIG_DIR / f"{path.stem}.yaml"):
+        if candidate.is_file() and candidate.stem != "base":
+            return candidate
+    raise ConfigError(f"config {str(config)!r}: no such file and no preset of that name "
+                      f"(presets: {', '.join(preset_names())})")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in several types
+        raise ConfigError(f"{path}: cannot parse YAML: {exc}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _strict_base() -> DictConfig:
+    base = _load_yaml(CONFIG_DIR / "base.yaml")
+    for section in STRICT_SECTIONS:
+        OmegaConf.set_struct(base[section], True)
+    # data.pipeline is passed through to the pipeline's own config class, which checks it.
+    OmegaConf.set_struct(base.data.pipeline, False)
+    return base
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    unknown = set(other.keys()) - set(base.keys())
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; "
+                          f"known: {sorted(base.keys())}")
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+
+
+def load_config(config: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+                ) -> DictConfig:
+    """Load a preset or YAML file over base.yaml, apply `key=value` overrides, validate."""
+    path = resolve_config_path(config)
+    cfg = _merge(_strict_base(), _load_yaml(path), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.epochs=10)")
+        try:
+            dotlist = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from exc
+        cfg = _merge(cfg, dotlist, f"override {item!r}")
+    validate_config(cfg, source=str(path))
+    return cfg
+
+
+def _require(condition: bool, source: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{source}: {message}")
+
+
+def _check_range(cfg: DictConfig, key: str, source: str) -> tuple[float, float]:
+    value = cfg.data[key]
+    _require(isinstance(value, (list, ListConfig)) and len(value) == 2, source,
+             f"data.{key} must be a [low, high] pair, got {value}")
+    low, high = float(value[0]), float(value[1])
+    _require(0.0 <= low <= high <= 1.0, source,
+             f"data.{key} must satisfy 0 <= low <= high <= 1, got {list(value)}")
+    return low, high
+
+
+def validate_config(cfg: DictConfig, source: str = "config") -> None:
+    """Check values a typo or a bad override could break; raise ConfigError naming the key."""
+    optim, train, data = cfg.optim, cfg.train, cfg.data
+    for key in ("base_lr", "min_lr", "clip_grad", "teacher_temp", "warmup_teacher_temp",
+                "layer_decay", "patch_embed_lr_mult", "pmm_lr_mult"):
+        _require(isinstance(optim[key], (int, float)) and optim[key] >= 0, source,
+                 f"optim.{key} must be a number >= 0, got {optim[key]!r}")
+    for key in ("epochs", "official_epoch_length"):
+        _require(isinstance(optim[key], int) and optim[key] > 0, source,
+                 f"optim.{key} must be an integer > 0, got {optim[key]!r}")
+    for key in ("warmup_epochs", "freeze_last_layer_epochs", "warmup_teacher_temp_epochs"):
+        _require(isinstance(optim[key], int) and optim[key] >= 0, source,
+                 f"optim.{key} must be an integer >= 0, got {optim[key]!r}")
+    _require(optim.warmup_epochs <= optim.epochs, source,
+             f"optim.warmup_epochs ({optim.warmup_epochs}) exceeds optim.epochs ({optim.epochs})")
+    _require(0.0 <= optim.momentum_teacher <= optim.final_momentum_teacher <= 1.0, source,
+             "teacher momentum must satisfy 0 <= optim.momentum_teacher <= "
+             "optim.final_momentum_teacher <= 1")
+    _require(optim.scaling_rule in ("sqrt_wrt_1024", "none"), source,
+             f"optim.scaling_rule must be sqrt_wrt_1024 or none, got {optim.scaling_rule!r}")
+    for key in ("batch_size_per_gpu", "num_threads"):
+        _require(isinstance(data[key], int) and data[key] > 0, source,
+                 f"data.{key} must be an integer > 0, got {data[key]!r}")
+    current = _check_range(cfg, "current_range", source)
+    past = _check_range(cfg, "past_offset_range", source)
+    future = _check_range(cfg, "future_offset_range", source)
+    # METHOD.md section 1: the past and future windows must stay inside the clip.
+    _require(current[0] - past[1] >= 0, source,
+             f"data.current_range[0] - data.past_offset_range[1] must be >= 0 "
+             f"(got {current[0]} - {past[1]})")
+    _require(current[1] + future[1] <= 1, source,
+             f"data.current_range[1] + data.future_offset_range[1] must be <= 1 "
+             f"(got {current[1]} + {future[1]})")
+    _require(train.precision in PRECISIONS, source,
+             f"train.precision must be one of {PRECISIONS}, got {train.precision!r}")
+    _require(train.parallel in ("ddp", "fsdp"), source,
+             f"train.parallel must be ddp or fsdp, got {train.parallel!r}")
+    _require(train.device in ("auto", "cpu", "cuda"), source,
+             f"train.device must be auto, cpu or cuda, got {train.device!r}")
+    for key in ("checkpoint_every", "keep_last", "log_every"):
+        _require(isinstance(train[key], int) and train[key] > 0, source,
+                 f"train.{key} must be an integer > 0, got {train[key]!r}")
+    _require(isinstance(train.compile, bool), source,
+             f"train.compile must be true or false, got {train.compile!r}")
+    _require(isinstance(train.compile_backend, str) and train.compile_backend, source,
+             f"train.compile_backend must be a torch.compile backend name, "
+             f"got {train.compile_backend!r}")
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+    return path

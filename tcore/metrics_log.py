@@ -1,0 +1,150 @@
+"""Training logs: a progress bar, `metrics.jsonl` (one JSON object per log step) and
+TensorBoard scalars, all written by rank 0 only.
+
+The step never syncs with the host except here: per-step loss tensors are kept on the
+device in `LossHistory` and only read back at log or checkpoint time, where non-finite
+values are found and reported with the step and the loss term they came from.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the step and the term."""
+
+    def __init__(self, step: int, term: str, value: float):
+        super().__init__(f"non-finite loss at step {step}: {term} = {value}; stopping "
+                         f"(the last checkpoint written before it is kept)")
+        self.step, self.term, self.value = step, term, value
+        self.good_records: list[tuple[int, dict[str, float]]] = []  # steps before it
+
+
+class LossHistory:
+    """Per-step loss dicts kept on the device until the next host sync."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.losses: list[dict[str, torch.Tensor]] = []
+
+    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        self.steps.append(step)
+        self.losses.append({k: v.detach() for k, v in losses.items()})
+
+    def drain(self, reduce=None) -> list[tuple[int, dict[str, float]]]:
+        """Read everything back (one host sync), check it, and clear the buffer.
+
+        `reduce` (e.g. an all-reduce mean over ranks) is applied to the [steps, terms]
+        tensor first, so every rank sees the same values and stops at the same step.
+        Raises NonFiniteLossError at the first step with a NaN/inf term ("total" is named
+        last, so the message points at the term that caused it)."""
+        if not self.steps:
+            return []
+        names = list(self.losses[0].keys())
+        stacked = torch.stack([torch.stack([step[n].float() for n in names])
+                               for step in self.losses])
+        if reduce is not None:
+            stacked = reduce(stacked)
+        stacked = stacked.cpu()
+        out = []
+        for step, row in zip(self.steps, stacked.tolist()):
+            values = dict(zip(names, row))
+            bad = [n for n in names if not math.isfinite(values[n])]
+            if bad:
+                term = next((n for n in bad if n != "total"), bad[0])
+                self.steps, self.losses = [], []
+                error = NonFiniteLossError(step, term, values[term])
+                error.good_records = out
+                raise error
+            out.append((step, values))
+        self.steps, self.losses = [], []
+        return out
+
+
+def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
+    """Drop records after `last_step` (a resumed run redoes them); rewrite atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if record.get("step", 0) <= last_step:
+            kept.append(json.dumps(record))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Progress bar + metrics.jsonl + TensorBoard for rank 0; a no-op elsewhere."""
+
+    def __init__(self, run_dir: str | os.PathLike, start_step: int, end_step: int,
+                 samples_per_step: int, enabled: bool = True, progress: bool = True,
+                 tensorboard: bool = True):
+        self.enabled = enabled
+        self.samples_per_step = samples_per_step
+        self.start_step, self.end_step = start_step, end_step
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.bar = self.writer = self.file = None
+        self._last_time, self._last_step = time.perf_counter(), start_step
+        if not enabled:
+            return
+        self.file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is optional at runtime
+                self.writer = None
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=end_step, initial=start_step, unit="step",
+                            dynamic_ncols=True, desc="train")
+
+    def log(self, records: list[tuple[int, dict[str, float]]], schedule_values: dict) -> None:
+        """Write one metrics.jsonl line per step in `records` and update the bar."""
+        if not self.enabled or not records:
+            return
+        now = time.perf_counter()
+        last_step = records[-1][0]
+        steps_done = max(last_step - self._last_step, 1)
+        samples_per_s = steps_done * self.samples_per_step / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, last_step
+        for step, losses in records:
+            record = {"step": step, **{f"loss/{k}": v for k, v in losses.items()}}
+            if step == last_step:
+                record.update({f"sched/{k}": v for k, v in schedule_values.items()})
+                record["samples_per_s"] = samples_per_s
+            self.file.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        self.writer.add_scalar(key, value, step)
+        self.file.flush()
+        if self.bar is not None:
+            self.bar.update(last_step - self.bar.n)
+            self.bar.set_postfix(loss=f"{records[-1][1]['total']:.4f}",
+                                 lr=f"{schedule_values['lr']:.2e}",
+                                 samples_s=f"{samples_per_s:.1f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()

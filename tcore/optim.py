@@ -1,0 +1,137 @@
+"""AdamW with the reference's parameter groups (METHOD.md section 6).
+
+Every trainable parameter gets three tags, the DINOv2 way:
+- `lr_multiplier`: layer-wise decay `layer_decay ** (num_blocks + 1 - layer_id)` for the
+  backbone (tokens, positional and patch embeddings are layer 0, block i is layer i + 1,
+  the final norm and everything else is layer num_blocks + 1, like the head), times
+  `patch_embed_lr_mult` for the patch embedding. Head and PMM: 1.0 (no layer decay).
+- `wd_multiplier`: 0 for biases, normalisation layers and LayerScale gammas, else 1.
+- `schedule`: which lr table drives it: "lr", "last_layer" (the head's last layer, lr 0
+  during the first `freeze_last_layer_epochs`) or "pmm" (its own table at lr x pmm_lr_mult).
+Parameters sharing all three tags are fused into one optimizer group.
+At every step `apply_schedules` sets lr = table[it] * lr_multiplier and
+weight_decay = wd_table[it] * wd_multiplier on each group.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tcore.schedules import Schedules
+
+# Backbone parameters that belong to the embedding "layer 0".
+_EMBEDDING_PREFIXES = ("patch_embed", "pos_embed", "cls_token", "reg_token", "register_tokens",
+                       "mask_token")
+_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
+
+
+@dataclass(frozen=True)
+class ParamTag:
+    name: str
+    lr_multiplier: float
+    wd_multiplier: float
+    schedule: str  # "lr" | "last_layer" | "pmm"
+
+
+def backbone_layer_id(name: str, num_blocks: int) -> int:
+    """Layer id of a backbone parameter name (relative to the backbone module)."""
+    if name.startswith(_EMBEDDING_PREFIXES):
+        return 0
+    match = _BLOCK_RE.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    return num_blocks + 1
+
+
+def _no_decay_names(module: nn.Module) -> set[str]:
+    """Names of parameters that take no weight decay: biases, norm layers, LayerScale."""
+    names = set()
+    norm_modules = {prefix for prefix, m in module.named_modules() if isinstance(m, _NORM_TYPES)}
+    for name, _ in module.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        leaf = name.rsplit(".", 1)[-1]
+        # `in_proj_bias` (nn.MultiheadAttention) is a bias too.
+        if (leaf == "bias" or leaf.endswith("_bias") or owner in norm_modules
+                or "norm" in name or leaf == "gamma"):
+            names.add(name)
+    return names
+
+
+def tag_parameters(backbone: nn.Module, head: nn.Module, pmm: nn.Module | None, *,
+                   layer_decay: float, patch_embed_lr_mult: float
+                   ) -> list[tuple[nn.Parameter, ParamTag]]:
+    """Tag every trainable parameter of the student backbone, head and PMM."""
+    num_blocks = len(backbone.blocks)
+    tagged = []
+    no_decay = _no_decay_names(backbone)
+    for name, param in backbone.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr_mult = layer_decay ** (num_blocks + 1 - backbone_layer_id(name, num_blocks))
+        if name.startswith("patch_embed"):
+            lr_mult *= patch_embed_lr_mult
+        tagged.append((param, ParamTag(f"backbone.{name}", lr_mult,
+                                       0.0 if name in no_decay else 1.0, "lr")))
+    no_decay = _no_decay_names(head)
+    for name, param in head.named_parameters():
+        if not param.requires_grad:
+            continue
+        schedule = "last_layer" if name.startswith("last_layer") else "lr"
+        tagged.append((param, ParamTag(f"head.{name}", 1.0,
+                                       0.0 if name in no_decay else 1.0, schedule)))
+    if pmm is not None:
+        no_decay = _no_decay_names(pmm)
+        for name, param in pmm.named_parameters():
+            if not param.requires_grad:
+                continue
+            tagged.append((param, ParamTag(f"pmm.{name}", 1.0,
+                                           0.0 if name in no_decay else 1.0, "pmm")))
+    return tagged
+
+
+def fuse_param_groups(tagged: list[tuple[nn.Parameter, ParamTag]]) -> list[dict]:
+    """One optimizer group per (lr_multiplier, wd_multiplier, schedule) combination."""
+    groups: dict[tuple, dict] = {}
+    for param, tag in tagged:
+        key = (round(tag.lr_multiplier, 12), tag.wd_multiplier, tag.schedule)
+        group = groups.setdefault(key, {"params": [], "names": [],
+                                        "lr_multiplier": tag.lr_multiplier,
+                                        "wd_multiplier": tag.wd_multiplier,
+                                        "schedule": tag.schedule,
+                                        "is_last_layer": tag.schedule == "last_layer"})
+        group["params"].append(param)
+        group["names"].append(tag.name)
+    return list(groups.values())
+
+
+def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module | None]:
+    """(student backbone, student head, PMM) of a `tcore.ssl.TCoRe`."""
+    return model.student["backbone"], model.student["head"], getattr(model, "pmm", None)
+
+
+def build_optimizer(model: nn.Module, optim_cfg, device: torch.device | str = "cpu"
+                    ) -> torch.optim.AdamW:
+    """AdamW (betas from config) over the tagged groups; fused kernels on CUDA."""
+    backbone, head, pmm = model_parts(model)
+    tagged = tag_parameters(backbone, head, pmm, layer_decay=float(optim_cfg.layer_decay),
+                            patch_embed_lr_mult=float(optim_cfg.patch_embed_lr_mult))
+    groups = fuse_param_groups(tagged)
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0,
+                             betas=(float(optim_cfg.adamw_beta1), float(optim_cfg.adamw_beta2)),
+                             fused=fused or None)
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, schedules: Schedules, it: int) -> dict:
+    """Set every group's lr and weight decay for iteration `it`; return the values."""
+    values = schedules.at(it)
+    base_lr = {"lr": values["lr"], "last_layer": values["last_layer_lr"],
+               "pmm": values["pmm_lr"]}
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr[group["schedule"]] * group["lr_multiplier"]
+        group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
+    return values

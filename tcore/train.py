@@ -1,0 +1,323 @@
+"""`tcore train`: the T-CoRe training loop (METHOD.md sections 5 and 6).
+
+One process per GPU (torchrun), the CPU run being world size 1. Per step:
+schedules -> forward_losses (autocast) -> backward (gradient scaler for fp16) -> per-module
+clipping -> AdamW -> teacher EMA. Losses stay on the device; the host reads them back only
+at log and checkpoint steps, where a NaN/inf stops the run before anything is saved.
+
+A run directory holds `config.yaml` (the resolved config), `checkpoints/checkpoint-*.pt`,
+`metrics.jsonl`, `tensorboard/` and `teacher_backbone.safetensors`. `resume=True` restores
+model, optimizer, scaler, step, RNG and data iterator state from the newest checkpoint, so a
+run stopped at any point (kill -9 included) continues with the same losses, step for step.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from tcore.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+                              rng_state, save_checkpoint, set_rng_state)
+from tcore.config import ConfigError, save_config
+from tcore.distributed import DistInfo, all_reduce_mean_, barrier, init_distributed, shutdown
+from tcore.metrics_log import LossHistory, MetricsLogger, NonFiniteLossError, truncate_metrics
+from tcore.optim import apply_schedules, build_optimizer
+from tcore.schedules import build_schedules
+
+TEACHER_EXPORT = "teacher_backbone.safetensors"
+# Sections that must not change between a run and its resumption.
+RESUME_LOCKED_SECTIONS = ("model", "loss", "data", "optim")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int
+    end_step: int
+    last_checkpoint: Path | None
+    teacher_export: Path | None
+    metrics: Path
+    is_main: bool = True  # rank 0 (the process that writes files and prints)
+
+
+class LossModule(nn.Module):
+    """`forward(batch, teacher_temp)` = TCoRe.forward_losses, so DDP and torch.compile can
+    wrap the whole loss computation like any module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, teacher_temp: torch.Tensor) -> dict:
+        return self.model.forward_losses(batch, teacher_temp)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
+    if requested != "auto":
+        if device.type == "cpu" and requested == "fp16":
+            raise ConfigError("train.precision=fp16 needs a GPU (use fp32 or bf16 on the CPU)")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_manifests(data: str | os.PathLike | list) -> list[Path]:
+    """Shard directories or manifest.json paths (a list, or one comma-separated string)."""
+    items = data if isinstance(data, (list, tuple)) else str(data).split(",")
+    manifests = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            path = path / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {item}: no manifest.json there (build shards with "
+                                    f"`tcore shards build` first)")
+        manifests.append(path)
+    if not manifests:
+        raise FileNotFoundError("--data: no shard directory given")
+    return manifests
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
+    from tcore import ssl
+    try:  # TCoRe merges over its defaults and rejects unknown keys
+        model = ssl.TCoRe(OmegaConf.to_container(cfg.model, resolve=True),
+                          OmegaConf.to_container(cfg.loss, resolve=True))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"model/loss config: {exc}") from exc
+    return model.to(device)
+
+
+def pipeline_config(cfg: DictConfig):
+    """tcore.pipelines PipelineConfig from the `data` section (sampling ranges + `pipeline`)."""
+    from tcore.pipelines.config import PipelineConfig
+    values = OmegaConf.to_container(cfg.data.pipeline, resolve=True)
+    sampling = dict(values.get("sampling", {}))
+    for key in ("current_range", "past_offset_range", "future_offset_range"):
+        sampling[key] = list(cfg.data[key])
+    values["sampling"] = sampling
+    try:
+        return PipelineConfig.from_dict(values).validate()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"data.pipeline: {exc}") from exc
+
+
+def build_train_loader(cfg: DictConfig, manifests: list[Path], info: DistInfo):
+    """The DALI loader, sharded by rank, endless (epochs are counted in steps)."""
+    from tcore.pipelines.loader import build_loader
+    return build_loader([str(m) for m in manifests], cfg.data.batch_size_per_gpu,
+                        device=info.device, config=pipeline_config(cfg),
+                        seed=int(cfg.train.seed), shard_id=info.rank,
+                        num_shards=info.world_size, num_threads=int(cfg.data.num_threads),
+                        infinite=True)
+
+
+def wrap_for_parallel(module: LossModule, cfg: DictConfig, info: DistInfo) -> nn.Module:
+    if not info.enabled:
+        return module
+    if cfg.train.parallel == "fsdp":
+        raise ConfigError("train.parallel=fsdp is not implemented yet; ViT-S/B fit one GPU "
+                          "with DDP (train.parallel=ddp)")
+    from torch.nn.parallel import DistributedDataParallel
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _gather(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (rank order), for per-rank RNG and loader state."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+class Trainer:
+    """Model, optimizer, scaler, schedules and loader of one run, and the step over them."""
+
+    def __init__(self, cfg: DictConfig, loader, info: DistInfo):
+        self.cfg, self.loader, self.info = cfg, loader, info
+        self.device = info.device
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.model = build_model(cfg, self.device)
+        self.global_batch = int(cfg.data.batch_size_per_gpu) * info.world_size
+        self.schedules = build_schedules(cfg.optim, self.global_batch)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.loss_module = wrap_for_parallel(LossModule(self.model), cfg, info)
+        self.forward = (torch.compile(self.loss_module, backend=cfg.train.compile_backend)
+                        if cfg.train.compile else self.loss_module)
+        self.clip_grad = float(cfg.optim.clip_grad)
+        self.teacher_temp = torch.zeros((), device=self.device)
+
+    def step(self, it: int, batch: dict) -> tuple[dict, dict]:
+        """One optimisation step at global iteration `it`; returns (losses, schedule values)."""
+        values = apply_schedules(self.optimizer, self.schedules, it)
+        # A device tensor, not a float: torch.compile would otherwise recompile for every new
+        # value; fill_ launches a kernel, where a fresh host->device copy would sync the host.
+        self.teacher_temp.fill_(values["teacher_temp"])
+        with autocast_context(self.precision, self.device):
+            losses = self.forward(batch, self.teacher_temp)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["total"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.clip_grad > 0:
+            self.model.clip_gradients(self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.model.update_teacher(values["momentum"])
+        return losses, values
+
+    def state_dict(self, step: int) -> dict:
+        """Everything a resumed run needs (collective: every rank must call it)."""
+        return {"step": step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "loader": _gather(self.loader.state_dict(), self.info),
+                "rng": _gather(rng_state(), self.info),
+                "world_size": self.info.world_size,
+                "config": OmegaConf.to_container(self.cfg, resolve=True)}
+
+    def load_state_dict(self, state: dict, source: Path) -> int:
+        if state.get("world_size", 1) != self.info.world_size:
+            raise ConfigError(f"{source}: written by {state['world_size']} processes, resuming "
+                              f"with {self.info.world_size}; exact resumption needs the same")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"][self.info.rank])
+        set_rng_state(state["rng"][self.info.rank])
+        return int(state["step"])
+
+    def export_teacher(self, path: Path) -> Path:
+        from tcore.models import export_safetensors
+        tmp = path.with_name(f".tmp-{path.name}")
+        export_safetensors(self.model.teacher_backbone(), tmp)
+        os.replace(tmp, path)
+        return path
+
+
+def check_resumable_config(cfg: DictConfig, saved: dict, source: Path) -> None:
+    current = OmegaConf.to_container(cfg, resolve=True)
+    for section in RESUME_LOCKED_SECTIONS:
+        if current.get(section) != saved.get(section):
+            raise ConfigError(f"{source}: the checkpoint's `{section}` config differs from this "
+                              f"run's; resume with the config saved in the run directory")
+
+
+def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
+          resume: bool = False, max_steps: int | None = None,
+          checkpoint_every: int | None = None, progress: bool = True) -> TrainResult:
+    """Train T-CoRe on the shards in `data`; write everything under `output`."""
+    output = output or cfg.train.output
+    if not output:
+        raise ConfigError("no run directory: pass --output RUN_DIR (or set train.output)")
+    run_dir = Path(output)
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+    cfg.train.output = str(run_dir)
+    if checkpoint_every is not None:
+        cfg.train.checkpoint_every = int(checkpoint_every)
+    info = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, resolve_manifests(data), run_dir, info, resume=resume,
+                      max_steps=max_steps, progress=progress)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo, *,
+           resume: bool, max_steps: int | None, progress: bool) -> TrainResult:
+    ckpt_dir = run_dir / "checkpoints"
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(ckpt_dir)
+        if not resume and latest_checkpoint(ckpt_dir) is not None:
+            raise FileExistsError(f"{run_dir}: already holds checkpoints; pass --resume to "
+                                  f"continue that run, or choose another --output")
+    barrier(info)
+    torch.manual_seed(int(cfg.train.seed) + info.rank)
+    loader = build_train_loader(cfg, manifests, info)
+    trainer = Trainer(cfg, loader, info)
+
+    start_step, last_ckpt = 0, None
+    if resume:
+        last_ckpt = latest_checkpoint(ckpt_dir)
+        if last_ckpt is not None:
+            state = load_checkpoint(last_ckpt)
+            check_resumable_config(cfg, state.get("config", {}), last_ckpt)
+            start_step = trainer.load_state_dict(state, last_ckpt)
+            del state
+    if info.is_main:  # after the resume check, so a refused resume keeps the saved config
+        save_config(cfg, run_dir / "config.yaml")
+    total = trainer.schedules.total_iters
+    end_step = min(total, max_steps) if max_steps else total
+    if info.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    logger = MetricsLogger(run_dir, start_step, end_step,
+                           samples_per_step=trainer.global_batch, enabled=info.is_main,
+                           progress=progress)
+    history = LossHistory()
+    log_every, ckpt_every = int(cfg.train.log_every), int(cfg.train.checkpoint_every)
+    teacher_path = run_dir / TEACHER_EXPORT
+    exported = None
+    try:
+        iterator = iter(loader)
+        values = trainer.schedules.at(start_step)
+        for it in range(start_step, end_step):
+            batch = next(iterator)
+            losses, values = trainer.step(it, batch)
+            step = it + 1  # steps done
+            history.add(step, losses)
+            is_last = step == end_step
+            if step % log_every == 0 or step % ckpt_every == 0 or is_last:
+                # Mean over ranks, so all ranks log and stop alike; raises on NaN/inf
+                # before anything is saved.
+                logger.log(history.drain(lambda t: all_reduce_mean_(t, info)), values)
+            if step % ckpt_every == 0 or is_last:
+                state = trainer.state_dict(step)
+                if info.is_main:
+                    last_ckpt = save_checkpoint(ckpt_dir, step, state, int(cfg.train.keep_last))
+                    exported = trainer.export_teacher(teacher_path)
+                del state
+                barrier(info)
+    except NonFiniteLossError as exc:
+        logger.log(exc.good_records, values)  # the finite steps before the bad one
+        if info.is_main:
+            print(f"tcore train: {exc}; last good checkpoint: {last_ckpt or 'none'}",
+                  file=sys.stderr)
+        raise
+    finally:
+        logger.close()
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+    if info.is_main and exported is None and end_step == start_step:
+        exported = trainer.export_teacher(teacher_path)
+    return TrainResult(run_dir=run_dir, start_step=start_step, end_step=end_step,
+                       last_checkpoint=last_ckpt, teacher_export=exported,
+                       metrics=run_dir / "metrics.jsonl", is_main=info.is_main)
+
+
+def read_losses(run_dir: str | os.PathLike) -> dict[int, dict[str, float]]:
+    """step -> {term: value} from a run's metrics.jsonl (loss terms only)."""
+    losses = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        losses[record["step"]] = {k[5:]: v for k, v in record.items() if k.startswith("loss/")}
+    return losses

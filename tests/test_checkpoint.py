@@ -1,0 +1,53 @@
+"""Atomic checkpoint writes and keep-last-K pruning."""
+import pytest
+import torch
+
+from tcore.checkpoint import (CheckpointError, TMP_PREFIX, latest_checkpoint, list_checkpoints,
+                              load_checkpoint, remove_stale_temporaries, save_checkpoint)
+
+
+class ExplodesWhenPickled:
+    """Pickling fails halfway through a checkpoint, like a crash mid-write."""
+
+    def __reduce__(self):
+        raise RuntimeError("simulated crash while writing")
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path):
+    weights = torch.arange(1000.0)
+    first = save_checkpoint(tmp_path, 10, {"w": weights}, keep_last=3)
+    before = first.read_bytes()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        save_checkpoint(tmp_path, 20, {"w": weights * 2, "bad": ExplodesWhenPickled()},
+                        keep_last=3)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [10]
+    assert first.read_bytes() == before
+    assert torch.equal(load_checkpoint(first)["w"], weights)
+    assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))        # the temporary is cleaned up
+
+
+def test_partial_temporary_is_ignored_and_removed(tmp_path):
+    save_checkpoint(tmp_path, 5, {"x": 1}, keep_last=2)
+    # What a kill -9 during torch.save leaves: a truncated hidden temporary.
+    partial = tmp_path / f"{TMP_PREFIX}abc.pt"
+    partial.write_bytes(b"PK\x03\x04 truncated")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000005.pt"
+    assert remove_stale_temporaries(tmp_path) == [partial]
+    assert not partial.exists()
+
+
+def test_keep_last_k(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        save_checkpoint(tmp_path, step, {"step_value": step}, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
+    state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] == 5 and state["step_value"] == 5
+    with pytest.raises(ValueError, match="keep_last"):
+        save_checkpoint(tmp_path, 6, {}, keep_last=0)
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "checkpoint-00000001.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="checkpoint-00000001.pt"):
+        load_checkpoint(bad)

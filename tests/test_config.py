@@ -1,0 +1,78 @@
+"""Config presets, dotlist overrides and validation errors that name the problem."""
+import pytest
+from omegaconf import OmegaConf
+
+from tcore.config import ConfigError, load_config, preset_names, resolve_config_path, save_config
+
+
+def test_presets_exist_and_load():
+    assert {"tiny_cpu", "vits16_k400", "vitb16_k400", "vits16_imagenet"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        assert cfg.optim.clip_grad == 3.0 and cfg.optim.layer_decay == 0.9
+        if name != "tiny_cpu":   # the CPU demo preset raises lr and lowers teacher momentum
+            assert cfg.optim.base_lr == 0.002 and cfg.optim.momentum_teacher == 0.992
+    k400 = load_config("vits16_k400")
+    assert k400.model.arch == "vit_small" and k400.optim.official_epoch_length == 936
+    assert k400.optim.warmup_epochs == 20 and k400.optim.epochs == 400
+    assert list(k400.data.past_offset_range) == [0.15, 0.25]
+    assert load_config("vitb16_k400").model.arch == "vit_base"
+    tiny = load_config("tiny_cpu")
+    assert tiny.model.arch == "vit_tiny" and tiny.data.batch_size_per_gpu == 4
+
+
+def test_config_by_path_and_by_file_name(tmp_path):
+    path = resolve_config_path("vits16_k400")
+    assert path.name == "vits16_k400.yaml"
+    assert load_config("configs/vits16_k400.yaml").model.arch == "vit_small"  # as documented
+    own = tmp_path / "mine.yaml"
+    own.write_text("optim:\n  epochs: 17\n")
+    assert load_config(str(own)).optim.epochs == 17
+
+
+def test_overrides_apply_and_round_trip(tmp_path):
+    cfg = load_config("tiny_cpu", ["optim.epochs=9", "train.seed=5", "model.drop_path=0.2",
+                                   "data.past_offset_range=[0.1,0.2]",
+                                   "data.pipeline.views.n_local=4"])
+    assert cfg.optim.epochs == 9 and cfg.train.seed == 5 and cfg.model.drop_path == 0.2
+    assert list(cfg.data.past_offset_range) == [0.1, 0.2]
+    assert cfg.data.pipeline.views.n_local == 4
+    saved = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert OmegaConf.load(saved) == cfg
+    assert load_config(str(saved)) == cfg          # a saved config loads back as a config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.epoch=3"], "optim.epoch"),                          # typo in a strict section
+    (["nosuch.key=1"], "unknown section"),
+    (["optim.epochs=0"], "optim.epochs must be an integer > 0"),
+    (["optim.base_lr=-1"], "optim.base_lr"),
+    (["optim.warmup_epochs=500"], "warmup_epochs"),
+    (["train.precision=fp8"], "train.precision"),
+    (["data.past_offset_range=[0.2,0.4]"], "current_range[0] - data.past_offset_range[1]"),
+    (["data.future_offset_range=[0.3,0.5]"], "current_range[1] + data.future_offset_range[1]"),
+    (["data.current_range=[0.5]"], "data.current_range must be a [low, high] pair"),
+    (["train.keep_last=0"], "train.keep_last"),
+    (["optim.epochs"], "expected key=value"),
+])
+def test_bad_overrides_are_named(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("vits16_k400", overrides)
+    assert message in str(info.value)
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such file and no preset"):
+        load_config(str(tmp_path / "missing.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: cannot parse YAML"):
+        load_config(str(broken))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  log_evry: 3\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*log_evry"):
+        load_config(str(typo))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(listy))

@@ -1,0 +1,41 @@
+"""`tcore demo` end to end in a shortened form (4 videos, 3 training steps)."""
+import json
+
+from click.testing import CliRunner
+from PIL import Image
+
+from tcore.cli import main as cli
+
+
+def test_demo_end_to_end_short(tmp_path):
+    out = tmp_path / "demo"
+    # Leftovers of an earlier demo run in the same place must not get in the way.
+    (out / "run" / "checkpoints").mkdir(parents=True)
+    (out / "run" / "checkpoints" / "checkpoint-00000009.pt").write_bytes(b"old")
+    (out / "synthetic").mkdir()
+    (out / "synthetic" / "leftover.txt").write_text("old")
+    result = CliRunner().invoke(cli, ["demo", "--output", str(out), "--steps", "3",
+                                      "--videos", "4", "--no-progress"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    for path in summary["paths"].values():
+        assert str(path) in result.output                     # every output is announced
+    assert (out / "shards" / "manifest.json").exists()
+    assert json.loads((out / "shards" / "manifest.json").read_text())["codec"] == "vp9"
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]             # a fresh run, not resumed
+    assert not (out / "run" / "checkpoints" / "checkpoint-00000009.pt").exists()
+    with Image.open(out / "loss_curve.png") as png:
+        assert png.format == "PNG" and png.size[0] > 500
+    assert (out / "run" / "teacher_backbone.safetensors").stat().st_size > 0
+    for name in ("trained", "random_init"):
+        scores = summary["davis_jf"][name]
+        assert 0.0 <= scores["J&F-Mean"] <= 1.0
+        assert json.loads((out / "eval" / name / "results.json").read_text())["summary"]
+    assert "trained" in result.output and "random init" in result.output
+
+
+def test_demo_rejects_bad_settings(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--output", str(tmp_path), "--steps", "0"])
+    assert result.exit_code != 0 and "--steps must be >= 1" in result.output
