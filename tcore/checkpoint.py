@@ -96,8 +96,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, keep_l
 def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
-        # Our own files: they hold numpy RNG state and python objects, so weights_only=False.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # Tensors, numbers, strings and containers only: no pickled code runs on load.
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
 
@@ -108,8 +108,14 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def rng_state() -> dict:
-    """Every RNG the step may draw from: python, numpy, torch CPU and CUDA."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG the step may draw from: python, numpy, torch CPU and CUDA.
+
+    Held as tuples, ints and tensors only, so checkpoints load with ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -118,7 +124,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos,
+                         has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

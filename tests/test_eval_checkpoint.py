@@ -1,9 +1,9 @@
 """`tcore eval --checkpoint` accepts every layout: our training checkpoints (EMA teacher), our
 teacher safetensors, the reference fixture; junk is refused naming the file."""
-import numpy as np
 import pytest
 import torch
 
+from tcore.checkpoint import rng_state
 from tcore.eval.checkpoint import load_eval_backbone
 from tcore.models import CheckpointError, export_safetensors
 
@@ -25,9 +25,8 @@ def teacher_tokens(model, images):
 
 def test_training_checkpoint_gives_the_ema_teacher(tiny_tcore, tmp_path):
     path = tmp_path / "checkpoint-00000003.pt"
-    # the layout `tcore train` writes, numpy RNG state included
-    torch.save({"step": 3, "model": tiny_tcore.state_dict(),
-                "rng": [{"numpy": np.random.get_state(), "torch": torch.get_rng_state()}],
+    # the layout `tcore train` writes, RNG states included
+    torch.save({"step": 3, "model": tiny_tcore.state_dict(), "rng": [rng_state()],
                 "config": {"model": {"arch": "vit_tiny", "patch_size": 16, "registers": 4}}},
                path)
     backbone = load_eval_backbone(path, arch="vit_tiny")

@@ -7,7 +7,10 @@ Accepted inputs of :func:`load_reference`:
   and the PMM are taken);
 - plain DINOv2 backbone state dicts (``cls_token``, ``pos_embed``, ``blocks.*`` ...; chunked
   ``blocks.{chunk}.{i}.*`` too);
-- our own safetensors exports (:func:`export_safetensors`).
+- our own safetensors exports (:func:`export_safetensors`);
+- our own ``tcore train`` checkpoints (``{"model": TCoRe state, "config": {"model": ...}}``:
+  the EMA teacher and the PMM, sized by the run's config);
+- the reference fixture bundle (``official_tiny.pt``: ``{"checkpoint": ..., "config": ...}``).
 
 Layout differences handled here: the reference adds ``pos_embed[:, 0]`` to the cls token, we
 fold it into ``cls_token`` (timm ``no_embed_class``) and keep ``pos_embed[:, 1:]``;
@@ -26,7 +29,7 @@ from torch import nn
 
 from tcore.models.head import DINOHead
 from tcore.models.pmm import PatchMatchingModule
-from tcore.models.vit import Backbone
+from tcore.models.vit import ARCHS, Backbone
 
 DEFAULT_PMM_HEADS = 16
 DEFAULT_PMM_ATTN_MUL = 4.0
@@ -192,13 +195,27 @@ def _read(path: str) -> tuple[dict, dict]:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     meta = checkpoint.get("tcore_meta", {}) if isinstance(checkpoint.get("tcore_meta"), dict) else {}
-    if isinstance(checkpoint.get("checkpoint"), dict) and isinstance(checkpoint.get("config"), dict):
+    if _is_tcore_training(checkpoint):
+        # A `tcore train` checkpoint: sizes come from the run's own model config.
+        model_cfg = checkpoint["config"]["model"]
+        pmm_cfg = model_cfg.get("pmm") or {}
+        arch = ARCHS.get(model_cfg.get("arch"))
+        meta = {"num_heads": arch.num_heads if arch else None, "pmm_heads": pmm_cfg.get("heads"),
+                "pmm_attn_mul": pmm_cfg.get("attn_mul")}
+    elif isinstance(checkpoint.get("checkpoint"), dict) and isinstance(checkpoint.get("config"), dict):
         # The reference fixture bundle (official_tiny.pt): the checkpoint plus its sizes.
         config = checkpoint["config"]
         meta = {"num_heads": config.get("num_heads"), "pmm_heads": config.get("pmm_heads"),
                 "pmm_attn_mul": config.get("pmm_attn_mul")}
         checkpoint = checkpoint["checkpoint"]
     return checkpoint, meta
+
+
+def _is_tcore_training(checkpoint: dict) -> bool:
+    """Our own training checkpoints: a TCoRe state dict (timm key names) plus the run config."""
+    config, model = checkpoint.get("config"), checkpoint.get("model")
+    return (isinstance(config, dict) and isinstance(config.get("model"), dict)
+            and isinstance(model, dict) and "teacher.backbone.reg_token" in model)
 
 
 def _split_checkpoint(checkpoint: dict, path: str) -> tuple[str, dict, dict, dict]:
@@ -212,6 +229,10 @@ def _split_checkpoint(checkpoint: dict, path: str) -> tuple[str, dict, dict, dic
         auxiliary = checkpoint.get("auxiliary") or {}
         return ("eval", _strip(teacher, "backbone."), _strip(teacher, "dino_head."),
                 _strip(auxiliary, "auxiliary_decoder."))
+    if _is_tcore_training(checkpoint):
+        model = checkpoint["model"]
+        return ("tcore", _strip(model, "teacher.backbone."), _strip(model, "teacher.head."),
+                _strip(model, "pmm."))
     if isinstance(checkpoint.get("model"), dict) and any(
             k.startswith("teacher.") for k in checkpoint["model"]):
         model = checkpoint["model"]
@@ -238,7 +259,7 @@ def load_reference(path, *, pmm_heads: int | None = None, pmm_attn_mul: float | 
     kind, backbone_state, head_state, pmm_state = _split_checkpoint(checkpoint, path)
     if not backbone_state:
         raise CheckpointError(f"{path}: no backbone weights found ({kind} layout)")
-    if kind != "safetensors":
+    if kind not in ("safetensors", "tcore"):  # those two are already in our key layout
         backbone_state = backbone_from_official(backbone_state, path)
         pmm_state = pmm_from_official(pmm_state)
     backbone = _backbone_from_state(backbone_state, path, num_heads or _int(meta.get("num_heads")))
