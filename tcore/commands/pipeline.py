@@ -1,7 +1,43 @@
-"""`tcore pipeline` commands (placeholder until its module lands)."""
+"""`tcore pipeline preview`: a thin wrapper over tcore.pipelines.preview."""
 import click
+
+from tcore.pipelines.config import PipelineConfig
 
 
 @click.group(name="pipeline")
 def pipeline():
-    """Not built yet."""
+    """The DALI data pipeline: look at what the model is fed."""
+
+
+@pipeline.command(name="preview")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True),
+              help="Shard directory (or manifest.json); repeat to mix several.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False),
+              help="PNG grid of one batch: past | current (masks overlaid) | future, then local crops.")
+@click.option("--batches", default=1, show_default=True, help="Batches covered by --stats.")
+@click.option("--stats", type=click.Path(dir_okay=False), default=None,
+              help="JSON over the batches: frame triples with T, normalised crop boxes, masked counts.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i].")
+@click.option("--threads", default=2, show_default=True, help="DALI threads.")
+@click.option("--local-crops", default=8, show_default=True, help="Local crops per sample (0 = none).")
+@click.option("--skip-bad-samples", is_flag=True, help="Skip (and count) unreadable samples.")
+def preview(data, output, batches, stats, batch_size, seed, device, threads, local_crops,
+            skip_bad_samples):
+    """Write a PNG of one batch's views (and optional statistics) from shards."""
+    from tcore.pipelines.preview import run_preview   # DALI import only when used
+
+    config = PipelineConfig(skip_bad_samples=skip_bad_samples)
+    config.views.n_local = local_crops
+    try:
+        summary = run_preview(list(data), output, batches=batches, stats=stats,
+                              batch_size=batch_size, config=config, seed=seed, device=device,
+                              num_threads=threads)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise click.ClickException(str(err))
+    click.echo(f"{summary['output']}: one batch of {batch_size} samples")
+    if summary["stats"]:
+        click.echo(f"{summary['stats']}: statistics over {summary['batches']} batches")
+    if summary["skipped"]:
+        click.echo(f"skipped {summary['skipped']} bad samples")

@@ -1,0 +1,177 @@
+"""Every number of the data pipeline, with the reference implementation's value as default.
+
+METHOD.md sections 1-3 are the source of each default. `PipelineConfig.validate()` runs when
+a loader is built, so a bad range fails at start-up with the name of the offending field.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SamplingConfig:
+    """Sandwich sampling (METHOD.md section 1): fractions of the clip length T."""
+    current_range: tuple[float, float] = (0.3, 0.7)
+    past_offset_range: tuple[float, float] = (0.15, 0.25)
+    future_offset_range: tuple[float, float] = (0.15, 0.25)
+
+    def validate(self) -> None:
+        for name in ("current_range", "past_offset_range", "future_offset_range"):
+            low, high = getattr(self, name)
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"sampling.{name} = {(low, high)}: need 0 <= low <= high <= 1")
+        if self.current_range[0] - self.past_offset_range[1] < 0:
+            raise ValueError("sampling: current_range[0] - past_offset_range[1] must be >= 0 "
+                             f"(got {self.current_range[0]} - {self.past_offset_range[1]})")
+        if self.current_range[1] + self.future_offset_range[1] > 1:
+            raise ValueError("sampling: current_range[1] + future_offset_range[1] must be <= 1 "
+                             f"(got {self.current_range[1]} + {self.future_offset_range[1]})")
+
+
+@dataclass
+class PhotometricConfig:
+    """One view's colour pipeline: jitter (p) -> grayscale (p) -> blur (p) -> solarize (p)."""
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    solarize_p: float = 0.0
+
+    def validate(self, where: str) -> None:
+        for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{where}.{name} = {value}: a probability must lie in [0, 1]")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{where}.{name} must lie in [0, 1]")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"{where}.hue must lie in [0, 0.5]")
+
+
+def _global_1() -> PhotometricConfig:
+    # Effective blur probability of global crop 1 is 0.0 (METHOD.md section 2).
+    return PhotometricConfig(blur_p=0.0, solarize_p=0.0)
+
+
+def _global_2() -> PhotometricConfig:
+    # Effective blur 0.9, solarize 0.2 on global crop 2.
+    return PhotometricConfig(blur_p=0.9, solarize_p=0.2)
+
+
+def _local() -> PhotometricConfig:
+    return PhotometricConfig(blur_p=0.5, solarize_p=0.0)
+
+
+@dataclass
+class ViewConfig:
+    """Crop geometry and the photometric pipeline of each kind of view (METHOD.md section 2)."""
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    local_flip_p: float = 0.5
+    central_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    blur_kernel: int = 9
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_threshold: int = 128
+    global_1: PhotometricConfig = field(default_factory=_global_1)
+    global_2: PhotometricConfig = field(default_factory=_global_2)
+    local: PhotometricConfig = field(default_factory=_local)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def validate(self) -> None:
+        if self.global_size <= 0 or self.local_size <= 0:
+            raise ValueError("views: crop sizes must be positive")
+        if self.n_local < 0:
+            raise ValueError(f"views.n_local = {self.n_local}: must be >= 0")
+        for name in ("global_scale", "local_scale", "ratio", "central_aspect", "blur_sigma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"views.{name} = {(low, high)}: need 0 < low <= high")
+        if self.global_scale[1] > 1 or self.local_scale[1] > 1:
+            raise ValueError("views: crop scales are fractions of the frame area (<= 1)")
+        if self.blur_kernel % 2 != 1:
+            raise ValueError(f"views.blur_kernel = {self.blur_kernel}: must be odd")
+        if not 0 <= self.local_flip_p <= 1:
+            raise ValueError("views.local_flip_p must lie in [0, 1]")
+        for name in ("global_1", "global_2", "local"):
+            getattr(self, name).validate(f"views.{name}")
+
+
+@dataclass
+class MaskConfig:
+    """Block-wise masking of the current frame's global crops (METHOD.md section 3)."""
+    patch_size: int = 16
+    mask_sample_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    min_block_patches: int = 4
+    # Per-block cap of the reference: 0.5 * img // patch * img // patch (98 at 224 / 16),
+    # evaluated left to right as the reference does.
+    max_block_fraction: float = 0.5
+    min_aspect: float = 0.3
+    block_tries: int = 10
+
+    def validate(self, image_size: int) -> None:
+        if image_size % self.patch_size:
+            raise ValueError(f"masks: global_size {image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
+        if not 0 <= self.mask_sample_probability <= 1:
+            raise ValueError("masks.mask_sample_probability must lie in [0, 1]")
+        low, high = self.mask_ratio
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"masks.mask_ratio = {(low, high)}: need 0 <= low <= high <= 1")
+        if not 0 < self.min_aspect <= 1:
+            raise ValueError("masks.min_aspect must lie in (0, 1]")
+
+
+@dataclass
+class PipelineConfig:
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    shuffle_buffer: int = 256       # webdataset reader's initial_fill
+    skip_bad_samples: bool = False
+
+    def validate(self) -> "PipelineConfig":
+        self.sampling.validate()
+        self.views.validate()
+        self.masks.validate(self.views.global_size)
+        if self.shuffle_buffer < 1:
+            raise ValueError("shuffle_buffer must be >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "PipelineConfig":
+        """Build from a (possibly partial, possibly OmegaConf-converted) nested dict."""
+        return _from_dict(cls, values or {})
+
+
+def _from_dict(kind, values: dict):
+    known = {f.name: f for f in fields(kind)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"{kind.__name__}: unknown keys {sorted(unknown)}")
+    defaults = kind()
+    kwargs = {}
+    for name, value in values.items():
+        current = getattr(defaults, name)
+        if is_dataclass(current):
+            kwargs[name] = _from_dict(type(current), dict(value))
+        elif isinstance(current, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return kind(**kwargs)

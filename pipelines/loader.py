@@ -1,0 +1,524 @@
+"""The training iterator: DALI stage A (read + state) -> host draws -> DALI stage B (views).
+
+Stage A is a small checkpointable CPU pipeline around `fn.readers.webdataset` (shuffling,
+sharding by rank). A producer thread runs it, draws every sample's parameters with
+`sampling.draw_sample_params` from a per-sample seed (base seed, shard, sample counter) and
+the batch's masks, and queues the result. The consumer feeds stage B (`views.py`, pipelined,
+`prefetch` batches in flight) and copies its outputs into torch tensors with DALI's PyTorch
+plugin. Stage B is a pure function of what it is fed, so checkpointing stage A plus the two
+counters is an exact resume; the state kept is the one after the last batch *returned*, not
+the last one read, so prefetching does not leak into checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import queue
+import re
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from tcore.pipelines.config import PipelineConfig
+from tcore.pipelines.manifest import ShardSet, check_codecs_for_device, load_shard_set
+from tcore.pipelines.masks import batch_masks, mask_tensors
+from tcore.pipelines.sampling import SampleParams, draw_sample_params, sample_rng, view_slices
+from tcore.pipelines.views import build_views_pipeline, feed_arrays
+
+STATE_VERSION = 1
+MASK_STREAM = 0x6D61736B   # separates the masks' random stream from the samples'
+
+
+class BadSampleError(RuntimeError):
+    """A sample that cannot be read or decoded; the message names its shard and key."""
+
+
+# --- stage A ------------------------------------------------------------------------------
+
+@pipeline_def(enable_checkpointing=True)
+def _reader_pipeline(tars, indices, extensions, shuffle, initial_fill, reader_seed, shard_id,
+                     num_shards, pad_last_batch, missing):
+    data, meta, label = fn.readers.webdataset(
+        paths=tars, index_paths=indices, ext=[";".join(extensions), "json", "cls"],
+        random_shuffle=shuffle, initial_fill=initial_fill, seed=reader_seed, shard_id=shard_id,
+        num_shards=num_shards, pad_last_batch=pad_last_batch,
+        missing_component_behavior=missing, name="Reader")
+    return data, meta, label
+
+
+@dataclass
+class RawSample:
+    data: np.ndarray
+    meta: dict
+    label: int
+    source: str          # "<tar path>:<offset>:<key>.<ext>" from DALI's source_info
+
+
+@dataclass
+class HostBatch:
+    """Everything of one batch decided on the host, plus the loader state after it."""
+    samples: list[RawSample]
+    params: list[SampleParams]
+    masks: np.ndarray
+    state_after: dict
+    batch_number: int
+    skipped: list = field(default_factory=list)
+
+
+def _parse_sample(data, meta_bytes, label_bytes, source: str) -> RawSample:
+    try:
+        meta = json.loads(bytes(meta_bytes).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadSampleError(f"sample {source}: its .json is unreadable ({error})") from None
+    try:
+        label = int(bytes(label_bytes).decode().strip())
+    except ValueError:
+        label = int(meta.get("label", -1))
+    for key in ("width", "height"):
+        if key not in meta:
+            raise BadSampleError(f"sample {source}: its .json lacks '{key}'")
+    return RawSample(data=np.asarray(data), meta=meta, label=label, source=source)
+
+
+def _explain_reader_error(message: str) -> str:
+    """Name the shard and sample key of a reader error that only cites an index line."""
+    found = re.search(r'index file at "([^"]+)" line (\d+)', message)
+    detail = message.strip().splitlines()
+    reason = next((line for line in detail if "detected" in line or "missing" in line.lower()),
+                  detail[-1] if detail else message)
+    if not found:
+        return f"reading shards failed: {reason}"
+    index, line = found.group(1), int(found.group(2))
+    try:
+        with open(index) as handle:
+            fields = handle.read().split("\n")[line].split()     # line 0 is the header
+        key = fields[3].rsplit(".", 1)[0]
+    except (OSError, IndexError):
+        key = f"line {line} of {index}"
+    tar = index[: -len(".idx")] + ".tar" if index.endswith(".idx") else index
+    return (f"sample {tar}:{key}: a component is missing ({reason.strip()}); rebuild the "
+            "shard or pass skip_bad_samples=True / --skip-bad-samples")
+
+
+def sample_frames(meta: dict) -> int:
+    """T of one sample from its json (images: 1)."""
+    value = meta.get("T", meta.get("frames"))
+    return int(value) if value else 1
+
+
+# --- the iterator ---------------------------------------------------------------------------
+
+class DaliLoader:
+    """Iterator over batch dicts (docs/ARCHITECTURE.md batch contract). Build it with
+    `build_loader`; `len()` is batches per epoch; `state_dict()` / `load_state_dict()`
+    resume exactly; `close()` stops the threads."""
+
+    def __init__(self, shard_set: ShardSet, batch_size: int, device: str,
+                 config: PipelineConfig, seed: int, shard_id: int, num_shards: int,
+                 num_threads: int, prefetch: int, infinite: bool, dtype: torch.dtype,
+                 return_params: bool):
+        self.shard_set = shard_set
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.config = config
+        self.seed = seed
+        self.shard_id = shard_id
+        self.num_shards = num_shards
+        self.num_threads = num_threads
+        self.prefetch = max(1, prefetch)
+        self.infinite = infinite
+        self.dtype = dtype
+        self.return_params = return_params
+        self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
+        self.skipped: list[tuple[str, str]] = []
+        if config.skip_bad_samples:
+            self._count_readable_samples()
+        self._resume: dict | None = None
+        self._state: dict | None = None
+        self._started = False
+        self._exhausted = False
+
+    # -- public API
+    def __len__(self) -> int:
+        return math.ceil(self.samples_per_epoch / self.batch_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._exhausted:
+            raise StopIteration
+        if not self._started:
+            self._start()
+        if not self._pending:
+            self._exhausted = True
+            self.close()
+            raise StopIteration
+        host = self._pending.popleft()
+        outputs = self._stage_b_outputs(host)
+        batch = self._assemble(host, outputs)
+        self._drain_fillers(host)
+        self._top_up()
+        self._state = host.state_after
+        return batch
+
+    def state_dict(self) -> dict:
+        """The state after the last batch returned (before the first one: the start)."""
+        if self._state is not None:
+            return dict(self._state)
+        if self._resume is not None:
+            return dict(self._resume)
+        return self._initial_state(reader=None)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not "
+                             f"{STATE_VERSION}")
+        for key in ("seed", "shard_id", "num_shards", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this "
+                                 f"loader has {key}={getattr(self, key)}")
+        if self._started:
+            self.close()
+        self._resume = dict(state)
+        self._state = None
+        self._exhausted = False
+
+    def close(self) -> None:
+        if not self._started:
+            return
+        self._stop.set()
+        while self._producer.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._producer.join()
+        self._pipe_b = None
+        self._probe = None
+        self._started = False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    # -- start-up
+    def _initial_state(self, reader) -> dict:
+        return {"version": STATE_VERSION, "reader": reader, "samples_seen": 0,
+                "batches_seen": 0, "seed": self.seed, "shard_id": self.shard_id,
+                "num_shards": self.num_shards, "batch_size": self.batch_size}
+
+    def _start(self) -> None:
+        state = self._resume or self._initial_state(reader=None)
+        self._counters = {"samples": state["samples_seen"], "batches": state["batches_seen"]}
+        if not self.infinite and self._counters["batches"] >= len(self):
+            self._exhausted = True
+            raise StopIteration
+        self._pipe_a = self._build_reader(state.get("reader"))
+        self._probe = None
+        self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch + 1)
+        self._stop = threading.Event()
+        self._producer = threading.Thread(target=self._produce, name="tcore-stage-a",
+                                          daemon=True)
+        self._producer.start()
+        self._pending: deque[HostBatch] = deque()
+        self._started = True
+        hosts = [self._take() for _ in range(self.prefetch)]
+        self._start_views([h for h in hosts if h is not None])
+
+    def _build_reader(self, checkpoint):
+        cfg = self.config
+        kwargs = {"checkpoint": checkpoint} if checkpoint else {}
+        pipe = _reader_pipeline(
+            tars=self.shard_set.tars, indices=self.shard_set.indices,
+            extensions=self.shard_set.extensions, shuffle=cfg.shuffle_buffer > 1,
+            initial_fill=cfg.shuffle_buffer, reader_seed=self.seed, shard_id=self.shard_id,
+            num_shards=self.num_shards, pad_last_batch=not self.infinite,
+            missing="skip" if cfg.skip_bad_samples else "error",
+            batch_size=self.batch_size, num_threads=1, device_id=None, seed=self.seed,
+            prefetch_queue_depth=2, **kwargs)
+        try:
+            pipe.build()
+        except RuntimeError as error:
+            raise BadSampleError(_explain_reader_error(str(error))) from None
+        return pipe
+
+    def _count_readable_samples(self) -> None:
+        """In skip mode DALI drops samples with a missing component: count from the reader
+        what is really there (len() and one-pass epochs), and record the difference."""
+        reader = self._build_reader(None)
+        readable = reader.epoch_size("Reader")
+        del reader
+        missing = self.shard_set.total_samples - readable
+        if missing > 0:
+            self.skipped.append(("<shards>", f"{missing} samples lack a component"))
+            self.shard_set.total_samples = readable
+            self.samples_per_epoch = self.shard_set.samples_in_shard(self.shard_id,
+                                                                     self.num_shards)
+
+    def _build_views(self, batch_size: int, prefetch: int):
+        device_id = None
+        if self.device.type == "cuda":
+            device_id = self.device.index if self.device.index is not None \
+                else torch.cuda.current_device()
+        out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
+        return build_views_pipeline(self.shard_set.kind, self.config.views, batch_size,
+                                    device_id, self.num_threads, prefetch, out_dtype,
+                                    seed=self.seed)
+
+    # -- stage A + host draws (producer thread)
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.infinite and self._counters["batches"] >= len(self):
+                    self._put(None)
+                    return
+                self._put(self._next_host_batch())
+        except BaseException as error:  # handed to the consumer, raised there
+            self._put(error)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _read(self):
+        try:
+            return self._pipe_a.run()
+        except Exception as error:
+            raise BadSampleError(f"reading shards failed ({', '.join(self.shard_set.tars)}): "
+                                 f"{error}") from None
+
+    def _next_host_batch(self) -> HostBatch:
+        data, meta, label = self._read()
+        reader_state = self._pipe_a.checkpoint()
+        count = len(data)
+        if not self.infinite:
+            # One pass: the reader pads the last batch with repeats; drop them.
+            count = min(count, self.samples_per_epoch
+                        - self._counters["batches"] * self.batch_size)
+        samples, skipped = [], []
+        for i in range(count):
+            source = data[i].source_info() or f"sample {i}"
+            try:
+                samples.append(_parse_sample(data.at(i), meta.at(i), label.at(i), source))
+            except BadSampleError as error:
+                if not self.config.skip_bad_samples:
+                    raise
+                skipped.append((source, str(error)))
+        params = []
+        for sample in samples:
+            rng = sample_rng(self.seed, self.shard_id, self._counters["samples"])
+            self._counters["samples"] += 1
+            params.append(draw_sample_params(rng, sample_frames(sample.meta),
+                                             int(sample.meta["height"]),
+                                             int(sample.meta["width"]), self.config))
+        self._counters["samples"] += count - len(samples)
+        self._counters["batches"] += 1
+        batch_number = self._counters["batches"]
+        state = self._initial_state(reader_state)
+        state.update(samples_seen=self._counters["samples"], batches_seen=batch_number)
+        return HostBatch(samples=samples, params=params,
+                         masks=self._masks(batch_number, len(samples)),
+                         state_after=state, batch_number=batch_number, skipped=skipped)
+
+    def _masks(self, batch_number: int, n_samples: int) -> np.ndarray:
+        grid = self.config.views.global_size // self.config.masks.patch_size
+        rng = sample_rng(self.seed, self.shard_id, batch_number, MASK_STREAM)
+        return batch_masks(rng, 2 * n_samples, grid, self.config.masks)
+
+    # -- stage B (consumer thread)
+    def _take(self) -> HostBatch | None:
+        """The next host batch from the producer; None once the pass is over."""
+        item = self._queue.get()
+        if item is None:
+            self._queue.put(None)       # stay exhausted for later calls
+            return None
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def _start_views(self, hosts: list[HostBatch]) -> None:
+        """A fresh stage B with `hosts` in flight. Its first schedule_run runs `prefetch`
+        iterations at once, so that many batches must be fed first (padded with repeats of
+        the last one at the very end of a pass; their outputs are never read)."""
+        self._pipe_b = self._build_views(self.batch_size, self.prefetch)
+        self._pending.extendleft(reversed(hosts))
+        feedable = [h for h in hosts if h.samples]
+        if not feedable:
+            self._pipe_b_fresh = True
+            return
+        for host in feedable:
+            self._feed(self._pipe_b, host)
+        self._fillers = (feedable[-1], max(0, self.prefetch - len(feedable)))
+        for _ in range(self._fillers[1]):
+            self._feed(self._pipe_b, feedable[-1])
+        self._pipe_b.schedule_run()
+        for _ in range(len(feedable) - self.prefetch):
+            self._pipe_b.schedule_run()
+        self._pipe_b_fresh = False
+
+    def _drain_fillers(self, host: HostBatch) -> None:
+        """Read past the padding iterations that follow `host` (see _start_views)."""
+        anchor, count = getattr(self, "_fillers", (None, 0))
+        if anchor is host and count:
+            self._fillers = (None, 0)
+            for _ in range(count):
+                self._pipe_b.outputs()
+
+    def _top_up(self) -> None:
+        """Take the next host batch (if any) and put it in flight in stage B."""
+        host = self._take()
+        if host is None:
+            return
+        if self._pipe_b_fresh:
+            self._pending_clear_and_restart(host)
+            return
+        self._pending.append(host)
+        if host.samples:
+            self._feed(self._pipe_b, host)
+            self._pipe_b.schedule_run()
+
+    def _pending_clear_and_restart(self, host: HostBatch) -> None:
+        hosts = list(self._pending) + [host]
+        self._pending.clear()
+        self._start_views(hosts)
+
+    @staticmethod
+    def _feed(pipe, host: HostBatch) -> None:
+        arrays = feed_arrays([s.data for s in host.samples], host.params)
+        for name in pipe.feed_names:
+            pipe.feed_input(name, arrays[name])
+
+    def _stage_b_outputs(self, host: HostBatch):
+        if not host.samples:
+            return None
+        try:
+            return self._pipe_b.outputs()
+        except Exception as error:  # a sample failed to decode or augment
+            return self._recover(host, error)
+
+    def _recover(self, host: HostBatch, error: Exception):
+        """Find the failing samples one by one, then raise naming them or (skip mode) drop
+        them, rebuild stage B and re-feed everything in flight."""
+        bad = self._probe_samples(host)
+        if not bad:
+            raise BadSampleError(f"stage B failed on a batch of {len(host.samples)} samples "
+                                 f"({host.samples[0].source} ...): {error}") from None
+        if not self.config.skip_bad_samples:
+            source, message = bad[0]
+            raise BadSampleError(f"sample {source} cannot be decoded: {message}") from None
+        bad_sources = {source for source, _ in bad}
+        keep = [i for i, s in enumerate(host.samples) if s.source not in bad_sources]
+        host.samples = [host.samples[i] for i in keep]
+        host.params = [host.params[i] for i in keep]
+        host.masks = self._masks(host.batch_number, len(keep))
+        host.skipped.extend(bad)
+        later = list(self._pending)
+        self._pending.clear()
+        self._start_views([host] + later)
+        self._pending.popleft()
+        return self._pipe_b.outputs() if host.samples else None
+
+    def _probe_samples(self, host: HostBatch) -> list[tuple[str, str]]:
+        bad = []
+        for sample, params in zip(host.samples, host.params):
+            if self._probe is None:
+                self._probe = self._build_views(1, 1)
+            probe = HostBatch(samples=[sample], params=[params], masks=host.masks,
+                              state_after={}, batch_number=0)
+            try:
+                self._feed(self._probe, probe)
+                self._probe.schedule_run()
+                self._probe.outputs()
+            except Exception as error:
+                bad.append((sample.source, str(error).strip().splitlines()[0]))
+                self._probe = None   # a pipeline that raised is not reused
+        return bad
+
+    # -- batch dict
+    def _assemble(self, host: HostBatch, outputs) -> dict:
+        self.skipped.extend(host.skipped)
+        n = len(host.samples)
+        views = self.config.views
+        on_gpu = self.device.type == "cuda"
+        copy_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
+        stream = torch.cuda.current_stream(self.device) if on_gpu else None
+        sizes = {"global_crops": views.global_size, "local_crops": views.local_size,
+                 "past_crops": views.global_size, "future_crops": views.global_size}
+        batch = {}
+        for name, where in view_slices(views.n_local).items():
+            n_views = where.stop - where.start
+            size = sizes[name]
+            tensor = torch.empty((n_views * n, 3, size, size), dtype=copy_dtype,
+                                 device=self.device)
+            for k in range(n_views if n else 0):
+                feed_ndarray(outputs[where.start + k].as_tensor(),
+                             tensor[k * n:(k + 1) * n], cuda_stream=stream)
+            batch[name] = tensor if copy_dtype == self.dtype else tensor.to(self.dtype)
+        if stream is not None:
+            # DALI reuses its output buffers after the next outputs() call: finish the copies.
+            stream.synchronize()
+        cpu = mask_tensors(host.masks)
+        cpu["frame_indices"] = torch.from_numpy(
+            np.stack([p.frames for p in host.params]) if n else np.zeros((0, 3), np.int64))
+        cpu["labels"] = torch.tensor([s.label for s in host.samples], dtype=torch.int64)
+        for name, tensor in cpu.items():
+            batch[name] = tensor.to(self.device, non_blocking=on_gpu) if on_gpu else tensor
+        if self.return_params:
+            batch["params"] = host.params
+            batch["sources"] = [s.source for s in host.samples]
+            batch["frame_counts"] = [sample_frames(s.meta) for s in host.samples]
+            batch["frame_sizes"] = [(int(s.meta["height"]), int(s.meta["width"]))
+                                    for s in host.samples]
+        return batch
+
+
+def distributed_shard(shard_id, num_shards) -> tuple[int, int]:
+    """(shard_id, num_shards), defaulting to torch.distributed's rank and world size."""
+    if shard_id is None or num_shards is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shard_id = torch.distributed.get_rank() if shard_id is None else shard_id
+            num_shards = torch.distributed.get_world_size() if num_shards is None \
+                else num_shards
+        else:
+            shard_id, num_shards = shard_id or 0, num_shards or 1
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id {shard_id} is outside 0..{num_shards - 1}")
+    return shard_id, num_shards
+
+
+def build_loader(manifests, batch_size: int, device: str = "cpu",
+                 config: PipelineConfig | None = None, seed: int = 0, shard_id=None,
+                 num_shards=None, num_threads: int = 2, prefetch: int = 2,
+                 infinite: bool = True, dtype: torch.dtype = torch.float32,
+                 return_params: bool = False) -> DaliLoader:
+    """The DALI loader over one or several shard directories (or manifest.json paths).
+
+    device: "cpu" (DALI CPU backend) or "cuda[:i]" (mixed decoders, GPU augmentations).
+    infinite=True streams forever (training); False gives one pass of `len()` batches, the
+    last one possibly smaller. return_params adds the drawn SampleParams, sample sources,
+    T and frame sizes to each batch (for previews, statistics and comparisons).
+    """
+    config = (config or PipelineConfig()).validate()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    shard_set = load_shard_set(manifests)
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for, but torch sees no GPU")
+    check_codecs_for_device(shard_set, on_gpu)
+    shard_id, num_shards = distributed_shard(shard_id, num_shards)
+    return DaliLoader(shard_set, batch_size, device, config, seed, shard_id, num_shards,
+                      num_threads, prefetch, infinite, dtype, return_params)

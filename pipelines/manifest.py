@@ -1,0 +1,124 @@
+"""The shard directories a loader reads: manifests merged and checked at start-up.
+
+Beyond parsing manifest.json (the contract of docs/ARCHITECTURE.md), this checks what would
+otherwise fail deep inside DALI without a useful name: missing tar or index files, and tars
+shorter than their index says (a truncated copy).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIDEO_CODECS_ON_CPU = ("vp9", "vp8", "mjpeg")
+
+
+@dataclass
+class ShardSet:
+    kind: str                                   # "video" | "image"
+    tars: list[str] = field(default_factory=list)
+    indices: list[str] = field(default_factory=list)
+    extensions: list[str] = field(default_factory=list)   # clip / image component names
+    codecs: list[str] = field(default_factory=list)
+    frames: list[int | None] = field(default_factory=list)
+    total_samples: int = 0
+    manifests: list[dict] = field(default_factory=list)
+
+    def samples_in_shard(self, shard_id: int, num_shards: int) -> int:
+        """Samples DALI's reader gives shard `shard_id` (contiguous split of the list)."""
+        n = self.total_samples
+        return n * (shard_id + 1) // num_shards - n * shard_id // num_shards
+
+
+def _manifest_path(path) -> Path:
+    path = Path(path)
+    return path / "manifest.json" if path.is_dir() else path
+
+
+def read_manifest(path) -> dict:
+    manifest_path = _manifest_path(path)
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: no manifest.json (build shards with "
+                                "`tcore shards build`)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{manifest_path}: not valid JSON ({error})") from None
+    for key in ("kind", "codec", "clip_ext", "shards"):
+        if key not in manifest:
+            raise ValueError(f"{manifest_path}: manifest lacks '{key}'")
+    if manifest["kind"] not in ("video", "image"):
+        raise ValueError(f"{manifest_path}: unknown kind {manifest['kind']!r}")
+    manifest["_dir"] = str(manifest_path.parent.resolve())
+    return manifest
+
+
+def _last_index_end(index_path: str) -> int:
+    """End offset of the last component listed in a DALI (wds2idx v1.2) index file."""
+    with open(index_path) as handle:
+        lines = handle.read().split("\n")
+    end = 0
+    for line in lines[1:]:
+        parts = line.split()
+        # Components come as (ext, offset, size, filename) groups.
+        for i in range(0, len(parts) - 3, 4):
+            end = max(end, int(parts[i + 1]) + int(parts[i + 2]))
+    return end
+
+
+def check_shard_files(tar: str, index: str) -> None:
+    if not os.path.isfile(tar):
+        raise FileNotFoundError(f"shard {tar}: file is missing")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"shard {tar}: index {index} is missing (rebuild the shards or "
+                                "run DALI's wds2idx)")
+    try:
+        end = _last_index_end(index)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"shard {tar}: index {index} is unreadable ({error})") from None
+    size = os.path.getsize(tar)
+    if end > size:
+        raise ValueError(f"shard {tar}: truncated or corrupt ({size} bytes, its index expects "
+                         f"at least {end})")
+
+
+def load_shard_set(manifests) -> ShardSet:
+    """One or several shard directories (or manifest paths), all of the same kind."""
+    if isinstance(manifests, (str, os.PathLike)):
+        manifests = [manifests]
+    loaded = [read_manifest(m) for m in manifests]
+    if not loaded:
+        raise ValueError("no shard directories given")
+    kinds = {m["kind"] for m in loaded}
+    if len(kinds) > 1:
+        raise ValueError(f"cannot mix shard kinds {sorted(kinds)} in one loader: "
+                         + ", ".join(m["_dir"] for m in loaded))
+    shard_set = ShardSet(kind=kinds.pop(), manifests=loaded)
+    for manifest in loaded:
+        for entry in manifest["shards"]:
+            tar = os.path.join(manifest["_dir"], entry["tar"])
+            index = os.path.join(manifest["_dir"], entry["index"])
+            check_shard_files(tar, index)
+            shard_set.tars.append(tar)
+            shard_set.indices.append(index)
+            shard_set.total_samples += int(entry["samples"])
+        if manifest["clip_ext"] not in shard_set.extensions:
+            shard_set.extensions.append(manifest["clip_ext"])
+        shard_set.codecs.append(manifest["codec"])
+        shard_set.frames.append(manifest.get("frames"))
+    if shard_set.total_samples == 0:
+        raise ValueError("the shard directories hold no samples: "
+                         + ", ".join(m["_dir"] for m in loaded))
+    return shard_set
+
+
+def check_codecs_for_device(shard_set: ShardSet, on_gpu: bool) -> None:
+    if on_gpu or shard_set.kind != "video":
+        return
+    for manifest in shard_set.manifests:
+        if manifest["codec"] not in VIDEO_CODECS_ON_CPU:
+            raise RuntimeError(
+                f"{manifest['_dir']}: {manifest['codec']} shards cannot be decoded on the CPU "
+                f"(DALI's CPU video decoder reads {', '.join(VIDEO_CODECS_ON_CPU)} only): "
+                "rebuild them with `tcore shards build --codec vp9` or run on a GPU")

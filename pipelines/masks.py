@@ -1,0 +1,83 @@
+"""Block-wise masks of the current frame's global crops (METHOD.md section 3).
+
+Drawn on the host per batch from a generator seeded by the batch, so a resumed run redraws
+the same masks. `mask_tensors` also derives the flat indices, per-token weights and count
+the loss uses, so it needs no host synchronisation on the device.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from tcore.pipelines.config import MaskConfig
+
+
+def _add_block(rng: np.random.Generator, mask: np.ndarray, max_patches: int,
+               cfg: MaskConfig) -> int:
+    """One block of area U(min, max_patches) and log-aspect U(log a, -log a); up to `tries`
+    attempts, each accepted only if it adds between 1 and max_patches new patches."""
+    height, width = mask.shape
+    log_aspect = (math.log(cfg.min_aspect), math.log(1 / cfg.min_aspect))
+    added = 0
+    for _ in range(cfg.block_tries):
+        # Python's random.uniform semantics: max_patches may be below the minimum.
+        target_area = cfg.min_block_patches + (max_patches - cfg.min_block_patches) * rng.random()
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h = int(round(math.sqrt(target_area * aspect)))
+        w = int(round(math.sqrt(target_area / aspect)))
+        if w < width and h < height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            window = mask[top:top + h, left:left + w]
+            new = h * w - int(window.sum())
+            if 0 < new <= max_patches:
+                window[...] = True
+                added += new
+        if added > 0:
+            break
+    return added
+
+
+def block_mask(rng: np.random.Generator, grid: int, n_patches: int,
+               cfg: MaskConfig) -> np.ndarray:
+    """A [grid, grid] bool mask with (up to) n_patches True, made of rectangular blocks."""
+    mask = np.zeros((grid, grid), dtype=bool)
+    # The reference's per-block cap, `0.5 * img // patch * img // patch` evaluated left to
+    # right (98 at 224 / 16, 21 at 112 / 16).
+    size = grid * cfg.patch_size
+    cap = int(((cfg.max_block_fraction * size) // cfg.patch_size * size) // cfg.patch_size)
+    count = 0
+    while count < n_patches:
+        delta = _add_block(rng, mask, min(n_patches - count, cap), cfg)
+        if delta == 0:
+            break
+        count += delta
+    return mask
+
+
+def batch_masks(rng: np.random.Generator, n_crops: int, grid: int,
+                cfg: MaskConfig) -> np.ndarray:
+    """[n_crops, grid*grid] masks: int(n_crops * p) crops masked with the linspace ladder
+    of ratios, the rest empty, then shuffled across the batch."""
+    n_tokens = grid * grid
+    n_masked_crops = int(n_crops * cfg.mask_sample_probability)
+    ladder = np.linspace(cfg.mask_ratio[0], cfg.mask_ratio[1], n_masked_crops + 1)
+    masks = []
+    for i in range(n_masked_crops):
+        count = int(n_tokens * rng.uniform(ladder[i], ladder[i + 1]))
+        masks.append(block_mask(rng, grid, count, cfg))
+    masks += [np.zeros((grid, grid), dtype=bool)] * (n_crops - n_masked_crops)
+    order = rng.permutation(n_crops)
+    return np.stack([masks[i] for i in order]).reshape(n_crops, n_tokens)
+
+
+def mask_tensors(masks: np.ndarray) -> dict[str, torch.Tensor]:
+    """masks, mask_indices, mask_weights, n_masked of the batch contract (on the CPU)."""
+    flat = torch.from_numpy(np.ascontiguousarray(masks))
+    indices = flat.flatten().nonzero().flatten()
+    per_crop = flat.sum(-1).clamp(min=1).to(torch.float32)
+    weights = (1.0 / per_crop).unsqueeze(-1).expand_as(flat)[flat]
+    return {"masks": flat, "mask_indices": indices, "mask_weights": weights.contiguous(),
+            "n_masked": torch.tensor([indices.numel()], dtype=torch.int64)}

@@ -1,0 +1,187 @@
+"""Every random choice of a sample, drawn on the host from one seed.
+
+`draw_sample_params(seed, T, height, width, config)` is a pure function: the DALI loader and
+the torchvision baseline both call it, so a resumed run redraws exactly the same parameters
+and the two loaders can be compared pixel by pixel from the same draw.
+
+View order inside a sample (used everywhere): current global 1, current global 2, the local
+crops, past global 1, past global 2, future global 1, future global 2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tcore.pipelines.config import PhotometricConfig, PipelineConfig, SamplingConfig, ViewConfig
+
+# Columns of a view's photometric row.
+PHOTO_FIELDS = ("brightness", "contrast", "saturation", "hue", "grayscale", "blur_sigma",
+                "solarize")
+
+
+@dataclass
+class SampleParams:
+    frames: np.ndarray          # [3] int64: past, current, future frame index
+    boxes: np.ndarray           # [V, 4] float32 (y0, x0, y1, x1) in pixels, V = 6 + n_local
+    flips: np.ndarray           # [V] bool, horizontal flip (local crops only)
+    photometric: np.ndarray     # [V, 7] float32, columns PHOTO_FIELDS
+
+    def as_dict(self) -> dict:
+        return {"frames": self.frames.tolist(), "boxes": self.boxes.tolist(),
+                "flips": self.flips.tolist(), "photometric": self.photometric.tolist()}
+
+
+def sample_rng(*entropy: int) -> np.random.Generator:
+    """A generator from integers (base seed, shard, sample counter...); stable across runs."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(e) for e in entropy])))
+
+
+# --- section 1: sandwich sampling -------------------------------------------------------
+
+def sandwich_ranges(T: int, cfg: SamplingConfig):
+    """(cs, ce, offsets) of METHOD.md section 1, with int() truncation as the reference."""
+    cs, ce = int(cfg.current_range[0] * T), int(cfg.current_range[1] * T)
+    past = (int(cfg.past_offset_range[1] * T), int(cfg.past_offset_range[0] * T))
+    future = (int(cfg.future_offset_range[0] * T), int(cfg.future_offset_range[1] * T))
+    return cs, ce, past, future
+
+
+def draw_frame_triple(rng: np.random.Generator, T: int, cfg: SamplingConfig) -> np.ndarray:
+    if T < 1:
+        raise ValueError(f"a clip needs at least one frame (T = {T})")
+    cs, ce, (past_far, past_near), (future_near, future_far) = sandwich_ranges(T, cfg)
+    if cs < ce:
+        c = int(rng.integers(cs, ce))                  # U{cs .. ce-1}
+        ps, pe = c - past_far, c - past_near
+        fs, fe = c + future_near, c + future_far
+        if ps < pe <= c <= fs < fe:
+            p = int(rng.integers(ps, pe + 1))          # inclusive
+            f = int(rng.integers(fs, min(fe, T - 1) + 1))
+            return np.array([p, c, f], dtype=np.int64)
+    r = int(rng.integers(0, T))                        # fallback: one frame for all three
+    return np.array([r, r, r], dtype=np.int64)
+
+
+def frame_triple_distribution(T: int, cfg: SamplingConfig) -> dict[tuple[int, int, int], float]:
+    """The exact probability of each (p, c, f) under section 1 (for tests and stats)."""
+    cs, ce, (past_far, past_near), (future_near, future_far) = sandwich_ranges(T, cfg)
+    probs: dict[tuple[int, int, int], float] = {}
+    fallback = 0.0
+    if cs < ce:
+        for c in range(cs, ce):
+            ps, pe, fs, fe = c - past_far, c - past_near, c + future_near, c + future_far
+            if ps < pe <= c <= fs < fe:
+                f_hi = min(fe, T - 1)
+                # f range may be empty if fs > T-1: rng.integers would then fail; the
+                # config validation (ranges within [0, 1]) keeps fs <= T-1 for c < ce.
+                for p in range(ps, pe + 1):
+                    for f in range(fs, f_hi + 1):
+                        probs[(p, c, f)] = probs.get((p, c, f), 0.0) + \
+                            1.0 / (ce - cs) / (pe - ps + 1) / (f_hi - fs + 1)
+            else:
+                fallback += 1.0 / (ce - cs)
+    else:
+        fallback = 1.0
+    for r in range(T if fallback > 0 else 0):
+        probs[(r, r, r)] = probs.get((r, r, r), 0.0) + fallback / T
+    return probs
+
+
+# --- section 2: crop geometry -----------------------------------------------------------
+
+def random_resized_box(rng: np.random.Generator, height: int, width: int,
+                       scale: tuple[float, float], ratio: tuple[float, float]):
+    """torchvision RandomResizedCrop.get_params, as (y0, x0, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y0 = int(rng.integers(0, height - h + 1))
+            x0 = int(rng.integers(0, width - w + 1))
+            return y0, x0, h, w
+    # Fallback of torchvision: central crop with the aspect clamped to the range.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def central_box(height: int, width: int, aspect: tuple[float, float] = (3 / 4, 4 / 3)):
+    """The fixed past/future geometry of section 2, as (y0, x0, h, w)."""
+    ratio = width / height
+    if aspect[0] <= ratio <= aspect[1]:
+        return 0, 0, height, width
+    if ratio > aspect[1]:
+        h, w = height, min(width, int(round(height * aspect[1])))
+    else:
+        h, w = min(height, int(round(width / aspect[0]))), width
+    # torchvision CenterCrop rounding of the offsets.
+    return int(round((height - h) / 2.0)), int(round((width - w) / 2.0)), h, w
+
+
+def _corners(box) -> list[float]:
+    y0, x0, h, w = box
+    return [float(y0), float(x0), float(y0 + h), float(x0 + w)]
+
+
+# --- section 2: photometric draws -------------------------------------------------------
+
+def draw_photometric(rng: np.random.Generator, cfg: PhotometricConfig,
+                     views: ViewConfig) -> np.ndarray:
+    """[brightness, contrast, saturation, hue, grayscale, blur_sigma, solarize].
+
+    Every uniform is drawn whether or not its flag fires, so the stream of draws has a fixed
+    length per view (a change of one probability does not shift the other views' draws).
+    """
+    jitter = rng.uniform() < cfg.jitter_p
+    factors = (rng.uniform(1 - cfg.brightness, 1 + cfg.brightness),
+               rng.uniform(1 - cfg.contrast, 1 + cfg.contrast),
+               rng.uniform(1 - cfg.saturation, 1 + cfg.saturation),
+               rng.uniform(-cfg.hue, cfg.hue))
+    gray = rng.uniform() < cfg.grayscale_p
+    blur = rng.uniform() < cfg.blur_p
+    sigma = rng.uniform(views.blur_sigma[0], views.blur_sigma[1])
+    solarize = rng.uniform() < cfg.solarize_p
+    b, c, s, h = factors if jitter else (1.0, 1.0, 1.0, 0.0)
+    return np.array([b, c, s, h, float(gray), sigma if blur else 0.0, float(solarize)],
+                    dtype=np.float32)
+
+
+# --- one sample ---------------------------------------------------------------------------
+
+def draw_sample_params(seed: int | np.random.Generator, T: int, height: int, width: int,
+                       config: PipelineConfig) -> SampleParams:
+    """Every random parameter of one sample from its seed, its T and its frame size."""
+    rng = seed if isinstance(seed, np.random.Generator) else sample_rng(seed)
+    views = config.views
+    frames = draw_frame_triple(rng, max(int(T), 1), config.sampling)
+    boxes = [_corners(random_resized_box(rng, height, width, views.global_scale, views.ratio))
+             for _ in range(2)]
+    boxes += [_corners(random_resized_box(rng, height, width, views.local_scale, views.ratio))
+              for _ in range(views.n_local)]
+    central = _corners(central_box(height, width, views.central_aspect))
+    boxes += [central] * 4
+    flips = [False, False] + [bool(rng.uniform() < views.local_flip_p)
+                              for _ in range(views.n_local)] + [False] * 4
+    photo_cfgs = ([views.global_1, views.global_2] + [views.local] * views.n_local
+                  + [views.global_1, views.global_2] * 2)
+    photometric = np.stack([draw_photometric(rng, c, views) for c in photo_cfgs])
+    return SampleParams(frames=frames, boxes=np.asarray(boxes, dtype=np.float32),
+                        flips=np.asarray(flips, dtype=bool), photometric=photometric)
+
+
+def view_slices(n_local: int) -> dict[str, slice]:
+    """Where each output lives in the per-sample view order."""
+    return {"global_crops": slice(0, 2), "local_crops": slice(2, 2 + n_local),
+            "past_crops": slice(2 + n_local, 4 + n_local),
+            "future_crops": slice(4 + n_local, 6 + n_local)}

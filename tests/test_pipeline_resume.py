@@ -1,0 +1,96 @@
+"""Exact resume: a process is killed mid-run, a new loader restored from the state it saved
+yields the very batches an uninterrupted run yields (across an epoch boundary)."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+
+from tcore.pipelines.config import PipelineConfig
+from tcore.pipelines.loader import build_loader
+
+TOTAL_BATCHES = 9       # 12 samples / batch 2 = 6 per epoch: the run crosses into epoch 2
+KILLED_AFTER = 4
+
+CHILD = textwrap.dedent("""
+    import hashlib, os, sys, time, torch
+    from tcore.pipelines.loader import build_loader
+    sys.path.insert(0, os.path.dirname(sys.argv[3]))
+    from test_pipeline_resume import digest, small_config
+    shards, out, _ = sys.argv[1], sys.argv[2], sys.argv[3]
+    loader = build_loader([shards], batch_size=2, config=small_config(), seed=11,
+                          num_threads=1, prefetch=2)
+    for i, batch in enumerate(loader):
+        torch.save(loader.state_dict(), out + "/state.tmp")
+        os.replace(out + "/state.tmp", out + "/state.pt")
+        with open(out + "/digests.txt", "a") as handle:
+            handle.write(digest(batch) + "\\n")
+        if i + 1 >= %d:
+            time.sleep(600)       # wait to be killed (the loader keeps prefetching)
+""" % KILLED_AFTER)
+
+
+def small_config() -> PipelineConfig:
+    config = PipelineConfig(shuffle_buffer=8)
+    config.views.global_size, config.views.local_size, config.views.n_local = 64, 32, 2
+    return config
+
+
+def digest(batch: dict) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(batch):
+        if torch.is_tensor(batch[name]):
+            sha.update(name.encode())
+            sha.update(batch[name].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def test_killed_and_resumed_run_sees_the_same_batches(synth_shards, tmp_path):
+    reference = build_loader([synth_shards], batch_size=2, config=small_config(), seed=11,
+                             num_threads=1, prefetch=2)
+    expected = [digest(next(reference)) for _ in range(TOTAL_BATCHES)]
+    reference.close()
+    assert len(set(expected)) == TOTAL_BATCHES
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    child = subprocess.Popen([sys.executable, str(script), str(synth_shards), str(tmp_path),
+                              __file__], env=env, stderr=subprocess.PIPE)
+    digests = tmp_path / "digests.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and child.poll() is None:
+        if digests.exists() and len(digests.read_text().split()) >= KILLED_AFTER:
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, child.stderr.read().decode()[-2000:]
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert digests.read_text().split() == expected[:KILLED_AFTER]
+
+    resumed = build_loader([synth_shards], batch_size=2, config=small_config(), seed=11,
+                           num_threads=1, prefetch=2)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt"))
+    after = [digest(next(resumed)) for _ in range(TOTAL_BATCHES - KILLED_AFTER)]
+    assert after == expected[KILLED_AFTER:]
+    # The saved state is the one after the batches returned, not after those prefetched.
+    assert resumed.state_dict()["batches_seen"] == TOTAL_BATCHES
+    resumed.close()
+
+
+def test_state_dict_mid_run_in_process(synth_shards):
+    config = small_config()
+    loader = build_loader([synth_shards], batch_size=3, config=config, seed=2, prefetch=3)
+    first = [digest(next(loader)) for _ in range(2)]
+    state = loader.state_dict()
+    rest = [digest(next(loader)) for _ in range(3)]
+    loader.load_state_dict(state)          # rewinds a running loader
+    assert [digest(next(loader)) for _ in range(3)] == rest
+    loader.close()
+    other_seed = build_loader([synth_shards], batch_size=3, config=config, seed=3)
+    assert digest(next(other_seed)) != first[0]
+    other_seed.close()

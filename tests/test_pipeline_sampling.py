@@ -1,0 +1,208 @@
+"""Statistics of the pipeline's parameter stage (METHOD.md sections 1-3), drawn exactly as
+the DALI loader draws them (`draw_sample_params` from per-sample seeds), thousands at a time.
+No decoding here: test_pipeline_loader.py checks that the decoded frames ARE these draws."""
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from tcore.pipelines.config import PipelineConfig, SamplingConfig
+from tcore.pipelines.masks import _add_block, batch_masks, block_mask, mask_tensors
+from tcore.pipelines.sampling import (central_box, draw_sample_params,
+                                      frame_triple_distribution, sample_rng)
+
+DRAWS = 4000
+# Total-variation tolerance: with K support points and n draws the expected TV distance is
+# about sqrt(K / (2 pi n)); 0.1 is > 3x that for K = 72, n = 4000 (~0.05), and a wrong
+# offset range (which moves whole thirds of the mass) gives TV >= 0.3.
+TV_TOLERANCE = 0.1
+
+
+def _draw_triples(T: int, config=None, n=DRAWS, height=128, width=160):
+    config = config or PipelineConfig()
+    return [tuple(draw_sample_params(sample_rng(7, 0, i), T, height, width, config).frames)
+            for i in range(n)]
+
+
+def _tv(counts: Counter, probs: dict, n: int) -> float:
+    keys = set(counts) | set(probs)
+    return 0.5 * sum(abs(counts.get(k, 0) / n - probs.get(k, 0.0)) for k in keys)
+
+
+def test_expected_distribution_by_hand():
+    # T = 20: c uniform on 6..13, p = c - {3,4,5}, f = c + {3,4,5}, all independent.
+    probs = frame_triple_distribution(20, SamplingConfig())
+    expected = {(c - dp, c, c + df): 1 / 72 for c in range(6, 14) for dp in (3, 4, 5)
+                for df in (3, 4, 5)}
+    assert probs.keys() == expected.keys()
+    assert all(math.isclose(probs[k], 1 / 72) for k in probs)
+    # T = 8: c in 2..4, p in c-2..c-1, f in c+1..c+2.
+    probs = frame_triple_distribution(8, SamplingConfig())
+    assert sorted(probs) == sorted((c - dp, c, c + df) for c in range(2, 5) for dp in (1, 2)
+                                   for df in (1, 2))
+    # T = 3: the offsets truncate to 0, so the range test fails: fallback, one frame.
+    assert frame_triple_distribution(3, SamplingConfig()) == pytest.approx(
+        {(r, r, r): 1 / 3 for r in range(3)})
+    assert frame_triple_distribution(1, SamplingConfig()) == {(0, 0, 0): 1.0}
+
+
+@pytest.mark.parametrize("T", [20, 8, 3, 1])
+def test_frame_triples_match_section_1(T):
+    triples = _draw_triples(T)
+    counts = Counter(triples)
+    probs = frame_triple_distribution(T, SamplingConfig())
+    assert set(counts) <= set(probs), "a triple outside the support was drawn"
+    assert _tv(counts, probs, len(triples)) < TV_TOLERANCE
+    p, c, f = np.array(triples).T
+    assert np.all((p <= c) & (c <= f) & (f < T))
+
+
+def test_fallback_when_current_range_is_empty():
+    config = PipelineConfig(sampling=SamplingConfig(current_range=(0.5, 0.5),
+                                                    past_offset_range=(0.1, 0.2),
+                                                    future_offset_range=(0.1, 0.2)))
+    counts = Counter(_draw_triples(10, config, n=2000))
+    assert all(p == c == f for p, c, f in counts)
+    assert _tv(counts, frame_triple_distribution(10, config.sampling), 2000) < TV_TOLERANCE
+
+
+@pytest.mark.parametrize("bad", [dict(current_range=(0.1, 0.7)),
+                                 dict(current_range=(0.3, 0.9)),
+                                 dict(past_offset_range=(0.3, 0.2))])
+def test_sampling_ranges_validated_at_start(bad):
+    with pytest.raises(ValueError, match="sampling"):
+        PipelineConfig(sampling=SamplingConfig(**bad)).validate()
+
+
+def _views_stats(n=1500, height=128, width=160):
+    config = PipelineConfig()
+    params = [draw_sample_params(sample_rng(3, 0, i), 20, height, width, config)
+              for i in range(n)]
+    return config, params
+
+
+def test_crop_geometry_statistics():
+    config, params = _views_stats()
+    height, width = 128, 160
+    boxes = np.stack([p.boxes for p in params])                  # [n, V, 4]
+    h, w = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    scale, aspect = h * w / (height * width), w / h
+    assert np.all(boxes[..., :2] >= 0) and np.all(boxes[..., 2] <= height) \
+        and np.all(boxes[..., 3] <= width)
+    # Integer rounding of h and w moves scale / aspect a little past the nominal ranges.
+    glob, local = np.s_[:, 0:2], np.s_[:, 2:10]
+    assert scale[glob].min() >= 0.32 * 0.9 and scale[glob].max() <= 1.0
+    assert scale[local].min() >= 0.05 * 0.8 and scale[local].max() <= 0.32 * 1.15
+    for part in (glob, local):
+        assert aspect[part].min() >= 0.75 * 0.9 and aspect[part].max() <= 4 / 3 * 1.1
+    # Means of the scale draws: uniform on the ranges (means 0.185 and 0.66), pulled down
+    # for global crops, whose large wide draws do not fit the frame and are redrawn.
+    assert abs(scale[local].mean() - 0.185) < 0.02
+    assert 0.5 < scale[glob].mean() < 0.66
+    # Past and future: one fixed central box for all 4 crops (160 / 128 = 1.25 is in range).
+    central = boxes[:, 10:14]
+    assert np.all(central == np.array([0, 0, height, width]))
+    flips = np.stack([p.flips for p in params])
+    assert not flips[:, :2].any() and not flips[:, 10:].any()
+    assert abs(flips[:, 2:10].mean() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("size, box", [((100, 100), (0, 0, 100, 100)),
+                                       ((100, 200), (0, 34, 100, 133)),
+                                       ((200, 100), (34, 0, 133, 100))])
+def test_central_box(size, box):
+    assert central_box(*size) == box
+
+
+def test_photometric_probabilities():
+    config, params = _views_stats(n=2000)
+    photo = np.stack([p.photometric for p in params])            # [n, V, 7]
+    n = photo.shape[0]
+    jitter = (photo[..., 0:3] != 1).any(-1) | (photo[..., 3] != 0)
+    def close(rate, p, draws):
+        return abs(rate - p) <= 4 * math.sqrt(p * (1 - p) / draws) + 1e-9
+    assert close(jitter.mean(), 0.8, jitter.size)
+    assert close(photo[..., 4].mean(), 0.2, jitter.size)
+    # Effective blur: global 1 never, global 2 0.9, local 0.5 (past/future mirror global).
+    blurred = photo[..., 5] > 0
+    assert not blurred[:, [0, 10, 12]].any()
+    assert close(blurred[:, [1, 11, 13]].mean(), 0.9, 3 * n)
+    assert close(blurred[:, 2:10].mean(), 0.5, 8 * n)
+    sigmas = photo[..., 5][blurred]
+    assert sigmas.min() >= 0.1 and sigmas.max() <= 2.0
+    solarized = photo[..., 6] > 0
+    assert not solarized[:, [0, 10, 12]].any() and not solarized[:, 2:10].any()
+    assert close(solarized[:, [1, 11, 13]].mean(), 0.2, 3 * n)
+    factors = photo[jitter]
+    assert factors[:, 0].min() >= 0.6 and factors[:, 0].max() <= 1.4
+    assert factors[:, 2].min() >= 0.8 and factors[:, 2].max() <= 1.2
+    assert np.abs(factors[:, 3]).max() <= 0.1
+
+
+def test_params_are_a_pure_function_of_the_seed():
+    config = PipelineConfig()
+    a = draw_sample_params(sample_rng(1, 2, 3), 20, 128, 160, config)
+    b = draw_sample_params(sample_rng(1, 2, 3), 20, 128, 160, config)
+    assert a.as_dict() == b.as_dict()
+
+
+# --- masks (section 3) -------------------------------------------------------------------
+
+def test_mask_count_ladder():
+    cfg = PipelineConfig().masks
+    n_crops, grid, n_tokens = 64, 14, 196
+    ladder = np.linspace(0.1, 0.5, 33)
+    totals, masked_crops = [], []
+    for b in range(60):
+        masks = batch_masks(sample_rng(5, b), n_crops, grid, cfg)
+        counts = masks.sum(1)
+        masked_crops.append((counts > 0).sum())
+        totals.append(counts.sum())
+        # Each masked crop i holds at most int(N * r_{i+1}) patches: sorted, they respect the
+        # ladder's upper ends.
+        nonzero = np.sort(counts[counts > 0])
+        assert np.all(nonzero <= (n_tokens * ladder[-len(nonzero):]).astype(int))
+    assert set(masked_crops) == {32}            # int(64 * 0.5), the rest empty
+    expected = sum(n_tokens * (ladder[i] + ladder[i + 1]) / 2 for i in range(32)) - 16
+    assert abs(np.mean(totals) / expected - 1) < 0.03
+
+
+def test_mask_blocks_are_rectangles_within_aspect_range():
+    cfg = PipelineConfig().masks
+    areas = []
+    for i in range(1500):
+        mask = np.zeros((14, 14), dtype=bool)
+        added = _add_block(sample_rng(9, i), mask, 98, cfg)
+        if not added:
+            continue
+        rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert mask.sum() == added == h * w          # one filled rectangle
+        # Rounding of sqrt(area * aspect) widens the aspect range a little for small blocks.
+        assert 0.3 / 2 <= h / w <= 2 / 0.3
+        areas.append(added)
+    assert min(areas) >= 2 and max(areas) <= 98
+    assert len(areas) > 1400
+
+
+def test_block_mask_reaches_its_count():
+    cfg = PipelineConfig().masks
+    counts = [block_mask(sample_rng(4, i), 14, 60, cfg).sum() for i in range(200)]
+    assert np.mean(np.array(counts) == 60) > 0.9 and max(counts) <= 60 + 0
+
+
+def test_mask_tensors_contract():
+    masks = batch_masks(sample_rng(1), 8, 14, PipelineConfig().masks)
+    out = mask_tensors(masks)
+    assert out["masks"].dtype == torch.bool and out["masks"].shape == (8, 196)
+    assert out["n_masked"].item() == out["masks"].sum().item() == out["mask_indices"].numel()
+    flat = out["masks"].flatten()
+    assert flat[out["mask_indices"]].all()
+    crop_of = out["mask_indices"] // 196
+    per_crop = out["masks"].sum(1)
+    assert torch.allclose(out["mask_weights"], 1.0 / per_crop[crop_of].float())
+    # Each masked crop's weights sum to 1.
+    assert torch.allclose(torch.zeros(8).index_add_(0, crop_of, out["mask_weights"]),
+                          (per_crop > 0).float())
