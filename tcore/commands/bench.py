@@ -1,7 +1,178 @@
-"""`tcore bench` commands (placeholder until its module lands)."""
+"""`tcore bench` commands: parse options, call `tcore.bench`, print the short table."""
+from __future__ import annotations
+
 import click
+
+ATTENTION = click.Choice(["auto", "xformers", "sdpa", "math"])
+PRECISION = click.Choice(["auto", "bf16", "fp16", "fp32"])
+DEVICE = click.Choice(["auto", "cpu", "cuda", "gpu"])
+
+
+def overrides_option(function):
+    return click.option("--set", "overrides", default="", metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="Training-config overrides (as `tcore train` takes them), e.g. "
+                             "'model.head.prototypes=4096'.")(function)
+
+
+def json_option(function):
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False),
+                        help="Write every figure, the settings, library versions and the "
+                             "device name to this JSON file.")(function)
+
+
+def compare_option(function):
+    return click.option("--compare", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="Also run a second configuration (these settings changed) in the "
+                             "same process and print the samples/s ratio, e.g. "
+                             "'attention=math,precision=fp32'.")(function)
+
+
+def fail_on_value_error(call):
+    try:
+        return call()
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
 
 
 @click.group(name="bench")
 def bench():
-    """Not built yet."""
+    """Measure throughput: the model step, the data loaders, training end to end."""
+
+
+@bench.command(name="model")
+@click.option("--arch", default="vit_small", show_default=True, help="vit_tiny | vit_small | vit_base")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--attention", default="auto", show_default=True, type=ATTENTION)
+@click.option("--precision", default="auto", show_default=True, type=PRECISION,
+              help="auto: bf16 on GPUs that support it, fp32 on the CPU (as `tcore train`).")
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+              help="torch.compile the step's forward (losses included).")
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("--local-crops", "n_local", default=8, show_default=True, type=click.IntRange(min=0))
+@click.option("--global-size", default=224, show_default=True, type=click.IntRange(min=16),
+              help="Global crop size of the synthetic batch (224 in training; smaller for quick checks).")
+@click.option("--local-size", default=96, show_default=True, type=click.IntRange(min=16))
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0))
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Steps timed back to back in each repeat.")
+@click.option("--peak-size", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Matmul size for the peak rate (0: 8192 on GPU, 1024 on CPU).")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write a torch.profiler kernel table and trace of 3 steps here.")
+@overrides_option
+@json_option
+@compare_option
+def model(arch, batch, attention, precision, compile_, device, n_local, global_size, local_size,
+          warmup, repeats, steps, peak_size, profile_dir, overrides, json_path, compare):
+    """The full T-CoRe train step on device-resident synthetic batches."""
+    from tcore.bench import ModelBenchSettings, format_report, run_bench
+
+    settings = ModelBenchSettings(arch=arch, batch=batch, attention=attention, precision=precision,
+                                  compile=compile_, device=device, n_local=n_local,
+                                  global_size=global_size, local_size=local_size, warmup=warmup,
+                                  repeats=repeats, steps=steps, peak_size=peak_size,
+                                  overrides=overrides)
+    report = fail_on_value_error(lambda: run_bench("model", settings, compare, json_path, profile_dir))
+    click.echo(format_report(report))
+
+
+@bench.command(name="data")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shard directory (from `tcore shards build`).")
+@click.option("--loader", default="both", show_default=True,
+              type=click.Choice(["dali", "baseline", "both"]))
+@click.option("--device", default="cpu", show_default=True, type=DEVICE)
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--seconds", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--warmup", "warmup_batches", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Batches drawn before the clock starts.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--set", "overrides", default="", metavar="KEY=VALUE[,KEY=VALUE]",
+              help="Pipeline-config overrides (the data.pipeline keys), e.g. "
+                   "'views.color_jitter=fast'.")
+@json_option
+@compare_option
+def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repeats, overrides,
+         json_path, compare):
+    """Samples/s and batch latency of the DALI pipeline and of the baseline loader."""
+    from tcore.bench import DataBenchSettings, format_report, run_data_loaders
+
+    settings = DataBenchSettings(data=data_dir, device=device, threads=threads, batch=batch,
+                                 seconds=seconds, warmup_batches=warmup_batches, repeats=repeats,
+                                 overrides=overrides)
+    report = fail_on_value_error(lambda: run_data_loaders(settings, loader, compare, json_path))
+    click.echo(format_report(report))
+
+
+@bench.command(name="train")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--loader", default="dali", show_default=True, type=click.Choice(["dali", "baseline"]))
+@click.option("--arch", default="vit_small", show_default=True)
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--attention", default="auto", show_default=True, type=ATTENTION)
+@click.option("--precision", default="auto", show_default=True, type=PRECISION)
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=4, show_default=True, type=click.IntRange(min=1))
+@overrides_option
+@json_option
+@compare_option
+def train(data_dir, loader, arch, batch, attention, precision, compile_, device, threads,
+          warmup, steps, repeats, overrides, json_path, compare):
+    """End to end: the loader feeding the train step; samples/s and data-wait fraction."""
+    from tcore.bench import TrainBenchSettings, format_report, run_bench
+
+    settings = TrainBenchSettings(data=data_dir, loader=loader, arch=arch, batch=batch,
+                                  attention=attention, precision=precision, compile=compile_,
+                                  device=device, threads=threads, warmup=warmup,
+                                  steps=steps, repeats=repeats, overrides=overrides)
+    report = fail_on_value_error(lambda: run_bench("train", settings, compare, json_path))
+    click.echo(format_report(report))
+
+
+@bench.command(name="agree")
+@click.option("--arch", default="vit_small", show_default=True)
+@click.option("--attention", default="xformers", show_default=True, type=ATTENTION)
+@click.option("--reference", default="sdpa", show_default=True, type=ATTENTION)
+@click.option("--precision", default="bf16", show_default=True,
+              type=click.Choice(["bf16", "fp16", "fp32"]))
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--tolerance", default=0.02, show_default=True, type=float,
+              help="Largest accepted difference relative to the output's max magnitude.")
+@json_option
+def agree(arch, attention, reference, precision, device, batch, tolerance, json_path):
+    """Check two attention backends give the same backbone outputs (exit 1 if not)."""
+    from tcore.bench import attention_agreement
+    from tcore.bench_report import write_json_atomic
+
+    result = fail_on_value_error(lambda: attention_agreement(
+        arch, (attention, reference), device, precision, batch))
+    worst = max(d["max_rel"] for d in result["differences"].values())
+    result["tolerance"], result["agree"] = tolerance, worst <= tolerance
+    if json_path:
+        write_json_atomic(json_path, result)
+    resolved = " vs ".join(result["resolved"])
+    click.echo(f"[bench agree] {arch} {precision} {resolved}: "
+               + ", ".join(f"{k} max_abs={d['max_abs']:.3g} max_rel={d['max_rel']:.3g}"
+                           for k, d in result["differences"].items())
+               + f" -> {'AGREE' if result['agree'] else 'DISAGREE'} (tolerance {tolerance})")
+    if not result["agree"]:
+        raise SystemExit(1)
+
+
+@bench.command(name="table")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--targets/--no-targets", default=False, show_default=True,
+              help="Also check the project's performance targets against these reports.")
+def table(reports, targets):
+    """One summary table over `--json` report files."""
+    from tcore.bench import summary_table
+
+    click.echo(fail_on_value_error(lambda: summary_table(list(reports), targets)))
+

@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# scripts/gpu_check.sh: tcore's one-shot performance check on a GPU machine with no network.
+#
+#   scripts/gpu_check.sh                 # on the GPU machine (about 6 minutes)
+#   GPU_CHECK_CPU=1 scripts/gpu_check.sh # the same steps at tiny sizes on the CPU (the test)
+#   scripts/gpu_check.sh --fetch-wheels  # here, with PyPI: put the wheels that travel in .whl/
+#
+# Steps: install what travels (.whl/*.whl, then this project) -> xFormers vs SDPA agreement ->
+# `tcore bench model` ViT-S/16 and ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against
+# eager fp32 math attention) -> with DALI: synthetic shards, `tcore bench data --device gpu`,
+# `tcore bench train` -> one short table. A failing step is logged and the script goes on.
+#
+# Results: $OUT (default runs/gpu_check): gpu_check.log (everything), summary.txt (the table),
+# reports.json (every bench report, by step name), profile.tar.gz (kernel tables). Few files
+# on purpose: the device tool brings back at most 8.
+#
+# Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
+# GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
+# names to run: env install agree model_s model_s_compiled model_b model_b_compiled shards data
+# train), GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
+# GPU_CHECK_WORK (scratch folder, default a fresh temporary one).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+# ---- --fetch-wheels: run on a machine with PyPI, before sending the tree to the GPU --------
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    # The device image has torch, timm, torchvision, click, PyYAML but not omegaconf. Pure-Python
+    # wheels are small; DALI and xFormers wheels are hundreds of MiB, more than the 64 MiB a
+    # device call carries, so they are only fetched when named in GPU_CHECK_WHEELS.
+    PYVER=${GPU_CHECK_PYVER:-3.12}
+    mkdir -p .whl
+    PIP=${PIP:-$REPO/.venv/bin/pip}
+    "$PIP" download --dest .whl --no-deps --only-binary=:all: --python-version "$PYVER" \
+        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+        omegaconf ${GPU_CHECK_WHEELS:-} || exit 1
+    du -sh .whl/*.whl
+    exit 0
+fi
+
+CPU_MODE=${GPU_CHECK_CPU:-0}
+OUT=${OUT:-$REPO/runs/gpu_check}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$WORK/reports" "$WORK/profile"
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+BUDGET=${GPU_CHECK_BUDGET:-360}
+START=$SECONDS
+if [[ "$CPU_MODE" == 1 && -z "${PYTHON:-}" && -x "$REPO/.venv/bin/python" ]]; then
+    PYTHON=$REPO/.venv/bin/python
+fi
+PYTHON=${PYTHON:-python3}
+TCORE=("$PYTHON" -P -m tcore.cli)  # -P: the checkout's tcore/ must not shadow the installed package
+declare -A STATUS=()
+ORDER=()
+
+log() { echo "[gpu_check $(date -u +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+
+wanted() {  # is step $1 selected by GPU_CHECK_ONLY (all steps when unset)?
+    [[ -z "${GPU_CHECK_ONLY:-}" ]] && return 0
+    [[ " ${GPU_CHECK_ONLY} " == *" $1 "* ]]
+}
+
+# run_step NAME CAP_SECONDS COMMAND...: runs within min(CAP, what is left of the budget).
+run_step() {
+    local name=$1 cap=$2
+    shift 2
+    wanted "$name" || return 0
+    ORDER+=("$name")
+    local left=$((BUDGET - (SECONDS - START)))
+    if ((left < 10)); then
+        STATUS[$name]="skipped (budget spent)"
+        log "$name: skipped, budget spent"
+        return 0
+    fi
+    local limit=$((cap < left ? cap : left))
+    log "$name: start (limit ${limit}s): $*"
+    local began=$SECONDS
+    if declare -F "$1" >/dev/null; then
+        # A shell function: `timeout` needs a program, so hand the function and the variables
+        # it reads to a child bash.
+        timeout --kill-after=10 "$limit" bash -c "$(declare -p PYTHON REPO WORK SHARDS SYNTH \
+            2>/dev/null); $(declare -f "$1"); $1" >>"$LOG" 2>&1
+    else
+        timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    fi
+    local rc=$?
+    local took=$((SECONDS - began))
+    case $rc in
+        0) STATUS[$name]="ok (${took}s)" ;;
+        124 | 137) STATUS[$name]="TIMEOUT after ${limit}s" ;;
+        *) STATUS[$name]="FAILED rc=$rc (${took}s)" ;;
+    esac
+    log "$name: ${STATUS[$name]}"
+    return 0
+}
+
+# ---- sizes: the real ones on the GPU, tiny ones on the CPU -------------------------------
+if [[ "$CPU_MODE" == 1 ]]; then
+    DEVICE=cpu
+    ARCH_S=vit_tiny ARCH_B=vit_tiny
+    PRECISION=fp32 FAST=sdpa        # xFormers has no CPU kernels: SDPA stands in for it
+    SLOW_PRECISION=fp32 REF=math
+    MODEL_ARGS=(--batch 1 --global-size 112 --local-size 48 --local-crops 1 --warmup 1
+                --repeats 2 --steps 1 --peak-size 256
+                --set model.head.prototypes=256,model.head.hidden=256)
+    DATA_ARGS=(--batch 2 --threads 2 --seconds 2 --warmup 1 --repeats 2)
+    TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2 --set
+                model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1)
+    SYNTH=(videos=8 frames=24 size=160x128 short_side=128)
+    COMPILE_DEFAULT=0
+else
+    DEVICE=cuda
+    ARCH_S=vit_small ARCH_B=vit_base
+    PRECISION=bf16 FAST=xformers
+    SLOW_PRECISION=fp32 REF=sdpa
+    MODEL_ARGS=(--batch 64 --warmup 3 --repeats 5 --steps 3)  # eager fp32 ViT-B: ~1 s a step
+    DATA_ARGS=(--batch 64 --threads 8 --seconds 15 --warmup 5 --repeats 5)
+    TRAIN_ARGS=(--batch 64 --threads 8 --warmup 5 --steps 30 --repeats 5)
+    SYNTH=(videos=32 frames=24 size=426x320 short_side=320)
+    COMPILE_DEFAULT=1
+fi
+COMPILE=${GPU_CHECK_COMPILE:-$COMPILE_DEFAULT}
+SHARDS=${GPU_CHECK_SHARDS:-$WORK/shards}
+log "mode: $([[ $CPU_MODE == 1 ]] && echo CPU || echo GPU), python: $PYTHON, out: $OUT, work: $WORK"
+
+# ---- 1. environment and installation ----------------------------------------------------
+environment() {
+    command -v nvidia-smi >/dev/null && nvidia-smi -L
+    "$PYTHON" -P - <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "torchvision", "timm", "omegaconf", "click", "xformers", "nvidia.dali", "av", "webdataset"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name:12s} {getattr(module, '__version__', 'present')}")
+    except Exception as error:  # absent, or present but broken
+        print(f"{name:12s} MISSING ({type(error).__name__}: {str(error)[:80]})")
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+EOF
+}
+
+install() {
+    # Wheels first (their dependencies are either in the image or among the wheels), then the
+    # project without dependencies. preprocess/ and pipelines/ install *inside* tcore
+    # (setup.cfg package_dir), so a plain PYTHONPATH=. cannot work; when pip cannot install
+    # the project, a folder of links gives the same package layout.
+    shopt -s nullglob
+    local wheels=(.whl/*.whl)
+    if ((${#wheels[@]})); then
+        "$PYTHON" -m pip install --no-index --no-deps --find-links .whl "${wheels[@]}" || return 1
+    fi
+    if "$PYTHON" -P -c "import tcore.pipelines, tcore.bench" 2>/dev/null; then
+        echo "tcore already importable"
+        return 0
+    fi
+    if "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation -e . ; then
+        return 0
+    fi
+    echo "pip could not install the project; linking it under $WORK/site instead"
+    mkdir -p "$WORK/site/tcore"
+    for entry in tcore/*; do ln -sfn "$REPO/$entry" "$WORK/site/tcore/$(basename "$entry")"; done
+    ln -sfn "$REPO/preprocess" "$WORK/site/tcore/preprocess"
+    ln -sfn "$REPO/pipelines" "$WORK/site/tcore/pipelines"
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "export PYTHONPATH=$PYTHONPATH" >"$WORK/env.sh"
+}
+
+run_step env 60 environment
+if [[ "$CPU_MODE" != 1 ]] || [[ -n "${GPU_CHECK_INSTALL:-}" ]]; then
+    wanted install && { log "install: start"; install >>"$LOG" 2>&1 && STATUS[install]=ok || STATUS[install]=FAILED; ORDER+=(install); log "install: ${STATUS[install]}"; }
+fi
+[[ -f "$WORK/env.sh" ]] && source "$WORK/env.sh"
+
+has_module() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
+
+# ---- 2. attention agreement --------------------------------------------------------------
+run_step agree 90 "${TCORE[@]}" bench agree --arch "$ARCH_S" --attention "$FAST" \
+    --reference "$REF" --precision "$PRECISION" --device "$DEVICE" \
+    --json "$WORK/reports/agree.json"
+
+# ---- 3. the model step ------------------------------------------------------------------
+# model_x: the fast attention against the other fused one (same precision, eager);
+# model_x_compiled: compiled fast attention against eager fp32 math attention (the 3x target).
+bench_model() {  # NAME ARCH CAP ARGS...
+    local name=$1 arch=$2 cap=$3
+    shift 3
+    run_step "$name" "$cap" "${TCORE[@]}" bench model --arch "$arch" --device "$DEVICE" \
+        "${MODEL_ARGS[@]}" --json "$WORK/reports/$name.json" "$@"
+}
+COMPILE_FLAG=()
+[[ "$COMPILE" == 1 ]] && COMPILE_FLAG=(--compile)
+bench_model model_s "$ARCH_S" 120 --attention "$FAST" --precision "$PRECISION" \
+    --compare "attention=$REF" --profile "$WORK/profile/model_s"
+bench_model model_s_compiled "$ARCH_S" 200 --attention "$FAST" --precision "$PRECISION" \
+    "${COMPILE_FLAG[@]}" --compare "attention=math,precision=$SLOW_PRECISION,compile=false"
+bench_model model_b "$ARCH_B" 120 --attention "$FAST" --precision "$PRECISION" \
+    --compare "attention=$REF"
+
+# ---- 4. data and end to end (needs DALI) ---------------------------------------------------
+build_shards() {
+    [[ -f "$SHARDS/manifest.json" ]] && { echo "shards already at $SHARDS"; return 0; }
+    "$PYTHON" -P - "$WORK/synth" "$SHARDS" "${SYNTH[@]}" <<'EOF'
+import sys
+from tcore.preprocess.shards import build_shards
+from tcore.preprocess.synth import make_synthetic
+
+synth, shards = sys.argv[1], sys.argv[2]
+opts = dict(item.split("=", 1) for item in sys.argv[3:])
+make_synthetic(synth, seed=0, videos=int(opts["videos"]), frames=int(opts["frames"]),
+               size=opts["size"], davis_videos=0)
+manifest = build_shards(f"{synth}/train", shards, frames=20, short_side=int(opts["short_side"]),
+                        codec="vp9", samples_per_shard=16, workers=4, progress=False)
+print("built", manifest["total_samples"], "samples,", manifest["total_bytes"], "bytes")
+EOF
+}
+if has_module nvidia.dali; then
+    run_step shards 90 build_shards
+    run_step data 90 "${TCORE[@]}" bench data --data "$SHARDS" --loader both --device "$DEVICE" \
+        "${DATA_ARGS[@]}" --json "$WORK/reports/data.json"
+    run_step train 120 "${TCORE[@]}" bench train --data "$SHARDS" --arch "$ARCH_S" \
+        --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
+        --json "$WORK/reports/train.json"
+else
+    for name in shards data train; do
+        wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
+    done
+fi
+
+# The second compiled model last: it is the step most likely not to fit the budget.
+bench_model model_b_compiled "$ARCH_B" 200 --attention "$FAST" --precision "$PRECISION" \
+    "${COMPILE_FLAG[@]}" --compare "attention=math,precision=$SLOW_PRECISION,compile=false"
+
+# ---- 5. the table -----------------------------------------------------------------------
+reports=()
+for name in "${ORDER[@]}"; do  # in the order the steps ran
+    [[ -f "$WORK/reports/$name.json" ]] && reports+=("$WORK/reports/$name.json")
+done
+{
+    echo "tcore gpu_check, $(date -u +%Y-%m-%dT%H:%MZ), $((SECONDS - START))s, mode $([[ $CPU_MODE == 1 ]] && echo CPU || echo GPU)"
+    for name in "${ORDER[@]}"; do printf '  %-18s %s\n' "$name" "${STATUS[$name]}"; done
+    if ((${#reports[@]})); then "${TCORE[@]}" bench table --targets "${reports[@]}"; fi
+} >"$OUT/summary.txt" 2>&1
+"$PYTHON" -P - "$OUT/reports.json" "${reports[@]}" <<'EOF'
+import json, os, sys
+from pathlib import Path
+out, paths = sys.argv[1], sys.argv[2:]
+bundle = {Path(p).stem: json.loads(Path(p).read_text()) for p in paths}
+Path(out + ".tmp").write_text(json.dumps(bundle, indent=1))
+os.replace(out + ".tmp", out)
+EOF
+if compgen -G "$WORK/profile/*/kernels.txt" >/dev/null; then
+    tar -czf "$OUT/profile.tar.gz" -C "$WORK/profile" --exclude='trace.json' .
+fi
+cat "$OUT/summary.txt" | tee -a "$LOG"
+failed=0
+for name in "${ORDER[@]}"; do [[ "${STATUS[$name]}" == FAILED* ]] && failed=1; done
+exit $failed

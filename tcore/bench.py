@@ -1,0 +1,91 @@
+"""`tcore bench`: one entry point over the model, data and train benches.
+
+`run_bench(kind, settings, compare=...)` runs one configuration and, with `compare`, a second
+one in the same process (same warm device, same libraries), then builds the report with the
+ratio of their samples/s. The modules behind it:
+
+- `tcore.bench_stats`: warm-up/repeat timing, median, spread, percentiles;
+- `tcore.bench_flops`: FLOP counting, the measured matmul peak, MFU;
+- `tcore.bench_model`, `tcore.bench_data`, `tcore.bench_train`: the three benches;
+- `tcore.bench_report`: environment record, JSON files, terminal tables.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from tcore.bench_data import DataBenchSettings, run_data_bench
+from tcore.bench_model import ModelBenchSettings, attention_agreement, run_model_bench
+from tcore.bench_report import (build_report, format_report, format_summary_table,
+                                parse_overrides, read_report, write_json_atomic)
+from tcore.bench_targets import format_targets
+from tcore.bench_train import TrainBenchSettings, run_train_bench
+
+SETTINGS = {"model": ModelBenchSettings, "data": DataBenchSettings, "train": TrainBenchSettings}
+
+
+def run_one(kind: str, settings, profile_dir: str | None = None) -> dict:
+    if kind == "model":
+        return run_model_bench(settings, profile_dir=profile_dir)
+    if kind == "data":
+        return run_data_bench(settings)
+    if kind == "train":
+        return run_train_bench(settings)
+    raise ValueError(f"unknown bench kind {kind!r}; choose from {sorted(SETTINGS)}")
+
+
+def release_device_memory() -> None:
+    """Free the first run's model and caches so the second run starts from the same state."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_bench(kind: str, settings, compare: str | None = None, json_path: str | None = None,
+              profile_dir: str | None = None) -> dict:
+    """Run `settings` (and `compare` overrides of it, if given); write and return the report."""
+    # Parsed before anything runs: a typo in --compare fails at once, not after the first run.
+    second = replace(settings, **changed_settings(settings, compare)) if compare else None
+    runs = [run_one(kind, settings, profile_dir)]
+    if second is not None:
+        release_device_memory()
+        runs.append(run_one(kind, second))
+    report = build_report(runs)
+    if json_path:
+        write_json_atomic(json_path, report)
+    return report
+
+
+def changed_settings(settings, compare: str) -> dict:
+    """Only the keys `compare` changes (parsed and type-checked against `settings`)."""
+    current = asdict(settings)
+    updated = parse_overrides(compare, current)
+    return {key: value for key, value in updated.items() if current[key] != value}
+
+
+def run_data_loaders(settings: DataBenchSettings, loader: str, compare: str | None = None,
+                     json_path: str | None = None) -> dict:
+    """`bench data --loader dali|baseline|both`: 'both' is DALI compared with the baseline."""
+    if loader == "both":
+        if compare:
+            raise ValueError("--loader both already compares two runs; drop --compare")
+        compare = "loader=baseline"
+        loader = "dali"
+    return run_bench("data", replace(settings, loader=loader), compare, json_path)
+
+
+def summary_table(paths: list[str], targets: bool = False) -> str:
+    """One table over many report files (what `scripts/gpu_check.sh` prints at its end),
+    optionally followed by the project's performance targets checked against them."""
+    reports = {Path(path).stem: read_report(path) for path in paths}
+    text = format_summary_table(reports)
+    if targets:
+        text += "\n" + format_targets(reports)
+    return text
+
+
+__all__ = ["run_bench", "run_data_loaders", "summary_table", "attention_agreement",
+           "format_report", "ModelBenchSettings", "DataBenchSettings", "TrainBenchSettings"]

@@ -1,0 +1,158 @@
+"""`tcore bench data`: throughput and batch latency of the loaders on the same shards.
+
+Both loaders (the DALI pipeline and the torchvision/PyAV baseline) get the same shards, the
+same views, the same batch size and the same thread budget, and are timed after a warm-up.
+Batch latency is the wall time of one `next()` (with the device synchronised, so that
+asynchronous GPU work is not hidden); throughput is samples over the wall time of a window of
+consecutive batches, one figure per window, summarised over the windows.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from tcore.bench_flops import synchronizer
+from tcore.bench_report import environment, resolve_device
+from tcore.bench_stats import process_tree_cpu_seconds, summarize
+
+LOADERS = ("dali", "baseline")
+
+
+@dataclass(frozen=True)
+class DataBenchSettings:
+    data: str = ""
+    loader: str = "dali"
+    device: str = "cpu"
+    threads: int = 2
+    batch: int = 8
+    seconds: float = 20.0
+    warmup_batches: int = 3
+    repeats: int = 5        # throughput windows the measured batches are split into
+    seed: int = 0
+    overrides: str = ""     # pipeline-config overrides, "views.color_jitter=fast,views.n_local=4"
+
+    def validate(self) -> "DataBenchSettings":
+        if self.loader not in LOADERS:
+            raise ValueError(f"loader must be one of {LOADERS}, got {self.loader!r}")
+        if self.threads < 1 or self.batch < 1 or self.seconds <= 0 or self.repeats < 1:
+            raise ValueError(f"threads, batch, repeats must be >= 1 and seconds > 0: {self}")
+        if not self.data:
+            raise ValueError("bench data needs --data SHARDS (a shard directory)")
+        return self
+
+
+def build_named_loader(loader: str, shards: str, device: torch.device, threads: int,
+                       batch: int, seed: int, config=None) -> Iterable[dict]:
+    """The DALI loader or the baseline loader, configured identically (same views, an
+    endless stream so the bench never runs into an epoch boundary)."""
+    from tcore.pipelines.config import PipelineConfig
+
+    config = config or PipelineConfig()
+    if loader == "dali":
+        from tcore.pipelines.loader import build_loader
+
+        return build_loader(shards, batch, device=str(device), config=config, seed=seed,
+                            num_threads=threads, infinite=True)
+    from tcore.pipelines.torchvision_loader import build_baseline_loader
+
+    # The baseline's thread budget is its worker processes (one decoding thread each).
+    return build_baseline_loader(shards, batch, device=str(device), config=config, seed=seed,
+                                 num_workers=threads, infinite=True)
+
+
+def pipeline_config_from(overrides: str):
+    """PipelineConfig defaults with dotted `key=value` overrides (the `data.pipeline` keys of a
+    training config), e.g. "views.color_jitter=fast,views.n_local=4"."""
+    from omegaconf import OmegaConf
+
+    from tcore.bench_model import split_overrides
+    from tcore.pipelines.config import PipelineConfig
+
+    items = split_overrides(overrides)
+    values = OmegaConf.to_container(OmegaConf.from_dotlist(items)) if items else {}
+    try:
+        return PipelineConfig.from_dict(values).validate()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"bench data --set {overrides!r}: {error}") from error
+
+
+def batch_size_of(batch: dict) -> int:
+    return int(batch["labels"].shape[0])
+
+
+def time_batches(iterator: Iterator[dict], *, seconds: float, warmup_batches: int,
+                 device: torch.device, min_batches: int = 2) -> tuple[list[float], list[int]]:
+    """(latency of each `next()`, samples in each batch) for about `seconds` of measuring."""
+    sync = synchronizer(device)
+    for _ in range(warmup_batches):
+        next(iterator)
+    sync()
+    latencies, sizes = [], []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(latencies) < min_batches:
+        begin = time.perf_counter()
+        batch = next(iterator)
+        sync()
+        latencies.append(time.perf_counter() - begin)
+        sizes.append(batch_size_of(batch))
+        del batch
+    return latencies, sizes
+
+
+def window_rates(latencies: list[float], sizes: list[int], windows: int) -> list[float]:
+    """Samples/s over `windows` consecutive, equally sized groups of batches."""
+    windows = max(1, min(windows, len(latencies)))
+    bounds = [round(i * len(latencies) / windows) for i in range(windows + 1)]
+    return [sum(sizes[a:b]) / sum(latencies[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def close_loader(loader) -> None:
+    """Release a loader's worker threads/processes before the next one starts."""
+    for name in ("close", "shutdown", "release"):
+        method = getattr(loader, name, None)
+        if callable(method):
+            method()
+            break
+    gc.collect()
+
+
+def run_data_bench(settings: DataBenchSettings) -> dict:
+    settings.validate()
+    device = resolve_device(settings.device)
+    build_start = time.perf_counter()
+    loader = build_named_loader(settings.loader, settings.data, device, settings.threads,
+                                settings.batch, settings.seed,
+                                config=pipeline_config_from(settings.overrides))
+    try:
+        iterator = iter(loader)
+        for _ in range(settings.warmup_batches):
+            next(iterator)
+        cpu_before = process_tree_cpu_seconds()
+        latencies, sizes = time_batches(iterator, seconds=settings.seconds, warmup_batches=0,
+                                        device=device)
+        cpu_after = process_tree_cpu_seconds()
+        build_and_warmup = time.perf_counter() - build_start - sum(latencies)
+    finally:
+        close_loader(loader)
+    latency = summarize(latencies, "s")
+    figures = {
+        "samples_per_s": summarize(window_rates(latencies, sizes, settings.repeats),
+                               "samples/s").as_dict(),
+        "batch_latency": latency.as_dict(),
+        "batch_latency_p50": latency.median,
+        "batch_latency_p90": latency.p90,
+        "batch_latency_p99": latency.p99,
+        "overall_samples_per_s": sum(sizes) / sum(latencies),
+        # CPU time of the whole process tree (loader threads, worker processes, prefetching
+        # included) over the measured batches: steadier than wall time on a shared machine.
+        "cpu_seconds_per_sample": (None if cpu_before is None
+                                   else (cpu_after - cpu_before) / sum(sizes)),
+    }
+    details = {"batches": len(latencies), "samples": sum(sizes),
+               "measured_seconds": sum(latencies), "build_and_warmup_seconds": build_and_warmup}
+    return {"kind": "data", "settings": asdict(settings), "figures": figures,
+            "details": details, "environment": environment(device)}

@@ -1,0 +1,145 @@
+"""Measurement harness for `tcore bench`: warm-up, repeats, and robust summaries.
+
+Every figure tcore reports is a median over repeats with its spread (the interquartile
+range), because the machines these run on are shared and a mean would follow the outliers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics.
+
+    Same definition as numpy's default ("linear"): position q/100 * (n-1) in the sorted data.
+    """
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q must lie in [0, 100], got {q}")
+    ordered = sorted(float(v) for v in values)
+    position = q / 100.0 * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    fraction = position - low
+    return ordered[low] + (ordered[high] - ordered[low]) * fraction
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50.0)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One figure: median over repeats, spread (IQR = p75 - p25), extremes and tail."""
+
+    median: float
+    spread: float
+    p25: float
+    p75: float
+    p90: float
+    p99: float
+    min: float
+    max: float
+    n: int
+    unit: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def relative_spread(self) -> float:
+        return self.spread / self.median if self.median else float("nan")
+
+
+def summarize(values: Sequence[float], unit: str = "") -> Summary:
+    """Summarise repeated measurements of one quantity."""
+    if not values:
+        raise ValueError("cannot summarise zero measurements")
+    p25, p75 = percentile(values, 25.0), percentile(values, 75.0)
+    return Summary(
+        median=median(values),
+        spread=p75 - p25,
+        p25=p25,
+        p75=p75,
+        p90=percentile(values, 90.0),
+        p99=percentile(values, 99.0),
+        min=float(min(values)),
+        max=float(max(values)),
+        n=len(values),
+        unit=unit,
+    )
+
+
+def time_repeats(
+    run_once: Callable[[], None],
+    *,
+    warmup: int,
+    repeats: int,
+    iterations: int = 1,
+    synchronize: Callable[[], None] = lambda: None,
+) -> list[float]:
+    """Seconds per iteration of `run_once`, one value per repeat, after `warmup` calls.
+
+    Each repeat times `iterations` back-to-back calls and divides, so that per-call launch
+    gaps are included as they are in real use; `synchronize` waits for queued device work
+    (asynchronous CUDA kernels) before the clock is read.
+    """
+    if repeats < 1 or iterations < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1, iterations >= 1, warmup >= 0; got "
+                         f"{repeats}, {iterations}, {warmup}")
+    for _ in range(warmup):
+        run_once()
+    synchronize()
+    per_iteration = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iterations):
+            run_once()
+        synchronize()
+        per_iteration.append((time.perf_counter() - start) / iterations)
+    return per_iteration
+
+
+def _stat_fields(pid: str) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # the process ended while we looked
+        return None
+    # The command name (field 2) may hold spaces; everything after its ')' is space-separated.
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_tree_cpu_seconds() -> float | None:
+    """User + system CPU seconds of this process and all its live descendants (Linux /proc).
+
+    On a shared machine wall-clock rates follow the other jobs; CPU seconds spent per sample
+    (loader threads and worker processes included) are the steadier figure. None where /proc
+    is not available.
+    """
+    if not Path("/proc/self/stat").exists():
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents, cpu = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(entry.name)
+        if fields is None:
+            continue
+        # After the name: state(0) ppid(1) ... utime(11) stime(12).
+        parents[entry.name] = fields[1]
+        cpu[entry.name] = (int(fields[11]) + int(fields[12])) / ticks
+    root = str(os.getpid())
+    total = 0.0
+    for pid, seconds in cpu.items():
+        ancestor, hops = pid, 0
+        while ancestor not in (root, "0", "1") and ancestor in parents and hops < 64:
+            ancestor, hops = parents[ancestor], hops + 1
+        if ancestor == root:
+            total += seconds
+    return total

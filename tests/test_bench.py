@@ -1,0 +1,374 @@
+"""Tests of `tcore bench`: statistics, FLOP counting, synthetic batches, reports, the commands.
+
+Sizes are tiny (vit_tiny, batch 2, 96-px local crops) so the whole file runs in well under a
+minute and a half on 2 CPU cores; nothing here asserts a speed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tcore.bench_flops import (count_flops, matmul_flops, measure_matmul_peak,
+                               model_flops_utilisation, vit_block_forward_flops)
+from tcore.bench_report import (build_report, compare_ratio, format_report, parse_overrides,
+                                read_report, write_json_atomic)
+from tcore.bench_stats import median, percentile, summarize, time_repeats
+from tcore.synthetic_batch import make_synthetic_batch
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACT_KEYS = {"global_crops", "local_crops", "past_crops", "future_crops", "masks",
+                 "mask_indices", "mask_weights", "n_masked", "frame_indices", "labels"}
+
+
+# ---- statistics ---------------------------------------------------------------------------
+
+def test_percentiles_match_linear_interpolation_on_known_inputs():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert median(values) == 3.0
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 5.0
+    assert percentile(values, 25) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([10.0, 20.0], 90) == pytest.approx(19.0)
+    assert percentile(list(range(101)), 99) == pytest.approx(99.0)
+    with pytest.raises(ValueError, match="empty"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match="0, 100"):
+        percentile([1.0], 101)
+
+
+def test_summary_spread_is_the_interquartile_range():
+    summary = summarize([1.0, 2.0, 3.0, 4.0, 100.0], unit="s")
+    assert summary.median == 3.0
+    assert summary.p25 == 2.0 and summary.p75 == 4.0 and summary.spread == 2.0
+    assert summary.min == 1.0 and summary.max == 100.0 and summary.n == 5
+    assert summary.p90 == pytest.approx(61.6)
+    assert summary.as_dict()["unit"] == "s"
+    single = summarize([7.0])
+    assert single.median == 7.0 and single.spread == 0.0
+
+
+def test_time_repeats_warms_up_then_times_each_repeat():
+    calls = []
+    seconds = time_repeats(lambda: calls.append(1), warmup=3, repeats=4, iterations=2)
+    assert len(calls) == 3 + 4 * 2
+    assert len(seconds) == 4 and all(s >= 0 for s in seconds)
+    with pytest.raises(ValueError):
+        time_repeats(lambda: None, warmup=0, repeats=0)
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------
+
+def test_flop_count_of_a_matmul_matches_2mkn():
+    a, b = torch.randn(32, 48), torch.randn(48, 16)
+    assert count_flops(lambda: a @ b) == matmul_flops(32, 48, 16) == 2 * 32 * 48 * 16
+    # Forward + backward of a linear layer: 1 forward matmul, 2 backward (input and weight).
+    layer = torch.nn.Linear(48, 16, bias=False)
+    x = torch.randn(32, 48, requires_grad=True)
+    assert count_flops(lambda: layer(x).sum().backward()) == 3 * matmul_flops(32, 48, 16)
+
+
+def test_flop_count_of_one_vit_block_matches_the_analytic_formula():
+    from tcore.models import build_backbone
+
+    # One block of the real backbone (vit_tiny: dim 192), explicit-matmul attention.
+    tokens, dim, batch = 1 + 4 + 196, 192, 2
+    block = build_backbone("vit_tiny", attention="math").blocks[0].eval()
+    x = torch.randn(batch, tokens, dim)
+    with torch.no_grad():
+        counted = count_flops(lambda: block(x))
+    assert counted == batch * vit_block_forward_flops(tokens, dim, 4.0)
+    # 24 T D^2 + 4 T^2 D, the textbook figure.
+    assert vit_block_forward_flops(tokens, dim) == 24 * tokens * dim**2 + 4 * tokens**2 * dim
+
+
+def test_matmul_peak_and_mfu_are_consistent():
+    peak = measure_matmul_peak(torch.device("cpu"), torch.float32, size=256, repeats=2, iterations=2)
+    assert peak["flops_per_s"] > 1e8  # any CPU of this century does > 0.1 GFLOP/s
+    assert peak["flops_per_s"] >= peak["median_flops_per_s"]
+    assert model_flops_utilisation(1e9, 0.5, 4e9) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        model_flops_utilisation(1e9, 0.0, 1e9)
+
+
+# ---- synthetic batches ---------------------------------------------------------------------
+
+def test_synthetic_batch_follows_the_batch_contract():
+    batch_size, n_local = 3, 2
+    batch = make_synthetic_batch(batch_size, "cpu", n_local=n_local, seed=1)
+    assert set(batch) == CONTRACT_KEYS
+    assert batch["global_crops"].shape == (2 * batch_size, 3, 224, 224)
+    assert batch["past_crops"].shape == batch["future_crops"].shape == (2 * batch_size, 3, 224, 224)
+    assert batch["local_crops"].shape == (n_local * batch_size, 3, 96, 96)
+    assert batch["masks"].shape == (2 * batch_size, 196) and batch["masks"].dtype == torch.bool
+    masks = batch["masks"]
+    per_crop = masks.sum(dim=1)
+    # METHOD.md section 3: int(2B * 0.5) crops masked, each with 10%..50% of the 196 patches.
+    assert int((per_crop > 0).sum()) == int(2 * batch_size * 0.5)
+    assert all(int(196 * 0.1) <= c <= int(196 * 0.5) for c in per_crop.tolist() if c > 0)
+    indices = batch["mask_indices"]
+    assert indices.dtype == torch.int64
+    assert torch.equal(indices, masks.flatten().nonzero().flatten())
+    assert int(batch["n_masked"].item()) == indices.numel() == int(masks.sum())
+    crop_of_token = indices // 196
+    expected_weights = 1.0 / per_crop[crop_of_token].float()
+    assert torch.allclose(batch["mask_weights"], expected_weights)
+    # Weights of one crop's tokens sum to 1, so the total is the number of masked crops.
+    assert batch["mask_weights"].sum().item() == pytest.approx(float((per_crop > 0).sum()))
+    frames = batch["frame_indices"]
+    assert frames.shape == (batch_size, 3)
+    assert bool((frames[:, 0] < frames[:, 1]).all() and (frames[:, 1] < frames[:, 2]).all())
+    assert batch["labels"].shape == (batch_size,) and batch["labels"].dtype == torch.int64
+    again = make_synthetic_batch(batch_size, "cpu", n_local=n_local, seed=1)
+    assert all(torch.equal(batch[k], again[k]) for k in CONTRACT_KEYS)
+
+
+# ---- reports -------------------------------------------------------------------------------
+
+def test_compare_overrides_are_typed_and_checked():
+    settings = {"attention": "sdpa", "precision": "bf16", "compile": False, "batch": 4}
+    changed = parse_overrides("attention=math, precision=fp32,compile=true,batch=8", settings)
+    assert changed == {"attention": "math", "precision": "fp32", "compile": True, "batch": 8}
+    with pytest.raises(ValueError, match="not a setting"):
+        parse_overrides("atention=math", settings)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides("math", settings)
+    with pytest.raises(ValueError, match="boolean"):
+        parse_overrides("compile=maybe", settings)
+
+
+def fake_result(samples_per_s: float, attention: str) -> dict:
+    figure = summarize([samples_per_s, samples_per_s * 1.1, samples_per_s * 0.9], "samples/s")
+    return {"kind": "model", "settings": {"arch": "vit_tiny", "attention": attention},
+            "figures": {"samples_per_s": figure.as_dict()},
+            "environment": {"device_name": "test cpu"}}
+
+
+def test_report_ratio_json_round_trip(tmp_path):
+    report = build_report([fake_result(30.0, "sdpa"), fake_result(10.0, "math")])
+    assert report["compare"]["ratio"] == pytest.approx(3.0)
+    assert report["compare"]["changed"] == {"attention": ("sdpa", "math")}
+    text = format_report(report)
+    assert "ratio samples_per_s first/second = 3.000" in text
+    path = write_json_atomic(tmp_path / "out" / "r.json", report)
+    assert read_report(path)["compare"]["ratio"] == pytest.approx(3.0)
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary left behind
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        read_report(tmp_path / "bad.json")
+    assert compare_ratio(report["runs"][0], report["runs"][0])["ratio"] == pytest.approx(1.0)
+
+
+def gpu_result(kind: str, samples_per_s: float, mfu: float | None = None, **settings) -> dict:
+    figures = {"samples_per_s": {"median": samples_per_s}}
+    if mfu is not None:
+        figures["mfu"] = {"median": mfu}
+    return {"kind": kind, "settings": {"batch": 64, "compile": False, **settings},
+            "figures": figures, "environment": {"device": "cuda"}, "details": {}}
+
+
+def test_targets_are_checked_against_matching_runs():
+    from tcore.bench_targets import check_targets
+
+    fast = gpu_result("model", 400.0, 0.40, arch="vit_small", attention="xformers", precision="bf16")
+    slow = gpu_result("model", 100.0, 0.05, arch="vit_small", attention="math", precision="fp32")
+    base = gpu_result("model", 150.0, 0.44, arch="vit_base", attention="xformers", precision="bf16")
+    data = gpu_result("data", 700.0, loader="dali", data="s", threads=8)
+    train = gpu_result("train", 390.0, arch="vit_small", attention="xformers", precision="bf16")
+    checks = {c.name: c for c in check_targets({"r": {"runs": [fast, slow, base, data, train]}})}
+    assert checks["MFU vit_small bf16 batch 64"].passed is True
+    assert checks["MFU vit_base bf16 batch 64"].passed is False      # 44% < 45%
+    assert checks["vit_small best bf16 / eager fp32 math"].measured == "4.00x"
+    assert checks["vit_base best bf16 / eager fp32 math"].passed is None  # no fp32 run of it
+    assert checks["DALI GPU / ViT-S step samples/s"].passed is False  # 1.75x < 2x
+    assert checks["end to end / model-only samples/s"].measured == "97.5%"
+    assert checks["DALI CPU / baseline loader samples/s"].passed is None
+
+
+# ---- the commands, end to end on the CPU ---------------------------------------------------
+
+TINY_MODEL = ["--arch", "vit_tiny", "--batch", "1", "--device", "cpu",  # precision auto: fp32
+              "--global-size", "64", "--local-size", "32", "--local-crops", "1",
+              "--warmup", "0", "--repeats", "2", "--steps", "1", "--peak-size", "256",
+              "--set", "model.head.prototypes=256,model.head.hidden=128"]
+
+
+# Smaller crops and head for the end-to-end run: the loader draws 64/32-px views, 1 local crop.
+TINY_VIEWS = ("model.head.prototypes=256,model.head.hidden=128,model.img_size=64,"
+              "data.pipeline.views.global_size=64,data.pipeline.views.local_size=32,"
+              "data.pipeline.views.n_local=1")
+
+
+def run_cli(args: list[str]):
+    from tcore.cli import main
+
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def assert_summary(figure: dict, unit: str, n: int):
+    assert figure["unit"] == unit and figure["n"] == n
+    assert figure["min"] <= figure["p25"] <= figure["median"] <= figure["p75"] <= figure["max"]
+    assert figure["spread"] == pytest.approx(figure["p75"] - figure["p25"])
+
+
+def test_bench_model_writes_every_figure_and_compares(tmp_path):
+    path = tmp_path / "model.json"
+    output = run_cli(["bench", "model", *TINY_MODEL, "--attention", "sdpa",
+                      "--compare", "attention=math", "--json", str(path)])
+    assert "ratio samples_per_s first/second" in output and "mfu" in output
+    report = json.loads(path.read_text())
+    first, second = report["runs"]
+    assert first["settings"]["attention"] == "sdpa" and second["settings"]["attention"] == "math"
+    for run in (first, second):
+        figures = run["figures"]
+        assert_summary(figures["step_time"], "s", 2)
+        assert_summary(figures["samples_per_s"], "samples/s", 2)
+        assert 0 < figures["mfu"]["median"] <= 1
+        assert figures["step_time"]["median"] > 0
+        # samples/s is batch / step time per repeat (batch 1): extremes swap.
+        assert figures["samples_per_s"]["max"] == pytest.approx(1 / figures["step_time"]["min"])
+        assert figures["samples_per_s"]["min"] == pytest.approx(1 / figures["step_time"]["max"])
+        assert figures["flops_per_step"] > 0
+        assert figures["flops_per_sample"] == figures["flops_per_step"]  # batch 1
+        assert figures["peak_flops_per_s"] > 0 and figures["peak_memory"]["median"] > 0
+        assert figures["cpu_seconds_per_sample"] > 0
+        details = run["details"]
+        assert math.isfinite(details["loss_after_bench"])
+        assert details["precision_resolved"] == "fp32" and details["peak_matmul"]["dtype"] == "float32"
+        environment = run["environment"]
+        assert environment["device"] == "cpu" and environment["device_name"]
+        assert environment["libraries"]["torch"] == torch.__version__.split("+")[0] or \
+            environment["libraries"]["torch"].startswith(torch.__version__.split("+")[0])
+        assert environment["date_utc"].startswith("20")
+    # The FLOPs are the model's, not the attention kernel's: the same for both backends.
+    assert first["figures"]["flops_per_step"] == second["figures"]["flops_per_step"]
+    assert first["details"]["attention_resolved"] == "sdpa"
+    ratio = report["compare"]["ratio"]
+    assert ratio == pytest.approx(first["figures"]["samples_per_s"]["median"]
+                                  / second["figures"]["samples_per_s"]["median"])
+    assert f"{ratio:.3f}" in output
+
+
+def test_step_flops_scale_with_the_batch():
+    from tcore.bench_model import bench_config, build_trainer, forward_backward_flops
+
+    device = torch.device("cpu")
+    cfg = bench_config("vit_tiny", "sdpa", "fp32", False, 2, device,
+                       overrides="model.head.prototypes=256,model.head.hidden=128,model.img_size=64")
+    trainer = build_trainer(cfg, device)
+
+    def flops(batch_size: int) -> int:
+        batch = make_synthetic_batch(batch_size, device, n_local=1, global_size=64, local_size=32)
+        return forward_backward_flops(trainer.model, batch, "fp32", device)
+
+    one, two = flops(1), flops(2)
+    # Backbones, heads and PMM scale with the batch; only the masked-token work follows the
+    # masks drawn, so per-sample FLOPs agree within that share.
+    assert two > 1.5 * one
+    assert two / 2 == pytest.approx(one, rel=0.25)
+    # The backend is restored after counting with explicit-matmul attention.
+    assert {layer.backend for layer in trainer.model.modules() if hasattr(layer, "backend")} == {"sdpa"}
+
+
+def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path):
+    path = tmp_path / "data.json"
+    output = run_cli(["bench", "data", "--data", str(synth_shards), "--loader", "both",
+                      "--device", "cpu", "--threads", "1", "--batch", "2", "--seconds", "1",
+                      "--warmup", "1", "--repeats", "2", "--json", str(path)])
+    assert "ratio samples_per_s first/second" in output
+    report = json.loads(path.read_text())
+    assert [run["settings"]["loader"] for run in report["runs"]] == ["dali", "baseline"]
+    for run in report["runs"]:
+        figures, details = run["figures"], run["details"]
+        assert details["batches"] >= 2 and details["samples"] == 2 * details["batches"]
+        assert figures["samples_per_s"]["median"] > 0
+        latency = figures["batch_latency"]
+        assert 0 < figures["batch_latency_p50"] <= figures["batch_latency_p90"] <= figures["batch_latency_p99"]
+        assert latency["max"] >= figures["batch_latency_p99"]
+        # Throughput over the measured batches is samples / summed latency.
+        assert figures["overall_samples_per_s"] == pytest.approx(
+            details["samples"] / details["measured_seconds"])
+        assert figures["cpu_seconds_per_sample"] > 0
+    assert report["compare"]["changed"] == {"loader": ["dali", "baseline"]}
+
+
+def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
+    path = tmp_path / "train.json"
+    output = run_cli(["bench", "train", "--data", str(synth_shards), "--loader", "dali",
+                      "--arch", "vit_tiny", "--batch", "2", "--precision", "fp32",
+                      "--device", "cpu", "--threads", "1", "--warmup", "0", "--steps", "2",
+                      "--repeats", "1", "--set", TINY_VIEWS, "--json", str(path)])
+    assert "data_wait_fraction" in output
+    run = json.loads(path.read_text())["runs"][0]
+    figures = run["figures"]
+    assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
+    assert run["settings"]["loader"] == "dali"
+    assert 0 <= figures["data_wait_fraction"]["median"] < 1
+    assert figures["data_wait"]["max"] <= figures["step_time"]["max"]
+    assert figures["samples_per_s"]["median"] > 0
+
+
+def test_bench_errors_name_the_problem(tmp_path):
+    from tcore.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "model", *TINY_MODEL, "--compare", "atention=math"])
+    assert result.exit_code != 0 and "atention" in result.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    result = CliRunner().invoke(main, ["bench", "table", str(bad)])
+    assert result.exit_code != 0 and "bad.json" in result.output
+
+
+def test_gpu_check_script_runs_in_cpu_mode(tmp_path):
+    """The script's machinery (step runner, budget, table, bundle) on its cheapest steps."""
+    script = REPO / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out), "GPU_CHECK_CPU": "1",
+           "GPU_CHECK_ONLY": "agree", "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "agree              ok" in summary and "sdpa vs math" in summary and "targets:" in summary
+    bundle = json.loads((out / "reports.json").read_text())
+    assert bundle["agree"]["agree"] is True
+    assert bundle["agree"]["differences"]["patch"]["max_rel"] < 1e-4
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "reports.json", "summary.txt"]
+
+
+def test_process_tree_cpu_seconds_counts_child_processes():
+    from tcore.bench_stats import process_tree_cpu_seconds
+
+    before = process_tree_cpu_seconds()
+    # A child that burns ~0.3 s of CPU and is still alive when we look.
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time, sys\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\n"
+                              "sys.stdout.write('done\\n'); sys.stdout.flush(); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "done\n"
+        during = process_tree_cpu_seconds()
+    finally:
+        child.kill()
+        child.wait()
+    assert during - before >= 0.25
+
+
+def test_bench_data_pipeline_overrides_are_typed_and_checked():
+    from tcore.bench_data import pipeline_config_from
+
+    config = pipeline_config_from("views.color_jitter=fast,views.n_local=4,views.global_scale=[0.4,1.0]")
+    assert config.views.color_jitter == "fast" and config.views.n_local == 4
+    assert config.views.global_scale == (0.4, 1.0)
+    with pytest.raises(ValueError, match="nope"):
+        pipeline_config_from("views.nope=1")
