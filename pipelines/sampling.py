@@ -19,6 +19,9 @@ from tcore.pipelines.config import PhotometricConfig, PipelineConfig, SamplingCo
 # Columns of a view's photometric row.
 PHOTO_FIELDS = ("brightness", "contrast", "saturation", "hue", "grayscale", "blur_sigma",
                 "solarize")
+# The colour-jitter operations, numbered as in a view's `jitter_order` row (torchvision's
+# ColorJitter numbering: its `fn_idx = torch.randperm(4)` indexes this tuple).
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
 @dataclass
@@ -27,10 +30,12 @@ class SampleParams:
     boxes: np.ndarray           # [V, 4] float32 (y0, x0, y1, x1) in pixels, V = 6 + n_local
     flips: np.ndarray           # [V] bool, horizontal flip (local crops only)
     photometric: np.ndarray     # [V, 7] float32, columns PHOTO_FIELDS
+    jitter_order: np.ndarray    # [V, 4] int64, a permutation of range(4) indexing JITTER_OPS
 
     def as_dict(self) -> dict:
         return {"frames": self.frames.tolist(), "boxes": self.boxes.tolist(),
-                "flips": self.flips.tolist(), "photometric": self.photometric.tolist()}
+                "flips": self.flips.tolist(), "photometric": self.photometric.tolist(),
+                "jitter_order": self.jitter_order.tolist()}
 
 
 def sample_rng(*entropy: int) -> np.random.Generator:
@@ -176,8 +181,22 @@ def draw_sample_params(seed: int | np.random.Generator, T: int, height: int, wid
     photo_cfgs = ([views.global_1, views.global_2] + [views.local] * views.n_local
                   + [views.global_1, views.global_2] * 2)
     photometric = np.stack([draw_photometric(rng, c, views) for c in photo_cfgs])
+    # torchvision's ColorJitter applies its four operations in a uniformly random order per
+    # image. Drawn for every view (jittered or not) after every other draw, so the draws above
+    # are the same as before the order existed.
+    jitter_order = np.stack([rng.permutation(len(JITTER_OPS)) for _ in photo_cfgs])
     return SampleParams(frames=frames, boxes=np.asarray(boxes, dtype=np.float32),
-                        flips=np.asarray(flips, dtype=bool), photometric=photometric)
+                        flips=np.asarray(flips, dtype=bool), photometric=photometric,
+                        jitter_order=jitter_order.astype(np.int64))
+
+
+def jitter_sequence(row, order) -> list[int]:
+    """The jitter operations a view applies, in order: those of `order` whose factor is not
+    the identity (torchvision skips an operation whose range is 0, and a view whose jitter did
+    not fire has identity factors)."""
+    brightness, contrast, saturation, hue = (float(v) for v in row[:4])
+    active = (brightness != 1.0, contrast != 1.0, saturation != 1.0, hue != 0.0)
+    return [int(op) for op in order if active[int(op)]]
 
 
 def view_slices(n_local: int) -> dict[str, slice]:

@@ -25,7 +25,8 @@ from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import BadSampleError, distributed_shard, sample_frames
 from tcore.pipelines.manifest import ShardSet, load_shard_set
 from tcore.pipelines.masks import batch_masks, mask_tensors
-from tcore.pipelines.sampling import SampleParams, draw_sample_params, sample_rng, view_slices
+from tcore.pipelines.sampling import (SampleParams, draw_sample_params, jitter_sequence,
+                                      sample_rng, view_slices)
 
 BASELINE_STREAM = 0x7476   # keeps the baseline's sample seeds apart from the DALI loader's
 MASK_STREAM = 0x6D61736B
@@ -111,17 +112,16 @@ def decode_frames(data: bytes, indices, source: str, dali_colors: bool = False
     return [found[int(i)] for i in indices]
 
 
-def _photometric(image: Image.Image, row, threshold: int) -> Image.Image:
+def _photometric(image: Image.Image, row, order, threshold: int) -> Image.Image:
+    """torchvision's ColorJitter (its operations in the drawn order; an identity factor is
+    skipped, as ColorJitter does for a range of 0), then grayscale, blur, solarize."""
     brightness, contrast, saturation, hue, gray, sigma, solarize = [float(v) for v in row]
-    # Fixed order b, c, s, h (the DALI graph's order; torchvision would permute it).
-    if brightness != 1.0:
-        image = TF.adjust_brightness(image, brightness)
-    if contrast != 1.0:
-        image = TF.adjust_contrast(image, contrast)
-    if saturation != 1.0:
-        image = TF.adjust_saturation(image, saturation)
-    if hue != 0.0:
-        image = TF.adjust_hue(image, hue)
+    adjust = (lambda im: TF.adjust_brightness(im, brightness),
+              lambda im: TF.adjust_contrast(im, contrast),
+              lambda im: TF.adjust_saturation(im, saturation),
+              lambda im: TF.adjust_hue(im, hue))
+    for op in jitter_sequence(row, order):
+        image = adjust[op](image)
     if gray:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     if sigma > 0:
@@ -147,7 +147,8 @@ def baseline_views(frames: list[Image.Image], params: SampleParams,
                                interpolation=TF.InterpolationMode.BICUBIC)
         if params.flips[v]:
             crop = TF.hflip(crop)
-        crop = _photometric(crop, params.photometric[v], views.solarize_threshold)
+        crop = _photometric(crop, params.photometric[v], params.jitter_order[v],
+                            views.solarize_threshold)
         out.append(TF.normalize(TF.to_tensor(crop), views.mean, views.std))
     return out
 

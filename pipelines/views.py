@@ -11,9 +11,11 @@ The same graph runs on the CPU (`device_id=None`: `cpu` video / image decoder) a
 from __future__ import annotations
 
 import numpy as np
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
 from tcore.pipelines.config import ViewConfig
+from tcore.pipelines.sampling import jitter_sequence
 
 FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric")
 
@@ -21,6 +23,13 @@ FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric")
 # makes the 9-tap kernel an exact identity instead (exp(-1 / 2e-6) == 0 in float32).
 NO_BLUR_SIGMA = 1e-3
 LUMA = (0.299, 0.587, 0.114)   # the grayscale weights of torchvision and DALI
+# Columns appended to each fed photometric row (after sampling.PHOTO_FIELDS) by
+# `jitter_columns`: the 8-bit hue shift, whether the hue shift applies, then 6 linear slots
+# (3 before the hue shift, 3 after it) of 3 columns each: (alpha, with_luma, with_mean) of
+# `_pil_enhance`.
+JITTER_HUE_SHIFT, JITTER_HUE_ON, JITTER_SLOTS = 7, 8, 9
+_SLOT_OF_OP = {0: (None, 0.0, 0.0), 1: (None, 0.0, 1.0), 2: (None, 1.0, 0.0)}
+_IDENTITY_SLOT = (1.0, 0.0, 0.0)
 
 
 def _solarize_table(threshold: int):
@@ -28,23 +37,14 @@ def _solarize_table(threshold: int):
     return keys, [k if k < threshold else 255 - k for k in keys]
 
 
-def _photometric(image, row, cfg_probs, views: ViewConfig, on_gpu: bool = False):
-    """jitter -> grayscale -> blur -> solarize on one uint8 HWC view, per-sample params."""
+def _photometric(image, row, cfg_probs, views: ViewConfig, pixels: int, on_gpu: bool = False):
+    """jitter -> grayscale -> blur -> solarize on one uint8 HWC view of `pixels` pixels,
+    per-sample params."""
     colour, blur, solarize = _enabled(cfg_probs)
-    if colour:
-        # Brightness alone first: torchvision clamps to 0..255 between its adjustments.
-        image = fn.brightness_contrast(image, brightness=row[0])
-        # torchvision's contrast blends with the mean gray level of the image, not with
-        # mid-range: compute that centre per sample.
-        means = fn.reductions.mean(image, axes=[0, 1])
-        center = means[0] * LUMA[0] + means[1] * LUMA[1] + means[2] * LUMA[2]
-        if on_gpu:
-            center = center.cpu()     # argument inputs live on the CPU (dynamic executor)
-        image = fn.brightness_contrast(image, contrast=row[1], contrast_center=center)
-        # Saturation (a blend with luma) and hue act on chroma only, so DALI's single linear
-        # transform covers both, and grayscale after jitter is saturation 0. DALI's hue is a
-        # rotation about the gray axis, an approximation of torchvision's HSV shift.
-        image = fn.hsv(image, hue=row[3] * 360.0, saturation=row[2] * (1.0 - row[4]))
+    if colour and views.color_jitter == "fast":
+        image = _fast_jitter(image, row, on_gpu)
+    elif colour:
+        image = _torchvision_jitter(image, row, pixels, on_gpu)
     if blur:
         image = fn.gaussian_blur(image, window_size=views.blur_kernel, sigma=row[5])
     if solarize:
@@ -58,7 +58,143 @@ def _photometric(image, row, cfg_probs, views: ViewConfig, on_gpu: bool = False)
     return image
 
 
-@pipeline_def(enable_conditionals=False)
+def _brightness(image, row, on_gpu):
+    return fn.brightness_contrast(image, brightness=row[0])
+
+
+def _contrast(image, row, on_gpu):
+    # torchvision's contrast blends with the mean gray level of the image, not with
+    # mid-range: compute that centre per sample.
+    means = fn.reductions.mean(image, axes=[0, 1])
+    center = means[0] * LUMA[0] + means[1] * LUMA[1] + means[2] * LUMA[2]
+    if on_gpu:
+        center = center.cpu()     # argument inputs live on the CPU (dynamic executor)
+    return fn.brightness_contrast(image, contrast=row[1], contrast_center=center)
+
+
+def _fast_jitter(image, row, on_gpu):
+    """views.color_jitter = "fast": brightness, contrast, then saturation + hue + grayscale
+    in one linear transform (DALI's hue: a rotation about the gray axis)."""
+    # Brightness alone first: torchvision clamps to 0..255 between its adjustments.
+    image = _contrast(_brightness(image, row, on_gpu), row, on_gpu)
+    # Saturation (a blend with luma) and hue act on chroma only, so DALI's single linear
+    # transform covers both, and grayscale after jitter is saturation 0.
+    return fn.hsv(image, hue=row[3] * 360.0, saturation=row[2] * (1.0 - row[4]))
+
+
+# PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2^15) >> 16, here as a 3x3 matrix so the
+# gray level comes out in all three channels. Every partial sum is an integer < 2^24, so
+# coord_transform's float32 arithmetic is exact, and so is the division by 2^16.
+_PIL_LUMA_M = [19595.0, 38470.0, 7471.0] * 3
+_PIL_LUMA_T = [32768.0] * 3
+
+
+def _pil_luma3(image):
+    """PIL's integer luma of a uint8 HWC image, in all 3 channels, as float32 HWC."""
+    total = fn.coord_transform(image, M=_PIL_LUMA_M, T=_PIL_LUMA_T, dtype=types.FLOAT)
+    return dmath.floor(total * (1.0 / 65536.0))
+
+
+def _pil_enhance(image, alpha, with_luma, with_mean, pixels, on_gpu):
+    """torchvision's adjust_brightness / adjust_contrast / adjust_saturation on a PIL image,
+    bit-exact, as one per-sample operation: PIL's ImageEnhance blends the image with a
+    degenerate image, base + alpha (x - base) in float32, clamped and truncated to uint8. The
+    base is black (brightness), the rounded mean luma (contrast, ImageStat), or the luma
+    (saturation): base = with_luma * L + with_mean * mean(L), per-sample 0/1 weights. alpha = 1
+    with weights 0 is an exact identity (an unused slot)."""
+    x = _f32(image)
+    luma = fn.coord_transform(image, M=_PIL_LUMA_M[:3], T=_PIL_LUMA_T[:1], dtype=types.FLOAT)
+    luma = dmath.floor(luma * (1.0 / 65536.0))                        # H x W x 1
+    total = fn.reductions.sum(fn.cast(luma, dtype=types.INT32), dtype=types.INT64)
+    mean = _f32(dmath.floor(_f64(total) / float(pixels) + 0.5))      # int(mean + 0.5)
+    if on_gpu:
+        alpha, with_luma, with_mean = alpha.gpu(), with_luma.gpu(), with_mean.gpu()
+    base = with_luma * luma + with_mean * mean
+    # floor, then the saturating cast: PIL's clamp and truncation.
+    return fn.cast(dmath.floor(base + alpha * (x - base)), dtype=types.UINT8)
+
+
+def _torchvision_jitter(image, row, pixels, on_gpu):
+    """views.color_jitter = "torchvision": ColorJitter's operations in the view's drawn order
+    (uint8 between them: clamped to 0..255 and truncated as PIL does), then grayscale.
+
+    The order is fed as columns (see `jitter_columns`): three linear slots (brightness,
+    contrast or saturation, or an exact identity) before the hue shift, the hue shift if it
+    applies (a per-sample `if`: DALI conditionals split and merge the batch), three slots
+    after it. The HSV graph exists once per view."""
+    def slot(image, k):
+        col = JITTER_SLOTS + 3 * k
+        if row[col] != 1.0:            # unused slots (alpha 1) skip the work
+            image = _pil_enhance(image, row[col], row[col + 1], row[col + 2], pixels, on_gpu)
+        return image
+
+    for k in range(3):
+        image = slot(image, k)
+    if row[JITTER_HUE_ON] > 0:
+        shift = row[JITTER_HUE_SHIFT]
+        if on_gpu:
+            shift = shift.gpu()
+        image = pil_hue_shift(image, shift)
+    for k in range(3, 6):
+        image = slot(image, k)
+    if row[4] > 0:
+        image = fn.cast(_pil_luma3(image), dtype=types.UINT8)     # PIL's "L", as RGB
+    return image
+
+
+def _f32(x):
+    return fn.cast(x, dtype=types.FLOAT)
+
+
+def _f64(x):
+    return fn.cast(x, dtype=types.FLOAT64)
+
+
+def pil_hue_shift(image, shift):
+    """torchvision's `adjust_hue` on a PIL image, bit-exact: PIL's RGB -> HSV (8-bit H, S, V),
+    H += shift (mod 256; shift = uint8(int32(hue * 255)), computed on the host), HSV -> RGB.
+
+    PIL computes in a mix of float and double and truncates; the casts below reproduce each
+    rounding (checked against PIL on all 2^24 colours at several shifts). torchvision's tensor
+    `_rgb2hsv` / `_hsv2rgb` follow the same formulas without the 8-bit quantisation of H and S.
+    uint8 HWC in, uint8 HWC out; `shift` is a per-sample float scalar on the image's device."""
+    x = _f32(image)
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    v = dmath.max(dmath.max(r, g), b)
+    chroma = v - dmath.min(dmath.min(r, g), b)
+    cr = dmath.max(chroma, 1.0)            # gray pixels: S = 0 makes H irrelevant
+    rc, gc, bc = (v - r) / cr, (v - g) / cr, (v - b) / cr
+    is_r = r == v
+    is_g = (r != v) & (g == v)
+    is_b = (r != v) & (g != v)
+    # h = bc - gc (float), 2.0 + rc - bc or 4.0 + gc - rc (double, stored as float); one
+    # mask is 1 per pixel, so the sum is exact.
+    rc64, gc64, bc64 = _f64(rc), _f64(gc), _f64(bc)
+    h = is_r * (bc - gc) + is_g * _f32(rc64 + 2.0 - bc64) + is_b * _f32(gc64 + 4.0 - rc64)
+    y = _f64(h) / 6.0 + 1.0                # in [5/6, 11/6]: fmod(y, 1) = y - (y >= 1), exact
+    h = _f64(_f32(y - (y >= 1.0)))
+    hue = dmath.floor(h * 255.0)
+    sat = dmath.floor(_f64(chroma / dmath.max(v, 1.0)) * 255.0)
+    hue = hue + shift
+    hue = hue - (hue >= 256.0) * 256.0
+    # HSV -> RGB: i = floor(6 H / 255) in 0..6, f (float), p, q, t rounded half up.
+    h6 = hue * 6.0 / 255.0
+    i = dmath.floor(h6)
+    fs = _f64(_f32(h6 - i) * _f32(sat))
+    v64 = _f64(v)
+    p = dmath.floor(v64 * (255.0 - sat) / 255.0 + 0.5)
+    q = dmath.floor(v64 * (255.0 - fs) / 255.0 + 0.5)
+    t = dmath.floor(v64 * (255.0 - sat + fs) / 255.0 + 0.5)
+    c = [i == k for k in range(7)]
+    c0 = c[0] | c[6]                       # H = 255 gives i = 6, i.e. 0 (mod 6)
+    red = (c0 | c[5]) * v64 + c[1] * q + (c[2] | c[3]) * p + c[4] * t
+    green = c0 * t + (c[1] | c[2]) * v64 + c[3] * q + (c[4] | c[5]) * p
+    blue = (c0 | c[1]) * p + c[2] * t + (c[3] | c[4]) * v64 + c[5] * q
+    rgb = fn.stack(red, green, blue, axis=2)
+    return fn.cast(fn.reshape(rgb, layout="HWC"), dtype=types.UINT8)
+
+
+@pipeline_def(enable_conditionals=True)
 def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype):
     data = fn.external_source(name="data", dtype=types.UINT8, ndim=1, no_copy=False)
     frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
@@ -93,10 +229,27 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype):
             resized[key] = fn.resize(frame, roi_start=boxes[v, 0:2], roi_end=boxes[v, 2:4],
                                      size=[size, size], interp_type=types.INTERP_CUBIC,
                                      antialias=True)
-        crop = _photometric(resized[key], photometric[v], probs, views, on_gpu)
+        crop = _photometric(resized[key], photometric[v], probs, views, size * size, on_gpu)
         outputs.append(fn.crop_mirror_normalize(
             crop, mirror=flips[v], mean=mean, std=std, dtype=out_dtype, output_layout="CHW"))
     return tuple(outputs)
+
+
+def jitter_columns(row, order) -> np.ndarray:
+    """A view's drawn jitter order as the graph's columns (see JITTER_* above)."""
+    sequence = jitter_sequence(row, order)
+    hue = 3 in sequence
+    split = sequence.index(3) if hue else len(sequence)
+    pre, post = sequence[:split], sequence[split + 1:]
+
+    def slots(ops):
+        out = [(float(row[op]),) + _SLOT_OF_OP[op][1:] for op in ops]
+        return out + [_IDENTITY_SLOT] * (3 - len(out))
+
+    # PIL shifts its 8-bit H by uint8(int32(hue * 255)) (torchvision's PIL adjust_hue).
+    shift = int(np.int32(float(row[3]) * 255)) % 256
+    columns = [shift, float(hue)] + [v for slot in slots(pre) + slots(post) for v in slot]
+    return np.array(columns, dtype=np.float32)
 
 
 def feed_arrays(samples_data, params) -> dict[str, list[np.ndarray]]:
@@ -105,7 +258,9 @@ def feed_arrays(samples_data, params) -> dict[str, list[np.ndarray]]:
     for p in params:
         rows = p.photometric.copy()
         rows[:, 5] = np.where(rows[:, 5] > 0, rows[:, 5], NO_BLUR_SIGMA)
-        photometric.append(rows)
+        slots = np.stack([jitter_columns(row, order)
+                          for row, order in zip(p.photometric, p.jitter_order)])
+        photometric.append(np.concatenate([rows, slots], axis=1))
     return {"data": list(samples_data),
             "frames": [p.frames.astype(np.int32) for p in params],
             "boxes": [p.boxes for p in params],

@@ -141,6 +141,38 @@ def test_photometric_probabilities():
     assert np.abs(factors[:, 3]).max() <= 0.1
 
 
+def test_jitter_order_is_uniform_over_the_24_permutations():
+    """torchvision's randperm(4): every order of (brightness, contrast, saturation, hue)
+    equally likely, per view, independently of the view kind."""
+    from scipy.stats import chisquare
+    config, params = _views_stats(n=1500)
+    orders = np.concatenate([p.jitter_order for p in params])        # [n * V, 4]
+    assert np.all(np.sort(orders, axis=1) == np.arange(4))
+    counts = Counter(map(tuple, orders.tolist()))
+    assert len(counts) == 24
+    observed = np.array(list(counts.values()))
+    # 21000 draws (fixed seeds), 23 degrees of freedom: uniform draws pass p > 0.001
+    # (statistic < 49.7) 999 times in 1000; one order drawn twice as often (statistic ~ 875)
+    # or six orders never drawn ("hue never first") fail.
+    assert chisquare(observed).pvalue > 1e-3, counts
+    # The first operation is each of the four equally often, in global and local views alike.
+    for part in (np.s_[:, 0:2], np.s_[:, 2:10]):
+        first = np.stack([p.jitter_order for p in params])[part][..., 0].ravel()
+        assert chisquare(np.bincount(first, minlength=4)).pvalue > 1e-3
+
+
+def test_color_jitter_mode_is_validated():
+    config = PipelineConfig()
+    assert config.views.color_jitter == "fast"
+    config.views.color_jitter = "torchvision"
+    config.validate()
+    config.views.color_jitter = "exact"
+    with pytest.raises(ValueError, match="views.color_jitter"):
+        config.validate()
+    assert PipelineConfig.from_dict({"views": {"color_jitter": "torchvision"}}) \
+        .views.color_jitter == "torchvision"
+
+
 def test_params_are_a_pure_function_of_the_seed():
     config = PipelineConfig()
     a = draw_sample_params(sample_rng(1, 2, 3), 20, 128, 160, config)

@@ -1,0 +1,130 @@
+"""Stage B's colour jitter (views.color_jitter = "torchvision") against torchvision on PIL
+images, on fed uint8 images (no decode, no resize): the HSV hue shift, brightness, contrast,
+saturation and grayscale bit for bit, in the drawn order (all 24 orders)."""
+import itertools
+
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def, types
+from PIL import Image
+import torchvision.transforms.functional as TF
+
+from tcore.pipelines.config import PhotometricConfig, ViewConfig
+from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
+from tcore.pipelines.views import _photometric, jitter_columns, pil_hue_shift
+
+
+@pipeline_def(enable_conditionals=True, num_threads=1, device_id=None, prefetch_queue_depth=1,
+              exec_async=False, exec_pipelined=False)
+def _jitter_pipeline(views: ViewConfig, size: int):
+    image = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
+    rows = fn.external_source(name="rows", dtype=types.FLOAT, ndim=1)
+    cfg = PhotometricConfig(jitter_p=1.0, blur_p=0.0, solarize_p=0.0)
+    return _photometric(image, rows, cfg, views, size * size)
+
+
+@pipeline_def(num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
+              exec_pipelined=False)
+def _hue_pipeline():
+    image = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
+    shift = fn.external_source(name="shift", dtype=types.FLOAT, ndim=0)
+    return pil_hue_shift(image, shift)
+
+
+def _test_image(size=64, seed=0) -> np.ndarray:
+    """Random colours, smooth gradients, the primaries / secondaries, grays, black, white."""
+    rng = np.random.default_rng(seed)
+    image = (rng.random((size, size, 3)) * 256).astype(np.uint8)
+    ramp = np.linspace(0, 255, size).astype(np.uint8)
+    image[: size // 4, :, 0] = ramp[None, :]
+    image[: size // 4, :, 1] = ramp[::-1][None, :]
+    image[: size // 4, :, 2] = 128
+    corners = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
+               (255, 0, 255), (0, 0, 0), (255, 255, 255), (128, 128, 128), (1, 0, 0)]
+    for k, colour in enumerate(corners):
+        image[-1, k] = colour
+    return image
+
+
+def _run(pipe, feeds: dict) -> list[np.ndarray]:
+    for name, values in feeds.items():
+        pipe.feed_input(name, values)
+    return [np.array(out) for out in pipe.run()[0]]
+
+
+def _row(brightness, contrast, saturation, hue, gray=0.0):
+    return np.array([brightness, contrast, saturation, hue, gray, 0.0, 0.0], dtype=np.float32)
+
+
+@pytest.mark.parametrize("hue", [0.08, -0.1, 0.5, -0.5, 0.003])
+def test_hue_shift_is_pils_bit_for_bit(hue):
+    """TF.adjust_hue on a PIL image: 8-bit HSV, H += uint8(int32(hue * 255)). (An
+    all-2^24-colours check at several hues also gives 0 differences; too slow for the suite.)"""
+    image = _test_image(96)
+    pipe = _hue_pipeline(batch_size=1)
+    pipe.build()
+    shift = jitter_columns(_row(1.0, 1.0, 1.0, hue), np.arange(4))[0]   # the fed shift
+    out = _run(pipe, {"image": [image], "shift": [np.float32(shift)]})[0]
+    want = np.array(TF.adjust_hue(Image.fromarray(image), hue))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    assert np.array_equal(out, want), np.abs(out.astype(int) - want).max()
+
+
+def _feed_rows(rows, orders):
+    return [np.concatenate([r, jitter_columns(r, o)]) for r, o in zip(rows, orders)]
+
+
+def test_jitter_applies_each_views_drawn_order():
+    """One sample per order of the 24: DALI equals torchvision (PIL images) with the same
+    order pixel for pixel; against the fixed order b, c, s, h it does not."""
+    image = _test_image(64, seed=1)
+    orders = [np.array(p) for p in itertools.permutations(range(4))]
+    row = _row(1.35, 0.65, 1.2, 0.08)
+    views = ViewConfig(color_jitter="torchvision")
+    pipe = _jitter_pipeline(views, 64, batch_size=len(orders))
+    pipe.build()
+    outs = _run(pipe, {"image": [image] * len(orders),
+                       "rows": _feed_rows([row] * len(orders), orders)})
+    matched, fixed = [], []
+    for out, order in zip(outs, orders):
+        want = np.array(baseline_photometric(Image.fromarray(image), row, order, 128))
+        matched.append(np.abs(out.astype(int) - want).mean())
+        other = np.array(baseline_photometric(Image.fromarray(image), row, np.arange(4), 128))
+        fixed.append(np.abs(out.astype(int) - other).mean())
+    # Bit-exact (measured 0 for every order); a wrong order differs by 2-11 levels on average.
+    assert max(matched) == 0.0, matched
+    assert sorted(fixed)[1] > 1.5 and max(fixed) > 8.0, fixed
+
+
+def test_jitter_skips_identity_factors_and_grays_after():
+    """A view whose jitter did not fire (identity factors) is unchanged; hue alone is PIL's
+    exactly; grayscale (PIL's integer luma) comes after the jitter."""
+    image = _test_image(48, seed=2)
+    rows = [_row(1.0, 1.0, 1.0, 0.0), _row(1.0, 1.0, 1.0, -0.07),
+            _row(1.2, 1.0, 1.0, 0.06, gray=1.0), _row(1.0, 1.0, 1.0, 0.0, gray=1.0)]
+    orders = [np.array([3, 1, 0, 2])] * len(rows)
+    pipe = _jitter_pipeline(ViewConfig(color_jitter="torchvision"), 48, batch_size=len(rows))
+    pipe.build()
+    outs = _run(pipe, {"image": [image] * len(rows), "rows": _feed_rows(rows, orders)})
+    assert np.array_equal(outs[0], image)
+    assert np.array_equal(outs[1], np.array(TF.adjust_hue(Image.fromarray(image), -0.07)))
+    for out, row, order in zip(outs[2:], rows[2:], orders[2:]):
+        assert np.all(out[..., 0] == out[..., 1]) and np.all(out[..., 1] == out[..., 2])
+        want = np.array(baseline_photometric(Image.fromarray(image), row, order, 128))
+        assert np.array_equal(out, want)
+
+
+def test_jitter_columns_encode_the_order_around_hue():
+    b, c, s = (np.float32(v) for v in (1.1, 0.9, 1.05))
+    row = _row(b, c, s, 0.04)
+    ident = [1, 0, 0]
+    # Order saturation, hue, brightness, contrast: [shift, hue on, 3 slots before, 3 after].
+    assert jitter_columns(row, np.array([2, 3, 0, 1])).tolist() == \
+        [10, 1] + [s, 1, 0] + ident * 2 + [b, 0, 0] + [c, 0, 1] + ident
+    assert jitter_columns(row, np.array([3, 0, 1, 2])).tolist() == \
+        [10, 1] + ident * 3 + [b, 0, 0] + [c, 0, 1] + [s, 1, 0]
+    # Hue 0 (not jittered, or configured off) and contrast 1: skipped, the rest in order.
+    assert jitter_columns(_row(b, 1.0, s, 0.0), np.array([2, 3, 1, 0])).tolist() == \
+        [0, 0] + [s, 1, 0] + [b, 0, 0] + ident * 4
+    # A negative hue wraps: int32(-0.04 * 255) = -10 -> 246.
+    assert jitter_columns(_row(1.0, 1.0, 1.0, -0.04), np.arange(4))[0] == 246
