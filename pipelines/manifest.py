@@ -6,10 +6,11 @@ shorter than their index says (a truncated copy).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from tcore.preprocess.index import read_index
+from tcore.preprocess.manifest import load_manifest, manifest_path
 
 VIDEO_CODECS_ON_CPU = ("vp9", "vp8", "mjpeg")
 
@@ -31,40 +32,17 @@ class ShardSet:
         return n * (shard_id + 1) // num_shards - n * shard_id // num_shards
 
 
-def _manifest_path(path) -> Path:
-    path = Path(path)
-    return path / "manifest.json" if path.is_dir() else path
-
-
 def read_manifest(path) -> dict:
-    manifest_path = _manifest_path(path)
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: no manifest.json (build shards with "
-                                "`tcore shards build`)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{manifest_path}: not valid JSON ({error})") from None
-    for key in ("kind", "codec", "clip_ext", "shards"):
-        if key not in manifest:
-            raise ValueError(f"{manifest_path}: manifest lacks '{key}'")
-    if manifest["kind"] not in ("video", "image"):
-        raise ValueError(f"{manifest_path}: unknown kind {manifest['kind']!r}")
-    manifest["_dir"] = str(manifest_path.parent.resolve())
+    """The validated manifest (the shard builder's own reader), plus its directory as `_dir`."""
+    manifest = load_manifest(path)
+    manifest["_dir"] = str(manifest_path(path).parent.resolve())
     return manifest
 
 
 def _last_index_end(index_path: str) -> int:
-    """End offset of the last component listed in a DALI (wds2idx v1.2) index file."""
-    with open(index_path) as handle:
-        lines = handle.read().split("\n")
-    end = 0
-    for line in lines[1:]:
-        parts = line.split()
-        # Components come as (ext, offset, size, filename) groups.
-        for i in range(0, len(parts) - 3, 4):
-            end = max(end, int(parts[i + 1]) + int(parts[i + 2]))
-    return end
+    """End offset of the last component listed in a DALI (wds2idx) index file."""
+    return max((offset + size for sample in read_index(index_path)
+                for _ext, offset, size, _name in sample), default=0)
 
 
 def check_shard_files(tar: str, index: str) -> None:
