@@ -22,6 +22,7 @@ FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric")
 # Gaussian blur with sigma 0 would mean "derive sigma from the window" in DALI; a tiny sigma
 # makes the 9-tap kernel an exact identity instead (exp(-1 / 2e-6) == 0 in float32).
 NO_BLUR_SIGMA = 1e-3
+BLUR_DRAWN = 0.01      # drawn sigmas are >= 0.1; rows without blur carry NO_BLUR_SIGMA
 LUMA = (0.299, 0.587, 0.114)   # the grayscale weights of torchvision and DALI
 # Columns appended to each fed photometric row (after sampling.PHOTO_FIELDS) by
 # `jitter_columns`: the 8-bit hue shift, whether the hue shift applies, then 6 linear slots
@@ -45,16 +46,13 @@ def _photometric(image, row, cfg_probs, views: ViewConfig, pixels: int, on_gpu: 
         image = _fast_jitter(image, row, on_gpu)
     elif colour:
         image = _torchvision_jitter(image, row, pixels, on_gpu)
-    if blur:
+    # Per-sample `if`s (DALI conditionals split and merge the batch): a view that did not
+    # draw blur or solarize skips that work instead of running it as an identity.
+    if blur and row[5] > BLUR_DRAWN:
         image = fn.gaussian_blur(image, window_size=views.blur_kernel, sigma=row[5])
-    if solarize:
+    if solarize and row[6] > 0:
         keys, values = _solarize_table(views.solarize_threshold)
-        solarized = fn.lookup_table(image, keys=keys, values=values, dtype=types.UINT8)
-        flag = fn.cast(row[6], dtype=types.UINT8)
-        if on_gpu:
-            flag = flag.gpu()
-        # Exactly one of the two terms is non-zero, so uint8 arithmetic cannot overflow.
-        image = solarized * flag + image * (1 - flag)
+        image = fn.lookup_table(image, keys=keys, values=values, dtype=types.UINT8)
     return image
 
 
@@ -75,11 +73,15 @@ def _contrast(image, row, on_gpu):
 def _fast_jitter(image, row, on_gpu):
     """views.color_jitter = "fast": brightness, contrast, then saturation + hue + grayscale
     in one linear transform (DALI's hue: a rotation about the gray axis)."""
-    # Brightness alone first: torchvision clamps to 0..255 between its adjustments.
-    image = _contrast(_brightness(image, row, on_gpu), row, on_gpu)
-    # Saturation (a blend with luma) and hue act on chroma only, so DALI's single linear
-    # transform covers both, and grayscale after jitter is saturation 0.
-    return fn.hsv(image, hue=row[3] * 360.0, saturation=row[2] * (1.0 - row[4]))
+    jittered = (row[0] != 1.0) | (row[1] != 1.0) | (row[2] != 1.0) | (row[3] != 0.0)
+    if jittered:
+        # Brightness alone first: torchvision clamps to 0..255 between its adjustments.
+        image = _contrast(_brightness(image, row, on_gpu), row, on_gpu)
+    if jittered | (row[4] > 0):
+        # Saturation (a blend with luma) and hue act on chroma only, so DALI's single linear
+        # transform covers both, and grayscale after jitter is saturation 0.
+        image = fn.hsv(image, hue=row[3] * 360.0, saturation=row[2] * (1.0 - row[4]))
+    return image
 
 
 # PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2^15) >> 16, here as a 3x3 matrix so the
