@@ -8,7 +8,6 @@ The optimizer step, gradient scaling and schedules live in the train loop (``tco
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import torch

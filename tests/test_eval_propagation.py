@@ -1,6 +1,5 @@
 """Label propagation against a direct dense computation with plain loops."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

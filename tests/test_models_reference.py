@@ -1,6 +1,5 @@
 """Reference checkpoints: the fixture's outputs, the three checkpoint layouts, export round trips."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
