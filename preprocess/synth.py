@@ -25,6 +25,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 # Class = motion pattern shared by every object of a video.
@@ -185,8 +186,12 @@ def encode_video(frames: np.ndarray, fmt: str, codec: str, pix_fmt: str, fps: in
                           "libvpx-vp9": {"crf": "24", "b": "0", "deadline": "realtime",
                                          "cpu-used": "8", "row-mt": "0", "threads": "1"},
                           "mjpeg": {"qmin": "3", "qmax": "3", "threads": "1"}}[codec]
+        # Convert to the encoder's pixel format here, single-threaded: the implicit conversion
+        # inside encode() may slice the work over threads, and its bytes then vary run to run.
+        reformatter = VideoReformatter()
         for index, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame = reformatter.reformat(av.VideoFrame.from_ndarray(image, format="rgb24"),
+                                         format=pix_fmt, threads=1)
             frame.pts = index
             frame.time_base = Fraction(1, fps)
             container.mux(stream.encode(frame))
