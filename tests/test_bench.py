@@ -15,11 +15,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tcore.bench_flops import (count_flops, matmul_flops, measure_matmul_peak,
+from tcore.bench.flops import (count_flops, matmul_flops, measure_matmul_peak,
                                model_flops_utilisation, vit_block_forward_flops)
-from tcore.bench_report import (build_report, compare_ratio, format_report, parse_overrides,
+from tcore.bench.report import (build_report, compare_ratio, format_report, parse_overrides,
                                 read_report, write_json_atomic)
-from tcore.bench_stats import median, percentile, summarize, time_repeats
+from tcore.bench.stats import median, percentile, summarize, time_repeats
 from tcore.synthetic_batch import make_synthetic_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def gpu_result(kind: str, samples_per_s: float, mfu: float | None = None, **sett
 
 
 def test_targets_are_checked_against_matching_runs():
-    from tcore.bench_targets import check_targets
+    from tcore.bench.targets import check_targets
 
     fast = gpu_result("model", 400.0, 0.40, arch="vit_small", attention="xformers", precision="bf16")
     slow = gpu_result("model", 100.0, 0.05, arch="vit_small", attention="math", precision="fp32")
@@ -258,7 +258,7 @@ def test_bench_model_writes_every_figure_and_compares(tmp_path):
 
 
 def test_step_flops_scale_with_the_batch():
-    from tcore.bench_model import bench_config, build_trainer, forward_backward_flops
+    from tcore.bench.model import bench_config, build_trainer, forward_backward_flops
 
     device = torch.device("cpu")
     cfg = bench_config("vit_tiny", "sdpa", "fp32", False, 2, device,
@@ -346,7 +346,7 @@ def test_gpu_check_script_runs_in_cpu_mode(tmp_path):
 
 
 def test_process_tree_cpu_seconds_counts_child_processes():
-    from tcore.bench_stats import process_tree_cpu_seconds
+    from tcore.bench.stats import process_tree_cpu_seconds
 
     before = process_tree_cpu_seconds()
     # A child that burns ~0.3 s of CPU and is still alive when we look.
@@ -365,7 +365,7 @@ def test_process_tree_cpu_seconds_counts_child_processes():
 
 
 def test_bench_data_pipeline_overrides_are_typed_and_checked():
-    from tcore.bench_data import pipeline_config_from
+    from tcore.bench.data import pipeline_config_from
 
     config = pipeline_config_from("views.color_jitter=fast,views.n_local=4,views.global_scale=[0.4,1.0]")
     assert config.views.color_jitter == "fast" and config.views.n_local == 4

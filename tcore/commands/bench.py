@@ -149,7 +149,7 @@ def train(data_dir, loader, arch, batch, attention, precision, compile_, device,
 def agree(arch, attention, reference, precision, device, batch, tolerance, json_path):
     """Check two attention backends give the same backbone outputs (exit 1 if not)."""
     from tcore.bench import attention_agreement
-    from tcore.bench_report import write_json_atomic
+    from tcore.bench.report import write_json_atomic
 
     result = fail_on_value_error(lambda: attention_agreement(
         arch, (attention, reference), device, precision, batch))

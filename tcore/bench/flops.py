@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tcore.bench_stats import time_repeats
+from tcore.bench.stats import time_repeats
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -4,10 +4,10 @@
 one in the same process (same warm device, same libraries), then builds the report with the
 ratio of their samples/s. The modules behind it:
 
-- `tcore.bench_stats`: warm-up/repeat timing, median, spread, percentiles;
-- `tcore.bench_flops`: FLOP counting, the measured matmul peak, MFU;
-- `tcore.bench_model`, `tcore.bench_data`, `tcore.bench_train`: the three benches;
-- `tcore.bench_report`: environment record, JSON files, terminal tables.
+- `tcore.bench.stats`: warm-up/repeat timing, median, spread, percentiles;
+- `tcore.bench.flops`: FLOP counting, the measured matmul peak, MFU;
+- `tcore.bench.model`, `tcore.bench.data`, `tcore.bench.train`: the three benches;
+- `tcore.bench.report`: environment record, JSON files, terminal tables.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from tcore.bench_data import DataBenchSettings, run_data_bench
-from tcore.bench_model import ModelBenchSettings, attention_agreement, run_model_bench
-from tcore.bench_report import (build_report, format_report, format_summary_table,
+from tcore.bench.data import DataBenchSettings, run_data_bench
+from tcore.bench.model import ModelBenchSettings, attention_agreement, run_model_bench
+from tcore.bench.report import (build_report, format_report, format_summary_table,
                                 parse_overrides, read_report, write_json_atomic)
-from tcore.bench_targets import format_targets
-from tcore.bench_train import TrainBenchSettings, run_train_bench
+from tcore.bench.targets import format_targets
+from tcore.bench.train import TrainBenchSettings, run_train_bench
 
 SETTINGS = {"model": ModelBenchSettings, "data": DataBenchSettings, "train": TrainBenchSettings}
 

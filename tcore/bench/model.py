@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from tcore.bench_flops import (PRECISION_DTYPES, count_flops, measure_matmul_peak,
+from tcore.bench.flops import (PRECISION_DTYPES, count_flops, measure_matmul_peak,
                                model_flops_utilisation, peak_dtype_for, synchronizer)
-from tcore.bench_report import environment, resolve_device
-from tcore.bench_stats import process_tree_cpu_seconds, summarize, time_repeats
+from tcore.bench.report import environment, resolve_device
+from tcore.bench.stats import process_tree_cpu_seconds, summarize, time_repeats
 from tcore.synthetic_batch import make_synthetic_batch
 
 TEACHER_TEMP = 0.07         # value after warm-up; the temperature does not change the cost

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tcore.bench_report import headline
+from tcore.bench.report import headline
 
 MFU_TARGETS = {"vit_small": 0.35, "vit_base": 0.45}
 SPEEDUP_OVER_FP32_MATH = 3.0

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tcore.bench_data import batch_size_of, build_named_loader, close_loader
-from tcore.bench_flops import PRECISION_DTYPES, synchronizer
-from tcore.bench_model import BENCH_ITERATION, bench_config, build_trainer, resolved_attention
-from tcore.bench_report import environment, resolve_device
-from tcore.bench_stats import summarize
+from tcore.bench.data import batch_size_of, build_named_loader, close_loader
+from tcore.bench.flops import PRECISION_DTYPES, synchronizer
+from tcore.bench.model import BENCH_ITERATION, bench_config, build_trainer, resolved_attention
+from tcore.bench.report import environment, resolve_device
+from tcore.bench.stats import summarize
 
 
 @dataclass(frozen=True)

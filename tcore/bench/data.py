@@ -15,9 +15,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from tcore.bench_flops import synchronizer
-from tcore.bench_report import environment, resolve_device
-from tcore.bench_stats import process_tree_cpu_seconds, summarize
+from tcore.bench.flops import synchronizer
+from tcore.bench.report import environment, resolve_device
+from tcore.bench.stats import process_tree_cpu_seconds, summarize
 
 LOADERS = ("dali", "baseline")
 
@@ -69,7 +69,7 @@ def pipeline_config_from(overrides: str):
     training config), e.g. "views.color_jitter=fast,views.n_local=4"."""
     from omegaconf import OmegaConf
 
-    from tcore.bench_model import split_overrides
+    from tcore.bench.model import split_overrides
     from tcore.pipelines.config import PipelineConfig
 
     items = split_overrides(overrides)
