@@ -3,12 +3,11 @@ they are, else re-encode."""
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from tcore.preprocess.errors import BadInput
+from tcore.preprocess.errors import BadInput, check_nonempty_file
 from tcore.preprocess.video import output_size
 
 
@@ -26,12 +25,7 @@ def prepare_image(path: str, short_side: int, quality: int = 90, allow_upscale: 
     """JPEG bytes of an image. The original file is kept when it is a baseline-decodable
     RGB/grey JPEG whose short side is already within `short_side` (0 = no limit); anything
     else (PNG, CMYK, too large, ...) is decoded, resized to the short side and re-encoded."""
-    try:
-        size = os.path.getsize(path)
-    except OSError as err:
-        raise BadInput(f"cannot read file: {err.strerror or err}") from err
-    if size == 0:
-        raise BadInput("empty file (0 bytes)")
+    check_nonempty_file(path)
     with open(path, "rb") as handle:
         raw = handle.read()
     try:

@@ -8,7 +8,6 @@ selection is redone with the true count.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -17,7 +16,7 @@ import numpy as np
 from av.video.frame import PictureType
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
-from tcore.preprocess.errors import BadInput
+from tcore.preprocess.errors import BadInput, check_nonempty_file
 
 # codec name -> (container format, file extension / manifest clip_ext, encoder)
 # MJPEG goes in Matroska: DALI's CPU video decoder reads it from mkv (tested in
@@ -79,12 +78,7 @@ def _resize(frame, width: int, height: int):
 
 
 def _open(path: str):
-    try:
-        size = os.path.getsize(path)
-    except OSError as err:
-        raise BadInput(f"cannot read file: {err.strerror or err}") from err
-    if size == 0:
-        raise BadInput("empty file (0 bytes)")
+    check_nonempty_file(path)
     try:
         container = av.open(path, mode="r")
     except EOFError as err:
