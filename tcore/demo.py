@@ -38,7 +38,7 @@ class DemoSettings:
     steps: int | None = None      # None: the preset's whole schedule
     videos: int = 24
     source_frames: int = 40
-    davis_videos: int = 3
+    davis_videos: int = 8
     seed: int = 0
     progress: bool = True
 

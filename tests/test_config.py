@@ -18,7 +18,7 @@ def test_presets_exist_and_load():
     assert list(k400.data.past_offset_range) == [0.15, 0.25]
     assert load_config("vitb16_k400").model.arch == "vit_base"
     tiny = load_config("tiny_cpu")
-    assert tiny.model.arch == "vit_tiny" and tiny.data.batch_size_per_gpu == 4
+    assert tiny.model.arch == "vit_tiny" and tiny.data.batch_size_per_gpu == 16
 
 
 def test_config_by_path_and_by_file_name(tmp_path):

@@ -20,7 +20,7 @@ from tcore.synthetic_batch import make_synthetic_batch
 from tcore.train import Trainer, read_losses, train
 
 STEPS = 6
-FAST = ["train.log_every=1", "model.head.prototypes=256"]
+FAST = ["train.log_every=1", "model.head.prototypes=256", "data.batch_size_per_gpu=4"]
 
 
 def train_command(shards, out, *extra):

@@ -5,7 +5,7 @@ import click
 @click.command(name="demo")
 @click.option("--output", default="runs/demo", show_default=True, help="Where everything goes.")
 @click.option("--steps", type=int, default=None,
-              help="Training steps (default: the tiny_cpu preset's whole schedule, 100).")
+              help="Training steps (default: the tiny_cpu preset's whole schedule, 300).")
 @click.option("--videos", type=int, default=24, show_default=True,
               help="Synthetic training videos.")
 @click.option("--seed", type=int, default=0, show_default=True)
