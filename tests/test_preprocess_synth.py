@@ -28,7 +28,7 @@ def test_layout_codecs_and_determinism(tmp_path):
             codecs[relative.rsplit(".", 1)[1]] = container.streams.video[0].codec_context.name
         assert len(frames) == 8 and (frames[0].width, frames[0].height) == (64, 48)
         assert relative.startswith(f"train/{relative.split('/')[1]}/")
-    assert codecs == {"mp4": "h264", "webm": "vp9", "avi": "mjpeg"}
+    assert codecs == {"mp4": "mpeg4", "webm": "vp9", "avi": "mjpeg"}
 
     result = CliRunner().invoke(cli, ["data", "synth", str(tmp_path / "b"), "--seed", "3", "--videos", "4",
                                       "--frames", "8", "--size", "64x48", "--davis-videos", "2",
