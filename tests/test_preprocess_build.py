@@ -60,7 +60,7 @@ BROKEN = {
 
 @pytest.fixture(scope="module")
 def mixed_src(synth_root, tmp_path_factory) -> Path:
-    """Two good videos per class (mp4/h264, webm/vp9, avi/mjpeg among them) plus one broken
+    """Two good videos per class (mp4/mpeg4, webm/vp9, avi/mjpeg among them) plus one broken
     file of each kind."""
     src = tmp_path_factory.mktemp("mixed") / "src"
     for class_dir in sorted((synth_root / "train").iterdir()):
