@@ -59,10 +59,15 @@ def _merge(defaults: dict, overrides, where: str) -> dict:
     return merged
 
 
+def backbone_from_config(cfg: dict, drop_path: float):
+    """The backbone a merged model config (``TCoRe.model_cfg``) describes."""
+    return build_backbone(cfg["arch"], patch_size=cfg["patch_size"], drop_path=drop_path,
+                          registers=cfg["registers"], layerscale=cfg["layerscale"],
+                          attention=cfg["attention"], img_size=cfg["img_size"])
+
+
 def _build_student_like(cfg: dict, drop_path: float) -> nn.ModuleDict:
-    backbone = build_backbone(cfg["arch"], patch_size=cfg["patch_size"], drop_path=drop_path,
-                              registers=cfg["registers"], layerscale=cfg["layerscale"],
-                              attention=cfg["attention"], img_size=cfg["img_size"])
+    backbone = backbone_from_config(cfg, drop_path)
     head_cfg = cfg["head"]
     head = DINOHead(backbone.embed_dim, out_dim=head_cfg["prototypes"], hidden_dim=head_cfg["hidden"],
                     bottleneck_dim=head_cfg["bottleneck"], nlayers=head_cfg["layers"])
@@ -213,4 +218,4 @@ class TCoRe(nn.Module):
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 
 
-__all__ = ["TCoRe", "default_model_config", "default_loss_config"]
+__all__ = ["TCoRe", "backbone_from_config", "default_model_config", "default_loss_config"]

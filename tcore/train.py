@@ -1,6 +1,7 @@
 """`tcore train`: the T-CoRe training loop (METHOD.md sections 5 and 6).
 
-One process per GPU (torchrun), the CPU run being world size 1. Per step:
+One process per GPU (torchrun; DDP, or FSDP through tcore.fsdp), the CPU run being world
+size 1. Per step:
 schedules -> forward_losses (autocast) -> backward (gradient scaler for fp16) -> per-module
 clipping -> AdamW -> teacher EMA. Losses stay on the device; the host reads them back only
 at log and checkpoint steps, where a NaN/inf stops the run before anything is saved.
@@ -129,12 +130,25 @@ def build_train_loader(cfg: DictConfig, manifests: list[Path], info: DistInfo):
                         infinite=True)
 
 
-def wrap_for_parallel(module: LossModule, cfg: DictConfig, info: DistInfo) -> nn.Module:
-    if not info.enabled:
+def parallel_mode(cfg: DictConfig, info: DistInfo) -> str:
+    """What `train.parallel` means at this world size: "single", "ddp" or "fsdp"."""
+    if info.enabled:
+        return str(cfg.train.parallel)
+    if cfg.train.parallel == "fsdp" and info.is_main:
+        print("tcore train: train.parallel=fsdp has no effect at world size 1 (nothing to "
+              "shard); training in a single process", file=sys.stderr)
+    return "single"
+
+
+def wrap_for_parallel(module: LossModule, parallel: str, info: DistInfo) -> nn.Module:
+    """DDP wraps the loss module; FSDP shards the model inside it in place (build the
+    optimizer afterwards, over the sharded parameters); a single process runs it as is."""
+    if parallel == "single":
         return module
-    if cfg.train.parallel == "fsdp":
-        raise ConfigError("train.parallel=fsdp is not implemented yet; ViT-S/B fit one GPU "
-                          "with DDP (train.parallel=ddp)")
+    if parallel == "fsdp":
+        from tcore.fsdp import shard_model
+        shard_model(module.model, info.device)
+        return module
     from torch.nn.parallel import DistributedDataParallel
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
@@ -156,12 +170,18 @@ class Trainer:
         self.cfg, self.loader, self.info = cfg, loader, info
         self.device = info.device
         self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.parallel = parallel_mode(cfg, info)
         self.model = build_model(cfg, self.device)
         self.global_batch = int(cfg.data.batch_size_per_gpu) * info.world_size
         self.schedules = build_schedules(cfg.optim, self.global_batch)
+        # Mixed precision is autocast in every mode, so FSDP computes exactly what DDP does;
+        # FSDP2's MixedPrecisionPolicy (low-precision parameters and reductions) would not.
+        self.loss_module = wrap_for_parallel(LossModule(self.model), self.parallel, info)
+        # After wrapping: under FSDP the optimizer must hold the sharded parameters.
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        # fp16 under FSDP: the scaler's inf/NaN check on DTensor gradients is reduced over
+        # all shards by DTensor, so every rank skips (or takes) the same steps.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.loss_module = wrap_for_parallel(LossModule(self.model), cfg, info)
         self.forward = (torch.compile(self.loss_module, backend=cfg.train.compile_backend)
                         if cfg.train.compile else self.loss_module)
         self.clip_grad = float(cfg.optim.clip_grad)
@@ -185,30 +205,69 @@ class Trainer:
         self.model.update_teacher(values["momentum"])
         return losses, values
 
+    @property
+    def sharded(self) -> bool:
+        return self.parallel == "fsdp"
+
+    def _model_state(self) -> dict:
+        if self.sharded:
+            from tcore.fsdp import full_model_state
+            return full_model_state(self.model)
+        return self.model.state_dict()
+
+    def _optimizer_state(self) -> dict:
+        if self.sharded:
+            from tcore.fsdp import full_optimizer_state
+            return full_optimizer_state(self.model, self.optimizer)
+        return self.optimizer.state_dict()
+
     def state_dict(self, step: int) -> dict:
-        """Everything a resumed run needs (collective: every rank must call it)."""
-        return {"step": step, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+        """Everything a resumed run needs (collective: every rank must call it).
+
+        The same layout in every mode: under FSDP model and optimizer are gathered into full
+        tensors, complete on rank 0 only (the rank that saves)."""
+        return {"step": step, "model": self._model_state(),
+                "optimizer": self._optimizer_state(), "scaler": self.scaler.state_dict(),
                 "loader": _gather(self.loader.state_dict(), self.info),
                 "rng": _gather(rng_state(), self.info),
-                "world_size": self.info.world_size,
+                "world_size": self.info.world_size, "parallel": self.parallel,
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def load_state_dict(self, state: dict, source: Path) -> int:
+        """Restore a checkpoint of any mode (the layout is shared) at the same world size."""
         if state.get("world_size", 1) != self.info.world_size:
             raise ConfigError(f"{source}: written by {state['world_size']} processes, resuming "
                               f"with {self.info.world_size}; exact resumption needs the same")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from tcore.fsdp import load_full_model_state, load_full_optimizer_state
+            load_full_model_state(self.model, state["model"])
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"][self.info.rank])
         set_rng_state(state["rng"][self.info.rank])
         return int(state["step"])
 
-    def export_teacher(self, path: Path) -> Path:
+    def _full_teacher_backbone(self) -> nn.Module | None:
+        """The teacher backbone with full tensors on rank 0, None elsewhere (collective)."""
+        teacher = self.model.teacher_backbone()
+        if not self.sharded:
+            return teacher if self.info.is_main else None
+        from tcore.fsdp import gathered_copy
+        from tcore.ssl import backbone_from_config
+        return gathered_copy(teacher, lambda: backbone_from_config(self.model.model_cfg, 0.0))
+
+    def export_teacher(self, path: Path) -> Path | None:
+        """Write the teacher backbone as safetensors from rank 0 (its path there, None on the
+        other ranks). Collective: under FSDP every rank must call it."""
         from tcore.models import export_safetensors
+        backbone = self._full_teacher_backbone()
+        if backbone is None:
+            return None
         tmp = path.with_name(f".tmp-{path.name}")
-        export_safetensors(self.model.teacher_backbone(), tmp)
+        export_safetensors(backbone, tmp)
         os.replace(tmp, path)
         return path
 
@@ -293,8 +352,8 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
                 state = trainer.state_dict(step)
                 if info.is_main:
                     last_ckpt = save_checkpoint(ckpt_dir, step, state, int(cfg.train.keep_last))
-                    exported = trainer.export_teacher(teacher_path)
                 del state
+                exported = trainer.export_teacher(teacher_path)  # None except on rank 0
                 barrier(info)
     except NonFiniteLossError as exc:
         logger.log(exc.good_records, values)  # the finite steps before the bad one
@@ -307,7 +366,7 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-    if info.is_main and exported is None and end_step == start_step:
+    if end_step == start_step:  # nothing trained, so nothing exported yet
         exported = trainer.export_teacher(teacher_path)
     return TrainResult(run_dir=run_dir, start_step=start_step, end_step=end_step,
                        last_checkpoint=last_ckpt, teacher_export=exported,
