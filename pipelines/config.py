@@ -150,6 +150,9 @@ class PipelineConfig:
     masks: MaskConfig = field(default_factory=MaskConfig)
     shuffle_buffer: int = 256       # webdataset reader's initial_fill
     skip_bad_samples: bool = False
+    # CPU only: stage B as this many independent pipelines fed round-robin, the threads
+    # split between them (pipelines/lanes.py); 0 = one lane per thread.
+    cpu_lanes: int = 0
 
     def validate(self) -> "PipelineConfig":
         self.sampling.validate()
@@ -157,6 +160,8 @@ class PipelineConfig:
         self.masks.validate(self.views.global_size)
         if self.shuffle_buffer < 1:
             raise ValueError("shuffle_buffer must be >= 1")
+        if self.cpu_lanes < 0:
+            raise ValueError(f"cpu_lanes = {self.cpu_lanes}: need >= 0 (0 = one per thread)")
         return self
 
     def to_dict(self) -> dict:

@@ -25,6 +25,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from tcore.pipelines.config import PipelineConfig
+from tcore.pipelines.buffers import HostBufferPool
+from tcore.pipelines.lanes import ViewLanes
 from tcore.pipelines.manifest import ShardSet, check_codecs_for_device, load_shard_set
 from tcore.pipelines.masks import batch_masks, mask_tensors
 from tcore.pipelines.sampling import SampleParams, draw_sample_params, sample_rng, view_slices
@@ -130,10 +132,14 @@ class DaliLoader:
         self.shard_id = shard_id
         self.num_shards = num_shards
         self.num_threads = num_threads
-        self.prefetch = max(1, prefetch)
+        self.lanes = self._lane_count(config, num_threads)
+        # Batches in flight in stage B: a whole number per lane (see lanes.py).
+        self.depth_per_lane = max(1, math.ceil(max(1, prefetch) / self.lanes))
+        self.prefetch = self.lanes * self.depth_per_lane
         self.infinite = infinite
         self.dtype = dtype
         self.return_params = return_params
+        self._buffers = HostBufferPool()
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
         self.skipped: list[tuple[str, str]] = []
         if config.skip_bad_samples:
@@ -263,15 +269,25 @@ class DaliLoader:
             self.samples_per_epoch = self.shard_set.samples_in_shard(self.shard_id,
                                                                      self.num_shards)
 
-    def _build_views(self, batch_size: int, prefetch: int):
+    def _lane_count(self, config: PipelineConfig, num_threads: int) -> int:
+        """One stage B pipeline on a GPU; on the CPU `cpu_lanes` (0: one per thread)."""
+        if self.device.type == "cuda":
+            return 1
+        return min(num_threads, config.cpu_lanes or num_threads)
+
+    def _build_views(self, batch_size: int, lanes: int, depth_per_lane: int):
+        """Stage B: one DALI pipeline, or `lanes` of them behind a ViewLanes."""
         device_id = None
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None \
                 else torch.cuda.current_device()
         out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
-        return build_views_pipeline(self.shard_set.kind, self.config.views, batch_size,
-                                    device_id, self.num_threads, prefetch, out_dtype,
-                                    seed=self.seed)
+        threads = max(1, self.num_threads // lanes)
+        pipes = [build_views_pipeline(self.shard_set.kind, self.config.views, batch_size,
+                                      device_id, threads, depth_per_lane, out_dtype,
+                                      seed=self.seed)
+                 for _ in range(lanes)]
+        return pipes[0] if lanes == 1 else ViewLanes(pipes, depth_per_lane)
 
     # -- stage A + host draws (producer thread)
     def _produce(self) -> None:
@@ -353,7 +369,7 @@ class DaliLoader:
         """A fresh stage B with `hosts` in flight. Its first schedule_run runs `prefetch`
         iterations at once, so that many batches must be fed first (padded with repeats of
         the last one at the very end of a pass; their outputs are never read)."""
-        self._pipe_b = self._build_views(self.batch_size, self.prefetch)
+        self._pipe_b = self._build_views(self.batch_size, self.lanes, self.depth_per_lane)
         self._pending.extendleft(reversed(hosts))
         feedable = [h for h in hosts if h.samples]
         if not feedable:
@@ -435,7 +451,7 @@ class DaliLoader:
         bad = []
         for sample, params in zip(host.samples, host.params):
             if self._probe is None:
-                self._probe = self._build_views(1, 1)
+                self._probe = self._build_views(1, 1, 1)
             probe = HostBatch(samples=[sample], params=[params], masks=host.masks,
                               state_after={}, batch_number=0)
             try:
@@ -461,8 +477,9 @@ class DaliLoader:
         for name, where in view_slices(views.n_local).items():
             n_views = where.stop - where.start
             size = sizes[name]
-            tensor = torch.empty((n_views * n, 3, size, size), dtype=copy_dtype,
-                                 device=self.device)
+            shape = (n_views * n, 3, size, size)
+            tensor = (torch.empty(shape, dtype=copy_dtype, device=self.device) if on_gpu
+                      else self._buffers.empty(shape, copy_dtype))
             for k in range(n_views if n else 0):
                 feed_ndarray(outputs[where.start + k].as_tensor(),
                              tensor[k * n:(k + 1) * n], cuda_stream=stream)

@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 
 from tcore.pipelines.config import PhotometricConfig, ViewConfig
 from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
-from tcore.pipelines.views import _photometric, jitter_columns, pil_hue_shift
+from tcore.pipelines.views import _blur_window, _photometric, jitter_columns, pil_hue_shift
 
 
 @pipeline_def(enable_conditionals=True, num_threads=1, device_id=None, prefetch_queue_depth=1,
@@ -128,3 +128,63 @@ def test_jitter_columns_encode_the_order_around_hue():
         [0, 0] + [s, 1, 0] + [b, 0, 0] + ident * 4
     # A negative hue wraps: int32(-0.04 * 255) = -10 -> 246.
     assert jitter_columns(_row(1.0, 1.0, 1.0, -0.04), np.arange(4))[0] == 246
+
+
+@pipeline_def(enable_conditionals=True, num_threads=1, device_id=None, prefetch_queue_depth=1,
+              exec_async=False, exec_pipelined=False)
+def _fast_jitter_pair(size: int):
+    """The "fast" graph as built, and the same operations written plainly with fn.hsv's own
+    uint8 output (the graph takes hsv in float and casts, which is cheaper on the CPU)."""
+    image = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
+    rows = fn.external_source(name="rows", dtype=types.FLOAT, ndim=1)
+    cfg = PhotometricConfig(jitter_p=1.0, blur_p=0.0, solarize_p=0.0)
+    built = _photometric(image, rows, cfg, ViewConfig(color_jitter="fast"), size * size)
+    plain = fn.brightness_contrast(image, brightness=rows[0])
+    means = fn.reductions.mean(plain, axes=[0, 1])
+    center = means[0] * 0.299 + means[1] * 0.587 + means[2] * 0.114
+    plain = fn.brightness_contrast(plain, contrast=rows[1], contrast_center=center)
+    plain = fn.hsv(plain, hue=rows[3] * 360.0, saturation=rows[2] * (1.0 - rows[4]))
+    return built, plain
+
+
+def test_fast_jitter_equals_dalis_plain_operators():
+    rng = np.random.default_rng(3)
+    rows = [_row(b, c, s, h, g) for b, c, s, h, g in
+            zip(rng.uniform(0.6, 1.4, 12), rng.uniform(0.6, 1.4, 12), rng.uniform(0.8, 1.2, 12),
+                rng.uniform(-0.1, 0.1, 12), [0.0] * 9 + [1.0] * 3)]
+    images = [_test_image(64, seed=k) for k in range(len(rows))]
+    pipe = _fast_jitter_pair(64, batch_size=len(rows))
+    pipe.build()
+    pipe.feed_input("image", images)
+    pipe.feed_input("rows", rows)
+    built, plain = pipe.run()
+    for k in range(len(rows)):
+        assert np.array_equal(np.array(built[k]), np.array(plain[k])), k
+
+
+@pipeline_def(num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
+              exec_pipelined=False)
+def _blur_pair():
+    image = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
+    sigma = fn.external_source(name="sigma", dtype=types.FLOAT, ndim=0)
+    narrowed = fn.gaussian_blur(image, window_size=_blur_window(sigma, 9), sigma=sigma)
+    return narrowed, fn.gaussian_blur(image, window_size=9, sigma=sigma)
+
+
+def test_narrowed_blur_window_keeps_the_full_kernels_pixels():
+    """Small sigmas skip the taps beyond 4 sigma: same uint8 pixels as the 9-tap kernel but
+    for the odd rounding edge (one level)."""
+    rng = np.random.default_rng(4)
+    sigmas = np.concatenate([[0.1, 0.25, 0.26, 0.5, 0.51, 0.75, 0.76, 2.0],
+                             rng.uniform(0.1, 2.0, 8)]).astype(np.float32)
+    pipe = _blur_pair(batch_size=len(sigmas))
+    pipe.build()
+    pipe.feed_input("image", [_test_image(96, seed=k) for k in range(len(sigmas))])
+    pipe.feed_input("sigma", list(sigmas))
+    narrowed, full = pipe.run()
+    differing = 0
+    for k in range(len(sigmas)):
+        diff = np.abs(np.array(narrowed[k]).astype(int) - np.array(full[k]).astype(int))
+        assert diff.max() <= 1, sigmas[k]
+        differing += int((diff > 0).sum())
+    assert differing <= len(sigmas) * 96 * 96 * 3 // 10000    # at most 0.01% of the values
