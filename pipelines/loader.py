@@ -411,9 +411,9 @@ class DaliLoader:
         self._pending.clear()
         self._start_views(hosts)
 
-    @staticmethod
-    def _feed(pipe, host: HostBatch) -> None:
-        arrays = feed_arrays([s.data for s in host.samples], host.params)
+    def _feed(self, pipe, host: HostBatch) -> None:
+        arrays = feed_arrays([s.data for s in host.samples], host.params,
+                             self.config.views.blur_kernel)
         for name in pipe.feed_names:
             pipe.feed_input(name, arrays[name])
 

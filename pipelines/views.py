@@ -2,7 +2,9 @@
 
 Inputs (fed per sample through `external_source`, names in FEED_NAMES): the encoded clip or
 image bytes, the frame triple, and the per-view boxes, flips and photometric rows drawn by
-`sampling.draw_sample_params`. Outputs: one tensor per view, [3, S, S], in the per-sample
+`sampling.draw_sample_params`, with the per-view switches and blur windows `view_rows`
+derives from them on the host (so the graph's per-sample `if`s need no arithmetic: every
+DALI operator, even on a scalar, costs ~3 us of CPU per sample). Outputs: one tensor per view, [3, S, S], in the per-sample
 view order of `sampling`. Nothing here is random, which is why stage B needs no checkpoint.
 
 The same graph runs on the CPU (`device_id=None`: `cpu` video / image decoder) and on a GPU
@@ -17,7 +19,7 @@ from nvidia.dali import fn, pipeline_def, types
 from tcore.pipelines.config import ViewConfig
 from tcore.pipelines.sampling import jitter_sequence
 
-FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric")
+FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric", "switches", "blur_windows")
 
 # Gaussian blur with sigma 0 would mean "derive sigma from the window" in DALI; a tiny sigma
 # makes the 9-tap kernel an exact identity instead (exp(-1 / 2e-6) == 0 in float32).
@@ -29,6 +31,14 @@ LUMA = (0.299, 0.587, 0.114)   # the grayscale weights of torchvision and DALI
 # (3 before the hue shift, 3 after it) of 3 columns each: (alpha, with_luma, with_mean) of
 # `_pil_enhance`.
 JITTER_HUE_SHIFT, JITTER_HUE_ON, JITTER_SLOTS = 7, 8, 9
+# Then the "fast" jitter's arguments: DALI's hue in degrees and the saturation with grayscale
+# folded in (0 for a gray view).
+FAST_HUE_DEGREES, FAST_SATURATION = 27, 28
+ROW_WIDTH = 29
+# Per-view switches, one bool column each: which per-sample branches of the graph run.
+SWITCHES = ("jitter", "colour", "blur", "solarize", "hue", "gray",
+            "slot0", "slot1", "slot2", "slot3", "slot4", "slot5")
+SW = {name: k for k, name in enumerate(SWITCHES)}
 _SLOT_OF_OP = {0: (None, 0.0, 0.0), 1: (None, 0.0, 1.0), 2: (None, 1.0, 0.0)}
 _IDENTITY_SLOT = (1.0, 0.0, 0.0)
 
@@ -38,31 +48,31 @@ def _solarize_table(threshold: int):
     return keys, [k if k < threshold else 255 - k for k in keys]
 
 
-def _photometric(image, row, cfg_probs, views: ViewConfig, pixels: int, on_gpu: bool = False):
+def _photometric(image, row, switch, blur_window, cfg_probs, views: ViewConfig, pixels: int,
+                 on_gpu: bool = False):
     """jitter -> grayscale -> blur -> solarize on one uint8 HWC view of `pixels` pixels,
-    per-sample params."""
+    per-sample params: the view's fed row, switches and blur window (`view_rows`)."""
     colour, blur, solarize = _enabled(cfg_probs)
     if colour and views.color_jitter == "fast":
-        image = _fast_jitter(image, row, on_gpu)
+        image = _fast_jitter(image, row, switch, on_gpu)
     elif colour:
-        image = _torchvision_jitter(image, row, pixels, on_gpu)
+        image = _torchvision_jitter(image, row, switch, pixels, on_gpu)
     # Per-sample `if`s (DALI conditionals split and merge the batch): a view that did not
     # draw blur or solarize skips that work instead of running it as an identity.
-    if blur and row[5] > BLUR_DRAWN:
-        image = fn.gaussian_blur(image, window_size=_blur_window(row[5], views.blur_kernel),
-                                 sigma=row[5])
-    if solarize and row[6] > 0:
+    if blur and switch[SW["blur"]]:
+        image = fn.gaussian_blur(image, window_size=blur_window, sigma=row[5])
+    if solarize and switch[SW["solarize"]]:
         keys, values = _solarize_table(views.solarize_threshold)
         image = fn.lookup_table(image, keys=keys, values=values, dtype=types.UINT8)
     return image
 
 
-def _blur_window(sigma, kernel: int):
+def blur_windows(sigmas: np.ndarray, kernel: int) -> np.ndarray:
     """The configured kernel, narrowed to radius ceil(4 sigma) for small sigmas: the taps
     dropped weigh < exp(-8) of the centre tap, so the uint8 pixels are the full kernel's
     (1 of ~3M values off by one level at a rounding edge), at less CPU."""
-    radius = dmath.min(dmath.ceil(sigma * 4.0), float(kernel // 2))
-    return fn.cast(radius * 2.0 + 1.0, dtype=types.INT32)
+    radius = np.minimum(np.ceil(np.asarray(sigmas, np.float32) * np.float32(4.0)), kernel // 2)
+    return (radius * 2 + 1).astype(np.int32)
 
 
 def _brightness(image, row, on_gpu):
@@ -79,17 +89,16 @@ def _contrast(image, row, on_gpu):
     return fn.brightness_contrast(image, contrast=row[1], contrast_center=center)
 
 
-def _fast_jitter(image, row, on_gpu):
+def _fast_jitter(image, row, switch, on_gpu):
     """views.color_jitter = "fast": brightness, contrast, then saturation + hue + grayscale
     in one linear transform (DALI's hue: a rotation about the gray axis)."""
-    jittered = (row[0] != 1.0) | (row[1] != 1.0) | (row[2] != 1.0) | (row[3] != 0.0)
-    if jittered:
+    if switch[SW["jitter"]]:
         # Brightness alone first: torchvision clamps to 0..255 between its adjustments.
         image = _contrast(_brightness(image, row, on_gpu), row, on_gpu)
-    if jittered | (row[4] > 0):
+    if switch[SW["colour"]]:
         # Saturation (a blend with luma) and hue act on chroma only, so DALI's single linear
         # transform covers both, and grayscale after jitter is saturation 0.
-        hue, saturation = row[3] * 360.0, row[2] * (1.0 - row[4])
+        hue, saturation = row[FAST_HUE_DEGREES], row[FAST_SATURATION]
         if on_gpu:
             image = fn.hsv(image, hue=hue, saturation=saturation)
         else:
@@ -132,7 +141,7 @@ def _pil_enhance(image, alpha, with_luma, with_mean, pixels, on_gpu):
     return fn.cast(dmath.floor(base + alpha * (x - base)), dtype=types.UINT8)
 
 
-def _torchvision_jitter(image, row, pixels, on_gpu):
+def _torchvision_jitter(image, row, switch, pixels, on_gpu):
     """views.color_jitter = "torchvision": ColorJitter's operations in the view's drawn order
     (uint8 between them: clamped to 0..255 and truncated as PIL does), then grayscale.
 
@@ -142,20 +151,20 @@ def _torchvision_jitter(image, row, pixels, on_gpu):
     after it. The HSV graph exists once per view."""
     def slot(image, k):
         col = JITTER_SLOTS + 3 * k
-        if row[col] != 1.0:            # unused slots (alpha 1) skip the work
+        if switch[SW[f"slot{k}"]]:     # unused slots (alpha 1) skip the work
             image = _pil_enhance(image, row[col], row[col + 1], row[col + 2], pixels, on_gpu)
         return image
 
     for k in range(3):
         image = slot(image, k)
-    if row[JITTER_HUE_ON] > 0:
+    if switch[SW["hue"]]:
         shift = row[JITTER_HUE_SHIFT]
         if on_gpu:
             shift = shift.gpu()
         image = pil_hue_shift(image, shift)
     for k in range(3, 6):
         image = slot(image, k)
-    if row[4] > 0:
+    if switch[SW["gray"]]:
         image = fn.cast(_pil_luma3(image), dtype=types.UINT8)     # PIL's "L", as RGB
     return image
 
@@ -219,6 +228,8 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype):
     boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
     flips = fn.external_source(name="flips", dtype=types.INT32, ndim=1)
     photometric = fn.external_source(name="photometric", dtype=types.FLOAT, ndim=2)
+    switches = fn.external_source(name="switches", dtype=types.BOOL, ndim=2)
+    windows = fn.external_source(name="blur_windows", dtype=types.INT32, ndim=1)
     decoder_device = "mixed" if on_gpu else "cpu"
     if kind == "video":
         clip = fn.decoders.video(data, device=decoder_device, frames=frames)
@@ -247,7 +258,8 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype):
             resized[key] = fn.resize(frame, roi_start=boxes[v, 0:2], roi_end=boxes[v, 2:4],
                                      size=[size, size], interp_type=types.INTERP_CUBIC,
                                      antialias=True)
-        crop = _photometric(resized[key], photometric[v], probs, views, size * size, on_gpu)
+        crop = _photometric(resized[key], photometric[v], switches[v], windows[v], probs, views,
+                            size * size, on_gpu)
         outputs.append(fn.crop_mirror_normalize(
             crop, mirror=flips[v], mean=mean, std=std, dtype=out_dtype, output_layout="CHW"))
     return tuple(outputs)
@@ -270,20 +282,39 @@ def jitter_columns(row, order) -> np.ndarray:
     return np.array(columns, dtype=np.float32)
 
 
-def feed_arrays(samples_data, params) -> dict[str, list[np.ndarray]]:
+def view_rows(photometric: np.ndarray, jitter_order: np.ndarray, blur_kernel: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One sample's per-view graph inputs from its drawn rows [V, 7] and jitter orders [V, 4]:
+    rows [V, ROW_WIDTH] float32 (PHOTO_FIELDS, `jitter_columns`, the "fast" hue and
+    saturation), switches [V, len(SWITCHES)] bool and blur windows [V] int32.
+
+    Everything the graph would otherwise compute per view with scalar DALI operators is done
+    here in numpy, in float32 as the graph would."""
+    drawn = np.asarray(photometric, dtype=np.float32)
+    b, c, s, h, gray, sigma, solarize = drawn.T
+    slots = np.stack([jitter_columns(row, order) for row, order in zip(drawn, jitter_order)])
+    rows = drawn.copy()
+    rows[:, 5] = np.where(sigma > 0, sigma, np.float32(NO_BLUR_SIGMA))
+    fast = np.stack([h * np.float32(360.0), s * (np.float32(1.0) - gray)], axis=1)
+    rows = np.concatenate([rows, slots, fast], axis=1).astype(np.float32)
+    jittered = (b != 1.0) | (c != 1.0) | (s != 1.0) | (h != 0.0)
+    switches = np.concatenate(
+        [np.stack([jittered, jittered | (gray > 0), rows[:, 5] > BLUR_DRAWN, solarize > 0,
+                   slots[:, JITTER_HUE_ON - JITTER_HUE_SHIFT] > 0, gray > 0], axis=1),
+         slots[:, JITTER_SLOTS - JITTER_HUE_SHIFT::3] != 1.0], axis=1)
+    return rows, switches, blur_windows(rows[:, 5], blur_kernel)
+
+
+def feed_arrays(samples_data, params, blur_kernel: int) -> dict[str, list[np.ndarray]]:
     """Per-input lists for `Pipeline.feed_input`, from encoded bytes + SampleParams."""
-    photometric = []
-    for p in params:
-        rows = p.photometric.copy()
-        rows[:, 5] = np.where(rows[:, 5] > 0, rows[:, 5], NO_BLUR_SIGMA)
-        slots = np.stack([jitter_columns(row, order)
-                          for row, order in zip(p.photometric, p.jitter_order)])
-        photometric.append(np.concatenate([rows, slots], axis=1))
+    per_view = [view_rows(p.photometric, p.jitter_order, blur_kernel) for p in params]
     return {"data": list(samples_data),
             "frames": [p.frames.astype(np.int32) for p in params],
             "boxes": [p.boxes for p in params],
             "flips": [p.flips.astype(np.int32) for p in params],
-            "photometric": photometric}
+            "photometric": [rows for rows, _, _ in per_view],
+            "switches": [switches for _, switches, _ in per_view],
+            "blur_windows": [windows for _, _, windows in per_view]}
 
 
 def build_views_pipeline(kind: str, views: ViewConfig, batch_size: int, device_id,
@@ -295,17 +326,12 @@ def build_views_pipeline(kind: str, views: ViewConfig, batch_size: int, device_i
                           # GPU -> CPU (contrast centre) needs DALI's dynamic executor.
                           **({"exec_dynamic": True} if device_id is not None else {}))
     pipe.build()
-    # DALI prunes an input no op reads (photometric rows when every probability is 0).
-    pruned = {"photometric"} if not uses_photometric(views) else set()
-    pipe.feed_names = [name for name in FEED_NAMES
-                       if name not in pruned and (name != "frames" or kind == "video")]
+    # DALI prunes the inputs no operator reads (the photometric rows when every probability
+    # is 0, the frames of image shards): feed exactly those left in the graph.
+    in_graph = {node.name for node in pipe._ops}
+    pipe.feed_names = [name for name in FEED_NAMES if name in in_graph]
     return pipe
 
 
 def _enabled(cfg) -> tuple[bool, bool, bool]:
     return (cfg.jitter_p > 0 or cfg.grayscale_p > 0, cfg.blur_p > 0, cfg.solarize_p > 0)
-
-
-def uses_photometric(views: ViewConfig) -> bool:
-    configs = [views.global_1, views.global_2] + ([views.local] if views.n_local else [])
-    return any(any(_enabled(cfg)) for cfg in configs)

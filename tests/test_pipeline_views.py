@@ -11,16 +11,24 @@ import torchvision.transforms.functional as TF
 
 from tcore.pipelines.config import PhotometricConfig, ViewConfig
 from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
-from tcore.pipelines.views import _blur_window, _photometric, jitter_columns, pil_hue_shift
+from tcore.pipelines.views import (_photometric, blur_windows, jitter_columns, pil_hue_shift,
+                                   view_rows)
 
 
 @pipeline_def(enable_conditionals=True, num_threads=1, device_id=None, prefetch_queue_depth=1,
               exec_async=False, exec_pipelined=False)
 def _jitter_pipeline(views: ViewConfig, size: int):
     image = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
-    rows = fn.external_source(name="rows", dtype=types.FLOAT, ndim=1)
+    rows, switches, windows = _view_inputs()
     cfg = PhotometricConfig(jitter_p=1.0, blur_p=0.0, solarize_p=0.0)
-    return _photometric(image, rows, cfg, views, size * size)
+    return _photometric(image, rows, switches, windows, cfg, views, size * size)
+
+
+def _view_inputs():
+    """One view's fed row, switches and blur window (what `views_pipeline` subscripts)."""
+    return (fn.external_source(name="rows", dtype=types.FLOAT, ndim=1),
+            fn.external_source(name="switches", dtype=types.BOOL, ndim=1),
+            fn.external_source(name="windows", dtype=types.INT32, ndim=0))
 
 
 @pipeline_def(num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
@@ -47,8 +55,10 @@ def _test_image(size=64, seed=0) -> np.ndarray:
 
 
 def _run(pipe, feeds: dict) -> list[np.ndarray]:
+    in_graph = {node.name for node in pipe._ops}     # DALI prunes inputs nothing reads
     for name, values in feeds.items():
-        pipe.feed_input(name, values)
+        if name in in_graph:
+            pipe.feed_input(name, values)
     return [np.array(out) for out in pipe.run()[0]]
 
 
@@ -70,8 +80,10 @@ def test_hue_shift_is_pils_bit_for_bit(hue):
     assert np.array_equal(out, want), np.abs(out.astype(int) - want).max()
 
 
-def _feed_rows(rows, orders):
-    return [np.concatenate([r, jitter_columns(r, o)]) for r, o in zip(rows, orders)]
+def _feeds(rows, orders) -> dict:
+    """Feeds for `_view_inputs`, one view per sample, built by `view_rows` as the loader does."""
+    full, switches, windows = view_rows(np.stack(rows), np.stack(orders), blur_kernel=9)
+    return {"rows": list(full), "switches": list(switches), "windows": list(windows)}
 
 
 def test_jitter_applies_each_views_drawn_order():
@@ -83,8 +95,7 @@ def test_jitter_applies_each_views_drawn_order():
     views = ViewConfig(color_jitter="torchvision")
     pipe = _jitter_pipeline(views, 64, batch_size=len(orders))
     pipe.build()
-    outs = _run(pipe, {"image": [image] * len(orders),
-                       "rows": _feed_rows([row] * len(orders), orders)})
+    outs = _run(pipe, {"image": [image] * len(orders), **_feeds([row] * len(orders), orders)})
     matched, fixed = [], []
     for out, order in zip(outs, orders):
         want = np.array(baseline_photometric(Image.fromarray(image), row, order, 128))
@@ -105,7 +116,7 @@ def test_jitter_skips_identity_factors_and_grays_after():
     orders = [np.array([3, 1, 0, 2])] * len(rows)
     pipe = _jitter_pipeline(ViewConfig(color_jitter="torchvision"), 48, batch_size=len(rows))
     pipe.build()
-    outs = _run(pipe, {"image": [image] * len(rows), "rows": _feed_rows(rows, orders)})
+    outs = _run(pipe, {"image": [image] * len(rows), **_feeds(rows, orders)})
     assert np.array_equal(outs[0], image)
     assert np.array_equal(outs[1], np.array(TF.adjust_hue(Image.fromarray(image), -0.07)))
     for out, row, order in zip(outs[2:], rows[2:], orders[2:]):
@@ -136,9 +147,10 @@ def _fast_jitter_pair(size: int):
     """The "fast" graph as built, and the same operations written plainly with fn.hsv's own
     uint8 output (the graph takes hsv in float and casts, which is cheaper on the CPU)."""
     image = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
-    rows = fn.external_source(name="rows", dtype=types.FLOAT, ndim=1)
+    rows, switches, windows = _view_inputs()
     cfg = PhotometricConfig(jitter_p=1.0, blur_p=0.0, solarize_p=0.0)
-    built = _photometric(image, rows, cfg, ViewConfig(color_jitter="fast"), size * size)
+    built = _photometric(image, rows, switches, windows, cfg, ViewConfig(color_jitter="fast"),
+                         size * size)
     plain = fn.brightness_contrast(image, brightness=rows[0])
     means = fn.reductions.mean(plain, axes=[0, 1])
     center = means[0] * 0.299 + means[1] * 0.587 + means[2] * 0.114
@@ -156,7 +168,9 @@ def test_fast_jitter_equals_dalis_plain_operators():
     pipe = _fast_jitter_pair(64, batch_size=len(rows))
     pipe.build()
     pipe.feed_input("image", images)
-    pipe.feed_input("rows", rows)
+    feeds = _feeds(rows, [np.arange(4)] * len(rows))
+    pipe.feed_input("rows", feeds["rows"])
+    pipe.feed_input("switches", feeds["switches"])
     built, plain = pipe.run()
     for k in range(len(rows)):
         assert np.array_equal(np.array(built[k]), np.array(plain[k])), k
@@ -167,7 +181,8 @@ def test_fast_jitter_equals_dalis_plain_operators():
 def _blur_pair():
     image = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
     sigma = fn.external_source(name="sigma", dtype=types.FLOAT, ndim=0)
-    narrowed = fn.gaussian_blur(image, window_size=_blur_window(sigma, 9), sigma=sigma)
+    window = fn.external_source(name="window", dtype=types.INT32, ndim=0)
+    narrowed = fn.gaussian_blur(image, window_size=window, sigma=sigma)
     return narrowed, fn.gaussian_blur(image, window_size=9, sigma=sigma)
 
 
@@ -181,6 +196,7 @@ def test_narrowed_blur_window_keeps_the_full_kernels_pixels():
     pipe.build()
     pipe.feed_input("image", [_test_image(96, seed=k) for k in range(len(sigmas))])
     pipe.feed_input("sigma", list(sigmas))
+    pipe.feed_input("window", list(blur_windows(sigmas, 9)))
     narrowed, full = pipe.run()
     differing = 0
     for k in range(len(sigmas)):
