@@ -206,6 +206,7 @@ class DaliLoader:
                 pass
         self._producer.join()
         self._pipe_b = None
+        self._buffers.clear()       # batches still held by the caller keep their memory
         self._probe = None
         self._started = False
 
