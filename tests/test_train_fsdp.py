@@ -2,7 +2,7 @@
 
 One module-scoped set of runs serves every assertion (each torchrun launch costs several
 seconds of start-up): a DDP run and an FSDP run of the same STEPS steps, and an FSDP run
-stopped at STOP and resumed to STEPS.
+stopped at STOP and resumed to STEPS (and a copy of it resumed under DDP).
 
 Tolerances:
 - FSDP vs DDP losses, rtol 1e-5: the same arithmetic, except that FSDP averages gradients
@@ -15,6 +15,7 @@ Tolerances:
   rank cuts into the same shards it had, plus the optimizer, RNG and loader states, and gloo
   collectives on the CPU are deterministic, so the resumed run does the identical arithmetic.
 """
+import shutil
 import subprocess
 import sys
 
@@ -54,9 +55,12 @@ def runs(synth_shards, tmp_path_factory):
     torchrun(synth_shards, root / "ddp", "ddp", STEPS)
     torchrun(synth_shards, root / "fsdp", "fsdp", STEPS)
     stopped = torchrun(synth_shards, root / "resumed", "fsdp", STOP)
+    shutil.copytree(root / "resumed", root / "crossed")
     resumed = torchrun(synth_shards, root / "resumed", "fsdp", STEPS, "--resume")
+    torchrun(synth_shards, root / "crossed", "ddp", STEPS, "--resume")
     return {"root": root, "ddp": root / "ddp", "fsdp": root / "fsdp",
-            "resumed": root / "resumed", "stdout": stopped.stdout + resumed.stdout}
+            "resumed": root / "resumed", "crossed": root / "crossed",
+            "stdout": stopped.stdout + resumed.stdout}
 
 
 def checkpoint(run_dir, step=STEPS):
@@ -86,6 +90,18 @@ def test_fsdp_resume_matches_uninterrupted_run(runs):
     for index, moments in a["optimizer"]["state"].items():
         for name, value in moments.items():
             assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+
+
+def test_fsdp_checkpoint_resumes_under_ddp(runs):
+    """The shared checkpoint layout lets an FSDP run continue under DDP (same world size):
+    its steps after the stop match the FSDP run's within the DDP-vs-FSDP tolerance."""
+    straight, crossed = read_losses(runs["fsdp"]), read_losses(runs["crossed"])
+    assert sorted(crossed) == list(range(1, STEPS + 1))
+    assert checkpoint(runs["crossed"])["parallel"] == "ddp"
+    for step in range(STOP + 1, STEPS + 1):
+        for term, value in straight[step].items():
+            assert crossed[step][term] == pytest.approx(value, rel=LOSS_RTOL, abs=1e-7), \
+                (step, term)
 
 
 def test_fsdp_checkpoint_has_the_ddp_layout(runs):
