@@ -13,10 +13,15 @@ from __future__ import annotations
 import torch
 
 _POOL_REFERENCE = 1   # the pool's own reference to a storage
+# A private torch function (present since torch 1.x); without it nothing can be proven free,
+# so every batch gets fresh memory (correct, only slower).
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _storage_users(storage: torch.UntypedStorage) -> int:
-    return torch._C._storage_Use_Count(storage._cdata)
+    if _USE_COUNT is None:
+        return _POOL_REFERENCE + 1
+    return _USE_COUNT(storage._cdata)
 
 
 class HostBufferPool:
