@@ -3,9 +3,9 @@
 Inputs (fed per sample through `external_source`, names in FEED_NAMES): the encoded clip or
 image bytes, the frame triple, and the per-view boxes, flips and photometric rows drawn by
 `sampling.draw_sample_params`, with the per-view switches and blur windows `view_rows`
-derives from them on the host (so the graph's per-sample `if`s need no arithmetic: every
-DALI operator, even on a scalar, costs ~3 us of CPU per sample). Outputs: one tensor per view, [3, S, S], in the per-sample
-view order of `sampling`. Nothing here is random, which is why stage B needs no checkpoint.
+derives from them on the host (so the graph's per-sample `if`s need no scalar arithmetic,
+which would be CPU work in every iteration, in the GPU graph too). Outputs: one tensor per
+view, [3, S, S], in the per-sample view order of `sampling`. Nothing here is random, which is why stage B needs no checkpoint.
 
 The same graph runs on the CPU (`device_id=None`: `cpu` video / image decoder) and on a GPU
 (`mixed` decoders: NVDEC / nvJPEG, then every op on the GPU).
@@ -33,8 +33,9 @@ LUMA = (0.299, 0.587, 0.114)   # the grayscale weights of torchvision and DALI
 JITTER_HUE_SHIFT, JITTER_HUE_ON, JITTER_SLOTS = 7, 8, 9
 # Then the "fast" jitter's arguments: DALI's hue in degrees and the saturation with grayscale
 # folded in (0 for a gray view).
-FAST_HUE_DEGREES, FAST_SATURATION = 27, 28
-ROW_WIDTH = 29
+FAST_HUE_DEGREES = JITTER_SLOTS + 6 * 3
+FAST_SATURATION = FAST_HUE_DEGREES + 1
+ROW_WIDTH = FAST_SATURATION + 1
 # Per-view switches, one bool column each: which per-sample branches of the graph run.
 SWITCHES = ("jitter", "colour", "blur", "solarize", "hue", "gray",
             "slot0", "slot1", "slot2", "slot3", "slot4", "slot5")

@@ -11,7 +11,8 @@ import torchvision.transforms.functional as TF
 
 from tcore.pipelines.config import PhotometricConfig, ViewConfig
 from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
-from tcore.pipelines.views import (_photometric, blur_windows, jitter_columns, pil_hue_shift,
+from tcore.pipelines.views import (FAST_HUE_DEGREES, FAST_SATURATION, ROW_WIDTH, SWITCHES,
+                                   _photometric, blur_windows, jitter_columns, pil_hue_shift,
                                    view_rows)
 
 
@@ -204,3 +205,26 @@ def test_narrowed_blur_window_keeps_the_full_kernels_pixels():
         assert diff.max() <= 1, sigmas[k]
         differing += int((diff > 0).sum())
     assert differing <= len(sigmas) * 96 * 96 * 3 // 10000    # at most 0.01% of the values
+
+
+def test_view_rows_decide_each_views_branches():
+    """The host decides which per-sample branches run: nothing for an identity row, the
+    colour branch alone for grayscale, blur only for a drawn sigma (window narrowed to
+    radius ceil(4 sigma)), the torchvision slots only where a factor is not 1."""
+    rows = np.stack([_row(1.0, 1.0, 1.0, 0.0), _row(1.0, 1.0, 1.0, 0.0, gray=1.0),
+                     _row(1.2, 1.0, 0.9, 0.05), _row(1.0, 1.0, 1.0, 0.0)])
+    rows[3, 5], rows[3, 6] = 0.2, 1.0          # blur sigma 0.2, solarize
+    full, switches, windows = view_rows(rows, np.tile(np.arange(4), (4, 1)), blur_kernel=9)
+    on = {name: switches[:, k].tolist() for k, name in enumerate(SWITCHES)}
+    assert full.shape == (4, ROW_WIDTH) and full.dtype == np.float32
+    assert on["jitter"] == [False, False, True, False]
+    assert on["colour"] == [False, True, True, False]
+    assert on["gray"] == [False, True, False, False]
+    assert on["blur"] == [False, False, False, True] and windows[3] == 3
+    assert on["solarize"] == [False, False, False, True]
+    assert on["hue"] == [False, False, True, False]
+    # Order b, c, s, h with contrast 1.0 (no-op, dropped): slot 0 brightness, slot 1
+    # saturation, then the hue shift; no slot after it.
+    assert [on[f"slot{k}"][2] for k in range(6)] == [True, True, False, False, False, False]
+    assert full[2, FAST_HUE_DEGREES] == np.float32(0.05) * np.float32(360.0)
+    assert full[1, FAST_SATURATION] == 0.0      # grayscale: saturation 0
