@@ -5,6 +5,13 @@
 #   GPU_CHECK_CPU=1 scripts/gpu_check.sh # the same steps at tiny sizes on the CPU (the test)
 #   scripts/gpu_check.sh --fetch-wheels  # here, with PyPI: put the wheels that travel in .whl/
 #
+# DALI (~420 MB with its GPU libraries) is over the 64 MiB one device call carries: download
+# it into the ignored .bigwhl/ (`GPU_CHECK_WHEELS="nvidia-dali-cuda120==2.4.0
+# nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12 nvidia-libnvcomp-cu12" WHEEL_DIR=.bigwhl
+# scripts/gpu_check.sh --fetch-wheels`), split it with `scripts/carry_parts.sh split
+# .bigwhl/*.whl`, send one .carry/pNN per call running `scripts/carry_parts.sh stash`, and on
+# the last one `scripts/carry_parts.sh join && scripts/gpu_check.sh`.
+#
 # Steps: install what travels (.whl/*.whl, then this project) -> xFormers vs SDPA agreement ->
 # `tcore bench model` ViT-S/16 and ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against
 # eager fp32 math attention) -> with DALI: synthetic shards, `tcore bench data --device gpu`,
@@ -25,16 +32,19 @@ REPO=$(pwd)
 
 # ---- --fetch-wheels: run on a machine with PyPI, before sending the tree to the GPU --------
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
-    # The device image has torch, timm, torchvision, click, PyYAML but not omegaconf. Pure-Python
-    # wheels are small; DALI and xFormers wheels are hundreds of MiB, more than the 64 MiB a
-    # device call carries, so they are only fetched when named in GPU_CHECK_WHEELS.
+    # The device image has torch, timm, torchvision, click, PyYAML but not omegaconf: that is
+    # the default. GPU_CHECK_WHEELS names others instead; for DALI's data and train steps the
+    # small ones are "omegaconf antlr4-python3-runtime==4.9.3 webdataset braceexpand astunparse
+    # gast libcst makefun optree nvtx" (into .whl/) and the large ones go to .bigwhl/ (above).
+    # Not yet tried on a device machine.
     PYVER=${GPU_CHECK_PYVER:-3.12}
-    mkdir -p .whl
+    DEST=${WHEEL_DIR:-.whl}
+    mkdir -p "$DEST"
     PIP=${PIP:-$REPO/.venv/bin/pip}
-    "$PIP" download --dest .whl --no-deps --only-binary=:all: --python-version "$PYVER" \
+    "$PIP" download --dest "$DEST" --no-deps --only-binary=:all: --python-version "$PYVER" \
         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-        omegaconf ${GPU_CHECK_WHEELS:-} || exit 1
-    du -sh .whl/*.whl
+        ${GPU_CHECK_WHEELS:-omegaconf} || exit 1
+    du -sh "$DEST"/*.whl
     exit 0
 fi
 
@@ -150,7 +160,10 @@ install() {
     # (setup.cfg package_dir), so a plain PYTHONPATH=. cannot work; when pip cannot install
     # the project, a folder of links gives the same package layout.
     shopt -s nullglob
-    local wheels=(.whl/*.whl)
+    # .whl/ travels with the call; wheels too large for that were sent in parts and joined
+    # into $WHEELS by scripts/carry_parts.sh (DALI and its nvImageCodec / nvJPEG / nvCOMP).
+    local joined=${WHEELS:-/tmp/tcore_wheels}
+    local wheels=(.whl/*.whl "$joined"/*.whl)
     if ((${#wheels[@]})); then
         "$PYTHON" -m pip install --no-index --no-deps --find-links .whl "${wheels[@]}" || return 1
     fi
