@@ -5,12 +5,14 @@
 #   GPU_CHECK_CPU=1 scripts/gpu_check.sh # the same steps at tiny sizes on the CPU (the test)
 #   scripts/gpu_check.sh --fetch-wheels  # here, with PyPI: put the wheels that travel in .whl/
 #
-# DALI (~420 MB with its GPU libraries) is over the 64 MiB one device call carries: download
-# it into the ignored .bigwhl/ (`GPU_CHECK_WHEELS="nvidia-dali-cuda120==2.4.0
-# nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12 nvidia-libnvcomp-cu12" WHEEL_DIR=.bigwhl
-# scripts/gpu_check.sh --fetch-wheels`), split it with `scripts/carry_parts.sh split
-# .bigwhl/*.whl`, send one .carry/pNN per call running `scripts/carry_parts.sh stash`, and on
-# the last one `scripts/carry_parts.sh join && scripts/gpu_check.sh`.
+# DALI with its GPU libraries (494 MB of wheels) is over the 64 MiB one device call carries:
+# download it into the ignored .bigwhl/ with GPU_CHECK_WHEELS="nvidia-dali-cuda120==2.4.0
+# nvidia-nvimgcodec-cu12==0.9.0.20 nvidia-nvjpeg-cu12==12.4.0.76
+# nvidia-libnvcomp-cu12==5.3.0.16 nvidia-nvjpeg2k-cu12==0.11.0.51 nvidia-nvtiff-cu12==0.8.0.82"
+# WHEEL_DIR=.bigwhl GPU_CHECK_PYVER=3.12 scripts/gpu_check.sh --fetch-wheels, split it with
+# `scripts/carry_parts.sh split .bigwhl/*.whl` (9 folders of <= 57 MB), send one .carry/pNN
+# per call running `scripts/carry_parts.sh stash`, and on the last one (carrying .whl too)
+# `scripts/carry_parts.sh join && scripts/gpu_check.sh`.
 #
 # Steps: install what travels (.whl/*.whl, then this project) -> xFormers vs SDPA agreement ->
 # `tcore bench model` ViT-S/16 and ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against
