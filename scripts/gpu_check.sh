@@ -12,7 +12,11 @@
 # WHEEL_DIR=.bigwhl GPU_CHECK_PYVER=3.12 scripts/gpu_check.sh --fetch-wheels, split it with
 # `scripts/carry_parts.sh split .bigwhl/*.whl` (9 folders of <= 57 MB), send one .carry/pNN
 # per call running `scripts/carry_parts.sh stash`, and on the last one (carrying .whl too)
-# `scripts/carry_parts.sh join && scripts/gpu_check.sh`.
+# `scripts/carry_parts.sh join && scripts/gpu_check.sh`. The device image has no PyAV to
+# build the synthetic shards with: build them here into the ignored .gpushards/ (`tcore data
+# synth /tmp/gpusrc --videos 64 --frames 48 --size 426x320 --davis-videos 0 && tcore shards
+# build /tmp/gpusrc/train .gpushards --short-side 320 --samples-per-shard 16`, ~5 MB), carry
+# it with one of the parts and set GPU_CHECK_SHARDS=.gpushards.
 #
 # Steps: install what travels (.whl/*.whl, then this project) -> xFormers vs SDPA agreement ->
 # `tcore bench model` ViT-S/16 and ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against
