@@ -25,7 +25,6 @@ FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric", "switches", "bl
 # makes the 9-tap kernel an exact identity instead (exp(-1 / 2e-6) == 0 in float32).
 NO_BLUR_SIGMA = 1e-3
 BLUR_DRAWN = 0.01      # drawn sigmas are >= 0.1; rows without blur carry NO_BLUR_SIGMA
-LUMA = (0.299, 0.587, 0.114)   # the grayscale weights of torchvision and DALI
 # Columns appended to each fed photometric row (after sampling.PHOTO_FIELDS) by
 # `jitter_columns`: the 8-bit hue shift, whether the hue shift applies, then 6 linear slots
 # (3 before the hue shift, 3 after it) of 3 columns each: (alpha, with_luma, with_mean) of
@@ -82,9 +81,9 @@ def _brightness(image, row, on_gpu):
 
 def _contrast(image, row, on_gpu):
     # torchvision's contrast blends with the mean gray level of the image, not with
-    # mid-range: compute that centre per sample.
-    means = fn.reductions.mean(image, axes=[0, 1])
-    center = means[0] * LUMA[0] + means[1] * LUMA[1] + means[2] * LUMA[2]
+    # mid-range: compute that centre per sample, as PIL does, from the uint8 luma image.
+    gray = fn.color_space_conversion(image, image_type=types.RGB, output_type=types.GRAY)
+    center = fn.reductions.mean(gray)
     if on_gpu:
         center = center.cpu()     # argument inputs live on the CPU (dynamic executor)
     return fn.brightness_contrast(image, contrast=row[1], contrast_center=center)

@@ -153,8 +153,8 @@ def _fast_jitter_pair(size: int):
     built = _photometric(image, rows, switches, windows, cfg, ViewConfig(color_jitter="fast"),
                          size * size)
     plain = fn.brightness_contrast(image, brightness=rows[0])
-    means = fn.reductions.mean(plain, axes=[0, 1])
-    center = means[0] * 0.299 + means[1] * 0.587 + means[2] * 0.114
+    center = fn.reductions.mean(fn.color_space_conversion(plain, image_type=types.RGB,
+                                                          output_type=types.GRAY))
     plain = fn.brightness_contrast(plain, contrast=rows[1], contrast_center=center)
     plain = fn.hsv(plain, hue=rows[3] * 360.0, saturation=rows[2] * (1.0 - rows[4]))
     return built, plain
