@@ -288,7 +288,7 @@ class DaliLoader:
                                       device_id, threads, depth_per_lane, out_dtype,
                                       seed=self.seed)
                  for _ in range(lanes)]
-        return pipes[0] if lanes == 1 else ViewLanes(pipes, depth_per_lane)
+        return pipes[0] if lanes == 1 else ViewLanes(pipes)
 
     # -- stage A + host draws (producer thread)
     def _produce(self) -> None:

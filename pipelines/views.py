@@ -5,7 +5,8 @@ image bytes, the frame triple, and the per-view boxes, flips and photometric row
 `sampling.draw_sample_params`, with the per-view switches and blur windows `view_rows`
 derives from them on the host (so the graph's per-sample `if`s need no scalar arithmetic,
 which would be CPU work in every iteration, in the GPU graph too). Outputs: one tensor per
-view, [3, S, S], in the per-sample view order of `sampling`. Nothing here is random, which is why stage B needs no checkpoint.
+view, [3, S, S], in the per-sample view order of `sampling`. Nothing here is random, which
+is why stage B needs no checkpoint.
 
 The same graph runs on the CPU (`device_id=None`: `cpu` video / image decoder) and on a GPU
 (`mixed` decoders: NVDEC / nvJPEG, then every op on the GPU).
@@ -75,7 +76,7 @@ def blur_windows(sigmas: np.ndarray, kernel: int) -> np.ndarray:
     return (radius * 2 + 1).astype(np.int32)
 
 
-def _brightness(image, row, on_gpu):
+def _brightness(image, row):
     return fn.brightness_contrast(image, brightness=row[0])
 
 
@@ -94,7 +95,7 @@ def _fast_jitter(image, row, switch, on_gpu):
     in one linear transform (DALI's hue: a rotation about the gray axis)."""
     if switch[SW["jitter"]]:
         # Brightness alone first: torchvision clamps to 0..255 between its adjustments.
-        image = _contrast(_brightness(image, row, on_gpu), row, on_gpu)
+        image = _contrast(_brightness(image, row), row, on_gpu)
     if switch[SW["colour"]]:
         # Saturation (a blend with luma) and hue act on chroma only, so DALI's single linear
         # transform covers both, and grayscale after jitter is saturation 0.

@@ -173,6 +173,13 @@ def test_color_jitter_mode_is_validated():
         .views.color_jitter == "torchvision"
 
 
+def test_cpu_lanes_is_validated():
+    assert PipelineConfig().cpu_lanes == 0                  # one lane per thread
+    assert PipelineConfig.from_dict({"cpu_lanes": 2}).validate().cpu_lanes == 2
+    with pytest.raises(ValueError, match="cpu_lanes"):
+        PipelineConfig.from_dict({"cpu_lanes": -1}).validate()
+
+
 def test_params_are_a_pure_function_of_the_seed():
     config = PipelineConfig()
     a = draw_sample_params(sample_rng(1, 2, 3), 20, 128, 160, config)
