@@ -19,7 +19,8 @@
 # it with one of the parts and set GPU_CHECK_SHARDS=.gpushards.
 #
 # Steps: install what travels (.whl/*.whl, then this project) -> xFormers vs SDPA agreement ->
-# `tcore bench model` ViT-S/16 and ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against
+# the GPU tests (tests/test_gpu.py and the CUDA-only tests of other files; the DALI ones use
+# $SHARDS) -> `tcore bench model` ViT-S/16 and ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against
 # eager fp32 math attention) -> with DALI: synthetic shards, `tcore bench data --device gpu`,
 # `tcore bench train` -> one short table. A failing step is logged and the script goes on.
 #
@@ -29,7 +30,7 @@
 #
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
-# names to run: env install agree model_s model_s_compiled model_b model_b_compiled shards data
+# names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled shards data
 # train), GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_WORK (scratch folder, default a fresh temporary one).
 set -uo pipefail
@@ -122,7 +123,7 @@ if [[ "$CPU_MODE" == 1 ]]; then
     MODEL_ARGS=(--batch 1 --global-size 112 --local-size 48 --local-crops 1 --warmup 1
                 --repeats 2 --steps 1 --peak-size 256
                 --set model.head.prototypes=256,model.head.hidden=256)
-    DATA_ARGS=(--batch 2 --threads 2 --seconds 2 --warmup 1 --repeats 2)
+    DATA_ARGS=(--batch 2 --threads 2 --seconds 2 --warmup 1 --repeats 2 --loader both)
     TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2 --set
                 model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1)
     SYNTH=(videos=8 frames=24 size=160x128 short_side=128)
@@ -133,13 +134,16 @@ else
     PRECISION=bf16 FAST=xformers
     SLOW_PRECISION=fp32 REF=sdpa
     MODEL_ARGS=(--batch 64 --warmup 3 --repeats 5 --steps 3)  # eager fp32 ViT-B: ~1 s a step
-    DATA_ARGS=(--batch 64 --threads 8 --seconds 15 --warmup 5 --repeats 5)
-    TRAIN_ARGS=(--batch 64 --threads 8 --warmup 5 --steps 30 --repeats 5)
+    # No PyAV there, so no baseline loader: the paper-exact torchvision jitter is the comparison.
+    DATA_ARGS=(--batch 64 --threads 8 --seconds 6 --warmup 5 --repeats 3 --loader dali
+               --compare overrides=views.color_jitter=torchvision)
+    TRAIN_ARGS=(--batch 64 --threads 8 --warmup 5 --steps 20 --repeats 3)
     SYNTH=(videos=32 frames=24 size=426x320 short_side=320)
     COMPILE_DEFAULT=1
 fi
 COMPILE=${GPU_CHECK_COMPILE:-$COMPILE_DEFAULT}
 SHARDS=${GPU_CHECK_SHARDS:-$WORK/shards}
+[[ -d "$SHARDS" ]] && SHARDS=$(cd "$SHARDS" && pwd)  # the tests run tcore from elsewhere
 log "mode: $([[ $CPU_MODE == 1 ]] && echo CPU || echo GPU), python: $PYTHON, out: $OUT, work: $WORK"
 
 # ---- 1. environment and installation ----------------------------------------------------
@@ -202,6 +206,17 @@ run_step agree 90 "${TCORE[@]}" bench agree --arch "$ARCH_S" --attention "$FAST"
     --reference "$REF" --precision "$PRECISION" --device "$DEVICE" \
     --json "$WORK/reports/agree.json"
 
+# ---- 2b. the tests only a GPU can run (the DALI ones skip unless DALI and shards are there) --
+gpu_tests() {
+    local shards_env=()
+    [[ -f "$SHARDS/manifest.json" ]] && shards_env=(TCORE_GPU_SHARDS="$SHARDS")
+    # --noconftest: the shared fixtures build shards with PyAV, which the GPU machine lacks.
+    env "${shards_env[@]}" "$PYTHON" -P -m pytest -q -s --noconftest -p no:cacheprovider \
+        tests/test_gpu.py tests/test_models_vit.py::test_attention_backends_agree_in_bf16_on_gpu \
+        tests/test_ssl.py::test_step_has_no_host_syncs_on_gpu
+}
+run_step gputests 240 gpu_tests
+
 # ---- 3. the model step ------------------------------------------------------------------
 # model_x: the fast attention against the other fused one (same precision, eager);
 # model_x_compiled: compiled fast attention against eager fp32 math attention (the 3x target).
@@ -239,7 +254,7 @@ EOF
 }
 if has_module nvidia.dali; then
     run_step shards 90 build_shards
-    run_step data 90 "${TCORE[@]}" bench data --data "$SHARDS" --loader both --device "$DEVICE" \
+    run_step data 150 "${TCORE[@]}" bench data --data "$SHARDS" --device "$DEVICE" \
         "${DATA_ARGS[@]}" --json "$WORK/reports/data.json"
     run_step train 120 "${TCORE[@]}" bench train --data "$SHARDS" --arch "$ARCH_S" \
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# scripts/gpu_session.sh: overlap the model benchmarks with the DALI transfer on a lent GPU.
+#
+# A device lease is ~15 minutes and DALI needs 9 consecutive calls to arrive
+# (scripts/carry_parts.sh), so the model steps of scripts/gpu_check.sh, which need no DALI, run
+# in the background while the parts travel:
+#   call 1:    scripts/carry_parts.sh stash && scripts/gpu_session.sh background
+#   calls 2-8: scripts/carry_parts.sh stash && scripts/gpu_session.sh progress
+#   call 9:    scripts/carry_parts.sh stash && scripts/carry_parts.sh join &&
+#              scripts/gpu_session.sh finish      (waits for the background, then DALI steps)
+# `background` starts gpu_check.sh in its own session (setsid: the device tool ends a call's
+# other processes) from a snapshot of the tree, so later calls re-copying the tree cannot
+# disturb it. `finish` copies its results to $OUT/model/ and the DALI run's to $OUT/data/.
+#
+# Settings: GPU_SESSION_DIR (default /tmp/tcore_gpu_session), GPU_SESSION_MODEL_STEPS,
+# GPU_SESSION_DATA_STEPS (GPU_CHECK_ONLY of each half), GPU_SESSION_WAIT (seconds `finish`
+# waits for the background at most, default 300), GPU_CHECK_SHARDS (as gpu_check.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DIR=${GPU_SESSION_DIR:-/tmp/tcore_gpu_session}
+MODEL_STEPS=${GPU_SESSION_MODEL_STEPS:-env install agree gputests model_s model_s_compiled model_b model_b_compiled}
+DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install gputests data train}
+RESULTS=${OUT:-runs/gpu_session}
+
+case "${1:-}" in
+    background)
+        rm -rf "$DIR" && mkdir -p "$DIR/out"
+        # The snapshot skips the DALI parts (they are stashed elsewhere) but keeps .whl.
+        tar -cf - --exclude=./.carry --exclude=./.venv . | (mkdir -p "$DIR/tree" && cd "$DIR/tree" && tar -xf -)
+        setsid bash -c "cd '$DIR/tree' && OUT='$DIR/out' GPU_CHECK_ONLY='$MODEL_STEPS' \
+            scripts/gpu_check.sh >'$DIR/console.log' 2>&1; echo \$? >'$DIR/done'" \
+            </dev/null >/dev/null 2>&1 &
+        sleep 2
+        echo "background gpu_check started (steps: $MODEL_STEPS)"
+        tail -n 3 "$DIR/console.log" 2>/dev/null
+        ;;
+    progress)
+        [[ -f "$DIR/done" ]] && echo "background finished, rc $(cat "$DIR/done")"
+        tail -n 2 "$DIR/console.log" 2>/dev/null || echo "no background run in $DIR"
+        ;;
+    finish)
+        waited=0
+        while [[ ! -f "$DIR/done" ]] && ((waited < ${GPU_SESSION_WAIT:-300})); do
+            sleep 5; waited=$((waited + 5))
+        done
+        mkdir -p "$RESULTS/model" "$RESULTS/data"
+        if [[ -f "$DIR/done" ]]; then
+            echo "background finished (rc $(cat "$DIR/done")) after waiting ${waited}s"
+        else
+            echo "background still running after ${waited}s: taking what it has written"
+            tail -n 5 "$DIR/console.log"
+        fi
+        cp "$DIR"/out/* "$RESULTS/model/" 2>/dev/null
+        cat "$DIR/out/summary.txt" 2>/dev/null
+        OUT="$RESULTS/data" GPU_CHECK_ONLY="$DATA_STEPS" scripts/gpu_check.sh
+        ;;
+    *)
+        echo "usage: scripts/gpu_session.sh background|progress|finish" >&2
+        exit 2
+        ;;
+esac
