@@ -149,6 +149,9 @@ log "mode: $([[ $CPU_MODE == 1 ]] && echo CPU || echo GPU), python: $PYTHON, out
 # ---- 1. environment and installation ----------------------------------------------------
 environment() {
     command -v nvidia-smi >/dev/null && nvidia-smi -L
+    # NVDEC (DALI's mixed video decoder) needs the driver's libnvcuvid.
+    { ldconfig -p 2>/dev/null; ls /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu 2>/dev/null; } \
+        | grep -m1 -o 'libnvcuvid[^ ]*' || echo "libnvcuvid: not found"
     "$PYTHON" -P - <<'EOF'
 import importlib, platform
 print("python", platform.python_version())
