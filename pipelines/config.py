@@ -153,6 +153,9 @@ class PipelineConfig:
     # CPU only: stage B as this many independent pipelines fed round-robin, the threads
     # split between them (pipelines/lanes.py); 0 = one lane per thread.
     cpu_lanes: int = 0
+    # GPU: stage B as this many pipelines, each decoding its own batches (several NVDEC
+    # sessions at once); 1 = one pipeline.
+    gpu_lanes: int = 1
 
     def validate(self) -> "PipelineConfig":
         self.sampling.validate()
@@ -162,6 +165,8 @@ class PipelineConfig:
             raise ValueError("shuffle_buffer must be >= 1")
         if self.cpu_lanes < 0:
             raise ValueError(f"cpu_lanes = {self.cpu_lanes}: need >= 0 (0 = one per thread)")
+        if self.gpu_lanes < 1:
+            raise ValueError(f"gpu_lanes = {self.gpu_lanes}: need >= 1")
         return self
 
     def to_dict(self) -> dict:

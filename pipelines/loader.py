@@ -271,9 +271,9 @@ class DaliLoader:
                                                                      self.num_shards)
 
     def _lane_count(self, config: PipelineConfig, num_threads: int) -> int:
-        """One stage B pipeline on a GPU; on the CPU `cpu_lanes` (0: one per thread)."""
+        """`gpu_lanes` stage B pipelines on a GPU; on the CPU `cpu_lanes` (0: one per thread)."""
         if self.device.type == "cuda":
-            return 1
+            return config.gpu_lanes
         return min(num_threads, config.cpu_lanes or num_threads)
 
     def _build_views(self, batch_size: int, lanes: int, depth_per_lane: int):
@@ -286,7 +286,7 @@ class DaliLoader:
         threads = max(1, self.num_threads // lanes)
         pipes = [build_views_pipeline(self.shard_set.kind, self.config.views, batch_size,
                                       device_id, threads, depth_per_lane, out_dtype,
-                                      seed=self.seed)
+                                      seed=self.seed, pin_decoder_threads=lanes == 1)
                  for _ in range(lanes)]
         return pipes[0] if lanes == 1 else ViewLanes(pipes)
 

@@ -223,7 +223,8 @@ def pil_hue_shift(image, shift):
 
 
 @pipeline_def(enable_conditionals=True)
-def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype):
+def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
+                   pin_decoder_threads: bool = True):
     data = fn.external_source(name="data", dtype=types.UINT8, ndim=1, no_copy=False)
     frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
     boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
@@ -233,7 +234,10 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype):
     windows = fn.external_source(name="blur_windows", dtype=types.INT32, ndim=1)
     decoder_device = "mixed" if on_gpu else "cpu"
     if kind == "video":
-        clip = fn.decoders.video(data, device=decoder_device, frames=frames)
+        # The mixed decoder pins its threads to cores 0..n-1 by default: several lanes
+        # would then share the same cores, so lanes leave the placement to the OS.
+        affine = {"affine": pin_decoder_threads} if on_gpu else {}
+        clip = fn.decoders.video(data, device=decoder_device, frames=frames, **affine)
         past, current, future = clip[0], clip[1], clip[2]
     else:
         image = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
@@ -319,9 +323,11 @@ def feed_arrays(samples_data, params, blur_kernel: int) -> dict[str, list[np.nda
 
 
 def build_views_pipeline(kind: str, views: ViewConfig, batch_size: int, device_id,
-                         num_threads: int, prefetch: int, out_dtype, seed: int = 0):
+                         num_threads: int, prefetch: int, out_dtype, seed: int = 0,
+                         pin_decoder_threads: bool = True):
     pipe = views_pipeline(kind=kind, views=views, on_gpu=device_id is not None,
-                          out_dtype=out_dtype, batch_size=batch_size, num_threads=num_threads,
+                          out_dtype=out_dtype, pin_decoder_threads=pin_decoder_threads,
+                          batch_size=batch_size, num_threads=num_threads,
                           device_id=device_id, prefetch_queue_depth=prefetch, seed=seed,
                           exec_async=True, exec_pipelined=True,
                           # GPU -> CPU (contrast centre) needs DALI's dynamic executor.

@@ -23,9 +23,12 @@ from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
+try:  # see preprocess/video.py: training without PyAV must still import the CLI
+    import av
+    from av.video.reformatter import VideoReformatter
+except ImportError:
+    av = None
 from PIL import Image
 
 # Class = motion pattern shared by every object of a video.

@@ -11,10 +11,13 @@ import io
 from dataclasses import dataclass
 from fractions import Fraction
 
-import av
 import numpy as np
-from av.video.frame import PictureType
-from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
+try:  # PyAV reads and writes source videos; a GPU machine that only trains may lack it
+    import av
+    from av.video.frame import PictureType
+    from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
+except ImportError:
+    av = None
 
 from tcore.preprocess.errors import BadInput, check_nonempty_file
 

@@ -143,6 +143,14 @@ def test_compare_overrides_are_typed_and_checked():
         parse_overrides("compile=maybe", settings)
 
 
+def test_compare_overrides_take_several_config_keys():
+    settings = {"batch": 4, "overrides": "gpu_lanes=4"}
+    changed = parse_overrides("overrides=gpu_lanes=8,views.local.jitter_p=0,batch=8", settings)
+    assert changed == {"batch": 8, "overrides": "gpu_lanes=8,views.local.jitter_p=0"}
+    with pytest.raises(ValueError, match="not a setting"):  # only after overrides=
+        parse_overrides("batch=8,views.local.jitter_p=0", settings)
+
+
 def fake_result(samples_per_s: float, attention: str) -> dict:
     figure = summarize([samples_per_s, samples_per_s * 1.1, samples_per_s * 0.9], "samples/s")
     return {"kind": "model", "settings": {"arch": "vit_tiny", "attention": attention},

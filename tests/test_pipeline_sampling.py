@@ -178,6 +178,9 @@ def test_cpu_lanes_is_validated():
     assert PipelineConfig.from_dict({"cpu_lanes": 2}).validate().cpu_lanes == 2
     with pytest.raises(ValueError, match="cpu_lanes"):
         PipelineConfig.from_dict({"cpu_lanes": -1}).validate()
+    assert PipelineConfig().gpu_lanes == 1
+    with pytest.raises(ValueError, match="gpu_lanes"):
+        PipelineConfig.from_dict({"gpu_lanes": 0}).validate()
 
 
 def test_params_are_a_pure_function_of_the_seed():

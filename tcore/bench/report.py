@@ -91,11 +91,17 @@ def parse_overrides(text: str, settings: dict) -> dict:
     here with the key named rather than deep inside a run.
     """
     changed = dict(settings)
+    previous = None
     for item in filter(None, (part.strip() for part in text.split(","))):
         if "=" not in item:
             raise ValueError(f"--compare item {item!r} is not KEY=VALUE")
         key, value = (s.strip() for s in item.split("=", 1))
         key = key.replace("-", "_")
+        if previous == "overrides" and key not in settings:
+            # 'overrides=a.b=1,c.d=2': config keys after `overrides=` continue its list.
+            changed["overrides"] += "," + item
+            continue
+        previous = key
         if key not in settings:
             raise ValueError(f"--compare key {key!r} is not a setting of this bench; "
                              f"known: {', '.join(sorted(settings))}")
