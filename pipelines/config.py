@@ -153,9 +153,12 @@ class PipelineConfig:
     # CPU only: stage B as this many independent pipelines fed round-robin, the threads
     # split between them (pipelines/lanes.py); 0 = one lane per thread.
     cpu_lanes: int = 0
-    # GPU: stage B as this many pipelines, each decoding its own batches (several NVDEC
-    # sessions at once); 1 = one pipeline.
-    gpu_lanes: int = 1
+    # Where video clips are decoded when the loader runs on a GPU: "gpu" (NVDEC through DALI's
+    # mixed decoder) or "cpu" (libavcodec on the pipeline's threads; the three frames are then
+    # copied to the GPU for the views). NVDEC measured ~62 clips/s on an H100 for 426x320 VP9
+    # clips, a per-clip cost that extra threads or pipelines did not reduce
+    # (docs/PERFORMANCE.md). The CPU backend always decodes on the CPU.
+    video_decoder: str = "gpu"
 
     def validate(self) -> "PipelineConfig":
         self.sampling.validate()
@@ -165,8 +168,8 @@ class PipelineConfig:
             raise ValueError("shuffle_buffer must be >= 1")
         if self.cpu_lanes < 0:
             raise ValueError(f"cpu_lanes = {self.cpu_lanes}: need >= 0 (0 = one per thread)")
-        if self.gpu_lanes < 1:
-            raise ValueError(f"gpu_lanes = {self.gpu_lanes}: need >= 1")
+        if self.video_decoder not in ("gpu", "cpu"):
+            raise ValueError(f"video_decoder = {self.video_decoder!r}: must be 'gpu' or 'cpu'")
         return self
 
     def to_dict(self) -> dict:

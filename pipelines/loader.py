@@ -271,9 +271,9 @@ class DaliLoader:
                                                                      self.num_shards)
 
     def _lane_count(self, config: PipelineConfig, num_threads: int) -> int:
-        """`gpu_lanes` stage B pipelines on a GPU; on the CPU `cpu_lanes` (0: one per thread)."""
+        """One stage B pipeline on a GPU; on the CPU `cpu_lanes` (0: one per thread)."""
         if self.device.type == "cuda":
-            return config.gpu_lanes
+            return 1
         return min(num_threads, config.cpu_lanes or num_threads)
 
     def _build_views(self, batch_size: int, lanes: int, depth_per_lane: int):
@@ -286,7 +286,8 @@ class DaliLoader:
         threads = max(1, self.num_threads // lanes)
         pipes = [build_views_pipeline(self.shard_set.kind, self.config.views, batch_size,
                                       device_id, threads, depth_per_lane, out_dtype,
-                                      seed=self.seed, pin_decoder_threads=lanes == 1)
+                                      seed=self.seed,
+                                      decode_video_on_gpu=self.config.video_decoder == "gpu")
                  for _ in range(lanes)]
         return pipes[0] if lanes == 1 else ViewLanes(pipes)
 
@@ -536,7 +537,7 @@ def build_loader(manifests, batch_size: int, device: str = "cpu",
     on_gpu = torch.device(device).type == "cuda"
     if on_gpu and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for, but torch sees no GPU")
-    check_codecs_for_device(shard_set, on_gpu)
+    check_codecs_for_device(shard_set, on_gpu and config.video_decoder == "gpu")
     shard_id, num_shards = distributed_shard(shard_id, num_shards)
     return DaliLoader(shard_set, batch_size, device, config, seed, shard_id, num_shards,
                       num_threads, prefetch, infinite, dtype, return_params)

@@ -91,12 +91,14 @@ def load_shard_set(manifests) -> ShardSet:
     return shard_set
 
 
-def check_codecs_for_device(shard_set: ShardSet, on_gpu: bool) -> None:
-    if on_gpu or shard_set.kind != "video":
+def check_codecs_for_device(shard_set: ShardSet, decodes_on_gpu: bool) -> None:
+    """Refuse at start-up video shards that the decoder in use cannot read."""
+    if decodes_on_gpu or shard_set.kind != "video":
         return
     for manifest in shard_set.manifests:
         if manifest["codec"] not in VIDEO_CODECS_ON_CPU:
             raise RuntimeError(
                 f"{manifest['_dir']}: {manifest['codec']} shards cannot be decoded on the CPU "
                 f"(DALI's CPU video decoder reads {', '.join(VIDEO_CODECS_ON_CPU)} only): "
-                "rebuild them with `tcore shards build --codec vp9` or run on a GPU")
+                "rebuild them with `tcore shards build --codec vp9` or run on a GPU "
+                "(with video_decoder=gpu, the default)")

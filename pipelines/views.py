@@ -224,7 +224,7 @@ def pil_hue_shift(image, shift):
 
 @pipeline_def(enable_conditionals=True)
 def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
-                   pin_decoder_threads: bool = True):
+                   decode_video_on_gpu: bool = True):
     data = fn.external_source(name="data", dtype=types.UINT8, ndim=1, no_copy=False)
     frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
     boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
@@ -234,10 +234,11 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
     windows = fn.external_source(name="blur_windows", dtype=types.INT32, ndim=1)
     decoder_device = "mixed" if on_gpu else "cpu"
     if kind == "video":
-        # The mixed decoder pins its threads to cores 0..n-1 by default: several lanes
-        # would then share the same cores, so lanes leave the placement to the OS.
-        affine = {"affine": pin_decoder_threads} if on_gpu else {}
-        clip = fn.decoders.video(data, device=decoder_device, frames=frames, **affine)
+        if on_gpu and not decode_video_on_gpu:
+            # libavcodec on the CPU threads, then only the three decoded frames cross to the GPU.
+            clip = fn.decoders.video(data, device="cpu", frames=frames).gpu()
+        else:
+            clip = fn.decoders.video(data, device=decoder_device, frames=frames)
         past, current, future = clip[0], clip[1], clip[2]
     else:
         image = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
@@ -324,9 +325,9 @@ def feed_arrays(samples_data, params, blur_kernel: int) -> dict[str, list[np.nda
 
 def build_views_pipeline(kind: str, views: ViewConfig, batch_size: int, device_id,
                          num_threads: int, prefetch: int, out_dtype, seed: int = 0,
-                         pin_decoder_threads: bool = True):
+                         decode_video_on_gpu: bool = True):
     pipe = views_pipeline(kind=kind, views=views, on_gpu=device_id is not None,
-                          out_dtype=out_dtype, pin_decoder_threads=pin_decoder_threads,
+                          out_dtype=out_dtype, decode_video_on_gpu=decode_video_on_gpu,
                           batch_size=batch_size, num_threads=num_threads,
                           device_id=device_id, prefetch_queue_depth=prefetch, seed=seed,
                           exec_async=True, exec_pipelined=True,

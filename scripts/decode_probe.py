@@ -2,11 +2,11 @@
 time goes when the views are not the bottleneck (a diagnostic; figures for claims come from
 `tcore bench data`).
 
-    python scripts/decode_probe.py SHARDS [--device mixed|cpu] [--batch 64] [--batches 5]
+    python scripts/decode_probe.py SHARDS [--configs mixed:8,cpu:8,cpu:16] [--batch 64]
 
-Runs a few configurations (threads, thread pinning, several pipelines at once) of a pipeline
-that only reads the clips and decodes three frames of each, and prints samples/s and CPU
-seconds per sample for each.
+Each configuration DEVICE:THREADS[:PIPELINES[:unpinned]] runs a pipeline that only reads the
+clips and decodes three frames of each (PIPELINES of them at once, batch / PIPELINES each),
+and prints samples/s and CPU milliseconds per sample as one JSON line.
 """
 from __future__ import annotations
 
@@ -60,20 +60,18 @@ def measure(shards: Path, device: str, batch: int, batches: int, threads: int, a
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", type=Path)
-    parser.add_argument("--device", default="mixed", choices=["mixed", "cpu"])
+    parser.add_argument("--configs", default="mixed:8,cpu:8,cpu:16")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--frames", default="2,10,18", help="frame indices decoded per clip")
     args = parser.parse_args()
     frames = [int(f) for f in args.frames.split(",")]
-    if args.device == "mixed":
-        configs = [(8, True, 1), (8, False, 1), (2, False, 4), (2, False, 8)]
-    else:
-        configs = [(2, True, 1)]
-    for threads, affine, pipelines in configs:
-        # Same total samples per configuration: each of `pipelines` gets batch / pipelines.
-        result = measure(args.shards, args.device, max(1, args.batch // pipelines),
-                         args.batches, threads, affine, pipelines, frames)
+    for config in args.configs.split(","):
+        device, threads, *rest = config.split(":")
+        pipelines = int(rest[0]) if rest else 1
+        pinned = not (len(rest) > 1 and rest[1] == "unpinned")
+        result = measure(args.shards, device, max(1, args.batch // pipelines), args.batches,
+                         int(threads), pinned, pipelines, frames)
         print(json.dumps(result), flush=True)
 
 

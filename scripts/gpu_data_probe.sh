@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# scripts/gpu_data_probe.sh: where the DALI GPU data pipeline's time goes (about 2.5 minutes).
+# scripts/gpu_data_probe.sh: where the DALI GPU data pipeline's time goes (about 2 minutes).
 # Run on the GPU machine after scripts/carry_parts.sh has joined DALI (see gpu_session.sh):
-#   1. scripts/decode_probe.py: the mixed video decoder alone (threads, pinning, several
-#      pipelines at once) on the shards;
-#   2. `tcore bench data`: 4 stage B lanes against 1;
-#   3. `tcore bench data`: 8 lanes with and without the colour jitter (its contrast centre
-#      is a GPU -> CPU dependency).
+#   1. scripts/decode_probe.py: the video decoder alone, NVDEC (mixed) against the CPU
+#      decoder on 8 and 16 threads;
+#   2. `tcore bench data` with the paper presets' views: NVDEC against video_decoder=cpu.
+# (2026-11-26, H100: NVDEC gave ~62 clips/s of 426x320 VP9 whatever the threads, thread
+# pinning or number of pipelines; docs/PERFORMANCE.md.)
 # Each step is skipped when less than its time is left of GPU_PROBE_BUDGET (seconds).
 # Settings: OUT, GPU_CHECK_SHARDS (default .gpushards), PYTHON, GPU_PROBE_BUDGET (150).
 set -uo pipefail
@@ -31,10 +31,8 @@ shopt -s nullglob
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 BENCH=("$PY" -P -m tcore.cli bench data --data "$SHARDS" --device cuda --batch 64 --threads 8
        --seconds 3 --warmup 2 --repeats 2 --loader dali)
-step decode 30 "$PY" -P scripts/decode_probe.py "$SHARDS" --batch 64 --batches 3
-step lanes4 40 "${BENCH[@]}" --set gpu_lanes=4 --compare overrides=gpu_lanes=1 \
-    --json "$OUT/lanes4.json"
-step lanes8 40 "${BENCH[@]}" --set gpu_lanes=8 --compare \
-    overrides=gpu_lanes=8,views.global_1.jitter_p=0,views.global_2.jitter_p=0,views.local.jitter_p=0 \
-    --json "$OUT/lanes8.json"
+step decode 30 "$PY" -P scripts/decode_probe.py "$SHARDS" --configs mixed:8,cpu:8,cpu:16 \
+    --batch 64 --batches 3
+step decoder 60 "${BENCH[@]}" --set views.color_jitter=torchvision,video_decoder=cpu \
+    --compare overrides=views.color_jitter=torchvision --json "$OUT/decoder.json"
 echo "== done in $((SECONDS - START))s"

@@ -21,6 +21,14 @@ def test_presets_exist_and_load():
     assert tiny.model.arch == "vit_tiny" and tiny.data.batch_size_per_gpu == 16
 
 
+def test_paper_presets_use_the_reference_colour_jitter():
+    from tcore.train import pipeline_config
+
+    for name in ("vits16_k400", "vitb16_k400", "vits16_imagenet"):
+        assert pipeline_config(load_config(name)).views.color_jitter == "torchvision", name
+    assert pipeline_config(load_config("tiny_cpu")).views.color_jitter == "fast"
+
+
 def test_config_by_path_and_by_file_name(tmp_path):
     path = resolve_config_path("vits16_k400")
     assert path.name == "vits16_k400.yaml"

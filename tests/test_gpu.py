@@ -100,15 +100,16 @@ def test_tcore_train_runs_on_the_gpu(tmp_path, precision):
 
 
 @needs_dali
-@pytest.mark.parametrize("jitter", ["fast", "torchvision"])
-def test_dali_gpu_views_match_the_cpu_graph(jitter):
+@pytest.mark.parametrize("jitter,decoder", [("fast", "gpu"), ("torchvision", "gpu"),
+                                            ("torchvision", "cpu")])
+def test_dali_gpu_views_match_the_cpu_graph(jitter, decoder):
     """Same seed, so stage A draws the same samples and parameters on both devices; the GPU
-    graph (NVDEC decode, GPU resize and colour ops) must give the CPU graph's views up to
-    decoder colour conversion and float rounding."""
+    graph (NVDEC decode, or CPU decode with `video_decoder=cpu`; GPU resize and colour ops)
+    must give the CPU graph's views up to decoder colour conversion and float rounding."""
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader
 
-    config = PipelineConfig()
+    config = PipelineConfig(video_decoder=decoder)
     config.views.color_jitter = jitter
     batches = {}
     for device in ("cpu", "cuda"):

@@ -14,9 +14,10 @@ from tcore.pipelines.views import views_pipeline
 IMAGE_OPS = ("Resize", "Hsv", "GaussianBlur", "CropMirrorNormalize", "LookupTable")
 
 
-def _python_graph(kind: str, color_jitter: str):
+def _python_graph(kind: str, color_jitter: str, decode_video_on_gpu: bool = True):
     pipe = views_pipeline(kind=kind, views=ViewConfig(color_jitter=color_jitter), on_gpu=True,
-                          out_dtype=types.FLOAT, batch_size=2, num_threads=1, device_id=0,
+                          out_dtype=types.FLOAT, decode_video_on_gpu=decode_video_on_gpu,
+                          batch_size=2, num_threads=1, device_id=0,
                           prefetch_queue_depth=1, exec_dynamic=True)
     pipe._build_graph()     # the Python graph only: no CUDA needed until build()
     placed = Counter((getattr(node._op, "schema_name", type(node._op).__name__), node._op.device)
@@ -38,3 +39,14 @@ def test_gpu_graph_decodes_on_mixed_and_augments_on_the_gpu(kind, decoder, color
     assert len(pipe._graph_outputs) == 14
     assert {out.device for out in pipe._graph_outputs} == {"gpu"}
     assert placed[("CropMirrorNormalize", "gpu")] == 14
+
+
+def test_video_decoder_cpu_decodes_on_the_cpu_and_augments_on_the_gpu():
+    """`video_decoder=cpu` on a GPU: libavcodec decodes, every view operator stays on the GPU."""
+    pipe, placed = _python_graph("video", "fast", decode_video_on_gpu=False)
+    assert placed[("decoders__Video", "cpu")] == 1
+    assert not any(name == "decoders__Video" and device != "cpu" for name, device in placed)
+    for name, device in placed:
+        if name in IMAGE_OPS:
+            assert device == "gpu", (name, device)
+    assert {out.device for out in pipe._graph_outputs} == {"gpu"}

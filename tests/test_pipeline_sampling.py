@@ -173,14 +173,15 @@ def test_color_jitter_mode_is_validated():
         .views.color_jitter == "torchvision"
 
 
-def test_cpu_lanes_is_validated():
+def test_lanes_and_video_decoder_are_validated():
     assert PipelineConfig().cpu_lanes == 0                  # one lane per thread
     assert PipelineConfig.from_dict({"cpu_lanes": 2}).validate().cpu_lanes == 2
     with pytest.raises(ValueError, match="cpu_lanes"):
         PipelineConfig.from_dict({"cpu_lanes": -1}).validate()
-    assert PipelineConfig().gpu_lanes == 1
-    with pytest.raises(ValueError, match="gpu_lanes"):
-        PipelineConfig.from_dict({"gpu_lanes": 0}).validate()
+    assert PipelineConfig().video_decoder == "gpu"
+    assert PipelineConfig.from_dict({"video_decoder": "cpu"}).validate().video_decoder == "cpu"
+    with pytest.raises(ValueError, match="video_decoder"):
+        PipelineConfig.from_dict({"video_decoder": "nvdec"}).validate()
 
 
 def test_params_are_a_pure_function_of_the_seed():
