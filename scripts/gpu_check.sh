@@ -218,6 +218,7 @@ gpu_tests() {
     # --noconftest: the shared fixtures build shards with PyAV, which the GPU machine lacks.
     env "${shards_env[@]}" "$PYTHON" -P -m pytest -q -s --noconftest -p no:cacheprovider \
         tests/test_gpu.py tests/test_models_vit.py::test_attention_backends_agree_in_bf16_on_gpu \
+        tests/test_models_vit.py::test_xformers_agrees_with_the_reference_in_bf16_on_gpu \
         tests/test_ssl.py::test_step_has_no_host_syncs_on_gpu
 }
 run_step gputests 240 gpu_tests
