@@ -237,7 +237,8 @@ COMPILE_FLAG=()
 bench_model model_s "$ARCH_S" 120 --attention "$FAST" --precision "$PRECISION" \
     --compare "attention=$REF" --profile "$WORK/profile/model_s"
 bench_model model_s_compiled "$ARCH_S" 200 --attention "$FAST" --precision "$PRECISION" \
-    "${COMPILE_FLAG[@]}" --compare "attention=math,precision=$SLOW_PRECISION,compile=false"
+    "${COMPILE_FLAG[@]}" --compare "attention=math,precision=$SLOW_PRECISION,compile=false" \
+    --profile "$WORK/profile/model_s_compiled"
 bench_model model_b "$ARCH_B" 120 --attention "$FAST" --precision "$PRECISION" \
     --compare "attention=$REF"
 
