@@ -30,7 +30,7 @@ from tcore.pipelines.lanes import ViewLanes
 from tcore.pipelines.manifest import ShardSet, check_codecs_for_device, load_shard_set
 from tcore.pipelines.masks import batch_masks, mask_tensors
 from tcore.pipelines.sampling import SampleParams, draw_sample_params, sample_rng, view_slices
-from tcore.pipelines.views import build_views_pipeline, feed_arrays
+from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds
 
 STATE_VERSION = 1
 MASK_STREAM = 0x6D61736B   # separates the masks' random stream from the samples'
@@ -59,6 +59,8 @@ class RawSample:
     meta: dict
     label: int
     source: str          # "<tar path>:<offset>:<key>.<ext>" from DALI's source_info
+    frame_offsets: np.ndarray | None = None   # "frames" shards: where each JPEG starts / ends
+    frame_jpegs: list | None = None           # ... and the drawn past / current / future ones
 
 
 @dataclass
@@ -72,7 +74,17 @@ class HostBatch:
     skipped: list = field(default_factory=list)
 
 
-def _parse_sample(data, meta_bytes, label_bytes, source: str) -> RawSample:
+def frame_offsets(meta: dict, size: int, source: str) -> np.ndarray:
+    """Start / end offsets of the T JPEG frames of a "frames" sample, checked against its
+    component's size."""
+    sizes = meta.get("frame_bytes")
+    if not isinstance(sizes, list) or len(sizes) != sample_frames(meta) or sum(sizes) != size:
+        raise BadSampleError(f"sample {source}: its .json 'frame_bytes' does not describe the "
+                             f"{size}-byte frames component ({sample_frames(meta)} frames)")
+    return np.cumsum([0, *sizes])
+
+
+def _parse_sample(data, meta_bytes, label_bytes, source: str, layout: str = "video") -> RawSample:
     try:
         meta = json.loads(bytes(meta_bytes).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -84,7 +96,9 @@ def _parse_sample(data, meta_bytes, label_bytes, source: str) -> RawSample:
     for key in ("width", "height"):
         if key not in meta:
             raise BadSampleError(f"sample {source}: its .json lacks '{key}'")
-    return RawSample(data=np.asarray(data), meta=meta, label=label, source=source)
+    data = np.asarray(data)
+    offsets = frame_offsets(meta, data.size, source) if layout == "frames" else None
+    return RawSample(data=data, meta=meta, label=label, source=source, frame_offsets=offsets)
 
 
 def _explain_reader_error(message: str) -> str:
@@ -329,7 +343,8 @@ class DaliLoader:
         for i in range(count):
             source = data[i].source_info() or f"sample {i}"
             try:
-                samples.append(_parse_sample(data.at(i), meta.at(i), label.at(i), source))
+                samples.append(_parse_sample(data.at(i), meta.at(i), label.at(i), source,
+                                             self.shard_set.kind))
             except BadSampleError as error:
                 if not self.config.skip_bad_samples:
                     raise
@@ -341,6 +356,10 @@ class DaliLoader:
             params.append(draw_sample_params(rng, sample_frames(sample.meta),
                                              int(sample.meta["height"]),
                                              int(sample.meta["width"]), self.config))
+            if sample.frame_offsets is not None:  # cut out the three drawn JPEG frames
+                bounds = sample.frame_offsets
+                sample.frame_jpegs = [sample.data[bounds[k]:bounds[k + 1]]
+                                      for k in params[-1].frames]
         self._counters["samples"] += count - len(samples)
         self._counters["batches"] += 1
         batch_number = self._counters["batches"]
@@ -416,6 +435,8 @@ class DaliLoader:
     def _feed(self, pipe, host: HostBatch) -> None:
         arrays = feed_arrays([s.data for s in host.samples], host.params,
                              self.config.views.blur_kernel)
+        if self.shard_set.kind == "frames":
+            arrays.update(frame_feeds([s.frame_jpegs for s in host.samples]))
         for name in pipe.feed_names:
             pipe.feed_input(name, arrays[name])
 

@@ -13,11 +13,12 @@ from tcore.preprocess.index import read_index
 from tcore.preprocess.manifest import load_manifest, manifest_path
 
 VIDEO_CODECS_ON_CPU = ("vp9", "vp8", "mjpeg")
+FRAME_CODEC = "jpegs"  # video shards holding T separate JPEG frames (tcore shards --codec jpegs)
 
 
 @dataclass
 class ShardSet:
-    kind: str                                   # "video" | "image"
+    kind: str               # "video" (clips), "frames" (T JPEGs per video) or "image"
     tars: list[str] = field(default_factory=list)
     indices: list[str] = field(default_factory=list)
     extensions: list[str] = field(default_factory=list)   # clip / image component names
@@ -61,6 +62,13 @@ def check_shard_files(tar: str, index: str) -> None:
                          f"at least {end})")
 
 
+def _layout(manifest: dict) -> str:
+    """How stage B reads a shard directory's samples: one clip, T JPEG frames, or one image."""
+    if manifest["kind"] == "video" and manifest["codec"] == FRAME_CODEC:
+        return "frames"
+    return manifest["kind"]
+
+
 def load_shard_set(manifests) -> ShardSet:
     """One or several shard directories (or manifest paths), all of the same kind."""
     if isinstance(manifests, (str, os.PathLike)):
@@ -68,9 +76,9 @@ def load_shard_set(manifests) -> ShardSet:
     loaded = [read_manifest(m) for m in manifests]
     if not loaded:
         raise ValueError("no shard directories given")
-    kinds = {m["kind"] for m in loaded}
+    kinds = {_layout(m) for m in loaded}
     if len(kinds) > 1:
-        raise ValueError(f"cannot mix shard kinds {sorted(kinds)} in one loader: "
+        raise ValueError(f"cannot mix shard layouts {sorted(kinds)} in one loader: "
                          + ", ".join(m["_dir"] for m in loaded))
     shard_set = ShardSet(kind=kinds.pop(), manifests=loaded)
     for manifest in loaded:

@@ -22,7 +22,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tcore.pipelines.config import PipelineConfig
-from tcore.pipelines.loader import BadSampleError, distributed_shard, sample_frames
+from tcore.pipelines.loader import (BadSampleError, distributed_shard, frame_offsets,
+                                    sample_frames)
 from tcore.pipelines.manifest import ShardSet, load_shard_set
 from tcore.pipelines.masks import batch_masks, mask_tensors
 from tcore.pipelines.sampling import (SampleParams, draw_sample_params, jitter_sequence,
@@ -197,6 +198,10 @@ class ShardSamples(IterableDataset):
                                         int(meta["width"]), self.config)
             if self.kind == "video":
                 frames = decode_frames(data, params.frames, source)
+            elif self.kind == "frames":
+                bounds = frame_offsets(meta, len(data), source)
+                frames = [Image.open(io.BytesIO(data[bounds[k]:bounds[k + 1]])).convert("RGB")
+                          for k in params.frames]
             else:
                 frames = [Image.open(io.BytesIO(data)).convert("RGB")] * 3
         except (BadSampleError, json.JSONDecodeError, KeyError, OSError) as error:

@@ -20,7 +20,9 @@ from nvidia.dali import fn, pipeline_def, types
 from tcore.pipelines.config import ViewConfig
 from tcore.pipelines.sampling import jitter_sequence
 
-FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric", "switches", "blur_windows")
+FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric", "switches", "blur_windows",
+              "past_jpeg", "current_jpeg", "future_jpeg")
+FRAME_JPEG_FEEDS = ("past_jpeg", "current_jpeg", "future_jpeg")
 
 # Gaussian blur with sigma 0 would mean "derive sigma from the window" in DALI; a tiny sigma
 # makes the 9-tap kernel an exact identity instead (exp(-1 / 2e-6) == 0 in float32).
@@ -240,6 +242,12 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
         else:
             clip = fn.decoders.video(data, device=decoder_device, frames=frames)
         past, current, future = clip[0], clip[1], clip[2]
+    elif kind == "frames":
+        # Only the three drawn JPEG frames were cut out on the host: three image decodes.
+        past, current, future = (
+            fn.decoders.image(fn.external_source(name=name, dtype=types.UINT8, ndim=1),
+                              device=decoder_device, output_type=types.RGB)
+            for name in FRAME_JPEG_FEEDS)
     else:
         image = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
         past = current = future = image
@@ -321,6 +329,12 @@ def feed_arrays(samples_data, params, blur_kernel: int) -> dict[str, list[np.nda
             "photometric": [rows for rows, _, _ in per_view],
             "switches": [switches for _, switches, _ in per_view],
             "blur_windows": [windows for _, _, windows in per_view]}
+
+
+def frame_feeds(frame_jpegs) -> dict[str, list[np.ndarray]]:
+    """The past / current / future JPEG inputs of the frames graph, from each sample's three
+    drawn frames (`frame_jpegs[i]` = [past, current, future] byte arrays)."""
+    return {name: [jpegs[k] for jpegs in frame_jpegs] for k, name in enumerate(FRAME_JPEG_FEEDS)}
 
 
 def build_views_pipeline(kind: str, views: ViewConfig, batch_size: int, device_id,

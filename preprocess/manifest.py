@@ -2,7 +2,7 @@
 
 Format (docs/ARCHITECTURE.md):
     {"format_version": 1, "kind": "video" | "image", "frames": T | null,
-     "codec": "vp9" | "h264" | "mjpeg" | "jpeg", "clip_ext": "webm" | "mp4" | "mkv" | "jpg",
+     "codec": "vp9" | "h264" | "mjpeg" | "jpegs" | "jpeg", "clip_ext": "webm" | "mp4" | "mkv" | "jpgs" | "jpg",
      "short_side": int, "classes": [...], "shards": [{"tar", "index", "samples", "bytes"}, ...],
      "total_samples": n, "total_bytes": b, "failures": n_failed, "options": {...}}
 """
@@ -17,7 +17,7 @@ from tcore.preprocess.errors import ShardDirError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
-CLIP_EXTS = {"vp9": "webm", "h264": "mp4", "mjpeg": "mkv", "jpeg": "jpg"}
+CLIP_EXTS = {"vp9": "webm", "h264": "mp4", "mjpeg": "mkv", "jpegs": "jpgs", "jpeg": "jpg"}
 _REQUIRED = {"format_version": int, "kind": str, "codec": str, "clip_ext": str, "short_side": int,
              "classes": list, "shards": list, "total_samples": int, "total_bytes": int,
              "failures": int, "options": dict}

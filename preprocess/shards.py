@@ -32,7 +32,8 @@ from tcore.preprocess.manifest import (CLIP_EXTS, FAILURES_NAME, MANIFEST_NAME, 
                                        make_manifest, merge_manifest_parts, validate_manifest,
                                        write_json_atomic, write_jsonl_atomic)
 from tcore.preprocess.tarwriter import ShardTarWriter
-from tcore.preprocess.video import VIDEO_CODECS, VP9_SPEED, encode_clip, read_clip
+from tcore.preprocess.video import (FRAME_CODECS, VIDEO_CODECS, VP9_SPEED, encode_clip,
+                                    encode_jpeg_frames, read_clip)
 
 STATE_DIR = ".build"
 DEFAULT_GOP = 20  # one keyframe per 20-frame clip: smallest and fastest for the sampler (docs/PERFORMANCE.md)
@@ -57,8 +58,9 @@ class BuildConfig:
         if self.kind not in ("video", "image"):
             raise ValueError(f"kind must be 'video' or 'image', got {self.kind!r}")
         if self.kind == "video":
-            if self.codec not in VIDEO_CODECS:
-                raise ValueError(f"codec must be one of {sorted(VIDEO_CODECS)}, got {self.codec!r}")
+            if self.codec not in (*VIDEO_CODECS, *FRAME_CODECS):
+                raise ValueError(f"codec must be one of {sorted(VIDEO_CODECS) + list(FRAME_CODECS)}, "
+                                 f"got {self.codec!r}")
             if not self.frames or self.frames < 1:
                 raise ValueError(f"frames must be >= 1, got {self.frames}")
             if not 0 <= self.vp9_speed <= 8:
@@ -101,8 +103,14 @@ class BuildResult:
 
 def _video_sample(source: Source, label: int, config: BuildConfig) -> list[tuple[str, bytes]]:
     clip = read_clip(source.path, config.frames, config.short_side, config.allow_upscale)
-    data = encode_clip(clip.frames, config.codec, config.gop, config.crf, config.quality, config.vp9_speed)
-    meta = {"source": source.relative, "label": label, "class": source.class_name,
+    extra = {}
+    if config.codec in FRAME_CODECS:
+        images = encode_jpeg_frames(clip.frames, config.quality)
+        data, extra["frame_bytes"] = b"".join(images), [len(image) for image in images]
+    else:
+        data = encode_clip(clip.frames, config.codec, config.gop, config.crf, config.quality,
+                           config.vp9_speed)
+    meta = {**extra, "source": source.relative, "label": label, "class": source.class_name,
             "frames": config.frames, "width": clip.width, "height": clip.height,
             "fps": round(clip.source_fps, 6), "duration": round(clip.source_duration, 6),
             "source_frames": clip.source_frames, "frame_indices": clip.frame_indices,

@@ -12,7 +12,7 @@ from PIL import Image
 from tcore.preprocess.errors import BadInput
 from tcore.preprocess.index import read_index
 from tcore.preprocess.manifest import load_manifest
-from tcore.preprocess.video import probe_clip
+from tcore.preprocess.video import FRAME_CODECS, probe_clip, split_jpeg_frames
 
 
 def _index_matches_tar(tar_path: Path, samples) -> str | None:
@@ -23,6 +23,15 @@ def _index_matches_tar(tar_path: Path, samples) -> str | None:
     if members != listed:
         return f"index does not match the tar ({len(listed)} indexed members, {len(members)} in tar)"
     return None
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.size
+    except (OSError, ValueError) as err:
+        raise BadInput(f"image does not decode ({err})") from err
 
 
 def _check_sample(manifest: dict, components: dict[str, bytes]) -> None:
@@ -37,19 +46,22 @@ def _check_sample(manifest: dict, components: dict[str, bytes]) -> None:
         raise BadInput(f"json does not parse ({err})") from err
     if components["cls"].decode(errors="replace").strip() != str(meta.get("label")):
         raise BadInput(f"cls {components['cls']!r} disagrees with json label {meta.get('label')}")
-    if manifest["kind"] == "video":
+    if manifest["kind"] == "video" and manifest["codec"] in FRAME_CODECS:
+        images = split_jpeg_frames(components[clip_ext], meta.get("frame_bytes") or [])
+        sizes = {_image_size(image) for image in images}
+        count, (width, height) = len(images), (sizes.pop() if len(sizes) == 1 else (None, None))
+        expected = (manifest["frames"], meta.get("width"), meta.get("height"))
+        if (count, width, height) != expected:
+            raise BadInput(f"frames decode to {count} images of {width}x{height}, json/manifest "
+                           f"say {expected[0]} frames of {expected[1]}x{expected[2]}")
+    elif manifest["kind"] == "video":
         count, width, height = probe_clip(components[clip_ext])
         expected = (manifest["frames"], meta.get("width"), meta.get("height"))
         if (count, width, height) != expected:
             raise BadInput(f"clip decodes to {count} frames of {width}x{height}, json/manifest say "
                            f"{expected[0]} frames of {expected[1]}x{expected[2]}")
     else:
-        try:
-            with Image.open(io.BytesIO(components[clip_ext])) as image:
-                image.load()
-                size = image.size
-        except (OSError, ValueError) as err:
-            raise BadInput(f"image does not decode ({err})") from err
+        size = _image_size(components[clip_ext])
         if size != (meta.get("width"), meta.get("height")):
             raise BadInput(f"image is {size[0]}x{size[1]}, json says {meta.get('width')}x{meta.get('height')}")
 

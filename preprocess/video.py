@@ -29,6 +29,10 @@ VIDEO_CODECS = {
     "h264": ("mp4", "mp4", "libx264"),
     "mjpeg": ("matroska", "mkv", "mjpeg"),
 }
+# Not a clip: the T frames as separate JPEG images ("jpegs", one component holding them
+# back to back, their sizes in the sample's json): the loader decodes only the three it
+# draws, with nvJPEG on a GPU, instead of a clip from its start.
+FRAME_CODECS = ("jpegs",)
 DEFAULT_CRF = {"vp9": 30, "h264": 23}
 CLIP_FPS = 10  # nominal rate of the stored clips; the loader indexes frames, not times
 CLIP_TIME_BASE = Fraction(1, CLIP_FPS)
@@ -221,10 +225,7 @@ def encode_clip(frames: list, codec: str, gop: int, crf: int | None = None, qual
             stream.options = {"qmin": qscale, "qmax": qscale, "threads": "1"}
         for index, frame in enumerate(frames):
             if codec == "mjpeg":
-                frame = VideoReformatter().reformat(frame, format="yuvj420p", threads=1,
-                                                    src_color_range=ColorRange.MPEG,
-                                                    dst_color_range=ColorRange.JPEG)
-                frame.color_range = ColorRange.JPEG
+                frame = _full_range(frame)
             # A decoded frame keeps its picture type; an "I" would force a keyframe.
             frame.pict_type = PictureType.NONE
             frame.pts = index
@@ -232,6 +233,47 @@ def encode_clip(frames: list, codec: str, gop: int, crf: int | None = None, qual
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return buffer.getvalue()
+
+
+def _full_range(frame):
+    """yuv420p (limited range, as _resize makes it) -> yuvj420p, the range JPEG uses."""
+    frame = VideoReformatter().reformat(frame, format="yuvj420p", threads=1,
+                                        src_color_range=ColorRange.MPEG,
+                                        dst_color_range=ColorRange.JPEG)
+    frame.color_range = ColorRange.JPEG
+    return frame
+
+
+def encode_jpeg_frames(frames: list, quality: int = 90) -> list[bytes]:
+    """Each frame (yuv420p av.VideoFrame) as a standalone baseline JPEG (FFmpeg's MJPEG
+    encoder: 4:2:0, full range, the MJPEG path's fixed quantiser), deterministic bytes."""
+    context = av.CodecContext.create("mjpeg", "w")
+    context.width, context.height = frames[0].width, frames[0].height
+    context.pix_fmt = "yuvj420p"
+    context.time_base = CLIP_TIME_BASE
+    context.color_range = ColorRange.JPEG
+    context.flags |= av.codec.context.Flags.bitexact
+    qscale = str(mjpeg_qscale(quality))
+    context.options = {"qmin": qscale, "qmax": qscale, "threads": "1"}
+    images = []
+    for index, frame in enumerate(frames):
+        frame = _full_range(frame)
+        frame.pict_type = PictureType.NONE
+        frame.pts = index
+        frame.time_base = CLIP_TIME_BASE
+        images.extend(bytes(packet) for packet in context.encode(frame))
+    images.extend(bytes(packet) for packet in context.encode(None))
+    if len(images) != len(frames):
+        raise RuntimeError(f"JPEG encoder gave {len(images)} images for {len(frames)} frames")
+    return images
+
+
+def split_jpeg_frames(data: bytes, sizes) -> list[bytes]:
+    """The JPEG images of a "jpegs" component, from the byte sizes in the sample's json."""
+    if sum(sizes) != len(data):
+        raise BadInput(f"frame sizes add up to {sum(sizes)} bytes, the component has {len(data)}")
+    bounds = np.cumsum([0, *sizes])
+    return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def probe_clip(data: bytes) -> tuple[int, int, int]:

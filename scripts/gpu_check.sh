@@ -31,7 +31,8 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled shards data
-# train), GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
+# data_frames train), GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
+# GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
 # GPU_CHECK_WORK (scratch folder, default a fresh temporary one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,7 +99,7 @@ run_step() {
     if declare -F "$1" >/dev/null; then
         # A shell function: `timeout` needs a program, so hand the function and the variables
         # it reads to a child bash.
-        timeout --kill-after=10 "$limit" bash -c "$(declare -p PYTHON REPO WORK SHARDS SYNTH \
+        timeout --kill-after=10 "$limit" bash -c "$(declare -p PYTHON REPO WORK SHARDS FRAMES SYNTH \
             2>/dev/null); $(declare -f "$1"); $1" >>"$LOG" 2>&1
     else
         timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
@@ -124,6 +125,7 @@ if [[ "$CPU_MODE" == 1 ]]; then
                 --repeats 2 --steps 1 --peak-size 256
                 --set model.head.prototypes=256,model.head.hidden=256)
     DATA_ARGS=(--batch 2 --threads 2 --seconds 2 --warmup 1 --repeats 2 --loader both)
+    DATA_COMPARE=()
     TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2 --set
                 model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1)
     SYNTH=(videos=8 frames=24 size=160x128 short_side=128)
@@ -136,9 +138,9 @@ else
     MODEL_ARGS=(--batch 64 --warmup 3 --repeats 5 --steps 3)  # eager fp32 ViT-B: ~1 s a step
     # No PyAV there, so no baseline loader. The paper presets' views (torchvision jitter),
     # clips decoded by NVDEC against decoded on the CPU threads (video_decoder=cpu).
-    DATA_ARGS=(--batch 64 --threads 8 --seconds 6 --warmup 5 --repeats 3 --loader dali
-               --set views.color_jitter=torchvision
-               --compare overrides=views.color_jitter=torchvision,video_decoder=cpu)
+    DATA_ARGS=(--batch 64 --threads 8 --seconds 6 --warmup 5 --repeats 3 --loader dali)
+    DATA_COMPARE=(--set views.color_jitter=torchvision
+                  --compare overrides=views.color_jitter=torchvision,video_decoder=cpu)
     TRAIN_ARGS=(--batch 64 --threads 8 --warmup 5 --steps 20 --repeats 3)
     SYNTH=(videos=32 frames=24 size=426x320 short_side=320)
     COMPILE_DEFAULT=1
@@ -146,6 +148,9 @@ fi
 COMPILE=${GPU_CHECK_COMPILE:-$COMPILE_DEFAULT}
 SHARDS=${GPU_CHECK_SHARDS:-$WORK/shards}
 [[ -d "$SHARDS" ]] && SHARDS=$(cd "$SHARDS" && pwd)  # the tests run tcore from elsewhere
+# Optional `--codec jpegs` shards (built here like SHARDS): nvJPEG data steps and tests.
+FRAMES=${GPU_CHECK_FRAME_SHARDS:-}
+[[ -d "$FRAMES" ]] && FRAMES=$(cd "$FRAMES" && pwd)
 log "mode: $([[ $CPU_MODE == 1 ]] && echo CPU || echo GPU), python: $PYTHON, out: $OUT, work: $WORK"
 
 # ---- 1. environment and installation ----------------------------------------------------
@@ -215,6 +220,7 @@ run_step agree 90 "${TCORE[@]}" bench agree --arch "$ARCH_S" --attention "$FAST"
 gpu_tests() {
     local shards_env=()
     [[ -f "$SHARDS/manifest.json" ]] && shards_env=(TCORE_GPU_SHARDS="$SHARDS")
+    [[ -f "$FRAMES/manifest.json" ]] && shards_env+=(TCORE_GPU_FRAME_SHARDS="$FRAMES")
     # --noconftest: the shared fixtures build shards with PyAV, which the GPU machine lacks.
     env "${shards_env[@]}" "$PYTHON" -P -m pytest -q -s --noconftest -p no:cacheprovider \
         tests/test_gpu.py tests/test_models_vit.py::test_attention_backends_agree_in_bf16_on_gpu \
@@ -262,8 +268,14 @@ EOF
 if has_module nvidia.dali; then
     run_step shards 90 build_shards
     run_step data 150 "${TCORE[@]}" bench data --data "$SHARDS" --device "$DEVICE" \
-        "${DATA_ARGS[@]}" --json "$WORK/reports/data.json"
-    run_step train 120 "${TCORE[@]}" bench train --data "$SHARDS" --arch "$ARCH_S" \
+        "${DATA_ARGS[@]}" "${DATA_COMPARE[@]}" --json "$WORK/reports/data.json"
+    if [[ -f "$FRAMES/manifest.json" ]]; then
+        run_step data_frames 90 "${TCORE[@]}" bench data --data "$FRAMES" --device "$DEVICE" \
+            "${DATA_ARGS[@]}" --set views.color_jitter=torchvision \
+            --json "$WORK/reports/data_frames.json"
+    fi
+    # End to end from the JPEG frames when they are there (the faster decode), else clips.
+    run_step train 120 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
         --json "$WORK/reports/train.json"
 else

@@ -12,14 +12,22 @@
 # other processes) from a snapshot of the tree, so later calls re-copying the tree cannot
 # disturb it. `finish` copies its results to $OUT/model/ and the DALI run's to $OUT/data/.
 #
+# What travels with which call (64 MiB each, the tree included; ignored paths stay on the
+# machine between calls): call 1 .carry/p01 and .whl holding only omegaconf (the background
+# needs it); call 8 .carry/p08 and .gpushards (VP9, ~4 MB); call 9 .carry/p09, the full .whl
+# and .gpuframes (`--codec jpegs`, keep it under ~5 MB). The last call then runs
+#   GPU_CHECK_SHARDS=.gpushards GPU_CHECK_FRAME_SHARDS=.gpuframes scripts/gpu_session.sh finish
+# Used on 2026-11-26 (H100): the 8 part calls took ~5 s each while the model steps ran.
+#
 # Settings: GPU_SESSION_DIR (default /tmp/tcore_gpu_session), GPU_SESSION_MODEL_STEPS,
 # GPU_SESSION_DATA_STEPS (GPU_CHECK_ONLY of each half), GPU_SESSION_WAIT (seconds `finish`
-# waits for the background at most, default 300), GPU_CHECK_SHARDS (as gpu_check.sh).
+# waits for the background at most, default 300), GPU_CHECK_SHARDS and
+# GPU_CHECK_FRAME_SHARDS (as gpu_check.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${GPU_SESSION_DIR:-/tmp/tcore_gpu_session}
 MODEL_STEPS=${GPU_SESSION_MODEL_STEPS:-env install agree gputests model_s model_s_compiled model_b model_b_compiled}
-DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install gputests data train}
+DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install gputests data data_frames train}
 RESULTS=${OUT:-runs/gpu_session}
 
 case "${1:-}" in

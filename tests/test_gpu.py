@@ -23,7 +23,8 @@ from tcore.train import Trainer
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-SHARDS = os.environ.get("TCORE_GPU_SHARDS")
+SHARDS = os.environ.get("TCORE_GPU_SHARDS")              # VP9 clips
+FRAME_SHARDS = os.environ.get("TCORE_GPU_FRAME_SHARDS")  # `--codec jpegs`
 LOSS_TERMS = ("total", "dino", "koleo", "patch_past", "patch_future", "past_future")
 
 
@@ -37,6 +38,8 @@ def _has_dali_cuda() -> bool:
 
 needs_dali = pytest.mark.skipif(not (SHARDS and _has_dali_cuda()),
                                 reason="needs DALI's CUDA build and TCORE_GPU_SHARDS")
+needs_frames = pytest.mark.skipif(not (FRAME_SHARDS and _has_dali_cuda()),
+                                  reason="needs DALI's CUDA build and TCORE_GPU_FRAME_SHARDS")
 
 
 def _trainer(precision: str) -> Trainer:
@@ -106,6 +109,16 @@ def test_dali_gpu_views_match_the_cpu_graph(jitter, decoder):
     """Same seed, so stage A draws the same samples and parameters on both devices; the GPU
     graph (NVDEC decode, or CPU decode with `video_decoder=cpu`; GPU resize and colour ops)
     must give the CPU graph's views up to decoder colour conversion and float rounding."""
+    _compare_gpu_with_cpu(SHARDS, jitter, decoder)
+
+
+@needs_frames
+def test_dali_gpu_views_match_the_cpu_graph_on_jpeg_frames():
+    """JPEG-frame shards: nvJPEG on the GPU against libjpeg on the CPU, same views."""
+    _compare_gpu_with_cpu(FRAME_SHARDS, "torchvision", "gpu")
+
+
+def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader
 
@@ -113,7 +126,7 @@ def test_dali_gpu_views_match_the_cpu_graph(jitter, decoder):
     config.views.color_jitter = jitter
     batches = {}
     for device in ("cpu", "cuda"):
-        loader = build_loader([SHARDS], batch_size=4, device=device, config=config, seed=3,
+        loader = build_loader([shards], batch_size=4, device=device, config=config, seed=3,
                               infinite=False, num_threads=4)
         batch = next(iter(loader))
         batches[device] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}

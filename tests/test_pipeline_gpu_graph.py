@@ -25,12 +25,13 @@ def _python_graph(kind: str, color_jitter: str, decode_video_on_gpu: bool = True
     return pipe, placed
 
 
-@pytest.mark.parametrize("kind,decoder", [("video", "decoders__Video"),
-                                          ("image", "decoders__Image")])
+@pytest.mark.parametrize("kind,decoder,decodes", [("video", "decoders__Video", 1),
+                                                  ("frames", "decoders__Image", 3),
+                                                  ("image", "decoders__Image", 1)])
 @pytest.mark.parametrize("color_jitter", ["fast", "torchvision"])
-def test_gpu_graph_decodes_on_mixed_and_augments_on_the_gpu(kind, decoder, color_jitter):
+def test_gpu_graph_decodes_on_mixed_and_augments_on_the_gpu(kind, decoder, decodes, color_jitter):
     pipe, placed = _python_graph(kind, color_jitter)
-    assert placed[(decoder, "mixed")] == 1
+    assert placed[(decoder, "mixed")] == decodes   # JPEG frames: past, current, future
     assert not any(name == decoder and device != "mixed" for name, device in placed)
     for name, device in placed:
         if name in IMAGE_OPS:

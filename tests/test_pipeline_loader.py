@@ -1,6 +1,7 @@
 """The DALI loader (CPU backend) on real shards made by `build_shards`: decoded frames are the
 drawn indices, views and their contract, agreement with the torchvision baseline, mixed and
 image shards, bad data, and the preview command."""
+import io
 import json
 import shutil
 import subprocess
@@ -70,6 +71,15 @@ def counter_mjpeg_t8(counter_src, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def counter_jpegs(counter_src, tmp_path_factory) -> Path:
+    """The counter videos as T=20 separate JPEG frames (`--codec jpegs`)."""
+    out = tmp_path_factory.mktemp("counter") / "jpegs"
+    build_shards(counter_src, out, frames=COUNTER_FRAMES, short_side=128, codec="jpegs",
+                 samples_per_shard=3, progress=False)
+    return out
+
+
 def _no_photometric(n_local=2) -> PipelineConfig:
     config = PipelineConfig()
     config.views.n_local = n_local
@@ -92,10 +102,10 @@ def _levels(views: torch.Tensor, config: PipelineConfig) -> torch.Tensor:
     return (views.float().mean(dim=(2, 3)) * std + mean) * 255
 
 
-def test_decoded_frames_are_the_drawn_indices(counter_shards, counter_mjpeg_t8):
+def test_decoded_frames_are_the_drawn_indices(counter_shards, counter_mjpeg_t8, counter_jpegs):
     config = _no_photometric()
     seen = 0
-    for shards in (counter_shards, counter_mjpeg_t8):
+    for shards in (counter_shards, counter_mjpeg_t8, counter_jpegs):
         loader = build_loader([shards], batch_size=3, config=config, infinite=False,
                               return_params=True, num_threads=1)
         for batch in loader:
@@ -113,7 +123,48 @@ def test_decoded_frames_are_the_drawn_indices(counter_shards, counter_mjpeg_t8):
                     want = level(source_frames[frame])
                     assert torch.all((levels - want).abs() < 6), (name, frame, levels, want)
                 seen += 1
-    assert seen == 4 + 4
+    assert seen == 4 + 4 + 4
+
+
+def test_jpeg_frame_shards_views_match_the_baseline(counter_jpegs):
+    """`--codec jpegs` shards: DALI (stage A cuts out the three drawn JPEGs, stage B decodes
+    them) and the baseline (PIL) give the same views from the same params, and the baseline
+    loader reads them too."""
+    config = PipelineConfig()
+    config.views.color_jitter = "torchvision"
+    loader = build_loader([counter_jpegs], batch_size=4, config=config, return_params=True)
+    batch = next(loader)
+    loader.close()
+    order = ([("global_crops", k) for k in range(2)] + [("local_crops", k) for k in range(8)]
+             + [("past_crops", k) for k in range(2)] + [("future_crops", k) for k in range(2)])
+    diffs = []
+    for b in range(4):
+        source = batch["sources"][b]
+        tar, _, name = source.rsplit(":", 2)
+        entry = next(e for e in index_entries(tar, tar[:-4] + ".idx")
+                     if e["key"] == name.rsplit(".", 1)[0])
+        meta = json.loads(read_component(entry, ["json"])[1])
+        data = read_component(entry, ["jpgs"])[1]
+        bounds = np.cumsum([0, *meta["frame_bytes"]])
+        frames = [Image.open(io.BytesIO(data[bounds[k]:bounds[k + 1]])).convert("RGB")
+                  for k in batch["params"][b].frames]
+        reference = baseline_views(frames, batch["params"][b], config)
+        diffs += [(batch[key][k * 4 + b] - reference[v]).abs().mean().item()
+                  for v, (key, k) in enumerate(order)]
+    # Same tolerance as the clip case (the bicubic resize): ~1 gray level per view at most.
+    assert max(diffs) < 0.02 and np.mean(diffs) < 0.007, diffs
+    baseline = build_baseline_loader([counter_jpegs], batch_size=2, config=config,
+                                     num_workers=0)
+    assert next(iter(baseline))["global_crops"].shape == (4, 3, 224, 224)
+
+
+def test_frames_component_that_disagrees_with_its_json_is_named(counter_jpegs, tmp_path):
+    """A 'frame_bytes' list that does not add up to the component fails naming the sample."""
+    from tcore.pipelines.loader import frame_offsets
+
+    with pytest.raises(BadSampleError, match="shard-x.tar:v0.*frame_bytes"):
+        frame_offsets({"frames": 3, "frame_bytes": [10, 10, 10]}, 31, "shard-x.tar:v0")
+    assert list(frame_offsets({"frames": 2, "frame_bytes": [3, 4]}, 7, "s")) == [0, 3, 7]
 
 
 def test_batch_contract_and_views(synth_shards):

@@ -3,7 +3,7 @@ import click
 
 from tcore.preprocess.errors import ShardDirError
 from tcore.preprocess.shards import DEFAULT_GOP, merge_node_manifests, run_build
-from tcore.preprocess.video import VIDEO_CODECS, VP9_SPEED
+from tcore.preprocess.video import FRAME_CODECS, VIDEO_CODECS, VP9_SPEED
 
 
 @click.group(name="shards")
@@ -25,11 +25,14 @@ def _mib(n: int) -> str:
 @click.option("--frames", default=20, show_default=True, help="Frames per clip (T), uniformly spaced over the video.")
 @click.option("--short-side", default=320, show_default=True, help="Resize so the short side is this (even; 0 = keep).")
 @click.option("--allow-upscale", is_flag=True, help="Enlarge sources smaller than --short-side.")
-@click.option("--codec", type=click.Choice(sorted(VIDEO_CODECS)), default="vp9", show_default=True,
-              help="Clip codec: vp9 (WebM), h264 (MP4) or mjpeg (MKV). DALI's CPU decoder reads vp9/mjpeg only.")
+@click.option("--codec", type=click.Choice(sorted(VIDEO_CODECS) + list(FRAME_CODECS)), default="vp9",
+              show_default=True,
+              help="Clip codec: vp9 (WebM), h264 (MP4) or mjpeg (MKV); or jpegs: the T frames as "
+                   "separate JPEGs (larger; only the 3 drawn frames are decoded, nvJPEG on a GPU). "
+                   "DALI's CPU decoder reads vp9/mjpeg/jpegs only.")
 @click.option("--gop", default=DEFAULT_GOP, show_default=True, help="Keyframe interval in frames (smaller: faster random access, larger files).")
 @click.option("--crf", type=int, default=None, help="Constant quality for vp9/h264 (default 30 / 23).")
-@click.option("--quality", default=90, show_default=True, help="JPEG quality 1-100 for images and mjpeg.")
+@click.option("--quality", default=90, show_default=True, help="JPEG quality 1-100 for images, mjpeg and jpegs.")
 @click.option("--vp9-speed", default=VP9_SPEED, show_default=True, help="libvpx cpu-used (realtime mode).")
 @click.option("--samples-per-shard", default=1000, show_default=True)
 @click.option("--prefix", default="shard", show_default=True, help="Shard file prefix: <prefix>-%06d.tar")
