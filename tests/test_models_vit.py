@@ -159,15 +159,3 @@ def test_pmm_formula_with_torch_multihead_attention():
         h2 = block.norm2(selfa(h1, h1, h1, need_weights=False)[0] + h1)
         expected = block.norm3(block.linear(h2) + h2)
         assert torch.allclose(pmm(memory, query), expected, atol=1e-5)
-
-
-def test_patch_tokens_equal_timms_convolution():
-    """The matmul patch embedding is timm's conv PatchEmbed with the same weights."""
-    torch.manual_seed(0)
-    backbone = build_backbone("vit_tiny", drop_path=0.0)
-    for size in ((224, 224), (128, 192), (32, 48)):
-        images = torch.randn(3, 3, *size)
-        expected = backbone.patch_embed(images)          # timm: Conv2d, NHWC output
-        assert torch.allclose(backbone.patch_tokens(images), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        backbone.patch_tokens(torch.randn(1, 3, 100, 96))

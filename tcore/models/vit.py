@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -66,28 +65,9 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
     def set_attention_backend(self, backend: str) -> None:
         set_attention_backend(self, backend)
 
-    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings [B, h, w, D]: timm's stride-p convolution computed as one matmul.
-
-        Same parameters (``patch_embed.proj``) and the same result up to summation order; on an
-        H100 cuDNN ran the bf16 3-channel convolution with a generic kernel at ~1 ms a call
-        (docs/PERFORMANCE.md), where the matmul is a plain GEMM.
-        """
-        proj = self.patch_embed.proj
-        batch, channels, height, width = images.shape
-        ph, pw = proj.kernel_size
-        if height % ph or width % pw:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size "
-                             f"{ph}x{pw}")
-        h, w = height // ph, width // pw
-        patches = (images.reshape(batch, channels, h, ph, w, pw)
-                   .permute(0, 2, 4, 1, 3, 5).reshape(batch, h, w, channels * ph * pw))
-        x = F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
-        return self.patch_embed.norm(x)
-
     def embed(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, 1 + R + N, D] before the blocks: mask token, then positional embedding."""
-        x = self.patch_tokens(images)  # [B, h, w, D] (dynamic size keeps the grid)
+        x = self.patch_embed(images)  # [B, H, W, D] (dynamic size keeps the grid)
         if masks is not None:
             batch, height, width, dim = x.shape
             if masks.shape != (batch, height * width):
