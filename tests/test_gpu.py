@@ -118,6 +118,26 @@ def test_dali_gpu_views_match_the_cpu_graph_on_jpeg_frames():
     _compare_gpu_with_cpu(FRAME_SHARDS, "torchvision", "gpu")
 
 
+@pytest.mark.skipif(not _has_dali_cuda(), reason="needs DALI's CUDA build")
+def test_dali_gpu_views_match_the_cpu_graph_on_image_shards(tmp_path):
+    """Image shards (nvJPEG on the GPU), built here with PIL alone: smooth synthetic
+    pictures, so the comparison sees the decoders and the views, not JPEG noise."""
+    import numpy as np
+    from PIL import Image
+
+    from tcore.preprocess.shards import build_shards
+
+    y, x = np.mgrid[0:240, 0:320]
+    for i in range(8):
+        folder = tmp_path / "src" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        picture = np.stack([(x + 20 * i) % 256, (y * 2 + 10 * i) % 256, (x + y) // 3 % 256], -1)
+        Image.fromarray(picture.astype(np.uint8)).save(folder / f"img{i}.jpg", quality=95)
+    build_shards(tmp_path / "src", tmp_path / "shards", kind="image", short_side=240,
+                 samples_per_shard=4, progress=False)
+    _compare_gpu_with_cpu(str(tmp_path / "shards"), "torchvision", "gpu")
+
+
 def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader
