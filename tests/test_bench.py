@@ -305,6 +305,9 @@ def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path
         assert figures["overall_samples_per_s"] == pytest.approx(
             details["samples"] / details["measured_seconds"])
         assert figures["cpu_seconds_per_sample"] > 0
+        # Short windows are flagged; the clock starts only after the prefetched batches.
+        assert bool(run["warnings"]) == (details["batches"] < 10)
+    assert report["runs"][0]["details"]["warmup_batches"] >= 3   # DALI: prefetch 2, + 1
     assert report["compare"]["changed"] == {"loader": ["dali", "baseline"]}
 
 

@@ -120,6 +120,9 @@ def close_loader(loader) -> None:
     gc.collect()
 
 
+MIN_TIMED_BATCHES = 10
+
+
 def run_data_bench(settings: DataBenchSettings) -> dict:
     settings.validate()
     device = resolve_device(settings.device)
@@ -157,5 +160,10 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
     }
     details = {"batches": len(latencies), "samples": sum(sizes), "warmup_batches": warmup,
                "measured_seconds": sum(latencies), "build_and_warmup_seconds": build_and_warmup}
+    warnings = []
+    if len(latencies) < MIN_TIMED_BATCHES:
+        # Each window then holds a batch or two, and one slow or queued batch moves its rate.
+        warnings.append(f"only {len(latencies)} batches were timed: raise --seconds for a "
+                        f"steady figure (>= {MIN_TIMED_BATCHES} batches)")
     return {"kind": "data", "settings": asdict(settings), "figures": figures,
-            "details": details, "environment": environment(device)}
+            "details": details, "environment": environment(device), "warnings": warnings}

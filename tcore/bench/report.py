@@ -262,6 +262,8 @@ def format_report(report: dict) -> str:
                      f"  on {result['environment']['device_name']}")
         for name, text in result_rows(result):
             lines.append(f"  {name:<22} {text}")
+        for warning in result.get("warnings", []):
+            lines.append(f"  warning: {warning}")
     if "compare" in report:
         compare = report["compare"]
         changed = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in compare["changed"].items())
