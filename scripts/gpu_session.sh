@@ -34,7 +34,8 @@ case "${1:-}" in
     background)
         rm -rf "$DIR" && mkdir -p "$DIR/out"
         # The snapshot skips the DALI parts (they are stashed elsewhere) but keeps .whl.
-        tar -cf - --exclude=./.carry --exclude=./.venv . | (mkdir -p "$DIR/tree" && cd "$DIR/tree" && tar -xf -)
+        tar -cf - --exclude=./.carry --exclude=./.bigwhl --exclude=./.venv --exclude=./.git \
+            --exclude=./runs . | (mkdir -p "$DIR/tree" && cd "$DIR/tree" && tar -xf -)
         setsid bash -c "cd '$DIR/tree' && OUT='$DIR/out' GPU_CHECK_ONLY='$MODEL_STEPS' \
             scripts/gpu_check.sh >'$DIR/console.log' 2>&1; echo \$? >'$DIR/done'" \
             </dev/null >/dev/null 2>&1 &

@@ -356,6 +356,33 @@ def test_gpu_check_script_runs_in_cpu_mode(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "reports.json", "summary.txt"]
 
 
+def test_gpu_session_script_overlaps_and_collects_in_cpu_mode(synth_shards, tmp_path):
+    """scripts/gpu_session.sh: `background` runs gpu_check.sh detached from a snapshot of
+    the tree, `progress` reports it, `finish` waits for it, collects its files under
+    model/ and runs the DALI steps into data/ (here the cheapest steps, on the CPU)."""
+    script = REPO / "scripts" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out), "GPU_CHECK_CPU": "1",
+           "PYTHON": sys.executable, "GPU_SESSION_DIR": str(tmp_path / "session"),
+           "GPU_SESSION_MODEL_STEPS": "agree", "GPU_SESSION_DATA_STEPS": "data",
+           "GPU_CHECK_SHARDS": str(synth_shards), "GPU_SESSION_WAIT": "120"}
+    started = subprocess.run(["bash", str(script), "background"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert started.returncode == 0 and "background gpu_check started" in started.stdout
+    progress = subprocess.run(["bash", str(script), "progress"], env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert "gpu_check" in progress.stdout
+    done = subprocess.run(["bash", str(script), "finish"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "background finished (rc 0)" in done.stdout
+    assert "agree              ok" in (out / "model" / "summary.txt").read_text()
+    assert "data               ok" in (out / "data" / "summary.txt").read_text()
+    bundle = json.loads((out / "data" / "reports.json").read_text())
+    assert [run["settings"]["loader"] for run in bundle["data"]["runs"]] == ["dali", "baseline"]
+
+
 def test_process_tree_cpu_seconds_counts_child_processes():
     from tcore.bench.stats import process_tree_cpu_seconds
 
