@@ -1,7 +1,8 @@
 """Stage B: the DALI decode + augment graph, a pure function of its fed inputs.
 
 Inputs (fed per sample through `external_source`, names in FEED_NAMES): the encoded clip or
-image bytes, the frame triple, and the per-view boxes, flips and photometric rows drawn by
+image bytes (JPEG-frame shards: the three drawn JPEGs, cut out on the host), the frame
+triple, and the per-view boxes, flips and photometric rows drawn by
 `sampling.draw_sample_params`, with the per-view switches and blur windows `view_rows`
 derives from them on the host (so the graph's per-sample `if`s need no scalar arithmetic,
 which would be CPU work in every iteration, in the GPU graph too). Outputs: one tensor per
@@ -20,9 +21,9 @@ from nvidia.dali import fn, pipeline_def, types
 from tcore.pipelines.config import ViewConfig
 from tcore.pipelines.sampling import jitter_sequence
 
-FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric", "switches", "blur_windows",
-              "past_jpeg", "current_jpeg", "future_jpeg")
-FRAME_JPEG_FEEDS = ("past_jpeg", "current_jpeg", "future_jpeg")
+FRAME_JPEG_FEEDS = ("past_jpeg", "current_jpeg", "future_jpeg")   # JPEG-frame shards only
+FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric", "switches",
+              "blur_windows") + FRAME_JPEG_FEEDS
 
 # Gaussian blur with sigma 0 would mean "derive sigma from the window" in DALI; a tiny sigma
 # makes the 9-tap kernel an exact identity instead (exp(-1 / 2e-6) == 0 in float32).
