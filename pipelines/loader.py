@@ -78,7 +78,8 @@ def frame_offsets(meta: dict, size: int, source: str) -> np.ndarray:
     """Start / end offsets of the T JPEG frames of a "frames" sample, checked against its
     component's size."""
     sizes = meta.get("frame_bytes")
-    if not isinstance(sizes, list) or len(sizes) != sample_frames(meta) or sum(sizes) != size:
+    if (not isinstance(sizes, list) or len(sizes) != sample_frames(meta)
+            or not all(type(s) is int and s > 0 for s in sizes) or sum(sizes) != size):
         raise BadSampleError(f"sample {source}: its .json 'frame_bytes' does not describe the "
                              f"{size}-byte frames component ({sample_frames(meta)} frames)")
     return np.cumsum([0, *sizes])

@@ -33,7 +33,7 @@ from tcore.preprocess.manifest import (CLIP_EXTS, FAILURES_NAME, MANIFEST_NAME, 
                                        write_json_atomic, write_jsonl_atomic)
 from tcore.preprocess.tarwriter import ShardTarWriter
 from tcore.preprocess.video import (FRAME_CODECS, VIDEO_CODECS, VP9_SPEED, encode_clip,
-                                    encode_jpeg_frames, read_clip)
+                                    encode_jpeg_frames, read_clip, require_av)
 
 STATE_DIR = ".build"
 DEFAULT_GOP = 20  # one keyframe per 20-frame clip: smallest and fastest for the sampler (docs/PERFORMANCE.md)
@@ -284,6 +284,8 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
                          vp9_speed=vp9_speed,
                          allow_upscale=allow_upscale, samples_per_shard=samples_per_shard, prefix=prefix)
     config.validate()
+    if kind == "video":
+        require_av("tcore shards build")
     if not 0 <= node_rank < num_nodes:
         raise ValueError(f"node rank {node_rank} is not in 0..{num_nodes - 1}")
     if workers < 1:

@@ -31,6 +31,8 @@ except ImportError:
     av = None
 from PIL import Image
 
+from tcore.preprocess.video import require_av
+
 # Class = motion pattern shared by every object of a video.
 MOTION_CLASSES = ("drift", "orbit", "pulse", "swing")
 
@@ -235,6 +237,7 @@ def make_synthetic(out, seed: int = 0, videos: int = 24, frames: int = 48, size=
     `size` / `davis_size` are (width, height) or "WxH". `out/synth.json` records the
     parameters: a complete dataset with the same parameters is reused as is; a directory
     with other parameters or unrelated content is refused (ValueError)."""
+    require_av("tcore data synth")
     out = Path(out)
     width, height = _parse_size(size)
     davis_width, davis_height = _parse_size(davis_size)

@@ -21,6 +21,14 @@ except ImportError:
 
 from tcore.preprocess.errors import BadInput, check_nonempty_file
 
+
+def require_av(what: str) -> None:
+    """Fail clearly, before any work, where PyAV is missing (the GPU machines lack it)."""
+    if av is None:
+        raise ModuleNotFoundError(f"{what} needs PyAV (the `av` package) to read and write videos, "
+                           "and it is not installed: `pip install av`, or build on a machine "
+                           "that has it and copy the output", name="av")
+
 # codec name -> (container format, file extension / manifest clip_ext, encoder)
 # MJPEG goes in Matroska: DALI's CPU video decoder reads it from mkv (tested in
 # tests/test_preprocess_dali.py).
@@ -270,6 +278,8 @@ def encode_jpeg_frames(frames: list, quality: int = 90) -> list[bytes]:
 
 def split_jpeg_frames(data: bytes, sizes) -> list[bytes]:
     """The JPEG images of a "jpegs" component, from the byte sizes in the sample's json."""
+    if not all(type(s) is int and s > 0 for s in sizes):
+        raise BadInput(f"frame sizes {sizes!r} are not positive integers")
     if sum(sizes) != len(data):
         raise BadInput(f"frame sizes add up to {sum(sizes)} bytes, the component has {len(data)}")
     bounds = np.cumsum([0, *sizes])

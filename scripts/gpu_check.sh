@@ -20,9 +20,12 @@
 #
 # Steps: install what travels (.whl/*.whl, then this project) -> xFormers vs SDPA agreement ->
 # the GPU tests (tests/test_gpu.py and the CUDA-only tests of other files; the DALI ones use
-# $SHARDS) -> `tcore bench model` ViT-S/16 and ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against
-# eager fp32 math attention) -> with DALI: synthetic shards, `tcore bench data --device gpu`,
-# `tcore bench train` -> one short table. A failing step is logged and the script goes on.
+# $SHARDS and $FRAMES) -> `tcore bench model` ViT-S/16 and ViT-B/16 (xFormers vs SDPA, bf16,
+# compiled or not, against eager fp32 math attention) -> with DALI: synthetic shards,
+# `tcore bench data --device gpu` (NVDEC against video_decoder=cpu), `data_frames` (nvJPEG on
+# the JPEG-frame shards, when GPU_CHECK_FRAME_SHARDS holds some), `tcore bench train` (from the
+# JPEG frames when they are there, else the clips) -> one short table. A failing step is
+# logged and the script goes on.
 #
 # Results: $OUT (default runs/gpu_check): gpu_check.log (everything), summary.txt (the table),
 # reports.json (every bench report, by step name), profile.tar.gz (kernel tables). Few files
@@ -138,7 +141,7 @@ else
     MODEL_ARGS=(--batch 64 --warmup 3 --repeats 5 --steps 3)  # eager fp32 ViT-B: ~1 s a step
     # No PyAV there, so no baseline loader. The paper presets' views (torchvision jitter),
     # clips decoded by NVDEC against decoded on the CPU threads (video_decoder=cpu).
-    DATA_ARGS=(--batch 64 --threads 8 --seconds 6 --warmup 5 --repeats 3 --loader dali)
+    DATA_ARGS=(--batch 64 --threads 8 --seconds 12 --warmup 5 --repeats 3 --loader dali)
     DATA_COMPARE=(--set views.color_jitter=torchvision
                   --compare overrides=views.color_jitter=torchvision,video_decoder=cpu)
     TRAIN_ARGS=(--batch 64 --threads 8 --warmup 5 --steps 20 --repeats 3)
@@ -151,6 +154,7 @@ SHARDS=${GPU_CHECK_SHARDS:-$WORK/shards}
 # Optional `--codec jpegs` shards (built here like SHARDS): nvJPEG data steps and tests.
 FRAMES=${GPU_CHECK_FRAME_SHARDS:-}
 [[ -d "$FRAMES" ]] && FRAMES=$(cd "$FRAMES" && pwd)
+[[ -f "$FRAMES/manifest.json" ]] || FRAMES=   # not carried: the clip shards serve instead
 log "mode: $([[ $CPU_MODE == 1 ]] && echo CPU || echo GPU), python: $PYTHON, out: $OUT, work: $WORK"
 
 # ---- 1. environment and installation ----------------------------------------------------
@@ -187,8 +191,10 @@ install() {
     if ((${#wheels[@]})); then
         "$PYTHON" -m pip install --no-index --no-deps --find-links .whl "${wheels[@]}" || return 1
     fi
-    if "$PYTHON" -P -c "import tcore.pipelines, tcore.bench" 2>/dev/null; then
-        echo "tcore already importable"
+    # Already installed from *this* checkout (not, say, from gpu_session.sh's snapshot)?
+    if "$PYTHON" -P -c "import sys, tcore.pipelines, tcore.bench
+sys.exit(0 if tcore.pipelines.__file__.startswith('$REPO/') else 1)" 2>/dev/null; then
+        echo "tcore already installed from $REPO"
         return 0
     fi
     if "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation -e . ; then
@@ -227,7 +233,7 @@ gpu_tests() {
         tests/test_models_vit.py::test_xformers_agrees_with_the_reference_in_bf16_on_gpu \
         tests/test_ssl.py::test_step_has_no_host_syncs_on_gpu
 }
-run_step gputests 240 gpu_tests
+run_step gputests 150 gpu_tests
 
 # ---- 3. the model step ------------------------------------------------------------------
 # model_x: the fast attention against the other fused one (same precision, eager);
@@ -279,7 +285,7 @@ if has_module nvidia.dali; then
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
         --json "$WORK/reports/train.json"
 else
-    for name in shards data train; do
+    for name in shards data data_frames train; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
     done
 fi

@@ -30,7 +30,7 @@ shopt -s nullglob
 "$PY" -P -c "import tcore.pipelines" 2>/dev/null ||
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 BENCH=("$PY" -P -m tcore.cli bench data --data "$SHARDS" --device cuda --batch 64 --threads 8
-       --seconds 3 --warmup 2 --repeats 2 --loader dali)
+       --seconds 12 --warmup 2 --repeats 3 --loader dali)
 step decode 30 "$PY" -P scripts/decode_probe.py "$SHARDS" --configs mixed:8,cpu:8,cpu:16 \
     --batch 64 --batches 3
 step decoder 60 "${BENCH[@]}" --set views.color_jitter=torchvision,video_decoder=cpu \

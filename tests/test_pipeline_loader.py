@@ -158,13 +158,42 @@ def test_jpeg_frame_shards_views_match_the_baseline(counter_jpegs):
     assert next(iter(baseline))["global_crops"].shape == (4, 3, 224, 224)
 
 
-def test_frames_component_that_disagrees_with_its_json_is_named(counter_jpegs, tmp_path):
-    """A 'frame_bytes' list that does not add up to the component fails naming the sample."""
-    from tcore.pipelines.loader import frame_offsets
+def _skew_frame_bytes(shards: Path) -> str:
+    """Rewrite, in place and at the same length, the first frame size in the json of shard
+    0's first sample (8726 -> 8725 style: the sizes no longer add up); returns its key."""
+    tar = shards / "shard-000000.tar"
+    with tarfile.open(tar) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".json"))
+    with open(tar, "r+b") as handle:
+        handle.seek(member.offset_data)
+        text = handle.read(member.size)
+        start = text.index(b'"frame_bytes": [') + len(b'"frame_bytes": [')
+        digit = text[start:start + 1]
+        handle.seek(member.offset_data + start)
+        handle.write(b"1" if digit != b"1" else b"2")
+    return member.name.rsplit(".", 1)[0]
 
-    with pytest.raises(BadSampleError, match="shard-x.tar:v0.*frame_bytes"):
-        frame_offsets({"frames": 3, "frame_bytes": [10, 10, 10]}, 31, "shard-x.tar:v0")
-    assert list(frame_offsets({"frames": 2, "frame_bytes": [3, 4]}, 7, "s")) == [0, 3, 7]
+
+def test_frames_component_that_disagrees_with_its_json_is_named_or_skipped(counter_jpegs,
+                                                                           tmp_path):
+    """A `frame_bytes` list that does not describe the component: stage A names the shard
+    and key, skip mode drops and counts the sample, `inspect --verify` reports it."""
+    from tcore.preprocess.verify import inspect_shards
+
+    shards = _copy(counter_jpegs, tmp_path)
+    key = _skew_frame_bytes(shards)
+    config = _no_photometric(n_local=0)
+    with pytest.raises(BadSampleError, match=f"shard-000000.tar.*{key}.*frame_bytes"):
+        for _ in build_loader([shards], batch_size=2, config=config, infinite=False):
+            pass
+    config.skip_bad_samples = True
+    loader = build_loader([shards], batch_size=2, config=config, infinite=False,
+                          return_params=True)
+    sources = [s for batch in loader for s in batch["sources"]]
+    assert len(sources) == 3 and not any(key in s for s in sources)
+    assert len(loader.skipped) == 1 and key in loader.skipped[0][0]
+    problems = inspect_shards(shards, verify=True)["problems"]
+    assert [p["key"] for p in problems] == [key] and "frame sizes" in problems[0]["error"]
 
 
 def test_batch_contract_and_views(synth_shards):

@@ -355,8 +355,8 @@ def test_clips_keep_the_source_pixels(synth_root, ext, codec):
 @pytest.mark.parametrize("ext", ["mp4", "webm", "avi"])
 def test_jpeg_frame_shards_hold_t_jpegs_of_the_source(synth_root, tmp_path, ext):
     """`--codec jpegs`: one component of T standalone JPEGs whose sizes the json lists, the
-    same pictures as the source frames, checked by `inspect --verify`; a wrong size list is
-    reported there."""
+    same pictures as the source frames, passing `inspect --verify` (a wrong size list is
+    reported: tests/test_pipeline_loader.py)."""
     src = tmp_path / "src" / "drift"
     src.mkdir(parents=True)
     path = next((synth_root / "train").rglob(f"*.{ext}"))
@@ -383,3 +383,21 @@ def test_jpeg_frame_shards_hold_t_jpegs_of_the_source(synth_root, tmp_path, ext)
         # source 1.25, the others below 1).
         assert abs(frame.mean() - source[index].mean()) < 1.5
     assert inspect_shards(tmp_path / "out", verify=True)["problems"] == []
+
+
+def test_without_pyav_the_cli_imports_and_video_commands_say_why(synth_root, tmp_path):
+    """The GPU machines have no PyAV: `tcore` must still import (train, bench), and building
+    video shards or synthetic videos must fail at once saying what is missing. A child
+    process where `import av` fails for real (sys.modules['av'] = None)."""
+    code = ("import sys; sys.modules['av'] = None\n"
+            "from tcore.cli import main\n"
+            "main(sys.argv[1:])\n")
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                              timeout=120)
+    assert run("bench", "--help").returncode == 0
+    build = run("shards", "build", str(synth_root / "train"), str(tmp_path / "out"), "--no-progress")
+    assert build.returncode != 0 and "needs PyAV" in build.stderr, build.stderr[-2000:]
+    assert not (tmp_path / "out").exists()          # failed before writing anything
+    synth = run("data", "synth", str(tmp_path / "synth"))
+    assert synth.returncode != 0 and "needs PyAV" in synth.stderr, synth.stderr[-2000:]

@@ -87,7 +87,8 @@ def model(arch, batch, attention, precision, compile_, device, n_local, global_s
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--seconds", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--warmup", "warmup_batches", default=3, show_default=True, type=click.IntRange(min=0),
-              help="Batches drawn before the clock starts.")
+              help="Batches drawn before the clock starts (for DALI at least its "
+                   "prefetch + 1, so no prefilled batch is timed).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--set", "overrides", default="", metavar="KEY=VALUE[,KEY=VALUE]",
               help="Pipeline-config overrides (the data.pipeline keys), e.g. "

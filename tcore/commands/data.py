@@ -23,7 +23,7 @@ def synth(out, seed, videos, frames, size, davis_videos, davis_frames, davis_siz
     try:
         summary = make_synthetic(out, seed=seed, videos=videos, frames=frames, size=size,
                                  davis_videos=davis_videos, davis_frames=davis_frames, davis_size=davis_size)
-    except ValueError as err:
+    except (ValueError, ModuleNotFoundError) as err:
         raise click.ClickException(str(err))
     click.echo(f"{summary['train_dir']}: {len(summary['videos'])} videos in {len(summary['classes'])} classes; "
                f"{summary['davis_dir']}: {len(summary['davis_videos'])} DAVIS-layout videos")

@@ -30,7 +30,7 @@ def _mib(n: int) -> str:
               help="Clip codec: vp9 (WebM), h264 (MP4) or mjpeg (MKV); or jpegs: the T frames as "
                    "separate JPEGs (larger; only the 3 drawn frames are decoded, nvJPEG on a GPU). "
                    "DALI's CPU decoder reads vp9/mjpeg/jpegs only.")
-@click.option("--gop", default=DEFAULT_GOP, show_default=True, help="Keyframe interval in frames (smaller: faster random access, larger files).")
+@click.option("--gop", default=DEFAULT_GOP, show_default=True, help="Keyframe interval in frames (clips only; DALI decodes a clip from its start whatever the GOP, and 1 decoded 3x slower: keep 20).")
 @click.option("--crf", type=int, default=None, help="Constant quality for vp9/h264 (default 30 / 23).")
 @click.option("--quality", default=90, show_default=True, help="JPEG quality 1-100 for images, mjpeg and jpegs.")
 @click.option("--vp9-speed", default=VP9_SPEED, show_default=True, help="libvpx cpu-used (realtime mode).")
@@ -52,7 +52,7 @@ def build(paths, list_file, video_root, **options):
         src, out = paths
     try:
         result = run_build(src, out, list_file=list_file, video_root=video_root, **options)
-    except (ShardDirError, ValueError, FileNotFoundError) as err:
+    except (ShardDirError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         raise click.ClickException(str(err))
     manifest = result.manifest
     click.echo(f"{result.manifest_path}: {manifest['total_samples']} samples in {len(manifest['shards'])} "
