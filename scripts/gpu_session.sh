@@ -15,7 +15,9 @@
 # What travels with which call (64 MiB each, the tree included; ignored paths stay on the
 # machine between calls): call 1 .carry/p01 and .whl holding only omegaconf (the background
 # needs it); call 8 .carry/p08 and .gpushards (VP9, ~4 MB); call 9 .carry/p09, the full .whl
-# and .gpuframes (`--codec jpegs`, keep it under ~5 MB). The last call then runs
+# and .gpuframes (`--codec jpegs`, 16 videos, 3.1 MiB: `tcore data synth /tmp/f --videos 16
+# --frames 48 --size 426x320 --davis-videos 0 && tcore shards build /tmp/f/train .gpuframes
+# --codec jpegs --samples-per-shard 8`; the three come to ~62 MiB with the tree). The last call then runs
 #   GPU_CHECK_SHARDS=.gpushards GPU_CHECK_FRAME_SHARDS=.gpuframes scripts/gpu_session.sh finish
 # Used on 2026-11-26 (H100): the 8 part calls took ~5 s each while the model steps ran.
 #
