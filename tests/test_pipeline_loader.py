@@ -182,16 +182,8 @@ def test_frames_component_that_disagrees_with_its_json_is_named_or_skipped(count
 
     shards = _copy(counter_jpegs, tmp_path)
     key = _skew_frame_bytes(shards)
-    config = _no_photometric(n_local=0)
-    with pytest.raises(BadSampleError, match=f"shard-000000.tar.*{key}.*frame_bytes"):
-        for _ in build_loader([shards], batch_size=2, config=config, infinite=False):
-            pass
-    config.skip_bad_samples = True
-    loader = build_loader([shards], batch_size=2, config=config, infinite=False,
-                          return_params=True)
-    sources = [s for batch in loader for s in batch["sources"]]
-    assert len(sources) == 3 and not any(key in s for s in sources)
-    assert len(loader.skipped) == 1 and key in loader.skipped[0][0]
+    _assert_named_then_skipped(shards, key, _no_photometric(n_local=0), remaining=3,
+                               error=f"shard-000000.tar.*{key}.*frame_bytes")
     problems = inspect_shards(shards, verify=True)["problems"]
     assert [p["key"] for p in problems] == [key] and "frame sizes" in problems[0]["error"]
 
@@ -363,20 +355,28 @@ def _corrupt_one_clip(shards: Path) -> str:
     return entry["key"]
 
 
+def _assert_named_then_skipped(shards: Path, key: str, config: PipelineConfig, remaining: int,
+                               error: str) -> None:
+    """One bad sample `key`: the loader stops with an error matching `error`; with
+    skip_bad_samples it yields the `remaining` others and records the skipped one."""
+    with pytest.raises(BadSampleError, match=error):
+        for _ in build_loader([shards], batch_size=2, config=config, infinite=False):
+            pass
+    config.skip_bad_samples = True
+    loader = build_loader([shards], batch_size=2, config=config, infinite=False,
+                          return_params=True)
+    sources = [s for batch in loader for s in batch["sources"]]
+    assert len(sources) == remaining and not any(key in s for s in sources)
+    assert len(loader.skipped) == 1 and key in loader.skipped[0][0]
+
+
 def test_corrupt_clip_is_named_or_skipped(synth_shards, tmp_path):
     shards = _copy(synth_shards, tmp_path)
     key = _corrupt_one_clip(shards)
     config = PipelineConfig()
     config.views.n_local = 0
-    with pytest.raises(BadSampleError, match=f"shard-000000.tar.*{key}"):
-        for _ in build_loader([shards], batch_size=4, config=config, infinite=False):
-            pass
-    config.skip_bad_samples = True
-    loader = build_loader([shards], batch_size=4, config=config, infinite=False,
-                          return_params=True)
-    sources = [s for batch in loader for s in batch["sources"]]
-    assert len(sources) == 11 and not any(key in s for s in sources)
-    assert len(loader.skipped) == 1 and key in loader.skipped[0][0]
+    _assert_named_then_skipped(shards, key, config, remaining=11,
+                               error=f"shard-000000.tar.*{key}")
 
 
 def _drop_one_json(synth_shards: Path, tmp_path: Path) -> str:
