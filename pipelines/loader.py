@@ -60,7 +60,6 @@ class RawSample:
     label: int
     source: str          # "<tar path>:<offset>:<key>.<ext>" from DALI's source_info
     frame_offsets: np.ndarray | None = None   # "frames" shards: where each JPEG starts / ends
-    frame_jpegs: list | None = None           # ... and the drawn past / current / future ones
 
 
 @dataclass
@@ -357,10 +356,6 @@ class DaliLoader:
             params.append(draw_sample_params(rng, sample_frames(sample.meta),
                                              int(sample.meta["height"]),
                                              int(sample.meta["width"]), self.config))
-            if sample.frame_offsets is not None:  # cut out the three drawn JPEG frames
-                bounds = sample.frame_offsets
-                sample.frame_jpegs = [sample.data[bounds[k]:bounds[k + 1]]
-                                      for k in params[-1].frames]
         self._counters["samples"] += count - len(samples)
         self._counters["batches"] += 1
         batch_number = self._counters["batches"]
@@ -437,7 +432,8 @@ class DaliLoader:
         arrays = feed_arrays([s.data for s in host.samples], host.params,
                              self.config.views.blur_kernel)
         if self.shard_set.kind == "frames":
-            arrays.update(frame_feeds([s.frame_jpegs for s in host.samples]))
+            arrays.update(frame_feeds([s.data for s in host.samples],
+                                      [s.frame_offsets for s in host.samples], host.params))
         for name in pipe.feed_names:
             pipe.feed_input(name, arrays[name])
 

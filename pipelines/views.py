@@ -1,7 +1,7 @@
 """Stage B: the DALI decode + augment graph, a pure function of its fed inputs.
 
 Inputs (fed per sample through `external_source`, names in FEED_NAMES): the encoded clip or
-image bytes (JPEG-frame shards: the three drawn JPEGs, cut out on the host), the frame
+image bytes (JPEG-frame shards: the three drawn JPEGs, sliced out on the host), the frame
 triple, and the per-view boxes, flips and photometric rows drawn by
 `sampling.draw_sample_params`, with the per-view switches and blur windows `view_rows`
 derives from them on the host (so the graph's per-sample `if`s need no scalar arithmetic,
@@ -332,10 +332,12 @@ def feed_arrays(samples_data, params, blur_kernel: int) -> dict[str, list[np.nda
             "blur_windows": [windows for _, _, windows in per_view]}
 
 
-def frame_feeds(frame_jpegs) -> dict[str, list[np.ndarray]]:
-    """The past / current / future JPEG inputs of the frames graph, from each sample's three
-    drawn frames (`frame_jpegs[i]` = [past, current, future] byte arrays)."""
-    return {name: [jpegs[k] for jpegs in frame_jpegs] for k, name in enumerate(FRAME_JPEG_FEEDS)}
+def frame_feeds(samples_data, frame_offsets, params) -> dict[str, list[np.ndarray]]:
+    """The past / current / future JPEG inputs of the frames graph: the three drawn frames
+    sliced (views, no copy) out of each sample's T back-to-back JPEGs."""
+    return {name: [data[bounds[p.frames[k]]:bounds[p.frames[k] + 1]]
+                   for data, bounds, p in zip(samples_data, frame_offsets, params)]
+            for k, name in enumerate(FRAME_JPEG_FEEDS)}
 
 
 def build_views_pipeline(kind: str, views: ViewConfig, batch_size: int, device_id,
