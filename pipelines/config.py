@@ -154,11 +154,27 @@ class PipelineConfig:
     # split between them (pipelines/lanes.py); 0 = one lane per thread.
     cpu_lanes: int = 0
     # Where video clips are decoded when the loader runs on a GPU: "gpu" (NVDEC through DALI's
-    # mixed decoder) or "cpu" (libavcodec on the pipeline's threads; the three frames are then
-    # copied to the GPU for the views). NVDEC measured ~62 clips/s on an H100 for 426x320 VP9
-    # clips, a per-clip cost that extra threads or pipelines did not reduce
-    # (docs/PERFORMANCE.md). The CPU backend always decodes on the CPU.
-    video_decoder: str = "gpu"
+    # mixed decoder), "cpu" (libavcodec on the pipeline's threads; the three frames are then
+    # copied to the GPU for the views) or "auto": the CPU threads for the codecs DALI's CPU
+    # decoder reads (VP9, VP8, MJPEG), NVDEC for the others (H.264, HEVC). On an H100, NVDEC
+    # measured ~62 clips/s for 426x320 VP9 clips, a per-clip cost that extra threads or
+    # pipelines did not reduce, and 16 CPU threads ~390 (docs/PERFORMANCE.md). The CPU
+    # backend always decodes on the CPU.
+    video_decoder: str = "auto"
+    # Where the colour stage (jitter, grayscale, blur, solarize, normalisation) runs: "dali"
+    # (in stage B's graph), "torch" (pipelines/torch_photometric.py, on the loader's device,
+    # over all crops of a batch at once; views.color_jitter = "torchvision" only) or "auto":
+    # torch on a GPU with the torchvision jitter, whose ~250 DALI operators per view capped
+    # an H100 at ~85 samples/s (docs/PERFORMANCE.md), dali otherwise.
+    photometric: str = "auto"
+    # With photometric = torch on a GPU: fuse its steps with torch.compile (compiled once,
+    # at the first batch) instead of running ~100 separate kernels over the crops.
+    photometric_compile: bool = True
+
+    def resolved_photometric(self, on_gpu: bool) -> str:
+        if self.photometric != "auto":
+            return self.photometric
+        return "torch" if on_gpu and self.views.color_jitter == "torchvision" else "dali"
 
     def validate(self) -> "PipelineConfig":
         self.sampling.validate()
@@ -168,8 +184,15 @@ class PipelineConfig:
             raise ValueError("shuffle_buffer must be >= 1")
         if self.cpu_lanes < 0:
             raise ValueError(f"cpu_lanes = {self.cpu_lanes}: need >= 0 (0 = one per thread)")
-        if self.video_decoder not in ("gpu", "cpu"):
-            raise ValueError(f"video_decoder = {self.video_decoder!r}: must be 'gpu' or 'cpu'")
+        if self.video_decoder not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"video_decoder = {self.video_decoder!r}: must be 'auto', 'gpu' or "
+                             "'cpu'")
+        if self.photometric not in ("auto", "dali", "torch"):
+            raise ValueError(f"photometric = {self.photometric!r}: must be 'auto', 'dali' or "
+                             "'torch'")
+        if self.photometric == "torch" and self.views.color_jitter != "torchvision":
+            raise ValueError("photometric = 'torch' implements views.color_jitter = "
+                             f"'torchvision' only (got {self.views.color_jitter!r})")
         return self
 
     def to_dict(self) -> dict:

@@ -23,14 +23,17 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
+from torch.profiler import record_function
 
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.buffers import HostBufferPool
 from tcore.pipelines.lanes import ViewLanes
-from tcore.pipelines.manifest import ShardSet, check_codecs_for_device, load_shard_set
+from tcore.pipelines.manifest import (ShardSet, check_codecs_for_device, decodes_video_on_gpu,
+                                      load_shard_set)
 from tcore.pipelines.masks import batch_masks, mask_tensors
 from tcore.pipelines.sampling import SampleParams, draw_sample_params, sample_rng, view_slices
-from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds
+from tcore.pipelines.torch_photometric import apply_photometric, normalize
+from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds, view_rows
 
 STATE_VERSION = 1
 MASK_STREAM = 0x6D61736B   # separates the masks' random stream from the samples'
@@ -153,6 +156,10 @@ class DaliLoader:
         self.infinite = infinite
         self.dtype = dtype
         self.return_params = return_params
+        on_gpu = self.device.type == "cuda"
+        self.video_on_gpu = decodes_video_on_gpu(shard_set, on_gpu, config.video_decoder)
+        # "torch": stage B hands over uint8 views and `_assemble` finishes them.
+        self.torch_photometric = config.resolved_photometric(on_gpu) == "torch"
         self._buffers = HostBufferPool()
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
         self.skipped: list[tuple[str, str]] = []
@@ -180,10 +187,14 @@ class DaliLoader:
             self.close()
             raise StopIteration
         host = self._pending.popleft()
-        outputs = self._stage_b_outputs(host)
-        batch = self._assemble(host, outputs)
-        self._drain_fillers(host)
-        self._top_up()
+        # Named ranges: `tcore bench train --profile` shows where next() spends its time.
+        with record_function("tcore.loader.stage_b_wait"):
+            outputs = self._stage_b_outputs(host)
+        with record_function("tcore.loader.assemble"):
+            batch = self._assemble(host, outputs)
+        with record_function("tcore.loader.feed_next"):
+            self._drain_fillers(host)
+            self._top_up()
         self._state = host.state_after
         return batch
 
@@ -300,8 +311,8 @@ class DaliLoader:
         threads = max(1, self.num_threads // lanes)
         pipes = [build_views_pipeline(self.shard_set.kind, self.config.views, batch_size,
                                       device_id, threads, depth_per_lane, out_dtype,
-                                      seed=self.seed,
-                                      decode_video_on_gpu=self.config.video_decoder == "gpu")
+                                      seed=self.seed, decode_video_on_gpu=self.video_on_gpu,
+                                      photometric_in_graph=not self.torch_photometric)
                  for _ in range(lanes)]
         return pipes[0] if lanes == 1 else ViewLanes(pipes)
 
@@ -332,6 +343,10 @@ class DaliLoader:
                                  f"{error}") from None
 
     def _next_host_batch(self) -> HostBatch:
+        with record_function("tcore.loader.stage_a"):
+            return self._draw_host_batch()
+
+    def _draw_host_batch(self) -> HostBatch:
         data, meta, label = self._read()
         reader_state = self._pipe_a.checkpoint()
         count = len(data)
@@ -430,7 +445,8 @@ class DaliLoader:
 
     def _feed(self, pipe, host: HostBatch) -> None:
         arrays = feed_arrays([s.data for s in host.samples], host.params,
-                             self.config.views.blur_kernel)
+                             self.config.views.blur_kernel,
+                             photometric=not self.torch_photometric)
         if self.shard_set.kind == "frames":
             arrays.update(frame_feeds([s.data for s in host.samples],
                                       [s.frame_offsets for s in host.samples], host.params))
@@ -483,6 +499,23 @@ class DaliLoader:
                 self._probe = None   # a pipeline that raised is not reused
         return bad
 
+    def _finish_views(self, batch: dict, host: HostBatch) -> None:
+        """The colour stage in torch on the uint8 views (crop-major, like the batch), from the
+        same per-view rows, switches and blur windows the DALI graph would be fed."""
+        views = self.config.views
+        # [n, V, ...] for the batch at once
+        inputs = view_rows(np.stack([p.photometric for p in host.params]),
+                           np.stack([p.jitter_order for p in host.params]), views.blur_kernel)
+        for name, where in view_slices(views.n_local).items():
+            if where.stop == where.start:
+                continue
+            # the group's views, crop-major like the batch: view k of sample i at k * n + i
+            rows, switches, windows = (np.swapaxes(part[:, where], 0, 1).reshape(
+                -1, *part.shape[2:]) for part in inputs)
+            crops = apply_photometric(batch[name], rows, switches, windows, views,
+                                      compile_=self.config.photometric_compile)
+            batch[name] = normalize(crops, views, self.dtype)
+
     # -- batch dict
     def _assemble(self, host: HostBatch, outputs) -> dict:
         self.skipped.extend(host.skipped)
@@ -490,6 +523,8 @@ class DaliLoader:
         views = self.config.views
         on_gpu = self.device.type == "cuda"
         copy_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
+        if self.torch_photometric:
+            copy_dtype = torch.uint8
         stream = torch.cuda.current_stream(self.device) if on_gpu else None
         sizes = {"global_crops": views.global_size, "local_crops": views.local_size,
                  "past_crops": views.global_size, "future_crops": views.global_size}
@@ -503,10 +538,14 @@ class DaliLoader:
             for k in range(n_views if n else 0):
                 feed_ndarray(outputs[where.start + k].as_tensor(),
                              tensor[k * n:(k + 1) * n], cuda_stream=stream)
-            batch[name] = tensor if copy_dtype == self.dtype else tensor.to(self.dtype)
+            keep = copy_dtype in (self.dtype, torch.uint8)   # uint8: _finish_views converts
+            batch[name] = tensor if keep else tensor.to(self.dtype)
         if stream is not None:
             # DALI reuses its output buffers after the next outputs() call: finish the copies.
             stream.synchronize()
+        if self.torch_photometric and n:
+            with record_function("tcore.loader.torch_photometric"):
+                self._finish_views(batch, host)
         cpu = mask_tensors(host.masks)
         cpu["frame_indices"] = torch.from_numpy(
             np.stack([p.frames for p in host.params]) if n else np.zeros((0, 3), np.int64))
@@ -555,7 +594,8 @@ def build_loader(manifests, batch_size: int, device: str = "cpu",
     on_gpu = torch.device(device).type == "cuda"
     if on_gpu and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for, but torch sees no GPU")
-    check_codecs_for_device(shard_set, on_gpu and config.video_decoder == "gpu")
+    check_codecs_for_device(shard_set, decodes_video_on_gpu(shard_set, on_gpu,
+                                                            config.video_decoder))
     shard_id, num_shards = distributed_shard(shard_id, num_shards)
     return DaliLoader(shard_set, batch_size, device, config, seed, shard_id, num_shards,
                       num_threads, prefetch, infinite, dtype, return_params)

@@ -99,6 +99,15 @@ def load_shard_set(manifests) -> ShardSet:
     return shard_set
 
 
+def decodes_video_on_gpu(shard_set: ShardSet, on_gpu: bool, video_decoder: str) -> bool:
+    """Whether clips go to NVDEC: asked for, or ("auto") a codec the CPU decoder cannot read."""
+    if not on_gpu or shard_set.kind != "video" or video_decoder == "cpu":
+        return False
+    if video_decoder == "gpu":
+        return True
+    return any(codec not in VIDEO_CODECS_ON_CPU for codec in shard_set.codecs)
+
+
 def check_codecs_for_device(shard_set: ShardSet, decodes_on_gpu: bool) -> None:
     """Refuse at start-up video shards that the decoder in use cannot read."""
     if decodes_on_gpu or shard_set.kind != "video":
@@ -109,4 +118,4 @@ def check_codecs_for_device(shard_set: ShardSet, decodes_on_gpu: bool) -> None:
                 f"{manifest['_dir']}: {manifest['codec']} shards cannot be decoded on the CPU "
                 f"(DALI's CPU video decoder reads {', '.join(VIDEO_CODECS_ON_CPU)} only): "
                 "rebuild them with `tcore shards build --codec vp9` or run on a GPU "
-                "(with video_decoder=gpu, the default)")
+                "(video_decoder=auto or gpu)")

@@ -19,7 +19,6 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
 from tcore.pipelines.config import ViewConfig
-from tcore.pipelines.sampling import jitter_sequence
 
 FRAME_JPEG_FEEDS = ("past_jpeg", "current_jpeg", "future_jpeg")   # JPEG-frame shards only
 FEED_NAMES = ("data", "frames", "boxes", "flips", "photometric", "switches",
@@ -43,7 +42,6 @@ ROW_WIDTH = FAST_SATURATION + 1
 SWITCHES = ("jitter", "colour", "blur", "solarize", "hue", "gray",
             "slot0", "slot1", "slot2", "slot3", "slot4", "slot5")
 SW = {name: k for k, name in enumerate(SWITCHES)}
-_SLOT_OF_OP = {0: (None, 0.0, 0.0), 1: (None, 0.0, 1.0), 2: (None, 1.0, 0.0)}
 _IDENTITY_SLOT = (1.0, 0.0, 0.0)
 
 
@@ -227,7 +225,9 @@ def pil_hue_shift(image, shift):
 
 @pipeline_def(enable_conditionals=True)
 def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
-                   decode_video_on_gpu: bool = True):
+                   decode_video_on_gpu: bool = True, photometric_in_graph: bool = True):
+    """Every view of a batch from the fed inputs. With `photometric_in_graph=False` the
+    views leave as uint8 (cropped, resized, flipped) for `torch_photometric` to finish."""
     data = fn.external_source(name="data", dtype=types.UINT8, ndim=1, no_copy=False)
     frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
     boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
@@ -273,6 +273,10 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
             resized[key] = fn.resize(frame, roi_start=boxes[v, 0:2], roi_end=boxes[v, 2:4],
                                      size=[size, size], interp_type=types.INTERP_CUBIC,
                                      antialias=True)
+        if not photometric_in_graph:
+            outputs.append(fn.crop_mirror_normalize(resized[key], mirror=flips[v],
+                                                    dtype=types.UINT8, output_layout="CHW"))
+            continue
         crop = _photometric(resized[key], photometric[v], switches[v], windows[v], probs, views,
                             size * size, on_gpu)
         outputs.append(fn.crop_mirror_normalize(
@@ -280,56 +284,80 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
     return tuple(outputs)
 
 
-def jitter_columns(row, order) -> np.ndarray:
-    """A view's drawn jitter order as the graph's columns (see JITTER_* above)."""
-    sequence = jitter_sequence(row, order)
-    hue = 3 in sequence
-    split = sequence.index(3) if hue else len(sequence)
-    pre, post = sequence[:split], sequence[split + 1:]
+def jitter_columns(rows, orders) -> np.ndarray:
+    """Views' drawn jitter orders as the graph's columns (see JITTER_* above), for any leading
+    shape: rows [..., 7] (PHOTO_FIELDS), orders [..., 4] -> [..., 2 + 6 * 3] float32.
 
-    def slots(ops):
-        out = [(float(row[op]),) + _SLOT_OF_OP[op][1:] for op in ops]
-        return out + [_IDENTITY_SLOT] * (3 - len(out))
-
+    Per view: the operations of its order whose factor is not the identity
+    (`sampling.jitter_sequence`), the linear ones before the hue shift in slots 0-2 and those
+    after it in slots 3-5, unused slots the identity (1, 0, 0)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    orders = np.asarray(orders, dtype=np.int64)
+    lead = rows.shape[:-1]
+    rows, orders = rows.reshape(-1, rows.shape[-1]), orders.reshape(-1, orders.shape[-1])
+    factors = rows[:, :4]
+    active = np.take_along_axis(factors != np.array([1, 1, 1, 0], np.float32), orders, 1)
+    is_hue = active & (orders == 3)                   # by position in the drawn order
+    after_hue = (np.cumsum(is_hue, axis=1) - is_hue) > 0
+    linear = active & ~is_hue
+    pre, post = linear & ~after_hue, linear & after_hue
+    slot = np.where(pre, np.cumsum(pre, axis=1) - 1, np.where(post, np.cumsum(post, axis=1) + 2, -1))
+    # (alpha, with_luma, with_mean) of `_pil_enhance` per position: the factor, and the
+    # base: black (brightness), the mean luma (contrast) or the luma (saturation).
+    values = np.stack([np.take_along_axis(factors, orders, 1),
+                       (orders == 2).astype(np.float32), (orders == 1).astype(np.float32)], -1)
+    slots = np.tile(np.array(_IDENTITY_SLOT, np.float32), (len(rows), 6, 1))
+    for position in range(orders.shape[1]):
+        views = np.flatnonzero(slot[:, position] >= 0)
+        slots[views, slot[views, position]] = values[views, position]
     # PIL shifts its 8-bit H by uint8(int32(hue * 255)) (torchvision's PIL adjust_hue).
-    shift = int(np.int32(float(row[3]) * 255)) % 256
-    columns = [shift, float(hue)] + [v for slot in slots(pre) + slots(post) for v in slot]
-    return np.array(columns, dtype=np.float32)
+    shift = (factors[:, 3].astype(np.float64) * 255).astype(np.int32) % 256
+    columns = np.concatenate([shift[:, None].astype(np.float32),
+                              is_hue.any(axis=1, keepdims=True).astype(np.float32),
+                              slots.reshape(len(rows), -1)], axis=1)
+    return columns.reshape(*lead, columns.shape[-1])
 
 
 def view_rows(photometric: np.ndarray, jitter_order: np.ndarray, blur_kernel: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One sample's per-view graph inputs from its drawn rows [V, 7] and jitter orders [V, 4]:
-    rows [V, ROW_WIDTH] float32 (PHOTO_FIELDS, `jitter_columns`, the "fast" hue and
-    saturation), switches [V, len(SWITCHES)] bool and blur windows [V] int32.
+    """Per-view graph inputs from drawn rows [..., V, 7] and jitter orders [..., V, 4] (one
+    sample, or a whole batch at once): rows [..., V, ROW_WIDTH] float32 (PHOTO_FIELDS,
+    `jitter_columns`, the "fast" hue and saturation), switches [..., V, len(SWITCHES)] bool and
+    blur windows [..., V] int32.
 
     Everything the graph would otherwise compute per view with scalar DALI operators is done
     here in numpy, in float32 as the graph would."""
     drawn = np.asarray(photometric, dtype=np.float32)
-    b, c, s, h, gray, sigma, solarize = drawn.T
-    slots = np.stack([jitter_columns(row, order) for row, order in zip(drawn, jitter_order)])
+    b, c, s, h, gray, sigma, solarize = np.moveaxis(drawn, -1, 0)
+    slots = jitter_columns(drawn, jitter_order)
     rows = drawn.copy()
-    rows[:, 5] = np.where(sigma > 0, sigma, np.float32(NO_BLUR_SIGMA))
-    fast = np.stack([h * np.float32(360.0), s * (np.float32(1.0) - gray)], axis=1)
-    rows = np.concatenate([rows, slots, fast], axis=1).astype(np.float32)
+    rows[..., 5] = np.where(sigma > 0, sigma, np.float32(NO_BLUR_SIGMA))
+    fast = np.stack([h * np.float32(360.0), s * (np.float32(1.0) - gray)], axis=-1)
+    rows = np.concatenate([rows, slots, fast], axis=-1).astype(np.float32)
     jittered = (b != 1.0) | (c != 1.0) | (s != 1.0) | (h != 0.0)
     switches = np.concatenate(
-        [np.stack([jittered, jittered | (gray > 0), rows[:, 5] > BLUR_DRAWN, solarize > 0,
-                   slots[:, JITTER_HUE_ON - JITTER_HUE_SHIFT] > 0, gray > 0], axis=1),
-         slots[:, JITTER_SLOTS - JITTER_HUE_SHIFT::3] != 1.0], axis=1)
-    return rows, switches, blur_windows(rows[:, 5], blur_kernel)
+        [np.stack([jittered, jittered | (gray > 0), rows[..., 5] > BLUR_DRAWN, solarize > 0,
+                   slots[..., JITTER_HUE_ON - JITTER_HUE_SHIFT] > 0, gray > 0], axis=-1),
+         slots[..., JITTER_SLOTS - JITTER_HUE_SHIFT::3] != 1.0], axis=-1)
+    return rows, switches, blur_windows(rows[..., 5], blur_kernel)
 
 
-def feed_arrays(samples_data, params, blur_kernel: int) -> dict[str, list[np.ndarray]]:
-    """Per-input lists for `Pipeline.feed_input`, from encoded bytes + SampleParams."""
-    per_view = [view_rows(p.photometric, p.jitter_order, blur_kernel) for p in params]
-    return {"data": list(samples_data),
-            "frames": [p.frames.astype(np.int32) for p in params],
-            "boxes": [p.boxes for p in params],
-            "flips": [p.flips.astype(np.int32) for p in params],
-            "photometric": [rows for rows, _, _ in per_view],
-            "switches": [switches for _, switches, _ in per_view],
-            "blur_windows": [windows for _, _, windows in per_view]}
+def feed_arrays(samples_data, params, blur_kernel: int, photometric: bool = True
+                ) -> dict[str, list[np.ndarray]]:
+    """Per-input lists for `Pipeline.feed_input`, from encoded bytes + SampleParams (without
+    the per-view photometric inputs when the graph has no colour stage)."""
+    arrays = {"data": list(samples_data),
+              "frames": [p.frames.astype(np.int32) for p in params],
+              "boxes": [p.boxes for p in params],
+              "flips": [p.flips.astype(np.int32) for p in params]}
+    if photometric and params:
+        # One vectorised call for the batch, then a view of it per sample.
+        rows, switches, windows = view_rows(np.stack([p.photometric for p in params]),
+                                            np.stack([p.jitter_order for p in params]),
+                                            blur_kernel)
+        arrays.update(photometric=list(rows), switches=list(switches),
+                      blur_windows=list(windows))
+    return arrays
 
 
 def frame_feeds(samples_data, frame_offsets, params) -> dict[str, list[np.ndarray]]:
@@ -342,9 +370,10 @@ def frame_feeds(samples_data, frame_offsets, params) -> dict[str, list[np.ndarra
 
 def build_views_pipeline(kind: str, views: ViewConfig, batch_size: int, device_id,
                          num_threads: int, prefetch: int, out_dtype, seed: int = 0,
-                         decode_video_on_gpu: bool = True):
+                         decode_video_on_gpu: bool = True, photometric_in_graph: bool = True):
     pipe = views_pipeline(kind=kind, views=views, on_gpu=device_id is not None,
                           out_dtype=out_dtype, decode_video_on_gpu=decode_video_on_gpu,
+                          photometric_in_graph=photometric_in_graph,
                           batch_size=batch_size, num_threads=num_threads,
                           device_id=device_id, prefetch_queue_depth=prefetch, seed=seed,
                           exec_async=True, exec_pipelined=True,

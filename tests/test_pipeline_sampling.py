@@ -178,10 +178,39 @@ def test_lanes_and_video_decoder_are_validated():
     assert PipelineConfig.from_dict({"cpu_lanes": 2}).validate().cpu_lanes == 2
     with pytest.raises(ValueError, match="cpu_lanes"):
         PipelineConfig.from_dict({"cpu_lanes": -1}).validate()
-    assert PipelineConfig().video_decoder == "gpu"
+    assert PipelineConfig().video_decoder == "auto"
     assert PipelineConfig.from_dict({"video_decoder": "cpu"}).validate().video_decoder == "cpu"
     with pytest.raises(ValueError, match="video_decoder"):
         PipelineConfig.from_dict({"video_decoder": "nvdec"}).validate()
+
+
+def test_auto_video_decoder_sends_only_what_the_cpu_cannot_read_to_nvdec():
+    from tcore.pipelines.manifest import ShardSet, decodes_video_on_gpu
+
+    def shard_set(kind, *codecs):
+        return ShardSet(kind=kind, codecs=list(codecs))
+
+    assert not decodes_video_on_gpu(shard_set("video", "vp9"), True, "auto")
+    assert decodes_video_on_gpu(shard_set("video", "vp9", "h264"), True, "auto")
+    assert decodes_video_on_gpu(shard_set("video", "vp9"), True, "gpu")
+    assert not decodes_video_on_gpu(shard_set("video", "h264"), True, "cpu")
+    assert not decodes_video_on_gpu(shard_set("video", "h264"), False, "gpu")  # CPU loader
+    assert not decodes_video_on_gpu(shard_set("frames", "jpegs"), True, "gpu")
+
+
+def test_photometric_backend_is_validated_and_resolved():
+    config = PipelineConfig()
+    assert config.photometric == "auto" and config.photometric_compile
+    assert config.resolved_photometric(on_gpu=True) == "dali"           # fast jitter
+    config.views.color_jitter = "torchvision"
+    assert config.resolved_photometric(on_gpu=True) == "torch"
+    assert config.resolved_photometric(on_gpu=False) == "dali"
+    assert PipelineConfig.from_dict({"photometric": "dali", "views": {"color_jitter": "torchvision"}}
+                                    ).validate().resolved_photometric(on_gpu=True) == "dali"
+    with pytest.raises(ValueError, match="photometric"):
+        PipelineConfig.from_dict({"photometric": "cuda"}).validate()
+    with pytest.raises(ValueError, match="torchvision"):
+        PipelineConfig.from_dict({"photometric": "torch"}).validate()   # fast jitter
 
 
 def test_params_are_a_pure_function_of_the_seed():

@@ -10,6 +10,7 @@ from PIL import Image
 import torchvision.transforms.functional as TF
 
 from tcore.pipelines.config import PhotometricConfig, ViewConfig
+from tcore.pipelines.sampling import jitter_sequence
 from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
 from tcore.pipelines.views import (FAST_HUE_DEGREES, FAST_SATURATION, ROW_WIDTH, SWITCHES,
                                    _photometric, blur_windows, jitter_columns, pil_hue_shift,
@@ -140,6 +141,39 @@ def test_jitter_columns_encode_the_order_around_hue():
         [0, 0] + [s, 1, 0] + [b, 0, 0] + ident * 4
     # A negative hue wraps: int32(-0.04 * 255) = -10 -> 246.
     assert jitter_columns(_row(1.0, 1.0, 1.0, -0.04), np.arange(4))[0] == 246
+
+
+def _columns_one_view(row, order) -> list[float]:
+    """The definition, one view at a time: `jitter_sequence`, split at the hue shift."""
+    sequence = jitter_sequence(row, order)
+    split = sequence.index(3) if 3 in sequence else len(sequence)
+    base = {0: (0.0, 0.0), 1: (0.0, 1.0), 2: (1.0, 0.0)}      # (with_luma, with_mean)
+
+    def slots(ops):
+        out = [[float(row[op]), *base[op]] for op in ops]
+        return out + [[1.0, 0.0, 0.0]] * (3 - len(out))
+
+    shift = int(np.int32(float(row[3]) * 255)) % 256
+    return [shift, float(3 in sequence)] + [v for slot in slots(sequence[:split])
+                                            + slots(sequence[split + 1:]) for v in slot]
+
+
+def test_jitter_columns_of_a_whole_batch_equal_the_per_view_definition():
+    """The vectorised columns ([n, V, ...] at once, as the loader calls them) against the
+    per-view definition, on drawn rows with every mix of identity factors and orders."""
+    rng = np.random.default_rng(0)
+    rows = np.stack([_row(*rng.uniform(0.6, 1.4, 3), rng.uniform(-0.1, 0.1)) for _ in range(600)])
+    for column, identity in enumerate((1.0, 1.0, 1.0, 0.0)):
+        rows[rng.random(len(rows)) < 0.3, column] = identity
+    orders = np.stack([rng.permutation(4) for _ in range(len(rows))])
+    batch = jitter_columns(rows.reshape(50, 12, 7), orders.reshape(50, 12, 4))
+    assert batch.shape == (50, 12, 20) and batch.dtype == np.float32
+    want = np.array([_columns_one_view(r, o) for r, o in zip(rows, orders)], np.float32)
+    assert np.array_equal(batch.reshape(600, 20), want)
+    full, switches, windows = view_rows(rows.reshape(50, 12, 7), orders.reshape(50, 12, 4), 9)
+    one, one_switches, one_windows = view_rows(rows[:12], orders[:12], 9)
+    assert np.array_equal(full[0], one) and np.array_equal(switches[0], one_switches)
+    assert np.array_equal(windows[0], one_windows)
 
 
 @pipeline_def(enable_conditionals=True, num_threads=1, device_id=None, prefetch_queue_depth=1,

@@ -1,0 +1,185 @@
+"""The colour stage of the views (jitter -> grayscale -> blur -> solarize -> normalise) in
+torch, on a whole batch of crops at once: the GPU path of `views.color_jitter = "torchvision"`.
+
+Why: in DALI that exact jitter is ~250 operators per view (PIL's 8-bit HSV hue shift, its
+blends), and the GPU graph of 14 views came to 3,613 operators. On an H100 the graph ran at
+~85 samples/s against ~700 with the fast jitter (docs/PERFORMANCE.md): the cost is DALI's per
+operator overhead, not arithmetic. Here each step is one kernel over every crop of a size
+(the crops that drew it, chosen on the host), so the cost is a few dozen launches a batch.
+
+Inputs are the views stage B cut (uint8, flipped, [N, 3, S, S]) and the per-view rows,
+switches and blur windows of `views.view_rows`, the same numbers the DALI graph is fed, and
+the arithmetic is the graph's (`views._pil_enhance`, `views.pil_hue_shift`): float32 /
+float64 exactly where it is, so the pixels are PIL's. The blur is DALI's gaussian_blur
+(separable, float32, reflect-101 borders, rounded to nearest); a pixel may differ from it by
+one level at a rounding edge (the flip comes before the blur here, after it in the graph).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tcore.pipelines.config import ViewConfig
+from tcore.pipelines.views import JITTER_HUE_SHIFT, JITTER_SLOTS, SW
+
+_LUMA_WEIGHTS = (19595, 38470, 7471)   # PIL's convert("L"), see views._PIL_LUMA_M
+
+
+def pil_luma(x: torch.Tensor) -> torch.Tensor:
+    """PIL's integer luma of uint8 [N, 3, H, W] as int32 [N, 1, H, W]."""
+    x = x.to(torch.int32)
+    wr, wg, wb = _LUMA_WEIGHTS
+    return (wr * x[:, 0:1] + wg * x[:, 1:2] + wb * x[:, 2:3] + 32768) >> 16
+
+
+def pil_enhance(x: torch.Tensor, alpha: torch.Tensor, with_luma: torch.Tensor,
+                with_mean: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageEnhance blend (brightness, contrast or saturation), per crop:
+    floor(base + alpha (x - base)) in float32, clamped to uint8; base = with_luma * L +
+    with_mean * round(mean L) with per-crop 0/1 weights (`views._pil_enhance`)."""
+    luma = pil_luma(x)
+    pixels = luma.shape[-2] * luma.shape[-1]
+    total = luma.sum(dim=(1, 2, 3), dtype=torch.int64)
+    mean = torch.floor(total.to(torch.float64) / float(pixels) + 0.5).to(torch.float32)
+    view = (-1, 1, 1, 1)
+    base = (with_luma.view(view) * luma.to(torch.float32)
+            + with_mean.view(view) * mean.view(view))
+    xf = x.to(torch.float32)
+    out = torch.floor(base + alpha.view(view) * (xf - base))
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def pil_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue on PIL images, per crop (uint8 [N, 3, H, W]; `shift` [N] the
+    8-bit shift of `views.jitter_columns`): the arithmetic of `views.pil_hue_shift`."""
+    f32, f64 = torch.float32, torch.float64
+    xf = x.to(f32)
+    r, g, b = xf[:, 0], xf[:, 1], xf[:, 2]
+    v = torch.maximum(torch.maximum(r, g), b)
+    chroma = v - torch.minimum(torch.minimum(r, g), b)
+    cr = torch.clamp(chroma, min=1.0)
+    rc, gc, bc = (v - r) / cr, (v - g) / cr, (v - b) / cr
+    is_r = r == v
+    is_g = (~is_r) & (g == v)
+    rc64, gc64, bc64 = rc.to(f64), gc.to(f64), bc.to(f64)
+    h = torch.where(is_r, bc - gc,
+                    torch.where(is_g, (rc64 + 2.0 - bc64).to(f32), (gc64 + 4.0 - rc64).to(f32)))
+    y = h.to(f64) / 6.0 + 1.0
+    h = (y - (y >= 1.0).to(f64)).to(f32).to(f64)
+    hue = torch.floor(h * 255.0)
+    sat = torch.floor((chroma / torch.clamp(v, min=1.0)).to(f64) * 255.0)
+    hue = hue + shift.to(f64).view(-1, 1, 1)
+    hue = hue - (hue >= 256.0).to(f64) * 256.0
+    h6 = hue * 6.0 / 255.0
+    i = torch.floor(h6)
+    fs = ((h6 - i).to(f32) * sat.to(f32)).to(f64)
+    v64 = v.to(f64)
+    p = torch.floor(v64 * (255.0 - sat) / 255.0 + 0.5)
+    q = torch.floor(v64 * (255.0 - fs) / 255.0 + 0.5)
+    t = torch.floor(v64 * (255.0 - sat + fs) / 255.0 + 0.5)
+    sector = torch.remainder(i, 6.0)           # H = 255 gives i = 6, i.e. sector 0
+    s0, s1, s2, s3, s4, s5 = (sector == k for k in range(6))
+    # (red, green, blue) by sector: v t p / q v p / p v t / p q v / t p v / v p q
+    red = torch.where(s0 | s5, v64, torch.where(s1, q, torch.where(s4, t, p)))
+    green = torch.where(s1 | s2, v64, torch.where(s0, t, torch.where(s3, q, p)))
+    blue = torch.where(s3 | s4, v64, torch.where(s2, t, torch.where(s5, q, p)))
+    return torch.stack([red, green, blue], dim=1).to(torch.uint8)
+
+
+def gaussian_kernels(sigmas: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, size] float32 Gaussian taps (DALI's: exp(-x^2 / 2 sigma^2) over the view's window,
+    normalised), zero outside each view's window so one `size`-tap convolution serves all."""
+    x = torch.arange(size, dtype=torch.float32, device=sigmas.device) - size // 2
+    taps = torch.exp(-(x * x)[None, :] / (2.0 * sigmas[:, None] * sigmas[:, None]))
+    taps = taps * (x.abs()[None, :] <= (windows[:, None] // 2)).to(torch.float32)
+    return taps / taps.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor, windows: torch.Tensor,
+                  size: int) -> torch.Tensor:
+    """Separable blur per crop (rows, then columns, float32 between), reflect-101 borders."""
+    n, c, height, width = x.shape
+    taps = gaussian_kernels(sigmas, windows, size).repeat_interleave(c, dim=0)   # [N*C, size]
+    radius = size // 2
+    y = x.to(torch.float32).reshape(1, n * c, height, width)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"),
+                 taps.view(n * c, 1, size, 1), groups=n * c)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"),
+                 taps.view(n * c, 1, 1, size), groups=n * c)
+    return torch.round(y).clamp_(0, 255).to(torch.uint8).view(n, c, height, width)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _kernel(name: str, device: torch.device, compile_: bool):
+    """`name`'s function, on CUDA compiled into fused kernels when asked: eager, the hue
+    shift alone is ~60 full-size float64 passes over the batch's crops; fused it is one.
+    (Fused code may contract a multiply-add, which can move a value by one level at a
+    rounding edge; the CPU path stays eager and exact.)"""
+    function = globals()[name]
+    if not compile_ or device.type != "cuda":
+        return function
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(function, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
+
+
+def _where_switched(x: torch.Tensor, on: np.ndarray, apply) -> torch.Tensor:
+    """`apply(subset, index)` on the crops whose host-side switch is on; the rest unchanged.
+    The index is known on the host, so nothing waits for the device."""
+    chosen = np.flatnonzero(on)
+    if chosen.size == 0:
+        return x
+    if chosen.size == len(on):
+        return apply(x, slice(None))
+    index = torch.from_numpy(chosen).to(x.device, non_blocking=True)
+    out = x.clone()
+    out[index] = apply(x[index], index)
+    return out
+
+
+def apply_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndarray,
+                      windows: np.ndarray, views: ViewConfig, compile_: bool = False
+                      ) -> torch.Tensor:
+    """The torchvision jitter in each crop's drawn order, grayscale, blur and solarize on
+    uint8 [N, 3, S, S], from the crops' `view_rows` outputs (rows [N, ROW_WIDTH], switches
+    [N, len(SWITCHES)], blur windows [N]); uint8 out. `compile_`: fuse on CUDA (`_kernel`)."""
+    device = images.device
+    enhance = _kernel("pil_enhance", device, compile_)
+    hue_shift = _kernel("pil_hue_shift", device, compile_)
+    luma = _kernel("pil_luma", device, compile_)
+    params = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(
+        device, non_blocking=True)
+    x = images
+
+    def slot(k):
+        col = JITTER_SLOTS + 3 * k
+        return lambda sub, i: enhance(sub, params[i, col], params[i, col + 1],
+                                      params[i, col + 2])
+
+    for k in range(3):
+        x = _where_switched(x, switches[:, SW[f"slot{k}"]], slot(k))
+    x = _where_switched(x, switches[:, SW["hue"]],
+                        lambda sub, i: hue_shift(sub, params[i, JITTER_HUE_SHIFT]))
+    for k in range(3, 6):
+        x = _where_switched(x, switches[:, SW[f"slot{k}"]], slot(k))
+    x = _where_switched(x, switches[:, SW["gray"]],
+                        lambda sub, i: luma(sub).expand(-1, 3, -1, -1).to(torch.uint8))
+    window_tensor = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64)).to(
+        device, non_blocking=True)
+    x = _where_switched(x, switches[:, SW["blur"]],
+                        lambda sub, i: gaussian_blur(sub, params[i, 5], window_tensor[i],
+                                                     views.blur_kernel))
+    threshold = views.solarize_threshold
+    x = _where_switched(x, switches[:, SW["solarize"]],
+                        lambda sub, i: torch.where(sub >= threshold, 255 - sub, sub))
+    return x
+
+
+def normalize(images: torch.Tensor, views: ViewConfig, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> (x - 255 mean) / (255 std) in `dtype` (crop_mirror_normalize's)."""
+    mean = torch.tensor([255.0 * m for m in views.mean], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor([255.0 * s for s in views.std], device=images.device).view(1, 3, 1, 1)
+    return ((images.to(torch.float32) - mean) / std).to(dtype)

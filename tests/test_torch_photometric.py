@@ -1,0 +1,145 @@
+"""The torch colour stage (`pipelines/torch_photometric.py`, `photometric = "torch"`) against
+PIL / torchvision (jitter, hue, grayscale: bit for bit), DALI's gaussian_blur (one level at a
+rounding edge at most), and the DALI graph's views through the whole loader."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from nvidia.dali import fn, pipeline_def, types
+from PIL import Image
+
+from tcore.pipelines.config import PipelineConfig, ViewConfig
+from tcore.pipelines.loader import build_loader
+from tcore.pipelines.torch_photometric import (apply_photometric, gaussian_blur, normalize,
+                                               pil_hue_shift)
+from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
+from tcore.pipelines.views import jitter_columns, view_rows
+
+ONE_LEVEL = 1.0 / (255 * min(ViewConfig().std)) + 1e-6   # one gray level, normalised
+
+
+def _test_image(size=64, seed=0) -> np.ndarray:
+    """Random colours, ramps, the primaries / secondaries, grays, black and white (HWC)."""
+    rng = np.random.default_rng(seed)
+    image = (rng.random((size, size, 3)) * 256).astype(np.uint8)
+    ramp = np.linspace(0, 255, size).astype(np.uint8)
+    image[: size // 4, :, 0] = ramp[None, :]
+    image[: size // 4, :, 1] = ramp[::-1][None, :]
+    corners = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
+               (255, 0, 255), (0, 0, 0), (255, 255, 255), (128, 128, 128), (1, 0, 0)]
+    for k, colour in enumerate(corners):
+        image[-1, k] = colour
+    return image
+
+
+def _chw(images) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def _hwc(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.permute(1, 2, 0).numpy()
+
+
+def _row(brightness, contrast, saturation, hue, gray=0.0, sigma=0.0, solarize=0.0):
+    return np.array([brightness, contrast, saturation, hue, gray, sigma, solarize], np.float32)
+
+
+def test_hue_shift_is_pils_bit_for_bit():
+    """Every hue at once, one crop each: TF.adjust_hue on a PIL image, pixel for pixel."""
+    image = _test_image(96)
+    hues = [0.08, -0.1, 0.5, -0.5, 0.003, 0.25]
+    shifts = [jitter_columns(_row(1, 1, 1, h), np.arange(4))[0] for h in hues]  # 8-bit shift
+    out = pil_hue_shift(_chw([image] * len(hues)), torch.tensor(shifts))
+    for crop, hue in zip(out, hues):
+        want = np.array(TF.adjust_hue(Image.fromarray(image), hue))
+        assert np.array_equal(_hwc(crop), want), (hue, np.abs(_hwc(crop).astype(int) - want).max())
+
+
+def test_jitter_applies_each_crops_drawn_order_bit_for_bit():
+    """24 crops, one per jitter order, plus grayscale after it: the baseline's PIL pixels."""
+    image = _test_image(64, seed=1)
+    orders = [np.array(p) for p in itertools.permutations(range(4))]
+    rows = [_row(1.35, 0.65, 1.2, 0.08, gray=float(k % 5 == 0)) for k in range(len(orders))]
+    full, switches, windows = view_rows(np.stack(rows), np.stack(orders), blur_kernel=9)
+    out = apply_photometric(_chw([image] * len(orders)), full, switches, windows, ViewConfig())
+    for crop, row, order in zip(out, rows, orders):
+        want = np.array(baseline_photometric(Image.fromarray(image), row, order, 128))
+        assert np.array_equal(_hwc(crop), want), order
+    # The order matters: a fixed b, c, s, h order gives other pixels for most crops.
+    fixed = np.array(baseline_photometric(Image.fromarray(image), rows[1], np.arange(4), 128))
+    assert sum(not np.array_equal(_hwc(c), fixed) for c in out[1:5]) >= 3
+
+
+def test_identity_views_are_untouched_and_solarize_inverts_the_top_half():
+    image = _test_image(48, seed=2)
+    rows = np.stack([_row(1, 1, 1, 0), _row(1, 1, 1, 0, solarize=1.0)])
+    full, switches, windows = view_rows(rows, np.tile(np.arange(4), (2, 1)), blur_kernel=9)
+    out = apply_photometric(_chw([image] * 2), full, switches, windows, ViewConfig())
+    assert torch.equal(out[0], _chw([image])[0])
+    want = np.where(image >= 128, 255 - image, image)
+    assert np.array_equal(_hwc(out[1]), want)
+
+
+@pipeline_def(batch_size=4, num_threads=1, device_id=None, prefetch_queue_depth=1,
+              exec_async=False, exec_pipelined=False)
+def _blur_pipeline():
+    image = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
+    window = fn.external_source(name="window", dtype=types.INT32, ndim=0)
+    sigma = fn.external_source(name="sigma", dtype=types.FLOAT, ndim=0)
+    return fn.gaussian_blur(image, window_size=window, sigma=sigma)
+
+
+def test_blur_matches_dalis_gaussian_blur():
+    """Per-crop sigma and window (narrowed as `views.blur_windows` does) against DALI's own
+    gaussian_blur on the same crops: at most one level apart, and rarely."""
+    images = [_test_image(80, seed=s) for s in range(4)]
+    sigmas = np.array([0.1, 0.6, 1.3, 2.0], np.float32)
+    full, switches, windows = view_rows(
+        np.stack([_row(1, 1, 1, 0, sigma=s) for s in sigmas]), np.tile(np.arange(4), (4, 1)),
+        blur_kernel=9)
+    pipe = _blur_pipeline()
+    pipe.build()
+    pipe.feed_input("image", images)
+    pipe.feed_input("window", list(windows.astype(np.int32)))
+    pipe.feed_input("sigma", list(full[:, 5]))
+    want = [np.array(out) for out in pipe.run()[0]]
+    got = gaussian_blur(_chw(images), torch.from_numpy(full[:, 5]),
+                        torch.from_numpy(windows.astype(np.int64)), 9)
+    for crop, expected, sigma in zip(got, want, sigmas):
+        diff = np.abs(_hwc(crop).astype(int) - expected)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (sigma, diff.max(), (diff > 0).mean())
+    assert not np.array_equal(_hwc(got[3]), images[3])     # sigma 2 blurs
+
+
+def test_normalize_is_imagenet_normalisation():
+    image = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    out = normalize(image, ViewConfig(), torch.float16)
+    want = [(1 - m) / s for m, s in zip(ViewConfig().mean, ViewConfig().std)]
+    assert out.dtype == torch.float16
+    assert torch.allclose(out[0, :, 0, 0].float(), torch.tensor(want), atol=2e-3)
+
+
+def test_loader_gives_the_dali_graphs_views(synth_shards):
+    """The whole loader on the CPU, `photometric = torch` against `dali` (the torchvision
+    jitter, blur and solarize forced on some views so every step is exercised): the same
+    frames and masks, views equal but for one level at the blur's rounding edges."""
+    batches = {}
+    for mode in ("dali", "torch"):
+        config = PipelineConfig(photometric=mode)
+        config.views.color_jitter = "torchvision"
+        config.views.global_2.solarize_p = 1.0
+        config.views.local.blur_p = 1.0
+        loader = build_loader([str(synth_shards)], batch_size=4, device="cpu", config=config,
+                              seed=5, infinite=False, num_threads=2)
+        batches[mode] = next(iter(loader))
+        loader.close()
+    dali, ours = batches["dali"], batches["torch"]
+    for key in ("frame_indices", "labels", "masks", "mask_indices"):
+        assert torch.equal(dali[key], ours[key]), key
+    for key in ("global_crops", "local_crops", "past_crops", "future_crops"):
+        assert ours[key].dtype == dali[key].dtype and ours[key].shape == dali[key].shape
+        diff = (ours[key] - dali[key]).abs()
+        assert float(diff.max()) <= ONE_LEVEL, (key, float(diff.max()))
+        assert float((diff > 1e-4).float().mean()) < 1e-3, key
