@@ -34,8 +34,9 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled shards data
-# data_frames train), GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
+# data_frames train train_compiled), GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
+# GPU_CHECK_TESTS (a pytest -k expression: which GPU tests run; all when unset),
 # GPU_CHECK_WORK (scratch folder, default a fresh temporary one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -129,6 +130,7 @@ if [[ "$CPU_MODE" == 1 ]]; then
                 --set model.head.prototypes=256,model.head.hidden=256)
     DATA_ARGS=(--batch 2 --threads 2 --seconds 2 --warmup 1 --repeats 2 --loader both)
     DATA_COMPARE=()
+    FRAMES_COMPARE=()
     TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2 --set
                 model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1)
     SYNTH=(videos=8 frames=24 size=160x128 short_side=128)
@@ -139,12 +141,15 @@ else
     PRECISION=bf16 FAST=xformers
     SLOW_PRECISION=fp32 REF=sdpa
     MODEL_ARGS=(--batch 64 --warmup 3 --repeats 5 --steps 3)  # eager fp32 ViT-B: ~1 s a step
-    # No PyAV there, so no baseline loader. The paper presets' views (torchvision jitter),
-    # clips decoded by NVDEC against decoded on the CPU threads (video_decoder=cpu).
-    DATA_ARGS=(--batch 64 --threads 8 --seconds 12 --warmup 5 --repeats 3 --loader dali)
-    DATA_COMPARE=(--set views.color_jitter=torchvision
-                  --compare overrides=views.color_jitter=torchvision,video_decoder=cpu)
-    TRAIN_ARGS=(--batch 64 --threads 8 --warmup 5 --steps 20 --repeats 3)
+    # No PyAV there, so no baseline loader. NVDEC was measured on 2026-11-26 (62 clips/s
+    # whatever the settings, PERFORMANCE.md), so the clips are decoded on the CPU threads
+    # (video_decoder=cpu), views on the GPU, with the paper presets' torchvision jitter
+    # against the fast one; the JPEG frames (nvJPEG) likewise.
+    DATA_ARGS=(--batch 64 --threads 16 --seconds 8 --warmup 8 --repeats 3 --loader dali)
+    DATA_COMPARE=(--set views.color_jitter=torchvision,video_decoder=cpu
+                  --compare overrides=views.color_jitter=fast,video_decoder=cpu)
+    FRAMES_COMPARE=(--set views.color_jitter=torchvision --compare overrides=views.color_jitter=fast)
+    TRAIN_ARGS=(--batch 64 --threads 16 --warmup 5 --steps 20 --repeats 3)
     SYNTH=(videos=32 frames=24 size=426x320 short_side=320)
     COMPILE_DEFAULT=1
 fi
@@ -228,7 +233,11 @@ gpu_tests() {
     [[ -f "$SHARDS/manifest.json" ]] && shards_env=(TCORE_GPU_SHARDS="$SHARDS")
     [[ -f "$FRAMES/manifest.json" ]] && shards_env+=(TCORE_GPU_FRAME_SHARDS="$FRAMES")
     # --noconftest: the shared fixtures build shards with PyAV, which the GPU machine lacks.
-    env "${shards_env[@]}" "$PYTHON" -P -m pytest -q -s --noconftest -p no:cacheprovider \
+    # A test still running after 60 s gets every thread's stack printed (the log says where).
+    local select=()
+    [[ -n "${GPU_CHECK_TESTS:-}" ]] && select=(-k "$GPU_CHECK_TESTS")
+    env "${shards_env[@]}" "$PYTHON" -P -m pytest -q -s -v --noconftest -p no:cacheprovider \
+        -o faulthandler_timeout=60 "${select[@]}" \
         tests/test_gpu.py tests/test_models_vit.py::test_attention_backends_agree_in_bf16_on_gpu \
         tests/test_models_vit.py::test_xformers_agrees_with_the_reference_in_bf16_on_gpu \
         tests/test_ssl.py::test_step_has_no_host_syncs_on_gpu
@@ -277,15 +286,18 @@ if has_module nvidia.dali; then
         "${DATA_ARGS[@]}" "${DATA_COMPARE[@]}" --json "$WORK/reports/data.json"
     if [[ -f "$FRAMES/manifest.json" ]]; then
         run_step data_frames 90 "${TCORE[@]}" bench data --data "$FRAMES" --device "$DEVICE" \
-            "${DATA_ARGS[@]}" --set views.color_jitter=torchvision \
-            --json "$WORK/reports/data_frames.json"
+            "${DATA_ARGS[@]}" "${FRAMES_COMPARE[@]}" --json "$WORK/reports/data_frames.json"
     fi
     # End to end from the JPEG frames when they are there (the faster decode), else clips.
     run_step train 120 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
         --json "$WORK/reports/train.json"
+    # The same compiled (against model_s_compiled): the end-to-end target at the step's best.
+    run_step train_compiled 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
+        --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
+        "${TRAIN_ARGS[@]}" "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_compiled.json"
 else
-    for name in shards data data_frames train; do
+    for name in shards data data_frames train train_compiled; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
     done
 fi

@@ -313,12 +313,19 @@ def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path
 
 def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
     path = tmp_path / "train.json"
+    profile = tmp_path / "profile"
     output = run_cli(["bench", "train", "--data", str(synth_shards), "--loader", "dali",
                       "--arch", "vit_tiny", "--batch", "2", "--precision", "fp32",
                       "--device", "cpu", "--threads", "1", "--warmup", "0", "--steps", "2",
-                      "--repeats", "1", "--set", TINY_VIEWS, "--json", str(path)])
+                      "--repeats", "1", "--set", TINY_VIEWS, "--json", str(path),
+                      "--profile", str(profile)])
     assert "data_wait_fraction" in output
     run = json.loads(path.read_text())["runs"][0]
+    # The profile covers the loader too: its named ranges are in the CPU table.
+    assert run["details"]["profile"]["steps"] == 3
+    cpu_table = (profile / "cpu.txt").read_text()
+    assert "tcore.loader.stage_b_wait" in cpu_table and "tcore.loader.assemble" in cpu_table
+    assert (profile / "kernels.txt").exists() and (profile / "trace.json").exists()
     figures = run["figures"]
     assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
     assert run["settings"]["loader"] == "dali"

@@ -33,7 +33,7 @@ def run_one(kind: str, settings, profile_dir: str | None = None) -> dict:
     if kind == "data":
         return run_data_bench(settings)
     if kind == "train":
-        return run_train_bench(settings)
+        return run_train_bench(settings, profile_dir=profile_dir)
     raise ValueError(f"unknown bench kind {kind!r}; choose from {sorted(SETTINGS)}")
 
 

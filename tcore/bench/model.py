@@ -233,7 +233,9 @@ def run_model_bench(settings: ModelBenchSettings, profile_dir: str | None = None
 
 
 def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> dict:
-    """Kernel breakdown of a few steps: a Chrome trace and a text table of the top kernels."""
+    """Kernel breakdown of a few steps: a Chrome trace, a text table of the top kernels
+    (device time) and one of the top operators and ranges by CPU time (every thread's: the
+    loader's named ranges `tcore.loader.*` included)."""
     from torch.profiler import ProfilerActivity, profile
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,9 +251,13 @@ def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> 
     table = profiler.key_averages().table(sort_by=sort_key, row_limit=40)
     table_path = out_dir / "kernels.txt"
     table_path.write_text(f"{steps} steps, sorted by {sort_key}\n{table}\n")
+    cpu_table = profiler.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+    cpu_path = out_dir / "cpu.txt"
+    cpu_path.write_text(f"{steps} steps, sorted by cpu_time_total\n{cpu_table}\n")
     trace_path = out_dir / "trace.json"
     profiler.export_chrome_trace(str(trace_path))
-    return {"table": str(table_path), "trace": str(trace_path), "steps": steps}
+    return {"table": str(table_path), "cpu_table": str(cpu_path), "trace": str(trace_path),
+            "steps": steps}
 
 
 # ---- attention agreement -------------------------------------------------------------------

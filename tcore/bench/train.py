@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from tcore.bench.data import batch_size_of, build_named_loader, close_loader
 from tcore.bench.flops import PRECISION_DTYPES, synchronizer
-from tcore.bench.model import BENCH_ITERATION, bench_config, build_trainer, resolved_attention
+from tcore.bench.model import (BENCH_ITERATION, bench_config, build_trainer, profile_steps,
+                               resolved_attention)
 from tcore.bench.report import environment, resolve_device
 from tcore.bench.stats import summarize
 
@@ -71,7 +73,7 @@ def windows(values: list, count: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def run_train_bench(settings: TrainBenchSettings) -> dict:
+def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None) -> dict:
     settings.validate()
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
@@ -87,6 +89,11 @@ def run_train_bench(settings: TrainBenchSettings) -> dict:
         iterator = iter(loader)
         timed_steps(iterator, trainer, settings.warmup, device)
         waits, totals, sizes = timed_steps(iterator, trainer, settings.steps, device)
+        profile = None
+        if profile_dir:
+            # After the timed steps, so the profiler's overhead touches no figure.
+            profile = profile_steps(lambda: trainer.step(BENCH_ITERATION, next(iterator)),
+                                    device, Path(profile_dir))
     finally:
         close_loader(loader)
 
@@ -101,5 +108,7 @@ def run_train_bench(settings: TrainBenchSettings) -> dict:
     details = {"steps": len(totals), "samples": sum(sizes),
                "attention_resolved": resolved_attention(settings.attention, device),
                "precision_resolved": trainer.precision}
+    if profile:
+        details["profile"] = profile
     return {"kind": "train", "settings": asdict(settings), "figures": figures,
             "details": details, "environment": environment(device)}

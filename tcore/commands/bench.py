@@ -120,11 +120,13 @@ def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repe
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
+              help="Then profile 3 more steps (loader included): kernel and CPU tables, trace.")
 @overrides_option
 @json_option
 @compare_option
 def train(data_dir, loader, arch, batch, attention, precision, compile_, device, threads,
-          warmup, steps, repeats, overrides, json_path, compare):
+          warmup, steps, repeats, profile_dir, overrides, json_path, compare):
     """End to end: the loader feeding the train step; samples/s and data-wait fraction."""
     from tcore.bench import TrainBenchSettings, format_report, run_bench
 
@@ -132,7 +134,8 @@ def train(data_dir, loader, arch, batch, attention, precision, compile_, device,
                                   attention=attention, precision=precision, compile=compile_,
                                   device=device, threads=threads, warmup=warmup,
                                   steps=steps, repeats=repeats, overrides=overrides)
-    report = fail_on_value_error(lambda: run_bench("train", settings, compare, json_path))
+    report = fail_on_value_error(lambda: run_bench("train", settings, compare, json_path,
+                                                   profile_dir))
     click.echo(format_report(report))
 
 
