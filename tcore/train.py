@@ -170,11 +170,6 @@ class Trainer:
         self.cfg, self.loader, self.info = cfg, loader, info
         self.device = info.device
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        if self.device.type == "cuda":
-            # The crop sizes are fixed, so cuDNN's per-shape search pays once. Without it the
-            # 16x16-stride patch embedding ran as implicit_convolve_sgemm, ~1 ms a call on an
-            # H100 (6.5% of the compiled ViT-S step, docs/PERFORMANCE.md).
-            torch.backends.cudnn.benchmark = True
         self.parallel = parallel_mode(cfg, info)
         self.model = build_model(cfg, self.device)
         self.global_batch = int(cfg.data.batch_size_per_gpu) * info.world_size

@@ -52,6 +52,22 @@ def test_forward_shapes_any_size(tiny):
     assert square["patch"].shape == (2, 16, 192) and rect["patch"].shape == (1, 18, 192)
 
 
+def test_patch_tokens_are_timms_conv_embedding_and_positions_timms(tiny):
+    """The patch embedding as one matmul equals timm's conv (its own weights), and the
+    positional embedding step equals timm's, at the trained grid and resampled."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    for shape in ((2, 3, 64, 64), (1, 3, 48, 96)):
+        images = torch.randn(*shape)
+        with torch.no_grad():
+            ours = tiny.patch_tokens(images)
+            assert torch.allclose(ours, tiny.patch_embed(images), atol=1e-5, rtol=1e-5)
+            assert torch.allclose(tiny._pos_embed(ours), VisionTransformer._pos_embed(tiny, ours),
+                                  atol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        tiny.patch_tokens(torch.randn(1, 3, 64, 60))
+
+
 def test_masking_replaces_patch_embeddings_before_positions(tiny):
     images = torch.randn(2, 3, 64, 64)
     masks = torch.zeros(2, 16, dtype=torch.bool)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import DropPath
+import torch.nn.functional as F
+from timm.layers import DropPath, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -65,9 +66,37 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
     def set_attention_backend(self, backend: str) -> None:
         set_attention_backend(self, backend)
 
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """timm's patch embedding [B, H, W, D] (its conv weights), computed as one matmul over
+        the flattened patches: the 16x16 stride-16 conv ran as cuDNN's implicit-GEMM kernel at
+        ~1 ms a call on an H100 (docs/PERFORMANCE.md), a matmul of this size takes microseconds.
+        Sides must be multiples of the patch size, as timm requires."""
+        proj = self.patch_embed.proj
+        patch = proj.kernel_size[0]
+        batch, channels, height, width = images.shape
+        if height % patch or width % patch:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch "
+                             f"size {patch}")
+        rows, cols = height // patch, width // patch
+        patches = images.reshape(batch, channels, rows, patch, cols, patch)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows, cols, -1)
+        x = F.linear(patches, torch.flatten(proj.weight, 1), proj.bias)
+        return self.patch_embed.norm(x)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's (no_embed_class, dynamic size): the positional embedding resampled to the
+        grid and added, then the cls and register tokens in front."""
+        batch, height, width, dim = x.shape
+        pos_embed = _resampled_pos_embed(self.pos_embed, (height, width),
+                                         tuple(self.patch_embed.grid_size))
+        x = x.reshape(batch, height * width, dim) + pos_embed
+        prefix = [token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token)
+                  if token is not None]
+        return self.pos_drop(torch.cat(prefix + [x], dim=1))
+
     def embed(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, 1 + R + N, D] before the blocks: mask token, then positional embedding."""
-        x = self.patch_embed(images)  # [B, H, W, D] (dynamic size keeps the grid)
+        x = self.patch_tokens(images)  # [B, H, W, D] (dynamic size keeps the grid)
         if masks is not None:
             batch, height, width, dim = x.shape
             if masks.shape != (batch, height * width):
@@ -92,6 +121,16 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
         return self.forward_features(images, masks)
+
+
+@torch.compiler.disable
+def _resampled_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
+                         trained_grid: tuple[int, int]) -> torch.Tensor:
+    """timm's bicubic antialiased resampling, kept out of torch.compile graphs: traced with
+    a symbolic grid, its backward's meta function fails (PyTorch 2.14, "Expected IntList but
+    got GenericList", seen with FSDP2 + compile)."""
+    return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(trained_grid),
+                                  num_prefix_tokens=0)
 
 
 def build_backbone(arch: str = "vit_small", *, patch_size: int = 16, drop_path: float = 0.1,
