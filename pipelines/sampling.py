@@ -141,25 +141,34 @@ def _corners(box) -> list[float]:
 
 # --- section 2: photometric draws -------------------------------------------------------
 
-def draw_photometric(rng: np.random.Generator, cfg: PhotometricConfig,
+# Uniform draws per view, in this order (each is one double of the generator's stream).
+_PHOTO_DRAWS = ("jitter", "brightness", "contrast", "saturation", "hue", "grayscale", "blur",
+                "blur_sigma", "solarize")
+
+
+def draw_photometric(rng: np.random.Generator, cfgs: list[PhotometricConfig],
                      views: ViewConfig) -> np.ndarray:
-    """[brightness, contrast, saturation, hue, grayscale, blur_sigma, solarize].
+    """[V, 7] rows [brightness, contrast, saturation, hue, grayscale, blur_sigma, solarize],
+    one per view config.
 
     Every uniform is drawn whether or not its flag fires, so the stream of draws has a fixed
     length per view (a change of one probability does not shift the other views' draws).
+    Drawn for all views at once: `rng.random` yields the doubles `rng.uniform` would, one per
+    call in the same order, and low + (high - low) * u is `uniform`'s own arithmetic, so the
+    rows are those of one `uniform` call per draw (tested).
     """
-    jitter = rng.uniform() < cfg.jitter_p
-    factors = (rng.uniform(1 - cfg.brightness, 1 + cfg.brightness),
-               rng.uniform(1 - cfg.contrast, 1 + cfg.contrast),
-               rng.uniform(1 - cfg.saturation, 1 + cfg.saturation),
-               rng.uniform(-cfg.hue, cfg.hue))
-    gray = rng.uniform() < cfg.grayscale_p
-    blur = rng.uniform() < cfg.blur_p
-    sigma = rng.uniform(views.blur_sigma[0], views.blur_sigma[1])
-    solarize = rng.uniform() < cfg.solarize_p
-    b, c, s, h = factors if jitter else (1.0, 1.0, 1.0, 0.0)
-    return np.array([b, c, s, h, float(gray), sigma if blur else 0.0, float(solarize)],
-                    dtype=np.float32)
+    u = rng.random((len(cfgs), len(_PHOTO_DRAWS)))
+    low = np.array([[1 - c.brightness, 1 - c.contrast, 1 - c.saturation, -c.hue] for c in cfgs])
+    high = np.array([[1 + c.brightness, 1 + c.contrast, 1 + c.saturation, c.hue] for c in cfgs])
+    factors = low + (high - low) * u[:, 1:5]
+    fired = u[:, [0, 5, 6, 8]] < np.array(
+        [[c.jitter_p, c.grayscale_p, c.blur_p, c.solarize_p] for c in cfgs])
+    jitter, gray, blur, solarize = fired.T
+    sigma_low, sigma_high = views.blur_sigma
+    sigma = sigma_low + (sigma_high - sigma_low) * u[:, 7]
+    factors = np.where(jitter[:, None], factors, np.array([1.0, 1.0, 1.0, 0.0]))
+    return np.concatenate([factors, gray[:, None], np.where(blur, sigma, 0.0)[:, None],
+                           solarize[:, None]], axis=1).astype(np.float32)
 
 
 # --- one sample ---------------------------------------------------------------------------
@@ -180,7 +189,7 @@ def draw_sample_params(seed: int | np.random.Generator, T: int, height: int, wid
                               for _ in range(views.n_local)] + [False] * 4
     photo_cfgs = ([views.global_1, views.global_2] + [views.local] * views.n_local
                   + [views.global_1, views.global_2] * 2)
-    photometric = np.stack([draw_photometric(rng, c, views) for c in photo_cfgs])
+    photometric = draw_photometric(rng, photo_cfgs, views)
     # torchvision's ColorJitter applies its four operations in a uniformly random order per
     # image. Drawn for every view (jittered or not) after every other draw, so the draws above
     # are the same as before the order existed.

@@ -278,3 +278,35 @@ def test_mask_tensors_contract():
     # Each masked crop's weights sum to 1.
     assert torch.allclose(torch.zeros(8).index_add_(0, crop_of, out["mask_weights"]),
                           (per_crop > 0).float())
+
+
+def _photometric_one_view(rng, cfg, views) -> np.ndarray:
+    """The definition, one `uniform` call per draw in the documented order."""
+    jitter = rng.uniform() < cfg.jitter_p
+    factors = (rng.uniform(1 - cfg.brightness, 1 + cfg.brightness),
+               rng.uniform(1 - cfg.contrast, 1 + cfg.contrast),
+               rng.uniform(1 - cfg.saturation, 1 + cfg.saturation), rng.uniform(-cfg.hue, cfg.hue))
+    gray = rng.uniform() < cfg.grayscale_p
+    blur = rng.uniform() < cfg.blur_p
+    sigma = rng.uniform(views.blur_sigma[0], views.blur_sigma[1])
+    solarize = rng.uniform() < cfg.solarize_p
+    b, c, s, h = factors if jitter else (1.0, 1.0, 1.0, 0.0)
+    return np.array([b, c, s, h, float(gray), sigma if blur else 0.0, float(solarize)], np.float32)
+
+
+def test_photometric_rows_are_drawn_as_one_uniform_per_draw():
+    """All views at once give exactly the per-view draws (same values, same stream position
+    after), for the reference's view configs and for odd ones."""
+    from tcore.pipelines.config import PhotometricConfig
+    from tcore.pipelines.sampling import draw_photometric
+
+    views = PipelineConfig().views
+    odd = PhotometricConfig(jitter_p=0.3, brightness=0.9, contrast=0.0, saturation=1.0,
+                            hue=0.5, grayscale_p=0.7, blur_p=0.2, solarize_p=0.6)
+    cfgs = [views.global_1, views.global_2] + [views.local] * 8 + [odd, views.global_2] * 2
+    for seed in range(500):
+        one, batch = np.random.default_rng(seed), np.random.default_rng(seed)
+        want = np.stack([_photometric_one_view(one, c, views) for c in cfgs])
+        got = draw_photometric(batch, cfgs, views)
+        assert got.dtype == np.float32 and np.array_equal(got, want), seed
+        assert one.random() == batch.random()
