@@ -164,17 +164,18 @@ class PipelineConfig:
     # Where the colour stage (jitter, grayscale, blur, solarize, normalisation) runs: "dali"
     # (in stage B's graph), "torch" (pipelines/torch_photometric.py, on the loader's device,
     # over all crops of a batch at once; views.color_jitter = "torchvision" only) or "auto":
-    # torch on a GPU with the torchvision jitter, whose ~250 DALI operators per view capped
-    # an H100 at ~85 samples/s (docs/PERFORMANCE.md), dali otherwise.
+    # torch with the torchvision jitter, dali with the fast one. In DALI the torchvision
+    # jitter is ~250 operators per view: on an H100 it capped the loader at ~85 samples/s
+    # (torch: 705), on 2 CPU cores at 20 samples/s (torch, compiled: 35; docs/PERFORMANCE.md).
     photometric: str = "auto"
-    # With photometric = torch on a GPU: fuse its steps with torch.compile (compiled once,
-    # at the first batch) instead of running ~100 separate kernels over the crops.
+    # With photometric = torch: fuse its steps with torch.compile (compiled at the first
+    # batch; eager, with a warning, where compiling fails) instead of ~100 separate passes.
     photometric_compile: bool = True
 
-    def resolved_photometric(self, on_gpu: bool) -> str:
+    def resolved_photometric(self) -> str:
         if self.photometric != "auto":
             return self.photometric
-        return "torch" if on_gpu and self.views.color_jitter == "torchvision" else "dali"
+        return "torch" if self.views.color_jitter == "torchvision" else "dali"
 
     def validate(self) -> "PipelineConfig":
         self.sampling.validate()

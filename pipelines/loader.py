@@ -159,7 +159,7 @@ class DaliLoader:
         on_gpu = self.device.type == "cuda"
         self.video_on_gpu = decodes_video_on_gpu(shard_set, on_gpu, config.video_decoder)
         # "torch": stage B hands over uint8 views and `_assemble` finishes them.
-        self.torch_photometric = config.resolved_photometric(on_gpu) == "torch"
+        self.torch_photometric = config.resolved_photometric() == "torch"
         self._buffers = HostBufferPool()
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
         self.skipped: list[tuple[str, str]] = []
@@ -343,10 +343,6 @@ class DaliLoader:
                                  f"{error}") from None
 
     def _next_host_batch(self) -> HostBatch:
-        with record_function("tcore.loader.stage_a"):
-            return self._draw_host_batch()
-
-    def _draw_host_batch(self) -> HostBatch:
         data, meta, label = self._read()
         reader_state = self._pipe_a.checkpoint()
         count = len(data)
@@ -512,9 +508,9 @@ class DaliLoader:
             # the group's views, crop-major like the batch: view k of sample i at k * n + i
             rows, switches, windows = (np.swapaxes(part[:, where], 0, 1).reshape(
                 -1, *part.shape[2:]) for part in inputs)
-            crops = apply_photometric(batch[name], rows, switches, windows, views,
-                                      compile_=self.config.photometric_compile)
-            batch[name] = normalize(crops, views, self.dtype)
+            compile_ = self.config.photometric_compile
+            crops = apply_photometric(batch[name], rows, switches, windows, views, compile_)
+            batch[name] = normalize(crops, views, self.dtype, compile_)
 
     # -- batch dict
     def _assemble(self, host: HostBatch, outputs) -> dict:

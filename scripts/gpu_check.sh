@@ -28,7 +28,8 @@
 # logged and the script goes on.
 #
 # Results: $OUT (default runs/gpu_check): gpu_check.log (everything), summary.txt (the table),
-# reports.json (every bench report, by step name), profile.tar.gz (kernel tables). Few files
+# reports.json (every bench report, by step name), profile.tar.gz (kernel and CPU tables of the
+# profiled model and train steps). Few files
 # on purpose: the device tool brings back at most 8.
 #
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
@@ -291,7 +292,7 @@ if has_module nvidia.dali; then
     # End to end from the JPEG frames when they are there (the faster decode), else clips.
     run_step train 120 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
-        --json "$WORK/reports/train.json"
+        --json "$WORK/reports/train.json" --profile "$WORK/profile/train"
     # The same compiled (against model_s_compiled): the end-to-end target at the step's best.
     run_step train_compiled 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
         --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \

@@ -201,12 +201,11 @@ def test_auto_video_decoder_sends_only_what_the_cpu_cannot_read_to_nvdec():
 def test_photometric_backend_is_validated_and_resolved():
     config = PipelineConfig()
     assert config.photometric == "auto" and config.photometric_compile
-    assert config.resolved_photometric(on_gpu=True) == "dali"           # fast jitter
+    assert config.resolved_photometric() == "dali"           # fast jitter
     config.views.color_jitter = "torchvision"
-    assert config.resolved_photometric(on_gpu=True) == "torch"
-    assert config.resolved_photometric(on_gpu=False) == "dali"
+    assert config.resolved_photometric() == "torch"
     assert PipelineConfig.from_dict({"photometric": "dali", "views": {"color_jitter": "torchvision"}}
-                                    ).validate().resolved_photometric(on_gpu=True) == "dali"
+                                    ).validate().resolved_photometric() == "dali"
     with pytest.raises(ValueError, match="photometric"):
         PipelineConfig.from_dict({"photometric": "cuda"}).validate()
     with pytest.raises(ValueError, match="torchvision"):

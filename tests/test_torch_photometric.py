@@ -2,6 +2,9 @@
 PIL / torchvision (jitter, hue, grayscale: bit for bit), DALI's gaussian_blur (one level at a
 rounding edge at most), and the DALI graph's views through the whole loader."""
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -122,24 +125,61 @@ def test_normalize_is_imagenet_normalisation():
 
 
 def test_loader_gives_the_dali_graphs_views(synth_shards):
-    """The whole loader on the CPU, `photometric = torch` against `dali` (the torchvision
-    jitter, blur and solarize forced on some views so every step is exercised): the same
-    frames and masks, views equal but for one level at the blur's rounding edges."""
+    """The whole loader on the CPU, `photometric = torch` (eager, and compiled as by default)
+    against `dali` (the torchvision jitter, blur and solarize forced on some views so every
+    step is exercised): the same frames and masks, views equal but for one level at the
+    blur's rounding edges."""
     batches = {}
-    for mode in ("dali", "torch"):
-        config = PipelineConfig(photometric=mode)
+    for mode, compile_ in (("dali", False), ("torch", False), ("torch", True)):
+        config = PipelineConfig(photometric=mode, photometric_compile=compile_)
         config.views.color_jitter = "torchvision"
         config.views.global_2.solarize_p = 1.0
         config.views.local.blur_p = 1.0
         loader = build_loader([str(synth_shards)], batch_size=4, device="cpu", config=config,
                               seed=5, infinite=False, num_threads=2)
-        batches[mode] = next(iter(loader))
+        batches[mode, compile_] = next(iter(loader))
         loader.close()
-    dali, ours = batches["dali"], batches["torch"]
-    for key in ("frame_indices", "labels", "masks", "mask_indices"):
-        assert torch.equal(dali[key], ours[key]), key
-    for key in ("global_crops", "local_crops", "past_crops", "future_crops"):
-        assert ours[key].dtype == dali[key].dtype and ours[key].shape == dali[key].shape
-        diff = (ours[key] - dali[key]).abs()
-        assert float(diff.max()) <= ONE_LEVEL, (key, float(diff.max()))
-        assert float((diff > 1e-4).float().mean()) < 1e-3, key
+    dali = batches["dali", False]
+    for ours in (batches["torch", False], batches["torch", True]):
+        for key in ("frame_indices", "labels", "masks", "mask_indices"):
+            assert torch.equal(dali[key], ours[key]), key
+        for key in ("global_crops", "local_crops", "past_crops", "future_crops"):
+            assert ours[key].dtype == dali[key].dtype and ours[key].shape == dali[key].shape
+            diff = (ours[key] - dali[key]).abs()
+            assert float(diff.max()) <= ONE_LEVEL, (key, float(diff.max()))
+            assert float((diff > 1e-4).float().mean()) < 1e-3, key
+
+
+def test_compiled_steps_equal_the_eager_ones():
+    """The fused (torch.compile, C++ on the CPU) jitter, hue and grayscale give the eager
+    pixels, here on all 24 orders."""
+    image = _test_image(64, seed=3)
+    orders = [np.array(p) for p in itertools.permutations(range(4))]
+    rows = [_row(1.3, 0.7, 1.25, -0.07, gray=float(k % 4 == 0)) for k in range(len(orders))]
+    full, switches, windows = view_rows(np.stack(rows), np.stack(orders), blur_kernel=9)
+    images = _chw([image] * len(orders))
+    eager = apply_photometric(images, full, switches, windows, ViewConfig(), compile_=False)
+    fused = apply_photometric(images, full, switches, windows, ViewConfig(), compile_=True)
+    assert torch.equal(eager, fused)
+
+
+def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path):
+    """No working C++ compiler (CXX pointing nowhere, in a child process): the first call
+    warns once and every call computes the eager result."""
+    script = (
+        "import warnings, torch\n"
+        "from tcore.pipelines import torch_photometric as tp\n"
+        "x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    first = tp._kernel('pil_luma', True)(x)\n"
+        "    second = tp._kernel('pil_luma', True)(x)\n"
+        "assert torch.equal(first, tp.pil_luma(x)) and torch.equal(second, first)\n"
+        "assert len(caught) == 1 and 'running eagerly' in str(caught[0].message), caught\n"
+        "print('fell back:', tp._COMPILE_FAILED[0][:60])\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fell back: InductorError" in done.stdout
