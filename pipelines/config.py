@@ -109,6 +109,9 @@ class ViewConfig:
                 raise ValueError(f"views.{name} = {(low, high)}: need 0 < low <= high")
         if self.global_scale[1] > 1 or self.local_scale[1] > 1:
             raise ValueError("views: crop scales are fractions of the frame area (<= 1)")
+        if not 0 <= self.solarize_threshold <= 256:
+            raise ValueError(f"views.solarize_threshold = {self.solarize_threshold}: must lie in "
+                             "[0, 256] (256: never solarize)")
         if self.blur_kernel % 2 != 1:
             raise ValueError(f"views.blur_kernel = {self.blur_kernel}: must be odd")
         if not 0 <= self.local_flip_p <= 1:

@@ -12,6 +12,7 @@ the last one read, so prefetching does not leak into checkpoints.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import queue
 import re
@@ -37,6 +38,9 @@ from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds
 
 STATE_VERSION = 1
 MASK_STREAM = 0x6D61736B   # separates the masks' random stream from the samples'
+
+
+_logger = logging.getLogger(__name__)
 
 
 class BadSampleError(RuntimeError):
@@ -158,6 +162,12 @@ class DaliLoader:
         self.return_params = return_params
         on_gpu = self.device.type == "cuda"
         self.video_on_gpu = decodes_video_on_gpu(shard_set, on_gpu, config.video_decoder)
+        if on_gpu and shard_set.kind == "video":
+            # "auto" decides from the codecs; the faster choice depends on the threads given.
+            _logger.info("video clips (%s) decoded by %s (video_decoder=%s, %d threads)",
+                         ", ".join(sorted(set(shard_set.codecs))),
+                         "NVDEC" if self.video_on_gpu else "the CPU threads",
+                         config.video_decoder, num_threads)
         # "torch": stage B hands over uint8 views and `_assemble` finishes them.
         self.torch_photometric = config.resolved_photometric() == "torch"
         self._buffers = HostBufferPool()

@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._dynamo.exc import TorchDynamoException
 
 from tcore.pipelines.config import ViewConfig
 from tcore.pipelines.views import JITTER_HUE_SHIFT, JITTER_SLOTS, SW
@@ -50,8 +51,27 @@ def pil_enhance(x: torch.Tensor, alpha: torch.Tensor, with_luma: torch.Tensor,
     base = (with_luma.view(view) * luma.to(torch.float32)
             + with_mean.view(view) * mean.view(view))
     xf = x.to(torch.float32)
-    out = torch.floor(base + alpha.view(view) * (xf - base))
+    out = torch.floor(_f32_add(base, alpha.view(view) * (xf - base)))
     return out.clamp_(0, 255).to(torch.uint8)
+
+
+# IEEE float32 arithmetic where Triton would not give it. On CUDA, Inductor's float32
+# division is approximate (div.full.f32) and it fuses a multiply with a following add (one
+# rounding instead of two); so there these two go through float64, which is exact for
+# float32 operands of this size, and round once to float32. On the CPU (eager, or C++
+# compiled without contraction) plain float32 already is PIL's arithmetic, and cheaper.
+def _f32_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.device.type != "cuda":
+        return a / b
+    return (a.to(torch.float64) / b.to(torch.float64)).to(torch.float32)
+
+
+def _f32_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b for float32 a (integral, < 256) and b (a float32 product): the float64 sum is
+    exact, so rounding it is float32's add, and it cannot be fused with b's multiply."""
+    if a.device.type != "cuda":
+        return a + b
+    return (a.to(torch.float64) + b.to(torch.float64)).to(torch.float32)
 
 
 def pil_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -63,7 +83,7 @@ def pil_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     v = torch.maximum(torch.maximum(r, g), b)
     chroma = v - torch.minimum(torch.minimum(r, g), b)
     cr = torch.clamp(chroma, min=1.0)
-    rc, gc, bc = (v - r) / cr, (v - g) / cr, (v - b) / cr
+    rc, gc, bc = _f32_divide(v - r, cr), _f32_divide(v - g, cr), _f32_divide(v - b, cr)
     is_r = r == v
     is_g = (~is_r) & (g == v)
     rc64, gc64, bc64 = rc.to(f64), gc.to(f64), bc.to(f64)
@@ -72,7 +92,7 @@ def pil_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     y = h.to(f64) / 6.0 + 1.0
     h = (y - (y >= 1.0).to(f64)).to(f32).to(f64)
     hue = torch.floor(h * 255.0)
-    sat = torch.floor((chroma / torch.clamp(v, min=1.0)).to(f64) * 255.0)
+    sat = torch.floor(_f32_divide(chroma, torch.clamp(v, min=1.0)).to(f64) * 255.0)
     hue = hue + shift.to(f64).view(-1, 1, 1)
     hue = hue - (hue >= 256.0).to(f64) * 256.0
     h6 = hue * 6.0 / 255.0
@@ -139,7 +159,7 @@ def _with_eager_fallback(compiled, eager):
             return eager(*args)
         try:
             return compiled(*args)
-        except Exception as error:  # a backend that cannot compile here
+        except TorchDynamoException as error:  # a backend that cannot compile here
             _COMPILE_FAILED.append(f"{type(error).__name__}: {str(error)[:200]}")
             warnings.warn("torch_photometric: torch.compile failed, running eagerly "
                           f"(data.pipeline.photometric_compile=false avoids the attempt): "
@@ -159,10 +179,19 @@ def _where_switched(x: torch.Tensor, on: np.ndarray, apply, dense_is_exact: bool
         return x
     if chosen.size == len(on) or (dense_is_exact and 2 * chosen.size >= len(on)):
         return apply(x, slice(None))
-    index = torch.from_numpy(chosen).to(x.device, non_blocking=True)
+    index = _to_device(chosen, np.int64, x.device)
     out = x.clone()
     out[index] = apply(x[index], index)
     return out
+
+
+def _to_device(array: np.ndarray, dtype, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without making the host wait for the device (pinned memory,
+    asynchronous copy on the current stream)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def apply_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndarray,
@@ -175,8 +204,7 @@ def apply_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndarr
     enhance = _kernel("pil_enhance", compile_)
     hue_shift = _kernel("pil_hue_shift", compile_)
     luma = _kernel("pil_luma", compile_)
-    params = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(
-        device, non_blocking=True)
+    params = _to_device(rows, np.float32, device)
     x = images
 
     def slot(k):
@@ -193,8 +221,7 @@ def apply_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndarr
         x = _where_switched(x, switches[:, SW[f"slot{k}"]], slot(k), dense_is_exact=True)
     x = _where_switched(x, switches[:, SW["gray"]],
                         lambda sub, i: luma(sub).expand(-1, 3, -1, -1).to(torch.uint8))
-    window_tensor = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64)).to(
-        device, non_blocking=True)
+    window_tensor = _to_device(windows, np.int64, device)
     x = _where_switched(x, switches[:, SW["blur"]],
                         lambda sub, i: gaussian_blur(sub, params[i, 5], window_tensor[i],
                                                      views.blur_kernel))
@@ -206,10 +233,23 @@ def apply_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndarr
 
 def normalize(images: torch.Tensor, views: ViewConfig, dtype: torch.dtype,
               compile_: bool = False) -> torch.Tensor:
-    """uint8 [N, 3, S, S] -> (x - 255 mean) / (255 std) in `dtype` (crop_mirror_normalize's)."""
-    mean = torch.tensor([255.0 * m for m in views.mean], device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor([255.0 * s for s in views.std], device=images.device).view(1, 3, 1, 1)
+    """uint8 [N, 3, S, S] -> (x - 255 mean) / (255 std) in `dtype` (ImageNet normalisation;
+    crop_mirror_normalize multiplies by 1 / std instead: the same up to an ulp)."""
+    mean, std = _normalisation_constants(images.device, tuple(views.mean), tuple(views.std))
     return _kernel("_normalized", compile_)(images, mean, std, dtype)
+
+
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalisation_constants(device: torch.device, mean: tuple, std: tuple):
+    """255 mean and 255 std as [1, 3, 1, 1] float32 on `device`, made once (a fresh small
+    tensor per batch would be a blocking copy to the GPU)."""
+    key = (str(device), mean, std)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = tuple(torch.tensor([255.0 * v for v in values]).view(1, 3, 1, 1)
+                                .to(device) for values in (mean, std))
+    return _CONSTANTS[key]
 
 
 def _normalized(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

@@ -163,3 +163,41 @@ def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
     for key, (mean, p99) in report.items():
         # One grey level is ~0.017 after ImageNet normalisation.
         assert mean < 0.05 and p99 < 0.3, (key, mean, p99)
+
+
+def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
+    """The fused (Triton) colour stage on the GPU: PIL's hue shift on all 2^24 colours at two
+    shifts, and the jitter in all 24 orders equal to the eager CPU stage (itself PIL's, see
+    tests/test_torch_photometric.py), bit for bit: no approximate division, no fused
+    multiply-add (torch_photometric's float64 steps)."""
+    import itertools
+
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from tcore.pipelines import torch_photometric as tp
+    from tcore.pipelines.config import ViewConfig
+    from tcore.pipelines.views import jitter_columns, view_rows
+
+    codes = np.arange(1 << 24, dtype=np.uint32)
+    colours = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8)
+    image = colours.reshape(4096, 4096, 3)
+    hue_shift = tp._kernel("pil_hue_shift", True)
+    for hue in (0.08, -0.31):
+        shift = jitter_columns(np.array([1, 1, 1, hue, 0, 0, 0], np.float32), np.arange(4))[0]
+        got = hue_shift(torch.from_numpy(image).permute(2, 0, 1)[None].cuda(),
+                        torch.tensor([shift], device="cuda"))
+        want = np.array(TF.adjust_hue(Image.fromarray(image), hue))
+        assert np.array_equal(got[0].permute(1, 2, 0).cpu().numpy(), want), hue
+    rng = np.random.default_rng(0)
+    crops = torch.from_numpy(rng.integers(0, 256, (24, 3, 64, 64), dtype=np.uint8))
+    rows = np.array([[1.3, 0.7, 1.25, -0.07, float(k % 4 == 0), 0.0, 0.0] for k in range(24)],
+                    np.float32)
+    orders = np.array(list(itertools.permutations(range(4))))
+    full, switches, windows = view_rows(rows, orders, blur_kernel=9)
+    eager = tp.apply_photometric(crops, full, switches, windows, ViewConfig())
+    fused = tp.apply_photometric(crops.cuda(), full, switches, windows, ViewConfig(),
+                                 compile_=True)
+    assert not tp._COMPILE_FAILED
+    assert torch.equal(fused.cpu(), eager)

@@ -14,6 +14,7 @@ from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
 from tcore.pipelines.config import PipelineConfig, ViewConfig
+from tcore.pipelines import torch_photometric
 from tcore.pipelines.loader import build_loader
 from tcore.pipelines.torch_photometric import (apply_photometric, gaussian_blur, normalize,
                                                pil_hue_shift)
@@ -139,6 +140,7 @@ def test_loader_gives_the_dali_graphs_views(synth_shards):
                               seed=5, infinite=False, num_threads=2)
         batches[mode, compile_] = next(iter(loader))
         loader.close()
+    assert not torch_photometric._COMPILE_FAILED      # the compiled leg really compiled
     dali = batches["dali", False]
     for ours in (batches["torch", False], batches["torch", True]):
         for key in ("frame_indices", "labels", "masks", "mask_indices"):
@@ -160,6 +162,7 @@ def test_compiled_steps_equal_the_eager_ones():
     images = _chw([image] * len(orders))
     eager = apply_photometric(images, full, switches, windows, ViewConfig(), compile_=False)
     fused = apply_photometric(images, full, switches, windows, ViewConfig(), compile_=True)
+    assert not torch_photometric._COMPILE_FAILED
     assert torch.equal(eager, fused)
 
 

@@ -160,6 +160,9 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
     }
     details = {"batches": len(latencies), "samples": sum(sizes), "warmup_batches": warmup,
                "measured_seconds": sum(latencies), "build_and_warmup_seconds": build_and_warmup}
+    if hasattr(loader, "torch_photometric"):   # the DALI loader: what "auto" resolved to
+        details["video_decode"] = "nvdec" if loader.video_on_gpu else "cpu"
+        details["colour_stage"] = "torch" if loader.torch_photometric else "dali"
     warnings = []
     if len(latencies) < MIN_TIMED_BATCHES:
         # Each window then holds a batch or two, and one slow or queued batch moves its rate.

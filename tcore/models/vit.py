@@ -87,8 +87,10 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
         """timm's (no_embed_class, dynamic size): the positional embedding resampled to the
         grid and added, then the cls and register tokens in front."""
         batch, height, width, dim = x.shape
-        pos_embed = _resampled_pos_embed(self.pos_embed, (height, width),
-                                         tuple(self.patch_embed.grid_size))
+        trained = tuple(self.patch_embed.grid_size)
+        # At the trained grid (224 px crops) no resampling, and no break in a compiled graph.
+        pos_embed = (self.pos_embed if (height, width) == trained
+                     else _resampled_pos_embed(self.pos_embed, (height, width), trained))
         x = x.reshape(batch, height * width, dim) + pos_embed
         prefix = [token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token)
                   if token is not None]
