@@ -9,6 +9,7 @@ from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 import torchvision.transforms.functional as TF
 
+from colour_images import colour_test_image
 from tcore.pipelines.config import PhotometricConfig, ViewConfig
 from tcore.pipelines.sampling import jitter_sequence
 from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
@@ -41,21 +42,6 @@ def _hue_pipeline():
     return pil_hue_shift(image, shift)
 
 
-def _test_image(size=64, seed=0) -> np.ndarray:
-    """Random colours, smooth gradients, the primaries / secondaries, grays, black, white."""
-    rng = np.random.default_rng(seed)
-    image = (rng.random((size, size, 3)) * 256).astype(np.uint8)
-    ramp = np.linspace(0, 255, size).astype(np.uint8)
-    image[: size // 4, :, 0] = ramp[None, :]
-    image[: size // 4, :, 1] = ramp[::-1][None, :]
-    image[: size // 4, :, 2] = 128
-    corners = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
-               (255, 0, 255), (0, 0, 0), (255, 255, 255), (128, 128, 128), (1, 0, 0)]
-    for k, colour in enumerate(corners):
-        image[-1, k] = colour
-    return image
-
-
 def _run(pipe, feeds: dict) -> list[np.ndarray]:
     in_graph = {node.name for node in pipe._ops}     # DALI prunes inputs nothing reads
     for name, values in feeds.items():
@@ -72,7 +58,7 @@ def _row(brightness, contrast, saturation, hue, gray=0.0):
 def test_hue_shift_is_pils_bit_for_bit(hue):
     """TF.adjust_hue on a PIL image: 8-bit HSV, H += uint8(int32(hue * 255)). (An
     all-2^24-colours check at several hues also gives 0 differences; too slow for the suite.)"""
-    image = _test_image(96)
+    image = colour_test_image(96)
     pipe = _hue_pipeline(batch_size=1)
     pipe.build()
     shift = jitter_columns(_row(1.0, 1.0, 1.0, hue), np.arange(4))[0]   # the fed shift
@@ -91,7 +77,7 @@ def _feeds(rows, orders) -> dict:
 def test_jitter_applies_each_views_drawn_order():
     """One sample per order of the 24: DALI equals torchvision (PIL images) with the same
     order pixel for pixel; against the fixed order b, c, s, h it does not."""
-    image = _test_image(64, seed=1)
+    image = colour_test_image(64, seed=1)
     orders = [np.array(p) for p in itertools.permutations(range(4))]
     row = _row(1.35, 0.65, 1.2, 0.08)
     views = ViewConfig(color_jitter="torchvision")
@@ -112,7 +98,7 @@ def test_jitter_applies_each_views_drawn_order():
 def test_jitter_skips_identity_factors_and_grays_after():
     """A view whose jitter did not fire (identity factors) is unchanged; hue alone is PIL's
     exactly; grayscale (PIL's integer luma) comes after the jitter."""
-    image = _test_image(48, seed=2)
+    image = colour_test_image(48, seed=2)
     rows = [_row(1.0, 1.0, 1.0, 0.0), _row(1.0, 1.0, 1.0, -0.07),
             _row(1.2, 1.0, 1.0, 0.06, gray=1.0), _row(1.0, 1.0, 1.0, 0.0, gray=1.0)]
     orders = [np.array([3, 1, 0, 2])] * len(rows)
@@ -199,7 +185,7 @@ def test_fast_jitter_equals_dalis_plain_operators():
     rows = [_row(b, c, s, h, g) for b, c, s, h, g in
             zip(rng.uniform(0.6, 1.4, 12), rng.uniform(0.6, 1.4, 12), rng.uniform(0.8, 1.2, 12),
                 rng.uniform(-0.1, 0.1, 12), [0.0] * 9 + [1.0] * 3)]
-    images = [_test_image(64, seed=k) for k in range(len(rows))]
+    images = [colour_test_image(64, seed=k) for k in range(len(rows))]
     pipe = _fast_jitter_pair(64, batch_size=len(rows))
     pipe.build()
     pipe.feed_input("image", images)
@@ -229,7 +215,7 @@ def test_narrowed_blur_window_keeps_the_full_kernels_pixels():
                              rng.uniform(0.1, 2.0, 8)]).astype(np.float32)
     pipe = _blur_pair(batch_size=len(sigmas))
     pipe.build()
-    pipe.feed_input("image", [_test_image(96, seed=k) for k in range(len(sigmas))])
+    pipe.feed_input("image", [colour_test_image(96, seed=k) for k in range(len(sigmas))])
     pipe.feed_input("sigma", list(sigmas))
     pipe.feed_input("window", list(blur_windows(sigmas, 9)))
     narrowed, full = pipe.run()

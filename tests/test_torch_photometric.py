@@ -13,6 +13,7 @@ import torchvision.transforms.functional as TF
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
+from colour_images import colour_test_image
 from tcore.pipelines.config import PipelineConfig, ViewConfig
 from tcore.pipelines import torch_photometric
 from tcore.pipelines.loader import build_loader
@@ -22,20 +23,6 @@ from tcore.pipelines.torchvision_loader import _photometric as baseline_photomet
 from tcore.pipelines.views import jitter_columns, view_rows
 
 ONE_LEVEL = 1.0 / (255 * min(ViewConfig().std)) + 1e-6   # one gray level, normalised
-
-
-def _test_image(size=64, seed=0) -> np.ndarray:
-    """Random colours, ramps, the primaries / secondaries, grays, black and white (HWC)."""
-    rng = np.random.default_rng(seed)
-    image = (rng.random((size, size, 3)) * 256).astype(np.uint8)
-    ramp = np.linspace(0, 255, size).astype(np.uint8)
-    image[: size // 4, :, 0] = ramp[None, :]
-    image[: size // 4, :, 1] = ramp[::-1][None, :]
-    corners = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
-               (255, 0, 255), (0, 0, 0), (255, 255, 255), (128, 128, 128), (1, 0, 0)]
-    for k, colour in enumerate(corners):
-        image[-1, k] = colour
-    return image
 
 
 def _chw(images) -> torch.Tensor:
@@ -52,7 +39,7 @@ def _row(brightness, contrast, saturation, hue, gray=0.0, sigma=0.0, solarize=0.
 
 def test_hue_shift_is_pils_bit_for_bit():
     """Every hue at once, one crop each: TF.adjust_hue on a PIL image, pixel for pixel."""
-    image = _test_image(96)
+    image = colour_test_image(96)
     hues = [0.08, -0.1, 0.5, -0.5, 0.003, 0.25]
     shifts = [jitter_columns(_row(1, 1, 1, h), np.arange(4))[0] for h in hues]  # 8-bit shift
     out = pil_hue_shift(_chw([image] * len(hues)), torch.tensor(shifts))
@@ -63,7 +50,7 @@ def test_hue_shift_is_pils_bit_for_bit():
 
 def test_jitter_applies_each_crops_drawn_order_bit_for_bit():
     """24 crops, one per jitter order, plus grayscale after it: the baseline's PIL pixels."""
-    image = _test_image(64, seed=1)
+    image = colour_test_image(64, seed=1)
     orders = [np.array(p) for p in itertools.permutations(range(4))]
     rows = [_row(1.35, 0.65, 1.2, 0.08, gray=float(k % 5 == 0)) for k in range(len(orders))]
     full, switches, windows = view_rows(np.stack(rows), np.stack(orders), blur_kernel=9)
@@ -77,7 +64,7 @@ def test_jitter_applies_each_crops_drawn_order_bit_for_bit():
 
 
 def test_identity_views_are_untouched_and_solarize_inverts_the_top_half():
-    image = _test_image(48, seed=2)
+    image = colour_test_image(48, seed=2)
     rows = np.stack([_row(1, 1, 1, 0), _row(1, 1, 1, 0, solarize=1.0)])
     full, switches, windows = view_rows(rows, np.tile(np.arange(4), (2, 1)), blur_kernel=9)
     out = apply_photometric(_chw([image] * 2), full, switches, windows, ViewConfig())
@@ -98,7 +85,7 @@ def _blur_pipeline():
 def test_blur_matches_dalis_gaussian_blur():
     """Per-crop sigma and window (narrowed as `views.blur_windows` does) against DALI's own
     gaussian_blur on the same crops: at most one level apart, and rarely."""
-    images = [_test_image(80, seed=s) for s in range(4)]
+    images = [colour_test_image(80, seed=s) for s in range(4)]
     sigmas = np.array([0.1, 0.6, 1.3, 2.0], np.float32)
     full, switches, windows = view_rows(
         np.stack([_row(1, 1, 1, 0, sigma=s) for s in sigmas]), np.tile(np.arange(4), (4, 1)),
@@ -155,7 +142,7 @@ def test_loader_gives_the_dali_graphs_views(synth_shards):
 def test_compiled_steps_equal_the_eager_ones():
     """The fused (torch.compile, C++ on the CPU) jitter, hue and grayscale give the eager
     pixels, here on all 24 orders."""
-    image = _test_image(64, seed=3)
+    image = colour_test_image(64, seed=3)
     orders = [np.array(p) for p in itertools.permutations(range(4))]
     rows = [_row(1.3, 0.7, 1.25, -0.07, gray=float(k % 4 == 0)) for k in range(len(orders))]
     full, switches, windows = view_rows(np.stack(rows), np.stack(orders), blur_kernel=9)
