@@ -177,6 +177,7 @@ class DaliLoader:
             self._count_readable_samples()
         self._resume: dict | None = None
         self._state: dict | None = None
+        self._copies_done = None    # CUDA event after the last batch's copies (GPU only)
         self._started = False
         self._exhausted = False
 
@@ -240,6 +241,7 @@ class DaliLoader:
             except queue.Empty:
                 pass
         self._producer.join()
+        self._wait_for_copies()
         self._pipe_b = None
         self._buffers.clear()       # batches still held by the caller keep their memory
         self._probe = None
@@ -407,6 +409,7 @@ class DaliLoader:
         """A fresh stage B with `hosts` in flight. Its first schedule_run runs `prefetch`
         iterations at once, so that many batches must be fed first (padded with repeats of
         the last one at the very end of a pass; their outputs are never read)."""
+        self._wait_for_copies()     # the old stage B's buffers go with it
         self._pipe_b = self._build_views(self.batch_size, self.lanes, self.depth_per_lane)
         self._pending.extendleft(reversed(hosts))
         feedable = [h for h in hosts if h.samples]
@@ -428,6 +431,7 @@ class DaliLoader:
         anchor, count = getattr(self, "_fillers", (None, 0))
         if anchor is host and count:
             self._fillers = (None, 0)
+            self._wait_for_copies()
             for _ in range(count):
                 self._pipe_b.outputs()
 
@@ -459,9 +463,16 @@ class DaliLoader:
         for name in pipe.feed_names:
             pipe.feed_input(name, arrays[name])
 
+    def _wait_for_copies(self) -> None:
+        """Block until the last batch's copies out of DALI's GPU buffers are done (GPU only)."""
+        if self._copies_done is not None:
+            self._copies_done.synchronize()
+            self._copies_done = None
+
     def _stage_b_outputs(self, host: HostBatch):
         if not host.samples:
             return None
+        self._wait_for_copies()
         try:
             return self._pipe_b.outputs()
         except Exception as error:  # a sample failed to decode or augment
@@ -547,8 +558,11 @@ class DaliLoader:
             keep = copy_dtype in (self.dtype, torch.uint8)   # uint8: _finish_views converts
             batch[name] = tensor if keep else tensor.to(self.dtype)
         if stream is not None:
-            # DALI reuses its output buffers after the next outputs() call: finish the copies.
-            stream.synchronize()
+            # DALI may reuse these output buffers from its next outputs() call on, so that
+            # call waits for this event (`_wait_for_copies`). Waiting here instead would make
+            # the host wait for every step already queued on the training stream.
+            self._copies_done = torch.cuda.Event()
+            self._copies_done.record(stream)
         if self.torch_photometric and n:
             with record_function("tcore.loader.torch_photometric"):
                 self._finish_views(batch, host)

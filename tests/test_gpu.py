@@ -138,6 +138,39 @@ def test_dali_gpu_views_match_the_cpu_graph_on_image_shards(tmp_path):
     _compare_gpu_with_cpu(str(tmp_path / "shards"), "torchvision", "gpu")
 
 
+@pytest.mark.skipif(not ((SHARDS or FRAME_SHARDS) and _has_dali_cuda()),
+                    reason="needs DALI's CUDA build and TCORE_GPU_SHARDS or TCORE_GPU_FRAME_SHARDS")
+def test_gpu_batches_stay_intact_behind_a_busy_training_stream():
+    """The loader does not wait for the training stream after copying out of DALI's buffers
+    (it waits before DALI's next outputs() call): with long work queued between batches, as a
+    train step would, every batch still equals the CPU loader's."""
+    from tcore.pipelines.config import PipelineConfig
+    from tcore.pipelines.loader import build_loader
+
+    shards = FRAME_SHARDS or SHARDS
+    config = PipelineConfig()
+    config.views.color_jitter = "torchvision"
+    loaders = {device: build_loader([shards], batch_size=4, device=device, config=config,
+                                    seed=7, infinite=True, num_threads=4)
+               for device in ("cpu", "cuda")}
+    busy = torch.randn(4096, 4096, device="cuda")
+    gpu_batches = []
+    iterator = iter(loaders["cuda"])
+    for _ in range(5):
+        gpu_batches.append(next(iterator))
+        for _ in range(30):            # ~tens of ms of queued work, like a train step
+            busy = torch.tanh(busy @ busy * 1e-4)
+    cpu_iterator = iter(loaders["cpu"])
+    cpu_batches = [next(cpu_iterator) for _ in range(5)]
+    for loader in loaders.values():
+        loader.close()
+    for gpu, cpu in zip(gpu_batches, cpu_batches):
+        assert torch.equal(gpu["masks"].cpu(), cpu["masks"])
+        for key in ("global_crops", "local_crops", "past_crops", "future_crops"):
+            diff = (gpu[key].float().cpu() - cpu[key].float()).abs()
+            assert float(diff.mean()) < 0.05 and float(diff.quantile(0.99)) < 0.3, key
+
+
 def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader

@@ -1,10 +1,11 @@
 """`tcore bench train`: the real thing end to end, the loader feeding the full train step.
 
-Per step, the time spent inside the loader's `next()` is data wait: with a loader that keeps
-ahead of the model it is close to zero, and `data_wait_fraction` says how much of the step the
-model sat idle for data. The step is `tcore.train.Trainer.step`, the same one `bench model`
-times on synthetic batches, so `bench train` samples/s over `bench model` samples/s is the
-end-to-end efficiency.
+Steps run as in training, the device synchronised only at the end of each timing window.
+The host time spent inside the loader's `next()` is data wait: with a loader that keeps ahead
+of the model it is close to zero, and `data_wait_fraction` says how much of each window the
+training loop sat blocked on data. The step is `tcore.train.Trainer.step`, the same one
+`bench model` times on synthetic batches, so `bench train` samples/s over `bench model`
+samples/s is the end-to-end efficiency.
 """
 from __future__ import annotations
 
@@ -49,22 +50,31 @@ class TrainBenchSettings:
         return self
 
 
-def timed_steps(iterator, trainer, steps: int, device: torch.device
-                ) -> tuple[list[float], list[float], list[int]]:
-    """(data wait, whole step time, samples) per step; the device is synchronised per step."""
+def timed_windows(iterator, trainer, steps: int, repeats: int, device: torch.device
+                  ) -> tuple[list[float], list[float], list[int], list[float]]:
+    """Run `steps` steps in `repeats` windows, as training runs them: the device is
+    synchronised only at the end of each window (as `bench model` does per repeat), so the
+    host may prepare the next batch while the device still works on the last step.
+
+    Returns per step the host time blocked in the loader's next() and the samples, and per
+    window its wall time and its number of steps."""
     sync = synchronizer(device)
-    waits, totals, sizes = [], [], []
+    waits, sizes, window_times, window_steps = [], [], [], []
     sync()
-    for it in range(BENCH_ITERATION, BENCH_ITERATION + steps):
+    it = BENCH_ITERATION
+    for part in windows(list(range(steps)), repeats):
         begin = time.perf_counter()
-        batch = next(iterator)
-        got_batch = time.perf_counter()
-        trainer.step(it, batch)
+        for _ in range(part.stop - part.start):
+            asked = time.perf_counter()
+            batch = next(iterator)
+            waits.append(time.perf_counter() - asked)
+            trainer.step(it, batch)
+            sizes.append(batch_size_of(batch))
+            it += 1
         sync()
-        waits.append(got_batch - begin)
-        totals.append(time.perf_counter() - begin)
-        sizes.append(batch_size_of(batch))
-    return waits, totals, sizes
+        window_times.append(time.perf_counter() - begin)
+        window_steps.append(part.stop - part.start)
+    return waits, sizes, window_times, window_steps
 
 
 def windows(values: list, count: int) -> list[slice]:
@@ -87,8 +97,10 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
                                 settings.batch, settings.seed, config=pipeline_config(cfg))
     try:
         iterator = iter(loader)
-        timed_steps(iterator, trainer, settings.warmup, device)
-        waits, totals, sizes = timed_steps(iterator, trainer, settings.steps, device)
+        if settings.warmup:
+            timed_windows(iterator, trainer, settings.warmup, 1, device)
+        waits, sizes, window_times, window_steps = timed_windows(
+            iterator, trainer, settings.steps, settings.repeats, device)
         profile = None
         if profile_dir:
             # After the timed steps, so the profiler's overhead touches no figure.
@@ -97,15 +109,16 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
     finally:
         close_loader(loader)
 
-    parts = windows(totals, settings.repeats)
+    parts = windows(waits, settings.repeats)     # the same split timed_windows made
     figures = {
-        "samples_per_s": summarize([sum(sizes[w]) / sum(totals[w]) for w in parts], "samples/s").as_dict(),
-        "step_time": summarize(totals, "s").as_dict(),
+        "samples_per_s": summarize([sum(sizes[w]) / t for w, t in zip(parts, window_times)],
+                                   "samples/s").as_dict(),
+        "step_time": summarize([t / n for t, n in zip(window_times, window_steps)], "s").as_dict(),
         "data_wait": summarize(waits, "s").as_dict(),
-        "data_wait_fraction": summarize([sum(waits[w]) / sum(totals[w]) for w in parts],
+        "data_wait_fraction": summarize([sum(waits[w]) / t for w, t in zip(parts, window_times)],
                                         "fraction").as_dict(),
     }
-    details = {"steps": len(totals), "samples": sum(sizes),
+    details = {"steps": len(waits), "samples": sum(sizes),
                "attention_resolved": resolved_attention(settings.attention, device),
                "precision_resolved": trainer.precision}
     if profile:
