@@ -11,6 +11,7 @@ the last one read, so prefetching does not leak into checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -177,7 +178,7 @@ class DaliLoader:
             self._count_readable_samples()
         self._resume: dict | None = None
         self._state: dict | None = None
-        self._copies_done = None    # CUDA event after the last batch's copies (GPU only)
+        self._copy_stream = None    # GPU only: the stream of the copies out of DALI
         self._started = False
         self._exhausted = False
 
@@ -241,7 +242,6 @@ class DaliLoader:
             except queue.Empty:
                 pass
         self._producer.join()
-        self._wait_for_copies()
         self._pipe_b = None
         self._buffers.clear()       # batches still held by the caller keep their memory
         self._probe = None
@@ -409,7 +409,6 @@ class DaliLoader:
         """A fresh stage B with `hosts` in flight. Its first schedule_run runs `prefetch`
         iterations at once, so that many batches must be fed first (padded with repeats of
         the last one at the very end of a pass; their outputs are never read)."""
-        self._wait_for_copies()     # the old stage B's buffers go with it
         self._pipe_b = self._build_views(self.batch_size, self.lanes, self.depth_per_lane)
         self._pending.extendleft(reversed(hosts))
         feedable = [h for h in hosts if h.samples]
@@ -431,7 +430,6 @@ class DaliLoader:
         anchor, count = getattr(self, "_fillers", (None, 0))
         if anchor is host and count:
             self._fillers = (None, 0)
-            self._wait_for_copies()
             for _ in range(count):
                 self._pipe_b.outputs()
 
@@ -463,16 +461,9 @@ class DaliLoader:
         for name in pipe.feed_names:
             pipe.feed_input(name, arrays[name])
 
-    def _wait_for_copies(self) -> None:
-        """Block until the last batch's copies out of DALI's GPU buffers are done (GPU only)."""
-        if self._copies_done is not None:
-            self._copies_done.synchronize()
-            self._copies_done = None
-
     def _stage_b_outputs(self, host: HostBatch):
         if not host.samples:
             return None
-        self._wait_for_copies()
         try:
             return self._pipe_b.outputs()
         except Exception as error:  # a sample failed to decode or augment
@@ -534,6 +525,21 @@ class DaliLoader:
             batch[name] = normalize(crops, views, self.dtype, compile_)
 
     # -- batch dict
+    @contextlib.contextmanager
+    def _copying(self):
+        """Where the copies out of stage B run. On a GPU: a stream of their own, which the
+        host then waits for (DALI may reuse its buffers once they are done). The training
+        stream carries earlier steps' work, so waiting for it here would hold the host back
+        for a whole step; the batch's tensors are handed over to it (`record_stream`)."""
+        if self.device.type != "cuda":
+            yield None
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            yield self._copy_stream
+        self._copy_stream.synchronize()
+
     def _assemble(self, host: HostBatch, outputs) -> dict:
         self.skipped.extend(host.skipped)
         n = len(host.samples)
@@ -542,27 +548,29 @@ class DaliLoader:
         copy_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
         if self.torch_photometric:
             copy_dtype = torch.uint8
-        stream = torch.cuda.current_stream(self.device) if on_gpu else None
         sizes = {"global_crops": views.global_size, "local_crops": views.local_size,
                  "past_crops": views.global_size, "future_crops": views.global_size}
         batch = {}
-        for name, where in view_slices(views.n_local).items():
-            n_views = where.stop - where.start
-            size = sizes[name]
-            shape = (n_views * n, 3, size, size)
-            tensor = (torch.empty(shape, dtype=copy_dtype, device=self.device) if on_gpu
-                      else self._buffers.empty(shape, copy_dtype))
-            for k in range(n_views if n else 0):
-                feed_ndarray(outputs[where.start + k].as_tensor(),
-                             tensor[k * n:(k + 1) * n], cuda_stream=stream)
-            keep = copy_dtype in (self.dtype, torch.uint8)   # uint8: _finish_views converts
-            batch[name] = tensor if keep else tensor.to(self.dtype)
-        if stream is not None:
-            # DALI may reuse these output buffers from its next outputs() call on, so that
-            # call waits for this event (`_wait_for_copies`). Waiting here instead would make
-            # the host wait for every step already queued on the training stream.
-            self._copies_done = torch.cuda.Event()
-            self._copies_done.record(stream)
+        with self._copying() as stream:
+            for name, where in view_slices(views.n_local).items():
+                n_views = where.stop - where.start
+                size = sizes[name]
+                shape = (n_views * n, 3, size, size)
+                tensor = (torch.empty(shape, dtype=copy_dtype, device=self.device) if on_gpu
+                          else self._buffers.empty(shape, copy_dtype))
+                for k in range(n_views if n else 0):
+                    feed_ndarray(outputs[where.start + k].as_tensor(),
+                                 tensor[k * n:(k + 1) * n], cuda_stream=stream)
+                batch[name] = tensor
+        if on_gpu:
+            # Allocated on the copy stream, used on the training stream: their memory must
+            # not be reused before that stream is done with them.
+            training = torch.cuda.current_stream(self.device)
+            for tensor in batch.values():
+                tensor.record_stream(training)
+        for name, tensor in list(batch.items()):
+            if copy_dtype not in (self.dtype, torch.uint8):   # uint8: _finish_views converts
+                batch[name] = tensor.to(self.dtype)
         if self.torch_photometric and n:
             with record_function("tcore.loader.torch_photometric"):
                 self._finish_views(batch, host)

@@ -46,32 +46,25 @@ def pil_enhance(x: torch.Tensor, alpha: torch.Tensor, with_luma: torch.Tensor,
     luma = pil_luma(x)
     pixels = luma.shape[-2] * luma.shape[-1]
     total = luma.sum(dim=(1, 2, 3), dtype=torch.int64)
-    mean = torch.floor(total.to(torch.float64) / float(pixels) + 0.5).to(torch.float32)
+    # int(mean + 0.5) as integers: a compiler may turn a division by a constant into a
+    # multiply by its reciprocal, which would move ties.
+    mean = ((2 * total + pixels) // (2 * pixels)).to(torch.float32)
     view = (-1, 1, 1, 1)
     base = (with_luma.view(view) * luma.to(torch.float32)
             + with_mean.view(view) * mean.view(view))
     xf = x.to(torch.float32)
-    out = torch.floor(_f32_add(base, alpha.view(view) * (xf - base)))
+    out = torch.floor(base + alpha.view(view) * (xf - base))
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-# IEEE float32 arithmetic where Triton would not give it. On CUDA, Inductor's float32
-# division is approximate (div.full.f32) and it fuses a multiply with a following add (one
-# rounding instead of two); so there these two go through float64, which is exact for
-# float32 operands of this size, and round once to float32. On the CPU (eager, or C++
-# compiled without contraction) plain float32 already is PIL's arithmetic, and cheaper.
+# IEEE float32 division where Triton would not give it: Inductor's float32 division on CUDA
+# is approximate (div.full.f32); float64 division is exact (div.rn.f64), and rounding its
+# quotient of two float32 numbers to float32 is the IEEE float32 quotient (53 >= 2 * 24 + 2).
+# On the CPU plain float32 already is PIL's arithmetic, and cheaper.
 def _f32_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type != "cuda":
         return a / b
     return (a.to(torch.float64) / b.to(torch.float64)).to(torch.float32)
-
-
-def _f32_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a + b for float32 a (integral, < 256) and b (a float32 product): the float64 sum is
-    exact, so rounding it is float32's add, and it cannot be fused with b's multiply."""
-    if a.device.type != "cuda":
-        return a + b
-    return (a.to(torch.float64) + b.to(torch.float64)).to(torch.float32)
 
 
 def pil_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -134,23 +127,31 @@ def gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor, windows: torch.Tensor,
     return torch.round(y).clamp_(0, 255).to(torch.uint8).view(n, c, height, width)
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple[str, str], object] = {}
 _COMPILE_FAILED: list[str] = []
 
 
-def _kernel(name: str, compile_: bool):
+def _kernel(name: str, compile_: bool, device: torch.device):
     """`name`'s function, compiled into fused kernels when asked (Triton on CUDA, C++ on the
-    CPU; once, at the first batch): eager, the hue shift alone is ~60 full-size float64
-    passes over the batch's crops; fused it is one. If compiling fails (no C++ compiler, say)
-    the eager function serves instead, with a warning. Fused code may contract a multiply-add,
-    which could move a value by one level at a rounding edge."""
+    CPU; once per device type, at the first batch): eager, the hue shift alone is ~60
+    full-size float64 passes over the batch's crops; fused it is one. On CUDA without
+    multiply-add fusion (`emulate_precision_casts`): PIL rounds a product before adding it,
+    and an FMA would not (one level off for some blend factors). If compiling fails (no C++
+    compiler, say) the eager function serves instead, with a warning."""
     function = globals()[name]
     if not compile_ or _COMPILE_FAILED:
         return function
-    if name not in _COMPILED:
-        _COMPILED[name] = _with_eager_fallback(torch.compile(function, dynamic=True,
-                                                             fullgraph=True), function)
-    return _COMPILED[name]
+    key = (name, device.type)
+    if key not in _COMPILED:
+        options = None
+        if device.type == "cuda":
+            import torch._inductor.config as inductor_config
+            if not hasattr(inductor_config, "emulate_precision_casts"):
+                return function      # an older torch: exact pixels first
+            options = {"emulate_precision_casts": True}
+        compiled = torch.compile(function, dynamic=True, fullgraph=True, options=options)
+        _COMPILED[key] = _with_eager_fallback(compiled, function)
+    return _COMPILED[key]
 
 
 def _with_eager_fallback(compiled, eager):
@@ -201,9 +202,9 @@ def apply_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndarr
     uint8 [N, 3, S, S], from the crops' `view_rows` outputs (rows [N, ROW_WIDTH], switches
     [N, len(SWITCHES)], blur windows [N]); uint8 out. `compile_`: fuse (`_kernel`)."""
     device = images.device
-    enhance = _kernel("pil_enhance", compile_)
-    hue_shift = _kernel("pil_hue_shift", compile_)
-    luma = _kernel("pil_luma", compile_)
+    enhance = _kernel("pil_enhance", compile_, device)
+    hue_shift = _kernel("pil_hue_shift", compile_, device)
+    luma = _kernel("pil_luma", compile_, device)
     params = _to_device(rows, np.float32, device)
     x = images
 
@@ -236,7 +237,7 @@ def normalize(images: torch.Tensor, views: ViewConfig, dtype: torch.dtype,
     """uint8 [N, 3, S, S] -> (x - 255 mean) / (255 std) in `dtype` (ImageNet normalisation;
     crop_mirror_normalize multiplies by 1 / std instead: the same up to an ulp)."""
     mean, std = _normalisation_constants(images.device, tuple(views.mean), tuple(views.std))
-    return _kernel("_normalized", compile_)(images, mean, std, dtype)
+    return _kernel("_normalized", compile_, images.device)(images, mean, std, dtype)
 
 
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -141,9 +141,9 @@ def test_dali_gpu_views_match_the_cpu_graph_on_image_shards(tmp_path):
 @pytest.mark.skipif(not ((SHARDS or FRAME_SHARDS) and _has_dali_cuda()),
                     reason="needs DALI's CUDA build and TCORE_GPU_SHARDS or TCORE_GPU_FRAME_SHARDS")
 def test_gpu_batches_stay_intact_behind_a_busy_training_stream():
-    """The loader does not wait for the training stream after copying out of DALI's buffers
-    (it waits before DALI's next outputs() call): with long work queued between batches, as a
-    train step would, every batch still equals the CPU loader's."""
+    """The loader copies out of DALI's buffers on a stream of its own and hands the tensors
+    to the training stream: with long work queued between batches, as a train step would,
+    every batch still equals the CPU loader's."""
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader
 
@@ -201,8 +201,8 @@ def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
 def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
     """The fused (Triton) colour stage on the GPU: PIL's hue shift on all 2^24 colours at two
     shifts, and the jitter in all 24 orders equal to the eager CPU stage (itself PIL's, see
-    tests/test_torch_photometric.py), bit for bit: no approximate division, no fused
-    multiply-add (torch_photometric's float64 steps)."""
+    tests/test_torch_photometric.py), bit for bit: no approximate division (float64 there),
+    no fused multiply-add (emulate_precision_casts)."""
     import itertools
 
     import numpy as np
@@ -216,7 +216,7 @@ def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
     codes = np.arange(1 << 24, dtype=np.uint32)
     colours = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8)
     image = colours.reshape(4096, 4096, 3)
-    hue_shift = tp._kernel("pil_hue_shift", True)
+    hue_shift = tp._kernel("pil_hue_shift", True, torch.device("cuda"))
     for hue in (0.08, -0.31):
         shift = jitter_columns(np.array([1, 1, 1, hue, 0, 0, 0], np.float32), np.arange(4))[0]
         got = hue_shift(torch.from_numpy(image).permute(2, 0, 1)[None].cuda(),
@@ -224,10 +224,12 @@ def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
         want = np.array(TF.adjust_hue(Image.fromarray(image), hue))
         assert np.array_equal(got[0].permute(1, 2, 0).cpu().numpy(), want), hue
     rng = np.random.default_rng(0)
-    crops = torch.from_numpy(rng.integers(0, 256, (24, 3, 64, 64), dtype=np.uint8))
-    rows = np.array([[1.3, 0.7, 1.25, -0.07, float(k % 4 == 0), 0.0, 0.0] for k in range(24)],
-                    np.float32)
-    orders = np.array(list(itertools.permutations(range(4))))
+    crops = torch.from_numpy(rng.integers(0, 256, (48, 3, 64, 64), dtype=np.uint8))
+    # Blend factors 1.2 and 1.35 are among those where a fused multiply-add would move
+    # pixels by a level (a CPU emulation over every (base, x) pair found hundreds).
+    rows = np.array([[1.3, 0.7, 1.25, -0.07, float(k % 4 == 0), 0.0, 0.0] for k in range(24)]
+                    + [[1.2, 1.35, 1.2, 0.0, 0.0, 0.0, 0.0] for _ in range(24)], np.float32)
+    orders = np.array(list(itertools.permutations(range(4))) * 2)
     full, switches, windows = view_rows(rows, orders, blur_kernel=9)
     eager = tp.apply_photometric(crops, full, switches, windows, ViewConfig())
     fused = tp.apply_photometric(crops.cuda(), full, switches, windows, ViewConfig(),

@@ -162,8 +162,8 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path):
         "x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    first = tp._kernel('pil_luma', True)(x)\n"
-        "    second = tp._kernel('pil_luma', True)(x)\n"
+        "    first = tp._kernel('pil_luma', True, x.device)(x)\n"
+        "    second = tp._kernel('pil_luma', True, x.device)(x)\n"
         "assert torch.equal(first, tp.pil_luma(x)) and torch.equal(second, first)\n"
         "assert len(caught) == 1 and 'running eagerly' in str(caught[0].message), caught\n"
         "print('fell back:', tp._COMPILE_FAILED[0][:60])\n")

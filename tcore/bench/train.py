@@ -51,7 +51,7 @@ class TrainBenchSettings:
 
 
 def timed_windows(iterator, trainer, steps: int, repeats: int, device: torch.device
-                  ) -> tuple[list[float], list[float], list[int], list[float]]:
+                  ) -> tuple[list[float], list[int], list[float], list[int]]:
     """Run `steps` steps in `repeats` windows, as training runs them: the device is
     synchronised only at the end of each window (as `bench model` does per repeat), so the
     host may prepare the next batch while the device still works on the last step.
