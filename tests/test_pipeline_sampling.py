@@ -210,6 +210,11 @@ def test_photometric_backend_is_validated_and_resolved():
         PipelineConfig.from_dict({"photometric": "cuda"}).validate()
     with pytest.raises(ValueError, match="torchvision"):
         PipelineConfig.from_dict({"photometric": "torch"}).validate()   # fast jitter
+    # The threshold must mean the same in DALI's lookup table and on torch's uint8 views.
+    for threshold in (-1, 257):
+        with pytest.raises(ValueError, match="solarize_threshold"):
+            PipelineConfig.from_dict({"views": {"solarize_threshold": threshold}}).validate()
+    assert PipelineConfig.from_dict({"views": {"solarize_threshold": 256}}).validate()
 
 
 def test_params_are_a_pure_function_of_the_seed():
