@@ -174,6 +174,17 @@ class PipelineConfig:
     # With photometric = torch: fuse its steps with torch.compile (compiled at the first
     # batch; eager, with a warning, where compiling fails) instead of ~100 separate passes.
     photometric_compile: bool = True
+    # Where stage A (the shard reader and the host's draws, pipelines/stage_a.py) runs:
+    # "thread" (in the training process), "process" (a process of its own, so its Python does
+    # not hold the GIL the training loop needs to launch kernels) or "auto": a process when
+    # the loader feeds a GPU, a thread on the CPU (2 cores, where a process only adds its
+    # start-up and the pickling).
+    producer: str = "auto"
+
+    def resolved_producer(self, on_gpu: bool) -> str:
+        if self.producer != "auto":
+            return self.producer
+        return "process" if on_gpu else "thread"
 
     def resolved_photometric(self) -> str:
         if self.photometric != "auto":
@@ -191,6 +202,9 @@ class PipelineConfig:
         if self.video_decoder not in ("auto", "gpu", "cpu"):
             raise ValueError(f"video_decoder = {self.video_decoder!r}: must be 'auto', 'gpu' or "
                              "'cpu'")
+        if self.producer not in ("auto", "thread", "process"):
+            raise ValueError(f"producer = {self.producer!r}: must be 'auto', 'thread' or "
+                             "'process'")
         if self.photometric not in ("auto", "dali", "torch"):
             raise ValueError(f"photometric = {self.photometric!r}: must be 'auto', 'dali' or "
                              "'torch'")

@@ -1,9 +1,8 @@
-"""The training iterator: DALI stage A (read + state) -> host draws -> DALI stage B (views).
+"""The training iterator: stage A (read + host draws) -> DALI stage B (views) -> torch.
 
-Stage A is a small checkpointable CPU pipeline around `fn.readers.webdataset` (shuffling,
-sharding by rank). A producer thread runs it, draws every sample's parameters with
-`sampling.draw_sample_params` from a per-sample seed (base seed, shard, sample counter) and
-the batch's masks, and queues the result. The consumer feeds stage B (`views.py`, pipelined,
+Stage A (`stage_a.py`: a small checkpointable DALI CPU reader, then every sample's random
+parameters and the batch's masks drawn on the host) runs in a producer thread or process
+(`producer.py`) and queues its batches. The consumer feeds stage B (`views.py`, pipelined,
 `prefetch` batches in flight) and copies its outputs into torch tensors with DALI's PyTorch
 plugin. Stage B is a pure function of what it is fed, so checkpointing stage A plus the two
 counters is an exact resume; the state kept is the one after the last batch *returned*, not
@@ -12,18 +11,13 @@ the last one read, so prefetching does not leak into checkpoints.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import queue
-import re
-import threading
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from torch.profiler import record_function
 
@@ -32,107 +26,15 @@ from tcore.pipelines.buffers import HostBufferPool
 from tcore.pipelines.lanes import ViewLanes
 from tcore.pipelines.manifest import (ShardSet, check_codecs_for_device, decodes_video_on_gpu,
                                       load_shard_set)
-from tcore.pipelines.masks import batch_masks, mask_tensors
-from tcore.pipelines.sampling import SampleParams, draw_sample_params, sample_rng, view_slices
+from tcore.pipelines.masks import mask_tensors
+from tcore.pipelines.producer import start_producer
+from tcore.pipelines.sampling import view_slices
+from tcore.pipelines.stage_a import (BadSampleError, HostBatch, StageASpec, build_reader,
+                                     STATE_VERSION, draw_masks, initial_state, sample_frames)
 from tcore.pipelines.torch_photometric import apply_photometric, normalize
 from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds, view_rows
 
-STATE_VERSION = 1
-MASK_STREAM = 0x6D61736B   # separates the masks' random stream from the samples'
-
-
 _logger = logging.getLogger(__name__)
-
-
-class BadSampleError(RuntimeError):
-    """A sample that cannot be read or decoded; the message names its shard and key."""
-
-
-# --- stage A ------------------------------------------------------------------------------
-
-@pipeline_def(enable_checkpointing=True)
-def _reader_pipeline(tars, indices, extensions, shuffle, initial_fill, reader_seed, shard_id,
-                     num_shards, pad_last_batch, missing):
-    data, meta, label = fn.readers.webdataset(
-        paths=tars, index_paths=indices, ext=[";".join(extensions), "json", "cls"],
-        random_shuffle=shuffle, initial_fill=initial_fill, seed=reader_seed, shard_id=shard_id,
-        num_shards=num_shards, pad_last_batch=pad_last_batch,
-        missing_component_behavior=missing, name="Reader")
-    return data, meta, label
-
-
-@dataclass
-class RawSample:
-    data: np.ndarray
-    meta: dict
-    label: int
-    source: str          # "<tar path>:<offset>:<key>.<ext>" from DALI's source_info
-    frame_offsets: np.ndarray | None = None   # "frames" shards: where each JPEG starts / ends
-
-
-@dataclass
-class HostBatch:
-    """Everything of one batch decided on the host, plus the loader state after it."""
-    samples: list[RawSample]
-    params: list[SampleParams]
-    masks: np.ndarray
-    state_after: dict
-    batch_number: int
-    skipped: list = field(default_factory=list)
-
-
-def frame_offsets(meta: dict, size: int, source: str) -> np.ndarray:
-    """Start / end offsets of the T JPEG frames of a "frames" sample, checked against its
-    component's size."""
-    sizes = meta.get("frame_bytes")
-    if (not isinstance(sizes, list) or len(sizes) != sample_frames(meta)
-            or not all(type(s) is int and s > 0 for s in sizes) or sum(sizes) != size):
-        raise BadSampleError(f"sample {source}: its .json 'frame_bytes' does not describe the "
-                             f"{size}-byte frames component ({sample_frames(meta)} frames)")
-    return np.cumsum([0, *sizes])
-
-
-def _parse_sample(data, meta_bytes, label_bytes, source: str, layout: str = "video") -> RawSample:
-    try:
-        meta = json.loads(bytes(meta_bytes).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadSampleError(f"sample {source}: its .json is unreadable ({error})") from None
-    try:
-        label = int(bytes(label_bytes).decode().strip())
-    except ValueError:
-        label = int(meta.get("label", -1))
-    for key in ("width", "height"):
-        if key not in meta:
-            raise BadSampleError(f"sample {source}: its .json lacks '{key}'")
-    data = np.asarray(data)
-    offsets = frame_offsets(meta, data.size, source) if layout == "frames" else None
-    return RawSample(data=data, meta=meta, label=label, source=source, frame_offsets=offsets)
-
-
-def _explain_reader_error(message: str) -> str:
-    """Name the shard and sample key of a reader error that only cites an index line."""
-    found = re.search(r'index file at "([^"]+)" line (\d+)', message)
-    detail = message.strip().splitlines()
-    reason = next((line for line in detail if "detected" in line or "missing" in line.lower()),
-                  detail[-1] if detail else message)
-    if not found:
-        return f"reading shards failed: {reason}"
-    index, line = found.group(1), int(found.group(2))
-    try:
-        with open(index) as handle:
-            fields = handle.read().split("\n")[line].split()     # line 0 is the header
-        key = fields[3].rsplit(".", 1)[0]
-    except (OSError, IndexError):
-        key = f"line {line} of {index}"
-    tar = index[: -len(".idx")] + ".tar" if index.endswith(".idx") else index
-    return (f"sample {tar}:{key}: a component is missing ({reason.strip()}); rebuild the "
-            "shard or pass skip_bad_samples=True / --skip-bad-samples")
-
-
-def sample_frames(meta: dict) -> int:
-    """T of one sample from its json (images: 1)."""
-    value = meta.get("T", meta.get("frames"))
-    return int(value) if value else 1
 
 
 # --- the iterator ---------------------------------------------------------------------------
@@ -140,7 +42,7 @@ def sample_frames(meta: dict) -> int:
 class DaliLoader:
     """Iterator over batch dicts (docs/ARCHITECTURE.md batch contract). Build it with
     `build_loader`; `len()` is batches per epoch; `state_dict()` / `load_state_dict()`
-    resume exactly; `close()` stops the threads."""
+    resume exactly; `close()` stops the producer."""
 
     def __init__(self, shard_set: ShardSet, batch_size: int, device: str,
                  config: PipelineConfig, seed: int, shard_id: int, num_shards: int,
@@ -172,12 +74,15 @@ class DaliLoader:
         # "torch": stage B hands over uint8 views and `_assemble` finishes them.
         self.torch_photometric = config.resolved_photometric() == "torch"
         self._buffers = HostBufferPool()
+        self.producer_kind = config.resolved_producer(on_gpu)
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
         self.skipped: list[tuple[str, str]] = []
         if config.skip_bad_samples:
             self._count_readable_samples()
         self._resume: dict | None = None
         self._state: dict | None = None
+        # Stage A's own time for the batches returned (bench data reports the mean).
+        self.stage_a_seconds, self.stage_a_batches = 0.0, 0
         self._copy_stream = None    # GPU only: the stream of the copies out of DALI
         self._started = False
         self._exhausted = False
@@ -208,6 +113,8 @@ class DaliLoader:
             self._drain_fillers(host)
             self._top_up()
         self._state = host.state_after
+        self.stage_a_seconds += host.seconds
+        self.stage_a_batches += 1
         return batch
 
     def state_dict(self) -> dict:
@@ -216,7 +123,7 @@ class DaliLoader:
             return dict(self._state)
         if self._resume is not None:
             return dict(self._resume)
-        return self._initial_state(reader=None)
+        return initial_state(self, reader=None)
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -235,13 +142,7 @@ class DaliLoader:
     def close(self) -> None:
         if not self._started:
             return
-        self._stop.set()
-        while self._producer.is_alive():
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self._producer.join()
+        self._producer.close()
         self._pipe_b = None
         self._buffers.clear()       # batches still held by the caller keep their memory
         self._probe = None
@@ -254,50 +155,27 @@ class DaliLoader:
             pass
 
     # -- start-up
-    def _initial_state(self, reader) -> dict:
-        return {"version": STATE_VERSION, "reader": reader, "samples_seen": 0,
-                "batches_seen": 0, "seed": self.seed, "shard_id": self.shard_id,
-                "num_shards": self.num_shards, "batch_size": self.batch_size}
-
     def _start(self) -> None:
-        state = self._resume or self._initial_state(reader=None)
-        self._counters = {"samples": state["samples_seen"], "batches": state["batches_seen"]}
-        if not self.infinite and self._counters["batches"] >= len(self):
+        state = self._resume or initial_state(self, reader=None)
+        if not self.infinite and state["batches_seen"] >= len(self):
             self._exhausted = True
             raise StopIteration
-        self._pipe_a = self._build_reader(state.get("reader"))
+        spec = StageASpec(shard_set=self.shard_set, batch_size=self.batch_size,
+                          config=self.config, seed=self.seed, shard_id=self.shard_id,
+                          num_shards=self.num_shards, infinite=self.infinite,
+                          samples_per_epoch=self.samples_per_epoch, state=state)
+        self._producer = start_producer(self.producer_kind, spec, depth=self.prefetch + 1)
         self._probe = None
-        self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch + 1)
-        self._stop = threading.Event()
-        self._producer = threading.Thread(target=self._produce, name="tcore-stage-a",
-                                          daemon=True)
-        self._producer.start()
         self._pending: deque[HostBatch] = deque()
         self._started = True
         hosts = [self._take() for _ in range(self.prefetch)]
         self._start_views([h for h in hosts if h is not None])
 
-    def _build_reader(self, checkpoint):
-        cfg = self.config
-        kwargs = {"checkpoint": checkpoint} if checkpoint else {}
-        pipe = _reader_pipeline(
-            tars=self.shard_set.tars, indices=self.shard_set.indices,
-            extensions=self.shard_set.extensions, shuffle=cfg.shuffle_buffer > 1,
-            initial_fill=cfg.shuffle_buffer, reader_seed=self.seed, shard_id=self.shard_id,
-            num_shards=self.num_shards, pad_last_batch=not self.infinite,
-            missing="skip" if cfg.skip_bad_samples else "error",
-            batch_size=self.batch_size, num_threads=1, device_id=None, seed=self.seed,
-            prefetch_queue_depth=2, **kwargs)
-        try:
-            pipe.build()
-        except RuntimeError as error:
-            raise BadSampleError(_explain_reader_error(str(error))) from None
-        return pipe
-
     def _count_readable_samples(self) -> None:
         """In skip mode DALI drops samples with a missing component: count from the reader
         what is really there (len() and one-pass epochs), and record the difference."""
-        reader = self._build_reader(None)
+        reader = build_reader(self.shard_set, self.config, self.batch_size, self.seed,
+                              self.shard_id, self.num_shards, self.infinite)
         readable = reader.epoch_size("Reader")
         del reader
         missing = self.shard_set.total_samples - readable
@@ -328,78 +206,10 @@ class DaliLoader:
                  for _ in range(lanes)]
         return pipes[0] if lanes == 1 else ViewLanes(pipes)
 
-    # -- stage A + host draws (producer thread)
-    def _produce(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if not self.infinite and self._counters["batches"] >= len(self):
-                    self._put(None)
-                    return
-                self._put(self._next_host_batch())
-        except BaseException as error:  # handed to the consumer, raised there
-            self._put(error)
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _read(self):
-        try:
-            return self._pipe_a.run()
-        except Exception as error:
-            raise BadSampleError(f"reading shards failed ({', '.join(self.shard_set.tars)}): "
-                                 f"{error}") from None
-
-    def _next_host_batch(self) -> HostBatch:
-        data, meta, label = self._read()
-        reader_state = self._pipe_a.checkpoint()
-        count = len(data)
-        if not self.infinite:
-            # One pass: the reader pads the last batch with repeats; drop them.
-            count = min(count, self.samples_per_epoch
-                        - self._counters["batches"] * self.batch_size)
-        samples, skipped = [], []
-        for i in range(count):
-            source = data[i].source_info() or f"sample {i}"
-            try:
-                samples.append(_parse_sample(data.at(i), meta.at(i), label.at(i), source,
-                                             self.shard_set.kind))
-            except BadSampleError as error:
-                if not self.config.skip_bad_samples:
-                    raise
-                skipped.append((source, str(error)))
-        params = []
-        for sample in samples:
-            rng = sample_rng(self.seed, self.shard_id, self._counters["samples"])
-            self._counters["samples"] += 1
-            params.append(draw_sample_params(rng, sample_frames(sample.meta),
-                                             int(sample.meta["height"]),
-                                             int(sample.meta["width"]), self.config))
-        self._counters["samples"] += count - len(samples)
-        self._counters["batches"] += 1
-        batch_number = self._counters["batches"]
-        state = self._initial_state(reader_state)
-        state.update(samples_seen=self._counters["samples"], batches_seen=batch_number)
-        return HostBatch(samples=samples, params=params,
-                         masks=self._masks(batch_number, len(samples)),
-                         state_after=state, batch_number=batch_number, skipped=skipped)
-
-    def _masks(self, batch_number: int, n_samples: int) -> np.ndarray:
-        grid = self.config.views.global_size // self.config.masks.patch_size
-        rng = sample_rng(self.seed, self.shard_id, batch_number, MASK_STREAM)
-        return batch_masks(rng, 2 * n_samples, grid, self.config.masks)
-
     # -- stage B (consumer thread)
     def _take(self) -> HostBatch | None:
         """The next host batch from the producer; None once the pass is over."""
-        item = self._queue.get()
-        if item is None:
-            self._queue.put(None)       # stay exhausted for later calls
-            return None
+        item = self._producer.get()
         if isinstance(item, BaseException):
             self.close()
             raise item
@@ -483,7 +293,8 @@ class DaliLoader:
         keep = [i for i, s in enumerate(host.samples) if s.source not in bad_sources]
         host.samples = [host.samples[i] for i in keep]
         host.params = [host.params[i] for i in keep]
-        host.masks = self._masks(host.batch_number, len(keep))
+        host.masks = draw_masks(self.config, self.seed, self.shard_id, host.batch_number,
+                                len(keep))
         host.skipped.extend(bad)
         later = list(self._pending)
         self._pending.clear()

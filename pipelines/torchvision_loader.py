@@ -22,8 +22,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tcore.pipelines.config import PipelineConfig
-from tcore.pipelines.loader import (BadSampleError, distributed_shard, frame_offsets,
-                                    sample_frames)
+from tcore.pipelines.loader import distributed_shard
+from tcore.pipelines.stage_a import BadSampleError, frame_offsets, sample_frames
 from tcore.pipelines.manifest import ShardSet, load_shard_set
 from tcore.pipelines.masks import batch_masks, mask_tensors
 from tcore.pipelines.sampling import (SampleParams, draw_sample_params, jitter_sequence,

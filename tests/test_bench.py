@@ -311,6 +311,9 @@ def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path
     # What "auto" resolved to is reported (CPU loader, fast jitter: CPU decode, DALI colour).
     assert report["runs"][0]["details"]["video_decode"] == "cpu"
     assert report["runs"][0]["details"]["colour_stage"] == "dali"
+    assert report["runs"][0]["details"]["stage_a"] == "thread"
+    assert 0 < report["runs"][0]["details"]["stage_a_ms_per_batch"] < 1e3 * max(
+        report["runs"][0]["figures"]["batch_latency"]["max"], 1.0)
     assert report["compare"]["changed"] == {"loader": ["dali", "baseline"]}
 
 
@@ -320,10 +323,11 @@ def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
     output = run_cli(["bench", "train", "--data", str(synth_shards), "--loader", "dali",
                       "--arch", "vit_tiny", "--batch", "2", "--precision", "fp32",
                       "--device", "cpu", "--threads", "1", "--warmup", "0", "--steps", "2",
-                      "--repeats", "1", "--set", TINY_VIEWS, "--json", str(path),
-                      "--profile", str(profile)])
+                      "--repeats", "1", "--set", TINY_VIEWS + ",data.pipeline.producer=process",
+                      "--json", str(path), "--profile", str(profile)])
     assert "data_wait_fraction" in output
     run = json.loads(path.read_text())["runs"][0]
+    assert run["details"]["stage_a"] == "process"     # as asked (the default on a GPU)
     # The profile covers the loader too: its named ranges are in the CPU table.
     assert run["details"]["profile"]["steps"] == 3
     cpu_table = (profile / "cpu.txt").read_text()

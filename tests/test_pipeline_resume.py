@@ -1,5 +1,6 @@
 """Exact resume: a process is killed mid-run, a new loader restored from the state it saved
-yields the very batches an uninterrupted run yields (across an epoch boundary)."""
+yields the very batches an uninterrupted run yields (across an epoch boundary), with stage A
+in a thread or in a process of its own (which must then end with its killed parent)."""
 import hashlib
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
 from tcore.pipelines.config import PipelineConfig
@@ -21,10 +23,13 @@ CHILD = textwrap.dedent("""
     from tcore.pipelines.loader import build_loader
     sys.path.insert(0, os.path.dirname(sys.argv[3]))
     from test_pipeline_resume import digest, small_config
-    shards, out, _ = sys.argv[1], sys.argv[2], sys.argv[3]
-    loader = build_loader([shards], batch_size=2, config=small_config(), seed=11,
+    shards, out, _, producer = sys.argv[1:5]
+    loader = build_loader([shards], batch_size=2, config=small_config(producer), seed=11,
                           num_threads=1, prefetch=2)
     for i, batch in enumerate(loader):
+        if i == 0 and producer == "process":
+            with open(out + "/producer.pid", "w") as handle:
+                handle.write(str(loader._producer._process.pid))
         torch.save(loader.state_dict(), out + "/state.tmp")
         os.replace(out + "/state.tmp", out + "/state.pt")
         with open(out + "/digests.txt", "a") as handle:
@@ -34,8 +39,8 @@ CHILD = textwrap.dedent("""
 """ % KILLED_AFTER)
 
 
-def small_config() -> PipelineConfig:
-    config = PipelineConfig(shuffle_buffer=8)
+def small_config(producer: str = "thread") -> PipelineConfig:
+    config = PipelineConfig(shuffle_buffer=8, producer=producer)
     config.views.global_size, config.views.local_size, config.views.n_local = 64, 32, 2
     return config
 
@@ -49,7 +54,17 @@ def digest(batch: dict) -> str:
     return sha.hexdigest()
 
 
-def test_killed_and_resumed_run_sees_the_same_batches(synth_shards, tmp_path):
+def _process_ended(pid: int) -> bool:
+    """Gone, or a zombie no one has reaped yet (the container's init may not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_killed_and_resumed_run_sees_the_same_batches(synth_shards, tmp_path, producer):
     reference = build_loader([synth_shards], batch_size=2, config=small_config(), seed=11,
                              num_threads=1, prefetch=2)
     expected = [digest(next(reference)) for _ in range(TOTAL_BATCHES)]
@@ -60,7 +75,7 @@ def test_killed_and_resumed_run_sees_the_same_batches(synth_shards, tmp_path):
     script.write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
     child = subprocess.Popen([sys.executable, str(script), str(synth_shards), str(tmp_path),
-                              __file__], env=env, stderr=subprocess.PIPE)
+                              __file__, producer], env=env, stderr=subprocess.PIPE)
     digests = tmp_path / "digests.txt"
     deadline = time.time() + 120
     while time.time() < deadline and child.poll() is None:
@@ -71,9 +86,16 @@ def test_killed_and_resumed_run_sees_the_same_batches(synth_shards, tmp_path):
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert digests.read_text().split() == expected[:KILLED_AFTER]
+    if producer == "process":
+        # Orphaned, the stage A process fails its next write into the pipe and exits.
+        pid = int((tmp_path / "producer.pid").read_text())
+        deadline = time.time() + 30
+        while time.time() < deadline and not _process_ended(pid):
+            time.sleep(0.2)
+        assert _process_ended(pid), f"stage A process {pid} outlived its killed parent"
 
-    resumed = build_loader([synth_shards], batch_size=2, config=small_config(), seed=11,
-                           num_threads=1, prefetch=2)
+    resumed = build_loader([synth_shards], batch_size=2, config=small_config(producer),
+                           seed=11, num_threads=1, prefetch=2)
     resumed.load_state_dict(torch.load(tmp_path / "state.pt"))
     after = [digest(next(resumed)) for _ in range(TOTAL_BATCHES - KILLED_AFTER)]
     assert after == expected[KILLED_AFTER:]

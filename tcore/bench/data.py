@@ -64,6 +64,19 @@ def build_named_loader(loader: str, shards: str, device: torch.device, threads: 
                                  num_workers=threads, infinite=True)
 
 
+def dali_loader_details(loader) -> dict:
+    """What the DALI loader's "auto" settings resolved to, and stage A's time per batch
+    (nothing for the baseline)."""
+    if not hasattr(loader, "torch_photometric"):
+        return {}
+    return {"video_decode": "nvdec" if loader.video_on_gpu else "cpu",
+            "colour_stage": "torch" if loader.torch_photometric else "dali",
+            "stage_a": loader.producer_kind,
+            # Its reading and drawing alone, per batch (warm-up included): a stage A slower
+            # than the batch latency would be the loader's limit.
+            "stage_a_ms_per_batch": 1e3 * loader.stage_a_seconds / max(1, loader.stage_a_batches)}
+
+
 def pipeline_config_from(overrides: str):
     """PipelineConfig defaults with dotted `key=value` overrides (the `data.pipeline` keys of a
     training config), e.g. "views.color_jitter=fast,views.n_local=4"."""
@@ -160,9 +173,7 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
     }
     details = {"batches": len(latencies), "samples": sum(sizes), "warmup_batches": warmup,
                "measured_seconds": sum(latencies), "build_and_warmup_seconds": build_and_warmup}
-    if hasattr(loader, "torch_photometric"):   # the DALI loader: what "auto" resolved to
-        details["video_decode"] = "nvdec" if loader.video_on_gpu else "cpu"
-        details["colour_stage"] = "torch" if loader.torch_photometric else "dali"
+    details.update(dali_loader_details(loader))
     warnings = []
     if len(latencies) < MIN_TIMED_BATCHES:
         # Each window then holds a batch or two, and one slow or queued batch moves its rate.

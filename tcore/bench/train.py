@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tcore.bench.data import batch_size_of, build_named_loader, close_loader
+from tcore.bench.data import (batch_size_of, build_named_loader, close_loader,
+                              dali_loader_details)
 from tcore.bench.flops import PRECISION_DTYPES, synchronizer
 from tcore.bench.model import (BENCH_ITERATION, bench_config, build_trainer, profile_steps,
                                resolved_attention)
@@ -120,7 +121,7 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
     }
     details = {"steps": len(waits), "samples": sum(sizes),
                "attention_resolved": resolved_attention(settings.attention, device),
-               "precision_resolved": trainer.precision}
+               "precision_resolved": trainer.precision, **dali_loader_details(loader)}
     if profile:
         details["profile"] = profile
     return {"kind": "train", "settings": asdict(settings), "figures": figures,

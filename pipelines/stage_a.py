@@ -1,0 +1,239 @@
+"""Stage A of the loader: read the shards and decide every random choice of each batch.
+
+A small checkpointable DALI CPU pipeline around `fn.readers.webdataset` (shuffling, sharding
+by rank) reads one batch of raw samples; the host then draws each sample's parameters with
+`sampling.draw_sample_params` from a per-sample seed (base seed, shard, sample counter) and
+the batch's masks from a per-batch seed. The result, a `HostBatch`, carries the loader state
+after it (the reader's checkpoint and the two counters), so a resumed run redraws exactly
+what an uninterrupted one would. Nothing here touches a GPU: `producer.py` runs it in a
+thread or in a process of its own.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def
+
+from tcore.pipelines.config import PipelineConfig
+from tcore.pipelines.manifest import ShardSet
+from tcore.pipelines.masks import batch_masks
+from tcore.pipelines.sampling import SampleParams, draw_sample_params, sample_rng
+
+STATE_VERSION = 1
+MASK_STREAM = 0x6D61736B   # separates the masks' random stream from the samples'
+
+
+class BadSampleError(RuntimeError):
+    """A sample that cannot be read or decoded; the message names its shard and key."""
+
+
+@dataclass
+class RawSample:
+    data: np.ndarray
+    meta: dict
+    label: int
+    source: str          # "<tar path>:<offset>:<key>.<ext>" from DALI's source_info
+    frame_offsets: np.ndarray | None = None   # "frames" shards: where each JPEG starts / ends
+
+
+@dataclass
+class HostBatch:
+    """Everything of one batch decided on the host, plus the loader state after it."""
+    samples: list[RawSample]
+    params: list[SampleParams]
+    masks: np.ndarray
+    state_after: dict
+    batch_number: int
+    skipped: list = field(default_factory=list)
+    seconds: float = 0.0     # wall time stage A took for it (read, parse, draws, masks)
+
+
+@dataclass
+class StageASpec:
+    """What stage A needs to start (picklable: a producer process is built from it)."""
+    shard_set: ShardSet
+    batch_size: int
+    config: PipelineConfig
+    seed: int
+    shard_id: int
+    num_shards: int
+    infinite: bool
+    samples_per_epoch: int
+    state: dict          # where to start: `initial_state` or a saved loader state
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.samples_per_epoch / self.batch_size)
+
+
+def initial_state(owner, reader) -> dict:
+    """The loader state before any batch. `owner`: anything with `seed`, `shard_id`,
+    `num_shards` and `batch_size` (the loader, a StageASpec); `reader`: a reader checkpoint
+    or None (the reader's start)."""
+    return {"version": STATE_VERSION, "reader": reader, "samples_seen": 0,
+            "batches_seen": 0, "seed": owner.seed, "shard_id": owner.shard_id,
+            "num_shards": owner.num_shards, "batch_size": owner.batch_size}
+
+
+# --- the reader ----------------------------------------------------------------------------
+
+@pipeline_def(enable_checkpointing=True)
+def _reader_pipeline(tars, indices, extensions, shuffle, initial_fill, reader_seed, shard_id,
+                     num_shards, pad_last_batch, missing):
+    data, meta, label = fn.readers.webdataset(
+        paths=tars, index_paths=indices, ext=[";".join(extensions), "json", "cls"],
+        random_shuffle=shuffle, initial_fill=initial_fill, seed=reader_seed, shard_id=shard_id,
+        num_shards=num_shards, pad_last_batch=pad_last_batch,
+        missing_component_behavior=missing, name="Reader")
+    return data, meta, label
+
+
+def build_reader(shard_set: ShardSet, config: PipelineConfig, batch_size: int, seed: int,
+                 shard_id: int, num_shards: int, infinite: bool, checkpoint=None):
+    """The stage A reader, restored from `checkpoint` when given; a reader error that only
+    cites an index line is re-raised naming the shard and sample key."""
+    kwargs = {"checkpoint": checkpoint} if checkpoint else {}
+    pipe = _reader_pipeline(
+        tars=shard_set.tars, indices=shard_set.indices, extensions=shard_set.extensions,
+        shuffle=config.shuffle_buffer > 1, initial_fill=config.shuffle_buffer,
+        reader_seed=seed, shard_id=shard_id, num_shards=num_shards,
+        pad_last_batch=not infinite, missing="skip" if config.skip_bad_samples else "error",
+        batch_size=batch_size, num_threads=1, device_id=None, seed=seed,
+        prefetch_queue_depth=2, **kwargs)
+    try:
+        pipe.build()
+    except RuntimeError as error:
+        raise BadSampleError(_explain_reader_error(str(error))) from None
+    return pipe
+
+
+def _explain_reader_error(message: str) -> str:
+    """Name the shard and sample key of a reader error that only cites an index line."""
+    found = re.search(r'index file at "([^"]+)" line (\d+)', message)
+    detail = message.strip().splitlines()
+    reason = next((line for line in detail if "detected" in line or "missing" in line.lower()),
+                  detail[-1] if detail else message)
+    if not found:
+        return f"reading shards failed: {reason}"
+    index, line = found.group(1), int(found.group(2))
+    try:
+        with open(index) as handle:
+            fields = handle.read().split("\n")[line].split()     # line 0 is the header
+        key = fields[3].rsplit(".", 1)[0]
+    except (OSError, IndexError):
+        key = f"line {line} of {index}"
+    tar = index[: -len(".idx")] + ".tar" if index.endswith(".idx") else index
+    return (f"sample {tar}:{key}: a component is missing ({reason.strip()}); rebuild the "
+            "shard or pass skip_bad_samples=True / --skip-bad-samples")
+
+
+# --- one sample ----------------------------------------------------------------------------
+
+def sample_frames(meta: dict) -> int:
+    """T of one sample from its json (images: 1)."""
+    value = meta.get("T", meta.get("frames"))
+    return int(value) if value else 1
+
+
+def frame_offsets(meta: dict, size: int, source: str) -> np.ndarray:
+    """Start / end offsets of the T JPEG frames of a "frames" sample, checked against its
+    component's size."""
+    sizes = meta.get("frame_bytes")
+    if (not isinstance(sizes, list) or len(sizes) != sample_frames(meta)
+            or not all(type(s) is int and s > 0 for s in sizes) or sum(sizes) != size):
+        raise BadSampleError(f"sample {source}: its .json 'frame_bytes' does not describe the "
+                             f"{size}-byte frames component ({sample_frames(meta)} frames)")
+    return np.cumsum([0, *sizes])
+
+
+def parse_sample(data, meta_bytes, label_bytes, source: str, layout: str = "video"
+                 ) -> RawSample:
+    try:
+        meta = json.loads(bytes(meta_bytes).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadSampleError(f"sample {source}: its .json is unreadable ({error})") from None
+    try:
+        label = int(bytes(label_bytes).decode().strip())
+    except ValueError:
+        label = int(meta.get("label", -1))
+    for key in ("width", "height"):
+        if key not in meta:
+            raise BadSampleError(f"sample {source}: its .json lacks '{key}'")
+    data = np.asarray(data)
+    offsets = frame_offsets(meta, data.size, source) if layout == "frames" else None
+    return RawSample(data=data, meta=meta, label=label, source=source, frame_offsets=offsets)
+
+
+def draw_masks(config: PipelineConfig, seed: int, shard_id: int, batch_number: int,
+               n_samples: int) -> np.ndarray:
+    """The block masks of a batch's 2 x n_samples global crops, from the batch's own seed."""
+    grid = config.views.global_size // config.masks.patch_size
+    rng = sample_rng(seed, shard_id, batch_number, MASK_STREAM)
+    return batch_masks(rng, 2 * n_samples, grid, config.masks)
+
+
+# --- stage A -------------------------------------------------------------------------------
+
+class StageA:
+    """Reads batches and draws their parameters, from `spec.state` on."""
+
+    def __init__(self, spec: StageASpec):
+        self.spec = spec
+        state = spec.state
+        self.samples_seen = state["samples_seen"]
+        self.batches_seen = state["batches_seen"]
+        self.reader = build_reader(spec.shard_set, spec.config, spec.batch_size, spec.seed,
+                                   spec.shard_id, spec.num_shards, spec.infinite,
+                                   state.get("reader"))
+
+    def exhausted(self) -> bool:
+        """One pass (not `infinite`) and every batch of it drawn."""
+        return not self.spec.infinite and self.batches_seen >= self.spec.batches_per_epoch
+
+    def _read(self):
+        try:
+            return self.reader.run()
+        except Exception as error:
+            raise BadSampleError(f"reading shards failed ({', '.join(self.spec.shard_set.tars)})"
+                                 f": {error}") from None
+
+    def next_batch(self) -> HostBatch:
+        started = time.perf_counter()
+        spec = self.spec
+        data, meta, label = self._read()
+        reader_state = self.reader.checkpoint()
+        count = len(data)
+        if not spec.infinite:
+            # One pass: the reader pads the last batch with repeats; drop them.
+            count = min(count, spec.samples_per_epoch - self.batches_seen * spec.batch_size)
+        samples, skipped = [], []
+        for i in range(count):
+            source = data[i].source_info() or f"sample {i}"
+            try:
+                samples.append(parse_sample(data.at(i), meta.at(i), label.at(i), source,
+                                            spec.shard_set.kind))
+            except BadSampleError as error:
+                if not spec.config.skip_bad_samples:
+                    raise
+                skipped.append((source, str(error)))
+        params = []
+        for sample in samples:
+            rng = sample_rng(spec.seed, spec.shard_id, self.samples_seen)
+            self.samples_seen += 1
+            params.append(draw_sample_params(rng, sample_frames(sample.meta),
+                                             int(sample.meta["height"]),
+                                             int(sample.meta["width"]), spec.config))
+        self.samples_seen += count - len(samples)
+        self.batches_seen += 1
+        state = initial_state(spec, reader_state)
+        state.update(samples_seen=self.samples_seen, batches_seen=self.batches_seen)
+        masks = draw_masks(spec.config, spec.seed, spec.shard_id, self.batches_seen,
+                           len(samples))
+        return HostBatch(samples=samples, params=params, masks=masks, state_after=state,
+                         batch_number=self.batches_seen, skipped=skipped,
+                         seconds=time.perf_counter() - started)
