@@ -332,7 +332,10 @@ class DaliLoader:
             rows, switches, windows = (np.swapaxes(part[:, where], 0, 1).reshape(
                 -1, *part.shape[2:]) for part in inputs)
             compile_ = self.config.photometric_compile
-            crops = apply_photometric(batch[name], rows, switches, windows, views, compile_)
+            # On a GPU the whole stage as one call over every crop: its Python and launches
+            # are the cost there, not arithmetic; on the CPU each step on its crops only.
+            crops = apply_photometric(batch[name], rows, switches, windows, views, compile_,
+                                      dense=self.device.type == "cuda")
             batch[name] = normalize(crops, views, self.dtype, compile_)
 
     # -- batch dict

@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -198,6 +197,7 @@ def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
         assert mean < 0.05 and p99 < 0.3, (key, mean, p99)
 
 
+@pytest.mark.skipif(not _has_dali_cuda(), reason="tcore.pipelines imports DALI")
 def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
     """The fused (Triton) colour stage on the GPU: PIL's hue shift on all 2^24 colours at two
     shifts, and the jitter in all 24 orders equal to the eager CPU stage (itself PIL's, see
@@ -236,3 +236,22 @@ def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
                                  compile_=True)
     assert not tp._COMPILE_FAILED
     assert torch.equal(fused.cpu(), eager)
+
+
+@pytest.mark.skipif(not _has_dali_cuda(), reason="tcore.pipelines imports DALI")
+def test_dense_colour_stage_compiled_on_cuda_equals_the_cpu_subset_path():
+    """The loader's GPU colour stage (`dense`: every step over every crop in one compiled
+    graph, the blur opaque to it) against the CPU's subset path, on crops that take every
+    step both ways, and at two crop counts with the same graph."""
+    from test_torch_photometric import _every_step_batch
+
+    from tcore.pipelines import torch_photometric as tp
+    from tcore.pipelines.config import ViewConfig
+
+    images, full, switches, windows = _every_step_batch(64)
+    want = tp.apply_photometric(images, full, switches, windows, ViewConfig())
+    for count in (len(images), 9):
+        got = tp.apply_photometric(images[:count].cuda(), full[:count], switches[:count],
+                                   windows[:count], ViewConfig(), compile_=True, dense=True)
+        assert not tp._COMPILE_FAILED
+        assert torch.equal(got.cpu(), want[:count]), count

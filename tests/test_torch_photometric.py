@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 import torchvision.transforms.functional as TF
 from nvidia.dali import fn, pipeline_def, types
@@ -20,7 +19,7 @@ from tcore.pipelines.loader import build_loader
 from tcore.pipelines.torch_photometric import (apply_photometric, gaussian_blur, normalize,
                                                pil_hue_shift)
 from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
-from tcore.pipelines.views import jitter_columns, view_rows
+from tcore.pipelines.views import ROW_WIDTH, SW, SWITCHES, jitter_columns, view_rows
 
 ONE_LEVEL = 1.0 / (255 * min(ViewConfig().std)) + 1e-6   # one gray level, normalised
 
@@ -151,6 +150,63 @@ def test_compiled_steps_equal_the_eager_ones():
     fused = apply_photometric(images, full, switches, windows, ViewConfig(), compile_=True)
     assert not torch_photometric._COMPILE_FAILED
     assert torch.equal(eager, fused)
+
+
+def _every_step_batch(size: int):
+    """Crops (a picture each) whose switches exercise every step both ways: the 24 jitter
+    orders, hue on and off, grayscale, blur at several sigmas (narrowed windows among them),
+    solarize; then crops without jitter, with and without the later steps."""
+    orders = [np.array(p) for p in itertools.permutations(range(4))]
+    hues, sigmas = (0.08, 0.0, -0.12), (0.0, 0.1, 0.6, 1.3, 2.0)
+    rows = [_row(1.3, 0.7, 1.25, hues[k % 3], gray=float(k % 4 == 0), sigma=sigmas[k % 5],
+                 solarize=float(k % 3 == 1)) for k in range(len(orders))]
+    rows += [_row(1, 1, 1, 0, gray=float(k == 1), sigma=0.8 * (k == 2), solarize=float(k == 3))
+             for k in range(4)]
+    orders += [np.arange(4)] * 4
+    full, switches, windows = view_rows(np.stack(rows), np.stack(orders), blur_kernel=9)
+    images = _chw([colour_test_image(size, seed=k) for k in range(len(rows))])
+    return images, full, switches, windows
+
+
+def test_dense_colour_stage_equals_the_subset_path():
+    """Every step on every crop, each kept by its switch (`dense`): the subset path's pixels."""
+    images, full, switches, windows = _every_step_batch(48)
+    for name in ("jitter", "hue", "gray", "blur", "solarize"):
+        column = switches[:, SW[name]]
+        assert column.any() and not column.all(), name        # both ways in the batch
+    assert windows[switches[:, SW["blur"]]].min() < 9 and windows.max() == 9
+    subset = apply_photometric(images, full, switches, windows, ViewConfig())
+    dense = apply_photometric(images, full, switches, windows, ViewConfig(), dense=True)
+    assert torch.equal(dense, subset)
+    assert not torch.equal(dense, images)
+
+
+def test_dense_colour_stage_compiled_equals_eager():
+    """The dense stage as one compiled graph (C++ on the CPU) gives the eager pixels, and the
+    same graph serves another number of crops (the blur is opaque to the compiler)."""
+    images, full, switches, windows = _every_step_batch(32)
+    eager = apply_photometric(images, full, switches, windows, ViewConfig(), dense=True)
+    fused = apply_photometric(images, full, switches, windows, ViewConfig(), compile_=True,
+                              dense=True)
+    assert not torch_photometric._COMPILE_FAILED
+    assert torch.equal(fused, eager)
+    fewer = apply_photometric(images[:7], full[:7], switches[:7], windows[:7], ViewConfig(),
+                              compile_=True, dense=True)
+    assert torch.equal(fewer, eager[:7])
+
+
+def test_dense_colour_stage_with_no_crops_or_nothing_switched_on():
+    empty = torch.zeros((0, 3, 16, 16), dtype=torch.uint8)
+    out = apply_photometric(empty, np.zeros((0, ROW_WIDTH), np.float32),
+                            np.zeros((0, len(SWITCHES)), bool), np.zeros(0, np.int32),
+                            ViewConfig(), dense=True)
+    assert out.shape == empty.shape and out.dtype == torch.uint8
+    images = _chw([colour_test_image(24, seed=k) for k in range(3)])
+    full, switches, windows = view_rows(np.stack([_row(1, 1, 1, 0)] * 3),
+                                        np.tile(np.arange(4), (3, 1)), blur_kernel=9)
+    assert not switches.any()
+    out = apply_photometric(images, full, switches, windows, ViewConfig(), dense=True)
+    assert torch.equal(out, images)
 
 
 def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path):
