@@ -166,6 +166,26 @@ def test_gradient_clipping_is_per_module():
         assert math.isclose(float(total), min(3.0, target_norms[name]), rel_tol=1e-4), name
 
 
+def test_gradient_clipping_equals_clip_grad_norm_per_module_bit_for_bit():
+    """One pass of norms over all gradients gives torch's per-module clip exactly, whether
+    the modules are clipped (large gradients) or left alone (small ones)."""
+    torch.manual_seed(3)
+    ours, theirs = TCoRe(TINY), TCoRe(TINY)
+    for scale in (1e-3, 10.0):
+        for mine, other in zip(ours.parameters(), theirs.parameters()):
+            if mine.requires_grad:
+                mine.grad = torch.randn_like(mine) * scale
+                other.grad = mine.grad.clone()
+        norms = ours.clip_gradients(3.0)
+        for name, module in (("backbone", theirs.student["backbone"]),
+                             ("head", theirs.student["head"]), ("pmm", theirs.pmm)):
+            want = torch.nn.utils.clip_grad_norm_(list(module.parameters()), 3.0, foreach=True)
+            assert torch.equal(norms[name], want), name
+        for mine, other in zip(ours.parameters(), theirs.parameters()):
+            if mine.grad is not None:
+                assert torch.equal(mine.grad, other.grad)
+
+
 def test_configs_defaults_and_validation():
     model_cfg, loss_cfg = default_model_config(), default_loss_config()
     assert model_cfg["head"] == {"prototypes": 65536, "hidden": 2048, "bottleneck": 256, "layers": 3}
