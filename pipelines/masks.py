@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from tcore.pipelines.config import MaskConfig
 
@@ -73,11 +72,14 @@ def batch_masks(rng: np.random.Generator, n_crops: int, grid: int,
     return np.stack([masks[i] for i in order]).reshape(n_crops, n_tokens)
 
 
-def mask_tensors(masks: np.ndarray) -> dict[str, torch.Tensor]:
-    """masks, mask_indices, mask_weights, n_masked of the batch contract (on the CPU)."""
-    flat = torch.from_numpy(np.ascontiguousarray(masks))
-    indices = flat.flatten().nonzero().flatten()
-    per_crop = flat.sum(-1).clamp(min=1).to(torch.float32)
-    weights = (1.0 / per_crop).unsqueeze(-1).expand_as(flat)[flat]
-    return {"masks": flat, "mask_indices": indices, "mask_weights": weights.contiguous(),
-            "n_masked": torch.tensor([indices.numel()], dtype=torch.int64)}
+def mask_tensors(masks: np.ndarray) -> dict:
+    """masks, mask_indices, mask_weights, n_masked of the batch contract (CPU tensors)."""
+    import torch   # here, not above: stage A's process imports this module and no torch
+
+    flat = np.ascontiguousarray(masks, dtype=bool)
+    indices = np.flatnonzero(flat).astype(np.int64)
+    per_crop = np.maximum(flat.sum(-1), 1).astype(np.float32)
+    weights = np.broadcast_to((np.float32(1.0) / per_crop)[:, None], flat.shape)[flat]
+    return {"masks": torch.from_numpy(flat), "mask_indices": torch.from_numpy(indices),
+            "mask_weights": torch.from_numpy(np.ascontiguousarray(weights)),
+            "n_masked": torch.tensor([indices.size], dtype=torch.int64)}
