@@ -156,7 +156,8 @@ class DaliLoader:
 
     # -- start-up
     def _start(self) -> None:
-        state = self._resume or initial_state(self, reader=None)
+        # After a close() (or an error), from the last batch returned, so none is lost.
+        state = self._state or self._resume or initial_state(self, reader=None)
         if not self.infinite and state["batches_seen"] >= len(self):
             self._exhausted = True
             raise StopIteration
@@ -209,11 +210,11 @@ class DaliLoader:
     # -- stage B (consumer thread)
     def _take(self) -> HostBatch | None:
         """The next host batch from the producer; None once the pass is over."""
-        item = self._producer.get()
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        return item
+        try:
+            return self._producer.get()
+        except BaseException:
+            self.close()     # a later next() starts afresh after the last batch returned
+            raise
 
     def _start_views(self, hosts: list[HostBatch]) -> None:
         """A fresh stage B with `hosts` in flight. Its first schedule_run runs `prefetch`

@@ -8,21 +8,23 @@ come back pickled through a pipe (a batch of 64 raw JPEG-frame samples is ~13 MB
 to unpickle). `PipelineConfig.producer` chooses.
 
 Both producers give the same sequence from `get()`: HostBatch after HostBatch, then None
-once a one-pass epoch is drawn (again for every later call), or the exception stage A
-raised (a BadSampleError names the shard and sample), which the loader re-raises.
+once a one-pass epoch is drawn (again for every later call). A failure is raised: the
+exception stage A raised (a BadSampleError names the shard and sample), or for a process
+one that died or sent what cannot be read; and raised again on every later call, so nothing
+ever waits for a stage A that has stopped.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import queue
-import signal
 import subprocess
 import sys
 import threading
 import traceback
 
-from tcore.pipelines.stage_a import StageA, StageASpec
+from tcore.pipelines.stage_a import BadSampleError, StageA, StageASpec
 
 _POLL_S = 0.1
 _CLOSE_TIMEOUT_S = 10.0
@@ -59,6 +61,7 @@ class ThreadProducer:
     def __init__(self, spec: StageASpec, depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._failure: BaseException | None = None
         self._done = False
 
         def put(item):
@@ -69,9 +72,14 @@ class ThreadProducer:
         self._thread.start()
 
     def get(self):
+        if self._failure is not None:
+            raise self._failure
         if self._done:
             return None
         item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._failure = item
+            raise item
         self._done = item is None
         return item
 
@@ -86,17 +94,21 @@ class ThreadProducer:
 
 
 def _picklable(item):
-    """Exceptions cross the pipe pickled; one that does not pickle (an extension's error
-    type, say) goes as a RuntimeError with its type, message and the child's traceback."""
+    """What crosses the pipe. An exception carries the child's traceback as a note (the
+    parent's own stack says nothing about where stage A failed); one that does not survive
+    a pickle round trip (an extension's error type, a custom __init__) goes as a
+    RuntimeError with its type, message and traceback."""
     if not isinstance(item, BaseException):
         return item
+    trace = "".join(traceback.format_exception(item))
     try:
-        pickle.dumps(item)
-        return item
+        pickle.loads(pickle.dumps(item))
     except Exception:
-        trace = "".join(traceback.format_exception(item))
         return RuntimeError(f"stage A failed in its process: {type(item).__name__}: {item}\n"
                             f"{trace}")
+    if not isinstance(item, BadSampleError):     # whose message already names the sample
+        item.add_note(f"in the stage A process:\n{trace}")
+    return item
 
 
 _HEADER = 8   # bytes of a frame's length, little-endian
@@ -121,84 +133,126 @@ def _read_frame(source):
     return pickle.loads(payload)
 
 
-def _child_main(argv: list[str]) -> None:
-    """The producer process (`python -m tcore.pipelines.producer FD`): the spec arrives
-    pickled on stdin, the batches leave as length-prefixed pickles on pipe FD. A full pipe
-    is the back-pressure; a parent that is gone makes the next write fail, which ends it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
-    spec = pickle.load(sys.stdin.buffer)
-    with os.fdopen(int(argv[0]), "wb") as out:
-        try:
-            _run(spec, lambda item: _write_frame(out, item), lambda: False)
-        except BrokenPipeError:
-            pass   # the parent closed its end: nothing left to do
+def _child_main(write_fd: int) -> None:
+    """The producer process: the spec arrives pickled on stdin, the batches leave as
+    length-prefixed pickles on pipe `write_fd`. A full pipe is the back-pressure; a parent
+    that is gone makes the next write fail, which ends it quietly."""
+    out = os.fdopen(write_fd, "wb")
+    try:
+        spec = pickle.load(sys.stdin.buffer)
+        _run(spec, lambda item: _write_frame(out, item), lambda: False)
+        out.flush()
+    except BrokenPipeError:
+        os._exit(0)   # no reader left: exit without flushing into the closed pipe
+
+
+# The child's command: the parent's import path, set before anything of tcore is imported,
+# so the child runs the very tcore the parent does (`python -m` would put the working
+# directory first, where a source checkout's own `tcore/` may shadow the installed one).
+_CHILD_CODE = ("import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
+               "from tcore.pipelines.producer import _child_main; _child_main(int(sys.argv[1]))")
 
 
 class ProcessProducer:
     """Stage A in a process of its own: a fresh interpreter (`subprocess`), not a fork (the
     parent may hold CUDA and threads) and not multiprocessing's spawn (which re-runs the
     parent's main script, and a script without a __main__ guard would start training again
-    in the child). A thread here reads the pipe into a bounded queue."""
+    in the child). It runs in a session of its own, so a Ctrl-C in the terminal goes to the
+    parent alone, which then closes it. A thread here reads the pipe into a bounded queue."""
 
     def __init__(self, spec: StageASpec, depth: int):
-        read_fd, write_fd = os.pipe()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._failure: BaseException | None = None
         self._done = False
+        self._process = self._reader = self._source = None
+        try:
+            self._start(spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, spec: StageASpec) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self._source = os.fdopen(read_fd, "rb")
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(write_fd)], stdin=subprocess.PIPE,
-                pass_fds=(write_fd,), close_fds=True)
+                [sys.executable, "-P", "-c", _CHILD_CODE, str(write_fd), json.dumps(sys.path)],
+                stdin=subprocess.PIPE, pass_fds=(write_fd,), close_fds=True,
+                start_new_session=True)
         finally:
             os.close(write_fd)    # the child's end; EOF here once the child is gone
-        self._source = os.fdopen(read_fd, "rb")
         self._reader = threading.Thread(target=self._read_pipe, name="tcore-stage-a-pipe",
                                         daemon=True)
         self._reader.start()
         try:
             pickle.dump(spec, self._process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            self._process.stdin.close()
         except BrokenPipeError:
             pass   # the child died at start-up: get() reports its exit code
+        finally:
+            try:
+                self._process.stdin.close()
+            except BrokenPipeError:
+                pass
 
     def _read_pipe(self) -> None:
         while not self._stop.is_set():
             try:
                 item = _read_frame(self._source)
-            except (EOFError, OSError, ValueError):
+            except (EOFError, OSError):
                 item = _ENDED
-            if not _put_until_stopped(self._queue, item, self._stop.is_set) or item is _ENDED:
+            except BaseException as error:    # a frame that does not unpickle here
+                item = RuntimeError(f"a batch from the stage A process could not be read: "
+                                    f"{type(error).__name__}: {error}")
+            if not _put_until_stopped(self._queue, item, self._stop.is_set):
+                return
+            if item is _ENDED or isinstance(item, BaseException):
                 return
 
     def get(self):
+        if self._failure is not None:
+            raise self._failure
         if self._done:
             return None
         item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._failure = item
+            raise item
         if item is _ENDED:
             code = self._process.wait()
-            raise RuntimeError(
-                f"the loader's stage A process (pid {self._process.pid}) exited with code "
-                f"{code} before handing over a batch or an error (killed for memory?); "
-                "data.pipeline.producer=thread runs stage A in-process")
+            cause = ("killed by signal %d (out of memory?)" % -code if code < 0
+                     else "exited with code %d (its error is on stderr above)" % code)
+            self._failure = RuntimeError(
+                f"the loader's stage A process (pid {self._process.pid}) {cause} before "
+                "handing over a batch; data.pipeline.producer=thread runs stage A in-process")
+            raise self._failure
         self._done = item is None
         return item
 
     def close(self) -> None:
         self._stop.set()
-        if self._process.poll() is None:
-            self._process.terminate()
-        try:
-            self._process.wait(timeout=_CLOSE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        while self._reader.is_alive():       # it may be waiting for room in the queue
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
             try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self._reader.join()
-        self._source.close()
+                self._process.wait(timeout=_CLOSE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._reader is not None:
+            while self._reader.is_alive():    # it may be waiting for room in the queue
+                try:
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._reader.join()
+        if self._source is not None:
+            self._source.close()
 
 
 _ENDED = "stage A's pipe closed"   # a str sentinel: survives identity checks, never a batch
@@ -212,6 +266,3 @@ def start_producer(kind: str, spec: StageASpec, depth: int):
         return ThreadProducer(spec, depth)
     raise ValueError(f"producer = {kind!r}: must be 'thread' or 'process'")
 
-
-if __name__ == "__main__":
-    _child_main(sys.argv[1:])

@@ -186,8 +186,9 @@ def colour_stage(x: torch.Tensor, params: torch.Tensor, switches: torch.Tensor,
     for k in range(3, 6):
         x = _enhance_slot(x, params, k)
     x = _switched(switches, "gray", _gray_rgb(pil_luma(x)), x)
-    x = _switched(switches, "blur",
-                  _opaque_gaussian_blur(x, params[:, _BLUR_SIGMA], windows, blur_size), x)
+    # Crops without blur get sigma 1 for the discarded blurred copy (0 would give NaN taps).
+    sigmas = torch.where(switches[:, SW["blur"]], params[:, _BLUR_SIGMA], 1.0)
+    x = _switched(switches, "blur", _opaque_gaussian_blur(x, sigmas, windows, blur_size), x)
     return _switched(switches, "solarize", _solarized(x, solarize_threshold), x)
 
 

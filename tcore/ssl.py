@@ -212,7 +212,16 @@ class TCoRe(nn.Module):
                    ("pmm", self.pmm))
         grads = [[p.grad for p in module.parameters() if p.grad is not None]
                  for _, module in modules]
-        per_tensor = iter(torch._foreach_norm([g for part in grads for g in part], 2.0))
+        flat = [g for part in grads for g in part]
+        if len({(type(g), g.device, g.dtype) for g in flat}) > 1:
+            # One list of norms assumes one kind of gradient (torch's groups them by device
+            # and dtype; DTensors and tensors do not mix in one foreach call): never so in
+            # this trainer, but then torch's own per-module clip is the exact definition.
+            return {name: torch.nn.utils.clip_grad_norm_(
+                        [p for p in module.parameters() if p.grad is not None], max_norm,
+                        foreach=True)
+                    for (name, module), part in zip(modules, grads) if part}
+        per_tensor = iter(torch._foreach_norm(flat, 2.0))
         norms = {}
         for (name, _), part in zip(modules, grads):
             if not part:

@@ -1,12 +1,13 @@
 """Stage A in a process of its own (`producer = "process"`, the default on a GPU): the same
 batches and resume as in a thread, stage A's errors raised in the training process naming
-the sample, and a producer process that dies is reported instead of waited for."""
+the sample, a producer process that dies reported instead of waited for (and replaced on
+the next call, losing no batch), and the child running the parent's tcore whatever the
+working directory holds."""
 import os
 import signal
 import time
 
 import pytest
-import torch
 
 from test_pipeline_loader import _drop_one_json
 from test_pipeline_resume import digest, small_config
@@ -42,16 +43,28 @@ def test_stage_a_errors_in_the_process_name_the_sample(synth_shards, tmp_path):
         next(build_loader([tmp_path / "copy"], batch_size=4, config=config))
 
 
-def test_a_killed_producer_process_is_reported(synth_shards):
-    loader = build_loader([synth_shards], batch_size=2, config=small_config("process"),
-                          prefetch=1)
-    next(loader)
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_a_killed_producer_process_is_reported_then_replaced(synth_shards, prefetch):
+    def build():
+        return build_loader([synth_shards], batch_size=2, config=small_config("process"),
+                            prefetch=prefetch, seed=9)
+
+    reference = build()
+    expected = [digest(next(reference)) for _ in range(16)]
+    reference.close()
+    loader = build()
+    got = [digest(next(loader))]
     os.kill(loader._producer._process.pid, signal.SIGKILL)
     started = time.time()
-    with pytest.raises(RuntimeError, match="stage A process .* exited with code -9"):
-        for _ in range(10):          # the batches already in the pipe come first
-            next(loader)
+    with pytest.raises(RuntimeError, match="stage A process .* killed by signal 9"):
+        for _ in range(12):          # the batches already in the pipe come first
+            got.append(digest(next(loader)))
     assert time.time() - started < 30
+    # The loader closed itself; the next call starts a new process after the last batch
+    # returned, so the stream goes on as if nothing had happened.
+    while len(got) < len(expected):
+        got.append(digest(next(loader)))
+    assert got == expected
     loader.close()
 
 
@@ -63,15 +76,48 @@ def test_closing_the_loader_ends_the_producer_process(synth_shards):
     assert process.poll() is not None
 
 
-def test_errors_that_do_not_pickle_cross_as_runtime_errors():
+class TwoArgumentError(Exception):
+    """Pickles, but does not unpickle: pickle calls it back with the one args tuple."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+
+
+def test_errors_that_do_not_survive_pickling_cross_as_runtime_errors():
     class LocalError(Exception):        # a local class: pickle cannot find it by name
         pass
 
-    try:
-        raise LocalError("bad frame")
-    except LocalError as raised:
-        sent = _picklable(raised)
-    assert isinstance(sent, RuntimeError)
-    assert "LocalError: bad frame" in str(sent) and "Traceback" in str(sent)
+    for error in (LocalError("bad frame"), TwoArgumentError("a.tar", "bad frame")):
+        try:
+            raise error
+        except Exception as raised:
+            sent = _picklable(raised)
+        assert isinstance(sent, RuntimeError)
+        assert f"{type(error).__name__}: " in str(sent) and "bad frame" in str(sent)
+        assert "Traceback" in str(sent)
     error = BadSampleError("sample a.tar:k: broken")
-    assert _picklable(error) is error
+    assert _picklable(error) is error and not getattr(error, "__notes__", None)
+    try:
+        raise KeyError("frames")
+    except KeyError as raised:
+        sent = _picklable(raised)       # pickles: goes as itself, with the child's stack
+    assert isinstance(sent, KeyError) and "in the stage A process" in sent.__notes__[0]
+
+
+def test_the_process_runs_the_parents_tcore_whatever_the_working_directory(synth_shards,
+                                                                           tmp_path):
+    """A `tcore` package in the working directory that is not the one imported (a source
+    checkout's, say) is not what the child imports."""
+    shadow = tmp_path / "tcore" / "pipelines"
+    shadow.mkdir(parents=True)
+    (tmp_path / "tcore" / "__init__.py").write_text("raise ImportError('the shadow tcore')\n")
+    (shadow / "__init__.py").write_text("")
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        loader = build_loader([synth_shards], batch_size=2, config=small_config("process"))
+        batch = next(loader)
+        loader.close()
+    finally:
+        os.chdir(here)
+    assert batch["global_crops"].shape[0] == 4

@@ -171,7 +171,10 @@ def test_gradient_clipping_equals_clip_grad_norm_per_module_bit_for_bit():
     the modules are clipped (large gradients) or left alone (small ones)."""
     torch.manual_seed(3)
     ours, theirs = TCoRe(TINY), TCoRe(TINY)
-    for scale in (1e-3, 10.0):
+    for scale in (1e-3, 10.0, "float64 pmm"):
+        if scale == "float64 pmm":      # mixed dtypes: torch's own clip per module serves
+            ours.pmm.double(), theirs.pmm.double()
+            scale = 10.0
         for mine, other in zip(ours.parameters(), theirs.parameters()):
             if mine.requires_grad:
                 mine.grad = torch.randn_like(mine) * scale
