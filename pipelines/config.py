@@ -152,6 +152,9 @@ class PipelineConfig:
     views: ViewConfig = field(default_factory=ViewConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
     shuffle_buffer: int = 256       # webdataset reader's initial_fill
+    # Batches in flight in stage B (its pipelined depth), `build_loader(prefetch=None)`'s
+    # value: deeper smooths uneven batches at the cost of memory and start-up.
+    prefetch: int = 2
     skip_bad_samples: bool = False
     # CPU only: stage B as this many independent pipelines fed round-robin, the threads
     # split between them (pipelines/lanes.py); 0 = one lane per thread.
@@ -197,6 +200,8 @@ class PipelineConfig:
         self.masks.validate(self.views.global_size)
         if self.shuffle_buffer < 1:
             raise ValueError("shuffle_buffer must be >= 1")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch = {self.prefetch}: need >= 1 batch in flight")
         if self.cpu_lanes < 0:
             raise ValueError(f"cpu_lanes = {self.cpu_lanes}: need >= 0 (0 = one per thread)")
         if self.video_decoder not in ("auto", "gpu", "cpu"):

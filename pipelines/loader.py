@@ -420,7 +420,7 @@ def distributed_shard(shard_id, num_shards) -> tuple[int, int]:
 
 def build_loader(manifests, batch_size: int, device: str = "cpu",
                  config: PipelineConfig | None = None, seed: int = 0, shard_id=None,
-                 num_shards=None, num_threads: int = 2, prefetch: int = 2,
+                 num_shards=None, num_threads: int = 2, prefetch: int | None = None,
                  infinite: bool = True, dtype: torch.dtype = torch.float32,
                  return_params: bool = False) -> DaliLoader:
     """The DALI loader over one or several shard directories (or manifest.json paths).
@@ -428,7 +428,8 @@ def build_loader(manifests, batch_size: int, device: str = "cpu",
     device: "cpu" (DALI CPU backend) or "cuda[:i]" (mixed decoders, GPU augmentations).
     infinite=True streams forever (training); False gives one pass of `len()` batches, the
     last one possibly smaller. return_params adds the drawn SampleParams, sample sources,
-    T and frame sizes to each batch (for previews, statistics and comparisons).
+    T and frame sizes to each batch (for previews, statistics and comparisons). prefetch:
+    batches in flight in stage B (None: `config.prefetch`).
     """
     config = (config or PipelineConfig()).validate()
     if batch_size < 1:
@@ -440,5 +441,6 @@ def build_loader(manifests, batch_size: int, device: str = "cpu",
     check_codecs_for_device(shard_set, decodes_video_on_gpu(shard_set, on_gpu,
                                                             config.video_decoder))
     shard_id, num_shards = distributed_shard(shard_id, num_shards)
+    prefetch = config.prefetch if prefetch is None else prefetch
     return DaliLoader(shard_set, batch_size, device, config, seed, shard_id, num_shards,
                       num_threads, prefetch, infinite, dtype, return_params)

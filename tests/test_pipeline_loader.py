@@ -463,10 +463,11 @@ def test_stage_b_lanes_give_the_same_batches_as_one_pipeline(synth_shards):
     one = PipelineConfig()
     one.cpu_lanes = 1
     single, reference = _first_batches(synth_shards, 5, config=one, num_threads=2)
-    lanes, batches = _first_batches(synth_shards, 5, config=PipelineConfig(), num_threads=2,
-                                    prefetch=3)
+    lanes, batches = _first_batches(synth_shards, 5, config=PipelineConfig(prefetch=3),
+                                    num_threads=2)
     assert (single.lanes, lanes.lanes) == (1, 2)
-    assert lanes.prefetch == 4          # a whole number of batches in flight per lane
+    assert single.prefetch == 2         # the config's default depth
+    assert lanes.prefetch == 4          # config.prefetch 3, a whole number per lane
     for ours, theirs in zip(batches, reference):
         for key in ("global_crops", "local_crops", "past_crops", "future_crops", "masks",
                     "frame_indices", "labels"):

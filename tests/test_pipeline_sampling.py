@@ -184,6 +184,18 @@ def test_lanes_and_video_decoder_are_validated():
         PipelineConfig.from_dict({"video_decoder": "nvdec"}).validate()
 
 
+def test_producer_and_prefetch_are_validated():
+    config = PipelineConfig()
+    assert (config.producer, config.prefetch) == ("auto", 2)
+    assert (config.resolved_producer(on_gpu=True), config.resolved_producer(on_gpu=False)) \
+        == ("process", "thread")
+    assert PipelineConfig(producer="thread").resolved_producer(on_gpu=True) == "thread"
+    with pytest.raises(ValueError, match="producer"):
+        PipelineConfig.from_dict({"producer": "fork"}).validate()
+    with pytest.raises(ValueError, match="prefetch"):
+        PipelineConfig.from_dict({"prefetch": 0}).validate()
+
+
 def test_auto_video_decoder_sends_only_what_the_cpu_cannot_read_to_nvdec():
     from tcore.pipelines.manifest import ShardSet, decodes_video_on_gpu
 
