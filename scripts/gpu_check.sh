@@ -35,7 +35,8 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled shards data
-# data_frames train train_compiled), GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
+# data_frames train train_compiled; data_prefetch and data_producer run only when named here),
+# GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
 # GPU_CHECK_TESTS (a pytest -k expression: which GPU tests run; all when unset),
 # GPU_CHECK_WORK (scratch folder, default a fresh temporary one).
@@ -291,6 +292,20 @@ if has_module nvidia.dali; then
     if [[ -f "$FRAMES/manifest.json" ]]; then
         run_step data_frames 90 "${TCORE[@]}" bench data --data "$FRAMES" --device "$DEVICE" \
             "${DATA_ARGS[@]}" "${FRAMES_COMPARE[@]}" --json "$WORK/reports/data_frames.json"
+        # Only when asked for (GPU_CHECK_ONLY): stage B four batches deep against two, and
+        # stage A in a thread against its own process, exact jitter.
+        if [[ -n "${GPU_CHECK_ONLY:-}" ]]; then
+            run_step data_prefetch 90 "${TCORE[@]}" bench data --data "$FRAMES" \
+                --device "$DEVICE" "${DATA_ARGS[@]}" \
+                --set views.color_jitter=torchvision,prefetch=4 \
+                --compare overrides=views.color_jitter=torchvision,prefetch=2 \
+                --json "$WORK/reports/data_prefetch.json"
+            run_step data_producer 90 "${TCORE[@]}" bench data --data "$FRAMES" \
+                --device "$DEVICE" "${DATA_ARGS[@]}" \
+                --set views.color_jitter=torchvision,producer=process \
+                --compare overrides=views.color_jitter=torchvision,producer=thread \
+                --json "$WORK/reports/data_producer.json"
+        fi
     fi
     # End to end from the JPEG frames when they are there (the faster decode), else clips;
     # stage A in a process of its own (the GPU default) against a thread of the trainer's.
@@ -302,7 +317,7 @@ if has_module nvidia.dali; then
         --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
         "${TRAIN_ARGS[@]}" "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_compiled.json"
 else
-    for name in shards data data_frames train train_compiled; do
+    for name in shards data data_frames data_prefetch data_producer train train_compiled; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
     done
 fi
