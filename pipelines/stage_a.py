@@ -153,6 +153,9 @@ def frame_offsets(meta: dict, size: int, source: str) -> np.ndarray:
 
 def parse_sample(data, meta_bytes, label_bytes, source: str, layout: str = "video"
                  ) -> RawSample:
+    """A sample from the reader's three components. `data` may be a view of the reader's
+    buffer: it is copied here, except for "frames" samples, whose drawn frames
+    `keep_drawn_frames` copies once their indices are known."""
     try:
         meta = json.loads(bytes(meta_bytes).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -164,9 +167,22 @@ def parse_sample(data, meta_bytes, label_bytes, source: str, layout: str = "vide
     for key in ("width", "height"):
         if key not in meta:
             raise BadSampleError(f"sample {source}: its .json lacks '{key}'")
-    data = np.asarray(data)
+    data = np.asarray(data) if layout == "frames" else np.array(data)
     offsets = frame_offsets(meta, data.size, source) if layout == "frames" else None
     return RawSample(data=data, meta=meta, label=label, source=source, frame_offsets=offsets)
+
+
+def keep_drawn_frames(sample: RawSample, frames: np.ndarray) -> None:
+    """A "frames" sample cut down to the JPEGs of its drawn frames (copied): of T frames
+    stage B decodes at most three, and the rest would only be copied, queued and (from a
+    producer process) pickled. Offsets stay indexed by frame, the dropped frames empty, so
+    `views.frame_feeds` slices the same bytes out of the smaller buffer."""
+    bounds = sample.frame_offsets
+    drawn = np.zeros(len(bounds) - 1, dtype=bool)
+    drawn[frames] = True
+    sample.data = np.concatenate([sample.data[bounds[f]:bounds[f + 1]]
+                                  for f in np.flatnonzero(drawn)])
+    sample.frame_offsets = np.concatenate([[0], np.cumsum(np.where(drawn, np.diff(bounds), 0))])
 
 
 def draw_masks(config: PipelineConfig, seed: int, shard_id: int, batch_number: int,
@@ -215,7 +231,10 @@ class StageA:
         for i in range(count):
             source = data[i].source_info() or f"sample {i}"
             try:
-                samples.append(parse_sample(data.at(i), meta.at(i), label.at(i), source,
+                # views of the reader's buffers, valid until its next run(): parse_sample
+                # and keep_drawn_frames copy what is kept
+                samples.append(parse_sample(np.asarray(data[i]), np.asarray(meta[i]),
+                                            np.asarray(label[i]), source,
                                             spec.shard_set.kind))
             except BadSampleError as error:
                 if not spec.config.skip_bad_samples:
@@ -228,6 +247,8 @@ class StageA:
             params.append(draw_sample_params(rng, sample_frames(sample.meta),
                                              int(sample.meta["height"]),
                                              int(sample.meta["width"]), spec.config))
+            if sample.frame_offsets is not None:
+                keep_drawn_frames(sample, params[-1].frames)
         self.samples_seen += count - len(samples)
         self.batches_seen += 1
         state = initial_state(spec, reader_state)

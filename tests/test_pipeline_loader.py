@@ -188,6 +188,28 @@ def test_frames_component_that_disagrees_with_its_json_is_named_or_skipped(count
     assert [p["key"] for p in problems] == [key] and "frame sizes" in problems[0]["error"]
 
 
+def test_stage_a_keeps_only_the_drawn_frames_of_a_frames_sample():
+    """Of T JPEGs only the drawn ones are copied on (and pickled, from a producer process);
+    the offsets still index by frame, so stage B's slices are the original bytes."""
+    from tcore.pipelines.sampling import SampleParams
+    from tcore.pipelines.stage_a import RawSample, keep_drawn_frames
+    from tcore.pipelines.views import FRAME_JPEG_FEEDS, frame_feeds
+
+    jpegs = [bytes([k]) * (10 + k) for k in range(6)]          # six "frames", sizes differ
+    whole = np.frombuffer(b"".join(jpegs), dtype=np.uint8)
+    bounds = np.cumsum([0] + [len(j) for j in jpegs])
+    for drawn in ([1, 1, 4], [0, 2, 5], [3, 3, 3]):
+        sample = RawSample(data=whole, meta={}, label=0, source="s", frame_offsets=bounds)
+        keep_drawn_frames(sample, np.array(drawn))
+        assert sample.data.size == sum(len(jpegs[f]) for f in set(drawn))
+        params = SampleParams(frames=np.array(drawn), boxes=None, flips=None,
+                              photometric=None, jitter_order=None)
+        feeds = frame_feeds([sample.data], [sample.frame_offsets], [params])
+        for name, frame in zip(FRAME_JPEG_FEEDS, drawn):
+            assert feeds[name][0].tobytes() == jpegs[frame]
+        assert whole.tobytes() == b"".join(jpegs)                 # the source is untouched
+
+
 def test_batch_contract_and_views(synth_shards):
     config = PipelineConfig()
     loader = build_loader([synth_shards], batch_size=2, config=config, return_params=True)

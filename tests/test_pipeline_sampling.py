@@ -10,7 +10,7 @@ import torch
 
 from tcore.pipelines.config import PipelineConfig, SamplingConfig
 from tcore.pipelines.masks import _add_block, batch_masks, block_mask, mask_tensors
-from tcore.pipelines.sampling import (central_box, draw_sample_params,
+from tcore.pipelines.sampling import (central_box, draw_sample_params, random_resized_box,
                                       frame_triple_distribution, sample_rng)
 
 DRAWS = 4000
@@ -326,3 +326,34 @@ def test_photometric_rows_are_drawn_as_one_uniform_per_draw():
         got = draw_photometric(batch, cfgs, views)
         assert got.dtype == np.float32 and np.array_equal(got, want), seed
         assert one.random() == batch.random()
+
+
+def _torchvision_box(rng, height, width, scale, ratio):
+    """RandomResizedCrop.get_params written the plain way, with rng.uniform."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return None
+
+
+def test_cheaper_draws_consume_the_generator_as_the_plain_calls_do():
+    """Stage A's draws avoid rng.uniform's call cost and draw the jitter orders in one call;
+    the numbers and the generator's position after them are those of the plain calls."""
+    for seed in range(300):
+        ours, plain = sample_rng(seed), sample_rng(seed)
+        scale = (0.05, 0.32) if seed % 2 else (0.32, 1.0)
+        got = random_resized_box(ours, 120, 426, scale, (3 / 4, 4 / 3))
+        want = _torchvision_box(plain, 120, 426, scale, (3 / 4, 4 / 3))
+        if want is not None:           # (the central fallback draws nothing more)
+            assert got == want
+        assert ours.random() == plain.random()
+    ours, plain = sample_rng(1), sample_rng(1)
+    orders = ours.permuted(np.tile(np.arange(4), (14, 1)), axis=1)
+    assert np.array_equal(orders, np.stack([plain.permutation(4) for _ in range(14)]))
+    assert np.array_equal(ours.random(8) < 0.5, [plain.uniform() < 0.5 for _ in range(8)])
+    assert ours.random() == plain.random()
