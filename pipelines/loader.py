@@ -83,7 +83,7 @@ class DaliLoader:
         self._state: dict | None = None
         # Stage A's own time for the batches returned (bench data reports the mean).
         self.stage_a_seconds, self.stage_a_batches = 0.0, 0
-        self._copy_stream = None    # GPU only: the stream of the copies out of DALI
+        self._streams: dict = {}    # GPU only: the loader's own CUDA streams (`_stream`)
         self._started = False
         self._exhausted = False
 
@@ -341,23 +341,54 @@ class DaliLoader:
 
     # -- batch dict
     @contextlib.contextmanager
-    def _copying(self):
-        """Where the copies out of stage B run. On a GPU: a stream of their own, which the
-        host then waits for (DALI may reuse its buffers once they are done). The training
-        stream carries earlier steps' work, so waiting for it here would hold the host back
-        for a whole step; the batch's tensors are handed over to it (`record_stream`)."""
+    def _stream(self, role: str):
+        """On a GPU, run the block on one of the loader's own CUDA streams: "copy" for the
+        copies out of stage B's buffers, which the host then waits for (DALI reuses its
+        buffers once they are done; only copies are on that stream, so the wait is short),
+        "work" for the rest of the batch (colour stage, dtype, small uploads), which the host
+        does not wait for: the training stream waits for it on the device, so it can run
+        beside the previous step instead of ahead of the next. On the CPU: nothing."""
         if self.device.type != "cuda":
             yield None
             return
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._copy_stream):
-            yield self._copy_stream
-        self._copy_stream.synchronize()
+        if role not in self._streams:
+            self._streams[role] = torch.cuda.Stream(self.device)
+        stream = self._streams[role]
+        with torch.cuda.stream(stream):
+            yield stream
+        if role == "copy":
+            stream.synchronize()
 
     def _assemble(self, host: HostBatch, outputs) -> dict:
         self.skipped.extend(host.skipped)
         n = len(host.samples)
+        on_gpu = self.device.type == "cuda"
+        training = torch.cuda.current_stream(self.device) if on_gpu else None
+        copied = self._copy_views(outputs, n)
+        with self._stream("work") as work:
+            if work is not None:
+                work.wait_stream(self._streams["copy"])
+                for tensor in copied.values():   # read on the work stream, made on the copy one
+                    tensor.record_stream(work)
+            batch = self._finish_batch(copied, host)
+        if on_gpu:
+            # The caller's stream waits for the batch on the device, and the batch's memory
+            # is not reused before that stream is done with it.
+            training.wait_stream(work)
+            for tensor in batch.values():
+                if torch.is_tensor(tensor):
+                    tensor.record_stream(training)
+        if self.return_params:
+            batch["params"] = host.params
+            batch["sources"] = [s.source for s in host.samples]
+            batch["frame_counts"] = [sample_frames(s.meta) for s in host.samples]
+            batch["frame_sizes"] = [(int(s.meta["height"]), int(s.meta["width"]))
+                                    for s in host.samples]
+        return batch
+
+    def _copy_views(self, outputs, n: int) -> dict:
+        """Stage B's views copied out of its buffers into tensors of ours, crop-major: uint8
+        for the torch colour stage, else float32 / float16 as the graph made them."""
         views = self.config.views
         on_gpu = self.device.type == "cuda"
         copy_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
@@ -365,8 +396,8 @@ class DaliLoader:
             copy_dtype = torch.uint8
         sizes = {"global_crops": views.global_size, "local_crops": views.local_size,
                  "past_crops": views.global_size, "future_crops": views.global_size}
-        batch = {}
-        with self._copying() as stream:
+        copied = {}
+        with self._stream("copy") as stream:
             for name, where in view_slices(views.n_local).items():
                 n_views = where.stop - where.start
                 size = sizes[name]
@@ -376,15 +407,15 @@ class DaliLoader:
                 for k in range(n_views if n else 0):
                     feed_ndarray(outputs[where.start + k].as_tensor(),
                                  tensor[k * n:(k + 1) * n], cuda_stream=stream)
-                batch[name] = tensor
-        if on_gpu:
-            # Allocated on the copy stream, used on the training stream: their memory must
-            # not be reused before that stream is done with them.
-            training = torch.cuda.current_stream(self.device)
-            for tensor in batch.values():
-                tensor.record_stream(training)
-        for name, tensor in list(batch.items()):
-            if copy_dtype not in (self.dtype, torch.uint8):   # uint8: _finish_views converts
+                copied[name] = tensor
+        return copied
+
+    def _finish_batch(self, copied: dict, host: HostBatch) -> dict:
+        """The batch dict from the copied views: colour stage or dtype, masks, indices."""
+        n = len(host.samples)
+        batch = dict(copied)
+        for name, tensor in copied.items():
+            if tensor.dtype not in (self.dtype, torch.uint8):   # uint8: _finish_views converts
                 batch[name] = tensor.to(self.dtype)
         if self.torch_photometric and n:
             with record_function("tcore.loader.torch_photometric"):
@@ -394,13 +425,9 @@ class DaliLoader:
             np.stack([p.frames for p in host.params]) if n else np.zeros((0, 3), np.int64))
         cpu["labels"] = torch.tensor([s.label for s in host.samples], dtype=torch.int64)
         for name, tensor in cpu.items():
-            batch[name] = tensor.to(self.device, non_blocking=on_gpu) if on_gpu else tensor
-        if self.return_params:
-            batch["params"] = host.params
-            batch["sources"] = [s.source for s in host.samples]
-            batch["frame_counts"] = [sample_frames(s.meta) for s in host.samples]
-            batch["frame_sizes"] = [(int(s.meta["height"]), int(s.meta["width"]))
-                                    for s in host.samples]
+            if self.device.type == "cuda":   # pinned, so the upload does not hold the host
+                tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            batch[name] = tensor
         return batch
 
 

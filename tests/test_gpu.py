@@ -140,9 +140,10 @@ def test_dali_gpu_views_match_the_cpu_graph_on_image_shards(tmp_path):
 @pytest.mark.skipif(not ((SHARDS or FRAME_SHARDS) and _has_dali_cuda()),
                     reason="needs DALI's CUDA build and TCORE_GPU_SHARDS or TCORE_GPU_FRAME_SHARDS")
 def test_gpu_batches_stay_intact_behind_a_busy_training_stream():
-    """The loader copies out of DALI's buffers on a stream of its own and hands the tensors
-    to the training stream: with long work queued between batches, as a train step would,
-    every batch still equals the CPU loader's."""
+    """The loader copies out of DALI's buffers on a stream of its own, runs the colour stage
+    on another, and hands the tensors to the training stream, which waits for that stream
+    on the device: with long work queued between batches, as a train step would, every
+    batch still equals the CPU loader's."""
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader
 
