@@ -104,6 +104,7 @@ class TCoRe(nn.Module):
         self.register_buffer("center_cls", torch.zeros(1, prototypes))
         self.register_buffer("center_patch", torch.zeros(1, prototypes))
         self._check_ema_pairs()
+        self._parameter_lists: dict[str, list] = {}   # see _listed
 
     # ------------------------------------------------------------------ modes and accessors
     def train(self, mode: bool = True):
@@ -210,8 +211,8 @@ class TCoRe(nn.Module):
         """
         modules = (("backbone", self.student["backbone"]), ("head", self.student["head"]),
                    ("pmm", self.pmm))
-        grads = [[p.grad for p in module.parameters() if p.grad is not None]
-                 for _, module in modules]
+        grads = [[p.grad for p in self._listed(name, module) if p.grad is not None]
+                 for name, module in modules]
         flat = [g for part in grads for g in part]
         if len({(type(g), g.device, g.dtype) for g in flat}) > 1:
             # One list of norms assumes one kind of gradient (torch's groups them by device
@@ -231,11 +232,21 @@ class TCoRe(nn.Module):
             norms[name] = total
         return norms
 
+    def _listed(self, key: str, module: nn.Module) -> list:
+        """`module`'s parameters, listed once and reused while they are the same objects
+        (FSDP's sharding replaces them, which the first one shows): walking the modules at
+        every step took the host longer than the clip's and the EMA's launches."""
+        first = next(module.parameters(), None)
+        listed = self._parameter_lists.get(key)
+        if listed is None or (listed[0] if listed else None) is not first:
+            listed = self._parameter_lists[key] = list(module.parameters())
+        return listed
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student (backbone and head)."""
-        teacher = list(self.teacher.parameters())
-        student = [p.detach() for p in self.student.parameters()]
+        teacher = self._listed("teacher", self.teacher)
+        student = self._listed("student", self.student)
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 

@@ -166,6 +166,22 @@ def test_gradient_clipping_is_per_module():
         assert math.isclose(float(total), min(3.0, target_norms[name]), rel_tol=1e-4), name
 
 
+def test_ema_and_clip_follow_parameters_that_were_replaced():
+    """The parameter lists kept between steps are rebuilt when the parameters are new
+    objects, as after FSDP's sharding."""
+    tcore = TCoRe(TINY)
+    tcore.update_teacher(0.5)                      # the lists are made here
+    for module in tcore.student["backbone"].modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(param.detach() + 1.0))
+    tcore.update_teacher(0.0)                      # teacher <- student
+    for student, teacher in zip(tcore.student.parameters(), tcore.teacher.parameters()):
+        assert torch.equal(student, teacher)
+    for param in tcore.student["backbone"].parameters():
+        param.grad = torch.full_like(param, 100.0)
+    assert float(tcore.clip_gradients(3.0)["backbone"]) > 3.0
+
+
 def test_gradient_clipping_equals_clip_grad_norm_per_module_bit_for_bit():
     """One pass of norms over all gradients gives torch's per-module clip exactly, whether
     the modules are clipped (large gradients) or left alone (small ones)."""
