@@ -108,6 +108,93 @@ def fuse_param_groups(tagged: list[tuple[nn.Parameter, ParamTag]]) -> list[dict]
     return list(groups.values())
 
 
+class ListedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW (`fused=True`), stepped with less Python. torch rebuilds every
+    group's parameter, gradient and state lists at each step, one parameter at a time;
+    after the backward the GPU waits for that host work. Here the lists are kept between
+    steps (rebuilt when a group's parameters or states are new objects, as after
+    `load_state_dict`), the step counters of all groups are advanced in one call and
+    `torch._fused_adamw_` is called directly: the kernels and arguments of torch's fused
+    path, so the same numbers (tested against `torch.optim.AdamW(fused=True)`). Anything
+    else (the first step, which creates the states; a closure; a gradient scaler's
+    `grad_scale` / `found_inf`; a missing gradient; amsgrad, maximize, capturable, mixed
+    devices or dtypes in a group) takes torch's own step."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self._listed: dict[int, tuple] = {}
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._listed.clear()
+
+    def step(self, closure=None):
+        plans = None
+        if (closure is None and getattr(self, "grad_scale", None) is None
+                and getattr(self, "found_inf", None) is None):
+            plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        if plans is None or any(plan is None for plan in plans):
+            return _torch_adamw_step(self, closure)
+        torch._foreach_add_([step for plan in plans for step in plan[4]], 1)
+        for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups,
+                                                                         plans):
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps,
+                                amsgrad=False, lr=group["lr"], beta1=float(beta1),
+                                beta2=float(beta2), weight_decay=group["weight_decay"],
+                                eps=group["eps"], maximize=False, grad_scale=None,
+                                found_inf=None)
+        return None
+
+    def _plan(self, index: int, group: dict):
+        """(params, grads, exp_avgs, exp_avg_sqs, steps) of a group, or None where torch's
+        step must serve."""
+        if (not group["fused"] or group["amsgrad"] or group["maximize"]
+                or group["capturable"] or group["differentiable"]
+                or torch.is_tensor(group["lr"])):
+            return None
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            return None
+        listed = self._listed.get(index)
+        if not self._still_valid(listed, params):
+            listed = self._list_states(params)
+            if listed is None:
+                return None
+            self._listed[index] = listed
+        return (listed[0], grads, *listed[1:])
+
+    def _still_valid(self, listed, params) -> bool:
+        if listed is None or len(listed[0]) != len(params):
+            return False
+        if not params:
+            return True
+        state = self.state.get(params[0])
+        return (listed[0][0] is params[0] and state is not None
+                and state.get("exp_avg") is listed[1][0])
+
+    def _list_states(self, params):
+        states = [self.state.get(p) for p in params]
+        if any(not s or "exp_avg" not in s for s in states):
+            return None                                   # the first step makes them
+        if len({(p.device, p.dtype, type(p)) for p in params}) > 1:
+            return None           # torch's fused path groups by device and dtype first
+        return (list(params), [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+
+
+def _torch_adamw_step(optimizer: torch.optim.AdamW, closure=None):
+    """torch's AdamW.step itself, without the profiling / hook wrapper torch puts around a
+    class's `step` (ours already has it)."""
+    step = torch.optim.AdamW.step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step(optimizer, closure)
+
+
 def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module | None]:
     """(student backbone, student head, PMM) of a `tcore.ssl.TCoRe`."""
     return model.student["backbone"], model.student["head"], getattr(model, "pmm", None)
@@ -115,15 +202,16 @@ def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module | Non
 
 def build_optimizer(model: nn.Module, optim_cfg, device: torch.device | str = "cpu"
                     ) -> torch.optim.AdamW:
-    """AdamW (betas from config) over the tagged groups; fused kernels on CUDA."""
+    """AdamW (betas from config) over the tagged groups; on CUDA fused kernels, stepped by
+    `ListedAdamW`."""
     backbone, head, pmm = model_parts(model)
     tagged = tag_parameters(backbone, head, pmm, layer_decay=float(optim_cfg.layer_decay),
                             patch_embed_lr_mult=float(optim_cfg.patch_embed_lr_mult))
     groups = fuse_param_groups(tagged)
-    fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0,
-                             betas=(float(optim_cfg.adamw_beta1), float(optim_cfg.adamw_beta2)),
-                             fused=fused or None)
+    betas = (float(optim_cfg.adamw_beta1), float(optim_cfg.adamw_beta2))
+    if torch.device(device).type == "cuda":
+        return ListedAdamW(groups, lr=0.0, weight_decay=0.0, betas=betas, fused=True)
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=betas)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, schedules: Schedules, it: int) -> dict:

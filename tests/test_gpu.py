@@ -57,14 +57,19 @@ def _batch(cfg):
 
 
 def test_optimizer_uses_fused_adamw_on_cuda():
+    from tcore.optim import ListedAdamW
+
     trainer = _trainer("bf16")
     assert trainer.optimizer.defaults["fused"] is True
+    assert isinstance(trainer.optimizer, ListedAdamW)
     before = [p.detach().clone() for p in trainer.model.student.parameters()]
     losses, _ = trainer.step(100, _batch(trainer.cfg))  # past warm-up: lr > 0
     assert torch.isfinite(losses["total"]).item()
     after = list(trainer.model.student.parameters())
     moved = sum(not torch.equal(a, b) for a, b in zip(before, after))
     assert moved > len(before) // 2, f"only {moved} of {len(before)} tensors moved"
+    trainer.step(101, _batch(trainer.cfg))       # the states exist: ListedAdamW's own step
+    assert len(trainer.optimizer._listed) == len(trainer.optimizer.param_groups)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

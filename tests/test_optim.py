@@ -220,3 +220,49 @@ def test_last_layer_frozen_during_first_epoch():
     assert moved["pmm.linear.weight"]
     moved = step(EPOCH)
     assert moved["head.last_layer.parametrizations.weight.original1"]
+
+
+def _adamw_pair_groups(seed: int, device: str):
+    """Three groups of parameters (different shapes), twice with the same values."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [[(5, 3), (7,)], [(4, 4, 2)], [(3,), (2, 6), (1,)]]
+    made = []
+    for _ in range(2):
+        gen.manual_seed(seed)
+        made.append([[nn.Parameter(torch.randn(*s, generator=gen).to(device)) for s in group]
+                     for group in shapes])
+    return made
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_listed_adamw_steps_exactly_as_torchs_fused_adamw(device):
+    """ListedAdamW (the CUDA optimizer) against torch.optim.AdamW(fused=True) (on the CPU
+    with its fused kernel too): the same parameters and states, bit for bit, over steps
+    whose lr and weight decay change per group, through a state_dict round trip and a step
+    with a missing gradient (torch's own step then)."""
+    from tcore.optim import ListedAdamW
+
+    ours_params, theirs_params = _adamw_pair_groups(0, device)
+    kwargs = dict(lr=0.0, weight_decay=0.0, betas=(0.9, 0.999), fused=True)
+    ours = ListedAdamW([{"params": p} for p in ours_params], **kwargs)
+    theirs = torch.optim.AdamW([{"params": p} for p in theirs_params], **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(7):
+        for k, (a, b) in enumerate(zip(ours.param_groups, theirs.param_groups)):
+            a["lr"] = b["lr"] = 1e-2 * (k + 1) / (step + 1)
+            a["weight_decay"] = b["weight_decay"] = 0.04 * (step + 1)
+        for mine, other in zip(sum(ours_params, []), sum(theirs_params, [])):
+            mine.grad = torch.randn(mine.shape, generator=gen).to(device)
+            other.grad = mine.grad.clone()
+        if step == 4:                                   # a missing gradient
+            ours_params[1][0].grad = theirs_params[1][0].grad = None
+        if step == 3:                                   # a checkpoint round trip
+            ours.load_state_dict(ours.state_dict())
+        ours.step()
+        theirs.step()
+        for mine, other in zip(sum(ours_params, []), sum(theirs_params, [])):
+            assert torch.equal(mine, other), step
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(ours.state[mine][key], theirs.state[other][key]), key
+    assert len(ours._listed) == 3                     # the lists are kept between steps
