@@ -324,7 +324,8 @@ fi
 
 # The second compiled model last: it is the step most likely not to fit the budget.
 bench_model model_b_compiled "$ARCH_B" 200 --attention "$FAST" --precision "$PRECISION" \
-    "${COMPILE_FLAG[@]}" --compare "attention=math,precision=$SLOW_PRECISION,compile=false"
+    "${COMPILE_FLAG[@]}" --compare "attention=math,precision=$SLOW_PRECISION,compile=false" \
+    --profile "$WORK/profile/model_b_compiled"
 
 # ---- 5. the table -----------------------------------------------------------------------
 reports=()
