@@ -128,6 +128,10 @@ class ListedAdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         self._listed.clear()
 
+    def __setstate__(self, state) -> None:      # unpickled or deep-copied: nothing listed
+        super().__setstate__(state)
+        self._listed = {}
+
     def step(self, closure=None):
         plans = None
         if (closure is None and getattr(self, "grad_scale", None) is None
@@ -135,7 +139,14 @@ class ListedAdamW(torch.optim.AdamW):
             plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         if plans is None or any(plan is None for plan in plans):
             return _torch_adamw_step(self, closure)
-        torch._foreach_add_([step for plan in plans for step in plan[4]], 1)
+        self._fused_step(plans)
+        return None
+
+    @torch.no_grad()
+    def _fused_step(self, plans: list) -> None:
+        steps = [step for plan in plans for step in plan[4]]
+        if steps:
+            torch._foreach_add_(steps, 1)
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups,
                                                                          plans):
             if not params:
@@ -146,13 +157,13 @@ class ListedAdamW(torch.optim.AdamW):
                                 beta2=float(beta2), weight_decay=group["weight_decay"],
                                 eps=group["eps"], maximize=False, grad_scale=None,
                                 found_inf=None)
-        return None
 
     def _plan(self, index: int, group: dict):
         """(params, grads, exp_avgs, exp_avg_sqs, steps) of a group, or None where torch's
         step must serve."""
         if (not group["fused"] or group["amsgrad"] or group["maximize"]
                 or group["capturable"] or group["differentiable"]
+                or not group.get("decoupled_weight_decay", True)
                 or torch.is_tensor(group["lr"])):
             return None
         params = group["params"]
@@ -168,13 +179,15 @@ class ListedAdamW(torch.optim.AdamW):
         return (listed[0], grads, *listed[1:])
 
     def _still_valid(self, listed, params) -> bool:
+        """The same parameters and states as listed (checked at both ends of the group)."""
         if listed is None or len(listed[0]) != len(params):
             return False
-        if not params:
-            return True
-        state = self.state.get(params[0])
-        return (listed[0][0] is params[0] and state is not None
-                and state.get("exp_avg") is listed[1][0])
+        for end in (0, -1) if params else ():
+            state = self.state.get(params[end])
+            if (listed[0][end] is not params[end] or state is None
+                    or state.get("exp_avg") is not listed[1][end]):
+                return False
+        return True
 
     def _list_states(self, params):
         states = [self.state.get(p) for p in params]

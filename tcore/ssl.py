@@ -17,6 +17,18 @@ from torch import nn
 from tcore import losses
 from tcore.models import DINOHead, PatchMatchingModule, build_backbone
 
+# Parameter and module registrations anywhere in the process, so `TCoRe._listed` knows
+# when a parameter list it keeps may be stale (a replaced head, a new parameter).
+_REGISTRATIONS = [0]
+
+
+def _count_registration(*_args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
 
 def default_model_config() -> dict:
     """The reference's network configuration (ViT-S/16)."""
@@ -233,14 +245,17 @@ class TCoRe(nn.Module):
         return norms
 
     def _listed(self, key: str, module: nn.Module) -> list:
-        """`module`'s parameters, listed once and reused while they are the same objects
-        (FSDP's sharding replaces them, which the first one shows): walking the modules at
-        every step took the host longer than the clip's and the EMA's launches."""
+        """`module`'s parameters, listed once and reused while they are the same objects:
+        walking the modules at every step took the host longer than the clip's and the
+        EMA's launches. Listed again after any parameter or module registration in the
+        process (torch's registration hooks count them) or when the first parameter is a
+        new object (FSDP2's sharding writes them in place of the old ones, hooks unseen)."""
         first = next(module.parameters(), None)
         listed = self._parameter_lists.get(key)
-        if listed is None or (listed[0] if listed else None) is not first:
-            listed = self._parameter_lists[key] = list(module.parameters())
-        return listed
+        if (listed is None or listed[0] != _REGISTRATIONS[0]
+                or (listed[1][0] if listed[1] else None) is not first):
+            listed = self._parameter_lists[key] = (_REGISTRATIONS[0], list(module.parameters()))
+        return listed[1]
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

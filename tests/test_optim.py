@@ -1,5 +1,6 @@
 """Schedules at chosen iterations and the AdamW parameter groups of every ViT-S parameter
 (METHOD.md section 6)."""
+import copy
 import math
 
 import pytest
@@ -266,3 +267,8 @@ def test_listed_adamw_steps_exactly_as_torchs_fused_adamw(device):
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(ours.state[mine][key], theirs.state[other][key]), key
     assert len(ours._listed) == 3                     # the lists are kept between steps
+    twin = copy.deepcopy(ours)                        # a copy lists its own tensors afresh
+    assert twin._listed == {}
+    twin.step()
+    empty = ListedAdamW([{"params": []}], **kwargs)   # nothing to step is no error
+    empty.step()

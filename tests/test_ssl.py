@@ -1,5 +1,6 @@
 """The T-CoRe step: every loss term against an independent loop computation, gradients, EMA,
 per-module gradient clipping and configuration handling."""
+import copy
 import math
 
 import pytest
@@ -180,6 +181,14 @@ def test_ema_and_clip_follow_parameters_that_were_replaced():
     for param in tcore.student["backbone"].parameters():
         param.grad = torch.full_like(param, 100.0)
     assert float(tcore.clip_gradients(3.0)["backbone"]) > 3.0
+    # A module replaced behind an unchanged first parameter: the registration is seen.
+    tcore.student["head"] = copy.deepcopy(tcore.student["head"]).requires_grad_(True)
+    with torch.no_grad():
+        for param in tcore.student["head"].parameters():
+            param.add_(1.0)
+    tcore.update_teacher(0.0)
+    for student, teacher in zip(tcore.student.parameters(), tcore.teacher.parameters()):
+        assert torch.equal(student, teacher)
 
 
 def test_gradient_clipping_equals_clip_grad_norm_per_module_bit_for_bit():
