@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, resample_abs_pos_embed
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -125,14 +125,48 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
         return self.forward_features(images, masks)
 
 
-@torch.compiler.disable
 def _resampled_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
                          trained_grid: tuple[int, int]) -> torch.Tensor:
-    """timm's bicubic antialiased resampling, kept out of torch.compile graphs: traced with
-    a symbolic grid, its backward's meta function fails (PyTorch 2.14, "Expected IntList but
-    got GenericList", seen with FSDP2 + compile)."""
-    return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(trained_grid),
-                                  num_prefix_tokens=0)
+    """timm's bicubic antialiased resampling of the positional embedding (`resample_abs_pos_
+    embed`), as the linear map it is: rows [h, H] x grid [H, W, D] x columns [w, W], in
+    float32 as timm does (equal to it within float32 rounding, ~5e-7 relative). Plain
+    matmuls keep compiled graphs whole (timm's F.interpolate, traced with a symbolic grid,
+    failed in its backward's meta function under FSDP2 + compile, PyTorch 2.14)."""
+    height, width = trained_grid
+    rows, cols = _grid_resampling(height, width, grid[0], grid[1], pos_embed.device)
+    with torch.autocast(device_type=pos_embed.device.type, enabled=False):
+        table = pos_embed.float().reshape(height, width, -1)
+        out = torch.einsum("ah,hwd,bw->abd", rows, table, cols)
+    return out.reshape(1, grid[0] * grid[1], -1).to(pos_embed.dtype)
+
+
+_RESAMPLING: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@torch.library.custom_op("tcore::grid_resampling", mutates_args=())
+def _grid_resampling(height: int, width: int, new_height: int, new_width: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row [new_height, height] and column [new_width, width] float32 matrices of
+    F.interpolate(bicubic, antialias) between the two grids, read off its response to
+    every basis image (float64; the 2-D map is their product, which holds to 1e-16).
+    Made once per sizes and device; opaque to torch.compile, so sizes may be symbolic."""
+    key = (height, width, new_height, new_width, str(device))
+    if key not in _RESAMPLING:
+        basis = torch.eye(height * width, dtype=torch.float64).reshape(-1, 1, height, width)
+        full = F.interpolate(basis, size=(new_height, new_width), mode="bicubic",
+                             antialias=True, align_corners=False)
+        full = full.reshape(height, width, new_height, new_width)
+        rows = full.sum(dim=1)[:, :, 0].t().contiguous()   # each map column sums to 1
+        cols = full.sum(dim=0)[:, 0, :].t().contiguous()
+        _RESAMPLING[key] = (rows.float().to(device), cols.float().to(device))
+    rows, cols = _RESAMPLING[key]
+    return rows.clone(), cols.clone()     # an operator's outputs are its own tensors
+
+
+@_grid_resampling.register_fake
+def _grid_resampling_shapes(height, width, new_height, new_width, device):
+    return (torch.empty(new_height, height, device=device),
+            torch.empty(new_width, width, device=device))
 
 
 def build_backbone(arch: str = "vit_small", *, patch_size: int = 16, drop_path: float = 0.1,
