@@ -68,6 +68,28 @@ def test_patch_tokens_are_timms_conv_embedding_and_positions_timms(tiny):
         tiny.patch_tokens(torch.randn(1, 3, 64, 60))
 
 
+def test_resampled_positions_compile_whole_with_timms_gradient():
+    """Off the trained grid the positional embedding is two matmuls (no graph break in a
+    compiled backbone call), and its gradient is that of timm's F.interpolate."""
+    from timm.layers import resample_abs_pos_embed
+
+    from tcore.models.vit import _resampled_pos_embed
+
+    backbone = build_backbone("vit_tiny", img_size=224, drop_path=0.0)
+    images = torch.randn(2, 3, 96, 96)
+    explained = torch._dynamo.explain(lambda x: backbone.forward_features(x)["patch"])(images)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    weights = torch.randn(1, 36, backbone.embed_dim)
+    grads = []
+    for resample in (lambda p: _resampled_pos_embed(p, (6, 6), (14, 14)),
+                     lambda p: resample_abs_pos_embed(p, new_size=[6, 6], old_size=[14, 14],
+                                                      num_prefix_tokens=0)):
+        table = backbone.pos_embed.detach().clone().requires_grad_(True)
+        (resample(table) * weights).sum().backward()
+        grads.append(table.grad)
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-6
+
+
 def test_masking_replaces_patch_embeddings_before_positions(tiny):
     images = torch.randn(2, 3, 64, 64)
     masks = torch.zeros(2, 16, dtype=torch.bool)
