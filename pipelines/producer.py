@@ -1,11 +1,11 @@
 """Where stage A runs: a thread of the loader's process, or a process of its own.
 
-Stage A is mostly Python (unpacking DALI's reader outputs, then ~0.2 ms of draws per sample,
-~30 ms a batch of 64 on a slow core). In a thread it shares the GIL with the training loop,
-which on a GPU is Python launching kernels: every millisecond stage A holds the GIL is one
-the step's launches wait. In a process of its own it has its own interpreter; its batches
-come back pickled through a pipe (a batch of 64 raw JPEG-frame samples is ~13 MB, ~2.5 ms
-to unpickle). `PipelineConfig.producer` chooses.
+Stage A is mostly Python (unpacking DALI's reader outputs, then the draws: 15-20 ms a
+batch of 64 on one core of the 2-core development machine). In a thread it shares the GIL
+with the training loop, which on a GPU is Python launching kernels: every millisecond stage
+A holds the GIL is one the step's launches wait. In a process of its own it has its own
+interpreter; its batches come back pickled through a pipe (64 JPEG-frame samples cut to
+their drawn frames are ~2 MB, ~1 ms to unpickle). `PipelineConfig.producer` chooses.
 
 Both producers give the same sequence from `get()`: HostBatch after HostBatch, then None
 once a one-pass epoch is drawn (again for every later call). A failure is raised: the
