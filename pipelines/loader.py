@@ -75,6 +75,9 @@ class DaliLoader:
         self.torch_photometric = config.resolved_photometric() == "torch"
         self._buffers = HostBufferPool()
         self.producer_kind = config.resolved_producer(on_gpu)
+        _logger.info("loader on %s: stage A in a %s, colour stage in %s, %d batches in flight",
+                     self.device, self.producer_kind,
+                     "torch" if self.torch_photometric else "the DALI graph", self.prefetch)
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
         self.skipped: list[tuple[str, str]] = []
         if config.skip_bad_samples:
