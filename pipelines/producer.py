@@ -55,14 +55,48 @@ def _run(spec: StageASpec, put, stopping) -> None:
         put(error)
 
 
-class ThreadProducer:
-    """Stage A in a thread of this process."""
+class _QueuedProducer:
+    """What both producers share: a bounded queue of stage A's items and `get()`'s rules."""
 
-    def __init__(self, spec: StageASpec, depth: int):
+    def __init__(self, depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._done = False
+
+    def get(self):
+        if self._failure is not None:
+            raise self._failure
+        if self._done:
+            return None
+        item = self._queue.get()
+        if item is _ENDED:
+            item = self._ended()
+        if isinstance(item, BaseException):
+            self._failure = item
+            raise item
+        self._done = item is None
+        return item
+
+    def _ended(self) -> BaseException:
+        """The error for a stage A that stopped without a word (only a process can)."""
+        return RuntimeError("stage A stopped without handing over a batch")
+
+    def _drain_while(self, running) -> None:
+        """Take items while `running()`: a thread blocked on the full queue needs room to
+        see the stop."""
+        while running():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+class ThreadProducer(_QueuedProducer):
+    """Stage A in a thread of this process."""
+
+    def __init__(self, spec: StageASpec, depth: int):
+        super().__init__(depth)
 
         def put(item):
             _put_until_stopped(self._queue, item, self._stop.is_set)
@@ -71,25 +105,9 @@ class ThreadProducer:
                                         name="tcore-stage-a", daemon=True)
         self._thread.start()
 
-    def get(self):
-        if self._failure is not None:
-            raise self._failure
-        if self._done:
-            return None
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._failure = item
-            raise item
-        self._done = item is None
-        return item
-
     def close(self) -> None:
         self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
+        self._drain_while(self._thread.is_alive)
         self._thread.join()
 
 
@@ -153,7 +171,7 @@ _CHILD_CODE = ("import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
                "from tcore.pipelines.producer import _child_main; _child_main(int(sys.argv[1]))")
 
 
-class ProcessProducer:
+class ProcessProducer(_QueuedProducer):
     """Stage A in a process of its own: a fresh interpreter (`subprocess`), not a fork (the
     parent may hold CUDA and threads) and not multiprocessing's spawn (which re-runs the
     parent's main script, and a script without a __main__ guard would start training again
@@ -161,10 +179,7 @@ class ProcessProducer:
     parent alone, which then closes it. A thread here reads the pipe into a bounded queue."""
 
     def __init__(self, spec: StageASpec, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._failure: BaseException | None = None
-        self._done = False
+        super().__init__(depth)
         self._process = self._reader = self._source = None
         try:
             self._start(spec)
@@ -214,25 +229,13 @@ class ProcessProducer:
             if item is _ENDED or isinstance(item, BaseException):
                 return
 
-    def get(self):
-        if self._failure is not None:
-            raise self._failure
-        if self._done:
-            return None
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._failure = item
-            raise item
-        if item is _ENDED:
-            code = self._process.wait()
-            cause = ("killed by signal %d (out of memory?)" % -code if code < 0
-                     else "exited with code %d (its error is on stderr above)" % code)
-            self._failure = RuntimeError(
-                f"the loader's stage A process (pid {self._process.pid}) {cause} before "
-                "handing over a batch; data.pipeline.producer=thread runs stage A in-process")
-            raise self._failure
-        self._done = item is None
-        return item
+    def _ended(self) -> BaseException:
+        code = self._process.wait()
+        cause = ("killed by signal %d (out of memory?)" % -code if code < 0
+                 else "exited with code %d (its error is on stderr above)" % code)
+        return RuntimeError(
+            f"the loader's stage A process (pid {self._process.pid}) {cause} before "
+            "handing over a batch; data.pipeline.producer=thread runs stage A in-process")
 
     def close(self) -> None:
         self._stop.set()
@@ -245,11 +248,7 @@ class ProcessProducer:
                 self._process.kill()
                 self._process.wait()
         if self._reader is not None:
-            while self._reader.is_alive():    # it may be waiting for room in the queue
-                try:
-                    self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    pass
+            self._drain_while(self._reader.is_alive)
             self._reader.join()
         if self._source is not None:
             self._source.close()
