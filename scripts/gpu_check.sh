@@ -245,9 +245,10 @@ gpu_tests() {
         -o faulthandler_timeout=60 "${select[@]}" \
         tests/test_gpu.py tests/test_models_vit.py::test_attention_backends_agree_in_bf16_on_gpu \
         tests/test_models_vit.py::test_xformers_agrees_with_the_reference_in_bf16_on_gpu \
-        tests/test_ssl.py::test_step_has_no_host_syncs_on_gpu
+        tests/test_ssl.py::test_step_has_no_host_syncs_on_gpu \
+        tests/test_optim.py::test_listed_adamw_steps_exactly_as_torchs_fused_adamw
 }
-run_step gputests 150 gpu_tests
+run_step gputests 180 gpu_tests
 
 # ---- 3. the model step ------------------------------------------------------------------
 # model_x: the fast attention against the other fused one (same precision, eager);
