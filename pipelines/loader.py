@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections import deque
 
 import numpy as np
@@ -86,6 +87,7 @@ class DaliLoader:
         self._state: dict | None = None
         # Stage A's own time for the batches returned (bench data reports the mean).
         self.stage_a_seconds, self.stage_a_batches = 0.0, 0
+        self.phase_seconds: dict[str, float] = {}   # host time per part of next() (`_phase`)
         self._streams: dict = {}    # GPU only: the loader's own CUDA streams (`_stream`)
         self._started = False
         self._exhausted = False
@@ -107,18 +109,27 @@ class DaliLoader:
             self.close()
             raise StopIteration
         host = self._pending.popleft()
-        # Named ranges: `tcore bench train --profile` shows where next() spends its time.
-        with record_function("tcore.loader.stage_b_wait"):
+        with self._phase("stage_b_wait"):
             outputs = self._stage_b_outputs(host)
-        with record_function("tcore.loader.assemble"):
+        with self._phase("assemble"):
             batch = self._assemble(host, outputs)
-        with record_function("tcore.loader.feed_next"):
+        with self._phase("feed_next"):
             self._drain_fillers(host)
             self._top_up()
         self._state = host.state_after
         self.stage_a_seconds += host.seconds
         self.stage_a_batches += 1
         return batch
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """A named part of next(): a profiler range (`tcore bench train --profile`) and its
+        host wall time summed in `phase_seconds` (`tcore bench data` reports it per batch),
+        so a run shows whether next() waits for stage B or spends its own time."""
+        began = time.perf_counter()
+        with record_function(f"tcore.loader.{name}"):
+            yield
+        self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - began
 
     def state_dict(self) -> dict:
         """The state after the last batch returned (before the first one: the start)."""

@@ -344,19 +344,21 @@ def view_rows(photometric: np.ndarray, jitter_order: np.ndarray, blur_kernel: in
 
 def feed_arrays(samples_data, params, blur_kernel: int, photometric: bool = True
                 ) -> dict[str, list[np.ndarray]]:
-    """Per-input lists for `Pipeline.feed_input`, from encoded bytes + SampleParams (without
-    the per-view photometric inputs when the graph has no colour stage)."""
-    arrays = {"data": list(samples_data),
-              "frames": [p.frames.astype(np.int32) for p in params],
-              "boxes": [p.boxes for p in params],
-              "flips": [p.flips.astype(np.int32) for p in params]}
-    if photometric and params:
-        # One vectorised call for the batch, then a view of it per sample.
+    """Inputs for `Pipeline.feed_input`, from encoded bytes + SampleParams (without the
+    per-view photometric inputs when the graph has no colour stage): the encoded samples as
+    a list, every fixed-shape input as one array with the batch first. DALI takes such an
+    array in one call, where a list costs it ~7 us of Python per sample and input."""
+    arrays = {"data": list(samples_data)}
+    if not params:
+        return arrays
+    arrays.update(frames=np.stack([p.frames for p in params]).astype(np.int32),
+                  boxes=np.stack([p.boxes for p in params]).astype(np.float32),
+                  flips=np.stack([p.flips for p in params]).astype(np.int32))
+    if photometric:
         rows, switches, windows = view_rows(np.stack([p.photometric for p in params]),
                                             np.stack([p.jitter_order for p in params]),
                                             blur_kernel)
-        arrays.update(photometric=list(rows), switches=list(switches),
-                      blur_windows=list(windows))
+        arrays.update(photometric=rows, switches=switches, blur_windows=windows)
     return arrays
 
 

@@ -314,6 +314,16 @@ def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path
     assert report["runs"][0]["details"]["stage_a"] == "thread"
     assert 0 < report["runs"][0]["details"]["stage_a_ms_per_batch"] < 1e3 * max(
         report["runs"][0]["figures"]["batch_latency"]["max"], 1.0)
+    # next()'s parts over the measured batches account for its whole time (the clock's
+    # own cost and the device sync aside), and the terminal shows them.
+    dali = report["runs"][0]
+    phases = dali["details"]["next_ms_per_batch"]
+    assert set(phases) == {"stage_b_wait", "assemble", "feed_next"}
+    assert all(ms >= 0 for ms in phases.values())
+    mean_latency_ms = 1e3 * dali["details"]["measured_seconds"] / dali["details"]["batches"]
+    assert 0.9 * mean_latency_ms <= sum(phases.values()) <= mean_latency_ms
+    assert "loader ms / batch" in output and "stage_b_wait" in output
+    assert "next_ms_per_batch" not in report["runs"][1]["details"]    # the baseline has none
     assert report["compare"]["changed"] == {"loader": ["dali", "baseline"]}
 
 
@@ -328,6 +338,10 @@ def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
     assert "data_wait_fraction" in output
     run = json.loads(path.read_text())["runs"][0]
     assert run["details"]["stage_a"] == "process"     # as asked (the default on a GPU)
+    # next()'s parts, per timed step, fit inside the time the step waited in next().
+    phases = run["details"]["next_ms_per_batch"]
+    assert set(phases) == {"stage_b_wait", "assemble", "feed_next"}
+    assert 0 < sum(phases.values()) <= 1e3 * run["figures"]["data_wait"]["median"] * 1.001  # 2 steps: the mean
     # The profile covers the loader too: its named ranges are in the CPU table.
     assert run["details"]["profile"]["steps"] == 3
     cpu_table = (profile / "cpu.txt").read_text()

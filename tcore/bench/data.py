@@ -64,17 +64,37 @@ def build_named_loader(loader: str, shards: str, device: torch.device, threads: 
                                  num_workers=threads, infinite=True)
 
 
-def dali_loader_details(loader) -> dict:
-    """What the DALI loader's "auto" settings resolved to, and stage A's time per batch
-    (nothing for the baseline)."""
+def loader_clock(loader) -> dict:
+    """The DALI loader's running time counters (nothing for the baseline): take one before
+    and one after the measured batches and hand both to `dali_loader_details`."""
+    if not hasattr(loader, "phase_seconds"):
+        return {}
+    return {"stage_a_seconds": loader.stage_a_seconds, "batches": loader.stage_a_batches,
+            "phases": dict(loader.phase_seconds)}
+
+
+def dali_loader_details(loader, before: dict | None = None, after: dict | None = None) -> dict:
+    """What the DALI loader's "auto" settings resolved to, and where its time went per
+    measured batch (between the `loader_clock` readings `before` and `after`; nothing for the
+    baseline)."""
     if not hasattr(loader, "torch_photometric"):
         return {}
-    return {"video_decode": "nvdec" if loader.video_on_gpu else "cpu",
-            "colour_stage": "torch" if loader.torch_photometric else "dali",
-            "stage_a": loader.producer_kind,
-            # Its reading and drawing alone, per batch (warm-up included): a stage A slower
-            # than the batch latency would be the loader's limit.
-            "stage_a_ms_per_batch": 1e3 * loader.stage_a_seconds / max(1, loader.stage_a_batches)}
+    details = {"video_decode": "nvdec" if loader.video_on_gpu else "cpu",
+               "colour_stage": "torch" if loader.torch_photometric else "dali",
+               "stage_a": loader.producer_kind}
+    after = after or loader_clock(loader)
+    before = before or {"stage_a_seconds": 0.0, "batches": 0, "phases": {}}
+    batches = max(1, after["batches"] - before["batches"])
+    # Stage A's reading and drawing alone, in its thread or process: slower than the batch
+    # latency, it would be the loader's limit.
+    details["stage_a_ms_per_batch"] = 1e3 * (after["stage_a_seconds"]
+                                             - before["stage_a_seconds"]) / batches
+    # The consumer's host time per batch inside next(): waiting for stage B's outputs, copying
+    # and finishing them (colour stage, uploads), and taking and feeding the next host batch.
+    details["next_ms_per_batch"] = {
+        name: 1e3 * (seconds - before["phases"].get(name, 0.0)) / batches
+        for name, seconds in after["phases"].items()}
+    return details
 
 
 def pipeline_config_from(overrides: str):
@@ -150,10 +170,10 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
         warmup = max(settings.warmup_batches, getattr(loader, "prefetch", 0) + 1)
         for _ in range(warmup):
             next(iterator)
-        cpu_before = process_tree_cpu_seconds()
+        cpu_before, clock_before = process_tree_cpu_seconds(), loader_clock(loader)
         latencies, sizes = time_batches(iterator, seconds=settings.seconds, warmup_batches=0,
                                         device=device)
-        cpu_after = process_tree_cpu_seconds()
+        cpu_after, clock_after = process_tree_cpu_seconds(), loader_clock(loader)
         build_and_warmup = time.perf_counter() - build_start - sum(latencies)
     finally:
         close_loader(loader)
@@ -173,7 +193,7 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
     }
     details = {"batches": len(latencies), "samples": sum(sizes), "warmup_batches": warmup,
                "measured_seconds": sum(latencies), "build_and_warmup_seconds": build_and_warmup}
-    details.update(dali_loader_details(loader))
+    details.update(dali_loader_details(loader, clock_before, clock_after))
     warnings = []
     if len(latencies) < MIN_TIMED_BATCHES:
         # Each window then holds a batch or two, and one slow or queued batch moves its rate.

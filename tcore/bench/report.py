@@ -252,6 +252,16 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def loader_time_line(details: dict) -> str:
+    """"stage_b_wait 12.1, assemble 3.4, feed_next 1.2 (next()); stage A 16.0": where the
+    DALI loader's time went per batch, or "" when the run reported none."""
+    phases = details.get("next_ms_per_batch")
+    if not phases:
+        return ""
+    parts = ", ".join(f"{name} {ms:.1f}" for name, ms in phases.items())
+    return f"{parts} (next()); stage A {details.get('stage_a_ms_per_batch', 0.0):.1f}"
+
+
 def format_report(report: dict) -> str:
     """The short terminal table: one block per run, then the --compare ratio."""
     lines = []
@@ -262,6 +272,9 @@ def format_report(report: dict) -> str:
                      f"  on {result['environment']['device_name']}")
         for name, text in result_rows(result):
             lines.append(f"  {name:<22} {text}")
+        loader_line = loader_time_line(result.get("details", {}))
+        if loader_line:
+            lines.append(f"  {'loader ms / batch':<22} {loader_line}")
         for warning in result.get("warnings", []):
             lines.append(f"  warning: {warning}")
     if "compare" in report:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tcore.bench.data import (batch_size_of, build_named_loader, close_loader,
-                              dali_loader_details)
+                              dali_loader_details, loader_clock)
 from tcore.bench.flops import PRECISION_DTYPES, synchronizer
 from tcore.bench.model import (BENCH_ITERATION, bench_config, build_trainer, profile_steps,
                                resolved_attention)
@@ -100,8 +100,10 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
         iterator = iter(loader)
         if settings.warmup:
             timed_windows(iterator, trainer, settings.warmup, 1, device)
+        clock_before = loader_clock(loader)
         waits, sizes, window_times, window_steps = timed_windows(
             iterator, trainer, settings.steps, settings.repeats, device)
+        clock_after = loader_clock(loader)
         profile = None
         if profile_dir:
             # After the timed steps, so the profiler's overhead touches no figure.
@@ -121,7 +123,7 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
     }
     details = {"steps": len(waits), "samples": sum(sizes),
                "attention_resolved": resolved_attention(settings.attention, device),
-               "precision_resolved": trainer.precision, **dali_loader_details(loader)}
+               "precision_resolved": trainer.precision, **dali_loader_details(loader, clock_before, clock_after)}
     if profile:
         details["profile"] = profile
     return {"kind": "train", "settings": asdict(settings), "figures": figures,
