@@ -35,7 +35,8 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled shards data
-# data_frames train train_compiled; data_prefetch and data_producer run only when named here),
+# data_frames train train_compiled; model_s_autotune, data_prefetch and data_producer run only
+# when named here),
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
 # GPU_CHECK_TESTS (a pytest -k expression: which GPU tests run; all when unset),
@@ -127,9 +128,9 @@ if [[ "$CPU_MODE" == 1 ]]; then
     ARCH_S=vit_tiny ARCH_B=vit_tiny
     PRECISION=fp32 FAST=sdpa        # xFormers has no CPU kernels: SDPA stands in for it
     SLOW_PRECISION=fp32 REF=math
+    MODEL_OVERRIDES=model.head.prototypes=256,model.head.hidden=256
     MODEL_ARGS=(--batch 1 --global-size 112 --local-size 48 --local-crops 1 --warmup 1
-                --repeats 2 --steps 1 --peak-size 256
-                --set model.head.prototypes=256,model.head.hidden=256)
+                --repeats 2 --steps 1 --peak-size 256 --set "$MODEL_OVERRIDES")
     DATA_ARGS=(--batch 2 --threads 2 --seconds 2 --warmup 1 --repeats 2 --loader both)
     DATA_COMPARE=()
     FRAMES_COMPARE=()
@@ -143,6 +144,7 @@ else
     ARCH_S=vit_small ARCH_B=vit_base
     PRECISION=bf16 FAST=xformers
     SLOW_PRECISION=fp32 REF=sdpa
+    MODEL_OVERRIDES=
     MODEL_ARGS=(--batch 64 --warmup 3 --repeats 5 --steps 3)  # eager fp32 ViT-B: ~1 s a step
     # No PyAV there, so no baseline loader. NVDEC was measured on 2026-11-26 (62 clips/s
     # whatever the settings, PERFORMANCE.md), so the clips are decoded on the CPU threads
@@ -268,6 +270,14 @@ bench_model model_s_compiled "$ARCH_S" 200 --attention "$FAST" --precision "$PRE
     --profile "$WORK/profile/model_s_compiled"
 bench_model model_b "$ARCH_B" 120 --attention "$FAST" --precision "$PRECISION" \
     --compare "attention=$REF"
+# Only when named in GPU_CHECK_ONLY: the compiled step with Inductor's Triton matmuls and
+# fused epilogues (train.compile_mode), against model_s_compiled; minutes of autotuning.
+if [[ -n "${GPU_CHECK_ONLY:-}" ]]; then
+    bench_model model_s_autotune "$ARCH_S" 400 --attention "$FAST" --precision "$PRECISION" \
+        "${COMPILE_FLAG[@]}" \
+        --set "${MODEL_OVERRIDES:+$MODEL_OVERRIDES,}train.compile_mode=max-autotune-no-cudagraphs" \
+        --profile "$WORK/profile/model_s_autotune"
+fi
 
 # ---- 4. data and end to end (needs DALI) ---------------------------------------------------
 build_shards() {

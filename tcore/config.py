@@ -17,6 +17,10 @@ from omegaconf.errors import OmegaConfBaseException
 CONFIG_DIR = Path(__file__).parent / "configs"
 STRICT_SECTIONS = ("data", "optim", "train")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# torch.compile modes for the loss computation. Not the CUDA-graph ones ("reduce-overhead",
+# "max-autotune"): a replay overwrites the previous step's outputs, and training keeps each
+# step's loss tensors until it logs them.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -148,6 +152,11 @@ def validate_config(cfg: DictConfig, source: str = "config") -> None:
     _require(isinstance(train.compile_backend, str) and train.compile_backend, source,
              f"train.compile_backend must be a torch.compile backend name, "
              f"got {train.compile_backend!r}")
+    _require(train.compile_mode in COMPILE_MODES, source,
+             f"train.compile_mode must be one of {COMPILE_MODES}, got {train.compile_mode!r}")
+    _require(train.compile_mode == "default" or train.compile_backend == "inductor", source,
+             f"train.compile_mode={train.compile_mode} needs train.compile_backend=inductor "
+             f"(got {train.compile_backend!r})")
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:

@@ -163,6 +163,14 @@ def _gather(obj, info: DistInfo) -> list:
     return gathered
 
 
+def compiled(module: nn.Module, train_cfg) -> nn.Module:
+    """`torch.compile` of the loss module with the config's backend and mode (a mode is
+    passed only when it is not the default, since only Inductor takes one)."""
+    mode = train_cfg.get("compile_mode", "default")
+    extra = {} if mode == "default" else {"mode": mode}
+    return torch.compile(module, backend=train_cfg.compile_backend, **extra)
+
+
 class Trainer:
     """Model, optimizer, scaler, schedules and loader of one run, and the step over them."""
 
@@ -182,8 +190,8 @@ class Trainer:
         # fp16 under FSDP: the scaler's inf/NaN check on DTensor gradients is reduced over
         # all shards by DTensor, so every rank skips (or takes) the same steps.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.forward = (torch.compile(self.loss_module, backend=cfg.train.compile_backend)
-                        if cfg.train.compile else self.loss_module)
+        self.forward = compiled(self.loss_module, cfg.train) if cfg.train.compile \
+            else self.loss_module
         self.clip_grad = float(cfg.optim.clip_grad)
         self.teacher_temp = torch.zeros((), device=self.device)
 

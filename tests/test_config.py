@@ -61,6 +61,9 @@ def test_overrides_apply_and_round_trip(tmp_path):
     (["data.future_offset_range=[0.3,0.5]"], "current_range[1] + data.future_offset_range[1]"),
     (["data.current_range=[0.5]"], "data.current_range must be a [low, high] pair"),
     (["train.keep_last=0"], "train.keep_last"),
+    (["train.compile_mode=reduce-overhead"], "train.compile_mode must be one of"),
+    (["train.compile_mode=max-autotune-no-cudagraphs", "train.compile_backend=aot_eager"],
+     "needs train.compile_backend=inductor"),
     (["optim.epochs"], "expected key=value"),
 ])
 def test_bad_overrides_are_named(overrides, message):
@@ -84,3 +87,16 @@ def test_bad_files_are_named(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(str(listy))
+
+
+def test_compile_mode_reaches_the_compiler():
+    """`train.compile_mode` is what Inductor is configured with for the train step."""
+    import torch
+
+    from tcore.bench.model import bench_config, build_trainer
+
+    for mode, autotune in (("default", False), ("max-autotune-no-cudagraphs", True)):
+        cfg = bench_config("vit_tiny", "sdpa", "fp32", True, 2, torch.device("cpu"), 1,
+                           f"train.compile_mode={mode}")
+        trainer = build_trainer(cfg, torch.device("cpu"))
+        assert trainer.forward.dynamo_ctx.compiler_config["max_autotune"] is autotune, mode
