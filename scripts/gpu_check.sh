@@ -23,7 +23,8 @@
 # $SHARDS and $FRAMES) -> `tcore bench model` ViT-S/16 and ViT-B/16 (xFormers vs SDPA, bf16,
 # compiled or not, against eager fp32 math attention) -> with DALI: synthetic shards,
 # `tcore bench data --device gpu` (NVDEC against video_decoder=cpu), `data_frames` (nvJPEG on
-# the JPEG-frame shards, when GPU_CHECK_FRAME_SHARDS holds some), `tcore bench train` (from the
+# the JPEG-frame shards, when GPU_CHECK_FRAME_SHARDS holds some, after `decode_frames`: the
+# JPEG decoder alone, scripts/jpeg_decode_probe.py), `tcore bench train` (from the
 # JPEG frames when they are there, else the clips) -> one short table. A failing step is
 # logged and the script goes on.
 #
@@ -35,8 +36,8 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled shards data
-# data_frames train train_compiled; model_s_autotune, data_prefetch and data_producer run only
-# when named here),
+# decode_frames data_frames train train_compiled; model_s_autotune, data_prefetch and
+# data_producer run only when named here),
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
 # GPU_CHECK_TESTS (a pytest -k expression: which GPU tests run; all when unset),
@@ -137,6 +138,7 @@ if [[ "$CPU_MODE" == 1 ]]; then
     TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2 --set
                 model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1)
     PRODUCER_COMPARE=()
+    JPEG_PROBE_ARGS=(--configs cpu:2:three,cpu:2:one --batch 2 --batches 3)
     SYNTH=(videos=8 frames=24 size=160x128 short_side=128)
     COMPILE_DEFAULT=0
 else
@@ -157,6 +159,8 @@ else
     TRAIN_ARGS=(--batch 64 --threads 16 --warmup 5 --steps 20 --repeats 3)
     PRODUCER_COMPARE=(--set data.pipeline.producer=process
                       --compare overrides=data.pipeline.producer=thread)
+    JPEG_PROBE_ARGS=(--configs mixed:16:three,mixed:16:one,cpu:16:three,cpu:16:one
+                     --batch 64 --batches 8)
     SYNTH=(videos=32 frames=24 size=426x320 short_side=320)
     COMPILE_DEFAULT=1
 fi
@@ -301,6 +305,10 @@ if has_module nvidia.dali; then
     run_step data 150 "${TCORE[@]}" bench data --data "$SHARDS" --device "$DEVICE" \
         "${DATA_ARGS[@]}" "${DATA_COMPARE[@]}" --json "$WORK/reports/data.json"
     if [[ -f "$FRAMES/manifest.json" ]]; then
+        # The three drawn JPEGs decoded and nothing else: does nvJPEG bound stage B, and
+        # would one decoder over 3 x B images beat three of B each?
+        run_step decode_frames 60 "$PYTHON" -P scripts/jpeg_decode_probe.py "$FRAMES" \
+            "${JPEG_PROBE_ARGS[@]}" --out "$WORK/reports/decode_frames.jsonl"
         run_step data_frames 90 "${TCORE[@]}" bench data --data "$FRAMES" --device "$DEVICE" \
             "${DATA_ARGS[@]}" "${FRAMES_COMPARE[@]}" --json "$WORK/reports/data_frames.json"
         # Only when asked for (GPU_CHECK_ONLY): stage B four batches deep against two, and
@@ -347,6 +355,10 @@ done
     echo "tcore gpu_check, $(date -u +%Y-%m-%dT%H:%MZ), $((SECONDS - START))s, mode $([[ $CPU_MODE == 1 ]] && echo CPU || echo GPU)"
     for name in "${ORDER[@]}"; do printf '  %-18s %s\n' "$name" "${STATUS[$name]}"; done
     if ((${#reports[@]})); then "${TCORE[@]}" bench table --targets "${reports[@]}"; fi
+    if [[ -s "$WORK/reports/decode_frames.jsonl" ]]; then
+        echo "decode_frames (JPEG decode only):"
+        cat "$WORK/reports/decode_frames.jsonl"
+    fi
 } >"$OUT/summary.txt" 2>&1
 "$PYTHON" -P - "$OUT/reports.json" "${reports[@]}" <<'EOF'
 import json, os, sys

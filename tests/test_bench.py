@@ -440,3 +440,28 @@ def test_bench_data_pipeline_overrides_are_typed_and_checked():
     assert config.views.global_scale == (0.4, 1.0)
     with pytest.raises(ValueError, match="nope"):
         pipeline_config_from("views.nope=1")
+
+
+def test_jpeg_decode_probe_decodes_the_drawn_frames_both_ways(synth_root, synth_shards, tmp_path):
+    """scripts/jpeg_decode_probe.py (a gpu_check step): stage A's drawn JPEGs decoded by
+    three decoders of a batch each and by one over the whole batch, on the CPU here."""
+    from tcore.preprocess.shards import build_shards
+
+    frames = tmp_path / "frames"
+    build_shards(synth_root / "train", frames, frames=8, short_side=64, codec="jpegs",
+                 samples_per_shard=6, workers=1, progress=False)
+    script = REPO / "scripts" / "jpeg_decode_probe.py"
+    out = tmp_path / "probe.jsonl"
+    done = subprocess.run([sys.executable, "-P", str(script), str(frames), "--configs",
+                           "cpu:1:three,cpu:1:one", "--batch", "4", "--batches", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["device"], r["layout"], r["batch"]) for r in lines] == [("cpu", "three", 4),
+                                                                      ("cpu", "one", 4)]
+    assert all(r["samples_per_s"] > 0 and r["cpu_ms_per_sample"] > 0 for r in lines)
+    assert done.stdout.splitlines() == out.read_text().splitlines()
+    # Clip shards are refused with what to build instead.
+    refused = subprocess.run([sys.executable, "-P", str(script), str(synth_shards)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--codec jpegs" in refused.stderr
