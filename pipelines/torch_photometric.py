@@ -61,14 +61,38 @@ def pil_enhance(x: torch.Tensor, alpha: torch.Tensor, with_luma: torch.Tensor,
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-# IEEE float32 division where Triton would not give it: Inductor's float32 division on CUDA
-# is approximate (div.full.f32); float64 division is exact (div.rn.f64), and rounding its
-# quotient of two float32 numbers to float32 is the IEEE float32 quotient (53 >= 2 * 24 + 2).
-# On the CPU plain float32 already is PIL's arithmetic, and cheaper.
+# Two float32 results PIL relies on, computed by opaque operators that run eagerly inside
+# compiled graphs, where a compiler could change them:
+# - a float64 value rounded to float32 and read again as float64: torch 2.11's Inductor (on
+#   the CPU, seen here) drops such a round trip as a no-op, which moved 0.16% of hue-shifted
+#   pixels by up to 6 levels;
+# - float32 division on CUDA: Triton's is approximate (div.full.f32), torch's eager kernel is
+#   IEEE's. On the CPU compiled float32 division already is IEEE's, and stays fused.
+@torch.library.custom_op("tcore::float32_rounded", mutates_args=())
+def _float32_rounded(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32)
+
+
+@_float32_rounded.register_fake
+def _float32_rounded_shape(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+@torch.library.custom_op("tcore::float32_quotient", mutates_args=())
+def _float32_quotient(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a / b
+
+
+@_float32_quotient.register_fake
+def _float32_quotient_shape(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(a)
+
+
 def _f32_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The IEEE float32 quotient of float32 tensors of the same shape, compiled or not."""
     if a.device.type != "cuda":
         return a / b
-    return (a.to(torch.float64) / b.to(torch.float64)).to(torch.float32)
+    return _float32_quotient(a, b)
 
 
 def pil_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -87,7 +111,7 @@ def pil_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(is_r, bc - gc,
                     torch.where(is_g, (rc64 + 2.0 - bc64).to(f32), (gc64 + 4.0 - rc64).to(f32)))
     y = h.to(f64) / 6.0 + 1.0
-    h = (y - (y >= 1.0).to(f64)).to(f32).to(f64)
+    h = _float32_rounded(y - (y >= 1.0).to(f64)).to(f64)
     hue = torch.floor(h * 255.0)
     sat = torch.floor(_f32_divide(chroma, torch.clamp(v, min=1.0)).to(f64) * 255.0)
     hue = hue + shift.to(f64).view(-1, 1, 1)
