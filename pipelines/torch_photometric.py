@@ -27,7 +27,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch._dynamo.exc import TorchDynamoException
 
 from tcore.pipelines.config import ViewConfig
 from tcore.pipelines.views import JITTER_HUE_SHIFT, JITTER_SLOTS, SW
@@ -217,7 +216,8 @@ def colour_stage(x: torch.Tensor, params: torch.Tensor, switches: torch.Tensor,
 
 
 _COMPILED: dict[tuple[str, str], object] = {}
-_COMPILE_FAILED: list[str] = []
+# Per device type, why compiling failed there (that device's steps then run eagerly).
+_COMPILE_FAILED: dict[str, str] = {}
 
 
 def _kernel(name: str, compile_: bool, device: torch.device):
@@ -225,10 +225,11 @@ def _kernel(name: str, compile_: bool, device: torch.device):
     CPU; once per device type, at the first batch): eager, the hue shift alone is ~60
     full-size float64 passes over the batch's crops; fused it is one. On CUDA without
     multiply-add fusion (`emulate_precision_casts`): PIL rounds a product before adding it,
-    and an FMA would not (one level off for some blend factors). If compiling fails (no C++
-    compiler, say) the eager function serves instead, with a warning."""
+    and an FMA would not (one level off for some blend factors). If compiling fails on a
+    device (no C++ compiler, say, or too many recompilations) the eager functions serve there
+    instead, with a warning."""
     function = globals()[name]
-    if not compile_ or _COMPILE_FAILED:
+    if not compile_ or device.type in _COMPILE_FAILED:
         return function
     key = (name, device.type)
     if key not in _COMPILED:
@@ -239,22 +240,26 @@ def _kernel(name: str, compile_: bool, device: torch.device):
                 return function      # an older torch: exact pixels first
             options = {"emulate_precision_casts": True}
         compiled = torch.compile(function, dynamic=True, fullgraph=True, options=options)
-        _COMPILED[key] = _with_eager_fallback(compiled, function)
+        _COMPILED[key] = _with_eager_fallback(compiled, function, device.type)
     return _COMPILED[key]
 
 
-def _with_eager_fallback(compiled, eager):
+def _with_eager_fallback(compiled, eager, device_type: str):
     def call(*args):
-        if _COMPILE_FAILED:
+        if device_type in _COMPILE_FAILED:
             return eager(*args)
         try:
             return compiled(*args)
-        except TorchDynamoException as error:  # a backend that cannot compile here
-            _COMPILE_FAILED.append(f"{type(error).__name__}: {str(error)[:200]}")
-            warnings.warn("torch_photometric: torch.compile failed, running eagerly "
-                          f"(data.pipeline.photometric_compile=false avoids the attempt): "
-                          f"{_COMPILE_FAILED[0]}")
-            return eager(*args)
+        except Exception as error:
+            # Not every compiler failure is a TorchDynamoException (a recompile limit hit
+            # is a plain Exception). If the eager function fails too, that error is the
+            # real one: it propagates, and compiling stays on.
+            result = eager(*args)
+            _COMPILE_FAILED[device_type] = f"{type(error).__name__}: {str(error)[:200]}"
+            warnings.warn(f"torch_photometric: torch.compile failed on {device_type}, running "
+                          f"eagerly there (data.pipeline.photometric_compile=false avoids the "
+                          f"attempt): {_COMPILE_FAILED[device_type]}")
+            return result
     return call
 
 

@@ -35,9 +35,9 @@
 #
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
-# names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled shards data
-# decode_frames data_frames train train_compiled; model_s_autotune, data_prefetch and
-# data_producer run only when named here),
+# names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled
+# shards gputests_dali data decode_frames data_frames train train_compiled; model_s_autotune,
+# data_prefetch and data_producer run only when named here),
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
 # GPU_CHECK_TESTS (a pytest -k expression: which GPU tests run; all when unset),
@@ -107,7 +107,7 @@ run_step() {
     if declare -F "$1" >/dev/null; then
         # A shell function: `timeout` needs a program, so hand the function and the variables
         # it reads to a child bash.
-        timeout --kill-after=10 "$limit" bash -c "$(declare -p PYTHON REPO WORK SHARDS FRAMES SYNTH \
+        timeout --kill-after=10 "$limit" bash -c "$(declare -p PYTHON REPO WORK SHARDS FRAMES SYNTH GPU_TESTS_GROUP \
             2>/dev/null); $(declare -f "$1"); $1" >>"$LOG" 2>&1
     else
         timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
@@ -238,23 +238,31 @@ run_step agree 90 "${TCORE[@]}" bench agree --arch "$ARCH_S" --attention "$FAST"
     --reference "$REF" --precision "$PRECISION" --device "$DEVICE" \
     --json "$WORK/reports/agree.json"
 
-# ---- 2b. the tests only a GPU can run (the DALI ones skip unless DALI and shards are there) --
-gpu_tests() {
+# ---- 2b. the tests only a GPU can run, in two groups: `gputests` needs no DALI (the step,
+# optimizer, attention and host-sync tests, first so that a slow DALI test cannot starve
+# them); `gputests_dali` (section 4, when DALI imports) holds the loader and colour-stage ones.
+gpu_tests() {  # GPU_TESTS_GROUP: core | dali
     local shards_env=()
     [[ -f "$SHARDS/manifest.json" ]] && shards_env=(TCORE_GPU_SHARDS="$SHARDS")
     [[ -f "$FRAMES/manifest.json" ]] && shards_env+=(TCORE_GPU_FRAME_SHARDS="$FRAMES")
+    local core="fused_adamw_on_cuda or mixed_precision_step"
+    local tests=(tests/test_gpu.py) filter="not ($core)"
+    if [[ "$GPU_TESTS_GROUP" == core ]]; then
+        tests=(tests/test_models_vit.py::test_attention_backends_agree_in_bf16_on_gpu
+               tests/test_models_vit.py::test_xformers_agrees_with_the_reference_in_bf16_on_gpu
+               tests/test_ssl.py::test_step_has_no_host_syncs_on_gpu
+               tests/test_optim.py::test_listed_adamw_steps_exactly_as_torchs_fused_adamw
+               tests/test_gpu.py)
+        filter="$core or bf16_on_gpu or host_syncs_on_gpu or listed_adamw"
+    fi
+    [[ -n "${GPU_CHECK_TESTS:-}" ]] && filter="($filter) and ($GPU_CHECK_TESTS)"
     # --noconftest: the shared fixtures build shards with PyAV, which the GPU machine lacks.
     # A test still running after 60 s gets every thread's stack printed (the log says where).
-    local select=()
-    [[ -n "${GPU_CHECK_TESTS:-}" ]] && select=(-k "$GPU_CHECK_TESTS")
     env "${shards_env[@]}" "$PYTHON" -P -m pytest -q -s -v --noconftest -p no:cacheprovider \
-        -o faulthandler_timeout=60 "${select[@]}" \
-        tests/test_gpu.py tests/test_models_vit.py::test_attention_backends_agree_in_bf16_on_gpu \
-        tests/test_models_vit.py::test_xformers_agrees_with_the_reference_in_bf16_on_gpu \
-        tests/test_ssl.py::test_step_has_no_host_syncs_on_gpu \
-        tests/test_optim.py::test_listed_adamw_steps_exactly_as_torchs_fused_adamw
+        -o faulthandler_timeout=60 -k "$filter" "${tests[@]}"
 }
-run_step gputests 180 gpu_tests
+GPU_TESTS_GROUP=core
+run_step gputests 120 gpu_tests
 
 # ---- 3. the model step ------------------------------------------------------------------
 # model_x: the fast attention against the other fused one (same precision, eager);
@@ -302,6 +310,8 @@ EOF
 }
 if has_module nvidia.dali; then
     run_step shards 90 build_shards
+    GPU_TESTS_GROUP=dali
+    run_step gputests_dali 240 gpu_tests
     run_step data 150 "${TCORE[@]}" bench data --data "$SHARDS" --device "$DEVICE" \
         "${DATA_ARGS[@]}" "${DATA_COMPARE[@]}" --json "$WORK/reports/data.json"
     if [[ -f "$FRAMES/manifest.json" ]]; then
@@ -336,7 +346,7 @@ if has_module nvidia.dali; then
         --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
         "${TRAIN_ARGS[@]}" "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_compiled.json"
 else
-    for name in shards data data_frames data_prefetch data_producer train train_compiled; do
+    for name in shards gputests_dali data decode_frames data_frames data_prefetch data_producer train train_compiled; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
     done
 fi

@@ -180,10 +180,12 @@ def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader
 
-    config = PipelineConfig(video_decoder=decoder)
-    config.views.color_jitter = jitter
     batches = {}
     for device in ("cpu", "cuda"):
+        # The CPU leg eager: its pixels are the compiled ones (tests/test_torch_photometric.py)
+        # and a C++ compile would take a minute of the GPU check's time.
+        config = PipelineConfig(video_decoder=decoder, photometric_compile=device == "cuda")
+        config.views.color_jitter = jitter
         loader = build_loader([shards], batch_size=4, device=device, config=config, seed=3,
                               infinite=False, num_threads=4)
         batch = next(iter(loader))
@@ -207,8 +209,8 @@ def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
 def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
     """The fused (Triton) colour stage on the GPU: PIL's hue shift on all 2^24 colours at two
     shifts, and the jitter in all 24 orders equal to the eager CPU stage (itself PIL's, see
-    tests/test_torch_photometric.py), bit for bit: no approximate division (float64 there),
-    no fused multiply-add (emulate_precision_casts)."""
+    tests/test_torch_photometric.py), bit for bit: no approximate division (an opaque eager
+    op there), no fused multiply-add (emulate_precision_casts)."""
     import itertools
 
     import numpy as np
@@ -249,12 +251,12 @@ def test_dense_colour_stage_compiled_on_cuda_equals_the_cpu_subset_path():
     """The loader's GPU colour stage (`dense`: every step over every crop in one compiled
     graph, the blur opaque to it) against the CPU's subset path, on crops that take every
     step both ways, and at two crop counts with the same graph."""
-    from test_torch_photometric import _every_step_batch
+    from colour_images import every_step_batch
 
     from tcore.pipelines import torch_photometric as tp
     from tcore.pipelines.config import ViewConfig
 
-    images, full, switches, windows = _every_step_batch(64)
+    images, full, switches, windows = every_step_batch(64)
     want = tp.apply_photometric(images, full, switches, windows, ViewConfig())
     for count in (len(images), 9):
         got = tp.apply_photometric(images[:count].cuda(), full[:count], switches[:count],

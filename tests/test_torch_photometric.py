@@ -12,7 +12,7 @@ import torchvision.transforms.functional as TF
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
-from colour_images import colour_test_image
+from colour_images import as_chw, colour_test_image, every_step_batch, photometric_row
 from tcore.pipelines.config import PipelineConfig, ViewConfig
 from tcore.pipelines import torch_photometric
 from tcore.pipelines.loader import build_loader
@@ -24,24 +24,16 @@ from tcore.pipelines.views import ROW_WIDTH, SW, SWITCHES, jitter_columns, view_
 ONE_LEVEL = 1.0 / (255 * min(ViewConfig().std)) + 1e-6   # one gray level, normalised
 
 
-def _chw(images) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-
-
 def _hwc(tensor: torch.Tensor) -> np.ndarray:
     return tensor.permute(1, 2, 0).numpy()
-
-
-def _row(brightness, contrast, saturation, hue, gray=0.0, sigma=0.0, solarize=0.0):
-    return np.array([brightness, contrast, saturation, hue, gray, sigma, solarize], np.float32)
 
 
 def test_hue_shift_is_pils_bit_for_bit():
     """Every hue at once, one crop each: TF.adjust_hue on a PIL image, pixel for pixel."""
     image = colour_test_image(96)
     hues = [0.08, -0.1, 0.5, -0.5, 0.003, 0.25]
-    shifts = [jitter_columns(_row(1, 1, 1, h), np.arange(4))[0] for h in hues]  # 8-bit shift
-    out = pil_hue_shift(_chw([image] * len(hues)), torch.tensor(shifts))
+    shifts = [jitter_columns(photometric_row(1, 1, 1, h), np.arange(4))[0] for h in hues]  # 8-bit shift
+    out = pil_hue_shift(as_chw([image] * len(hues)), torch.tensor(shifts))
     for crop, hue in zip(out, hues):
         want = np.array(TF.adjust_hue(Image.fromarray(image), hue))
         assert np.array_equal(_hwc(crop), want), (hue, np.abs(_hwc(crop).astype(int) - want).max())
@@ -51,9 +43,9 @@ def test_jitter_applies_each_crops_drawn_order_bit_for_bit():
     """24 crops, one per jitter order, plus grayscale after it: the baseline's PIL pixels."""
     image = colour_test_image(64, seed=1)
     orders = [np.array(p) for p in itertools.permutations(range(4))]
-    rows = [_row(1.35, 0.65, 1.2, 0.08, gray=float(k % 5 == 0)) for k in range(len(orders))]
+    rows = [photometric_row(1.35, 0.65, 1.2, 0.08, gray=float(k % 5 == 0)) for k in range(len(orders))]
     full, switches, windows = view_rows(np.stack(rows), np.stack(orders), blur_kernel=9)
-    out = apply_photometric(_chw([image] * len(orders)), full, switches, windows, ViewConfig())
+    out = apply_photometric(as_chw([image] * len(orders)), full, switches, windows, ViewConfig())
     for crop, row, order in zip(out, rows, orders):
         want = np.array(baseline_photometric(Image.fromarray(image), row, order, 128))
         assert np.array_equal(_hwc(crop), want), order
@@ -64,10 +56,10 @@ def test_jitter_applies_each_crops_drawn_order_bit_for_bit():
 
 def test_identity_views_are_untouched_and_solarize_inverts_the_top_half():
     image = colour_test_image(48, seed=2)
-    rows = np.stack([_row(1, 1, 1, 0), _row(1, 1, 1, 0, solarize=1.0)])
+    rows = np.stack([photometric_row(1, 1, 1, 0), photometric_row(1, 1, 1, 0, solarize=1.0)])
     full, switches, windows = view_rows(rows, np.tile(np.arange(4), (2, 1)), blur_kernel=9)
-    out = apply_photometric(_chw([image] * 2), full, switches, windows, ViewConfig())
-    assert torch.equal(out[0], _chw([image])[0])
+    out = apply_photometric(as_chw([image] * 2), full, switches, windows, ViewConfig())
+    assert torch.equal(out[0], as_chw([image])[0])
     want = np.where(image >= 128, 255 - image, image)
     assert np.array_equal(_hwc(out[1]), want)
 
@@ -87,7 +79,7 @@ def test_blur_matches_dalis_gaussian_blur():
     images = [colour_test_image(80, seed=s) for s in range(4)]
     sigmas = np.array([0.1, 0.6, 1.3, 2.0], np.float32)
     full, switches, windows = view_rows(
-        np.stack([_row(1, 1, 1, 0, sigma=s) for s in sigmas]), np.tile(np.arange(4), (4, 1)),
+        np.stack([photometric_row(1, 1, 1, 0, sigma=s) for s in sigmas]), np.tile(np.arange(4), (4, 1)),
         blur_kernel=9)
     pipe = _blur_pipeline()
     pipe.build()
@@ -95,7 +87,7 @@ def test_blur_matches_dalis_gaussian_blur():
     pipe.feed_input("window", list(windows.astype(np.int32)))
     pipe.feed_input("sigma", list(full[:, 5]))
     want = [np.array(out) for out in pipe.run()[0]]
-    got = gaussian_blur(_chw(images), torch.from_numpy(full[:, 5]),
+    got = gaussian_blur(as_chw(images), torch.from_numpy(full[:, 5]),
                         torch.from_numpy(windows.astype(np.int64)), 9)
     for crop, expected, sigma in zip(got, want, sigmas):
         diff = np.abs(_hwc(crop).astype(int) - expected)
@@ -143,34 +135,18 @@ def test_compiled_steps_equal_the_eager_ones():
     pixels, here on all 24 orders."""
     image = colour_test_image(64, seed=3)
     orders = [np.array(p) for p in itertools.permutations(range(4))]
-    rows = [_row(1.3, 0.7, 1.25, -0.07, gray=float(k % 4 == 0)) for k in range(len(orders))]
+    rows = [photometric_row(1.3, 0.7, 1.25, -0.07, gray=float(k % 4 == 0)) for k in range(len(orders))]
     full, switches, windows = view_rows(np.stack(rows), np.stack(orders), blur_kernel=9)
-    images = _chw([image] * len(orders))
+    images = as_chw([image] * len(orders))
     eager = apply_photometric(images, full, switches, windows, ViewConfig(), compile_=False)
     fused = apply_photometric(images, full, switches, windows, ViewConfig(), compile_=True)
     assert not torch_photometric._COMPILE_FAILED
     assert torch.equal(eager, fused)
 
 
-def _every_step_batch(size: int):
-    """Crops (a picture each) whose switches exercise every step both ways: the 24 jitter
-    orders, hue on and off, grayscale, blur at several sigmas (narrowed windows among them),
-    solarize; then crops without jitter, with and without the later steps."""
-    orders = [np.array(p) for p in itertools.permutations(range(4))]
-    hues, sigmas = (0.08, 0.0, -0.12), (0.0, 0.1, 0.6, 1.3, 2.0)
-    rows = [_row(1.3, 0.7, 1.25, hues[k % 3], gray=float(k % 4 == 0), sigma=sigmas[k % 5],
-                 solarize=float(k % 3 == 1)) for k in range(len(orders))]
-    rows += [_row(1, 1, 1, 0, gray=float(k == 1), sigma=0.8 * (k == 2), solarize=float(k == 3))
-             for k in range(4)]
-    orders += [np.arange(4)] * 4
-    full, switches, windows = view_rows(np.stack(rows), np.stack(orders), blur_kernel=9)
-    images = _chw([colour_test_image(size, seed=k) for k in range(len(rows))])
-    return images, full, switches, windows
-
-
 def test_dense_colour_stage_equals_the_subset_path():
     """Every step on every crop, each kept by its switch (`dense`): the subset path's pixels."""
-    images, full, switches, windows = _every_step_batch(48)
+    images, full, switches, windows = every_step_batch(48)
     for name in ("jitter", "hue", "gray", "blur", "solarize"):
         column = switches[:, SW[name]]
         assert column.any() and not column.all(), name        # both ways in the batch
@@ -184,7 +160,7 @@ def test_dense_colour_stage_equals_the_subset_path():
 def test_dense_colour_stage_compiled_equals_eager():
     """The dense stage as one compiled graph (C++ on the CPU) gives the eager pixels, and the
     same graph serves another number of crops (the blur is opaque to the compiler)."""
-    images, full, switches, windows = _every_step_batch(32)
+    images, full, switches, windows = every_step_batch(32)
     eager = apply_photometric(images, full, switches, windows, ViewConfig(), dense=True)
     fused = apply_photometric(images, full, switches, windows, ViewConfig(), compile_=True,
                               dense=True)
@@ -201,8 +177,8 @@ def test_dense_colour_stage_with_no_crops_or_nothing_switched_on():
                             np.zeros((0, len(SWITCHES)), bool), np.zeros(0, np.int32),
                             ViewConfig(), dense=True)
     assert out.shape == empty.shape and out.dtype == torch.uint8
-    images = _chw([colour_test_image(24, seed=k) for k in range(3)])
-    full, switches, windows = view_rows(np.stack([_row(1, 1, 1, 0)] * 3),
+    images = as_chw([colour_test_image(24, seed=k) for k in range(3)])
+    full, switches, windows = view_rows(np.stack([photometric_row(1, 1, 1, 0)] * 3),
                                         np.tile(np.arange(4), (3, 1)), blur_kernel=9)
     assert not switches.any()
     out = apply_photometric(images, full, switches, windows, ViewConfig(), dense=True)
@@ -223,10 +199,39 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_a_warning(tmp_path):
         "assert torch.equal(first, tp.pil_luma(x)) and torch.equal(second, first)\n"
         "ours = [w for w in caught if 'torch_photometric' in str(w.message)]\n"
         "assert len(ours) == 1 and 'running eagerly' in str(ours[0].message), caught\n"
-        "print('fell back:', tp._COMPILE_FAILED[0][:60])\n")
+        "print('fell back:', tp._COMPILE_FAILED['cpu'][:60])\n")
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fell back: InductorError" in done.stdout
+
+
+def test_a_recompile_limit_falls_back_to_eager_and_eager_errors_surface():
+    """In a child process with Dynamo's recompile limit at 1: the second shape fails to
+    compile (a plain Exception, not a TorchDynamoException), the eager pixels come back and
+    the CPU warns once. A call that fails eagerly too raises its own error and leaves
+    compiling on."""
+    script = (
+        "import warnings, torch, torch._dynamo\n"
+        "torch._dynamo.config.recompile_limit = 1\n"
+        "from tcore.pipelines import torch_photometric as tp\n"
+        "bad = torch.zeros(3, dtype=torch.uint8)\n"
+        "try:\n"
+        "    tp._kernel('pil_luma', True, bad.device)(bad)\n"
+        "except IndexError:\n"
+        "    pass\n"
+        "assert not tp._COMPILE_FAILED, tp._COMPILE_FAILED\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for n in (5, 1, 3, 7):\n"
+        "        x = torch.randint(0, 256, (n, 3, 16 + n, 16), dtype=torch.uint8)\n"
+        "        assert torch.equal(tp._kernel('pil_luma', True, x.device)(x), tp.pil_luma(x))\n"
+        "ours = [w for w in caught if 'torch_photometric' in str(w.message)]\n"
+        "assert len(ours) == 1 and 'on cpu' in str(ours[0].message), ours\n"
+        "print('fell back:', tp._COMPILE_FAILED['cpu'][:60])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fell back: FailOnRecompileLimitHit" in done.stdout
