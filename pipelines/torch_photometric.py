@@ -250,6 +250,8 @@ def _with_eager_fallback(compiled, eager, device_type: str):
             return eager(*args)
         try:
             return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise                  # not the compiler's doing: compiling stays on
         except Exception as error:
             # Not every compiler failure is a TorchDynamoException (a recompile limit hit
             # is a plain Exception). If the eager function fails too, that error is the

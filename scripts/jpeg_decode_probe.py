@@ -92,15 +92,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args()
     feeds = drawn_jpegs(args.shards, args.batch, args.batches)
-    lines = []
+    if args.out:
+        args.out.write_text("")
     for config in args.configs.split(","):
         device, threads, layout = config.split(":")
         if layout not in ("three", "one"):
             raise SystemExit(f"layout must be 'three' or 'one', got {layout!r} in {config!r}")
-        lines.append(json.dumps(measure(feeds, device, int(threads), layout)))
-        print(lines[-1], flush=True)
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+        line = json.dumps(measure(feeds, device, int(threads), layout))
+        print(line, flush=True)
+        if args.out:   # line by line: a run cut short by a time cap keeps what it measured
+            with args.out.open("a") as out:
+                out.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -384,6 +384,15 @@ def test_gpu_check_script_runs_in_cpu_mode(tmp_path):
     assert bundle["agree"]["agree"] is True
     assert bundle["agree"]["differences"]["patch"]["max_rel"] < 1e-4
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "reports.json", "summary.txt"]
+    # The GPU tests' two groups (all skipped on the CPU): a GPU_CHECK_TESTS filter naming
+    # tests of one group only leaves the other with none selected, which is not a failure.
+    env.update(GPU_CHECK_ONLY="gputests gputests_dali", GPU_CHECK_TESTS="jpeg_frames")
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert "gputests           ok" in summary and "gputests_dali      ok" in summary, summary
+    log = (out / "gpu_check.log").read_text()
+    assert "no tests of group core selected" in log and "1 selected" in log
 
 
 def test_gpu_session_script_overlaps_and_collects_in_cpu_mode(synth_shards, tmp_path):
@@ -465,3 +474,12 @@ def test_jpeg_decode_probe_decodes_the_drawn_frames_both_ways(synth_root, synth_
     refused = subprocess.run([sys.executable, "-P", str(script), str(synth_shards)],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "--codec jpegs" in refused.stderr
+
+
+def test_settings_labels_show_overrides_only_when_set():
+    from tcore.bench.report import LABEL_KEYS, settings_label
+
+    plain = {"loader": "dali", "device": "cuda", "threads": 16, "batch": 64, "overrides": ""}
+    assert settings_label(plain, LABEL_KEYS["data"]) == "loader=dali device=cuda threads=16 batch=64"
+    jitter = dict(plain, overrides="views.color_jitter=fast")
+    assert settings_label(jitter, LABEL_KEYS["data"]).endswith(" overrides=views.color_jitter=fast")

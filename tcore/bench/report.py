@@ -204,7 +204,7 @@ def settings_label(settings: dict, keys: tuple[str, ...], details: dict | None =
     """"arch=vit_small batch=64 attention=auto->sdpa ...": resolved "auto" values are shown."""
     parts = []
     for key in keys:
-        if key not in settings:
+        if settings.get(key) in (None, ""):
             continue
         value = settings[key]
         resolved = (details or {}).get(f"{key}_resolved")
@@ -214,10 +214,12 @@ def settings_label(settings: dict, keys: tuple[str, ...], details: dict | None =
     return " ".join(parts)
 
 
+# `overrides` last and only when set: it is what tells a --compare pair's runs apart.
 LABEL_KEYS = {
-    "model": ("arch", "batch", "attention", "precision", "compile", "device"),
-    "data": ("loader", "device", "threads", "batch"),
-    "train": ("arch", "batch", "attention", "precision", "compile", "device", "threads"),
+    "model": ("arch", "batch", "attention", "precision", "compile", "device", "overrides"),
+    "data": ("loader", "device", "threads", "batch", "overrides"),
+    "train": ("arch", "batch", "attention", "precision", "compile", "device", "threads",
+              "overrides"),
 }
 TABLE_FIGURES = {
     "model": ("samples_per_s", "step_time", "mfu", "flops_per_sample", "peak_memory",
