@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from nvidia.dali import fn, pipeline_def
+
+from tcore.bench.stats import samples_rate
 
 
 @pipeline_def
@@ -47,14 +48,10 @@ def measure(shards: Path, device: str, batch: int, batches: int, threads: int, a
 
     for _ in range(2):  # warm-up: decoder sessions, allocations
         one_round()
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-        one_round()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    samples = batches * batch * pipelines
+    figures = samples_rate(lambda: [one_round() for _ in range(batches)],
+                           batches * batch * pipelines)
     return {"device": device, "threads": threads, "affine": affine, "pipelines": pipelines,
-            "samples_per_s": round(samples / wall, 1),
-            "cpu_ms_per_sample": round(1000 * cpu / samples, 2)}
+            **figures}
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from nvidia.dali import fn, pipeline_def, types
 
+from tcore.bench.stats import samples_rate
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.manifest import load_shard_set
 from tcore.pipelines.stage_a import StageA, StageASpec, initial_state
@@ -73,14 +73,10 @@ def measure(feeds: list[dict[str, list]], device: str, threads: int, layout: str
 
     for batch_feeds in feeds[:2]:    # warm-up: decoder state, allocations
         run(batch_feeds, wait=True)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for k, batch_feeds in enumerate(feeds):
-        run(batch_feeds, wait=k == len(feeds) - 1)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    samples = len(feeds) * batch
-    return {"device": device, "threads": threads, "layout": layout, "batch": batch,
-            "samples_per_s": round(samples / wall, 1),
-            "cpu_ms_per_sample": round(1000 * cpu / samples, 2)}
+    figures = samples_rate(lambda: [run(batch_feeds, wait=k == len(feeds) - 1)
+                                    for k, batch_feeds in enumerate(feeds)],
+                           len(feeds) * batch)
+    return {"device": device, "threads": threads, "layout": layout, "batch": batch, **figures}
 
 
 def main() -> None:

@@ -105,6 +105,16 @@ def time_repeats(
     return per_iteration
 
 
+def samples_rate(run: Callable[[], None], samples: int) -> dict:
+    """Wall-clock samples/s and this process's CPU milliseconds per sample of one call of
+    `run`, which handles `samples` samples (the decode probes in scripts/)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"samples_per_s": round(samples / wall, 1),
+            "cpu_ms_per_sample": round(1000 * cpu / samples, 2)}
+
+
 def _stat_fields(pid: str) -> list[str] | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
