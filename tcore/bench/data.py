@@ -73,7 +73,7 @@ def loader_clock(loader) -> dict:
             "phases": dict(loader.phase_seconds)}
 
 
-def dali_loader_details(loader, before: dict | None = None, after: dict | None = None) -> dict:
+def dali_loader_details(loader, before: dict, after: dict) -> dict:
     """What the DALI loader's "auto" settings resolved to, and where its time went per
     measured batch (between the `loader_clock` readings `before` and `after`; nothing for the
     baseline)."""
@@ -82,8 +82,6 @@ def dali_loader_details(loader, before: dict | None = None, after: dict | None =
     details = {"video_decode": "nvdec" if loader.video_on_gpu else "cpu",
                "colour_stage": "torch" if loader.torch_photometric else "dali",
                "stage_a": loader.producer_kind}
-    after = after or loader_clock(loader)
-    before = before or {"stage_a_seconds": 0.0, "batches": 0, "phases": {}}
     batches = max(1, after["batches"] - before["batches"])
     # Stage A's reading and drawing alone, in its thread or process: slower than the batch
     # latency, it would be the loader's limit.

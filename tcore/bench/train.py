@@ -123,7 +123,8 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
     }
     details = {"steps": len(waits), "samples": sum(sizes),
                "attention_resolved": resolved_attention(settings.attention, device),
-               "precision_resolved": trainer.precision, **dali_loader_details(loader, clock_before, clock_after)}
+               "precision_resolved": trainer.precision,
+               **dali_loader_details(loader, clock_before, clock_after)}
     if profile:
         details["profile"] = profile
     return {"kind": "train", "settings": asdict(settings), "figures": figures,
