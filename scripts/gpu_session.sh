@@ -35,8 +35,9 @@ RESULTS=${OUT:-runs/gpu_session}
 case "${1:-}" in
     background)
         rm -rf "$DIR" && mkdir -p "$DIR/out"
-        # The snapshot skips the DALI parts (they are stashed elsewhere) but keeps .whl.
-        tar -cf - --exclude=./.carry --exclude=./.bigwhl --exclude=./.venv --exclude=./.git \
+        # The snapshot skips the DALI parts (they are stashed elsewhere) and every virtualenv
+        # (.venv, the .venv-torch* of scripts/torch_version_check.sh) but keeps .whl.
+        tar -cf - --exclude=./.carry --exclude=./.bigwhl --exclude='./.venv*' --exclude=./.git \
             --exclude=./runs . | (mkdir -p "$DIR/tree" && cd "$DIR/tree" && tar -xf -)
         # `done` is written to a temporary name and renamed, so `finish` never reads it empty.
         setsid bash -c "cd '$DIR/tree' && OUT='$DIR/out' GPU_CHECK_ONLY='$MODEL_STEPS' \
