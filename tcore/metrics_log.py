@@ -94,13 +94,15 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | os.PathLike, start_step: int, end_step: int,
                  samples_per_step: int, enabled: bool = True, progress: bool = True,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, clock=time.perf_counter):
         self.enabled = enabled
         self.samples_per_step = samples_per_step
         self.start_step, self.end_step = start_step, end_step
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = self.writer = self.file = None
-        self._last_time, self._last_step = time.perf_counter(), start_step
+        self._clock = clock
+        self._last_time, self._last_step = clock(), start_step
+        self._data_wait = 0.0    # seconds blocked on the loader since the last log
         if not enabled:
             return
         self.file = open(self.path, "a")
@@ -115,20 +117,31 @@ class MetricsLogger:
             self.bar = tqdm(total=end_step, initial=start_step, unit="step",
                             dynamic_ncols=True, desc="train")
 
+    def add_data_wait(self, seconds: float) -> None:
+        """Time the training loop just spent blocked in the loader's `next()`."""
+        self._data_wait += seconds
+
     def log(self, records: list[tuple[int, dict[str, float]]], schedule_values: dict) -> None:
-        """Write one metrics.jsonl line per step in `records` and update the bar."""
+        """Write one metrics.jsonl line per step in `records` and update the bar.
+
+        The last record also gets the rate since the previous log and the fraction of that
+        wall time spent waiting for data (this rank's; near 0 while the loader keeps ahead,
+        as `tcore bench train` measures it)."""
         if not self.enabled or not records:
             return
-        now = time.perf_counter()
+        now = self._clock()
         last_step = records[-1][0]
         steps_done = max(last_step - self._last_step, 1)
-        samples_per_s = steps_done * self.samples_per_step / max(now - self._last_time, 1e-9)
-        self._last_time, self._last_step = now, last_step
+        elapsed = max(now - self._last_time, 1e-9)
+        samples_per_s = steps_done * self.samples_per_step / elapsed
+        data_wait_fraction = min(self._data_wait / elapsed, 1.0)
+        self._last_time, self._last_step, self._data_wait = now, last_step, 0.0
         for step, losses in records:
             record = {"step": step, **{f"loss/{k}": v for k, v in losses.items()}}
             if step == last_step:
                 record.update({f"sched/{k}": v for k, v in schedule_values.items()})
                 record["samples_per_s"] = samples_per_s
+                record["data_wait_fraction"] = data_wait_fraction
             self.file.write(json.dumps(record) + "\n")
             if self.writer is not None:
                 for key, value in record.items():
@@ -139,7 +152,8 @@ class MetricsLogger:
             self.bar.update(last_step - self.bar.n)
             self.bar.set_postfix(loss=f"{records[-1][1]['total']:.4f}",
                                  lr=f"{schedule_values['lr']:.2e}",
-                                 samples_s=f"{samples_per_s:.1f}", refresh=False)
+                                 samples_s=f"{samples_per_s:.1f}",
+                                 data_wait=f"{100 * data_wait_fraction:.0f}%", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,7 +348,9 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
         iterator = iter(loader)
         values = trainer.schedules.at(start_step)
         for it in range(start_step, end_step):
+            asked = time.perf_counter()
             batch = next(iterator)
+            logger.add_data_wait(time.perf_counter() - asked)
             losses, values = trainer.step(it, batch)
             step = it + 1  # steps done
             history.add(step, losses)

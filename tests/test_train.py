@@ -15,7 +15,7 @@ from tcore.checkpoint import list_checkpoints, load_checkpoint
 from tcore.cli import main as cli
 from tcore.config import load_config
 from tcore.distributed import init_distributed
-from tcore.metrics_log import NonFiniteLossError
+from tcore.metrics_log import NonFiniteLossError, read_metrics
 from tcore.synthetic_batch import make_synthetic_batch
 from tcore.train import Trainer, read_losses, train
 
@@ -37,6 +37,10 @@ def test_kill9_then_resume_matches_uninterrupted_run(synth_shards, tmp_path):
     assert (done.start_step, done.end_step) == (0, STEPS)
     reference = read_losses(tmp_path / "straight")
     assert sorted(reference) == list(range(1, STEPS + 1))
+    logged = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 and r["samples_per_s"] > 0 for r in logged)
+    # The first step waits for the loader's first batch (DALI builds and decodes it then).
+    assert logged[0]["data_wait_fraction"] > 0.0
 
     # The same run in a subprocess, killed with SIGKILL right after its first checkpoint.
     killed_dir = tmp_path / "killed"
