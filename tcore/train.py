@@ -172,6 +172,19 @@ def compiled(module: nn.Module, train_cfg) -> nn.Module:
     return torch.compile(module, backend=train_cfg.compile_backend, **extra)
 
 
+# The batch entries whose first dimension is the batch's masked-token count.
+MASKED_TOKEN_ENTRIES = ("mask_indices", "mask_weights")
+
+
+def mark_masked_tokens_dynamic(batch: dict) -> None:
+    """Tell torch.compile that the masked-token count changes from batch to batch (the
+    mask ladder draws it), so the first compile is the only one: left to find out, it
+    compiles for the first batch's count, then again for any count at the second."""
+    for name in MASKED_TOKEN_ENTRIES:
+        if name in batch:
+            torch._dynamo.maybe_mark_dynamic(batch[name], 0)
+
+
 class Trainer:
     """Model, optimizer, scaler, schedules and loader of one run, and the step over them."""
 
@@ -202,6 +215,8 @@ class Trainer:
         # A device tensor, not a float: torch.compile would otherwise recompile for every new
         # value; fill_ launches a kernel, where a fresh host->device copy would sync the host.
         self.teacher_temp.fill_(values["teacher_temp"])
+        if self.forward is not self.loss_module:
+            mark_masked_tokens_dynamic(batch)
         with autocast_context(self.precision, self.device):
             losses = self.forward(batch, self.teacher_temp)
         self.optimizer.zero_grad(set_to_none=True)

@@ -100,11 +100,18 @@ def test_nan_loss_stops_with_step_and_term(synth_shards, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+def _small_batch(seed):
+    return make_synthetic_batch(4, n_local=2, global_size=32, local_size=16, seed=seed)
+
+
 def _three_steps(cfg):
+    """Three steps on batches whose masked-token counts differ (3, 2, 3), as in training."""
     torch.manual_seed(0)
     trainer = Trainer(cfg, None, init_distributed("cpu"))
-    batch = make_synthetic_batch(2, n_local=2, global_size=32, local_size=16, seed=0)
-    return [{k: v.item() for k, v in trainer.step(i, batch)[0].items()} for i in range(3)]
+    batches = [_small_batch(seed) for seed in (0, 1, 0)]
+    assert [b["mask_indices"].numel() for b in batches] == [3, 2, 3]
+    return [{k: v.item() for k, v in trainer.step(i, b)[0].items()}
+            for i, b in enumerate(batches)]
 
 
 # aot_eager checks graph capture alone; inductor generates and compiles C++ (the path
@@ -119,6 +126,28 @@ def test_compiled_step_matches_eager(backend):
     for e, c in zip(eager, compiled):
         for term in e:
             assert c[term] == pytest.approx(e[term], rel=1e-5, abs=1e-6), term
+
+
+def test_compiled_step_compiles_once_for_every_masked_token_count():
+    # The mask ladder gives each batch its own count of masked tokens; left to discover
+    # that, torch.compile compiles the step twice (the second time with the count symbolic).
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch.manual_seed(0)
+    trainer = Trainer(load_config("tiny_cpu", ["model.head.prototypes=128"]), None,
+                      init_distributed("cpu"))
+    trainer.forward = torch.compile(trainer.loss_module, backend=counting_backend)
+    counts = set()
+    for i, seed in enumerate((0, 1, 2, 5)):
+        batch = _small_batch(seed)
+        counts.add(batch["mask_indices"].numel())
+        trainer.step(i, batch)
+    assert len(counts) >= 2 and min(counts) >= 2     # 0 and 1 are always specialised
+    assert len(graphs) == 1
 
 
 def test_cli_errors_name_the_problem(synth_shards, tmp_path):
