@@ -41,38 +41,45 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete temporaries a crashed writer left behind; return what was removed."""
+def remove_stale_temporaries(directory: str | os.PathLike, prefix: str = TMP_PREFIX
+                             ) -> list[Path]:
+    """Delete temporaries (named `prefix`...) a crashed writer left behind; return them."""
     directory = Path(directory)
     removed = []
     if directory.is_dir():
-        for path in directory.glob(f"{TMP_PREFIX}*"):
+        for path in directory.glob(f"{prefix}*"):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
 
+def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Flush the finished temporary `tmp` to disk, rename it over `path`, and make the
+    rename durable too, so a power loss leaves the old file or the new one, never an empty
+    one."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return Path(path)
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same directory, fsync, then rename into place."""
+    """torch.save to a temporary file in the same directory, then `durable_replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        return durable_replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:

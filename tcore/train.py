@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tcore.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+from tcore.checkpoint import (durable_replace, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                               rng_state, save_checkpoint, set_rng_state)
 from tcore.config import ConfigError, save_config
 from tcore.distributed import DistInfo, all_reduce_mean_, barrier, init_distributed, shutdown
@@ -35,6 +35,7 @@ from tcore.optim import apply_schedules, build_optimizer
 from tcore.schedules import build_schedules
 
 TEACHER_EXPORT = "teacher_backbone.safetensors"
+EXPORT_TMP_PREFIX = ".tmp-"      # the export is written under this prefix, then renamed
 # Sections that must not change between a run and its resumption.
 RESUME_LOCKED_SECTIONS = ("model", "loss", "data", "optim")
 
@@ -229,6 +230,23 @@ class Trainer:
         self.model.update_teacher(values["momentum"])
         return losses, values
 
+    def _check_precision(self, state: dict, source: Path) -> None:
+        """A resumed run computes in the checkpoint's precision: the fp16 gradient scaler's
+        state exists only in fp16 runs, and `auto` resolves by GPU, so the same config can
+        mean bf16 on one machine and fp16 on another. (Checkpoints from before the
+        precision was saved tell fp16 by their scaler state.)"""
+        saved = state.get("precision") or ("fp16" if state.get("scaler") else None)
+        if saved is None:
+            mismatch = self.precision == "fp16"
+            saved = "bf16 or fp32"
+        else:
+            mismatch = saved != self.precision
+        if mismatch:
+            raise ConfigError(
+                f"{source}: trained in {saved}, but this run computes in {self.precision} "
+                f"(train.precision={self.cfg.train.precision}); exact resumption needs the "
+                f"checkpoint's precision: set train.precision to it")
+
     @property
     def sharded(self) -> bool:
         return self.parallel == "fsdp"
@@ -255,6 +273,7 @@ class Trainer:
                 "loader": _gather(self.loader.state_dict(), self.info),
                 "rng": _gather(rng_state(), self.info),
                 "world_size": self.info.world_size, "parallel": self.parallel,
+                "precision": self.precision,
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def load_state_dict(self, state: dict, source: Path) -> int:
@@ -262,6 +281,7 @@ class Trainer:
         if state.get("world_size", 1) != self.info.world_size:
             raise ConfigError(f"{source}: written by {state['world_size']} processes, resuming "
                               f"with {self.info.world_size}; exact resumption needs the same")
+        self._check_precision(state, source)
         if self.sharded:
             from tcore.fsdp import load_full_model_state, load_full_optimizer_state
             load_full_model_state(self.model, state["model"])
@@ -290,10 +310,13 @@ class Trainer:
         backbone = self._full_teacher_backbone()
         if backbone is None:
             return None
-        tmp = path.with_name(f".tmp-{path.name}")
-        export_safetensors(backbone, tmp)
-        os.replace(tmp, path)
-        return path
+        tmp = path.with_name(f"{EXPORT_TMP_PREFIX}{path.name}")
+        try:
+            export_safetensors(backbone, tmp)
+            return durable_replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def check_resumable_config(cfg: DictConfig, saved: dict, source: Path) -> None:
@@ -330,6 +353,7 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(ckpt_dir)
+        remove_stale_temporaries(run_dir, f"{EXPORT_TMP_PREFIX}{TEACHER_EXPORT}")
         if not resume and latest_checkpoint(ckpt_dir) is not None:
             raise FileExistsError(f"{run_dir}: already holds checkpoints; pass --resume to "
                                   f"continue that run, or choose another --output")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from tcore.checkpoint import list_checkpoints, load_checkpoint
 from tcore.cli import main as cli
-from tcore.config import load_config
+from tcore.config import ConfigError, load_config
 from tcore.distributed import init_distributed
 from tcore.metrics_log import NonFiniteLossError, read_metrics
 from tcore.synthetic_batch import make_synthetic_batch
@@ -148,6 +148,24 @@ def test_compiled_step_compiles_once_for_every_masked_token_count():
         trainer.step(i, batch)
     assert len(counts) >= 2 and min(counts) >= 2     # 0 and 1 are always specialised
     assert len(graphs) == 1
+
+
+def test_resume_in_another_precision_is_refused_and_stale_export_removed(synth_shards, tmp_path):
+    cfg = load_config("tiny_cpu", FAST + ["train.precision=fp32"])
+    run = tmp_path / "run"
+    train(cfg, synth_shards, run, max_steps=2, checkpoint_every=2, progress=False)
+    assert not list(run.glob(".tmp-*"))
+    stale = run / ".tmp-teacher_backbone.safetensors"      # as a crash mid-export leaves it
+    stale.write_bytes(b"partial")
+    other = load_config("tiny_cpu", FAST + ["train.precision=bf16"])
+    with pytest.raises(ConfigError, match=r"trained in fp32.*computes in bf16"):
+        train(other, synth_shards, run, resume=True, max_steps=4, checkpoint_every=2,
+              progress=False)
+    assert not stale.exists()
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]   # nothing lost
+    done = train(cfg, synth_shards, run, resume=True, max_steps=4, checkpoint_every=2,
+                 progress=False)
+    assert (done.start_step, done.end_step) == (2, 4)
 
 
 def test_cli_errors_name_the_problem(synth_shards, tmp_path):
