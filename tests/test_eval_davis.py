@@ -240,3 +240,64 @@ def test_cli_reports_bad_input_clearly(tmp_path):
                                          "--checkpoint", str(ckpt), "--output", str(tmp_path),
                                          "--size", "48x50"])
     assert bad_size.exit_code != 0
+
+
+def test_prediction_of_another_size_names_the_file(tmp_path):
+    labels = moving_squares()
+    data = write_davis(tmp_path / "davis", {"seq": labels})
+    write_predictions(tmp_path / "res", "seq", labels)
+    write_label_png(tmp_path / "res" / "seq" / "00002.png", np.zeros((24, 30), np.uint8))
+    with pytest.raises(ValueError, match=r"seq/00002.png: prediction is 24x30 but annotation "
+                                         r".*00002.png is 24x32"):
+        davis.score_davis(data, tmp_path / "res", progress=False)
+
+
+def test_frames_or_annotations_of_another_size_name_the_file(tmp_path):
+    labels = moving_squares()
+    odd_frame = write_davis(tmp_path / "frames", {"seq": labels})
+    Image.fromarray(np.full((20, 32, 3), 100, np.uint8)).save(
+        odd_frame / "JPEGImages" / "480p" / "seq" / "00003.jpg")
+    with pytest.raises(ValueError, match=r"seq/00003.jpg: size 20x32 differs from "
+                                         r".*seq/00000.jpg \(24x32\)"):
+        davis.evaluate_davis(None, odd_frame, tmp_path / "o", size=(32, 32),
+                             encoder=colour_encoder(), patch=16, progress=False, device="cpu")
+    odd_annotation = write_davis(tmp_path / "annotations", {"seq": labels})
+    write_label_png(odd_annotation / "Annotations" / "480p" / "seq" / "00004.png",
+                    np.zeros((20, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"seq/00004.png: size 20x32 differs from "
+                                         r".*seq/00000.png \(24x32\)"):
+        davis.score_davis(odd_annotation, tmp_path / "res", progress=False)
+    # frames and annotations each of one size, but not the same one: both files named
+    mismatch = write_davis(tmp_path / "mismatch", {"seq": labels},
+                           {"seq": np.full((6, 32, 32, 3), 100, np.uint8)})
+    with pytest.raises(ValueError, match=r"annotation .*00000.png is 24x32 but frame "
+                                         r".*00000.jpg is 32x32"):
+        davis.evaluate_davis(None, mismatch, tmp_path / "o", size=(32, 32),
+                             encoder=colour_encoder(), patch=16, progress=False, device="cpu")
+
+
+def test_cli_refuses_bad_counts_and_devices(tmp_path):
+    from tcore.cli import main
+    (tmp_path / "data").mkdir()
+    ckpt = tmp_path / "junk.pt"
+    torch.save({"nothing": torch.zeros(1)}, ckpt)
+    common = ["--data", str(tmp_path / "data"), "--checkpoint", str(ckpt),
+              "--output", str(tmp_path / "o")]
+    cases = [("davis", ["--batch-size", "0"], "--batch-size"),
+             ("davis", ["--batch-size", "-1"], "--batch-size"),
+             ("vip", ["--chunk-size", "0"], "--chunk-size"),
+             ("jhmdb", ["--topk", "0"], "--topk"),
+             ("davis", ["--context", "0"], "--context"),
+             ("davis", ["--temperature", "0"], "--temperature"),
+             ("vip", ["--short-side", "0"], "--short-side"),
+             ("jhmdb", ["--split", "0"], "--split"),
+             ("davis", ["--device", "gpu"], "--device"),
+             # refused on any machine: no CUDA, or fewer than 100 GPUs
+             ("davis", ["--device", "cuda:99"], "--device")]
+    if not torch.cuda.is_available():
+        cases.append(("vip", ["--device", "cuda"], "CUDA is not available"))
+    for command, extra, expected in cases:
+        run = CliRunner().invoke(main, ["eval", command, *common, *extra])
+        assert run.exit_code == 2, (extra, run.output)  # a usage error, not a traceback
+        assert expected in run.output, (extra, run.output)
+        assert not isinstance(run.exception, (RuntimeError, ValueError)), run.exception

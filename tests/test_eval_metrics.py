@@ -170,3 +170,9 @@ def test_invisible_joints_leave_the_box_and_the_count():
     assert dists[2].size == 0
     mean, per_joint = metrics.pck(dists, 0.1)
     assert math.isnan(per_joint[2]) and mean == pytest.approx(1.0)
+
+
+def test_confusion_refuses_maps_of_another_shape():
+    # same pixel count, other shape: flattening would pair the wrong pixels
+    with pytest.raises(ValueError, match=r"truth \(2, 3\) and prediction \(3, 2\) differ"):
+        metrics.confusion_matrix(np.zeros((2, 3)), np.zeros((3, 2)), 4)

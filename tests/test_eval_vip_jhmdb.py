@@ -199,3 +199,68 @@ def test_vip_and_jhmdb_commands_with_the_reference_fixture(tmp_path):
                                            "--checkpoint", str(REFERENCE), "--arch", "vit_small",
                                            "--output", str(tmp_path / "x")])
     assert wrong_arch.exit_code != 0
+
+
+# ----------------------------------------------------------------------------- bad input
+def run_vip(root, out, **kwargs):
+    return vip.evaluate_vip(None, root, out, size=(48, 64), topk=3, encoder=colour_encoder(),
+                            patch=16, progress=False, device="cpu", **kwargs)
+
+
+def test_vip_checks_every_annotation(tmp_path):
+    images, labels = part_video()
+    ann = "Annotations/Category_ids/v1/000000000001.png"
+    # a later annotation of the same pixel count but another shape was scored after flattening
+    write_vip(tmp_path / "shape", "v1", images, {0: labels[0], 1: labels[1].reshape(64, 48)})
+    with pytest.raises(ValueError, match=rf"{ann}: annotation is 64x48 but frame .* is 48x64"):
+        run_vip(tmp_path / "shape", tmp_path / "o1")
+    write_vip(tmp_path / "size", "v1", images, {0: labels[0], 1: labels[1][:, :40]})
+    with pytest.raises(ValueError, match=rf"{ann}: annotation is 48x40 but frame .* is 48x64"):
+        run_vip(tmp_path / "size", tmp_path / "o2")
+    # class ids 20..254 in a later frame were dropped from the confusion without a word
+    bad = labels[1].copy()
+    bad[bad == 3] = 33
+    bad[0, 0] = 254
+    bad[-1, -1] = 255  # ignore: allowed
+    write_vip(tmp_path / "ids", "v1", images, {0: labels[0], 1: bad})
+    with pytest.raises(ValueError, match=rf"{ann}: class ids \[33, 254\] outside 0..19"):
+        run_vip(tmp_path / "ids", tmp_path / "o3")
+    first = labels[0].copy()
+    first[0, 0] = 20
+    write_vip(tmp_path / "first", "v1", images, {0: first})
+    with pytest.raises(ValueError, match=r"000000000000.png: class ids \[20\]"):
+        run_vip(tmp_path / "first", tmp_path / "o4")
+
+
+def test_frames_of_another_size_name_the_file(tmp_path):
+    images, labels = part_video()
+    write_vip(tmp_path / "vip", "v1", images, {0: labels[0]})
+    Image.fromarray(np.full((32, 64, 3), 128, np.uint8)).save(
+        tmp_path / "vip" / "Images" / "v1" / "000000000002.jpg")
+    with pytest.raises(ValueError, match=r"v1/000000000002.jpg: size 32x64 differs from "
+                                         r".*v1/000000000000.jpg \(48x64\)"):
+        run_vip(tmp_path / "vip", tmp_path / "o")
+    frames = patchwork_frames(frames=3)
+    write_jhmdb(tmp_path / "j", "run", "v", frames, np.repeat(JOINTS.T[:, :, None], 3, axis=2))
+    Image.fromarray(frames[0, :200]).save(tmp_path / "j" / "Rename_Images" / "run" / "v"
+                                          / "00003.png")
+    with pytest.raises(ValueError, match=r"v/00003.png: size 200x320 differs from "
+                                         r".*v/00001.png \(240x320\)"):
+        jhmdb.evaluate_jhmdb(None, tmp_path / "j", tmp_path / "oj", encoder=colour_encoder(),
+                             patch=16, progress=False, device="cpu")
+
+
+def test_jhmdb_mat_without_poses_names_the_file(tmp_path):
+    write_jhmdb(tmp_path / "j", "run", "v", patchwork_frames(frames=3), np.zeros((2, 15, 0)))
+    with pytest.raises(ValueError, match=r"v/joint_positions.mat: holds no poses"):
+        jhmdb.evaluate_jhmdb(None, tmp_path / "j", tmp_path / "o", encoder=colour_encoder(),
+                             patch=16, progress=False, device="cpu")
+
+
+def test_zero_or_negative_counts_are_refused_up_front(tmp_path):
+    images, labels = part_video()
+    write_vip(tmp_path / "vip", "v1", images, {0: labels[0], 1: labels[1]})
+    for name, value in (("batch_size", 0), ("batch_size", -1), ("chunk_size", 0),
+                        ("context", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got {value}"):
+            run_vip(tmp_path / "vip", tmp_path / "o", **{name: value})

@@ -19,6 +19,27 @@ def parse_size(text: str | None):
     return int(match.group(1)), int(match.group(2))
 
 
+def check_device(ctx, param, value):
+    """--device callback: refuse a name torch cannot parse, or CUDA where none is usable,
+    before the checkpoint is loaded (torch's own errors come later, as raw tracebacks)."""
+    if value is None:
+        return None
+    import torch
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise click.BadParameter(f"{value!r} is not a torch device (e.g. cuda, cuda:1, cpu): "
+                                 f"{error}") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{value!r} needs a GPU, but CUDA is not available here "
+                                     "(no GPU or no driver); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value!r}: only {torch.cuda.device_count()} GPU(s) "
+                                     "visible")
+    return value
+
+
 def propagation_options(topk: int):
     """Options shared by the propagation commands (METHOD.md section 7 defaults)."""
     def decorate(command):
@@ -35,16 +56,19 @@ def propagation_options(topk: int):
                               "when left out."),
             click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False),
                          help="Directory for predictions, results.json and results.csv."),
-            click.option("--topk", default=topk, show_default=True, type=int),
+            click.option("--topk", default=topk, show_default=True, type=click.IntRange(min=1)),
             click.option("--radius", default=20.0, show_default=True, type=float,
                          help="Spatial radius in feature cells."),
-            click.option("--temperature", default=0.7, show_default=True, type=float),
-            click.option("--context", default=20, show_default=True, type=int,
+            click.option("--temperature", default=0.7, show_default=True,
+                         type=click.FloatRange(min=0, min_open=True)),
+            click.option("--context", default=20, show_default=True, type=click.IntRange(min=1),
                          help="Previous frames in the context (plus the first frame)."),
-            click.option("--device", default=None, help="cuda / cpu (default: cuda if present)."),
-            click.option("--batch-size", default=8, show_default=True, type=int,
+            click.option("--device", default=None, callback=check_device,
+                         help="cuda / cpu (default: cuda if present)."),
+            click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
                          help="Frames per feature batch."),
-            click.option("--chunk-size", default=1024, show_default=True, type=int,
+            click.option("--chunk-size", default=1024, show_default=True,
+                         type=click.IntRange(min=1),
                          help="Query locations per affinity chunk (bounds memory)."),
             click.option("--visualize", is_flag=True, help="Also write overlay strips."),
         ]
@@ -100,7 +124,7 @@ def davis_command(checkpoint, arch, device, size, **kwargs):
 
 @eval_group.command("vip")
 @propagation_options(topk=10)
-@click.option("--short-side", default=880, show_default=True, type=int,
+@click.option("--short-side", default=880, show_default=True, type=click.IntRange(min=1),
               help="Resize so the short side has this length (aspect kept).")
 @click.option("--size", default=None, help="Fixed input HxW instead of --short-side.")
 @_errors_as_click
@@ -113,7 +137,7 @@ def vip_command(checkpoint, arch, device, size, **kwargs):
 @eval_group.command("jhmdb")
 @propagation_options(topk=7)
 @click.option("--size", default=DEFAULT_SIZES["jhmdb"], show_default=True, help="Input HxW.")
-@click.option("--split", default=1, show_default=True, type=int)
+@click.option("--split", default=1, show_default=True, type=click.IntRange(min=1))
 @_errors_as_click
 def jhmdb_command(checkpoint, arch, device, size, **kwargs):
     """JHMDB pose propagation: PCK@0.1 and PCK@0.2."""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tcore.eval import metrics
 from tcore.eval.features import (backbone_patch_encoder, check_input_size, evaluates_frozen,
                                  native_size, patch_size_of, resolve_device)
-from tcore.eval.io import read_label_png, read_rgb, write_label_png
+from tcore.eval.io import read_label_png, read_rgb, read_same_size, size_text, write_label_png
 from tcore.eval.report import write_results
 from tcore.eval.segment import PropagationSettings, propagate_segmentation
 
@@ -130,9 +130,11 @@ def score_objects(n_objects: int, truth: np.ndarray, prediction: np.ndarray,
     return rows
 
 
-def read_prediction_sequence(results: Path, seq: DavisSequence) -> np.ndarray:
+def read_prediction_sequence(results: Path, seq: DavisSequence,
+                             size: tuple[int, int] | None = None) -> np.ndarray:
     """Predicted id maps of the scored frames (all but the first and last), like the
-    official reader."""
+    official reader. With `size` (the annotations' H, W) a map of another size is an error
+    naming its file, not just the sequence."""
     folder = results / seq.name
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no predictions for sequence {seq.name}")
@@ -142,7 +144,11 @@ def read_prediction_sequence(results: Path, seq: DavisSequence) -> np.ndarray:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: prediction missing (predictions must be indexed "
                                     "PNGs named like the annotations)")
-        maps.append(read_label_png(path))
+        labels = read_label_png(path)
+        if size is not None and labels.shape != tuple(size):
+            raise ValueError(f"{path}: prediction is {size_text(labels.shape)} but annotation "
+                             f"{annotation} is {size_text(size)}")
+        maps.append(labels)
     return np.stack(maps)
 
 
@@ -174,10 +180,10 @@ def score_davis(data_root, results_dir, *, split: str = "val", sequences: list[s
     for name in tqdm(names, desc="davis-score", disable=not progress, unit="video"):
         seq = read_sequence(root, name)
         _check_full_annotations(seq)
-        truth = np.stack([read_label_png(p) for p in seq.annotations])
+        truth = read_same_size(seq.annotations, read_label_png)
         if truth.shape[0] < 3:
             raise ValueError(f"sequence {name}: needs at least 3 annotated frames")
-        prediction = read_prediction_sequence(results, seq)
+        prediction = read_prediction_sequence(results, seq, truth.shape[1:])
         object_rows += score_objects(count_objects(truth[0]), truth[1:-1], prediction, name)
     return {"benchmark": "davis-2017", "split": split, "summary": summarize(object_rows),
             "per_sequence": per_sequence(object_rows), "per_object": object_rows}
@@ -221,11 +227,12 @@ def evaluate_davis(backbone, data_root, output_dir, *, size=DAVIS_SIZE, topk: in
         bar.set_postfix_str(name)
         seq = read_sequence(root, name)
         _check_full_annotations(seq)
-        frames = np.stack([read_rgb(p) for p in seq.frames])
-        truth = np.stack([read_label_png(p) for p in seq.annotations])
+        frames = read_same_size(seq.frames, read_rgb)
+        truth = read_same_size(seq.annotations, read_label_png)
         if truth.shape[1:] != frames.shape[1:3]:
-            raise ValueError(f"sequence {name}: frames {frames.shape[1:3]} and annotations "
-                             f"{truth.shape[1:]} differ in size")
+            raise ValueError(f"sequence {name}: annotation {seq.annotations[0]} is "
+                             f"{size_text(truth.shape[1:])} but frame {seq.frames[0]} is "
+                             f"{size_text(frames.shape[1:3])}")
         warnings += _sequence_warnings(name, truth)
         first = np.where(truth[0] == 255, 0, truth[0])
         video_size = size if size is not None else native_size(frames.shape[1:3], patch)

@@ -61,6 +61,25 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: cannot decode image ({error})") from error
 
 
+def read_same_size(paths, read) -> np.ndarray:
+    """[T, ...] stack of read(path) over `paths` (non-empty). Each image's size is compared
+    with the first's so that an odd file is named (numpy's stack error names none)."""
+    images = []
+    for path in paths:
+        image = read(path)
+        if images and image.shape != images[0].shape:
+            raise ValueError(f"{path}: size {size_text(image.shape)} differs from "
+                             f"{paths[0]} ({size_text(images[0].shape)}); the images of one "
+                             "video must all have the same size")
+        images.append(image)
+    return np.stack(images)
+
+
+def size_text(shape) -> str:
+    """'HxW' of an image shape ([H,W] or [H,W,C])."""
+    return f"{shape[0]}x{shape[1]}"
+
+
 def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

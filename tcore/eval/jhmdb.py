@@ -24,7 +24,7 @@ from tqdm import tqdm
 from tcore.eval import metrics
 from tcore.eval.features import (backbone_patch_encoder, check_input_size, evaluates_frozen,
                                  extract_features, patch_size_of, resolve_device)
-from tcore.eval.io import read_rgb, write_mat
+from tcore.eval.io import read_rgb, read_same_size, write_mat
 from tcore.eval.propagation import propagate_labels
 from tcore.eval.report import write_results
 from tcore.eval.segment import PropagationSettings
@@ -70,6 +70,8 @@ def read_joints(path: Path) -> np.ndarray:
     pos = np.asarray(mat["pos_img"], dtype=np.float64)
     if pos.ndim != 3 or pos.shape[:2] != (2, N_JOINTS):
         raise ValueError(f"{path}: pos_img has shape {pos.shape}, expected [2, {N_JOINTS}, T]")
+    if pos.shape[2] == 0:
+        raise ValueError(f"{path}: holds no poses (pos_img has shape {pos.shape})")
     return pos - 1.0  # MATLAB coordinates are 1-based
 
 
@@ -163,7 +165,7 @@ def evaluate_jhmdb(backbone, data_root, output_dir, *, size=JHMDB_SIZE, topk: in
             warnings.append(f"{name}: {len(frame_paths)} frames but {n_poses} poses; only the "
                             f"first {n_poses} frames are propagated and scored")
             frame_paths = frame_paths[:n_poses]
-        frames = np.stack([read_rgb(p) for p in frame_paths])
+        frames = read_same_size(frame_paths, read_rgb)
         height, width = frames.shape[1:3]
         first_cells = truth[:, :, 0] * np.array([[grid[1] / width], [grid[0] / height]])
         features = extract_features(encode, frames, size, patch=patch, batch_size=batch_size,

@@ -169,10 +169,13 @@ def confusion_matrix(truth: np.ndarray, prediction: np.ndarray, n_classes: int) 
 
     Pixels whose truth is outside [0, n_classes) (e.g. 255 = ignore) are not counted.
     """
-    truth = np.asarray(truth).astype(np.int64).ravel()
-    prediction = np.asarray(prediction).astype(np.int64).ravel()
+    truth = np.asarray(truth).astype(np.int64)
+    prediction = np.asarray(prediction).astype(np.int64)
+    # shapes, not sizes: maps of equal pixel count but other shape would pair wrong pixels
     if truth.shape != prediction.shape:
-        raise ValueError("truth and prediction differ in size")
+        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in "
+                         "shape")
+    truth, prediction = truth.ravel(), prediction.ravel()
     if prediction.size and (prediction.min() < 0 or prediction.max() >= n_classes):
         raise ValueError(f"prediction holds labels outside [0, {n_classes})")
     valid = (truth >= 0) & (truth < n_classes)

@@ -22,6 +22,14 @@ class PropagationSettings:
     batch_size: int = 8
     chunk_size: int = 1024
 
+    def __post_init__(self):
+        # checked up front: 0 or a negative count otherwise fails deep in range() / torch.cat
+        for name in ("topk", "context", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
     def as_dict(self) -> dict:
         return dict(topk=self.topk, radius=self.radius, temperature=self.temperature,
                     context=self.context, long_memory=[0])

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from tcore.eval import metrics
 from tcore.eval.features import (backbone_patch_encoder, evaluates_frozen, patch_size_of,
                                  resolve_device, short_side_size)
-from tcore.eval.io import read_label_png, read_rgb, write_label_png
+from tcore.eval.io import read_label_png, read_rgb, read_same_size, size_text, write_label_png
 from tcore.eval.report import write_results
 from tcore.eval.segment import PropagationSettings, propagate_segmentation
 
@@ -60,6 +60,20 @@ def read_video(root: Path, name: str) -> tuple[list[Path], dict[str, Path]]:
     return frames, annotations
 
 
+def read_annotation(path: Path, shape: tuple[int, int], frame: Path) -> np.ndarray:
+    """Class ids of one annotation, checked like the first: the frames' size, and ids below
+    VIP_CLASSES or 255 (ignore). Any other id would silently drop out of the confusion."""
+    labels = read_label_png(path)
+    if labels.shape != tuple(shape):
+        raise ValueError(f"{path}: annotation is {size_text(labels.shape)} but frame {frame} is "
+                         f"{size_text(shape)}")
+    bad = np.unique(labels[(labels >= VIP_CLASSES) & (labels != 255)])
+    if bad.size:
+        raise ValueError(f"{path}: class ids {bad[:10].tolist()} outside 0..{VIP_CLASSES - 1} "
+                         "(255 = ignore)")
+    return labels
+
+
 @evaluates_frozen
 def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT_SIDE,
                  size=None, topk: int = 10, radius: float = 20, temperature: float = 0.7,
@@ -85,14 +99,11 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
     for name in bar:
         bar.set_postfix_str(name)
         frames_paths, annotations = read_video(root, name)
-        frames = np.stack([read_rgb(p) for p in frames_paths])
-        first = read_label_png(annotations[frames_paths[0].stem])
-        if first.shape != frames.shape[1:3]:
-            raise ValueError(f"video {name}: annotation {first.shape} and frames "
-                             f"{frames.shape[1:3]} differ in size")
-        if int(np.where(first == 255, 0, first).max()) >= VIP_CLASSES:
-            raise ValueError(f"video {name}: class id above {VIP_CLASSES - 1} in the first "
-                             "annotation")
+        frames = read_same_size(frames_paths, read_rgb)
+        # every annotation is read and checked before the (long) propagation
+        truths = {t: read_annotation(annotations[path.stem], frames.shape[1:3], path)
+                  for t, path in enumerate(frames_paths) if path.stem in annotations}
+        first = truths[0]
         video_size = tuple(size) if size is not None else short_side_size(first.shape, short_side,
                                                                            patch)
         prediction, _ = propagate_segmentation(encode, frames, first, size=video_size, patch=patch,
@@ -100,12 +111,9 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
         confusion = np.zeros_like(total)
         scored = 0
         for t in range(1, len(frames_paths)):
-            path = annotations.get(frames_paths[t].stem)
-            if path is None:
-                continue
-            truth = read_label_png(path)
-            confusion += metrics.confusion_matrix(truth, prediction[t], VIP_CLASSES)
-            scored += 1
+            if t in truths:
+                confusion += metrics.confusion_matrix(truths[t], prediction[t], VIP_CLASSES)
+                scored += 1
         unscored = len(frames_paths) - 1 - scored
         if unscored:
             warnings.append(f"{name}: {unscored} frames have no annotation; propagated, not scored")
