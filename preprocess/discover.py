@@ -50,7 +50,8 @@ def discover_class_folders(root, kind: str = "video") -> Inputs:
     sources = []
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
-            if not path.is_file() or _is_hidden(path):
+            # A hidden folder below the class folder (.git, .cache, ...) hides its files too.
+            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(class_dir).parts):
                 continue
             if kind == "image" and path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -109,6 +110,14 @@ def discover_list(list_file, video_root=None, kind: str = "video") -> Inputs:
     return Inputs(sources, sorted({source.class_name for source in sources}))
 
 
+def _kinetics_seconds(cell: str, list_file: Path, line_number: int, column: str) -> int:
+    try:
+        return int(float(cell))
+    except (ValueError, OverflowError):
+        raise ValueError(f"{list_file}:{line_number}: column {column} is {cell.strip()!r}, "
+                         "not a number of seconds") from None
+
+
 def _discover_kinetics(rows: list[list[str]], video_root: Path, list_file: Path) -> Inputs:
     sources = []
     for line_number, row in enumerate(rows, start=2):
@@ -117,7 +126,8 @@ def _discover_kinetics(rows: list[list[str]], video_root: Path, list_file: Path)
         if len(row) < 4:
             raise ValueError(f"{list_file}:{line_number}: expected label,youtube_id,time_start,time_end,...")
         label, youtube_id = row[0].strip(), row[1].strip()
-        start, end = int(float(row[2])), int(float(row[3]))
+        start, end = (_kinetics_seconds(row[column], list_file, line_number, KINETICS_COLUMNS[column])
+                      for column in (2, 3))
         path = _find_kinetics_file(video_root, label, youtube_id, start, end)
         if path is not None:
             try:

@@ -92,6 +92,11 @@ def _resize(frame, width: int, height: int):
     return out
 
 
+def _is_image_demuxer(name: str) -> bool:
+    """FFmpeg's image-file demuxers: image2, image2pipe and the `<codec>_pipe` family."""
+    return any(part in ("image2", "image2pipe") or part.endswith("_pipe") for part in name.split(","))
+
+
 def _open(path: str):
     check_nonempty_file(path)
     try:
@@ -100,6 +105,12 @@ def _open(path: str):
         raise BadInput("container ends right after its header: no video data (zero frames or truncated)") from err
     except av.FFmpegError as err:
         raise BadInput(f"not a readable video container ({err.__class__.__name__}: {err})") from err
+    if _is_image_demuxer(container.format.name):
+        # FFmpeg reads a still image (whatever its file name) as a one-frame "video";
+        # it would become a clip of T identical frames.
+        name = container.format.name
+        container.close()
+        raise BadInput(f"not a video: a still image (FFmpeg reads it with the {name} image demuxer)")
     if not container.streams.video:
         kinds = sorted({stream.type for stream in container.streams})
         container.close()
@@ -130,17 +141,21 @@ def _decode_selected(path: str, indices: list[int], short_side: int, allow_upsca
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
-        # The video stream's own duration when the container has one (mp4); else the
-        # container's, which also spans other streams (webm/mkv).
+        # The video stream's own duration when the container has one (mp4), counted from
+        # the stream's start; else the container's, which also spans other streams and, in
+        # Matroska (webm/mkv), counts from time 0, not from the first frame.
         own_duration = stream.duration is not None and stream.time_base is not None
+        origin = 0.0
         if own_duration:
             duration = float(stream.duration * stream.time_base)
+            if stream.start_time is not None:
+                origin = float(stream.start_time * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / av.time_base
         else:
             duration = 0.0
         shared_duration = not own_duration and len(container.streams) > 1
-        first_time = last_time = None
+        last_time = None
         try:
             for frame in container.decode(stream):
                 if size is None:
@@ -148,25 +163,25 @@ def _decode_selected(path: str, indices: list[int], short_side: int, allow_upsca
                 if count in wanted:
                     kept[count] = _resize(frame, *size)
                 if frame.time is not None:
-                    first_time = frame.time if first_time is None else first_time
-                    last_time = frame.time
+                    last_time = frame.time if last_time is None else max(last_time, frame.time)
                 count += 1
         except av.FFmpegError as err:
             raise BadInput(f"corrupt or truncated video: decoding failed after {count} frames ({err})") from err
-    if count and first_time is not None and duration > 0 and fps > 0:
-        _check_not_truncated(last_time - first_time + 1 / fps, duration, fps, shared_duration)
+    if count and last_time is not None and duration > 0 and fps > 0:
+        _check_not_truncated(last_time - origin + 1 / fps, duration, fps, shared_duration)
     return kept, count, size, fps, duration
 
 
-def _check_not_truncated(decoded_seconds: float, declared_seconds: float, fps: float,
+def _check_not_truncated(end_seconds: float, declared_seconds: float, fps: float,
                          shared_duration: bool) -> None:
     """A cut-off file (e.g. a partial download of a WebM) often still demuxes and decodes
-    cleanly up to the cut; its header's duration gives it away. Tolerance: 5% (at least 3
-    frames); 10% (at least 1 s) when the declared duration also covers other streams, whose
-    audio track may run a little longer than the video."""
+    cleanly up to the cut; its header's duration gives it away. `end_seconds` is where the
+    last frame ends, counted from the same origin as the declared duration. Tolerance: 5%
+    (at least 3 frames); 10% (at least 1 s) when the declared duration also covers other
+    streams, whose audio track may run a little longer than the video."""
     tolerance = max(1.0, 0.1 * declared_seconds) if shared_duration else max(3 / fps, 0.05 * declared_seconds)
-    if decoded_seconds < declared_seconds - tolerance:
-        raise BadInput(f"truncated video: frames end at {decoded_seconds:.2f} s of the "
+    if end_seconds < declared_seconds - tolerance:
+        raise BadInput(f"truncated video: frames end at {end_seconds:.2f} s of the "
                        f"{declared_seconds:.2f} s the container declares")
 
 

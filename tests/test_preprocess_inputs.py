@@ -1,0 +1,183 @@
+"""Awkward but real inputs of the shard builder, through real files and codecs: videos that
+start after time 0, still images posing as videos, EXIF-rotated and 16-bit images (checked
+against what DALI decodes), hidden folders and bad numbers in a Kinetics CSV."""
+import io
+import json
+import tarfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def, types
+from PIL import Image
+
+from tcore.preprocess.discover import discover_class_folders, discover_list
+from tcore.preprocess.errors import BadInput
+from tcore.preprocess.manifest import load_manifest, shard_paths
+from tcore.preprocess.shards import build_shards
+from tcore.preprocess.video import read_clip
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _offset_video(path: Path, encoder: str, frames: int = 20, first_pts: int = 5) -> None:
+    """`frames` frames at 10 fps whose first frame is at first_pts / 10 s (not 0)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=10)
+        stream.width, stream.height = 64, 48
+        for index in range(frames):
+            picture = np.zeros((48, 64, 3), np.uint8)
+            picture[..., 0] = index * 10
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts, frame.time_base = first_pts + index, Fraction(1, 10)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def _gradient(width: int, height: int) -> Image.Image:
+    """Smooth, asymmetric RGB content (red grows to the right, green downwards), so that a
+    rotation or flip shows in the pixels and JPEG loss stays small."""
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    return Image.fromarray((np.stack([x, y, 0.5 + 0 * x], -1) * 255).round().astype(np.uint8))
+
+
+def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    samples = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+@pytest.fixture(scope="module")
+def video_build(tmp_path_factory):
+    """A video folder with WebM and MKV files whose video starts at 0.5 s, a JPEG named
+    .mp4, a PNG, and a video in a hidden subfolder; built with T=8."""
+    src = tmp_path_factory.mktemp("videos") / "src"
+    (src / "a" / ".cache").mkdir(parents=True)
+    _offset_video(src / "a" / "offset.webm", "libvpx-vp9")
+    _offset_video(src / "a" / "offset.mkv", "mpeg4")
+    _gradient(64, 48).save(src / "a" / "picture.mp4", format="JPEG")
+    _gradient(64, 48).save(src / "a" / "still.png")
+    _offset_video(src / "a" / ".cache" / "hidden.webm", "libvpx-vp9", frames=3)
+    out = src.parent / "out"
+    manifest = build_shards(src, out, frames=8, short_side=0, progress=False)
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    metas = [json.loads(c["json"]) for c in _read_tar(out / manifest["shards"][0]["tar"]).values()]
+    return src, manifest, {f["source"]: f["error"] for f in failures}, {m["source"]: m for m in metas}
+
+
+def test_webm_and_mkv_whose_video_starts_after_zero_are_not_truncated(video_build):
+    _, _, failures, metas = video_build
+    assert "a/offset.webm" not in failures and "a/offset.mkv" not in failures
+    for source in ("a/offset.webm", "a/offset.mkv"):
+        meta = metas[source]
+        assert (meta["source_frames"], meta["frames"], meta["fps"]) == (20, 8, 10.0)
+        assert meta["duration"] == pytest.approx(2.5)  # Matroska counts from 0
+
+
+@pytest.mark.parametrize("ext", ["webm", "mkv"])
+def test_cut_offset_video_is_truncated_and_the_message_gives_the_true_end(video_build, tmp_path, ext):
+    data = (video_build[0] / "a" / f"offset.{ext}").read_bytes()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[: len(data) // 2])
+    with av.open(str(cut)) as container:
+        end = max(frame.time for frame in container.decode(video=0)) + 0.1
+    assert end < 2.0
+    with pytest.raises(BadInput, match=rf"truncated video: frames end at {end:.2f} s of the 2\.50 s"):
+        read_clip(str(cut), 8, 0)
+
+
+def test_a_still_image_in_a_video_folder_is_not_a_video(video_build, tmp_path):
+    _, manifest, failures, metas = video_build
+    assert set(failures) == {"a/picture.mp4", "a/still.png"}
+    assert "not a video" in failures["a/picture.mp4"] and "jpeg_pipe" in failures["a/picture.mp4"]
+    assert "not a video" in failures["a/still.png"]
+    assert set(metas) == {"a/offset.webm", "a/offset.mkv"} and manifest["total_samples"] == 2
+    _gradient(64, 48).save(tmp_path / "frame.jpg")  # opened by FFmpeg's image2 demuxer
+    with pytest.raises(BadInput, match="not a video"):
+        read_clip(str(tmp_path / "frame.jpg"), 8, 0)
+
+
+def test_files_in_hidden_subfolders_are_left_out(tmp_path):
+    for name in ("c/ok/v.mp4", "c/.git/v.mp4", "c/ok/.tmp/v.mp4", "c/.v.mp4", "c/v.mp4", ".h/v.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    inputs = discover_class_folders(tmp_path)
+    assert [s.relative for s in inputs.sources] == ["c/ok/v.mp4", "c/v.mp4"] and inputs.classes == ["c"]
+
+
+def test_kinetics_csv_with_a_bad_number_names_file_line_and_column(tmp_path):
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("label,youtube_id,time_start,time_end,split\n"
+                        "juggling,abc,0,10,train\n"
+                        "juggling,xyz,5,one,train\n")
+    with pytest.raises(ValueError, match=rf"^{csv_file}:3: column time_end is 'one', not a number"):
+        discover_list(csv_file, video_root=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def image_build(tmp_path_factory):
+    """A small EXIF-orientation-6 JPEG (kept), a large one (resized), a 16-bit grey PNG;
+    each decoded by DALI's CPU image decoder from the shards."""
+    src = tmp_path_factory.mktemp("images") / "src"
+    (src / "c").mkdir(parents=True)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    _gradient(60, 40).save(src / "c" / "small_exif6.jpg", quality=95, exif=exif)
+    _gradient(600, 400).save(src / "c" / "large_exif6.jpg", quality=95, exif=exif)
+    grey = np.linspace(0, 65535, 64 * 40).reshape(40, 64).round().astype(np.uint16)
+    Image.fromarray(grey).save(src / "c" / "grey16.png")
+    out = src.parent / "out"
+    manifest = build_shards(src, out, kind="image", short_side=100, progress=False)
+    assert manifest["failures"] == 0
+    tars, indices = zip(*((str(t), str(i)) for t, i in shard_paths(out)))
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def pipeline():
+        image, meta = fn.readers.webdataset(paths=list(tars), index_paths=list(indices), ext=["jpg", "json"],
+                                            dtypes=[types.UINT8, types.UINT8], random_shuffle=False)
+        return fn.decoders.image(image, device="cpu", output_type=types.RGB), meta
+
+    pipe = pipeline()
+    pipe.build()
+    stored = {json.loads(c["json"])["source"]: c["jpg"] for t in tars for c in _read_tar(Path(t)).values()}
+    decoded = {}
+    for _ in range(manifest["total_samples"]):
+        image, meta = pipe.run()
+        meta = json.loads(np.array(meta[0]).tobytes())
+        decoded[meta["source"]] = (np.array(image[0]), meta, stored[meta["source"]])
+    assert len(decoded) == 3
+    return src, decoded
+
+
+def test_exif_orientation_is_not_applied_dali_sees_what_pil_reads(image_build):
+    src, decoded = image_build
+    for name, size in (("small_exif6.jpg", (60, 40)), ("large_exif6.jpg", (150, 100))):
+        pixels, meta, data = decoded[f"c/{name}"]
+        assert pixels.shape == (meta["height"], meta["width"], 3) == (size[1], size[0], 3), name
+        with Image.open(src / "c" / name) as source:  # PIL: stored pixels, unrotated
+            reference = source.convert("RGB")
+        assert Image.open(io.BytesIO(data)).getexif().get(EXIF_ORIENTATION, 1) == 1
+        if reference.size != size:
+            reference = reference.resize(size, Image.BICUBIC, reducing_gap=3.0)
+        assert np.abs(pixels.astype(np.float32) - np.asarray(reference, np.float32)).mean() < 3.0, name
+    # The small file is kept without re-encoding: only its Exif block is gone.
+    pixels, _, data = decoded["c/small_exif6.jpg"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                          np.asarray(Image.open(src / "c" / "small_exif6.jpg").convert("RGB")))
+    assert len(data) < (src / "c" / "small_exif6.jpg").stat().st_size
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(image_build):
+    src, decoded = image_build
+    with Image.open(src / "c" / "grey16.png") as source:
+        assert source.mode == "I;16"
+        expected = np.round(np.asarray(source, np.float64) / 257)
+    pixels, meta, _ = decoded["c/grey16.png"]
+    assert pixels.shape == (40, 64, 3) and (meta["width"], meta["height"]) == (64, 40)
+    assert np.abs(pixels.astype(np.float64) - expected[..., None]).mean() < 2.0
+    assert pixels.min() < 10 and pixels.max() > 245
