@@ -8,6 +8,10 @@ Resumability: each shard is written under a temporary name; its index is renamed
 then the tar, then a small record `OUT/.build/<prefix>-%06d.json` (sample count, bytes,
 failures). A shard counts as done only once its record exists, so a rerun after any
 interruption (kill -9 included) rebuilds exactly the shards without a record.
+
+Failures: an input that cannot become a sample (BadInput) is recorded in failures.jsonl and
+the build carries on; any other error (an encoder that refuses its options, a worker process
+that dies) stops the build with BuildError, keeping the shards already finished.
 """
 from __future__ import annotations
 
@@ -16,10 +20,10 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import queue as queue_module
 import signal
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 from tqdm import tqdm
@@ -37,6 +41,14 @@ from tcore.preprocess.video import (FRAME_CODECS, VIDEO_CODECS, VP9_SPEED, encod
 
 STATE_DIR = ".build"
 DEFAULT_GOP = 20  # one keyframe per 20-frame clip: smallest and fastest for the sampler (docs/PERFORMANCE.md)
+# Highest --crf per codec: libvpx-vp9 refuses more when the encoder opens (after the inputs are
+# decoded), libx264 (8-bit) silently clamps to 51. 0 is lossless (h264) / best (vp9).
+MAX_CRF = {"vp9": 63, "h264": 51}
+
+
+class BuildError(Exception):
+    """The build cannot go on (not a bad input): an encoder that refuses its settings, a
+    worker process that died. Finished shards are kept; a rerun resumes."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,8 @@ class BuildConfig:
                 raise ValueError(f"vp9 speed must be in 0..8, got {self.vp9_speed}")
             if self.gop < 1:
                 raise ValueError(f"gop must be >= 1, got {self.gop}")
+            if self.crf is not None and self.codec in MAX_CRF and not 0 <= self.crf <= MAX_CRF[self.codec]:
+                raise ValueError(f"crf for {self.codec} must be in 0..{MAX_CRF[self.codec]}, got {self.crf}")
         if self.short_side < 0 or self.short_side % 2:
             raise ValueError(f"short side must be an even number >= 0 (0 = keep), got {self.short_side}")
         if self.samples_per_shard < 1:
@@ -129,14 +143,11 @@ def _image_sample(source: Source, label: int, config: BuildConfig) -> list[tuple
 
 
 def make_sample(source: Source, label: int, config: BuildConfig) -> list[tuple[str, bytes]]:
-    """Components of one sample; raises BadInput (or any error) when the input is unusable."""
+    """Components of one sample; raises BadInput when the input is unusable (any other
+    error is a fault of the build's set-up or of the code, not of this input)."""
     if source.path is None:
         raise BadInput("file not found")
     return (_video_sample if config.kind == "video" else _image_sample)(source, label, config)
-
-
-def _describe(err: Exception) -> str:
-    return str(err) if isinstance(err, BadInput) else f"{type(err).__name__}: {err}"
 
 
 def _record_path(out: Path, config: BuildConfig, shard_id: int) -> Path:
@@ -162,18 +173,32 @@ def build_one_shard(out: Path, config: BuildConfig, shard_id: int, items: list[t
     """Write shard `shard_id` from (input index, source, label) items; return its record."""
     name = config.shard_name(shard_id)
     tar_path, index_path = out / f"{name}.tar", out / f"{name}.idx"
-    failures = []
+    failures, unexpected = [], None
     with ShardTarWriter(_tmp_path(tar_path)) as writer:
         for input_index, source, label in items:
             try:
                 components = make_sample(source, label, config)
-            except Exception as err:  # noqa: BLE001 - bad input never stops a build
-                failures.append({"source": source.relative, "error": _describe(err)})
+            except BadInput as err:  # bad input never stops a build
+                failures.append({"source": source.relative, "error": str(err)})
+            except Exception as err:
+                # Not a known kind of bad input: logged with its type, so that one odd file
+                # among 240k cannot stop (and, rerun, stop again) a Kinetics build...
+                failures.append({"source": source.relative,
+                                 "error": f"{type(err).__name__}: {err}"})
+                unexpected = unexpected or (source, err)
             else:
                 writer.add_sample(sample_key(input_index, source), components)
             if tick is not None:
                 tick(1)
     samples = len(writer.samples)
+    if not samples and unexpected:
+        # ...but a shard where nothing was built and not for bad input is a set-up fault
+        # (e.g. an encoder refusing its options): stop rather than build shards of failures.
+        _tmp_path(tar_path).unlink(missing_ok=True)
+        source, err = unexpected
+        raise BuildError(f"{name}: no sample built; {source.relative} failed with "
+                         f"{type(err).__name__}: {err}; the build stops (shards already "
+                         "finished are kept)") from err
     if samples:
         _tmp_path(index_path).write_text(format_index(writer.samples))
         os.replace(_tmp_path(index_path), index_path)
@@ -188,16 +213,6 @@ def build_one_shard(out: Path, config: BuildConfig, shard_id: int, items: list[t
     return record
 
 
-# Worker processes report each finished input through this queue for the progress bar.
-_TICK_QUEUE = None
-
-
-def _init_worker(tick_queue) -> None:
-    global _TICK_QUEUE
-    _TICK_QUEUE = tick_queue
-    _die_with_parent()
-
-
 def _die_with_parent() -> None:
     """Linux: have the kernel kill this worker when the build process dies (kill -9
     included), so no orphan keeps writing shards next to a rerun."""
@@ -208,9 +223,33 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_build(args) -> dict:
-    out, config, shard_id, items = args
-    return build_one_shard(out, config, shard_id, items, tick=_TICK_QUEUE.put)
+def _shard_process(task, progress, slot: int, conn) -> None:
+    """Body of a worker process: build one shard, counting finished inputs in
+    `progress[slot]` (for the bar), and send back its record or the error that stopped it."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the workers
+
+    def tick(n: int) -> None:
+        progress[slot] += n
+
+    try:
+        outcome = build_one_shard(*task, tick=tick)
+    except Exception as err:  # noqa: BLE001 - re-raised by the parent
+        outcome = err
+    try:
+        conn.send(outcome)
+    except Exception:  # noqa: BLE001 - an error that does not pickle: send its text
+        conn.send(BuildError(f"{type(outcome).__name__}: {outcome}"))
+    conn.close()
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with status {exitcode} without a result"
 
 
 # ---------------------------------------------------------------- the whole build
@@ -290,8 +329,11 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
         raise ValueError(f"node rank {node_rank} is not in 0..{num_nodes - 1}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    inputs = discover_inputs(src, kind, list_file, video_root)
     out = Path(out)
+    if out.exists() and not out.is_dir():  # before discovering (maybe millions of) inputs
+        raise ShardDirError(f"output {out} exists and is not a directory; give a new or empty "
+                            "directory for the shards")
+    inputs = discover_inputs(src, kind, list_file, video_root)
     options = _options(config, inputs)
     _check_out_dir(out, options)
 
@@ -310,15 +352,17 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
     start = time.perf_counter()
     bar = tqdm(total=total, unit="video" if kind == "video" else "image", disable=not progress,
                desc=f"shards ({len(todo)} to build, {len(mine) - len(todo)} done)", smoothing=0.1)
-    if workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            records[task[2]] = build_one_shard(*task, tick=bar.update)
-    else:
-        _run_pool(tasks, workers, records, bar)
-    bar.close()
+    try:
+        if workers == 1 or len(tasks) <= 1:
+            for task in tasks:
+                records[task[2]] = build_one_shard(*task, tick=bar.update)
+        else:
+            _run_pool(tasks, workers, records, bar)
+    finally:  # also when the build stops: its workers are gone, their temporaries are junk
+        bar.close()
+        _remove_stale_tmp(out, config, mine)
     seconds = time.perf_counter() - start
 
-    _remove_stale_tmp(out, config, mine)
     failures = [f for k in mine for f in records[k]["failures"]]
     shards = [{key: records[k][key] for key in ("tar", "index", "samples", "bytes")}
               for k in mine if records[k]["samples"]]
@@ -337,22 +381,55 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
 
 
 def _run_pool(tasks: list, workers: int, records: dict, bar) -> None:
-    """Build shards in `workers` processes (each writes whole shards), ticking the bar per input."""
+    """Build shards in up to `workers` processes, one forked per shard (a shard is minutes
+    of work, a fork milliseconds), ticking the bar per input. Owning the processes, rather
+    than using a multiprocessing.Pool (whose task dies with its worker and never completes),
+    lets the build see a worker die (the OOM killer, a crash in a codec library) and stop
+    with the shard it was building."""
     context = mp.get_context("fork")
-    tick_queue = context.Queue()
-    with context.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(tick_queue,)) as pool:
-        pending = [pool.apply_async(_worker_build, (task,)) for task in tasks]
-        while pending:
-            try:
-                bar.update(tick_queue.get(timeout=0.2))
-                while True:
-                    bar.update(tick_queue.get_nowait())
-            except queue_module.Empty:
-                pass
-            for result in [r for r in pending if r.ready()]:
-                record = result.get()  # re-raises a worker's unexpected error
-                records[record["shard"]] = record
-                pending.remove(result)
+    progress = context.RawArray("q", len(tasks))  # inputs finished per task; one writer each
+    waiting, running, shown = list(enumerate(tasks)), {}, 0
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                slot, task = waiting.pop(0)
+                reader, writer = context.Pipe(duplex=False)
+                process = context.Process(target=_shard_process, args=(task, progress, slot, writer),
+                                          daemon=True)
+                process.start()
+                writer.close()  # the worker holds the only write end: its death reads as end of file
+                running[process] = (task, reader)
+            mp_connection.wait([reader for _, reader in running.values()], timeout=0.2)
+            done = sum(progress)
+            bar.update(done - shown)
+            shown = done
+            for process, (task, reader) in list(running.items()):
+                if not reader.poll():
+                    continue
+                try:
+                    outcome = reader.recv()
+                except (EOFError, OSError):  # the worker ended without sending a result
+                    outcome = None
+                process.join()
+                reader.close()
+                del running[process]
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                if outcome is None:
+                    name = task[1].shard_name(task[2])
+                    others = ", ".join(t[1].shard_name(t[2]) for t, _ in running.values())
+                    raise BuildError(
+                        f"a worker process (pid {process.pid}) died while building {name} "
+                        f"({_how_it_ended(process.exitcode)}; out of memory, or a crash in a codec "
+                        "library?)" + (f"; also stopped: {others}" if others else "")
+                        + ". Shards already finished are kept: rerun the same command to resume")
+                records[outcome["shard"]] = outcome
+    finally:  # an error, a dead worker or Ctrl-C: stop the shards still in progress
+        for process in running:
+            process.terminate()
+        for process, (_, reader) in running.items():
+            process.join()
+            reader.close()
 
 
 def build_shards(src, out, *, kind: str = "video", frames: int = 20, short_side: int = 320,

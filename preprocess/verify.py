@@ -11,14 +11,17 @@ from PIL import Image
 
 from tcore.preprocess.errors import BadInput
 from tcore.preprocess.index import read_index
-from tcore.preprocess.manifest import load_manifest
+from tcore.preprocess.manifest import load_manifest, manifest_path
 from tcore.preprocess.video import FRAME_CODECS, probe_clip, split_jpeg_frames
 
 
 def _index_matches_tar(tar_path: Path, samples) -> str | None:
     """None when the index lists exactly the tar's members at their data offsets."""
-    with tarfile.open(tar_path) as tar:
-        members = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isfile()]
+    try:
+        with tarfile.open(tar_path) as tar:
+            members = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isfile()]
+    except (tarfile.TarError, OSError) as err:  # a cut-off tar passes is_tarfile, then fails here
+        return f"truncated or corrupt tar ({err})"
     listed = [(name, offset, size) for components in samples for _, offset, size, name in components]
     if members != listed:
         return f"index does not match the tar ({len(listed)} indexed members, {len(members)} in tar)"
@@ -70,8 +73,8 @@ def inspect_shards(out, verify: bool = False, progress=None) -> dict:
     """Summary of a shard directory: counts, sizes, codec, frames per sample; with `verify`,
     every sample is read through the index and decoded, and `problems` lists the ones
     that fail ({"tar", "key", "error"}). `progress(n)` is called per sample verified."""
-    out = Path(out)
     manifest = load_manifest(out, check_files=True)
+    out = manifest_path(out).parent  # `out` may name the manifest file itself
     report = {"directory": str(out), "kind": manifest["kind"], "codec": manifest["codec"],
               "frames": manifest["frames"], "short_side": manifest["short_side"],
               "classes": len(manifest["classes"]), "shards": len(manifest["shards"]),
@@ -102,6 +105,9 @@ def inspect_shards(out, verify: bool = False, progress=None) -> dict:
                     handle.seek(offset)
                     data[ext] = handle.read(size)
                 try:
+                    short = [ext for ext, _, size, _ in components if len(data[ext]) != size]
+                    if short:
+                        raise BadInput(f"the tar ends inside .{short[0]} (truncated tar)")
                     _check_sample(manifest, data)
                     per_class[json.loads(data["json"])["class"]] += 1
                 except BadInput as err:

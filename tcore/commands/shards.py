@@ -2,7 +2,7 @@
 import click
 
 from tcore.preprocess.errors import ShardDirError
-from tcore.preprocess.shards import DEFAULT_GOP, merge_node_manifests, run_build
+from tcore.preprocess.shards import DEFAULT_GOP, BuildError, merge_node_manifests, run_build
 from tcore.preprocess.video import FRAME_CODECS, VIDEO_CODECS, VP9_SPEED
 
 
@@ -13,6 +13,13 @@ def shards():
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def _os_error(err: OSError) -> str:
+    """`path: reason` for an OS error (OUT's parent is a file, no permission, disk full)."""
+    if err.filename is None or err.strerror is None:
+        return str(err)
+    return f"{err.filename}: {err.strerror}"
 
 
 @shards.command(name="build")
@@ -52,8 +59,10 @@ def build(paths, list_file, video_root, **options):
         src, out = paths
     try:
         result = run_build(src, out, list_file=list_file, video_root=video_root, **options)
-    except (ShardDirError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+    except (ShardDirError, BuildError, ValueError, ModuleNotFoundError) as err:
         raise click.ClickException(str(err))
+    except OSError as err:
+        raise click.ClickException(_os_error(err))
     manifest = result.manifest
     click.echo(f"{result.manifest_path}: {manifest['total_samples']} samples in {len(manifest['shards'])} "
                f"shards, {_mib(manifest['total_bytes'])}; {manifest['failures']} inputs failed"

@@ -1,0 +1,156 @@
+"""The shard builder and inspector facing what goes wrong: a worker process killed mid-build,
+an encoder that refuses its settings, a truncated shard, a manifest given as a file, an
+output path that is a file. Each ends in a clear error (or reported problem), never a hang
+or a traceback, and keeps what was already written."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from tqdm import tqdm
+
+from tcore.cli import main as cli
+from tcore.preprocess.discover import discover_class_folders
+from tcore.preprocess.errors import ShardDirError
+from tcore.preprocess.manifest import load_manifest
+from tcore.preprocess.shards import BuildConfig, BuildError, _run_pool, build_one_shard, run_build
+from tcore.preprocess.verify import inspect_shards
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of `pid`, from /proc (the kernel's children lists when it keeps them)."""
+    lists = list(Path(f"/proc/{pid}/task").glob("*/children"))
+    if lists:
+        return [int(c) for f in lists for c in f.read_text().split()]
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+        if ppid == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _build_command(src: Path, out: Path) -> list[str]:
+    # Two inputs per shard and a slow VP9 setting: each shard takes a good fraction of a second.
+    return [sys.executable, "-m", "tcore.cli", "shards", "build", str(src), str(out), "--frames", "20",
+            "--short-side", "128", "--samples-per-shard", "2", "--vp9-speed", "2", "--workers", "2",
+            "--no-progress"]
+
+
+def test_a_worker_killed_mid_shard_stops_the_build_naming_the_shard_and_a_rerun_resumes(synth_root, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(_build_command(synth_root / "train", out), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    seen, victim = set(), None
+    try:
+        deadline = time.monotonic() + 60
+        # Once a first shard is finished, kill a worker that is writing its shard (its
+        # temporary tar, named after its pid, exists until the shard is complete).
+        while victim is None:
+            assert process.poll() is None, "the build ended before a worker could be killed"
+            assert time.monotonic() < deadline, "no worker caught mid-shard"
+            if list((out / ".build").glob("shard-*.json")):
+                for pid in _children(process.pid):
+                    seen.add(pid)
+                    partial = list(out.glob(f"shard-*.tar.tmp-{pid}"))
+                    if partial:
+                        victim, shard = pid, partial[0].name.split(".")[0]
+                        os.kill(pid, signal.SIGKILL)
+                        break
+            time.sleep(0.005)
+        stdout, stderr = process.communicate(timeout=60)  # it used to wait forever
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, stdout + stderr
+    assert f"(pid {victim}) died while building {shard}" in stderr and "SIGKILL" in stderr
+    assert "Traceback" not in stderr and "rerun the same command to resume" in stderr
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp-*"))
+    assert not [pid for pid in seen if Path(f"/proc/{pid}").exists()]  # no worker left behind
+    finished = {p.name: p.read_bytes() for p in out.glob("shard-*") if p.suffix in (".tar", ".idx")}
+    records = len(list((out / ".build").glob("shard-*.json")))
+    assert finished and records >= 1 and f"{shard}.tar" not in finished
+
+    rerun = subprocess.run(_build_command(synth_root / "train", out), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{records} already done" in rerun.stdout
+    manifest = load_manifest(out, check_files=True)
+    assert manifest["total_samples"] == 12 and len(manifest["shards"]) == 6 and manifest["failures"] == 0
+    assert all((out / name).read_bytes() == data for name, data in finished.items())  # not rebuilt
+    assert not list(out.rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("codec, crf, limit", [("vp9", 64, 63), ("h264", 52, 51), ("vp9", -1, 63)])
+def test_an_out_of_range_crf_is_refused_before_any_work(synth_root, tmp_path, codec, crf, limit):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["shards", "build", str(synth_root / "train"), str(out),
+                                      "--codec", codec, "--crf", str(crf), "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"crf for {codec} must be in 0..{limit}, got {crf}" in result.output
+    assert not out.exists()
+    BuildConfig(codec=codec, crf=limit).validate()  # the bounds themselves are accepted
+    BuildConfig(codec=codec, crf=0).validate()
+
+
+def test_an_encoder_that_refuses_its_settings_stops_the_build_naming_the_sample(synth_root, tmp_path):
+    # Past validate(), libvpx-vp9 refuses crf 64 when it opens: the same for every input, so
+    # a shard with nothing built stops the build (it used to "build" shards of failures and
+    # exit 0). An unexpected error among built samples is logged instead.
+    config = BuildConfig(frames=20, short_side=64, crf=64, samples_per_shard=2)
+    inputs = discover_class_folders(synth_root / "train", "video")
+    items = [(i, inputs.sources[i], inputs.label(inputs.sources[i].class_name)) for i in range(4)]
+    (tmp_path / ".build").mkdir()
+    with pytest.raises(BuildError, match=f"shard-000000: no sample built; {inputs.sources[0].relative} "
+                                         "failed with OverflowError"):
+        build_one_shard(tmp_path, config, 0, items[:2])
+    assert not list((tmp_path / ".build").iterdir())  # no record: a rerun rebuilds the shard
+    # The same error raised in a worker process reaches the build.
+    tasks = [(tmp_path, config, 0, items[:2]), (tmp_path, config, 1, items[2:])]
+    with pytest.raises(BuildError, match="failed with OverflowError"):
+        _run_pool(tasks, 2, {}, tqdm(disable=True))
+    assert not list((tmp_path / ".build").iterdir())
+
+
+def test_inspect_verify_reports_a_truncated_shard(synth_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_shards, copy)
+    with open(copy / "shard-000001.tar", "r+b") as handle:
+        handle.truncate(20000)
+    result = CliRunner().invoke(cli, ["shards", "inspect", str(copy), "--verify"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "BAD shard-000001.tar: truncated or corrupt tar" in result.output
+    assert "(truncated tar)" in result.output  # the samples past the cut, one by one
+    problems = inspect_shards(copy, verify=True)["problems"]
+    assert problems and {p["tar"] for p in problems} == {"shard-000001.tar"}
+
+
+def test_inspect_accepts_the_manifest_file(synth_shards):
+    result = CliRunner().invoke(cli, ["shards", "inspect", str(synth_shards / "manifest.json"), "--verify"])
+    assert result.exit_code == 0, result.output
+    assert "verify: 0 problem(s)" in result.output
+    assert inspect_shards(synth_shards / "manifest.json")["directory"] == str(synth_shards)
+
+
+def test_an_output_path_that_is_a_file_is_a_clear_error(synth_root, tmp_path):
+    src = str(synth_root / "train")
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me\n")
+    result = CliRunner().invoke(cli, ["shards", "build", src, str(existing), "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"output {existing} exists and is not a directory" in result.output
+    assert existing.read_text() == "keep me\n"
+    with pytest.raises(ShardDirError, match="is not a directory"):
+        run_build(src, existing, progress=False)
+    # Below a file: the OS error, as one line naming the path.
+    result = CliRunner().invoke(cli, ["shards", "build", src, str(existing / "out"), "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{existing / 'out'}" in result.output and "Not a directory" in result.output
