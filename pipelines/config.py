@@ -1,7 +1,9 @@
 """Every number of the data pipeline, with the reference implementation's value as default.
 
 METHOD.md sections 1-3 are the source of each default. `PipelineConfig.validate()` runs when
-a loader is built, so a bad range fails at start-up with the name of the offending field.
+a loader is built, so a bad value fails at start-up with the name of the offending field:
+a PipelineConfigError whose message starts with the key (`views.n_local`), to which a caller
+prefixes its own path (`data.pipeline.` in a training config).
 """
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COLOR_JITTER_MODES = ("torchvision", "fast")
+
+
+class PipelineConfigError(ValueError):
+    """A PipelineConfig value that cannot be used; the message starts with its key."""
 
 
 @dataclass
@@ -23,13 +29,16 @@ class SamplingConfig:
         for name in ("current_range", "past_offset_range", "future_offset_range"):
             low, high = getattr(self, name)
             if not 0.0 <= low <= high <= 1.0:
-                raise ValueError(f"sampling.{name} = {(low, high)}: need 0 <= low <= high <= 1")
+                raise PipelineConfigError(f"sampling.{name} = {(low, high)}: need "
+                                          "0 <= low <= high <= 1")
         if self.current_range[0] - self.past_offset_range[1] < 0:
-            raise ValueError("sampling: current_range[0] - past_offset_range[1] must be >= 0 "
-                             f"(got {self.current_range[0]} - {self.past_offset_range[1]})")
+            raise PipelineConfigError(
+                "sampling: current_range[0] - past_offset_range[1] must be >= 0 "
+                f"(got {self.current_range[0]} - {self.past_offset_range[1]})")
         if self.current_range[1] + self.future_offset_range[1] > 1:
-            raise ValueError("sampling: current_range[1] + future_offset_range[1] must be <= 1 "
-                             f"(got {self.current_range[1]} + {self.future_offset_range[1]})")
+            raise PipelineConfigError(
+                "sampling: current_range[1] + future_offset_range[1] must be <= 1 "
+                f"(got {self.current_range[1]} + {self.future_offset_range[1]})")
 
 
 @dataclass
@@ -48,12 +57,13 @@ class PhotometricConfig:
         for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{where}.{name} = {value}: a probability must lie in [0, 1]")
+                raise PipelineConfigError(f"{where}.{name} = {value}: a probability must lie "
+                                          "in [0, 1]")
         for name in ("brightness", "contrast", "saturation"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{where}.{name} must lie in [0, 1]")
+                raise PipelineConfigError(f"{where}.{name} must lie in [0, 1]")
         if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"{where}.hue must lie in [0, 0.5]")
+            raise PipelineConfigError(f"{where}.hue must lie in [0, 0.5]")
 
 
 def _global_1() -> PhotometricConfig:
@@ -97,25 +107,29 @@ class ViewConfig:
 
     def validate(self) -> None:
         if self.color_jitter not in COLOR_JITTER_MODES:
-            raise ValueError(f"views.color_jitter = {self.color_jitter!r}: must be one of "
-                             f"{list(COLOR_JITTER_MODES)}")
-        if self.global_size <= 0 or self.local_size <= 0:
-            raise ValueError("views: crop sizes must be positive")
+            raise PipelineConfigError(f"views.color_jitter = {self.color_jitter!r}: must be one "
+                                      f"of {list(COLOR_JITTER_MODES)}")
+        for name in ("global_size", "local_size"):
+            if getattr(self, name) <= 0:
+                raise PipelineConfigError(f"views.{name} = {getattr(self, name)}: a crop size "
+                                          "must be > 0")
         if self.n_local < 0:
-            raise ValueError(f"views.n_local = {self.n_local}: must be >= 0")
+            raise PipelineConfigError(f"views.n_local = {self.n_local}: must be >= 0")
         for name in ("global_scale", "local_scale", "ratio", "central_aspect", "blur_sigma"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
-                raise ValueError(f"views.{name} = {(low, high)}: need 0 < low <= high")
-        if self.global_scale[1] > 1 or self.local_scale[1] > 1:
-            raise ValueError("views: crop scales are fractions of the frame area (<= 1)")
+                raise PipelineConfigError(f"views.{name} = {(low, high)}: need 0 < low <= high")
+        for name in ("global_scale", "local_scale"):
+            if getattr(self, name)[1] > 1:
+                raise PipelineConfigError(f"views.{name} = {getattr(self, name)}: crop scales "
+                                          "are fractions of the frame area (<= 1)")
         if not 0 <= self.solarize_threshold <= 256:
-            raise ValueError(f"views.solarize_threshold = {self.solarize_threshold}: must lie in "
-                             "[0, 256] (256: never solarize)")
+            raise PipelineConfigError(f"views.solarize_threshold = {self.solarize_threshold}: "
+                                      "must lie in [0, 256] (256: never solarize)")
         if self.blur_kernel % 2 != 1:
-            raise ValueError(f"views.blur_kernel = {self.blur_kernel}: must be odd")
+            raise PipelineConfigError(f"views.blur_kernel = {self.blur_kernel}: must be odd")
         if not 0 <= self.local_flip_p <= 1:
-            raise ValueError("views.local_flip_p must lie in [0, 1]")
+            raise PipelineConfigError("views.local_flip_p must lie in [0, 1]")
         for name in ("global_1", "global_2", "local"):
             getattr(self, name).validate(f"views.{name}")
 
@@ -134,16 +148,19 @@ class MaskConfig:
     block_tries: int = 10
 
     def validate(self, image_size: int) -> None:
+        if self.patch_size < 1:
+            raise PipelineConfigError(f"masks.patch_size = {self.patch_size}: must be >= 1")
         if image_size % self.patch_size:
-            raise ValueError(f"masks: global_size {image_size} is not a multiple of "
-                             f"patch_size {self.patch_size}")
+            raise PipelineConfigError(f"masks.patch_size = {self.patch_size}: views.global_size "
+                                      f"{image_size} is not a multiple of it")
         if not 0 <= self.mask_sample_probability <= 1:
-            raise ValueError("masks.mask_sample_probability must lie in [0, 1]")
+            raise PipelineConfigError("masks.mask_sample_probability must lie in [0, 1]")
         low, high = self.mask_ratio
         if not 0 <= low <= high <= 1:
-            raise ValueError(f"masks.mask_ratio = {(low, high)}: need 0 <= low <= high <= 1")
+            raise PipelineConfigError(f"masks.mask_ratio = {(low, high)}: need "
+                                      "0 <= low <= high <= 1")
         if not 0 < self.min_aspect <= 1:
-            raise ValueError("masks.min_aspect must lie in (0, 1]")
+            raise PipelineConfigError("masks.min_aspect must lie in (0, 1]")
 
 
 @dataclass
@@ -195,27 +212,29 @@ class PipelineConfig:
         return "torch" if self.views.color_jitter == "torchvision" else "dali"
 
     def validate(self) -> "PipelineConfig":
+        _check_types(self)
         self.sampling.validate()
         self.views.validate()
         self.masks.validate(self.views.global_size)
         if self.shuffle_buffer < 1:
-            raise ValueError("shuffle_buffer must be >= 1")
+            raise PipelineConfigError("shuffle_buffer must be >= 1")
         if self.prefetch < 1:
-            raise ValueError(f"prefetch = {self.prefetch}: need >= 1 batch in flight")
+            raise PipelineConfigError(f"prefetch = {self.prefetch}: need >= 1 batch in flight")
         if self.cpu_lanes < 0:
-            raise ValueError(f"cpu_lanes = {self.cpu_lanes}: need >= 0 (0 = one per thread)")
+            raise PipelineConfigError(f"cpu_lanes = {self.cpu_lanes}: need >= 0 "
+                                      "(0 = one per thread)")
         if self.video_decoder not in ("auto", "gpu", "cpu"):
-            raise ValueError(f"video_decoder = {self.video_decoder!r}: must be 'auto', 'gpu' or "
-                             "'cpu'")
+            raise PipelineConfigError(f"video_decoder = {self.video_decoder!r}: must be "
+                                      "'auto', 'gpu' or 'cpu'")
         if self.producer not in ("auto", "thread", "process"):
-            raise ValueError(f"producer = {self.producer!r}: must be 'auto', 'thread' or "
-                             "'process'")
+            raise PipelineConfigError(f"producer = {self.producer!r}: must be 'auto', "
+                                      "'thread' or 'process'")
         if self.photometric not in ("auto", "dali", "torch"):
-            raise ValueError(f"photometric = {self.photometric!r}: must be 'auto', 'dali' or "
-                             "'torch'")
+            raise PipelineConfigError(f"photometric = {self.photometric!r}: must be 'auto', "
+                                      "'dali' or 'torch'")
         if self.photometric == "torch" and self.views.color_jitter != "torchvision":
-            raise ValueError("photometric = 'torch' implements views.color_jitter = "
-                             f"'torchvision' only (got {self.views.color_jitter!r})")
+            raise PipelineConfigError("photometric = 'torch' implements views.color_jitter = "
+                                      f"'torchvision' only (got {self.views.color_jitter!r})")
         return self
 
     def to_dict(self) -> dict:
@@ -227,19 +246,55 @@ class PipelineConfig:
         return _from_dict(cls, values or {})
 
 
-def _from_dict(kind, values: dict):
+def _from_dict(kind, values: dict, where: str = ""):
+    """`kind` from a nested dict; a key it lacks is named with its path (`views.nlocal`)."""
     known = {f.name: f for f in fields(kind)}
-    unknown = set(values) - set(known)
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"{kind.__name__}: unknown keys {sorted(unknown)}")
+        raise PipelineConfigError(f"{where}{unknown[0]}: unknown key ({kind.__name__} has "
+                                  f"{', '.join(sorted(known))})")
     defaults = kind()
     kwargs = {}
     for name, value in values.items():
         current = getattr(defaults, name)
         if is_dataclass(current):
-            kwargs[name] = _from_dict(type(current), dict(value))
-        elif isinstance(current, tuple):
+            if not isinstance(value, dict):
+                raise PipelineConfigError(f"{where}{name} = {value!r}: expected a mapping of "
+                                          f"{type(current).__name__} keys")
+            kwargs[name] = _from_dict(type(current), value, f"{where}{name}.")
+        elif isinstance(current, tuple) and isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
     return kind(**kwargs)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(config, where: str = "") -> None:
+    """Every field of the type of its default (a flag, an integer, a number, a string, a pair
+    of numbers, ...), so a wrong type is named here, not met as a TypeError in the graph."""
+    defaults = type(config)()
+    for f in fields(config):
+        value, default, key = getattr(config, f.name), getattr(defaults, f.name), where + f.name
+        if is_dataclass(default):
+            if not isinstance(value, type(default)):
+                raise PipelineConfigError(f"{key} = {value!r}: expected a {type(default).__name__}")
+            _check_types(value, key + ".")
+            continue
+        if isinstance(default, bool):
+            ok, wanted = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, wanted = _number(value) and isinstance(value, int), "an integer"
+        elif isinstance(default, float):
+            ok, wanted = _number(value), "a number"
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (tuple, list)) and len(value) == len(default) \
+                and all(_number(item) for item in value)
+            wanted = f"a list of {len(default)} numbers"
+        else:
+            ok, wanted = isinstance(value, type(default)), f"a {type(default).__name__}"
+        if not ok:
+            raise PipelineConfigError(f"{key} = {value!r}: must be {wanted}")

@@ -25,13 +25,14 @@ from torch.profiler import record_function
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.buffers import HostBufferPool
 from tcore.pipelines.lanes import ViewLanes
-from tcore.pipelines.manifest import (ShardSet, check_codecs_for_device, decodes_video_on_gpu,
-                                      load_shard_set)
+from tcore.pipelines.manifest import (ShardSet, ShardSetError, check_codecs_for_device,
+                                      decodes_video_on_gpu, load_shard_set)
 from tcore.pipelines.masks import mask_tensors
 from tcore.pipelines.producer import start_producer
 from tcore.pipelines.sampling import view_slices
 from tcore.pipelines.stage_a import (BadSampleError, HostBatch, StageASpec, build_reader,
-                                     STATE_VERSION, draw_masks, initial_state, sample_frames)
+                                     STATE_VERSION, dali_error_reason, draw_masks,
+                                     initial_state, sample_frames)
 from tcore.pipelines.torch_photometric import apply_photometric, normalize
 from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds, view_rows
 
@@ -43,7 +44,9 @@ _logger = logging.getLogger(__name__)
 class DaliLoader:
     """Iterator over batch dicts (docs/ARCHITECTURE.md batch contract). Build it with
     `build_loader`; `len()` is batches per epoch; `state_dict()` / `load_state_dict()`
-    resume exactly; `close()` stops the producer."""
+    resume exactly; `close()` stops the producer. A bad sample raises BadSampleError, on
+    that and every later `next()` (until `load_state_dict`); with `skip_bad_samples` it is
+    left out instead (`skipped`, `skipped_count`), and a batch left empty is not handed out."""
 
     def __init__(self, shard_set: ShardSet, batch_size: int, device: str,
                  config: PipelineConfig, seed: int, shard_id: int, num_shards: int,
@@ -80,9 +83,15 @@ class DaliLoader:
                      self.device, self.producer_kind,
                      "torch" if self.torch_photometric else "the DALI graph", self.prefetch)
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
+        # (source, why) per skipped sample; samples DALI's reader drops for a missing
+        # component are one entry ("<shards>", "N samples lack ..."): it does not name them.
         self.skipped: list[tuple[str, str]] = []
+        self._unnamed_skipped = 0     # the N of that entry
+        self._check_rank_has_samples()
         if config.skip_bad_samples:
             self._count_readable_samples()
+            self._check_rank_has_samples()
+        self._failure: BadSampleError | None = None
         self._resume: dict | None = None
         self._state: dict | None = None
         # Stage A's own time for the batches returned (bench data reports the mean).
@@ -99,27 +108,56 @@ class DaliLoader:
     def __iter__(self):
         return self
 
+    @property
+    def skipped_count(self) -> int:
+        """Samples skipped so far (skip_bad_samples), each counted once."""
+        return len(self.skipped) - (self._unnamed_skipped > 0) + self._unnamed_skipped
+
     def __next__(self) -> dict:
-        if self._exhausted:
-            raise StopIteration
-        if not self._started:
-            self._start()
-        if not self._pending:
-            self._exhausted = True
+        # A bad sample ends the loader as it ends stage A: the same error on every later
+        # call, rather than going on past the batch that held it (and its good samples).
+        if self._failure is not None:
+            raise self._failure
+        try:
+            return self._next_batch()
+        except BadSampleError as error:
+            self._failure = error
             self.close()
-            raise StopIteration
-        host = self._pending.popleft()
-        with self._phase("stage_b_wait"):
-            outputs = self._stage_b_outputs(host)
-        with self._phase("assemble"):
-            batch = self._assemble(host, outputs)
-        with self._phase("feed_next"):
-            self._drain_fillers(host)
-            self._top_up()
-        self._state = host.state_after
-        self.stage_a_seconds += host.seconds
-        self.stage_a_batches += 1
-        return batch
+            raise
+
+    def _next_batch(self) -> dict:
+        skipped_here = 0    # samples skipped since this call began, to stop at a whole epoch
+        while True:
+            if self._exhausted:
+                raise StopIteration
+            if not self._started:
+                self._start()
+            if not self._pending:
+                self._exhausted = True
+                self.close()
+                raise StopIteration
+            host = self._pending.popleft()
+            with self._phase("stage_b_wait"):
+                outputs = self._stage_b_outputs(host)
+            batch = None
+            if host.samples:     # else every sample of it was skipped: go on to the next
+                with self._phase("assemble"):
+                    batch = self._assemble(host, outputs)
+            with self._phase("feed_next"):
+                self._drain_fillers(host)
+                self._top_up()
+            self.skipped.extend(host.skipped)
+            self._state = host.state_after       # past an empty batch too: exact resume
+            self.stage_a_seconds += host.seconds
+            self.stage_a_batches += 1
+            if batch is not None:
+                return batch
+            skipped_here += len(host.skipped)
+            if skipped_here >= self.samples_per_epoch:
+                source, message = self.skipped[-1]
+                raise BadSampleError(f"skipped {skipped_here} samples in a row, an epoch's "
+                                     f"worth, without one to hand out; the last: sample "
+                                     f"{source}: {message}")
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -152,6 +190,7 @@ class DaliLoader:
         self._resume = dict(state)
         self._state = None
         self._exhausted = False
+        self._failure = None
 
     def close(self) -> None:
         if not self._started:
@@ -196,9 +235,21 @@ class DaliLoader:
         missing = self.shard_set.total_samples - readable
         if missing > 0:
             self.skipped.append(("<shards>", f"{missing} samples lack a component"))
+            self._unnamed_skipped = missing
             self.shard_set.total_samples = readable
             self.samples_per_epoch = self.shard_set.samples_in_shard(self.shard_id,
                                                                      self.num_shards)
+
+    def _check_rank_has_samples(self) -> None:
+        """DALI's reader needs a sample per shard (rank): say so at start-up, instead of its
+        error on the first batch (or an empty one-pass epoch)."""
+        total = self.shard_set.total_samples
+        if self.samples_per_epoch == 0 or total < self.num_shards:
+            dirs = ", ".join(m["_dir"] for m in self.shard_set.manifests)
+            raise ShardSetError(f"rank {self.shard_id} of world size {self.num_shards}: the "
+                             f"shards ({dirs}) hold {total} readable samples, fewer than the "
+                             f"{self.num_shards} ranks, and each rank needs at least one "
+                             f"(this one gets {self.samples_per_epoch})")
 
     def _lane_count(self, config: PipelineConfig, num_threads: int) -> int:
         """One stage B pipeline on a GPU; on the CPU `cpu_lanes` (0: one per thread)."""
@@ -217,7 +268,8 @@ class DaliLoader:
         pipes = [build_views_pipeline(self.shard_set.kind, self.config.views, batch_size,
                                       device_id, threads, depth_per_lane, out_dtype,
                                       seed=self.seed, decode_video_on_gpu=self.video_on_gpu,
-                                      photometric_in_graph=not self.torch_photometric)
+                                      photometric_in_graph=not self.torch_photometric,
+                                      frame_sizes=True)
                  for _ in range(lanes)]
         return pipes[0] if lanes == 1 else ViewLanes(pipes)
 
@@ -235,6 +287,7 @@ class DaliLoader:
         iterations at once, so that many batches must be fed first (padded with repeats of
         the last one at the very end of a pass; their outputs are never read)."""
         self._pipe_b = self._build_views(self.batch_size, self.lanes, self.depth_per_lane)
+        self._fillers = (None, 0)     # those of a pipeline before this one are gone with it
         self._pending.extendleft(reversed(hosts))
         feedable = [h for h in hosts if h.samples]
         if not feedable:
@@ -290,20 +343,27 @@ class DaliLoader:
         if not host.samples:
             return None
         try:
-            return self._pipe_b.outputs()
+            outputs = self._pipe_b.outputs()
         except Exception as error:  # a sample failed to decode or augment
             return self._recover(host, error)
+        bad = _size_mismatches(host.samples, outputs[-1])
+        return self._drop_samples(host, bad) if bad else outputs
 
     def _recover(self, host: HostBatch, error: Exception):
-        """Find the failing samples one by one, then raise naming them or (skip mode) drop
-        them, rebuild stage B and re-feed everything in flight."""
+        """Find the failing samples one by one, then `_drop_samples` them."""
         bad = self._probe_samples(host)
         if not bad:
             raise BadSampleError(f"stage B failed on a batch of {len(host.samples)} samples "
-                                 f"({host.samples[0].source} ...): {error}") from None
+                                 f"({host.samples[0].source} ...): "
+                                 f"{dali_error_reason(str(error))}") from None
+        return self._drop_samples(host, bad)
+
+    def _drop_samples(self, host: HostBatch, bad: list[tuple[str, str]]):
+        """Raise naming the first bad sample or (skip mode) drop them all, rebuild stage B,
+        re-feed everything in flight and return this batch's outputs (None: none left)."""
         if not self.config.skip_bad_samples:
             source, message = bad[0]
-            raise BadSampleError(f"sample {source} cannot be decoded: {message}") from None
+            raise BadSampleError(f"sample {source} {message}") from None
         bad_sources = {source for source, _ in bad}
         keep = [i for i, s in enumerate(host.samples) if s.source not in bad_sources]
         host.samples = [host.samples[i] for i in keep]
@@ -327,10 +387,13 @@ class DaliLoader:
             try:
                 self._feed(self._probe, probe)
                 self._probe.schedule_run()
-                self._probe.outputs()
+                outputs = self._probe.outputs()
             except Exception as error:
-                bad.append((sample.source, str(error).strip().splitlines()[0]))
+                bad.append((sample.source,
+                            f"cannot be decoded: {dali_error_reason(str(error))}"))
                 self._probe = None   # a pipeline that raised is not reused
+                continue
+            bad += _size_mismatches([sample], outputs[-1])
         return bad
 
     def _finish_views(self, batch: dict, host: HostBatch) -> None:
@@ -374,7 +437,6 @@ class DaliLoader:
             stream.synchronize()
 
     def _assemble(self, host: HostBatch, outputs) -> dict:
-        self.skipped.extend(host.skipped)
         n = len(host.samples)
         on_gpu = self.device.type == "cuda"
         training = torch.cuda.current_stream(self.device) if on_gpu else None
@@ -443,6 +505,21 @@ class DaliLoader:
                 tensor = tensor.pin_memory().to(self.device, non_blocking=True)
             batch[name] = tensor
         return batch
+
+
+def _size_mismatches(samples, sizes) -> list[tuple[str, str]]:
+    """(source, why) of the samples whose decoded frames are not the size in their .json,
+    which their boxes were drawn for; `sizes`: stage B's `frame_sizes` output."""
+    decoded = np.asarray(sizes.as_array()).reshape(len(samples), -1, 2).astype(np.int64)
+    bad = []
+    for sample, frames in zip(samples, decoded):
+        expected = (int(sample.meta["height"]), int(sample.meta["width"]))
+        found = next((tuple(int(v) for v in hw) for hw in frames if tuple(hw) != expected),
+                     None)
+        if found is not None:
+            bad.append((sample.source, f"has {found[0]}x{found[1]} frames but its .json says "
+                                       f"{expected[0]}x{expected[1]} (height x width)"))
+    return bad
 
 
 def distributed_shard(shard_id, num_shards) -> tuple[int, int]:

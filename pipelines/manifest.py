@@ -1,19 +1,36 @@
 """The shard directories a loader reads: manifests merged and checked at start-up.
 
 Beyond parsing manifest.json (the contract of docs/ARCHITECTURE.md), this checks what would
-otherwise fail deep inside DALI without a useful name: missing tar or index files, and tars
-shorter than their index says (a truncated copy).
+otherwise fail deep inside DALI without a useful name, or not fail at all: missing tar or
+index files, tars shorter than their index says (a truncated copy), and an index that
+disagrees with its manifest entry or its tar (a stale or swapped copy). Each is a
+ShardSetError (a ShardDirError, as the shard builder's manifest errors are) naming the shard.
 """
 from __future__ import annotations
 
 import os
+import tarfile
 from dataclasses import dataclass, field
 
+from tcore.preprocess.errors import ShardDirError
 from tcore.preprocess.index import read_index
 from tcore.preprocess.manifest import load_manifest, manifest_path
 
 VIDEO_CODECS_ON_CPU = ("vp9", "vp8", "mjpeg")
 FRAME_CODEC = "jpegs"  # video shards holding T separate JPEG frames (tcore shards --codec jpegs)
+
+
+class ShardSetError(ShardDirError, ValueError):
+    """Shards a loader cannot read, found at start-up; the message names the shard or the
+    directory. A ValueError too, as these checks raised before it existed."""
+
+
+class ShardCodecError(ShardSetError, RuntimeError):
+    """Video shards the decoder in use cannot read (a RuntimeError, as it was before)."""
+
+
+REBUILD_HINT = ("rebuild the shard with `tcore shards build` (or its index with DALI's "
+                "wds2idx); `tcore shards inspect --verify` lists what disagrees")
 
 
 @dataclass
@@ -40,26 +57,64 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def _last_index_end(index_path: str) -> int:
-    """End offset of the last component listed in a DALI (wds2idx) index file."""
-    return max((offset + size for sample in read_index(index_path)
-                for _ext, offset, size, _name in sample), default=0)
+def _tar_member_at(handle, data_offset: int) -> tuple[str, int] | None:
+    """(name, size) from the tar header just before `data_offset`, None if there is none."""
+    if data_offset < tarfile.BLOCKSIZE:
+        return None
+    handle.seek(data_offset - tarfile.BLOCKSIZE)
+    try:
+        info = tarfile.TarInfo.frombuf(handle.read(tarfile.BLOCKSIZE), tarfile.ENCODING,
+                                       "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+    return info.name, info.size
 
 
-def check_shard_files(tar: str, index: str) -> None:
+def _index_disagrees_with_tar(tar: str, samples) -> str | None:
+    """What the tar holds at the index's first and last component, where that is not what
+    the index says (None when both agree). Two header reads, so it is cheap at start-up for
+    any number of shards, and it catches an index copied from another shard or left from an
+    earlier build (`tcore shards inspect --verify` compares every member)."""
+    ends = [samples[0][0], samples[-1][-1]] if samples else []
+    with open(tar, "rb") as handle:
+        for _ext, offset, size, name in ends:
+            found = _tar_member_at(handle, offset)
+            # USTAR keeps 100 bytes of a name: a longer one is compared by that prefix.
+            if found is None or found[1] != size or not (
+                    found[0] == name or (len(found[0]) >= 99 and name.startswith(found[0]))):
+                held = "no tar header" if found is None else f"{found[0]} ({found[1]} bytes)"
+                return (f"its index lists {name} ({size} bytes) at offset {offset}, the tar "
+                        f"has {held} there")
+    return None
+
+
+def check_shard_files(tar: str, index: str, samples: int | None = None) -> None:
+    """The shard's tar and index exist and agree: the index lists `samples` samples (the
+    manifest's count, when given), the tar is long enough for them, and its members at the
+    index's first and last offsets are the ones the index names."""
     if not os.path.isfile(tar):
         raise FileNotFoundError(f"shard {tar}: file is missing")
     if not os.path.isfile(index):
         raise FileNotFoundError(f"shard {tar}: index {index} is missing (rebuild the shards or "
                                 "run DALI's wds2idx)")
     try:
-        end = _last_index_end(index)
+        listed = read_index(index)
     except (ValueError, OSError) as error:
-        raise ValueError(f"shard {tar}: index {index} is unreadable ({error})") from None
+        raise ShardSetError(f"shard {tar}: index {index} is unreadable ({error})") from None
+    if samples is not None and len(listed) != samples:
+        # More would repeat samples in a one-pass epoch; fewer would drop some.
+        raise ShardSetError(f"shard {tar}: manifest.json says {samples} samples, its index "
+                            f"{index} lists {len(listed)}: {REBUILD_HINT}")
+    end = max((offset + size for sample in listed for _ext, offset, size, _name in sample),
+              default=0)
     size = os.path.getsize(tar)
     if end > size:
-        raise ValueError(f"shard {tar}: truncated or corrupt ({size} bytes, its index expects "
-                         f"at least {end})")
+        raise ShardSetError(f"shard {tar}: truncated or corrupt ({size} bytes, its index "
+                            f"expects at least {end})")
+    mismatch = _index_disagrees_with_tar(tar, listed)
+    if mismatch:
+        raise ShardSetError(f"shard {tar}: index {index} does not match the tar ({mismatch}): "
+                            f"{REBUILD_HINT}")
 
 
 def _layout(manifest: dict) -> str:
@@ -75,17 +130,17 @@ def load_shard_set(manifests) -> ShardSet:
         manifests = [manifests]
     loaded = [read_manifest(m) for m in manifests]
     if not loaded:
-        raise ValueError("no shard directories given")
+        raise ShardSetError("no shard directories given")
     kinds = {_layout(m) for m in loaded}
     if len(kinds) > 1:
-        raise ValueError(f"cannot mix shard layouts {sorted(kinds)} in one loader: "
-                         + ", ".join(m["_dir"] for m in loaded))
+        raise ShardSetError(f"cannot mix shard layouts {sorted(kinds)} in one loader: "
+                            + ", ".join(m["_dir"] for m in loaded))
     shard_set = ShardSet(kind=kinds.pop(), manifests=loaded)
     for manifest in loaded:
         for entry in manifest["shards"]:
             tar = os.path.join(manifest["_dir"], entry["tar"])
             index = os.path.join(manifest["_dir"], entry["index"])
-            check_shard_files(tar, index)
+            check_shard_files(tar, index, int(entry["samples"]))
             shard_set.tars.append(tar)
             shard_set.indices.append(index)
             shard_set.total_samples += int(entry["samples"])
@@ -94,8 +149,8 @@ def load_shard_set(manifests) -> ShardSet:
         shard_set.codecs.append(manifest["codec"])
         shard_set.frames.append(manifest.get("frames"))
     if shard_set.total_samples == 0:
-        raise ValueError("the shard directories hold no samples: "
-                         + ", ".join(m["_dir"] for m in loaded))
+        raise ShardSetError("the shard directories hold no samples: "
+                            + ", ".join(m["_dir"] for m in loaded))
     return shard_set
 
 
@@ -114,7 +169,7 @@ def check_codecs_for_device(shard_set: ShardSet, decodes_on_gpu: bool) -> None:
         return
     for manifest in shard_set.manifests:
         if manifest["codec"] not in VIDEO_CODECS_ON_CPU:
-            raise RuntimeError(
+            raise ShardCodecError(
                 f"{manifest['_dir']}: {manifest['codec']} shards cannot be decoded on the CPU "
                 f"(DALI's CPU video decoder reads {', '.join(VIDEO_CODECS_ON_CPU)} only): "
                 "rebuild them with `tcore shards build --codec vp9` or run on a GPU "

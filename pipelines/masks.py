@@ -63,6 +63,8 @@ def batch_masks(rng: np.random.Generator, n_crops: int, grid: int,
     """[n_crops, grid*grid] masks: int(n_crops * p) crops masked with the linspace ladder
     of ratios, the rest empty, then shuffled across the batch."""
     n_tokens = grid * grid
+    if n_crops == 0:    # a batch whose every sample was skipped
+        return np.zeros((0, n_tokens), dtype=bool)
     n_masked_crops = int(n_crops * cfg.mask_sample_probability)
     ladder = np.linspace(cfg.mask_ratio[0], cfg.mask_ratio[1], n_masked_crops + 1)
     masks = []

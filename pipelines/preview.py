@@ -129,4 +129,4 @@ def run_preview(data, output, batches: int = 1, stats=None, batch_size: int = 8,
         loader.close()
     return {"output": str(output), "stats": str(stats) if stats else None,
             "batches": len(collected) or 1, "samples_per_batch": batch_size,
-            "skipped": len(loader.skipped)}
+            "skipped": loader.skipped_count}

@@ -112,12 +112,33 @@ def build_reader(shard_set: ShardSet, config: PipelineConfig, batch_size: int, s
     return pipe
 
 
+# Lines of DALI's error text around the cause (its wrappers, not what went wrong).
+_DALI_WRAPPERS = ("Critical error in pipeline:", "Critical error when building pipeline:",
+                  "Current pipeline object is no longer valid.")
+
+
+def dali_error_reason(message: str) -> str:
+    """The cause in a DALI error's text: what follows "encountered:" up to its C++ context
+    (else the lines that are not DALI's wrappers), without an `Assert on "..." failed:`
+    prefix; the whole text when nothing is left."""
+    text = message.split("encountered:", 1)[1] if "encountered:" in message else message
+    lines = []
+    for line in text.strip().splitlines():
+        line = line.strip()
+        if line.startswith("C++ context:"):
+            break
+        if line and line not in _DALI_WRAPPERS:
+            lines.append(line)
+    reason = " ".join(lines) or message.strip()
+    return re.sub(r'^Assert on ".*?" failed: ', "", reason)
+
+
 def _explain_reader_error(message: str) -> str:
     """Name the shard and sample key of a reader error that only cites an index line."""
     found = re.search(r'index file at "([^"]+)" line (\d+)', message)
     detail = message.strip().splitlines()
     reason = next((line for line in detail if "detected" in line or "missing" in line.lower()),
-                  detail[-1] if detail else message)
+                  None) or dali_error_reason(message)
     if not found:
         return f"reading shards failed: {reason}"
     index, line = found.group(1), int(found.group(2))
@@ -167,6 +188,10 @@ def parse_sample(data, meta_bytes, label_bytes, source: str, layout: str = "vide
     for key in ("width", "height"):
         if key not in meta:
             raise BadSampleError(f"sample {source}: its .json lacks '{key}'")
+        # the boxes are drawn for this size, and stage B checks it against the frames
+        if type(meta[key]) is not int or meta[key] < 1:
+            raise BadSampleError(f"sample {source}: its .json '{key}' is {meta[key]!r}, not "
+                                 "a positive integer")
     data = np.asarray(data) if layout == "frames" else np.array(data)
     offsets = frame_offsets(meta, data.size, source) if layout == "frames" else None
     return RawSample(data=data, meta=meta, label=label, source=source, frame_offsets=offsets)
@@ -216,7 +241,7 @@ class StageA:
             return self.reader.run()
         except Exception as error:
             raise BadSampleError(f"reading shards failed ({', '.join(self.spec.shard_set.tars)})"
-                                 f": {error}") from None
+                                 f": {dali_error_reason(str(error))}") from None
 
     def next_batch(self) -> HostBatch:
         started = time.perf_counter()

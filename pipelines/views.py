@@ -7,7 +7,9 @@ triple, and the per-view boxes, flips and photometric rows drawn by
 derives from them on the host (so the graph's per-sample `if`s need no scalar arithmetic,
 which would be CPU work in every iteration, in the GPU graph too). Outputs: one tensor per
 view, [3, S, S], in the per-sample view order of `sampling`. Nothing here is random, which
-is why stage B needs no checkpoint.
+is why stage B needs no checkpoint. With `frame_sizes` a last output holds each sample's
+decoded (height, width) per decoded frame, [k, 2] float32, for the loader to compare with
+the sizes its boxes were drawn for.
 
 The same graph runs on the CPU (`device_id=None`: `cpu` video / image decoder) and on a GPU
 (`mixed` decoders: NVDEC / nvJPEG, then every op on the GPU).
@@ -223,11 +225,22 @@ def pil_hue_shift(image, shift):
     return fn.cast(fn.reshape(rgb, layout="HWC"), dtype=types.UINT8)
 
 
+def _inside(boxes, height_width):
+    """The fed boxes [V, 4] (y0, x0, y1, x1) clamped into a decoded frame of `height_width`
+    (float [2]): starts to at most H-1 / W-1, ends to at most H / W. A frame smaller than
+    its .json says (a bad sample, which the loader then names from `frame_sizes`) would
+    otherwise make fn.resize read outside it (a segfault). The boxes of a good sample are
+    whole pixels inside the frame, so min() returns them unchanged, bit for bit."""
+    return dmath.min(boxes, fn.cat(height_width - 1.0, height_width))
+
+
 @pipeline_def(enable_conditionals=True)
 def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
-                   decode_video_on_gpu: bool = True, photometric_in_graph: bool = True):
+                   decode_video_on_gpu: bool = True, photometric_in_graph: bool = True,
+                   frame_sizes: bool = False):
     """Every view of a batch from the fed inputs. With `photometric_in_graph=False` the
-    views leave as uint8 (cropped, resized, flipped) for `torch_photometric` to finish."""
+    views leave as uint8 (cropped, resized, flipped) for `torch_photometric` to finish;
+    with `frame_sizes` the decoded frames' sizes follow the views (see the module doc)."""
     data = fn.external_source(name="data", dtype=types.UINT8, ndim=1, no_copy=False)
     frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
     boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
@@ -236,22 +249,35 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
     switches = fn.external_source(name="switches", dtype=types.BOOL, ndim=2)
     windows = fn.external_source(name="blur_windows", dtype=types.INT32, ndim=1)
     decoder_device = "mixed" if on_gpu else "cpu"
+    # Each frame with the boxes clamped into its decoded size (`_inside`), a CPU tensor: the
+    # decoded clip's shape (NVDEC's: metadata the dynamic executor hands to the CPU), or for
+    # JPEGs their headers' (fn.peek_image_shape), which no decode has to finish first.
     if kind == "video":
+        # pad_mode "none": a frame index past what the clip decodes (a damaged clip, a wrong
+        # "frames" in its .json) is an error naming the sample, not a black frame.
+        clip = fn.decoders.video(data, device="cpu" if on_gpu and not decode_video_on_gpu
+                                 else decoder_device, frames=frames, pad_mode="none")
+        height_width = clip.shape(dtype=types.FLOAT)[1:3]     # F, H, W, C
         if on_gpu and not decode_video_on_gpu:
             # libavcodec on the CPU threads, then only the three decoded frames cross to the GPU.
-            clip = fn.decoders.video(data, device="cpu", frames=frames).gpu()
-        else:
-            clip = fn.decoders.video(data, device=decoder_device, frames=frames)
-        past, current, future = clip[0], clip[1], clip[2]
+            clip = clip.gpu()
+        inside = _inside(boxes, height_width)
+        past, current, future = ((clip[k], inside) for k in range(3))
+        sizes = height_width
     elif kind == "frames":
         # Only the three drawn JPEG frames were cut out on the host: three image decodes.
+        jpegs = [fn.external_source(name=name, dtype=types.UINT8, ndim=1)
+                 for name in FRAME_JPEG_FEEDS]
+        shapes = [fn.peek_image_shape(jpeg, dtype=types.FLOAT)[0:2] for jpeg in jpegs]
         past, current, future = (
-            fn.decoders.image(fn.external_source(name=name, dtype=types.UINT8, ndim=1),
-                              device=decoder_device, output_type=types.RGB)
-            for name in FRAME_JPEG_FEEDS)
+            (fn.decoders.image(jpeg, device=decoder_device, output_type=types.RGB),
+             _inside(boxes, height_width)) for jpeg, height_width in zip(jpegs, shapes))
+        sizes = fn.stack(*shapes)
     else:
+        height_width = fn.peek_image_shape(data, dtype=types.FLOAT)[0:2]
         image = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
-        past = current = future = image
+        past = current = future = (image, _inside(boxes, height_width))
+        sizes = height_width
 
     n_local = views.n_local
     plan = ([(current, views.global_size, views.global_1),
@@ -264,13 +290,13 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
     std = [255.0 * s for s in views.std]
     outputs = []
     resized = {}
-    for v, (frame, size, probs) in enumerate(plan):
+    for v, ((frame, inside), size, probs) in enumerate(plan):
         # Crops 1 and 2 of the past (and of the future) frame share the central box: resize
         # once per frame, the most expensive op of the graph.
         shared = v - 2 - n_local if v >= 2 + n_local else None
         key = ("central", shared // 2) if shared is not None else v
         if key not in resized:
-            resized[key] = fn.resize(frame, roi_start=boxes[v, 0:2], roi_end=boxes[v, 2:4],
+            resized[key] = fn.resize(frame, roi_start=inside[v, 0:2], roi_end=inside[v, 2:4],
                                      size=[size, size], interp_type=types.INTERP_CUBIC,
                                      antialias=True)
         if not photometric_in_graph:
@@ -281,6 +307,8 @@ def views_pipeline(kind: str, views: ViewConfig, on_gpu: bool, out_dtype,
                             size * size, on_gpu)
         outputs.append(fn.crop_mirror_normalize(
             crop, mirror=flips[v], mean=mean, std=std, dtype=out_dtype, output_layout="CHW"))
+    if frame_sizes:
+        outputs.append(sizes)
     return tuple(outputs)
 
 
@@ -373,10 +401,11 @@ def frame_feeds(samples_data, frame_offsets, params) -> dict[str, list[np.ndarra
 
 def build_views_pipeline(kind: str, views: ViewConfig, batch_size: int, device_id,
                          num_threads: int, prefetch: int, out_dtype, seed: int = 0,
-                         decode_video_on_gpu: bool = True, photometric_in_graph: bool = True):
+                         decode_video_on_gpu: bool = True, photometric_in_graph: bool = True,
+                         frame_sizes: bool = False):
     pipe = views_pipeline(kind=kind, views=views, on_gpu=device_id is not None,
                           out_dtype=out_dtype, decode_video_on_gpu=decode_video_on_gpu,
-                          photometric_in_graph=photometric_in_graph,
+                          photometric_in_graph=photometric_in_graph, frame_sizes=frame_sizes,
                           batch_size=batch_size, num_threads=num_threads,
                           device_id=device_id, prefetch_queue_depth=prefetch, seed=seed,
                           exec_async=True, exec_pipelined=True,

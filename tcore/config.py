@@ -69,7 +69,7 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
                           f"known: {sorted(base.keys())}")
     try:
         return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, TypeError) as exc:  # TypeError: a list over a mapping
         raise ConfigError(f"{source}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
 
 
@@ -157,6 +157,56 @@ def validate_config(cfg: DictConfig, source: str = "config") -> None:
     _require(train.compile_mode == "default" or train.compile_backend == "inductor", source,
              f"train.compile_mode={train.compile_mode} needs train.compile_backend=inductor "
              f"(got {train.compile_backend!r})")
+    build_pipeline_config(cfg, source)
+
+
+SAMPLING_KEYS = ("current_range", "past_offset_range", "future_offset_range")
+
+
+def _pipeline_values(data: DictConfig, source: str) -> dict:
+    """`data.pipeline` as PipelineConfig values, the sampling ranges taken from `data`.
+    `data.pipeline.sampling` would be overwritten by them, so it is refused unless it says
+    the same (as a copied PipelineConfig dump does, e.g. the `config` of preview stats)."""
+    values = OmegaConf.to_container(data.pipeline, resolve=True) \
+        if isinstance(data.pipeline, DictConfig) else data.pipeline
+    _require(isinstance(values, dict), source,
+             f"data.pipeline must be a mapping of PipelineConfig keys, got {values!r}")
+    given = values.get("sampling")
+    ranges = {key: list(data[key]) for key in SAMPLING_KEYS}
+    _require(given is None or (isinstance(given, dict) and set(given) <= set(SAMPLING_KEYS)
+                               and all(given[key] == ranges[key] for key in given)), source,
+             f"data.pipeline.sampling ({given}) is not used in a training config: set "
+             "data.current_range, data.past_offset_range and data.future_offset_range instead")
+    values["sampling"] = ranges
+    return values
+
+
+def _model_patch_size(cfg: DictConfig):
+    if "patch_size" in cfg.model:
+        return cfg.model.patch_size
+    from tcore.ssl import default_model_config   # what TCoRe merges the model section over
+    return default_model_config()["patch_size"]
+
+
+def build_pipeline_config(cfg: DictConfig, source: str = "config"):
+    """The tcore.pipelines PipelineConfig of a training config (`data.pipeline`, the ranges of
+    `data`), checked against the model; ConfigError names the key."""
+    from tcore.pipelines.config import PipelineConfig, PipelineConfigError
+    try:
+        pipeline = PipelineConfig.from_dict(_pipeline_values(cfg.data, source)).validate()
+    except PipelineConfigError as exc:   # its message starts with the key under data.pipeline
+        raise ConfigError(f"{source}: data.pipeline.{exc}") from exc
+    patch = _model_patch_size(cfg)
+    _require(isinstance(patch, int) and not isinstance(patch, bool) and patch > 0, source,
+             f"model.patch_size must be an integer > 0, got {patch!r}")
+    # The masks are drawn on the model's patch grid, and every crop must tile into patches.
+    _require(pipeline.masks.patch_size == patch, source,
+             f"data.pipeline.masks.patch_size ({pipeline.masks.patch_size}) must equal "
+             f"model.patch_size ({patch})")
+    _require(pipeline.views.n_local == 0 or pipeline.views.local_size % patch == 0, source,
+             f"data.pipeline.views.local_size ({pipeline.views.local_size}) must be a multiple "
+             f"of model.patch_size ({patch})")
+    return pipeline
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:

@@ -121,12 +121,14 @@ class MetricsLogger:
         """Time the training loop just spent blocked in the loader's `next()`."""
         self._data_wait += seconds
 
-    def log(self, records: list[tuple[int, dict[str, float]]], schedule_values: dict) -> None:
+    def log(self, records: list[tuple[int, dict[str, float]]], schedule_values: dict,
+            skipped_samples: int | None = None) -> None:
         """Write one metrics.jsonl line per step in `records` and update the bar.
 
-        The last record also gets the rate since the previous log and the fraction of that
+        The last record also gets the rate since the previous log, the fraction of that
         wall time spent waiting for data (this rank's; near 0 while the loader keeps ahead,
-        as `tcore bench train` measures it)."""
+        as `tcore bench train` measures it) and, when given, the bad samples this rank's
+        loader has skipped so far (`skip_bad_samples`)."""
         if not self.enabled or not records:
             return
         now = self._clock()
@@ -142,6 +144,8 @@ class MetricsLogger:
                 record.update({f"sched/{k}": v for k, v in schedule_values.items()})
                 record["samples_per_s"] = samples_per_s
                 record["data_wait_fraction"] = data_wait_fraction
+                if skipped_samples is not None:
+                    record["skipped_samples"] = skipped_samples
             self.file.write(json.dumps(record) + "\n")
             if self.writer is not None:
                 for key, value in record.items():

@@ -109,17 +109,10 @@ def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
 
 
 def pipeline_config(cfg: DictConfig):
-    """tcore.pipelines PipelineConfig from the `data` section (sampling ranges + `pipeline`)."""
-    from tcore.pipelines.config import PipelineConfig
-    values = OmegaConf.to_container(cfg.data.pipeline, resolve=True)
-    sampling = dict(values.get("sampling", {}))
-    for key in ("current_range", "past_offset_range", "future_offset_range"):
-        sampling[key] = list(cfg.data[key])
-    values["sampling"] = sampling
-    try:
-        return PipelineConfig.from_dict(values).validate()
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"data.pipeline: {exc}") from exc
+    """tcore.pipelines PipelineConfig from the `data` section (sampling ranges + `pipeline`;
+    a `data.pipeline.sampling` that says otherwise is refused, not overwritten)."""
+    from tcore.config import build_pipeline_config
+    return build_pipeline_config(cfg)
 
 
 def build_train_loader(cfg: DictConfig, manifests: list[Path], info: DistInfo):
@@ -347,6 +340,13 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         shutdown(info)
 
 
+def skipped_samples(loader) -> int | None:
+    """Bad samples the loader skipped so far (`data.pipeline.skip_bad_samples`), else None."""
+    if not getattr(getattr(loader, "config", None), "skip_bad_samples", False):
+        return None
+    return getattr(loader, "skipped_count", None)
+
+
 def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo, *,
            resume: bool, max_steps: int | None, progress: bool) -> TrainResult:
     ckpt_dir = run_dir / "checkpoints"
@@ -397,7 +397,8 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
             if step % log_every == 0 or step % ckpt_every == 0 or is_last:
                 # Mean over ranks, so all ranks log and stop alike; raises on NaN/inf
                 # before anything is saved.
-                logger.log(history.drain(lambda t: all_reduce_mean_(t, info)), values)
+                logger.log(history.drain(lambda t: all_reduce_mean_(t, info)), values,
+                           skipped_samples(loader))
             if step % ckpt_every == 0 or is_last:
                 state = trainer.state_dict(step)
                 if info.is_main:

@@ -27,11 +27,21 @@ def compare_option(function):
                              "'attention=math,precision=fp32'.")(function)
 
 
-def fail_on_value_error(call):
+def fail_on_value_error(call, also=()):
+    """Settings errors (ValueError) and missing files as a message; `also`: more types."""
     try:
         return call()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, *also) as error:
         raise click.ClickException(str(error)) from error
+
+
+def data_errors() -> tuple[type[Exception], ...]:
+    """The data pipeline's errors that name the shard or sample at fault (ShardDirError: a bad
+    manifest and the loader's start-up checks). Imported only by the commands that read
+    shards: the model benches run where DALI is not installed."""
+    from tcore.pipelines.stage_a import BadSampleError
+    from tcore.preprocess.errors import ShardDirError
+    return ShardDirError, BadSampleError
 
 
 @click.group(name="bench")
@@ -103,7 +113,8 @@ def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repe
     settings = DataBenchSettings(data=data_dir, device=device, threads=threads, batch=batch,
                                  seconds=seconds, warmup_batches=warmup_batches, repeats=repeats,
                                  overrides=overrides)
-    report = fail_on_value_error(lambda: run_data_loaders(settings, loader, compare, json_path))
+    report = fail_on_value_error(lambda: run_data_loaders(settings, loader, compare, json_path),
+                                 data_errors())
     click.echo(format_report(report))
 
 
@@ -135,7 +146,7 @@ def train(data_dir, loader, arch, batch, attention, precision, compile_, device,
                                   device=device, threads=threads, warmup=warmup,
                                   steps=steps, repeats=repeats, overrides=overrides)
     report = fail_on_value_error(lambda: run_bench("train", settings, compare, json_path,
-                                                   profile_dir))
+                                                   profile_dir), data_errors())
     click.echo(format_report(report))
 
 

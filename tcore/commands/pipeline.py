@@ -14,27 +14,43 @@ def pipeline():
               help="Shard directory (or manifest.json); repeat to mix several.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False),
               help="PNG grid of one batch: past | current (masks overlaid) | future, then local crops.")
-@click.option("--batches", default=1, show_default=True, help="Batches covered by --stats.")
+@click.option("--batches", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Batches covered by --stats.")
 @click.option("--stats", type=click.Path(dir_okay=False), default=None,
               help="JSON over the batches: frame triples with T, normalised crop boxes, masked counts.")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i].")
-@click.option("--threads", default=2, show_default=True, help="DALI threads.")
-@click.option("--local-crops", default=8, show_default=True, help="Local crops per sample (0 = none).")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+              help="DALI threads.")
+@click.option("--local-crops", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Local crops per sample (0 = none).")
 @click.option("--skip-bad-samples", is_flag=True, help="Skip (and count) unreadable samples.")
 def preview(data, output, batches, stats, batch_size, seed, device, threads, local_crops,
             skip_bad_samples):
     """Write a PNG of one batch's views (and optional statistics) from shards."""
-    from tcore.pipelines.preview import run_preview   # DALI import only when used
+    import torch
 
+    from tcore.pipelines.config import PipelineConfigError
+    from tcore.pipelines.preview import run_preview   # DALI import only when used
+    from tcore.pipelines.stage_a import BadSampleError
+    from tcore.preprocess.errors import ShardDirError
+
+    try:
+        on_gpu = torch.device(device).type == "cuda"
+    except RuntimeError:
+        raise click.BadParameter(f"{device!r}: expected cpu or cuda[:i]", param_hint="--device")
+    if on_gpu and not torch.cuda.is_available():
+        raise click.BadParameter("cuda asked for, but torch sees no GPU", param_hint="--device")
     config = PipelineConfig(skip_bad_samples=skip_bad_samples)
     config.views.n_local = local_crops
     try:
         summary = run_preview(list(data), output, batches=batches, stats=stats,
                               batch_size=batch_size, config=config, seed=seed, device=device,
                               num_threads=threads)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    # The pipeline's own errors name the shard, sample or key; anything else is a bug and
+    # keeps its traceback. ShardDirError covers the loader's start-up checks (ShardSetError).
+    except (PipelineConfigError, ShardDirError, BadSampleError, FileNotFoundError) as err:
         raise click.ClickException(str(err))
     click.echo(f"{summary['output']}: one batch of {batch_size} samples")
     if summary["stats"]:

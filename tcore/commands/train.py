@@ -21,13 +21,18 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
     """Train T-CoRe. OVERRIDES are key=value config entries, e.g. optim.epochs=10."""
     from tcore.config import ConfigError, load_config
     from tcore.metrics_log import NonFiniteLossError
+    from tcore.pipelines.stage_a import BadSampleError
+    from tcore.preprocess.errors import ShardDirError
     from tcore.train import train as run_train
 
     try:
         cfg = load_config(config, list(overrides))
         result = run_train(cfg, data, output, resume=resume, max_steps=max_steps,
                            checkpoint_every=checkpoint_every, progress=not no_progress)
-    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
+    # Errors whose message names the file, shard, sample or key at fault (ShardDirError: a
+    # bad manifest and the loader's start-up checks); anything else keeps its traceback.
+    except (ConfigError, ShardDirError, BadSampleError, FileNotFoundError,
+            FileExistsError) as exc:
         raise click.ClickException(str(exc)) from exc
     except NonFiniteLossError:
         sys.exit(3)  # the message was printed by the loop

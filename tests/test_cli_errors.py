@@ -1,0 +1,247 @@
+"""Bad shards and bad config values reach the user as one clear message, never a traceback:
+`tcore train`, `tcore bench data` and `tcore pipeline preview` on corrupt copies of the real
+test shards; training-config keys named in full; manifest / index disagreements found when
+the shards are loaded."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tcore.cli import main
+from tcore.config import ConfigError, load_config
+from tcore.pipelines.config import PipelineConfig, PipelineConfigError
+from tcore.pipelines.manifest import ShardSetError, load_shard_set
+from tcore.preprocess.errors import ShardDirError
+from tcore.preprocess.index import read_index
+
+TRAIN_FAST = ["model.head.prototypes=256", "data.batch_size_per_gpu=4", "data.num_threads=1"]
+
+
+def _copy(shards: Path, tmp_path: Path, name: str = "copy") -> Path:
+    out = tmp_path / name
+    shutil.copytree(shards, out)
+    return out
+
+
+def _edit_manifest(shards: Path, **changes) -> None:
+    path = shards / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def _truncated(shards, tmp_path):
+    out = _copy(shards, tmp_path)
+    tar = out / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    return [out], "shard-000001.tar: truncated or corrupt"
+
+
+def _broken_manifest(shards, tmp_path):
+    out = _copy(shards, tmp_path)
+    (out / "manifest.json").write_text('{"kind": "video"\n')
+    return [out], "manifest.json: not valid JSON"
+
+
+def _no_manifest(shards, tmp_path):
+    out = _copy(shards, tmp_path)
+    (out / "manifest.json").unlink()
+    return [out], r"no (shard manifest at|manifest\.json there)"   # bench / train words
+
+
+def _h264(shards, tmp_path):
+    # What an H.264 build's manifest says; the CPU start-up check reads nothing else.
+    out = _copy(shards, tmp_path)
+    _edit_manifest(out, codec="h264", clip_ext="mp4")
+    return [out], "h264 shards cannot be decoded on the CPU.*--codec vp9"
+
+
+def _mixed_layouts(shards, tmp_path):
+    images = _copy(shards, tmp_path, "images")
+    _edit_manifest(images, kind="image", codec="jpeg", clip_ext="jpg", frames=None)
+    return [shards, images], r"cannot mix shard layouts \['image', 'video'\]"
+
+
+def _corrupt_clips(shards, tmp_path):
+    """Every clip's header overwritten: the first batch fails to decode, whatever the order."""
+    out = _copy(shards, tmp_path)
+    for tar in sorted(out.glob("*.tar")):
+        data = bytearray(tar.read_bytes())
+        for sample in read_index(tar.with_suffix(".idx")):
+            for ext, offset, size, _name in sample:
+                if ext == "webm":
+                    data[offset:offset + 200] = bytes(range(200))
+        tar.write_bytes(bytes(data))
+    return [out], r"sample .*shard-00000\d\.tar.* cannot be decoded"
+
+
+BAD_DATA = {"truncated": _truncated, "broken_manifest": _broken_manifest,
+            "no_manifest": _no_manifest, "h264_on_cpu": _h264, "mixed_layouts": _mixed_layouts,
+            "corrupt_clips": _corrupt_clips}
+
+
+def _assert_clean_error(result, message: str) -> None:
+    """A ClickException: exit status 1, the message, no traceback (CliRunner keeps an
+    uncaught exception in `result.exception` rather than a SystemExit)."""
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert re.search(message, result.output), result.output
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_train_names_bad_shards_without_traceback(case, synth_shards, tmp_path):
+    dirs, message = BAD_DATA[case](synth_shards, tmp_path)
+    result = CliRunner().invoke(main, ["train", "--data", ",".join(map(str, dirs)), "--output",
+                                       str(tmp_path / "run"), "--max-steps", "1",
+                                       "--no-progress", *TRAIN_FAST])
+    _assert_clean_error(result, message)
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_DATA) - {"mixed_layouts"}))  # one --data
+def test_bench_data_names_bad_shards_without_traceback(case, synth_shards, tmp_path):
+    dirs, message = BAD_DATA[case](synth_shards, tmp_path)
+    result = CliRunner().invoke(main, ["bench", "data", "--data", str(dirs[0]), "--loader",
+                                       "dali", "--threads", "1", "--batch", "2", "--seconds",
+                                       "0.1", "--warmup", "0", "--repeats", "1",
+                                       "--set", "views.n_local=0"])
+    _assert_clean_error(result, message)
+
+
+@pytest.mark.parametrize("case", ["broken_manifest", "no_manifest", "mixed_layouts"])
+def test_preview_names_bad_shard_directories_without_traceback(case, synth_shards, tmp_path):
+    dirs, message = BAD_DATA[case](synth_shards, tmp_path)
+    args = ["pipeline", "preview", "--output", str(tmp_path / "p.png"), "--batch-size", "2",
+            "--local-crops", "0"]
+    for directory in dirs:
+        args += ["--data", str(directory)]
+    _assert_clean_error(CliRunner().invoke(main, args), message)
+
+
+@pytest.mark.parametrize("option, value", [("--threads", "0"), ("--batches", "0"),
+                                           ("--batches", "-2"), ("--batch-size", "0"),
+                                           ("--local-crops", "-1")])
+def test_preview_counts_are_checked_before_anything_runs(option, value, synth_shards, tmp_path):
+    png = tmp_path / "p.png"
+    result = CliRunner().invoke(main, ["pipeline", "preview", "--data", str(synth_shards),
+                                       "--output", str(png), "--stats", str(tmp_path / "s.json"),
+                                       option, value])
+    assert result.exit_code == 2 and option in result.output, result.output
+    assert not png.exists()
+
+
+# --- training config: data.pipeline.sampling, full key names, patch sizes -----------------
+
+def test_pipeline_sampling_in_a_train_config_is_refused_not_overwritten(tmp_path):
+    with pytest.raises(ConfigError, match=r"tiny_cpu\.yaml: data\.pipeline\.sampling .*is not "
+                                          r"used.*data\.current_range, data\.past_offset_range "
+                                          r"and data\.future_offset_range"):
+        load_config("tiny_cpu", ["data.pipeline.sampling.current_range=[0.4,0.6]"])
+    # The same ranges stated twice mislead nobody (a copied PipelineConfig dump says them).
+    from tcore.train import pipeline_config
+    cfg = load_config("tiny_cpu", ["data.current_range=[0.4,0.6]",
+                                   "data.pipeline.sampling.current_range=[0.4,0.6]"])
+    assert pipeline_config(cfg).sampling.current_range == (0.4, 0.6)
+    # And through the command: refused before the run directory holds a config.yaml.
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--output",
+                                       str(tmp_path / "run"),
+                                       "data.pipeline.sampling.past_offset_range=[0.1,0.2]"])
+    assert result.exit_code == 1 and "data.pipeline.sampling" in result.output
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.pipeline.masks.patch_size=0"], "data.pipeline.masks.patch_size = 0: must be >= 1"),
+    (["data.pipeline.masks.patch_size=8"],
+     r"data.pipeline.masks.patch_size \(8\) must equal model.patch_size \(16\)"),
+    (["model.patch_size=8"],
+     r"data.pipeline.masks.patch_size \(16\) must equal model.patch_size \(8\)"),
+    (["model.patch_size=0"], "model.patch_size must be an integer > 0"),
+    (["data.pipeline.views.local_size=40"],
+     r"data.pipeline.views.local_size \(40\) must be a multiple of model.patch_size \(16\)"),
+    (["data.pipeline.views.n_local=2.5"], "data.pipeline.views.n_local = 2.5: must be an integer"),
+    (["data.pipeline.views.global_scale=[0.3]"],
+     r"data.pipeline.views.global_scale = \(0.3,\): must be a list of 2 numbers"),
+    (["data.pipeline.views.nlocal=2"], r"data.pipeline.views.nlocal: unknown key \(ViewConfig"),
+    (["data.pipeline.views.local.blur_p=x"], "data.pipeline.views.local.blur_p = 'x': must be a "
+                                             "number"),
+    (["data.pipeline.masks=3"], "data.pipeline.masks = 3: expected a mapping"),
+    (["data.pipeline=3"], "data.pipeline must be a mapping"),
+    (["data.pipeline.prefetch=0"], "data.pipeline.prefetch = 0"),
+    (["data.num_threads=0"], "data.num_threads must be an integer > 0"),
+])
+def test_bad_pipeline_values_name_the_full_key_and_file(overrides, message):
+    with pytest.raises(ConfigError, match=r"tiny_cpu\.yaml: " + message):
+        load_config("tiny_cpu", overrides)
+
+
+def test_matching_patch_sizes_are_accepted():
+    from tcore.train import pipeline_config
+    cfg = load_config("tiny_cpu", ["model.patch_size=8", "data.pipeline.masks.patch_size=8"])
+    assert pipeline_config(cfg).masks.patch_size == 8
+
+
+def test_pipeline_config_errors_start_with_the_key():
+    """Outside a training config the key is relative to PipelineConfig (bench --set, Python)."""
+    for values, key in (({"views": {"nlocal": 2}}, "views.nlocal: unknown key"),
+                        ({"masks": {"patch_size": 0}}, "masks.patch_size = 0"),
+                        ({"views": {"blur_sigma": [1.0]}}, "views.blur_sigma = "),
+                        ({"shuffle_buffer": 1.5}, "shuffle_buffer = 1.5: must be an integer"),
+                        ({"skip_bad_samples": "yes"}, "skip_bad_samples = 'yes': must be true")):
+        with pytest.raises(PipelineConfigError) as info:
+            PipelineConfig.from_dict(values).validate()
+        assert str(info.value).startswith(key), str(info.value)
+    config = PipelineConfig()
+    config.views.n_local = 2.5                      # set directly, not through from_dict
+    with pytest.raises(PipelineConfigError, match="views.n_local = 2.5"):
+        config.validate()
+
+
+# --- manifest and index must agree ---------------------------------------------------------
+
+def test_manifest_sample_count_must_match_the_index(synth_shards, tmp_path):
+    shards = _copy(synth_shards, tmp_path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] += 1         # 6 for a 5-sample shard: 1 sample repeated
+    manifest["total_samples"] += 1
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardSetError, match=r"shard-000000.tar: manifest.json says 6 samples, "
+                                            r"its index .*shard-000000.idx lists 5: rebuild"):
+        load_shard_set([shards])
+
+
+def test_index_of_another_shard_is_found(synth_shards, tmp_path):
+    shards = _copy(synth_shards, tmp_path)
+    shutil.copy(shards / "shard-000001.idx", shards / "shard-000000.idx")   # same count
+    first = read_index(shards / "shard-000001.idx")[0][0][3]
+    with pytest.raises(ShardSetError, match=f"shard-000000.tar: index .* does not match the "
+                                            f"tar \\(its index lists {first} .*rebuild"):
+        load_shard_set([shards])
+
+
+def test_stale_index_after_a_member_was_renamed_is_found(synth_shards, tmp_path):
+    """Same sizes and offsets, another name at the end (a tar rebuilt, its index not)."""
+    shards = _copy(synth_shards, tmp_path)
+    tar = shards / "shard-000002.tar"
+    _ext, offset, _size, name = read_index(shards / "shard-000002.idx")[-1][-1]
+    data = bytearray(tar.read_bytes())
+    header = offset - 512
+    renamed = b"zz" + name.encode()[2:]
+    data[header:header + len(renamed)] = renamed
+    # Fix the header checksum so the tar itself stays valid.
+    data[header + 148:header + 156] = b" " * 8
+    checksum = sum(data[header:header + 512])
+    data[header + 148:header + 156] = b"%06o\0 " % checksum
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ShardSetError, match=f"shard-000002.tar: index .*lists {name} .*the tar "
+                                            f"has zz"):
+        load_shard_set([shards])
+    assert issubclass(ShardSetError, ShardDirError) and issubclass(ShardSetError, ValueError)
+
+
+def test_intact_shards_still_load(synth_shards):
+    shard_set = load_shard_set([synth_shards])
+    assert shard_set.total_samples == 12 and len(shard_set.tars) == 3
