@@ -59,6 +59,9 @@ class DaliLoader:
         self.seed = seed
         self.shard_id = shard_id
         self.num_shards = num_shards
+        if not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads = {num_threads!r}: the loader needs at least one "
+                             "thread")
         self.num_threads = num_threads
         self.lanes = self._lane_count(config, num_threads)
         # Batches in flight in stage B: a whole number per lane (see lanes.py).

@@ -33,7 +33,9 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cpu":
         return torch.device("cpu")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        from tcore.config import ConfigError   # a config choice this machine cannot meet
+        raise ConfigError("train.device=cuda but no CUDA device is visible (no GPU or no "
+                          "driver); use train.device=auto or cpu")
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

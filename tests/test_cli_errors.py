@@ -245,3 +245,16 @@ def test_stale_index_after_a_member_was_renamed_is_found(synth_shards, tmp_path)
 def test_intact_shards_still_load(synth_shards):
     shard_set = load_shard_set([synth_shards])
     assert shard_set.total_samples == 12 and len(shard_set.tars) == 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_cuda_without_a_gpu_is_a_clear_error(synth_shards, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data", str(synth_shards), "--output",
+                                       str(tmp_path / "run"), "train.device=cuda"])
+    _assert_clean_error(result, "train.device=cuda but no CUDA device is visible")
+
+
+def test_loader_needs_a_thread(synth_shards):
+    from tcore.pipelines.loader import build_loader
+    with pytest.raises(ValueError, match="num_threads = 0"):
+        build_loader([synth_shards], 2, num_threads=0)
