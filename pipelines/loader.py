@@ -350,7 +350,10 @@ class DaliLoader:
         except Exception as error:  # a sample failed to decode or augment
             return self._recover(host, error)
         bad = _size_mismatches(host.samples, outputs[-1])
-        return self._drop_samples(host, bad) if bad else outputs
+        if not bad:
+            return outputs
+        del outputs     # the old pipeline's buffers, before _drop_samples rebuilds stage B
+        return self._drop_samples(host, bad)
 
     def _recover(self, host: HostBatch, error: Exception):
         """Find the failing samples one by one, then `_drop_samples` them."""
