@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,10 +219,13 @@ def _image_bytes(image: Image.Image, **save_args) -> bytes:
     return buffer.getvalue()
 
 
-def _parse_size(size) -> tuple[int, int]:
+def parse_size(size) -> tuple[int, int]:
+    """(width, height) from (w, h) or "WxH"; ValueError saying what is wrong otherwise."""
     if isinstance(size, str):
-        width, height = size.lower().split("x")
-        size = (int(width), int(height))
+        match = re.fullmatch(r"\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*", size)
+        if match is None:
+            raise ValueError(f"expected WxH such as 160x128, got {size!r}")
+        size = (int(match[1]), int(match[2]))
     width, height = int(size[0]), int(size[1])
     if width < 16 or height < 16:
         raise ValueError(f"synthetic video size must be at least 16x16, got {width}x{height}")
@@ -239,10 +243,14 @@ def make_synthetic(out, seed: int = 0, videos: int = 24, frames: int = 48, size=
     with other parameters or unrelated content is refused (ValueError)."""
     require_av("tcore data synth")
     out = Path(out)
-    width, height = _parse_size(size)
-    davis_width, davis_height = _parse_size(davis_size)
-    if videos < 0 or frames < 1 or davis_videos < 0 or davis_frames < 1:
-        raise ValueError("videos must be >= 0 and frames >= 1")
+    width, height = parse_size(size)
+    davis_width, davis_height = parse_size(davis_size)
+    for name, value, low in (("seed", seed, 0), ("videos", videos, 0), ("frames", frames, 1),
+                             ("davis_videos", davis_videos, 0), ("davis_frames", davis_frames, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if videos == 0 and davis_videos == 0:
+        raise ValueError("videos and davis_videos are both 0: the dataset would be empty")
     params = {"seed": seed, "videos": videos, "frames": frames, "size": [width, height], "objects": objects,
               "davis_videos": davis_videos, "davis_frames": davis_frames,
               "davis_size": [davis_width, davis_height], "davis_objects": davis_objects}
@@ -296,11 +304,17 @@ def _reuse_or_refuse(out: Path, params: dict) -> bool:
     reused as is); refuses a directory holding other content rather than mixing datasets."""
     record = out / SYNTH_RECORD
     if record.is_file():
-        previous = json.loads(record.read_text())
+        try:
+            previous = json.loads(record.read_text())
+        except ValueError as err:  # not JSON, or not text
+            raise ValueError(f"{record}: not valid JSON ({err}); choose another directory") from err
+        if not isinstance(previous, dict) or not isinstance(previous.get("params"), dict):
+            raise ValueError(f"{record}: not a synthetic dataset record (no `params` object); "
+                             f"choose another directory")
         if previous["params"] != params:
             raise ValueError(f"{out} holds a synthetic dataset made with other options "
                              f"({previous['params']}); choose another directory")
-        return bool(previous["complete"])
+        return previous.get("complete") is True
     if out.is_dir() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no synthetic dataset; choose an empty or new directory")
     return False

@@ -4,7 +4,10 @@ synthetic videos (`make_synthetic`) -> VP9 shards (`build_shards`) -> training o
 `tiny_cpu` preset -> loss curve PNG -> DAVIS-style label propagation J&F of the trained
 teacher next to the same network at random initialisation -> `summary.json`.
 
-Everything lands under OUTPUT (the four directories are replaced on each run):
+Everything lands under OUTPUT. The demo claims OUTPUT with a `demo.json` marker and only
+ever replaces what it made (the four directories, loss_curve.png, summary.json) in a
+directory carrying that marker; a non-empty directory without it is refused:
+  demo.json             the marker: this directory belongs to `tcore demo`
   synthetic/            videos (train/) and the DAVIS-layout held-out part (davis/)
   shards/               WebDataset shards + manifest.json
   run/                  the training run (config.yaml, checkpoints/, metrics.jsonl,
@@ -30,6 +33,8 @@ from tcore.config import load_config
 
 DEMO_PRESET = "tiny_cpu"
 DEMO_DIRS = ("synthetic", "shards", "run", "eval")  # replaced on every demo run
+DEMO_FILES = ("summary.json", "loss_curve.png")     # likewise
+DEMO_MARKER = "demo.json"  # marks OUTPUT as the demo's own, so that rerunning may clear it
 
 
 @dataclass(frozen=True)
@@ -128,18 +133,55 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def is_demo_output(out: Path) -> bool:
+    """True when `out` carries the marker an earlier `tcore demo` wrote there."""
+    try:
+        marker = json.loads((out / DEMO_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("made_by") == "tcore demo"
+
+
+def claim_output(out: Path) -> None:
+    """Make `out` the demo's (marker first), then clear what an earlier demo left there.
+
+    Only a new or empty directory, or one already marked, is taken: anything else may hold
+    someone's work, which the clearing below would delete."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out}: exists and is not a directory")
+    if not is_demo_output(out):
+        if out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"--output {out}: not empty and not made by `tcore demo` (no "
+                             f"{DEMO_MARKER}); choose another --output or empty it")
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / DEMO_MARKER, {"made_by": "tcore demo",
+                                        "replaced_on_each_run": [*DEMO_DIRS, *DEMO_FILES]})
+    # summary.json first: a run killed from here on leaves no summary naming deleted files.
+    for name in DEMO_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in DEMO_DIRS:
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+
+
 def run_demo(settings: DemoSettings, log=print) -> dict:
     """Run the demo; return (and write to OUTPUT/summary.json) what it produced."""
     from tcore.metrics_log import read_metrics
     from tcore.train import train
     settings.validate()
     out = Path(settings.output)
-    out.mkdir(parents=True, exist_ok=True)
-    # A fresh job each time (seconds of data generation): the demo owns these directories.
-    for stale in DEMO_DIRS:
-        shutil.rmtree(out / stale, ignore_errors=True)
-    synth, shards = make_data(settings, out, log)
+    # A fresh job each time (seconds of data generation) in a directory the demo owns.
+    claim_output(out)
     cfg = load_config(DEMO_PRESET, [f"train.seed={settings.seed}"])
+    schedule_steps = int(cfg.optim.epochs) * int(cfg.optim.official_epoch_length)
+    if settings.steps is not None and settings.steps > schedule_steps:
+        # The preset's lr / teacher schedules end there, and train() stops at their end.
+        log(f"note: --steps {settings.steps} is more than the {DEMO_PRESET} schedules' "
+            f"{schedule_steps} steps: training {schedule_steps}")
+    synth, shards = make_data(settings, out, log)
     started = time.time()
     result = train(cfg, shards, out / "run", max_steps=settings.steps,
                    progress=settings.progress)

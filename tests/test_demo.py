@@ -5,11 +5,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tcore.cli import main as cli
+from tcore.demo import claim_output
 
 
 def test_demo_end_to_end_short(tmp_path):
     out = tmp_path / "demo"
-    # Leftovers of an earlier demo run in the same place must not get in the way.
+    # Leftovers of an earlier demo run in the same place (marked as the demo's) must not get
+    # in the way.
+    claim_output(out)
     (out / "run" / "checkpoints").mkdir(parents=True)
     (out / "run" / "checkpoints" / "checkpoint-00000009.pt").write_bytes(b"old")
     (out / "synthetic").mkdir()
