@@ -177,8 +177,13 @@ def gpu_result(kind: str, samples_per_s: float, mfu: float | None = None, **sett
     figures = {"samples_per_s": {"median": samples_per_s}}
     if mfu is not None:
         figures["mfu"] = {"median": mfu}
-    return {"kind": kind, "settings": {"batch": 64, "compile": False, **settings},
-            "figures": figures, "environment": {"device": "cuda"}, "details": {}}
+    # The targets' work: batch 64, full-size views (bench model's settings; the loaders'
+    # defaults), no overrides.
+    views = {"global_size": 224, "local_size": 96, "n_local": 8} if kind == "model" else {}
+    return {"kind": kind, "settings": {"batch": 64, "compile": False, "overrides": "", **views,
+                                       **settings},
+            "figures": figures, "environment": {"device": "cuda", "device_name": "test gpu"},
+            "details": {}}
 
 
 def test_targets_are_checked_against_matching_runs():
@@ -246,7 +251,9 @@ def test_bench_model_writes_every_figure_and_compares(tmp_path):
         assert figures["samples_per_s"]["min"] == pytest.approx(1 / figures["step_time"]["max"])
         assert figures["flops_per_step"] > 0
         assert figures["flops_per_sample"] == figures["flops_per_step"]  # batch 1
-        assert figures["peak_flops_per_s"] > 0 and figures["peak_memory"]["median"] > 0
+        assert figures["peak_flops_per_s"] > 0
+        # The process's peak RSS: measured when it grew during the run, else left unmeasured.
+        assert figures["peak_memory"] is None or figures["peak_memory"]["median"] > 0
         assert figures["cpu_seconds_per_sample"] > 0
         details = run["details"]
         assert math.isfinite(details["loss_after_bench"])

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import gc
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
 from tcore.bench.data import DataBenchSettings, run_data_bench
 from tcore.bench.model import ModelBenchSettings, attention_agreement, run_model_bench
 from tcore.bench.report import (build_report, format_report, format_summary_table,
-                                parse_overrides, read_report, write_json_atomic)
+                                parse_overrides, prepare_output_dir, prepare_output_file,
+                                read_report, report_names, resolve_device, write_json_atomic)
 from tcore.bench.targets import format_targets
 from tcore.bench.train import TrainBenchSettings, run_train_bench
 
@@ -47,8 +47,15 @@ def release_device_memory() -> None:
 def run_bench(kind: str, settings, compare: str | None = None, json_path: str | None = None,
               profile_dir: str | None = None) -> dict:
     """Run `settings` (and `compare` overrides of it, if given); write and return the report."""
-    # Parsed before anything runs: a typo in --compare fails at once, not after the first run.
-    second = replace(settings, **changed_settings(settings, compare)) if compare else None
+    # All that can be refused is refused before the first run (minutes), not after it: both
+    # runs' settings and devices, and the paths the report and the profile go to.
+    settings.validate()
+    resolve_device(settings.device)
+    second = second_settings(settings, compare) if compare else None
+    if json_path:
+        prepare_output_file(json_path, "--json")
+    if profile_dir:
+        prepare_output_dir(profile_dir, "--profile")
     runs = [run_one(kind, settings, profile_dir)]
     if second is not None:
         release_device_memory()
@@ -57,6 +64,19 @@ def run_bench(kind: str, settings, compare: str | None = None, json_path: str | 
     if json_path:
         write_json_atomic(json_path, report)
     return report
+
+
+def second_settings(settings, compare: str):
+    """The --compare run's settings, validated (its device too) as the first run's are."""
+    changed = changed_settings(settings, compare)
+    if not changed:
+        raise ValueError(f"--compare {compare!r} changes no setting: both runs would be the same")
+    try:
+        second = replace(settings, **changed).validate()
+        resolve_device(second.device)
+    except ValueError as error:
+        raise ValueError(f"--compare {compare!r}: {error}") from None
+    return second
 
 
 def changed_settings(settings, compare: str) -> dict:
@@ -80,7 +100,9 @@ def run_data_loaders(settings: DataBenchSettings, loader: str, compare: str | No
 def summary_table(paths: list[str], targets: bool = False) -> str:
     """One table over many report files (what `scripts/gpu_check.sh` prints at its end),
     optionally followed by the project's performance targets checked against them."""
-    reports = {Path(path).stem: read_report(path) for path in paths}
+    # Keyed by path (shown as short as tells them apart): same-named files in two
+    # directories are two reports, not one.
+    reports = {name: read_report(path) for path, name in report_names(paths).items()}
     text = format_summary_table(reports)
     if targets:
         text += "\n" + format_targets(reports)

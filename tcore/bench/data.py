@@ -11,11 +11,13 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
 from tcore.bench.flops import synchronizer
+from tcore.bench.model import at_least, check_device
 from tcore.bench.report import environment, resolve_device
 from tcore.bench.stats import process_tree_cpu_seconds, summarize
 
@@ -38,10 +40,15 @@ class DataBenchSettings:
     def validate(self) -> "DataBenchSettings":
         if self.loader not in LOADERS:
             raise ValueError(f"loader must be one of {LOADERS}, got {self.loader!r}")
-        if self.threads < 1 or self.batch < 1 or self.seconds <= 0 or self.repeats < 1:
-            raise ValueError(f"threads, batch, repeats must be >= 1 and seconds > 0: {self}")
+        at_least(self, threads=1, batch=1, repeats=1, warmup_batches=0)
+        if self.seconds <= 0:
+            raise ValueError(f"seconds must be > 0, got {self.seconds}")
         if not self.data:
             raise ValueError("bench data needs --data SHARDS (a shard directory)")
+        if not Path(self.data).is_dir():
+            raise ValueError(f"data {self.data!r} is not a directory")
+        check_device(self.device)
+        pipeline_config_from(self.overrides)  # a bad --set fails here, before any run
         return self
 
 
@@ -100,7 +107,7 @@ def pipeline_config_from(overrides: str):
     training config), e.g. "views.color_jitter=fast,views.n_local=4"."""
     from omegaconf import OmegaConf
 
-    from tcore.bench.model import split_overrides
+    from tcore.bench.report import split_overrides
     from tcore.pipelines.config import PipelineConfig
 
     items = split_overrides(overrides)
@@ -109,6 +116,14 @@ def pipeline_config_from(overrides: str):
         return PipelineConfig.from_dict(values).validate()
     except (TypeError, ValueError) as error:
         raise ValueError(f"bench data --set {overrides!r}: {error}") from error
+
+
+def views_of(config) -> dict:
+    """The view sizes a loader with this PipelineConfig draws (what `bench table --targets`
+    checks a run against)."""
+    views = config.views
+    return {"global_size": views.global_size, "local_size": views.local_size,
+            "n_local": views.n_local}
 
 
 def batch_size_of(batch: dict) -> int:
@@ -158,9 +173,9 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
     settings.validate()
     device = resolve_device(settings.device)
     build_start = time.perf_counter()
+    config = pipeline_config_from(settings.overrides)
     loader = build_named_loader(settings.loader, settings.data, device, settings.threads,
-                                settings.batch, settings.seed,
-                                config=pipeline_config_from(settings.overrides))
+                                settings.batch, settings.seed, config=config)
     try:
         iterator = iter(loader)
         # Past the batches made before the clock starts (the loader's prefetch), or the
@@ -190,6 +205,7 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
                                    else (cpu_after - cpu_before) / sum(sizes)),
     }
     details = {"batches": len(latencies), "samples": sum(sizes), "warmup_batches": warmup,
+               "views": views_of(config),
                "measured_seconds": sum(latencies), "build_and_warmup_seconds": build_and_warmup}
     details.update(dali_loader_details(loader, clock_before, clock_after))
     warnings = []

@@ -17,7 +17,7 @@ import torch
 
 from tcore.bench.flops import (PRECISION_DTYPES, count_flops, measure_matmul_peak,
                                model_flops_utilisation, peak_dtype_for, synchronizer)
-from tcore.bench.report import environment, resolve_device
+from tcore.bench.report import environment, resolve_device, split_overrides
 from tcore.bench.stats import process_tree_cpu_seconds, summarize, time_repeats
 from tcore.synthetic_batch import make_synthetic_batch
 
@@ -44,28 +44,68 @@ class ModelBenchSettings:
     overrides: str = ""     # training-config overrides, "model.head.prototypes=4096,..."
 
     def validate(self) -> "ModelBenchSettings":
+        if self.arch not in arch_names():
+            raise ValueError(f"arch must be one of {arch_names()}, got {self.arch!r}")
         if self.precision not in (*PRECISION_DTYPES, "auto"):
             raise ValueError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {self.precision!r}")
-        if self.batch < 1 or self.repeats < 1 or self.steps < 1 or self.warmup < 0:
-            raise ValueError(f"batch, repeats and steps must be >= 1 and warmup >= 0: {self}")
+        check_attention(self.attention)
+        at_least(self, batch=1, repeats=1, steps=1, warmup=0, n_local=0, global_size=16,
+                 local_size=16, peak_size=0)
+        for name in ("global_size", "local_size"):
+            if getattr(self, name) % 16:
+                raise ValueError(f"{name} must be a multiple of the 16-px patch, got {getattr(self, name)}")
+        check_device(self.device)
+        refuse_option_keys(self.overrides, MODEL_OPTION_KEYS)
+        # The config with the overrides, built here (a bad key fails before any run).
+        check_model_keys(bench_config(self.arch, self.attention, self.precision, self.compile,
+                                      self.batch, torch.device("cpu"), overrides=size_overrides(self)))
         return self
 
 
+def arch_names() -> list[str]:
+    from tcore.models.vit import ARCHS
+
+    return sorted(ARCHS)
+
+
+def check_attention(name: str) -> None:
+    from tcore.models.attention import BACKENDS
+
+    if name not in BACKENDS:
+        raise ValueError(f"attention must be one of {list(BACKENDS)}, got {name!r}")
+
+
+def at_least(settings, **minimums: int) -> None:
+    """ValueError naming the first setting below its minimum."""
+    for name, minimum in minimums.items():
+        if getattr(settings, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(settings, name)}")
+
+
+def check_device(name: str) -> None:
+    """The device names `resolve_device` takes (without needing the device to be there)."""
+    base, _, index = name.partition(":")
+    if base not in ("auto", "cpu", "cuda", "gpu") or (index and not index.isdigit()):
+        raise ValueError(f"device must be auto, cpu, cuda, gpu or cuda:N, got {name!r}")
+
+
+# Config keys the benches set from their own options: set with --set, the report's labels
+# (arch=, attention=, ...) would no longer say what ran.
+MODEL_OPTION_KEYS = {"model.arch": "--arch", "model.attention": "--attention",
+                     "train.precision": "--precision", "train.compile": "--compile",
+                     "data.batch_size_per_gpu": "--batch", "train.device": "--device"}
+TRAIN_OPTION_KEYS = {**MODEL_OPTION_KEYS, "data.num_threads": "--threads"}
+
+
+def refuse_option_keys(overrides: str, option_keys: dict[str, str]) -> None:
+    for item in split_overrides(overrides):
+        key = item.split("=", 1)[0].strip()
+        if key in option_keys:
+            raise ValueError(f"--set {item!r}: {key} is set by {option_keys[key]}; use that "
+                             "option (or --compare with it) instead")
+
+
 # ---- the model and its step ----------------------------------------------------------------
-
-def split_overrides(text: str) -> list[str]:
-    """"a.b=1,c.d=2" -> ["a.b=1", "c.d=2"] (a comma inside [...] stays with its value)."""
-    items, depth, current = [], 0, ""
-    for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            items.append(current.strip())
-            current = ""
-        else:
-            current += char
-    items.append(current.strip())
-    return [item for item in items if item]
-
 
 def bench_config(arch: str, attention: str, precision: str, compile_: bool, batch: int,
                  device: torch.device, threads: int | None = None, overrides: str = ""):
@@ -79,6 +119,19 @@ def bench_config(arch: str, attention: str, precision: str, compile_: bool, batc
     if threads:
         items.append(f"data.num_threads={threads}")
     return load_config("vits16_k400", items + split_overrides(overrides))
+
+
+def check_model_keys(cfg) -> None:
+    """The model and loss sections merged over their defaults as `TCoRe` merges them, so an
+    unknown key fails at once rather than when the model is built, without building it."""
+    from tcore.config import ConfigError
+    from tcore.ssl import _merge, default_loss_config, default_model_config
+
+    try:
+        _merge(default_model_config(), cfg.model, "model")
+        _merge(default_loss_config(), cfg.loss, "loss")
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"model/loss config: {error}") from error
 
 
 def build_trainer(cfg, device: torch.device):
@@ -139,11 +192,23 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what they are): CUDA peak allocated, or the process's peak RSS on the CPU."""
+def cpu_peak_rss() -> int:
+    """The process's peak resident set so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory(device: torch.device, cpu_peak_before: int | None = None
+                ) -> tuple[int | None, str]:
+    """(bytes, what they are): CUDA peak allocated since the reset, or the process's peak RSS
+    on the CPU. That one only grows: if it did not grow past `cpu_peak_before` (taken when
+    the run began), this run's own peak lies hidden under an earlier run's, so it is not
+    measured (None) rather than the earlier run's figure repeated."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
+    peak = cpu_peak_rss()
+    if cpu_peak_before is not None and peak <= cpu_peak_before:
+        return None, "not measured"
+    return peak, "process_max_rss"
 
 
 # ---- the bench ----------------------------------------------------------------------------
@@ -171,6 +236,7 @@ def run_model_bench(settings: ModelBenchSettings, profile_dir: str | None = None
     """Time the train step; return {"kind", "settings", "figures", "details", "environment"}."""
     settings.validate()
     device = resolve_device(settings.device)
+    cpu_peak_before = cpu_peak_rss()  # before the model is built: its memory is the run's
     torch.manual_seed(settings.seed)
     cfg = bench_config(settings.arch, settings.attention, settings.precision, settings.compile,
                        settings.batch, device, overrides=size_overrides(settings))
@@ -196,7 +262,7 @@ def run_model_bench(settings: ModelBenchSettings, profile_dir: str | None = None
                                 iterations=settings.steps, synchronize=sync)
     cpu_after = process_tree_cpu_seconds()
     timed_samples = settings.batch * settings.repeats * settings.steps
-    memory_bytes, memory_kind = peak_memory(device)
+    memory_bytes, memory_kind = peak_memory(device, cpu_peak_before)
     loss = float(last_losses["losses"]["total"].detach())  # the timed step computed something
 
     peak = measured_peak(device, peak_dtype_for(trainer.precision, device), settings.peak_size)
@@ -210,7 +276,8 @@ def run_model_bench(settings: ModelBenchSettings, profile_dir: str | None = None
         "flops_per_sample": flops_per_step / settings.batch,
         "achieved_flops_per_s": flops_per_step / step_time.median,
         "peak_flops_per_s": peak["flops_per_s"],
-        "peak_memory": {"median": memory_bytes, "spread": 0.0, "n": 1, "unit": "bytes"},
+        "peak_memory": (None if memory_bytes is None else
+                        {"median": memory_bytes, "spread": 0.0, "n": 1, "unit": "bytes"}),
         # Host CPU time over the timed steps: on a shared CPU, steadier than wall time.
         "cpu_seconds_per_sample": (None if cpu_before is None
                                    else (cpu_after - cpu_before) / timed_samples),
@@ -226,10 +293,16 @@ def run_model_bench(settings: ModelBenchSettings, profile_dir: str | None = None
         "flops_counted_with": "torch.utils.flop_counter.FlopCounterMode, math attention, "
                               "forward+backward of one step",
     }
+    warnings = []
+    if memory_bytes is None:
+        warnings.append(f"peak_memory not measured: the process's peak RSS "
+                        f"({cpu_peak_before / 2**20:.0f} MiB, reached before this run, e.g. by "
+                        "the first run of a --compare) did not grow, so this run's own peak "
+                        "cannot be told; run it alone for that figure")
     if profile_dir:
         details["profile"] = profile_steps(step, device, Path(profile_dir))
     return {"kind": "model", "settings": asdict(settings), "figures": figures,
-            "details": details, "environment": environment(device)}
+            "details": details, "environment": environment(device), "warnings": warnings}
 
 
 def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> dict:
@@ -271,18 +344,37 @@ def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> 
 def attention_agreement(arch: str = "vit_small", backends: tuple[str, str] = ("xformers", "sdpa"),
                         device: str = "auto", precision: str = "bf16", batch: int = 4,
                         seed: int = 0) -> dict:
-    """Max differences between two attention backends on the same backbone and images.
+    """Max differences between two attention backends on the same backbone and images, and
+    on the attention operator alone.
 
-    Returns per output ("cls", "patch") the max absolute difference and that difference
-    relative to the output's max magnitude, plus the backends actually resolved.
+    The backbone is built with LayerScale 1.0: at its initial 1e-5, attention moves the
+    outputs by ~1e-5 and a backend without the 1/sqrt(d) scale, or one ignoring q and k,
+    would still agree. The operator is compared on standard-normal q, k, v of the model's
+    shapes (batch, tokens, heads, head dim), where attention is far from uniform.
+
+    Returns per output ("cls", "patch", "attention") the max absolute difference and that
+    difference relative to the output's max magnitude (for "attention", v's), plus the
+    backends actually resolved.
     """
     from tcore.models import build_backbone
-    from tcore.models.attention import set_attention_backend
+    from tcore.models.attention import multi_head_attention, set_attention_backend
 
+    for backend in backends:
+        check_attention(backend)
+    if backends[0] == backends[1]:
+        raise ValueError(f"both backends are {backends[0]!r}: nothing to compare")
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
     torch_device = resolve_device(device)
     torch.manual_seed(seed)
-    backbone = build_backbone(arch, attention=backends[0]).to(torch_device).eval()
-    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed)).to(torch_device)
+    backbone = build_backbone(arch, attention=backends[0], layerscale=1.0).to(torch_device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 224, 224, generator=generator).to(torch_device)
+    layer = backbone.blocks[0].attn
+    tokens = backbone.num_prefix_tokens + (224 // backbone.patch_embed.patch_size[0]) ** 2
+    dtype = torch.float32 if precision == "fp32" else PRECISION_DTYPES[precision]
+    qkv = [torch.randn(batch, tokens, layer.num_heads, layer.head_dim, generator=generator)
+           .to(torch_device, dtype) for _ in range(3)]
     outputs = {}
     resolved = []
     for backend in backends:
@@ -290,13 +382,18 @@ def attention_agreement(arch: str = "vit_small", backends: tuple[str, str] = ("x
         resolved.append(resolved_attention(backend, torch_device))
         with torch.no_grad(), autocast_context(precision, torch_device):
             features = backbone.forward_features(images)
-        outputs[backend] = {k: features[k].float() for k in ("cls", "patch")}
+            operator = multi_head_attention(*qkv, backend)
+        outputs[backend] = {**{k: features[k].float() for k in ("cls", "patch")},
+                            "attention": operator.float()}
     first, second = (outputs[b] for b in backends)
+    # Attention mixes the rows of v, so any correct output lies within v's range: that range
+    # is the operator's scale (its own output, an average, is smaller and noisier in bf16).
+    scales = {"cls": first["cls"].abs().max().item(), "patch": first["patch"].abs().max().item(),
+              "attention": qkv[2].float().abs().max().item()}
     differences = {}
-    for key in ("cls", "patch"):
+    for key, scale in scales.items():
         max_abs = (first[key] - second[key]).abs().max().item()
-        scale = first[key].abs().max().item()
         differences[key] = {"max_abs": max_abs, "max_rel": max_abs / scale if scale else max_abs}
     return {"arch": arch, "precision": precision, "backends": list(backends),
-            "resolved": resolved, "differences": differences,
+            "resolved": resolved, "differences": differences, "layerscale": 1.0,
             "environment": environment(torch_device)}

@@ -84,15 +84,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def split_overrides(text: str) -> list[str]:
+    """"a.b=1,c.d=2" -> ["a.b=1", "c.d=2"] (a comma inside [...] stays with its value)."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    items.append(current.strip())
+    return [item for item in items if item]
+
+
 def parse_overrides(text: str, settings: dict) -> dict:
     """`--compare 'attention=math,precision=fp32'` -> a copy of settings with those changed.
 
     Values are converted to the type the setting already has, so a typo or a bad value fails
-    here with the key named rather than deep inside a run.
+    here with the key named rather than deep inside a run. Items split as `--set` splits them
+    (a comma inside [...] stays with its value).
     """
     changed = dict(settings)
     previous = None
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in split_overrides(text):
         if "=" not in item:
             raise ValueError(f"--compare item {item!r} is not KEY=VALUE")
         key, value = (s.strip() for s in item.split("=", 1))
@@ -115,10 +130,12 @@ def convert_like(current, value: str, key: str):
         if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
             raise ValueError(f"--compare {key}={value!r}: expected a boolean")
         return lowered in ("true", "1", "yes", "on")
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
+    for kind, name in ((int, "an integer"), (float, "a number")):
+        if isinstance(current, kind):
+            try:
+                return kind(value)
+            except ValueError:
+                raise ValueError(f"--compare {key}={value!r}: expected {name}") from None
     if current is None and value.lower() == "none":
         return None
     return value
@@ -146,18 +163,56 @@ def build_report(results: list[dict]) -> dict:
     return report
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
-    """Write JSON to a temporary file beside `path` and rename it into place."""
+def prepare_output_file(path: str | os.PathLike, option: str = "--json") -> Path:
+    """Check that `path` can be written before a bench runs (minutes), not after: its
+    directory is created and a file is made and removed there. A failure is a ValueError
+    naming `option` and the user's path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a directory, not a file")
+    probe_directory(path.parent, f"{option} {path}")
+    return path
+
+
+def prepare_output_dir(path: str | os.PathLike, option: str = "--profile") -> Path:
+    """As `prepare_output_file`, for a directory the bench writes files into."""
+    path = Path(path)
+    probe_directory(path, f"{option} {path}")
+    return path
+
+
+def probe_directory(directory: Path, what: str) -> None:
+    for parent in (directory, *directory.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{what}: {parent} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tcore-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"{what}: cannot write in {directory} "
+                         f"({error.strerror or error})") from None
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
+    """Write JSON to a temporary file beside `path` and rename it into place (an OSError
+    becomes a ValueError naming `path`, not the temporary file)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise ValueError(f"cannot write {path} ({error.strerror or error})") from None
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=False, default=str)
             handle.write("\n")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise ValueError(f"cannot write {path} ({error.strerror or error})") from None
         raise
     return path
 
@@ -166,11 +221,58 @@ def read_report(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
         report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not a readable tcore bench report ({error})") from error
     if not isinstance(report, dict) or not ("runs" in report or "differences" in report):
         raise ValueError(f"{path}: not a tcore bench report (no 'runs' or 'differences' key)")
+    problem = report_problem(report)
+    if problem:
+        raise ValueError(f"{path}: not a valid tcore bench report ({problem})")
     return report
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def report_problem(report: dict) -> str:
+    """What keeps `report` from being tabulated ("" when nothing): the fields the table and
+    the targets read, so a truncated or hand-made file fails with its name, not a KeyError."""
+    if "differences" in report:  # `tcore bench agree`
+        differences = report["differences"]
+        if not isinstance(differences, dict) or not differences:
+            return "'differences' is empty"
+        if not all(isinstance(d, dict) and is_number(d.get("max_rel"))
+                   for d in differences.values()):
+            return "a 'differences' entry has no numeric 'max_rel'"
+        missing = [k for k in ("arch", "resolved", "precision") if k not in report]
+        return f"no {', '.join(map(repr, missing))}" if missing else ""
+    runs = report["runs"]
+    if not isinstance(runs, list) or not runs:
+        return "'runs' is not a non-empty list"
+    for number, run in enumerate(runs, 1):
+        if not isinstance(run, dict):
+            return f"run {number} is not an object"
+        if run.get("kind") not in HEADLINE_FIGURE:
+            return f"run {number}: 'kind' is {run.get('kind')!r}, not one of {sorted(HEADLINE_FIGURE)}"
+        for key in ("settings", "figures", "environment"):
+            if not isinstance(run.get(key), dict):
+                return f"run {number}: no {key!r} object"
+        figure = run["figures"].get(HEADLINE_FIGURE[run["kind"]])
+        if not (is_number(figure) or isinstance(figure, dict) and is_number(figure.get("median"))):
+            return f"run {number}: no {HEADLINE_FIGURE[run['kind']]!r} figure"
+    return ""
+
+
+def report_names(paths: list[str]) -> dict[str, str]:
+    """Path -> the name a table shows: the file's stem, with as many parent directories as
+    tell apart files of the same stem (`a/model`, `b/model`)."""
+    full = {path: Path(path).resolve().with_suffix("") for path in paths}
+    for depth in range(1, max((len(p.parts) for p in full.values()), default=1) + 1):
+        names = {path: "/".join(p.parts[-depth:]) for path, p in full.items()}
+        if len(set(names.values())) == len(set(full.values())):
+            return names
+    return {path: str(p) for path, p in full.items()}
 
 
 # ---- terminal output ---------------------------------------------------------------------
@@ -251,6 +353,8 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
             rows.append((name, format_figure(figure)))
         elif figure is not None:
             rows.append((name, format_value(float(figure), scalar_unit(name))))
+        elif name in result["figures"]:  # recorded as not measured (a warning says why)
+            rows.append((name, "not measured"))
     return rows
 
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from tcore.bench.data import (batch_size_of, build_named_loader, close_loader,
-                              dali_loader_details, loader_clock)
+from tcore.bench.data import (LOADERS, batch_size_of, build_named_loader, close_loader,
+                              dali_loader_details, loader_clock, views_of)
 from tcore.bench.flops import PRECISION_DTYPES, synchronizer
-from tcore.bench.model import (BENCH_ITERATION, bench_config, build_trainer, profile_steps,
+from tcore.bench.model import (BENCH_ITERATION, TRAIN_OPTION_KEYS, arch_names, at_least,
+                               bench_config, build_trainer, check_attention, check_device,
+                               check_model_keys, profile_steps, refuse_option_keys,
                                resolved_attention)
 from tcore.bench.report import environment, resolve_device
 from tcore.bench.stats import summarize
@@ -42,12 +44,32 @@ class TrainBenchSettings:
     overrides: str = ""     # training-config overrides, "model.head.prototypes=4096,..."
 
     def validate(self) -> "TrainBenchSettings":
+        from tcore.train import pipeline_config
+
         if not self.data:
             raise ValueError("bench train needs --data SHARDS (a shard directory)")
+        if not Path(self.data).is_dir():
+            raise ValueError(f"data {self.data!r} is not a directory")
+        if self.arch not in arch_names():
+            raise ValueError(f"arch must be one of {arch_names()}, got {self.arch!r}")
         if self.precision not in (*PRECISION_DTYPES, "auto"):
             raise ValueError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {self.precision!r}")
-        if self.batch < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ValueError(f"batch, steps, repeats must be >= 1 and warmup >= 0: {self}")
+        if self.loader not in LOADERS:
+            raise ValueError(f"loader must be one of {LOADERS}, got {self.loader!r}")
+        check_attention(self.attention)
+        at_least(self, batch=1, steps=1, repeats=1, warmup=0, threads=1)
+        if self.steps < self.repeats:
+            # --steps is the total over all windows: fewer steps than windows would give
+            # fewer windows than asked for, silently.
+            raise ValueError(f"steps ({self.steps}) is the total over the --repeats windows: "
+                             f"it must be >= repeats ({self.repeats})")
+        check_device(self.device)
+        refuse_option_keys(self.overrides, TRAIN_OPTION_KEYS)
+        # The config and its pipeline, built here (a bad key fails before any run).
+        cfg = bench_config(self.arch, self.attention, self.precision, self.compile, self.batch,
+                           torch.device("cpu"), self.threads, self.overrides)
+        check_model_keys(cfg)
+        pipeline_config(cfg)
         return self
 
 
@@ -94,8 +116,9 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
 
     from tcore.train import pipeline_config
 
+    config = pipeline_config(cfg)
     loader = build_named_loader(settings.loader, settings.data, device, settings.threads,
-                                settings.batch, settings.seed, config=pipeline_config(cfg))
+                                settings.batch, settings.seed, config=config)
     try:
         iterator = iter(loader)
         if settings.warmup:
@@ -123,7 +146,7 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
     }
     details = {"steps": len(waits), "samples": sum(sizes),
                "attention_resolved": resolved_attention(settings.attention, device),
-               "precision_resolved": trainer.precision,
+               "precision_resolved": trainer.precision, "views": views_of(config),
                **dali_loader_details(loader, clock_before, clock_after)}
     if profile:
         details["profile"] = profile

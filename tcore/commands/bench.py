@@ -6,6 +6,10 @@ import click
 ATTENTION = click.Choice(["auto", "xformers", "sdpa", "math"])
 PRECISION = click.Choice(["auto", "bf16", "fp16", "fp32"])
 DEVICE = click.Choice(["auto", "cpu", "cuda", "gpu"])
+# The backbone presets of tcore.models.vit.ARCHS (a test keeps the two equal): listed here so
+# that `tcore --help` does not import torch and timm.
+ARCH = click.Choice(["vit_tiny", "vit_small", "vit_base", "vit_large"])
+DEVICE_HELP = "auto: the GPU when there is one; gpu is cuda."
 
 
 def overrides_option(function):
@@ -20,11 +24,13 @@ def json_option(function):
                              "device name to this JSON file.")(function)
 
 
-def compare_option(function):
+def compare_option(example: str):
+    """--compare, with an example that this command's settings accept."""
     return click.option("--compare", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="Also run a second configuration (these settings changed) in the "
-                             "same process and print the samples/s ratio, e.g. "
-                             "'attention=math,precision=fp32'.")(function)
+                        help="Also run a second configuration in the same process, these "
+                             "settings changed (named as in the JSON report's settings; "
+                             "overrides= replaces --set), and print the samples/s ratio, "
+                             f"e.g. '{example}'.")
 
 
 def fail_on_value_error(call, also=()):
@@ -33,6 +39,15 @@ def fail_on_value_error(call, also=()):
         return call()
     except (ValueError, FileNotFoundError, *also) as error:
         raise click.ClickException(str(error)) from error
+
+
+def check_json_path(json_path: str | None) -> None:
+    """--json is writable: checked before `bench agree` runs, not after (`run_bench` checks
+    it for the others)."""
+    if json_path:
+        from tcore.bench.report import prepare_output_file
+
+        fail_on_value_error(lambda: prepare_output_file(json_path, "--json"))
 
 
 def data_errors() -> tuple[type[Exception], ...]:
@@ -50,29 +65,39 @@ def bench():
 
 
 @bench.command(name="model")
-@click.option("--arch", default="vit_small", show_default=True, help="vit_tiny | vit_small | vit_base")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--attention", default="auto", show_default=True, type=ATTENTION)
+@click.option("--arch", default="vit_small", show_default=True, type=ARCH,
+              help="Backbone preset.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Clips per step (the targets are at 64).")
+@click.option("--attention", default="auto", show_default=True, type=ATTENTION,
+              help="Attention kernel; auto: xFormers on a GPU where it loads, else SDPA.")
 @click.option("--precision", default="auto", show_default=True, type=PRECISION,
               help="auto: bf16 on GPUs that support it, fp32 on the CPU (as `tcore train`).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the step's forward (losses included).")
-@click.option("--device", default="auto", show_default=True, type=DEVICE)
-@click.option("--local-crops", "n_local", default=8, show_default=True, type=click.IntRange(min=0))
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.option("--local-crops", "n_local", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Local crops per clip (8 in training).")
 @click.option("--global-size", default=224, show_default=True, type=click.IntRange(min=16),
-              help="Global crop size of the synthetic batch (224 in training; smaller for quick checks).")
-@click.option("--local-size", default=96, show_default=True, type=click.IntRange(min=16))
-@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0))
-@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1))
+              help="Global crop size of the synthetic batch, a multiple of 16 (224 in "
+                   "training; smaller for quick checks).")
+@click.option("--local-size", default=96, show_default=True, type=click.IntRange(min=16),
+              help="Local crop size of the synthetic batch, a multiple of 16 (96 in training).")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Untimed steps first (compilation and autotuning happen there).")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed repeats; each gives one samples/s figure, summarised by median "
+                   "and spread.")
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Steps timed back to back in each repeat.")
+              help="Steps timed back to back in EACH repeat (--repeats x --steps steps in "
+                   "all; `bench train --steps` is the total instead).")
 @click.option("--peak-size", default=0, show_default=True, type=click.IntRange(min=0),
               help="Matmul size for the peak rate (0: 8192 on GPU, 1024 on CPU).")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="Also write a torch.profiler kernel table and trace of 3 steps here.")
 @overrides_option
 @json_option
-@compare_option
+@compare_option("attention=math,precision=fp32")
 def model(arch, batch, attention, precision, compile_, device, n_local, global_size, local_size,
           warmup, repeats, steps, peak_size, profile_dir, overrides, json_path, compare):
     """The full T-CoRe train step on device-resident synthetic batches."""
@@ -91,20 +116,26 @@ def model(arch, batch, attention, precision, compile_, device, n_local, global_s
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shard directory (from `tcore shards build`).")
 @click.option("--loader", default="both", show_default=True,
-              type=click.Choice(["dali", "baseline", "both"]))
-@click.option("--device", default="cpu", show_default=True, type=DEVICE)
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--seconds", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+              type=click.Choice(["dali", "baseline", "both"]),
+              help="both: DALI, then the baseline loader, and their samples/s ratio.")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE,
+              help="Where the loader delivers (and, for DALI, makes) the batches. " + DEVICE_HELP)
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Thread budget: DALI's CPU threads, the baseline's worker processes.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Clips per batch.")
+@click.option("--seconds", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="How long batches are timed (after the warm-up), per loader.")
 @click.option("--warmup", "warmup_batches", default=3, show_default=True, type=click.IntRange(min=0),
               help="Batches drawn before the clock starts (for DALI at least its "
                    "prefetch + 1, so no prefilled batch is timed).")
-@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Windows the timed batches are split into, one samples/s figure each.")
 @click.option("--set", "overrides", default="", metavar="KEY=VALUE[,KEY=VALUE]",
               help="Pipeline-config overrides (the data.pipeline keys), e.g. "
                    "'views.color_jitter=fast'.")
 @json_option
-@compare_option
+@compare_option("overrides=views.color_jitter=torchvision")
 def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repeats, overrides,
          json_path, compare):
     """Samples/s and batch latency of the DALI pipeline and of the baseline loader."""
@@ -119,23 +150,35 @@ def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repe
 
 
 @bench.command(name="train")
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--loader", default="dali", show_default=True, type=click.Choice(["dali", "baseline"]))
-@click.option("--arch", default="vit_small", show_default=True)
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--attention", default="auto", show_default=True, type=ATTENTION)
-@click.option("--precision", default="auto", show_default=True, type=PRECISION)
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True)
-@click.option("--device", default="auto", show_default=True, type=DEVICE)
-@click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--repeats", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shard directory (from `tcore shards build`).")
+@click.option("--loader", default="dali", show_default=True, type=click.Choice(["dali", "baseline"]),
+              help="The loader feeding the step.")
+@click.option("--arch", default="vit_small", show_default=True, type=ARCH,
+              help="Backbone preset.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Clips per step.")
+@click.option("--attention", default="auto", show_default=True, type=ATTENTION,
+              help="Attention kernel; auto: xFormers on a GPU where it loads, else SDPA.")
+@click.option("--precision", default="auto", show_default=True, type=PRECISION,
+              help="auto: bf16 on GPUs that support it, fp32 on the CPU (as `tcore train`).")
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+              help="torch.compile the step's forward (losses included).")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1),
+              help="The loader's thread budget (DALI threads, baseline workers).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Untimed steps first.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Steps timed IN ALL, split into the --repeats windows (at least one step "
+                   "per window; `bench model --steps` is per repeat instead).")
+@click.option("--repeats", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Windows the --steps are split into, one samples/s figure each.")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="Then profile 3 more steps (loader included): kernel and CPU tables, trace.")
 @overrides_option
 @json_option
-@compare_option
+@compare_option("attention=math,precision=fp32")
 def train(data_dir, loader, arch, batch, attention, precision, compile_, device, threads,
           warmup, steps, repeats, profile_dir, overrides, json_path, compare):
     """End to end: the loader feeding the train step; samples/s and data-wait fraction."""
@@ -151,27 +194,33 @@ def train(data_dir, loader, arch, batch, attention, precision, compile_, device,
 
 
 @bench.command(name="agree")
-@click.option("--arch", default="vit_small", show_default=True)
-@click.option("--attention", default="xformers", show_default=True, type=ATTENTION)
-@click.option("--reference", default="sdpa", show_default=True, type=ATTENTION)
+@click.option("--arch", default="vit_small", show_default=True, type=ARCH,
+              help="Backbone preset (random weights, LayerScale 1.0).")
+@click.option("--attention", default="xformers", show_default=True, type=ATTENTION,
+              help="The backend checked.")
+@click.option("--reference", default="sdpa", show_default=True, type=ATTENTION,
+              help="The backend it is checked against.")
 @click.option("--precision", default="bf16", show_default=True,
-              type=click.Choice(["bf16", "fp16", "fp32"]))
-@click.option("--device", default="auto", show_default=True, type=DEVICE)
-@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1))
+              type=click.Choice(["bf16", "fp16", "fp32"]), help="Autocast precision of both.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Images (224 px, random) per forward.")
 @click.option("--tolerance", default=0.02, show_default=True, type=float,
               help="Largest accepted difference relative to the output's max magnitude.")
 @json_option
 def agree(arch, attention, reference, precision, device, batch, tolerance, json_path):
-    """Check two attention backends give the same backbone outputs (exit 1 if not)."""
+    """Check two attention backends give the same backbone outputs and the same attention
+    on random q, k, v of the backbone's shapes (exit 1 if not)."""
     from tcore.bench import attention_agreement
     from tcore.bench.report import write_json_atomic
 
+    check_json_path(json_path)
     result = fail_on_value_error(lambda: attention_agreement(
         arch, (attention, reference), device, precision, batch))
     worst = max(d["max_rel"] for d in result["differences"].values())
     result["tolerance"], result["agree"] = tolerance, worst <= tolerance
     if json_path:
-        write_json_atomic(json_path, result)
+        fail_on_value_error(lambda: write_json_atomic(json_path, result))
     resolved = " vs ".join(result["resolved"])
     click.echo(f"[bench agree] {arch} {precision} {resolved}: "
                + ", ".join(f"{k} max_abs={d['max_abs']:.3g} max_rel={d['max_rel']:.3g}"
