@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import av
@@ -23,6 +22,7 @@ from tcore.preprocess.manifest import load_manifest
 from tcore.preprocess.shards import build_shards, merge_node_manifests, run_build
 from tcore.preprocess.verify import inspect_shards
 from tcore.preprocess.video import output_size, uniform_indices
+from shard_files import read_tar
 
 SHORT_SIDE = 96  # sources are 160x128 -> clips 120x96
 GOOD_PER_CLASS = 2
@@ -85,15 +85,6 @@ def mixed_build(mixed_src, tmp_path_factory) -> Path:
     return out
 
 
-def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    samples = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
-
-
 def _all_files(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes()
             for p in sorted(directory.rglob("*")) if p.is_file()}
@@ -118,7 +109,7 @@ def test_broken_inputs_go_to_failures_and_the_build_carries_on(mixed_build):
 def test_samples_hold_clip_json_and_label(mixed_build, mixed_src):
     manifest = load_manifest(mixed_build)
     for shard in manifest["shards"]:
-        samples = _read_tar(mixed_build / shard["tar"])
+        samples = read_tar(mixed_build / shard["tar"])
         assert len(samples) == shard["samples"]
         for key, components in samples.items():
             assert set(components) == {"webm", "json", "cls"}
@@ -223,7 +214,7 @@ def test_image_kind(tmp_path):
     assert manifest["total_samples"] == 3 and manifest["failures"] == 1
     failure = json.loads((out / "failures.jsonl").read_text())
     assert failure["source"] == "dogs/broken.jpg" and "not a decodable image" in failure["error"]
-    samples = {json.loads(c["json"])["source"]: c for c in _read_tar(out / "shard-000000.tar").values()}
+    samples = {json.loads(c["json"])["source"]: c for c in read_tar(out / "shard-000000.tar").values()}
     assert samples["cats/small.jpg"]["jpg"] == (src / "cats" / "small.jpg").read_bytes()  # kept as is
     for source, size in {"cats/small.jpg": (80, 60), "cats/big.jpg": (100, 150), "dogs/pic.png": (70, 50)}.items():
         meta = json.loads(samples[source]["json"])
@@ -250,7 +241,7 @@ def test_kinetics_csv_and_plain_list(synth_root, tmp_path):
     assert manifest["total_samples"] == 2 and manifest["failures"] == 1
     failure = json.loads((out / "failures.jsonl").read_text())
     assert failure == {"source": "juggling/missing1_000005_000015", "error": "file not found"}
-    metas = sorted((json.loads(c["json"]) for c in _read_tar(out / "shard-000000.tar").values()),
+    metas = sorted((json.loads(c["json"]) for c in read_tar(out / "shard-000000.tar").values()),
                    key=lambda m: m["label"])
     assert [(m["class"], m["label"], m["source"]) for m in metas] == [
         ("juggling", 0, "xyz_000000_000010.mkv"),
@@ -317,7 +308,7 @@ def test_other_codecs_gop_and_upscale(synth_root, tmp_path, codec, ext, decoder)
                             progress=False)
     for manifest, out, size in ((plain, tmp_path / "plain", (160, 128)), (upscaled, tmp_path / "up", (320, 256))):
         assert (manifest["codec"], manifest["clip_ext"], manifest["total_samples"]) == (codec, ext, 2)
-        for components in _read_tar(out / "shard-000000.tar").values():
+        for components in read_tar(out / "shard-000000.tar").values():
             meta = json.loads(components["json"])
             assert (meta["width"], meta["height"]) == size
             with av.open(io.BytesIO(components[ext])) as clip:
@@ -366,7 +357,7 @@ def test_jpeg_frame_shards_hold_t_jpegs_of_the_source(synth_root, tmp_path, ext)
     assert result.exit_code == 0, result.output
     manifest = load_manifest(tmp_path / "out")
     assert (manifest["kind"], manifest["codec"], manifest["clip_ext"]) == ("video", "jpegs", "jpgs")
-    (components,) = _read_tar(tmp_path / "out" / "shard-000000.tar").values()
+    (components,) = read_tar(tmp_path / "out" / "shard-000000.tar").values()
     meta = json.loads(components["json"])
     sizes, data = meta["frame_bytes"], components["jpgs"]
     assert len(sizes) == 20 and sum(sizes) == len(data)

@@ -3,7 +3,6 @@ start after time 0, still images posing as videos, EXIF-rotated and 16-bit image
 against what DALI decodes), hidden folders and bad numbers in a Kinetics CSV."""
 import io
 import json
-import tarfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tcore.preprocess.errors import BadInput
 from tcore.preprocess.manifest import load_manifest, shard_paths
 from tcore.preprocess.shards import build_shards
 from tcore.preprocess.video import read_clip
+from shard_files import read_tar
 
 EXIF_ORIENTATION = 0x0112
 
@@ -43,15 +43,6 @@ def _gradient(width: int, height: int) -> Image.Image:
     return Image.fromarray((np.stack([x, y, 0.5 + 0 * x], -1) * 255).round().astype(np.uint8))
 
 
-def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    samples = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
-
-
 @pytest.fixture(scope="module")
 def video_build(tmp_path_factory):
     """A video folder with WebM and MKV files whose video starts at 0.5 s, a JPEG named
@@ -66,7 +57,7 @@ def video_build(tmp_path_factory):
     out = src.parent / "out"
     manifest = build_shards(src, out, frames=8, short_side=0, progress=False)
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
-    metas = [json.loads(c["json"]) for c in _read_tar(out / manifest["shards"][0]["tar"]).values()]
+    metas = [json.loads(c["json"]) for c in read_tar(out / manifest["shards"][0]["tar"]).values()]
     return src, manifest, {f["source"]: f["error"] for f in failures}, {m["source"]: m for m in metas}
 
 
@@ -144,7 +135,7 @@ def image_build(tmp_path_factory):
 
     pipe = pipeline()
     pipe.build()
-    stored = {json.loads(c["json"])["source"]: c["jpg"] for t in tars for c in _read_tar(Path(t)).values()}
+    stored = {json.loads(c["json"])["source"]: c["jpg"] for t in tars for c in read_tar(Path(t)).values()}
     decoded = {}
     for _ in range(manifest["total_samples"]):
         image, meta = pipe.run()

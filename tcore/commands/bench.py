@@ -33,6 +33,28 @@ def compare_option(example: str):
                              f"e.g. '{example}'.")
 
 
+def step_options(function):
+    """The train step's options, shared by `bench model` and `bench train`."""
+    for option in reversed([
+            click.option("--arch", default="vit_small", show_default=True, type=ARCH,
+                         help="Backbone preset."),
+            click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
+                         help="Clips per step (the targets are at 64)."),
+            click.option("--attention", default="auto", show_default=True, type=ATTENTION,
+                         help="Attention kernel; auto: xFormers on a GPU where it loads, "
+                              "else SDPA."),
+            click.option("--precision", default="auto", show_default=True, type=PRECISION,
+                         help="auto: bf16 on GPUs that support it, fp32 on the CPU (as "
+                              "`tcore train`)."),
+            click.option("--compile/--no-compile", "compile_", default=False,
+                         show_default=True,
+                         help="torch.compile the step's forward (losses included)."),
+            click.option("--device", default="auto", show_default=True, type=DEVICE,
+                         help=DEVICE_HELP)]):
+        function = option(function)
+    return function
+
+
 def fail_on_value_error(call, also=()):
     """Settings errors (ValueError) and missing files as a message; `also`: more types."""
     try:
@@ -65,17 +87,7 @@ def bench():
 
 
 @bench.command(name="model")
-@click.option("--arch", default="vit_small", show_default=True, type=ARCH,
-              help="Backbone preset.")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Clips per step (the targets are at 64).")
-@click.option("--attention", default="auto", show_default=True, type=ATTENTION,
-              help="Attention kernel; auto: xFormers on a GPU where it loads, else SDPA.")
-@click.option("--precision", default="auto", show_default=True, type=PRECISION,
-              help="auto: bf16 on GPUs that support it, fp32 on the CPU (as `tcore train`).")
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the step's forward (losses included).")
-@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@step_options
 @click.option("--local-crops", "n_local", default=8, show_default=True, type=click.IntRange(min=0),
               help="Local crops per clip (8 in training).")
 @click.option("--global-size", default=224, show_default=True, type=click.IntRange(min=16),
@@ -154,17 +166,7 @@ def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repe
               help="Shard directory (from `tcore shards build`).")
 @click.option("--loader", default="dali", show_default=True, type=click.Choice(["dali", "baseline"]),
               help="The loader feeding the step.")
-@click.option("--arch", default="vit_small", show_default=True, type=ARCH,
-              help="Backbone preset.")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Clips per step.")
-@click.option("--attention", default="auto", show_default=True, type=ATTENTION,
-              help="Attention kernel; auto: xFormers on a GPU where it loads, else SDPA.")
-@click.option("--precision", default="auto", show_default=True, type=PRECISION,
-              help="auto: bf16 on GPUs that support it, fp32 on the CPU (as `tcore train`).")
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the step's forward (losses included).")
-@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@step_options
 @click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1),
               help="The loader's thread budget (DALI threads, baseline workers).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0),
