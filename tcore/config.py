@@ -67,10 +67,28 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; "
                           f"known: {sorted(base.keys())}")
+    for key in other.keys():
+        if OmegaConf.is_dict(base[key]) and not OmegaConf.is_dict(other[key]):
+            raise ConfigError(f"{source}: {key} is a section: set its keys (e.g. "
+                              f"{key}.{next(iter(base[key]), 'key')}=...), not {key} itself")
     try:
         return OmegaConf.merge(base, other)
     except (OmegaConfBaseException, TypeError) as exc:  # TypeError: a list over a mapping
-        raise ConfigError(f"{source}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+        raise ConfigError(f"{source}: {_merge_problem(exc)}") from exc
+
+
+def _merge_problem(exc: Exception) -> str:
+    """OmegaConf's merge error in the config's terms: the unknown key with its full path and
+    the keys its section has; a list against a mapping said plainly."""
+    message = getattr(exc, "msg", None) or str(exc)
+    full_key, parent = getattr(exc, "full_key", None), getattr(exc, "parent_node", None)
+    if full_key and "not in struct" in message:
+        known = sorted(parent.keys()) if parent is not None and hasattr(parent, "keys") else []
+        return f"unknown key {full_key}" + (f" (known there: {', '.join(map(str, known))})"
+                                            if known else "")
+    if "incompatible container types" in message:
+        return "a list and a mapping do not merge: give the key the kind of value it holds"
+    return message
 
 
 def load_config(config: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
@@ -81,6 +99,10 @@ def load_config(config: str | os.PathLike, overrides: list[str] | tuple[str, ...
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.epochs=10)")
+        if "[" in item.split("=", 1)[0]:
+            # OmegaConf cannot merge one item into a list
+            raise ConfigError(f"override {item!r}: a list is set whole, e.g. "
+                              "data.current_range=[0.3,0.7], not item by item")
         try:
             dotlist = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as exc:

@@ -65,6 +65,10 @@ def test_overrides_apply_and_round_trip(tmp_path):
     (["train.compile_mode=max-autotune-no-cudagraphs", "train.compile_backend=aot_eager"],
      "needs train.compile_backend=inductor"),
     (["optim.epochs"], "expected key=value"),
+    (["optim.epoch=3"], "unknown key optim.epoch (known there: adamw_beta1"),
+    (["data.current_range[0]=0.1"], "a list is set whole"),
+    (["train=3"], "train is a section: set its keys"),
+    (["data.pipeline=[1,2]"], "a list and a mapping do not merge"),
 ])
 def test_bad_overrides_are_named(overrides, message):
     with pytest.raises(ConfigError) as info:
