@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
 import textwrap
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tcore.pipelines.preview import run_preview
 from tcore.pipelines.torchvision_loader import index_entries, read_component
 from tcore.pipelines.views import views_pipeline
 from tcore.preprocess.shards import build_shards
+from shard_files import drop_jsons
 
 SAMPLES = 12     # synth_shards: 3 shards of 5, 5, 2 samples, clips 160x128 (width x height)
 
@@ -264,26 +264,9 @@ def test_more_ranks_than_samples_is_refused_at_start(synth_shards):
 
 # --- 5. counting what was skipped, and failing for good ---------------------------------
 
-def _drop_jsons(shards: Path, positions) -> list[str]:
-    """Shard 0 without the .json of the samples at `positions` (index rebuilt)."""
-    tar = shards / "shard-000000.tar"
-    rebuilt = shards / "rebuilt.tar"
-    with tarfile.open(tar) as source, tarfile.open(rebuilt, "w") as target:
-        members = source.getmembers()
-        jsons = [m for m in members if m.name.endswith(".json")]
-        dropped = [jsons[p] for p in positions]
-        for member in members:
-            if member not in dropped:
-                target.addfile(member, source.extractfile(member))
-    rebuilt.replace(tar)
-    subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar),
-                    str(shards / "shard-000000.idx")], check=True, capture_output=True)
-    return [m.name.rsplit(".", 1)[0] for m in dropped]
-
-
 def test_samples_lacking_a_component_are_each_counted(synth_shards, tmp_path):
     shards = _copy(synth_shards, tmp_path)
-    _drop_jsons(shards, [1, 3])
+    drop_jsons(shards, [1, 3])
     loader = build_loader([shards], 4, config=small_config(skip=True), num_threads=1,
                           infinite=False)
     assert sum(b["labels"].shape[0] for b in loader) == SAMPLES - 2

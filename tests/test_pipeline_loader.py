@@ -4,8 +4,6 @@ image shards, bad data, and the preview command."""
 import io
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from tcore.pipelines.loader import BadSampleError, build_loader
 from tcore.pipelines.torchvision_loader import (baseline_views, build_baseline_loader,
                                                 decode_frames, index_entries, read_component)
 from tcore.preprocess.shards import build_shards
+from shard_files import drop_jsons
 
 COUNTER_FRAMES = 20
 
@@ -404,18 +403,7 @@ def test_corrupt_clip_is_named_or_skipped(synth_shards, tmp_path):
 def _drop_one_json(synth_shards: Path, tmp_path: Path) -> str:
     """A copy of the shards whose shard 0 lacks one sample's .json (index rebuilt)."""
     shards = _copy(synth_shards, tmp_path)
-    tar = shards / "shard-000000.tar"
-    rebuilt = tmp_path / "rebuilt.tar"
-    with tarfile.open(tar) as source, tarfile.open(rebuilt, "w") as target:
-        members = source.getmembers()
-        dropped = [m for m in members if m.name.endswith(".json")][2]
-        for member in members:
-            if member is not dropped:
-                target.addfile(member, source.extractfile(member))
-    rebuilt.replace(tar)
-    subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar),
-                    str(shards / "shard-000000.idx")], check=True, capture_output=True)
-    return dropped.name.rsplit(".", 1)[0]
+    return drop_jsons(shards, [2])[0]
 
 
 def test_missing_component_is_named_or_skipped(synth_shards, tmp_path):
