@@ -21,12 +21,13 @@
 # Steps: install what travels (.whl/*.whl, then this project) -> xFormers vs SDPA agreement ->
 # `gputests` (the CUDA-only tests that need no DALI) -> `tcore bench model` ViT-S/16 and
 # ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against eager fp32 math attention) ->
-# with DALI: synthetic shards (or the carried ones), `gputests_dali` (tests/test_gpu.py's
-# loader and colour-stage tests on $SHARDS and $FRAMES), `tcore bench data --device gpu` (NVDEC against video_decoder=cpu), `data_frames` (nvJPEG on
+# with DALI: synthetic shards (or the carried ones), `tcore bench data --device gpu` (the
+# clips decoded on the CPU threads, exact against fast jitter), `data_frames` (nvJPEG on
 # the JPEG-frame shards, when GPU_CHECK_FRAME_SHARDS holds some, after `decode_frames`: the
 # JPEG decoder alone, scripts/jpeg_decode_probe.py), `tcore bench train` (from the
-# JPEG frames when they are there, else the clips) -> one short table. A failing step is
-# logged and the script goes on.
+# JPEG frames when they are there, else the clips), then `gputests_dali` (tests/test_gpu.py's
+# loader and colour-stage tests on $SHARDS and $FRAMES) -> one short table. A failing step
+# is logged and the script goes on.
 #
 # Results: $OUT (default runs/gpu_check): gpu_check.log (everything), summary.txt (the table),
 # reports.json (every bench report, by step name), profile.tar.gz (kernel and CPU tables of the
@@ -36,7 +37,7 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled
-# shards gputests_dali data decode_frames data_frames train train_compiled; model_s_autotune,
+# shards data decode_frames data_frames train train_compiled gputests_dali; model_s_autotune,
 # data_prefetch and data_producer run only when named here),
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
@@ -315,8 +316,6 @@ EOF
 }
 if has_module nvidia.dali; then
     run_step shards 90 build_shards
-    GPU_TESTS_GROUP=dali
-    run_step gputests_dali 240 gpu_tests
     run_step data 150 "${TCORE[@]}" bench data --data "$SHARDS" --device "$DEVICE" \
         "${DATA_ARGS[@]}" "${DATA_COMPARE[@]}" --json "$WORK/reports/data.json"
     if [[ -f "$FRAMES/manifest.json" ]]; then
@@ -351,6 +350,11 @@ if has_module nvidia.dali; then
     run_step train_compiled 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
         --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
         "${TRAIN_ARGS[@]}" "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_compiled.json"
+    # The loader and colour-stage tests after the measurements: the group runs two `tcore
+    # train` processes and Triton compiles, and a group stopped at its limit must not have
+    # taken the measurements' time with it.
+    GPU_TESTS_GROUP=dali
+    run_step gputests_dali 300 gpu_tests
 else
     for name in shards gputests_dali data decode_frames data_frames data_prefetch data_producer train train_compiled; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
