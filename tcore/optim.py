@@ -115,10 +115,13 @@ class ListedAdamW(torch.optim.AdamW):
     steps (rebuilt when a group's parameters or states are new objects, as after
     `load_state_dict`), the step counters of all groups are advanced in one call and
     `torch._fused_adamw_` is called directly: the kernels and arguments of torch's fused
-    path, so the same numbers (tested against `torch.optim.AdamW(fused=True)`). Anything
-    else (the first step, which creates the states; a closure; a gradient scaler's
-    `grad_scale` / `found_inf`; a missing gradient; amsgrad, maximize, capturable, mixed
-    devices or dtypes in a group) takes torch's own step."""
+    path, so the same numbers (tested against `torch.optim.AdamW(fused=True)`). A gradient
+    scaler whose `unscale_` ran first (the fp16 step: clipping needs unscaled gradients)
+    hands over only `found_inf`, which the kernels take on the device as torch's path does:
+    a step with an inf or NaN gradient changes nothing, with no host sync. Anything else
+    (the first step, which creates the states; a closure; a scaler's `grad_scale`; a
+    missing gradient; amsgrad, maximize, capturable, mixed devices or dtypes in a group)
+    takes torch's own step."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
@@ -133,32 +136,37 @@ class ListedAdamW(torch.optim.AdamW):
         self._listed = {}
 
     def step(self, closure=None):
+        # Set by torch.amp.GradScaler.step for optimizers that take the scaling themselves.
+        found_inf = getattr(self, "found_inf", None)
         plans = None
-        if (closure is None and getattr(self, "grad_scale", None) is None
-                and getattr(self, "found_inf", None) is None):
-            plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        if closure is None and getattr(self, "grad_scale", None) is None:
+            plans = [self._plan(index, group, found_inf)
+                     for index, group in enumerate(self.param_groups)]
         if plans is None or any(plan is None for plan in plans):
             return _torch_adamw_step(self, closure)
-        self._fused_step(plans)
+        self._fused_step(plans, found_inf)
         return None
 
     @torch.no_grad()
-    def _fused_step(self, plans: list) -> None:
+    def _fused_step(self, plans: list, found_inf: torch.Tensor | None) -> None:
         steps = [step for plan in plans for step in plan[4]]
         if steps:
             torch._foreach_add_(steps, 1)
-        for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups,
-                                                                         plans):
+        for group, (params, grads, exp_avgs, exp_avg_sqs, group_steps) in zip(
+                self.param_groups, plans):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], group_steps,
                                 amsgrad=False, lr=group["lr"], beta1=float(beta1),
                                 beta2=float(beta2), weight_decay=group["weight_decay"],
                                 eps=group["eps"], maximize=False, grad_scale=None,
-                                found_inf=None)
+                                found_inf=found_inf)
+        if found_inf is not None and steps:
+            # A skipped step does not count (torch's fused path takes it back the same way).
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
 
-    def _plan(self, index: int, group: dict):
+    def _plan(self, index: int, group: dict, found_inf: torch.Tensor | None = None):
         """(params, grads, exp_avgs, exp_avg_sqs, steps) of a group, or None where torch's
         step must serve."""
         if (not group["fused"] or group["amsgrad"] or group["maximize"]
@@ -170,6 +178,8 @@ class ListedAdamW(torch.optim.AdamW):
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
             return None
+        if found_inf is not None and params and found_inf.device != params[0].device:
+            return None       # torch's path moves it to each group's device
         listed = self._listed.get(index)
         if not self._still_valid(listed, params):
             listed = self._list_states(params)

@@ -272,3 +272,49 @@ def test_listed_adamw_steps_exactly_as_torchs_fused_adamw(device):
     twin.step()
     empty = ListedAdamW([{"params": []}], **kwargs)   # nothing to step is no error
     empty.step()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_listed_adamw_under_a_gradient_scaler_skips_inf_steps_as_torch_does(device):
+    """The fp16 step (scale, backward, unscale_ for clipping, scaler.step, update) with
+    ListedAdamW against torch.optim.AdamW(fused=True): bit for bit, including a step whose
+    gradients hold an inf (both leave parameters, moments and step counts as they were),
+    and on the listed path, not torch's step, after the first."""
+    from tcore.optim import ListedAdamW
+
+    class CountingListedAdamW(ListedAdamW):
+        listed_steps = 0
+
+        def _fused_step(self, plans, found_inf):
+            self.listed_steps += 1
+            super()._fused_step(plans, found_inf)
+
+    ours_params, theirs_params = _adamw_pair_groups(2, device)
+    kwargs = dict(lr=1e-2, weight_decay=0.04, betas=(0.9, 0.999), fused=True)
+    ours = CountingListedAdamW([{"params": p} for p in ours_params], **kwargs)
+    theirs = torch.optim.AdamW([{"params": p} for p in theirs_params], **kwargs)
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0 ** 10) for _ in range(2)]
+    gen = torch.Generator().manual_seed(3)
+    for step in range(6):
+        weights = [torch.randn(p.shape, generator=gen).to(device) for p in sum(ours_params, [])]
+        if step == 3:
+            weights[2][0] = float("inf")               # this step's gradients overflow
+        before = [p.detach().clone() for p in sum(ours_params, [])]
+        for params, optimizer, scaler in zip((ours_params, theirs_params), (ours, theirs),
+                                             scalers):
+            loss = sum((p * w).sum() for p, w in zip(sum(params, []), weights))
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=False)
+        after = [p.detach() for p in sum(ours_params, [])]
+        assert all(torch.equal(a, b) for a, b in zip(before, after)) == (step == 3), step
+        for mine, other in zip(sum(ours_params, []), sum(theirs_params, [])):
+            assert torch.equal(mine, other), step
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(ours.state[mine][key], theirs.state[other][key]), (step, key)
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert float(ours.state[ours_params[0][0]]["step"]) == 5      # the inf step not counted
+    assert ours.listed_steps == 5                                  # all but the first
