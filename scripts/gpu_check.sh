@@ -246,13 +246,14 @@ gpu_tests() {  # GPU_TESTS_GROUP: core | dali
     local shards_env=()
     [[ -f "$SHARDS/manifest.json" ]] && shards_env=(TCORE_GPU_SHARDS="$SHARDS")
     [[ -f "$FRAMES/manifest.json" ]] && shards_env+=(TCORE_GPU_FRAME_SHARDS="$FRAMES")
-    local core="fused_adamw_on_cuda or mixed_precision_step"
+    local core="fused_adamw_on_cuda or mixed_precision_step or davis_evaluation_on_cuda"
     local tests=(tests/test_gpu.py) filter="not ($core)"
     if [[ "$GPU_TESTS_GROUP" == core ]]; then
         tests=(tests/test_models_vit.py::test_attention_backends_agree_in_bf16_on_gpu
                tests/test_models_vit.py::test_xformers_agrees_with_the_reference_in_bf16_on_gpu
                tests/test_ssl.py::test_step_has_no_host_syncs_on_gpu
                tests/test_optim.py::test_listed_adamw_steps_exactly_as_torchs_fused_adamw
+               tests/test_optim.py::test_listed_adamw_under_a_gradient_scaler_skips_inf_steps_as_torch_does
                tests/test_gpu.py)
         filter="$core or bf16_on_gpu or host_syncs_on_gpu or listed_adamw"
     fi

@@ -12,31 +12,8 @@ from PIL import Image
 from tcore.eval import davis
 from tcore.eval.io import davis_palette, read_label_png, write_label_png
 
+from davis_files import moving_squares, write_davis
 from reference_paths import OFFICIAL_TINY as REFERENCE
-
-
-def write_davis(root: Path, sequences: dict[str, np.ndarray], frames: dict | None = None) -> Path:
-    """A DAVIS layout from id maps {name: [T,H,W]} (frames: grey images unless given)."""
-    for name, labels in sequences.items():
-        for t, label in enumerate(labels):
-            write_label_png(root / "Annotations" / "480p" / name / f"{t:05d}.png", label)
-            image = (frames[name][t] if frames else
-                     np.full((*label.shape, 3), 100, dtype=np.uint8))
-            path = root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(path, quality=95)
-    split = root / "ImageSets" / "2017" / "val.txt"
-    split.parent.mkdir(parents=True, exist_ok=True)
-    split.write_text("".join(f"{name}\n" for name in sequences))
-    return root
-
-
-def moving_squares(frames=6, size=(24, 32)):
-    labels = np.zeros((frames, *size), dtype=np.uint8)
-    for t in range(frames):
-        labels[t, 4:12, 2 + t:10 + t] = 1
-        labels[t, 14:20, 20:28] = 2
-    return labels
 
 
 def write_predictions(root: Path, name: str, labels: np.ndarray) -> None:

@@ -1,6 +1,6 @@
 """What only a CUDA GPU can check: fused AdamW, bf16 and fp16 (with the gradient scaler) train
-steps, `tcore train` on the GPU, and the DALI GPU graph (NVDEC, GPU views) against the CPU
-graph from the same drawn parameters.
+steps, `tcore train` on the GPU, the DALI GPU graph (NVDEC, GPU views) against the CPU
+graph from the same drawn parameters, and label propagation on the GPU against the CPU.
 
 Skipped without CUDA. The DALI tests also need DALI's CUDA build and a shard set: they use
 TCORE_GPU_SHARDS (scripts/gpu_check.sh sets it to its synthetic VP9 shards), because the
@@ -273,3 +273,40 @@ def test_dense_colour_stage_compiled_on_cuda_equals_the_cpu_subset_path():
                                    windows[:count], ViewConfig(), compile_=True, dense=True)
         assert not tp._COMPILE_FAILED
         assert torch.equal(got.cpu(), on_cuda[:count]), count
+
+
+def _davis_on(device: str, data, out) -> tuple[dict, "np.ndarray"]:
+    """`tcore eval davis`'s evaluation of a seeded random ViT-Tiny on `device`: results and
+    the predicted label maps of the one sequence."""
+    import numpy as np
+
+    from tcore.eval import davis
+    from tcore.eval.checkpoint import random_backbone
+    from tcore.eval.io import read_label_png
+
+    backbone = random_backbone("vit_tiny", seed=0, device=device)
+    results = davis.evaluate_davis(backbone, data, out, size=None, progress=False)
+    predictions = np.stack([read_label_png(path)
+                            for path in sorted((out / "predictions" / "squares").glob("*.png"))])
+    return results, predictions
+
+
+def test_davis_evaluation_on_cuda_gives_the_cpu_results(tmp_path):
+    """Label propagation on the GPU (`tcore eval`'s default there) against the CPU: a seeded
+    random backbone on textured moving objects, features in float32 on both (no TF32), so
+    the predicted labels agree but where a near tie among the top-k neighbours falls the
+    other way, and the scores with them."""
+    import numpy as np
+    from davis_files import textured_frames, write_davis
+
+    labels = np.zeros((8, 64, 96), dtype=np.uint8)
+    for t in range(len(labels)):                     # objects of a few patches, one moving
+        labels[t, 16:48, 4 + 3 * t:36 + 3 * t] = 1
+        labels[t, 8:40, 60:92] = 2
+    data = write_davis(tmp_path / "davis", {"squares": labels},
+                       {"squares": textured_frames(labels)})
+    cpu, cpu_labels = _davis_on("cpu", data, tmp_path / "cpu")
+    gpu, gpu_labels = _davis_on("cuda", data, tmp_path / "cuda")
+    assert gpu["settings"] == cpu["settings"]
+    assert (gpu_labels == cpu_labels).mean() > 0.99
+    assert abs(gpu["summary"]["J&F-Mean"] - cpu["summary"]["J&F-Mean"]) < 0.02
