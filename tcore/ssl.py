@@ -168,7 +168,8 @@ class TCoRe(nn.Module):
     def _student_tokens(self, global_crops, masks, local_crops):
         """Student cls/patch tokens of the masked global crops and cls tokens of the local crops.
 
-        Kept separate so a fused multi-resolution forward can replace the two calls later.
+        Two backbone calls: at the paper's batch both are large enough to fill the GPU, so a
+        fused multi-resolution forward would buy little (docs/PERFORMANCE.md, the summary).
         """
         backbone = self.student["backbone"]
         global_tokens = backbone.forward_features(global_crops, masks)
