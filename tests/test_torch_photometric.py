@@ -39,6 +39,21 @@ def test_hue_shift_is_pils_bit_for_bit():
         assert np.array_equal(_hwc(crop), want), (hue, np.abs(_hwc(crop).astype(int) - want).max())
 
 
+def test_compiled_hue_shift_is_pils_on_every_colour():
+    """All 2^24 colours in one picture, at two shifts: the compiled CPU kernel (the loader's
+    on the CPU) gives TF.adjust_hue's PIL pixels, every one."""
+    codes = np.arange(1 << 24, dtype=np.uint32)
+    image = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8)
+    image = image.reshape(4096, 4096, 3)
+    hue_shift = torch_photometric._kernel("pil_hue_shift", True, torch.device("cpu"))
+    for hue in (0.08, -0.31):
+        shift = jitter_columns(photometric_row(1, 1, 1, hue), np.arange(4))[0]
+        got = hue_shift(torch.from_numpy(image).permute(2, 0, 1)[None], torch.tensor([shift]))
+        want = np.array(TF.adjust_hue(Image.fromarray(image), hue))
+        assert not torch_photometric._COMPILE_FAILED
+        assert np.array_equal(_hwc(got[0]), want), hue
+
+
 def test_jitter_applies_each_crops_drawn_order_bit_for_bit():
     """24 crops, one per jitter order, plus grayscale after it: the baseline's PIL pixels."""
     image = colour_test_image(64, seed=1)
@@ -155,6 +170,29 @@ def test_dense_colour_stage_equals_the_subset_path():
     dense = apply_photometric(images, full, switches, windows, ViewConfig(), dense=True)
     assert torch.equal(dense, subset)
     assert not torch.equal(dense, images)
+
+
+def test_subset_path_leaves_its_input_alone_and_equals_each_crop_run_alone():
+    """The subset path moves crops in blocks (gathers, runs of consecutive crops written
+    back, later steps in place in its own copy): its input stays as it was, and every crop
+    comes out as it does when it is the batch's only crop (no gathering at all). Untouched
+    crops are mixed in, so that every step, the first included, takes a subset."""
+    images, full, switches, windows = every_step_batch(40)
+    plain_rows, plain_switches, plain_windows = view_rows(
+        np.stack([photometric_row(1, 1, 1, 0)] * 36), np.tile(np.arange(4), (36, 1)), 9)
+    order = np.random.default_rng(0).permutation(len(images) + 36)
+    images = torch.cat([images, as_chw([colour_test_image(40, seed=99)] * 36)])[order]
+    full, switches, windows = (np.concatenate(pair)[order] for pair in (
+        (full, plain_rows), (switches, plain_switches), (windows, plain_windows)))
+    assert 0 < switches[:, SW["slot0"]].sum() < len(images) / 2
+    before = images.clone()
+    out = apply_photometric(images, full, switches, windows, ViewConfig())
+    assert torch.equal(images, before)
+    assert not torch.equal(out, images)
+    for i in range(len(images)):
+        alone = apply_photometric(images[i:i + 1], full[i:i + 1], switches[i:i + 1],
+                                  windows[i:i + 1], ViewConfig())
+        assert torch.equal(alone[0], out[i]), i
 
 
 def test_dense_colour_stage_compiled_equals_eager():
