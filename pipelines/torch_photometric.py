@@ -100,6 +100,17 @@ def _f32_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def pil_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """torchvision's adjust_hue on PIL images, per crop (uint8 [N, 3, H, W]; `shift` [N] the
     8-bit shift of `views.jitter_columns`): the arithmetic of `views.pil_hue_shift`."""
+    hue, sat, v = _pil_rgb_to_hsv(x)
+    hue = hue + shift.to(torch.float64).view(-1, 1, 1)
+    hue = hue - (hue >= 256.0).to(torch.float64) * 256.0
+    # Each channel to uint8 before stacking: the compiled kernel then writes bytes, not a
+    # float64 stack that a second pass converts (3x8 bytes a pixel written and read again).
+    return torch.stack([c.to(torch.uint8) for c in _pil_hsv_to_rgb(hue, sat, v)], dim=1)
+
+
+def _pil_rgb_to_hsv(x: torch.Tensor):
+    """PIL's RGB -> HSV of uint8 [N, 3, H, W]: float64 8-bit hue and saturation, float32 v
+    (all integer valued), [N, H, W] each."""
     f32, f64 = torch.float32, torch.float64
     xf = x.to(f32)
     r, g, b = xf[:, 0], xf[:, 1], xf[:, 2]
@@ -116,11 +127,7 @@ def pil_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = _float32_rounded(y - (y >= 1.0).to(f64)).to(f64)
     hue = torch.floor(h * 255.0)
     sat = torch.floor(_f32_divide(chroma, torch.clamp(v, min=1.0)).to(f64) * 255.0)
-    hue = hue + shift.to(f64).view(-1, 1, 1)
-    hue = hue - (hue >= 256.0).to(f64) * 256.0
-    # Each channel to uint8 before stacking: the compiled kernel then writes bytes, not a
-    # float64 stack that a second pass converts (3x8 bytes a pixel written and read again).
-    return torch.stack([c.to(torch.uint8) for c in _pil_hsv_to_rgb(hue, sat, v)], dim=1)
+    return hue, sat, v
 
 
 def _pil_hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, v: torch.Tensor):
@@ -145,32 +152,35 @@ def _pil_hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, v: torch.Tensor):
 
 @functools.cache
 def pil_hsv_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PIL's 8-bit HSV conversions as lookup tables (CPU, built once a process: ~1 s, 64 MB),
-    each entry from `pil_hue_shift`'s own arithmetic, so the pixels are the same:
-    - hue [3 * 256 * 256] uint8 by (which channel is the maximum: r, g or b, PIL's order;
-      v minus the first other channel; v minus the second), the other channels being
-      (g, b) for r, (r, b) for g, (g, r) for b: PIL's hue depends on nothing else;
-    - sat [256 * 256] uint8 by (chroma, v);
+    """PIL's 8-bit HSV conversions as lookup tables (CPU, built once a process: ~0.5 s,
+    64 MB), each entry computed by `_pil_rgb_to_hsv` / `_pil_hsv_to_rgb` themselves, so the
+    pixels are `pil_hue_shift`'s:
+    - hue [3 * 256 * 256] uint8 by (which channel is the maximum: r, g or b, in PIL's order
+      of precedence; v minus the first other channel; v minus the second), the other
+      channels being (g, b) for r, (r, b) for g, (g, r) for b: PIL's hue depends on
+      nothing else, so one colour per entry gives it (entries no colour reaches hold
+      whatever their colour gives, and are never read);
+    - sat [256 * 256] uint8 by (chroma, v), likewise from one colour (v, v - chroma,
+      v - chroma) each;
     - rgb [256^3] int32 by (h, s, v): red << 16 | green << 8 | blue."""
-    f32, f64 = torch.float32, torch.float64
-    first = torch.arange(256, dtype=f32).view(256, 1).expand(256, 256)
-    second = torch.arange(256, dtype=f32).view(1, 256).expand(256, 256)
-    chroma = torch.clamp(torch.maximum(first, second), min=1.0)
-    q1, q2 = (first / chroma).to(f64), (second / chroma).to(f64)
-    # r max: bc - gc; g max: 2 + rc - bc; b max: 4 + gc - rc (as in `pil_hue_shift`)
-    h = torch.stack([(q2 - q1).to(f32), (q1 + 2.0 - q2).to(f32), (q1 + 4.0 - q2).to(f32)])
-    y = h.to(f64) / 6.0 + 1.0
-    hue = torch.floor((y - (y >= 1.0).to(f64)).to(f32).to(f64) * 255.0).to(torch.uint8)
-    value = torch.clamp(second, min=1.0)          # sat[chroma, v]
-    sat = torch.floor((first / value).to(f64) * 255.0).to(torch.uint8)
+    first = torch.arange(256, dtype=torch.int32).view(256, 1).expand(256, 256)
+    second = torch.arange(256, dtype=torch.int32).view(1, 256).expand(256, 256)
+    top = torch.full_like(first, 255)
+    by_max = torch.stack([torch.stack([top, 255 - first, 255 - second]),     # r max
+                          torch.stack([255 - first, top, 255 - second]),     # g max
+                          torch.stack([255 - second, 255 - first, top])])    # b max
+    hue = _pil_rgb_to_hsv(by_max.to(torch.uint8))[0].to(torch.uint8)
+    chroma, value = first, second
+    rest = torch.clamp(value - chroma, min=0)
+    sat = _pil_rgb_to_hsv(torch.stack([value, rest, rest])[None].to(torch.uint8))[1]
     rgb = torch.empty(256, 256 * 256, dtype=torch.int32)
-    s_values = torch.arange(256, dtype=f64).repeat_interleave(256)
-    v_values = torch.arange(256, dtype=f64).repeat(256)
+    s_values = torch.arange(256, dtype=torch.float64).repeat_interleave(256)
+    v_values = torch.arange(256, dtype=torch.float64).repeat(256)
     for h_value in range(256):       # a hue at a time: small temporaries
         red, green, blue = (c.to(torch.int32) for c in _pil_hsv_to_rgb(
             torch.full_like(s_values, h_value), s_values, v_values))
         rgb[h_value] = (red << 16) | (green << 8) | blue
-    return hue.reshape(-1), sat.reshape(-1), rgb.reshape(-1)
+    return hue.reshape(-1), sat.to(torch.uint8).reshape(-1), rgb.reshape(-1)
 
 
 def pil_hue_shift_tables(x: torch.Tensor, shift: torch.Tensor, hue_table: torch.Tensor,
