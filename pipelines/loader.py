@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import deque
 
@@ -80,6 +81,7 @@ class DaliLoader:
                          config.video_decoder, num_threads)
         # "torch": stage B hands over uint8 views and `_assemble` finishes them.
         self.torch_photometric = config.resolved_photometric() == "torch"
+        self.colour_threads = colour_stage_threads(num_threads)
         self._buffers = HostBufferPool()
         self.producer_kind = config.resolved_producer(on_gpu)
         _logger.info("loader on %s: stage A in a %s, colour stage in %s, %d batches in flight",
@@ -416,11 +418,14 @@ class DaliLoader:
             rows, switches, windows = (np.swapaxes(part[:, where], 0, 1).reshape(
                 -1, *part.shape[2:]) for part in inputs)
             compile_ = self.config.photometric_compile
+            on_gpu = self.device.type == "cuda"
             # On a GPU the whole stage as one call over every crop: its Python and launches
-            # are the cost there, not arithmetic; on the CPU each step on its crops only.
-            crops = apply_photometric(batch[name], rows, switches, windows, views, compile_,
-                                      dense=self.device.type == "cuda")
-            batch[name] = normalize(crops, views, self.dtype, compile_)
+            # are the cost there, not arithmetic; on the CPU each step on its crops only,
+            # with only the cores stage B leaves free.
+            with contextlib.nullcontext() if on_gpu else torch_threads(self.colour_threads):
+                crops = apply_photometric(batch[name], rows, switches, windows, views,
+                                          compile_, dense=on_gpu)
+                batch[name] = normalize(crops, views, self.dtype, compile_)
 
     # -- batch dict
     @contextlib.contextmanager
@@ -511,6 +516,34 @@ class DaliLoader:
                 tensor = tensor.pin_memory().to(self.device, non_blocking=True)
             batch[name] = tensor
         return batch
+
+
+def colour_stage_threads(loader_threads: int) -> int:
+    """torch threads for the CPU colour stage: the cores the loader's own threads leave free,
+    at least one, at most torch's setting. Why not torch's default (all cores): stage B's
+    threads are busy beside it, and a parallel kernel on oversubscribed cores waits at every
+    barrier for a worker that is not running (docs/PERFORMANCE.md, eighth session: the
+    exact-jitter loader ~25% faster on 2 cores with one thread here)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:             # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores - loader_threads))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set to `count` for the block, then restored (the
+    caller's, e.g. a CPU training step's, is left as it was)."""
+    before = torch.get_num_threads()
+    if count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _size_mismatches(samples, sizes) -> list[tuple[str, str]]:

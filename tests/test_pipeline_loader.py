@@ -3,6 +3,7 @@ drawn indices, views and their contract, agreement with the torchvision baseline
 image shards, bad data, and the preview command."""
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -16,7 +17,8 @@ from PIL import Image
 
 from tcore.cli import main
 from tcore.pipelines.config import PipelineConfig
-from tcore.pipelines.loader import BadSampleError, build_loader
+from tcore.pipelines.loader import (BadSampleError, build_loader, colour_stage_threads,
+                                    torch_threads)
 from tcore.pipelines.torchvision_loader import (baseline_views, build_baseline_loader,
                                                 decode_frames, index_entries, read_component)
 from tcore.preprocess.shards import build_shards
@@ -481,6 +483,49 @@ def test_stage_b_lanes_give_the_same_batches_as_one_pipeline(synth_shards):
     for ours, theirs in zip(batches, reference):
         for key in ("global_crops", "local_crops", "past_crops", "future_crops", "masks",
                     "frame_indices", "labels"):
+            assert torch.equal(ours[key], theirs[key]), key
+
+
+def _exact_jitter_batches(shards, colour_threads, count=2):
+    config = PipelineConfig()
+    config.views.color_jitter = "torchvision"       # the torch colour stage on the CPU
+    loader = build_loader([shards], batch_size=3, seed=5, config=config, num_threads=2)
+    assert loader.torch_photometric
+    loader.colour_threads = colour_threads
+    batches = [next(loader) for _ in range(count)]
+    loader.close()
+    return batches
+
+
+def test_cpu_colour_stage_threads_change_speed_only():
+    """The CPU colour stage gets the cores stage B's threads leave free (at least one, at
+    most torch's setting), and the caller's thread count is back after the block, also when
+    the block raises."""
+    cores = len(os.sched_getaffinity(0))
+    assert colour_stage_threads(cores) == 1
+    assert colour_stage_threads(cores + 8) == 1
+    assert colour_stage_threads(0) == min(torch.get_num_threads(), cores)
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with torch_threads(before + 1):
+            assert torch.get_num_threads() == before + 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+
+
+def test_cpu_colour_stage_pixels_do_not_depend_on_its_thread_count(synth_shards):
+    """The exact jitter's torch colour stage run with one thread and with two gives the same
+    batches (its reductions are integer sums), and the caller's count is left as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one = _exact_jitter_batches(synth_shards, colour_threads=1)
+        assert torch.get_num_threads() == 2
+        two = _exact_jitter_batches(synth_shards, colour_threads=2)
+    finally:
+        torch.set_num_threads(before)
+    for ours, theirs in zip(one, two):
+        for key in ("global_crops", "local_crops", "past_crops", "future_crops"):
             assert torch.equal(ours[key], theirs[key]), key
 
 
