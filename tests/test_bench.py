@@ -315,9 +315,10 @@ def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path
         # Short windows are flagged; the clock starts only after the prefetched batches.
         assert bool(run["warnings"]) == (details["batches"] < 10)
     assert report["runs"][0]["details"]["warmup_batches"] >= 3   # DALI: prefetch 2, + 1
-    # What "auto" resolved to is reported (CPU loader, fast jitter: CPU decode, DALI colour).
+    # What "auto" resolved to is reported (CPU loader, the default torchvision jitter: CPU
+    # decode, torch colour stage).
     assert report["runs"][0]["details"]["video_decode"] == "cpu"
-    assert report["runs"][0]["details"]["colour_stage"] == "dali"
+    assert report["runs"][0]["details"]["colour_stage"] == "torch"
     assert report["runs"][0]["details"]["stage_a"] == "thread"
     assert 0 < report["runs"][0]["details"]["stage_a_ms_per_batch"] < 1e3 * max(
         report["runs"][0]["figures"]["batch_latency"]["max"], 1.0)

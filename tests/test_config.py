@@ -1,6 +1,10 @@
 """Config presets, dotlist overrides and validation errors that name the problem."""
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
+
+import tcore
 
 from tcore.config import ConfigError, load_config, preset_names, resolve_config_path, save_config
 
@@ -26,6 +30,9 @@ def test_paper_presets_use_the_reference_colour_jitter():
 
     for name in ("vits16_k400", "vitb16_k400", "vits16_imagenet"):
         assert pipeline_config(load_config(name)).views.color_jitter == "torchvision", name
+    base = Path(tcore.__file__).parent / "configs" / "base.yaml"
+    assert pipeline_config(load_config(base)).views.color_jitter == "torchvision"
+    # the demo's preset: no hue or saturation, so "fast" is only a fixed order (its comment)
     assert pipeline_config(load_config("tiny_cpu")).views.color_jitter == "fast"
 
 

@@ -163,8 +163,8 @@ def test_jitter_order_is_uniform_over_the_24_permutations():
 
 def test_color_jitter_mode_is_validated():
     config = PipelineConfig()
-    assert config.views.color_jitter == "fast"
-    config.views.color_jitter = "torchvision"
+    assert config.views.color_jitter == "torchvision"      # the reference's, by default
+    config.views.color_jitter = "fast"
     config.validate()
     config.views.color_jitter = "exact"
     with pytest.raises(ValueError, match="views.color_jitter"):
@@ -213,15 +213,16 @@ def test_auto_video_decoder_sends_only_what_the_cpu_cannot_read_to_nvdec():
 def test_photometric_backend_is_validated_and_resolved():
     config = PipelineConfig()
     assert config.photometric == "auto" and config.photometric_compile
-    assert config.resolved_photometric() == "dali"           # fast jitter
-    config.views.color_jitter = "torchvision"
-    assert config.resolved_photometric() == "torch"
+    assert config.resolved_photometric() == "torch"          # torchvision jitter
+    config.views.color_jitter = "fast"
+    assert config.resolved_photometric() == "dali"
     assert PipelineConfig.from_dict({"photometric": "dali", "views": {"color_jitter": "torchvision"}}
                                     ).validate().resolved_photometric() == "dali"
     with pytest.raises(ValueError, match="photometric"):
         PipelineConfig.from_dict({"photometric": "cuda"}).validate()
     with pytest.raises(ValueError, match="torchvision"):
-        PipelineConfig.from_dict({"photometric": "torch"}).validate()   # fast jitter
+        PipelineConfig.from_dict({"photometric": "torch",
+                                  "views": {"color_jitter": "fast"}}).validate()
     # The threshold must mean the same in DALI's lookup table and on torch's uint8 views.
     for threshold in (-1, 257):
         with pytest.raises(ValueError, match="solarize_threshold"):

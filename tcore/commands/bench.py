@@ -147,7 +147,7 @@ def model(arch, batch, attention, precision, compile_, device, n_local, global_s
               help="Pipeline-config overrides (the data.pipeline keys), e.g. "
                    "'views.color_jitter=fast'.")
 @json_option
-@compare_option("overrides=views.color_jitter=torchvision")
+@compare_option("overrides=views.color_jitter=fast")
 def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repeats, overrides,
          json_path, compare):
     """Samples/s and batch latency of the DALI pipeline and of the baseline loader."""
