@@ -86,7 +86,8 @@ class DaliLoader:
         self.producer_kind = config.resolved_producer(on_gpu)
         _logger.info("loader on %s: stage A in a %s, colour stage in %s, %d batches in flight",
                      self.device, self.producer_kind,
-                     "torch" if self.torch_photometric else "the DALI graph", self.prefetch)
+                     _colour_stage_words(self.torch_photometric, config.photometric_compile),
+                     self.prefetch)
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
         # (source, why) per skipped sample; samples DALI's reader drops for a missing
         # component are one entry ("<shards>", "N samples lack ..."): it does not name them.
@@ -516,6 +517,14 @@ class DaliLoader:
                 tensor = tensor.pin_memory().to(self.device, non_blocking=True)
             batch[name] = tensor
         return batch
+
+
+def _colour_stage_words(in_torch: bool, compiled: bool) -> str:
+    if not in_torch:
+        return "the DALI graph"
+    # Said up front: the first batch then waits for the compiler (26 s on 2 CPU cores with
+    # an empty Inductor cache, 7.5 s from it; docs/PERFORMANCE.md, eighth session).
+    return "torch (compiled at the first batch)" if compiled else "torch (eager)"
 
 
 def colour_stage_threads(loader_threads: int) -> int:
