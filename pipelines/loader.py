@@ -412,18 +412,19 @@ class DaliLoader:
         # [n, V, ...] for the batch at once
         inputs = view_rows(np.stack([p.photometric for p in host.params]),
                            np.stack([p.jitter_order for p in host.params]), views.blur_kernel)
-        for name, where in view_slices(views.n_local).items():
-            if where.stop == where.start:
-                continue
-            # the group's views, crop-major like the batch: view k of sample i at k * n + i
-            rows, switches, windows = (np.swapaxes(part[:, where], 0, 1).reshape(
-                -1, *part.shape[2:]) for part in inputs)
-            compile_ = self.config.photometric_compile
-            on_gpu = self.device.type == "cuda"
-            # On a GPU the whole stage as one call over every crop: its Python and launches
-            # are the cost there, not arithmetic; on the CPU each step on its crops only,
-            # with only the cores stage B leaves free.
-            with contextlib.nullcontext() if on_gpu else torch_threads(self.colour_threads):
+        on_gpu = self.device.type == "cuda"
+        compile_ = self.config.photometric_compile
+        # On the CPU only the cores stage B's threads leave free (`colour_stage_threads`).
+        with contextlib.nullcontext() if on_gpu else torch_threads(self.colour_threads):
+            for name, where in view_slices(views.n_local).items():
+                if where.stop == where.start:
+                    continue
+                # the group's views, crop-major like the batch: view k of sample i at k * n + i
+                rows, switches, windows = (np.swapaxes(part[:, where], 0, 1).reshape(
+                    -1, *part.shape[2:]) for part in inputs)
+                # On a GPU the whole stage as one call over every crop: its Python and
+                # launches are the cost there, not arithmetic; on the CPU each step on its
+                # crops only.
                 crops = apply_photometric(batch[name], rows, switches, windows, views,
                                           compile_, dense=on_gpu)
                 batch[name] = normalize(crops, views, self.dtype, compile_)
