@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tcore.cli import main
+from tcore.commands.pipeline import EAGER_PREVIEW_BATCHES, compiles_colour_stage
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import (BadSampleError, build_loader, colour_stage_threads,
                                     torch_threads)
@@ -438,6 +439,7 @@ def test_preview_command_png_and_stats(synth_shards, tmp_path):
     assert image.size[0] >= 6 * 224 and image.size[1] >= 4 * 224
     report = json.loads(stats.read_text())
     assert len(report["batches"]) == 3
+    assert report["config"]["photometric_compile"] is False     # three batches: eager
     for batch in report["batches"]:
         assert len(batch["samples"]) == 4 and len(batch["masked_counts"]) == 8
         assert sum(c > 0 for c in batch["masked_counts"]) == 4
@@ -448,6 +450,13 @@ def test_preview_command_png_and_stats(synth_shards, tmp_path):
             for box in sample["global_boxes"] + sample["local_boxes"]:
                 assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
             assert sample["central_box"] == [0.0, 0.0, 1.0, 1.0]     # 160x128 is in range
+
+
+def test_preview_compiles_the_colour_stage_only_for_many_batches():
+    assert not compiles_colour_stage(1, None)
+    assert not compiles_colour_stage(EAGER_PREVIEW_BATCHES, "stats.json")
+    assert compiles_colour_stage(EAGER_PREVIEW_BATCHES + 1, "stats.json")
+    assert not compiles_colour_stage(EAGER_PREVIEW_BATCHES + 1, None)   # draws one batch
 
 
 def test_ranks_read_disjoint_halves(synth_shards):

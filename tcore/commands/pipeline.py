@@ -4,6 +4,17 @@ import click
 from tcore.pipelines.config import PipelineConfig
 
 
+# Up to this many batches the preview runs the torch colour stage eagerly.
+EAGER_PREVIEW_BATCHES = 100
+
+
+def compiles_colour_stage(batches: int, stats) -> bool:
+    """Whether the preview compiles the torch colour stage: only when it draws more than
+    EAGER_PREVIEW_BATCHES batches (the same pixels either way; below that, compiling costs
+    more than it saves: README, "tcore pipeline preview"). Without --stats it draws one."""
+    return (batches if stats else 1) > EAGER_PREVIEW_BATCHES
+
+
 @click.group(name="pipeline")
 def pipeline():
     """The DALI data pipeline: look at what the model is fed."""
@@ -44,6 +55,7 @@ def preview(data, output, batches, stats, batch_size, seed, device, threads, loc
         raise click.BadParameter("cuda asked for, but torch sees no GPU", param_hint="--device")
     config = PipelineConfig(skip_bad_samples=skip_bad_samples)
     config.views.n_local = local_crops
+    config.photometric_compile = compiles_colour_stage(batches, stats)
     try:
         summary = run_preview(list(data), output, batches=batches, stats=stats,
                               batch_size=batch_size, config=config, seed=seed, device=device,
