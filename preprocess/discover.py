@@ -20,6 +20,7 @@ class Source:
     path: str | None  # absolute path, None when the file could not be found
     relative: str  # path relative to the input root (or the list's text) for the json
     class_name: str
+    problem: str | None = None  # why it cannot be a sample, when discovery already knows
 
 
 @dataclass
@@ -38,9 +39,10 @@ def _is_hidden(path: Path) -> bool:
 
 
 def discover_class_folders(root, kind: str = "video") -> Inputs:
-    """`root/<class>/<file>`: every regular, non-hidden file is an input (videos are not
-    filtered by extension so that broken or mislabelled files reach failures.jsonl; images
-    are filtered by image extension)."""
+    """`root/<class>/<file>`: every regular, non-hidden file is an input, so that broken or
+    mislabelled files reach failures.jsonl rather than vanish: videos are not filtered by
+    extension, and in an image build a file without an image extension is an input that
+    fails with that reason."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"input directory {root} does not exist")
@@ -53,11 +55,21 @@ def discover_class_folders(root, kind: str = "video") -> Inputs:
             # A hidden folder below the class folder (.git, .cache, ...) hides its files too.
             if not path.is_file() or any(part.startswith(".") for part in path.relative_to(class_dir).parts):
                 continue
-            if kind == "image" and path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            sources.append(Source(str(path.resolve()), path.relative_to(root).as_posix(), class_dir.name))
+            problem = _not_an_image(path) if kind == "image" else None
+            sources.append(Source(str(path.resolve()), path.relative_to(root).as_posix(),
+                                  class_dir.name, problem))
+    if not sources:
+        raise ValueError(f"the class folders of {root} hold no files (expected {root}/<class>/<file>)")
     sources.sort(key=lambda source: source.relative)
     return Inputs(sources, [d.name for d in class_dirs])
+
+
+def _not_an_image(path: Path) -> str | None:
+    """The failure reason of a file an image build does not read (None for an image)."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    found = f"extension {path.suffix}" if path.suffix else "no extension"
+    return f"not an image file ({found}; --kind image reads {', '.join(sorted(IMAGE_EXTENSIONS))})"
 
 
 def _looks_like_kinetics_header(row: list[str]) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
 
 from tcore.preprocess.errors import ShardDirError
@@ -82,17 +83,47 @@ def manifest_path(path_or_dir) -> Path:
     return path / MANIFEST_NAME if path.is_dir() else path
 
 
+def _hint(path: Path, what: str) -> str:
+    """Advice for the usual slips: one shard's tar, or another file, named instead of the
+    shard directory (nothing to add when the file is the one asked for, only broken)."""
+    try:
+        is_tar = path.suffix == ".tar" or tarfile.is_tarfile(path)
+    except OSError:
+        is_tar = False
+    if is_tar:
+        return f"; it is a shard tar: pass the shard directory that holds it ({path.parent})"
+    if what == MANIFEST_NAME and path.name != MANIFEST_NAME:
+        return "; pass a shard directory or its manifest.json"
+    return ""
+
+
+def read_json(path, what: str = MANIFEST_NAME):
+    """The JSON value in `path`; ShardDirError naming the file when it cannot be read or is
+    not JSON text (a binary file, e.g. a shard tar, would otherwise fail as UnicodeDecodeError)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShardDirError(f"{path}: not a {what} (binary data, not JSON text){_hint(path, what)}") from None
+    except OSError as err:
+        raise ShardDirError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ShardDirError(f"{path}: not valid JSON ({err}){_hint(path, what)}") from None
+
+
 def load_manifest(path_or_dir, check_files: bool = False) -> dict:
     """Read and validate `manifest.json` (give the file or its shard directory). With
     `check_files`, also check every listed tar and index file exists beside it."""
     path = manifest_path(path_or_dir)
     if not path.is_file():
         hint = " (was the build interrupted? rerun `tcore shards build`)" if path.parent.is_dir() else ""
+        # failures.jsonl and no build state is what a build whose every input failed leaves.
+        if (path.parent / FAILURES_NAME).is_file() and not (path.parent / ".build").exists():
+            hint = f" (no sample was built? {path.parent / FAILURES_NAME} lists the inputs that failed)"
         raise ShardDirError(f"no shard manifest at {path}{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ShardDirError(f"{path}: not valid JSON ({err})") from err
+    manifest = read_json(path)
     validate_manifest(manifest, str(path))
     if check_files:
         for shard in manifest["shards"]:

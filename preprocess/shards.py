@@ -11,7 +11,9 @@ interruption (kill -9 included) rebuilds exactly the shards without a record.
 
 Failures: an input that cannot become a sample (BadInput) is recorded in failures.jsonl and
 the build carries on; any other error (an encoder that refuses its options, a worker process
-that dies) stops the build with BuildError, keeping the shards already finished.
+that dies) stops the build with BuildError, keeping the shards already finished. A build
+where every input failed writes failures.jsonl, no manifest and no build state (so that a
+rerun retries every input), and stops with BuildError naming failures.jsonl.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ from tcore.preprocess.errors import BadInput, ShardDirError
 from tcore.preprocess.images import prepare_image
 from tcore.preprocess.index import format_index
 from tcore.preprocess.manifest import (CLIP_EXTS, FAILURES_NAME, MANIFEST_NAME, load_manifest,
-                                       make_manifest, merge_manifest_parts, validate_manifest,
-                                       write_json_atomic, write_jsonl_atomic)
+                                       make_manifest, merge_manifest_parts, read_json,
+                                       validate_manifest, write_json_atomic, write_jsonl_atomic)
 from tcore.preprocess.tarwriter import ShardTarWriter
 from tcore.preprocess.video import (FRAME_CODECS, VIDEO_CODECS, VP9_SPEED, encode_clip,
                                     encode_jpeg_frames, read_clip, require_av)
@@ -104,8 +106,8 @@ class BuildResult:
     manifest_path: Path
     processed_inputs: int  # inputs handled by this run (shards already done are skipped)
     seconds: float
-    built_shards: int
-    skipped_shards: int
+    built_shards: int    # shards (tars) this run wrote; a shard whose every input failed has none
+    skipped_shards: int  # shards (tars) an earlier run had finished
     failures: list[dict] = field(default_factory=list)
 
     @property
@@ -147,6 +149,8 @@ def make_sample(source: Source, label: int, config: BuildConfig) -> list[tuple[s
     error is a fault of the build's set-up or of the code, not of this input)."""
     if source.path is None:
         raise BadInput("file not found")
+    if source.problem:
+        raise BadInput(source.problem)
     return (_video_sample if config.kind == "video" else _image_sample)(source, label, config)
 
 
@@ -267,10 +271,11 @@ def _check_out_dir(out: Path, options: dict) -> None:
     """Refuse a non-empty OUT built with other options (rather than mixing two builds)."""
     saved = out / STATE_DIR / "options.json"
     if saved.is_file():
-        previous = json.loads(saved.read_text())
+        previous = read_json(saved, "build options file")
     elif (out / MANIFEST_NAME).is_file():
         previous = load_manifest(out)["options"]
-    elif out.is_dir() and any(p.name != STATE_DIR for p in out.iterdir()):
+    elif out.is_dir() and any(p.name not in (STATE_DIR, FAILURES_NAME) for p in out.iterdir()):
+        # failures.jsonl alone is what a build whose every input failed leaves.
         raise ShardDirError(f"{out} is not empty and holds no tcore shard build; choose an empty "
                             "or new output directory")
     else:
@@ -366,6 +371,8 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
     failures = [f for k in mine for f in records[k]["failures"]]
     shards = [{key: records[k][key] for key in ("tar", "index", "samples", "bytes")}
               for k in mine if records[k]["samples"]]
+    if not shards and num_nodes == 1:
+        _give_up_empty_build(out, config, mine, failures)
     manifest = make_manifest(kind=config.kind, frames=config.frames, codec=config.codec,
                              short_side=config.short_side, classes=inputs.classes, shards=shards,
                              failures=len(failures), options=options)
@@ -377,7 +384,37 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
         manifest_file, failures_file = out / f"manifest.{suffix}.json", out / f"failures.{suffix}.jsonl"
     write_jsonl_atomic(failures_file, failures)
     write_json_atomic(manifest_file, manifest)
-    return BuildResult(manifest, manifest_file, total, seconds, len(todo), len(mine) - len(todo), failures)
+    built = sum(1 for k in todo if records[k]["samples"])
+    return BuildResult(manifest, manifest_file, total, seconds, built, len(shards) - built, failures)
+
+
+def _give_up_empty_build(out: Path, config: BuildConfig, shard_ids: list[int], failures: list[dict]) -> None:
+    """Every input failed: keep failures.jsonl (it says why), drop this build's state, and
+    stop. Without its records a rerun retries every input (after the files are fixed), and
+    without options.json it accepts changed inputs; no manifest, as there is nothing to read."""
+    write_jsonl_atomic(out / FAILURES_NAME, failures)
+    for shard_id in shard_ids:  # all of them empty, so no tar or index is lost
+        _record_path(out, config, shard_id).unlink(missing_ok=True)
+    (out / STATE_DIR / "options.json").unlink(missing_ok=True)
+    try:
+        (out / STATE_DIR).rmdir()
+    except OSError:  # not empty: something else is there; leave it
+        pass
+    _remove_empty_manifest(out)
+    raise BuildError(f"no sample was built: all {len(failures)} inputs failed; "
+                     f"{out / FAILURES_NAME} says why for each (fix or remove them, then rerun)")
+
+
+def _remove_empty_manifest(out: Path) -> None:
+    """A manifest listing no samples (left by an earlier tcore for such a build) would make
+    loaders say "no samples" and a rerun compare against its options: remove it. One that
+    lists samples is kept (nothing written is lost)."""
+    try:
+        empty = load_manifest(out)["total_samples"] == 0
+    except ShardDirError:
+        return
+    if empty:
+        (out / MANIFEST_NAME).unlink()
 
 
 def _run_pool(tasks: list, workers: int, records: dict, bar) -> None:
@@ -454,12 +491,7 @@ def merge_node_manifests(out, parts=None) -> dict:
     paths = [Path(p) for p in parts] if parts else sorted(out.glob("manifest.node-*.json"))
     if not paths:
         raise ShardDirError(f"{out} holds no node manifests (manifest.node-*.json)")
-    manifests = []
-    for path in paths:
-        try:
-            manifests.append(validate_manifest(json.loads(path.read_text()), str(path)))
-        except json.JSONDecodeError as err:
-            raise ShardDirError(f"{path}: not valid JSON ({err})") from err
+    manifests = [validate_manifest(read_json(path, "node manifest"), str(path)) for path in paths]
     ranks = sorted(m.get("node", {}).get("rank", -1) for m in manifests)
     counts = {m.get("node", {}).get("count") for m in manifests}
     if len(counts) != 1 or ranks != list(range(next(iter(counts)) or 0)):
@@ -477,5 +509,8 @@ def merge_node_manifests(out, parts=None) -> dict:
             failures += [json.loads(line) for line in failure_file.read_text().splitlines() if line]
     failures.sort(key=lambda row: row["source"])
     write_jsonl_atomic(out / FAILURES_NAME, failures)
+    if not merged["shards"]:
+        raise ShardDirError(f"no sample was built on any node: all {len(failures)} inputs "
+                            f"failed; {out / FAILURES_NAME} says why for each")
     write_json_atomic(out / MANIFEST_NAME, merged)
     return merged

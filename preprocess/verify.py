@@ -69,21 +69,40 @@ def _check_sample(manifest: dict, components: dict[str, bytes]) -> None:
             raise BadInput(f"image is {size[0]}x{size[1]}, json says {meta.get('width')}x{meta.get('height')}")
 
 
+def short_side_text(manifest: dict, stored: list[int] | None = None) -> str:
+    """What the manifest's `short_side` (the --short-side option) says of the stored sizes:
+    without allow_upscale sources are never enlarged, so it is only an upper bound.
+    `stored`: the short sides a verify read from the samples, added when given."""
+    option = manifest["short_side"]
+    if option <= 0:
+        text = "as the sources (not resized)"
+    elif manifest["options"].get("allow_upscale"):
+        text = f"{option} (sources resized up or down to it)"
+    else:
+        text = f"<= {option} (sources are not enlarged)"
+    if stored:
+        low, high = min(stored), max(stored)
+        text += f", stored {low}" if low == high else f", stored {low}..{high}"
+    return text
+
+
 def inspect_shards(out, verify: bool = False, progress=None) -> dict:
     """Summary of a shard directory: counts, sizes, codec, frames per sample; with `verify`,
     every sample is read through the index and decoded, and `problems` lists the ones
-    that fail ({"tar", "key", "error"}). `progress(n)` is called per sample verified."""
+    that fail ({"tar", "key", "error"}). `progress(n)` is called per sample verified.
+    `short_side` is a text (short_side_text), `short_side_option` the option's number."""
     manifest = load_manifest(out, check_files=True)
     out = manifest_path(out).parent  # `out` may name the manifest file itself
     report = {"directory": str(out), "kind": manifest["kind"], "codec": manifest["codec"],
-              "frames": manifest["frames"], "short_side": manifest["short_side"],
+              "frames": manifest["frames"], "short_side": short_side_text(manifest),
+              "short_side_option": manifest["short_side"],
               "classes": len(manifest["classes"]), "shards": len(manifest["shards"]),
               "samples": manifest["total_samples"], "bytes": manifest["total_bytes"],
               "bytes_per_sample": manifest["total_bytes"] / max(1, manifest["total_samples"]),
               "failures": manifest["failures"], "verified": verify, "problems": []}
     if not verify:
         return report
-    per_class = Counter()
+    per_class, stored = Counter(), []
     for shard in manifest["shards"]:
         tar_path = out / shard["tar"]
         try:
@@ -109,10 +128,13 @@ def inspect_shards(out, verify: bool = False, progress=None) -> dict:
                     if short:
                         raise BadInput(f"the tar ends inside .{short[0]} (truncated tar)")
                     _check_sample(manifest, data)
-                    per_class[json.loads(data["json"])["class"]] += 1
+                    meta = json.loads(data["json"])
+                    per_class[meta["class"]] += 1
+                    stored.append(min(meta["width"], meta["height"]))
                 except BadInput as err:
                     report["problems"].append({"tar": shard["tar"], "key": key, "error": str(err)})
                 if progress is not None:
                     progress(1)
     report["per_class"] = dict(sorted(per_class.items()))
+    report["short_side"] = short_side_text(manifest, stored)
     return report

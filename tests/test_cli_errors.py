@@ -258,3 +258,37 @@ def test_loader_needs_a_thread(synth_shards):
     from tcore.pipelines.loader import build_loader
     with pytest.raises(ValueError, match="num_threads = 0"):
         build_loader([synth_shards], 2, num_threads=0)
+
+
+# --- a file that is not a manifest where a shard directory is expected ---------------------
+
+TAR_GIVEN = {
+    "train": ["train", "--output", "{tmp}/run", "--max-steps", "1", "--no-progress", *TRAIN_FAST],
+    "preview": ["pipeline", "preview", "--output", "{tmp}/p.png", "--batch-size", "2",
+                "--local-crops", "0"],
+}
+
+
+@pytest.mark.parametrize("command", ["train", "preview", "inspect"])
+def test_a_shard_tar_given_as_the_data_is_a_clean_error(command, synth_shards, tmp_path):
+    """A real VP9 shard tar (binary, not UTF-8) once ended in a UnicodeDecodeError traceback."""
+    tar = synth_shards / "shard-000000.tar"
+    if command == "inspect":
+        args = ["shards", "inspect", str(tar)]
+    else:
+        args = [a.format(tmp=tmp_path) for a in TAR_GIVEN[command]] + ["--data", str(tar)]
+    result = CliRunner().invoke(main, args)
+    _assert_clean_error(result, re.escape(f"{tar}: not a manifest.json (binary data, not JSON "
+                                          f"text); it is a shard tar: pass the shard directory "
+                                          f"that holds it ({synth_shards})"))
+
+
+def test_a_binary_or_text_file_that_is_not_a_manifest_is_named(synth_shards, tmp_path):
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)))
+    with pytest.raises(ShardDirError, match=re.escape(f"{blob}: not a manifest.json (binary data, "
+                                                      "not JSON text); pass a shard directory")):
+        load_shard_set([blob])
+    index = synth_shards / "shard-000000.idx"   # text, not JSON
+    result = CliRunner().invoke(main, ["shards", "inspect", str(index)])
+    _assert_clean_error(result, re.escape(f"{index}: not valid JSON (") + ".*pass a shard directory")

@@ -204,16 +204,19 @@ def test_image_kind(tmp_path):
     Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(src / "cats" / "big.jpg")
     Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(src / "dogs" / "pic.png")
     (src / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    (src / "dogs" / "readme.txt").write_text("ignored: not an image extension")
+    (src / "dogs" / "readme.txt").write_text("recorded: not an image extension")
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["shards", "build", str(src), str(out), "--kind", "image",
                                       "--short-side", "100", "--no-progress"])
     assert result.exit_code == 0, result.output
     manifest = load_manifest(out)
     assert (manifest["kind"], manifest["codec"], manifest["clip_ext"], manifest["frames"]) == ("image", "jpeg", "jpg", None)
-    assert manifest["total_samples"] == 3 and manifest["failures"] == 1
-    failure = json.loads((out / "failures.jsonl").read_text())
-    assert failure["source"] == "dogs/broken.jpg" and "not a decodable image" in failure["error"]
+    assert manifest["total_samples"] == 3 and manifest["failures"] == 2
+    broken, readme = map(json.loads, (out / "failures.jsonl").read_text().splitlines())
+    assert broken["source"] == "dogs/broken.jpg" and "not a decodable image" in broken["error"]
+    # Not silently dropped, as a video build would not drop it either.
+    assert readme == {"source": "dogs/readme.txt", "error": "not an image file (extension .txt; "
+                      "--kind image reads .bmp, .gif, .jpeg, .jpg, .png, .ppm, .tif, .tiff, .webp)"}
     samples = {json.loads(c["json"])["source"]: c for c in read_tar(out / "shard-000000.tar").values()}
     assert samples["cats/small.jpg"]["jpg"] == (src / "cats" / "small.jpg").read_bytes()  # kept as is
     for source, size in {"cats/small.jpg": (80, 60), "cats/big.jpg": (100, 150), "dogs/pic.png": (70, 50)}.items():
@@ -222,6 +225,27 @@ def test_image_kind(tmp_path):
         assert image.format == "JPEG" and image.size == size == (meta["width"], meta["height"])
         assert samples[source]["cls"] == (b"0" if source.startswith("cats") else b"1")
     assert inspect_shards(out, verify=True)["problems"] == []
+
+
+def test_inspect_says_the_short_side_option_is_a_bound_unless_upscaling(synth_root, tmp_path):
+    """Sources are 160x128 and never enlarged by default: --short-side 320 stores 128."""
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    shutil.copy(next((synth_root / "train").rglob("*.webm")), src / "v.webm")
+    cases = {("--short-side", "320"): "short side <= 320 (sources are not enlarged)",
+             ("--short-side", "160", "--allow-upscale"): "short side 160 (sources resized up or down to it)",
+             ("--short-side", "0"): "short side as the sources (not resized)"}
+    stored = {"320": "128", "160": "160", "0": "128"}
+    for options, text in cases.items():
+        out = tmp_path / f"out{options[1]}"
+        built = CliRunner().invoke(cli, ["shards", "build", str(src.parent), str(out), "--frames", "4",
+                                         *options, "--no-progress"])
+        assert built.exit_code == 0, built.output
+        plain = CliRunner().invoke(cli, ["shards", "inspect", str(out)])
+        assert plain.exit_code == 0 and f"{text}\n" in plain.output, plain.output
+        verified = CliRunner().invoke(cli, ["shards", "inspect", str(out), "--verify"])
+        assert f"{text}, stored {stored[options[1]]}\n" in verified.output, verified.output
+        assert inspect_shards(out)["short_side_option"] == int(options[1])
 
 
 def test_kinetics_csv_and_plain_list(synth_root, tmp_path):

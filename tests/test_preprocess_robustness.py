@@ -1,7 +1,8 @@
 """The shard builder and inspector facing what goes wrong: a worker process killed mid-build,
 an encoder that refuses its settings, a truncated shard, a manifest given as a file, an
-output path that is a file. Each ends in a clear error (or reported problem), never a hang
-or a traceback, and keeps what was already written."""
+output path that is a file, every input failing. Each ends in a clear error (or reported
+problem), never a hang or a traceback, and keeps what was already written."""
+import json
 import os
 import shutil
 import signal
@@ -154,3 +155,73 @@ def test_an_output_path_that_is_a_file_is_a_clear_error(synth_root, tmp_path):
     result = CliRunner().invoke(cli, ["shards", "build", src, str(existing / "out"), "--no-progress"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert f"{existing / 'out'}" in result.output and "Not a directory" in result.output
+
+
+def _failures(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+
+
+def test_a_build_where_every_input_fails_stops_naming_failures_jsonl_and_a_rerun_retries(synth_root, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "clip.mp4").write_bytes(b"")
+    (src / "a" / "readme.txt").write_text("notes, not a video\n")
+    args = ["shards", "build", str(src), str(out), "--frames", "4", "--short-side", "64",
+            "--samples-per-shard", "1", "--workers", "2", "--no-progress"]
+    for _ in range(2):  # a rerun of the unchanged inputs says the same, not "not empty"
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert (f"Error: no sample was built: all 2 inputs failed; {out / 'failures.jsonl'} says "
+                "why for each") in result.output
+        assert "shards built" not in result.output
+        # failures.jsonl alone: no manifest for a loader, no records or options for a rerun.
+        assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl"]
+        assert [f["source"] for f in _failures(out)] == ["a/clip.mp4", "a/readme.txt"]
+        assert "empty file" in _failures(out)[0]["error"]
+    inspect = CliRunner().invoke(cli, ["shards", "inspect", str(out)])
+    assert inspect.exit_code == 1 and "no sample was built? " in inspect.output, inspect.output
+    # The empty clip replaced (same name) and a video added (other inputs): both are built.
+    shutil.copy(next((synth_root / "train").rglob("*.mp4")), src / "a" / "clip.mp4")
+    shutil.copy(next((synth_root / "train").rglob("*.webm")), src / "a" / "new.webm")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "2 samples in 2 shards" in result.output and "1 inputs failed" in result.output
+    assert "2 shards built, 0 already done" in result.output
+    manifest = load_manifest(out, check_files=True)
+    assert (manifest["total_samples"], manifest["failures"]) == (2, 1)
+    assert [f["source"] for f in _failures(out)] == ["a/readme.txt"]
+
+
+def test_a_shard_whose_every_input_failed_is_not_counted_as_built(synth_root, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "bad.mp4").write_bytes(b"\x1a\x45\xdf\xa3 truncated")   # shard 0: fails
+    shutil.copy(next((synth_root / "train").rglob("*.webm")), src / "a" / "good.webm")  # shard 1
+    args = ["shards", "build", str(src), str(out), "--frames", "4", "--short-side", "64",
+            "--samples-per-shard", "1", "--no-progress"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "1 samples in 1 shards" in result.output and "1 inputs failed" in result.output
+    assert "1 shards built, 0 already done" in result.output
+    assert "0 shards built, 1 already done" in CliRunner().invoke(cli, args).output
+
+
+def test_a_node_build_where_every_input_failed_is_not_merged(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "readme.txt").write_text("notes\n")
+    for rank in range(2):   # node 1 has no shard at all; node 0's only input fails
+        run_build(src, out, samples_per_shard=1, node_rank=rank, num_nodes=2, progress=False)
+    result = CliRunner().invoke(cli, ["shards", "merge-manifest", str(out)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"no sample was built on any node: all 1 inputs failed; {out / 'failures.jsonl'}" in result.output
+    assert not (out / "manifest.json").exists()
+    assert [f["source"] for f in _failures(out)] == ["a/readme.txt"]
+
+
+def test_class_folders_without_files_are_a_clear_error(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["shards", "build", str(tmp_path / "src"), str(tmp_path / "out"),
+                                      "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "the class folders of" in result.output and "hold no files" in result.output
