@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import build_loader
+from tcore.preprocess.files import publish
 
 GAP = 4
 MASK_TINT = np.array([255, 40, 40], dtype=np.float32)
@@ -95,7 +96,7 @@ def _write_atomic(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
-        os.replace(temporary, path)
+        publish(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)

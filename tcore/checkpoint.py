@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tcore.preprocess.files import publish
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 TMP_PREFIX = ".tmp-checkpoint-"
 
@@ -59,7 +61,7 @@ def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     one."""
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    publish(tmp, path)
     dir_fd = os.open(Path(path).parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -14,6 +14,8 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tcore.preprocess.files import publish
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 STRICT_SECTIONS = ("data", "optim", "train")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -238,5 +240,5 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    publish(tmp, path)
     return path

@@ -30,6 +30,7 @@ import torch
 
 from tcore.checkpoint import load_checkpoint
 from tcore.config import load_config
+from tcore.preprocess.files import publish
 
 DEMO_PRESET = "tiny_cpu"
 DEMO_DIRS = ("synthetic", "shards", "run", "eval")  # replaced on every demo run
@@ -98,7 +99,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path:
     with os.fdopen(fd, "wb") as handle:
         fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)
+    publish(tmp, png_path)
     return png_path
 
 

@@ -1,9 +1,15 @@
-"""Atomic checkpoint writes and keep-last-K pruning."""
+"""Atomic checkpoint writes and keep-last-K pruning; written files get the umask's mode."""
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
-from tcore.checkpoint import (CheckpointError, TMP_PREFIX, latest_checkpoint, list_checkpoints,
-                              load_checkpoint, remove_stale_temporaries, save_checkpoint)
+from tcore.checkpoint import (CheckpointError, TMP_PREFIX, atomic_torch_save, latest_checkpoint,
+                              list_checkpoints, load_checkpoint, remove_stale_temporaries,
+                              save_checkpoint)
 
 
 class ExplodesWhenPickled:
@@ -51,3 +57,28 @@ def test_unreadable_checkpoint_is_named(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="checkpoint-00000001.pt"):
         load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_umask_mode_not_the_temporary_files_0600(tmp_path, umask):
+    # mkstemp and safetensors create 0600 files; renamed as they are, nobody else on a shared
+    # machine could read a run. Each writer below goes through a temporary file.
+    from tcore.bench.report import write_json_atomic
+    from tcore.config import load_config, save_config
+    from tcore.eval.io import write_json, write_png
+    from tcore.models import build_backbone, export_safetensors
+
+    previous = os.umask(umask)
+    try:
+        written = [atomic_torch_save({"x": torch.zeros(1)}, tmp_path / "checkpoint.pt"),
+                   save_config(load_config("tiny_cpu"), tmp_path / "config.yaml"),
+                   write_json_atomic(tmp_path / "bench.json", {"a": 1})]
+        write_json(tmp_path / "results.json", {"a": 1})
+        write_png(tmp_path / "labels.png", np.zeros((4, 4, 3), np.uint8))
+        export_safetensors(build_backbone("vit_tiny"), tmp_path / "teacher.safetensors")
+        written += [tmp_path / "results.json", tmp_path / "labels.png",
+                    tmp_path / "teacher.safetensors"]
+    finally:
+        os.umask(previous)
+    modes = {Path(p).name: stat.S_IMODE(os.stat(p).st_mode) for p in written}
+    assert modes == {name: 0o666 & ~umask for name in modes}

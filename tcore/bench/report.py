@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from tcore.preprocess.files import publish
+
 REPORT_FORMAT_VERSION = 1
 LIBRARIES = ("tcore", "torch", "torchvision", "timm", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
              "xformers", "numpy", "av", "webdataset")
@@ -208,7 +210,7 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=False, default=str)
             handle.write("\n")
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tcore.preprocess.files import publish
+
 
 def davis_palette() -> np.ndarray:
     """The 256-entry palette of DAVIS / PASCAL VOC annotations ([256, 3] uint8).
@@ -100,7 +102,7 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray,
     tmp = _atomic_target(path)
     try:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -112,7 +114,7 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     tmp = _atomic_target(path)
     try:
         Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -126,7 +128,7 @@ def write_json(path: str | os.PathLike, payload) -> None:
         with open(tmp, "w") as handle:
             json.dump(_nan_to_none(payload), handle, indent=2, sort_keys=False)
             handle.write("\n")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -139,7 +141,7 @@ def write_mat(path: str | os.PathLike, fields: dict) -> None:
     tmp = _atomic_target(path)
     try:
         scipy.io.savemat(tmp, fields, appendmat=False)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -160,7 +162,7 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: _csv_value(v) for k, v in row.items()})
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

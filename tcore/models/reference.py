@@ -30,6 +30,7 @@ from torch import nn
 from tcore.models.head import DINOHead
 from tcore.models.pmm import PatchMatchingModule
 from tcore.models.vit import ARCHS, Backbone
+from tcore.preprocess.files import publish
 
 DEFAULT_PMM_HEADS = 16
 DEFAULT_PMM_ATTN_MUL = 4.0
@@ -303,7 +304,7 @@ def _atomic_write(path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(str(tmp))
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
