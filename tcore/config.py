@@ -8,6 +8,7 @@ that names the file and the key.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -110,8 +111,24 @@ def load_config(config: str | os.PathLike, overrides: list[str] | tuple[str, ...
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override {item!r}: {exc}") from exc
         cfg = _merge(cfg, dotlist, f"override {item!r}")
-    validate_config(cfg, source=str(path))
+    try:
+        validate_config(cfg, source=str(path))
+    except ConfigError as exc:
+        raise ConfigError(_blame(str(exc), str(path), overrides)) from exc
     return cfg
+
+
+def _blame(message: str, path: str, overrides) -> str:
+    """The validation error with its source corrected: the overrides whose keys it names,
+    where there are some, rather than the file they were applied over."""
+    named = [item for item in overrides
+             if re.search(rf"(?<![\w.]){re.escape(item.split('=', 1)[0].strip())}(?![\w])",
+                          message)]
+    if not named:
+        return message
+    problem = message[len(path) + 2:] if message.startswith(f"{path}: ") else message
+    given = ", ".join(repr(item) for item in named)
+    return f"override{'s' if len(named) > 1 else ''} {given} (over {path}): {problem}"
 
 
 def _require(condition: bool, source: str, message: str) -> None:

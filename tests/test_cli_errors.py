@@ -173,8 +173,9 @@ def test_pipeline_sampling_in_a_train_config_is_refused_not_overwritten(tmp_path
     (["data.pipeline.prefetch=0"], "data.pipeline.prefetch = 0"),
     (["data.num_threads=0"], "data.num_threads must be an integer > 0"),
 ])
-def test_bad_pipeline_values_name_the_full_key_and_file(overrides, message):
-    with pytest.raises(ConfigError, match=r"tiny_cpu\.yaml: " + message):
+def test_bad_pipeline_values_name_the_full_key_and_the_override(overrides, message):
+    with pytest.raises(ConfigError, match=rf"^override {re.escape(repr(overrides[0]))} "
+                                          rf"\(over \S*tiny_cpu\.yaml\): {message}"):
         load_config("tiny_cpu", overrides)
 
 

@@ -83,6 +83,22 @@ def test_bad_overrides_are_named(overrides, message):
     assert message in str(info.value)
 
 
+def test_a_bad_value_is_blamed_on_the_override_that_set_it(tmp_path):
+    # The message names the override (and the file it was applied over), not the file alone.
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_cpu", ["train.seed=3", "data.batch_size_per_gpu=0"])
+    message = str(info.value)
+    assert message.startswith("override 'data.batch_size_per_gpu=0' (over ")
+    assert "tiny_cpu.yaml): data.batch_size_per_gpu must be an integer > 0" in message
+    assert "train.seed" not in message
+    # A bad value in the user's file still names that file, even with unrelated overrides.
+    own = tmp_path / "own.yaml"
+    own.write_text("optim:\n  epochs: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(own), ["train.seed=3"])
+    assert str(info.value).startswith(f"{own}: optim.epochs must be an integer > 0")
+
+
 def test_bad_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="no such file and no preset"):
         load_config(str(tmp_path / "missing.yaml"))
