@@ -32,8 +32,8 @@ from tcore.pipelines.masks import mask_tensors
 from tcore.pipelines.producer import start_producer
 from tcore.pipelines.sampling import view_slices
 from tcore.pipelines.stage_a import (BadSampleError, HostBatch, StageASpec, build_reader,
-                                     STATE_VERSION, dali_error_reason, draw_masks,
-                                     initial_state, sample_frames)
+                                     STATE_VERSION, dali_error_reason, data_identity,
+                                     draw_masks, initial_state, sample_frames)
 from tcore.pipelines.torch_photometric import apply_photometric, normalize
 from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds, view_rows
 
@@ -54,6 +54,7 @@ class DaliLoader:
                  num_threads: int, prefetch: int, infinite: bool, dtype: torch.dtype,
                  return_params: bool):
         self.shard_set = shard_set
+        self.data_id = data_identity(shard_set)
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.config = config
@@ -191,6 +192,12 @@ class DaliLoader:
             if state[key] != getattr(self, key):
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this "
                                  f"loader has {key}={getattr(self, key)}")
+        # States saved before the identity was kept have none: those are taken as they are.
+        if state.get("data", self.data_id) != self.data_id:
+            dirs = ", ".join(m["_dir"] for m in self.shard_set.manifests)
+            raise ValueError(f"loader state was saved over other shards than {dirs} (data "
+                             f"{state['data']}, these are {self.data_id}): resume with the "
+                             "run's own data")
         if self._started:
             self.close()
         self._resume = dict(state)
@@ -223,7 +230,8 @@ class DaliLoader:
         spec = StageASpec(shard_set=self.shard_set, batch_size=self.batch_size,
                           config=self.config, seed=self.seed, shard_id=self.shard_id,
                           num_shards=self.num_shards, infinite=self.infinite,
-                          samples_per_epoch=self.samples_per_epoch, state=state)
+                          samples_per_epoch=self.samples_per_epoch, state=state,
+                          data_id=self.data_id)
         self._producer = start_producer(self.producer_kind, spec, depth=self.prefetch + 1)
         self._probe = None
         self._pending: deque[HostBatch] = deque()

@@ -10,6 +10,7 @@ thread or in a process of its own.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -65,19 +66,34 @@ class StageASpec:
     infinite: bool
     samples_per_epoch: int
     state: dict          # where to start: `initial_state` or a saved loader state
+    data_id: str = ""    # `data_identity(shard_set)`, kept in every state
 
     @property
     def batches_per_epoch(self) -> int:
         return math.ceil(self.samples_per_epoch / self.batch_size)
 
 
+def data_identity(shard_set: ShardSet) -> str:
+    """A short hash of what the shard directories hold (per directory: kind, codec, T, the
+    inputs' hash the builder recorded, each shard's name, samples and bytes), not of where
+    they are: a resumed run may read moved or copied shards, but not other ones."""
+    described = [{"kind": m.get("kind"), "codec": m.get("codec"), "frames": m.get("frames"),
+                  "inputs": (m.get("options") or {}).get("inputs_sha256"),
+                  "shards": [[e.get("tar"), e.get("samples"), e.get("bytes")]
+                             for e in m.get("shards", [])]}
+                 for m in shard_set.manifests]
+    text = json.dumps(described, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def initial_state(owner, reader) -> dict:
     """The loader state before any batch. `owner`: anything with `seed`, `shard_id`,
-    `num_shards` and `batch_size` (the loader, a StageASpec); `reader`: a reader checkpoint
-    or None (the reader's start)."""
+    `num_shards`, `batch_size` and `data_id` (the loader, a StageASpec); `reader`: a reader
+    checkpoint or None (the reader's start)."""
     return {"version": STATE_VERSION, "reader": reader, "samples_seen": 0,
             "batches_seen": 0, "seed": owner.seed, "shard_id": owner.shard_id,
-            "num_shards": owner.num_shards, "batch_size": owner.batch_size}
+            "num_shards": owner.num_shards, "batch_size": owner.batch_size,
+            "data": owner.data_id}
 
 
 # --- the reader ----------------------------------------------------------------------------

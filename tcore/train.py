@@ -87,6 +87,8 @@ def resolve_manifests(data: str | os.PathLike | list) -> list[Path]:
     manifests = []
     for item in items:
         path = Path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"--data {item}: no such file or directory")
         if path.is_dir():
             path = path / "manifest.json"
         if not path.is_file():
@@ -283,7 +285,10 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(state["loader"][self.info.rank])
+        try:
+            self.loader.load_state_dict(state["loader"][self.info.rank])
+        except ValueError as exc:   # other shards, batch size or seed: name the checkpoint
+            raise ConfigError(f"{source}: {exc}") from exc
         set_rng_state(state["rng"][self.info.rank])
         return int(state["step"])
 
@@ -312,12 +317,32 @@ class Trainer:
             raise
 
 
+UNSET = "<unset>"          # a key one of the two configs lacks
+SHOWN_DIFFERENCES = 5      # a refused resume lists this many changed keys
+
+
+def config_differences(saved, current, prefix: str = "") -> list[str]:
+    """`key: saved -> current` for every leaf that differs (missing leaves read <unset>)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [line for key in sorted(set(saved) | set(current), key=str)
+                for line in config_differences(saved.get(key, UNSET), current.get(key, UNSET),
+                                               f"{prefix}.{key}" if prefix else str(key))]
+    if saved == current:
+        return []
+    return [f"{prefix}: {saved!r} -> {current!r}"]
+
+
 def check_resumable_config(cfg: DictConfig, saved: dict, source: Path) -> None:
     current = OmegaConf.to_container(cfg, resolve=True)
-    for section in RESUME_LOCKED_SECTIONS:
-        if current.get(section) != saved.get(section):
-            raise ConfigError(f"{source}: the checkpoint's `{section}` config differs from this "
-                              f"run's; resume with the config saved in the run directory")
+    changed = [line for section in RESUME_LOCKED_SECTIONS
+               for line in config_differences(saved.get(section, UNSET),
+                                              current.get(section, UNSET), section)]
+    if changed:
+        more = len(changed) - SHOWN_DIFFERENCES
+        listed = "; ".join(changed[:SHOWN_DIFFERENCES]) + (f"; and {more} more" if more > 0 else "")
+        raise ConfigError(f"{source}: this run's config differs from the checkpoint's "
+                          f"(checkpoint -> now: {listed}); resume with the config saved in the "
+                          f"run directory")
 
 
 def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
@@ -365,6 +390,9 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
     start_step, last_ckpt = 0, None
     if resume:
         last_ckpt = latest_checkpoint(ckpt_dir)
+        if last_ckpt is None and info.is_main:   # a first start under --resume, or a typo
+            print(f"tcore train: --resume: no checkpoint in {ckpt_dir}; starting at step 1",
+                  file=sys.stderr)
         if last_ckpt is not None:
             state = load_checkpoint(last_ckpt)
             check_resumable_config(cfg, state.get("config", {}), last_ckpt)

@@ -2,6 +2,7 @@
 gives the uninterrupted run's losses step for step; NaN stops the run; torch.compile gives
 eager's losses; CLI errors name the problem."""
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from tcore.checkpoint import list_checkpoints, load_checkpoint
 from tcore.cli import main as cli
 from tcore.config import ConfigError, load_config
 from tcore.distributed import init_distributed
+from tcore.preprocess.shards import build_shards
 from tcore.metrics_log import NonFiniteLossError, read_metrics
 from tcore.synthetic_batch import make_synthetic_batch
 from tcore.train import Trainer, read_losses, train
@@ -168,11 +170,51 @@ def test_resume_in_another_precision_is_refused_and_stale_export_removed(synth_s
     assert (done.start_step, done.end_step) == (2, 4)
 
 
+def test_resume_names_a_changed_key_and_refuses_other_shards(synth_root, synth_shards,
+                                                              tmp_path, capsys):
+    cfg = load_config("tiny_cpu", FAST)
+    run = tmp_path / "run"
+    first = train(cfg, synth_shards, run, resume=True, max_steps=2, checkpoint_every=2,
+                  progress=False)
+    assert first.start_step == 0 and "no checkpoint in" in capsys.readouterr().err
+    changed = load_config("tiny_cpu", FAST[:2] + ["data.batch_size_per_gpu=2"])
+    with pytest.raises(ConfigError, match=r"data\.batch_size_per_gpu: 4 -> 2"):
+        train(changed, synth_shards, run, resume=True, max_steps=4, progress=False)
+    # The same videos sharded differently are other shards: the reader's position in them
+    # would mean other samples.
+    other = tmp_path / "other"
+    build_shards(synth_root / "train", other, frames=20, short_side=128, codec="vp9",
+                 samples_per_shard=4, workers=1, progress=False)
+    with pytest.raises(ConfigError, match=r"checkpoint-00000002\.pt: loader state was saved "
+                                          r"over other shards than .*other"):
+        train(cfg, other, run, resume=True, max_steps=4, progress=False)
+    # Moved shards are the same shards.
+    moved = tmp_path / "moved"
+    shutil.copytree(synth_shards, moved)
+    done = train(cfg, moved, run, resume=True, max_steps=4, checkpoint_every=2, progress=False)
+    assert (done.start_step, done.end_step) == (2, 4)
+
+
+def test_cli_says_when_the_schedule_ends_before_max_steps(synth_shards, tmp_path):
+    args = ["train", "--data", str(synth_shards), "--output", str(tmp_path / "run"),
+            "--max-steps", "6", "--no-progress", *FAST, "optim.official_epoch_length=2",
+            "optim.epochs=2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "trained steps 1..4" in result.output
+    assert "the schedule ends at step 4" in result.output and "--max-steps 6" in result.output
+    again = CliRunner().invoke(cli, args + ["--resume"])
+    assert again.exit_code == 0 and "is at step 4 already" in again.output
+
+
 def test_cli_errors_name_the_problem(synth_shards, tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["train", "--data", str(tmp_path / "nowhere"),
                                  "--output", str(tmp_path / "run")])
-    assert result.exit_code != 0 and "no manifest.json" in result.output
+    assert result.exit_code != 0 and "nowhere: no such file or directory" in result.output
+    result = runner.invoke(cli, ["train", "--data", str(tmp_path), "--output",
+                                 str(tmp_path / "run")])
+    assert result.exit_code != 0 and "no manifest.json there" in result.output
     result = runner.invoke(cli, ["train", "--data", str(synth_shards), "--output",
                                  str(tmp_path / "run"), "optim.epohcs=3"])
     assert result.exit_code != 0 and "optim.epohcs" in result.output

@@ -36,9 +36,16 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
         raise click.ClickException(str(exc)) from exc
     except NonFiniteLossError:
         sys.exit(3)  # the message was printed by the loop
-    if result.is_main and result.end_step > result.start_step:
+    if not result.is_main:
+        return
+    if result.end_step > result.start_step:
         click.echo(f"trained steps {result.start_step + 1}..{result.end_step}; "
                    f"run directory: {result.run_dir}")
         click.echo(f"  checkpoint: {result.last_checkpoint}")
         click.echo(f"  teacher backbone: {result.teacher_export}")
         click.echo(f"  metrics: {result.metrics}")
+    else:
+        click.echo(f"nothing to train: {result.run_dir} is at step {result.end_step} already")
+    if max_steps and max_steps > result.end_step:
+        click.echo(f"  note: the schedule ends at step {result.end_step} (optim.epochs x "
+                   f"optim.official_epoch_length), before --max-steps {max_steps}")
