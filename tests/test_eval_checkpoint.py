@@ -1,5 +1,7 @@
 """`tcore eval --checkpoint` accepts every layout: our training checkpoints (EMA teacher), our
 teacher safetensors, the reference fixture; junk is refused naming the file."""
+import argparse
+
 import pytest
 import torch
 
@@ -52,3 +54,20 @@ def test_unreadable_checkpoints_name_the_file(tmp_path):
         load_eval_backbone(junk)
     with pytest.raises(ValueError, match="unknown arch"):
         load_eval_backbone(junk, arch="vit_huge")
+
+
+def test_files_that_are_not_checkpoints_are_called_so(tmp_path):
+    stats = tmp_path / "stats.json"
+    stats.write_text('{"batches": 3}')
+    with pytest.raises(CheckpointError, match=r"stats\.json: not a checkpoint \(neither a "
+                                              r"torch\.save file nor safetensors\)"):
+        load_eval_backbone(stats)
+    # A pickle holding non-tensor objects is named as such, and torch's advice to load it
+    # with weights_only=False (running the file's code) is not passed on.
+    pickled = tmp_path / "with_args.pth"
+    torch.save({"args": argparse.Namespace(lr=0.1), "model": {}}, pickled)
+    with pytest.raises(CheckpointError) as info:
+        load_eval_backbone(pickled)
+    message = str(info.value)
+    assert message.startswith(f"{pickled}: cannot be read with tensors only")
+    assert "argparse.Namespace" in message and "weights_only" not in message

@@ -189,10 +189,17 @@ def _read(path: str) -> tuple[dict, dict]:
         except Exception as error:
             if path.endswith(".safetensors"):
                 raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    if not head.startswith((b"PK", PICKLE_PROTOCOL_2_PLUS)):
+        # Neither torch.save's zip nor its legacy pickle, and not safetensors (tried above).
+        raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save file nor "
+                              "safetensors); pass a `tcore train` checkpoint, a run's "
+                              "teacher_backbone.safetensors or a reference checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {error}") from error
+        raise CheckpointError(f"{path}: cannot be read with tensors only "
+                              f"({_unpickler_reason(error)}); tcore runs no code from a "
+                              "checkpoint: save the state dict itself with torch.save") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     meta = checkpoint.get("tcore_meta", {}) if isinstance(checkpoint.get("tcore_meta"), dict) else {}
@@ -210,6 +217,18 @@ def _read(path: str) -> tuple[dict, dict]:
                 "pmm_attn_mul": config.get("pmm_attn_mul")}
         checkpoint = checkpoint["checkpoint"]
     return checkpoint, meta
+
+
+PICKLE_PROTOCOL_2_PLUS = b"\x80"   # torch.save's legacy (non-zip) format starts so
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The line of torch's weights-only refusal that says what it met (its advice to load
+    with weights_only=False is left out: that would run the file's code)."""
+    for line in str(error).splitlines():
+        if "WeightsUnpickler error" in line:
+            return line.strip().split(". ")[0]
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _is_tcore_training(checkpoint: dict) -> bool:
