@@ -74,6 +74,15 @@ def test_agree_tells_a_broken_attention_backend_from_a_correct_one(monkeypatch, 
         assert json.loads(path.read_text())["differences"]["attention"]["max_rel"] > 0.02
 
 
+
+def test_agree_refuses_two_names_for_one_backend():
+    # On the CPU xFormers falls back to SDPA: "xformers vs sdpa" would compare SDPA with itself.
+    result = invoke(["bench", "agree", "--arch", "vit_tiny", "--attention", "xformers",
+                     "--reference", "sdpa", "--precision", "fp32", "--device", "cpu",
+                     "--batch", "1"])
+    assert result.exit_code != 0 and "AGREE" not in result.output, result.output
+    assert "xformers vs sdpa: both run as sdpa on cpu here" in result.output
+
 # ---- 2. targets --------------------------------------------------------------------------
 
 def run_record(kind: str, samples_per_s: float, device: str = "cuda", mfu: float | None = None,

@@ -366,6 +366,11 @@ def attention_agreement(arch: str = "vit_small", backends: tuple[str, str] = ("x
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
     torch_device = resolve_device(device)
+    ran = [resolved_attention(backend, torch_device) for backend in backends]
+    if ran[0] == ran[1]:   # e.g. xformers falling back to sdpa: a pass would mean nothing
+        raise ValueError(f"{backends[0]} vs {backends[1]}: both run as {ran[0]} on "
+                         f"{torch_device.type} here, so nothing would be compared; choose "
+                         "another --attention or --reference (e.g. math)")
     torch.manual_seed(seed)
     backbone = build_backbone(arch, attention=backends[0], layerscale=1.0).to(torch_device).eval()
     generator = torch.Generator().manual_seed(seed)
