@@ -243,16 +243,23 @@ def test_step_without_masked_tokens_or_local_crops():
 
 
 def test_step_under_bf16_autocast_matches_float32():
-    """Mixed precision changes the networks' arithmetic only: losses stay within bf16 error."""
+    """Mixed precision changes the networks' arithmetic only: losses stay within bf16 error.
+
+    The DINO term is the sensitive one: its logits are cosine similarities rounded to bf16
+    (8 bits, ~4e-3) and then divided by the teacher temperature 0.04, so each moves by up to
+    ~0.1 nats. Over 12 seeds it moved by up to 19% (the other terms by up to 2%)."""
+    torch.manual_seed(0)
     tcore = TCoRe(TINY).eval()  # eval: identical teacher/student passes in both runs
     batch = make_batch(2)
     with torch.no_grad():
         reference = tcore.forward_losses(batch, TEACHER_TEMP)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = tcore.forward_losses(batch, TEACHER_TEMP)
-    for name in ("total", "dino", "koleo", "patch_past", "patch_future"):
+    tolerance = {"total": 0.05, "dino": 0.25, "koleo": 0.05, "patch_past": 0.05,
+                 "patch_future": 0.05}
+    for name, rel_tol in tolerance.items():
         assert mixed[name].dtype == torch.float32
-        assert math.isclose(float(mixed[name]), float(reference[name]), rel_tol=0.05), name
+        assert math.isclose(float(mixed[name]), float(reference[name]), rel_tol=rel_tol), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs a CUDA GPU")
