@@ -23,8 +23,8 @@ from torch import nn
 from tcore.schedules import Schedules
 
 # Backbone parameters that belong to the embedding "layer 0".
-_EMBEDDING_PREFIXES = ("patch_embed", "pos_embed", "cls_token", "reg_token", "register_tokens",
-                       "mask_token")
+_EMBEDDING_PREFIXES = ("patch_embed", "pos_embed", "cls_token", "cls_pos_embed", "reg_token",
+                       "register_tokens", "mask_token")
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 

@@ -271,12 +271,25 @@ class Trainer:
                 "precision": self.precision,
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
+    @staticmethod
+    def _check_layout(state: dict, source: Path) -> None:
+        """Checkpoints of tcore before 2026-11-27 held the cls position folded into
+        cls_token: they evaluate as before (`tcore eval` reads them), but their optimizer
+        state has no entry for `cls_pos_embed`, so training cannot continue from them."""
+        names = state.get("model", {})
+        if any(n.endswith("cls_token") for n in names) and \
+                not any(n.endswith("cls_pos_embed") for n in names):
+            raise ConfigError(f"{source}: written by an earlier tcore, whose backbone folded "
+                              "the cls position into cls_token; `tcore eval` reads it, but "
+                              "training cannot resume from it (start a new run)")
+
     def load_state_dict(self, state: dict, source: Path) -> int:
         """Restore a checkpoint of any mode (the layout is shared) at the same world size."""
         if state.get("world_size", 1) != self.info.world_size:
             raise ConfigError(f"{source}: written by {state['world_size']} processes, resuming "
                               f"with {self.info.world_size}; exact resumption needs the same")
         self._check_precision(state, source)
+        self._check_layout(state, source)
         if self.sharded:
             from tcore.fsdp import load_full_model_state, load_full_optimizer_state
             load_full_model_state(self.model, state["model"])

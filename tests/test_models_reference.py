@@ -8,6 +8,7 @@ from tcore import losses
 from tcore.models import (CheckpointError, DINOHead, PatchMatchingModule, build_backbone,
                           export_reference, export_safetensors, load_reference)
 from tcore.models.reference import official_checkpoint
+from tcore.models.vit import Backbone
 
 from reference_paths import OFFICIAL_TINY as FIXTURE, REFERENCE_DIR as REFERENCE
 
@@ -205,3 +206,37 @@ def test_load_fixture_bundle_reads_its_recorded_sizes(fixture):
     with torch.no_grad():
         pmm_out = bundle.pmm(out["pmm_memory"], out["pmm_query"])
     torch.testing.assert_close(pmm_out, out["pmm_out"], rtol=1e-5, atol=1e-5)
+
+
+def test_cls_position_is_a_parameter_of_its_own_as_in_the_reference(model, fixture, tmp_path):
+    """The reference adds pos_embed[:, 0] to cls_token: two parameters, each stepped by AdamW.
+    Ours are the same two (`cls_pos_embed`, `cls_token`), loaded and exported unchanged."""
+    official = fixture["checkpoint"]["teacher"]
+    assert torch.equal(model.backbone.cls_token, official["backbone.cls_token"])
+    assert torch.equal(model.backbone.cls_pos_embed, official["backbone.pos_embed"][:, :1])
+    path = tmp_path / "teacher.pth"
+    export_reference(model.backbone, path, head=model.head, pmm=model.pmm)
+    written = torch.load(path, weights_only=True)["teacher"]
+    for key in ("backbone.cls_token", "backbone.pos_embed"):
+        assert torch.equal(written[key], official[key]), key
+    # A fresh backbone draws the cls position as timm draws pos_embed (trunc normal, std 0.02),
+    # so the cls token starts at ~0.02, not at cls_token's ~1e-6.
+    torch.manual_seed(0)
+    fresh = build_backbone("vit_base")
+    assert 0.018 < float(fresh.cls_pos_embed.detach().std()) < 0.022
+    assert float(fresh.cls_token.detach().abs().max()) < 1e-4
+
+
+def test_state_of_the_earlier_folded_layout_loads_as_the_same_network(model, fixture):
+    """Before 2026-11-27 tcore folded the cls position into cls_token; such a state dict loads
+    with a zero cls_pos_embed and gives the same tokens."""
+    folded = dict(model.backbone.state_dict())
+    folded["cls_token"] = folded["cls_token"] + folded.pop("cls_pos_embed")
+    backbone = Backbone(**model.backbone.arch_kwargs).eval()
+    backbone.load_state_dict(folded)
+    assert torch.equal(backbone.cls_pos_embed, torch.zeros_like(backbone.cls_pos_embed))
+    images = fixture["inputs"]["images_224"]
+    with torch.no_grad():
+        ours, theirs = backbone.forward_features(images), model.backbone.forward_features(images)
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-6, rtol=1e-5), key

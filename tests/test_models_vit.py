@@ -29,10 +29,11 @@ def test_presets_and_parameter_names():
             assert (backbone.embed_dim, backbone.num_blocks) == (spec.embed_dim, spec.depth)
     backbone = build_backbone("vit_tiny")
     names = set(dict(backbone.named_parameters()))
-    for name in ("patch_embed.proj.weight", "cls_token", "reg_token", "pos_embed", "mask_token",
-                 "blocks.0.attn.qkv.weight", "blocks.1.ls2.gamma", "norm.weight"):
+    for name in ("patch_embed.proj.weight", "cls_token", "cls_pos_embed", "reg_token", "pos_embed",
+                 "mask_token", "blocks.0.attn.qkv.weight", "blocks.1.ls2.gamma", "norm.weight"):
         assert name in names
     assert backbone.reg_token.shape == (1, 4, 192) and backbone.pos_embed.shape == (1, 196, 192)
+    assert backbone.cls_pos_embed.shape == (1, 1, 192)
     assert torch.allclose(backbone.blocks[0].ls1.gamma, torch.full((192,), 1e-5))
 
 
@@ -54,7 +55,8 @@ def test_forward_shapes_any_size(tiny):
 
 def test_patch_tokens_are_timms_conv_embedding_and_positions_timms(tiny):
     """The patch embedding as one matmul equals timm's conv (its own weights), and the
-    positional embedding step equals timm's, at the trained grid and resampled."""
+    positional embedding step equals timm's, at the trained grid and resampled, plus the cls
+    position on the cls token."""
     from timm.models.vision_transformer import VisionTransformer
 
     for shape in ((2, 3, 64, 64), (1, 3, 48, 96)):
@@ -62,8 +64,9 @@ def test_patch_tokens_are_timms_conv_embedding_and_positions_timms(tiny):
         with torch.no_grad():
             ours = tiny.patch_tokens(images)
             assert torch.allclose(ours, tiny.patch_embed(images), atol=1e-5, rtol=1e-5)
-            assert torch.allclose(tiny._pos_embed(ours), VisionTransformer._pos_embed(tiny, ours),
-                                  atol=1e-6)
+            expected = VisionTransformer._pos_embed(tiny, ours)
+            expected[:, 0] += tiny.cls_pos_embed[0]
+            assert torch.allclose(tiny._pos_embed(ours), expected, atol=1e-6)
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         tiny.patch_tokens(torch.randn(1, 3, 64, 60))
 

@@ -9,6 +9,7 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from tcore.config import load_config
+from tcore.models import build_backbone
 from tcore.optim import apply_schedules, backbone_layer_id, fuse_param_groups, tag_parameters
 from tcore.schedules import CosineSchedule, build_schedules, scaled_base_lr
 
@@ -107,17 +108,14 @@ class PMMLike(nn.Module):
 
 @pytest.fixture(scope="module")
 def vit_small_parts():
-    backbone = VisionTransformer(embed_dim=384, depth=12, num_heads=6, reg_tokens=4,
-                                 no_embed_class=True, init_values=1e-5, num_classes=0)
-    backbone.mask_token = nn.Parameter(torch.zeros(1, 384))
-    return backbone, HeadLike(), PMMLike()
+    return build_backbone("vit_small"), HeadLike(), PMMLike()
 
 
 def expected_backbone_tag(name):
     """The multipliers METHOD.md section 6 gives, written out per name pattern."""
     if name.startswith("patch_embed."):
         lr = 0.9 ** 13 * 0.2
-    elif name in ("cls_token", "reg_token", "pos_embed", "mask_token"):
+    elif name in ("cls_token", "cls_pos_embed", "reg_token", "pos_embed", "mask_token"):
         lr = 0.9 ** 13
     elif name.startswith("blocks."):
         lr = 0.9 ** (12 - int(name.split(".")[1]))   # block i is layer i + 1 of 13
@@ -150,6 +148,8 @@ def test_every_vit_small_parameter_gets_its_multipliers(vit_small_parts):
     assert by_name["backbone.blocks.5.ls2.gamma"].wd_multiplier == 0.0
     assert by_name["backbone.blocks.5.norm2.weight"].wd_multiplier == 0.0
     assert by_name["backbone.cls_token"].wd_multiplier == 1.0
+    assert by_name["backbone.cls_pos_embed"].wd_multiplier == 1.0     # as the reference's
+    assert by_name["backbone.cls_pos_embed"].lr_multiplier == pytest.approx(0.9 ** 13)  # pos_embed
     for name, _ in head.named_parameters():
         tag = by_name[f"head.{name}"]
         assert tag.lr_multiplier == 1.0

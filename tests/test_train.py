@@ -193,6 +193,14 @@ def test_resume_names_a_changed_key_and_refuses_other_shards(synth_root, synth_s
     shutil.copytree(synth_shards, moved)
     done = train(cfg, moved, run, resume=True, max_steps=4, checkpoint_every=2, progress=False)
     assert (done.start_step, done.end_step) == (2, 4)
+    # A checkpoint of the earlier layout (cls position folded into cls_token) is refused.
+    path = list_checkpoints(run / "checkpoints")[-1][1]
+    state = load_checkpoint(path)
+    for name in [n for n in state["model"] if n.endswith("cls_pos_embed")]:
+        state["model"][name[:-len("cls_pos_embed")] + "cls_token"] += state["model"].pop(name)
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match="written by an earlier tcore.*cannot resume"):
+        train(cfg, synth_shards, run, resume=True, max_steps=6, progress=False)
 
 
 def test_cli_says_when_the_schedule_ends_before_max_steps(synth_shards, tmp_path):

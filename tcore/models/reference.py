@@ -12,8 +12,9 @@ Accepted inputs of :func:`load_reference`:
   the EMA teacher and the PMM, sized by the run's config);
 - the reference fixture bundle (``official_tiny.pt``: ``{"checkpoint": ..., "config": ...}``).
 
-Layout differences handled here: the reference adds ``pos_embed[:, 0]`` to the cls token, we
-fold it into ``cls_token`` (timm ``no_embed_class``) and keep ``pos_embed[:, 1:]``;
+Layout differences handled here: the reference's ``pos_embed[:, 0]`` (added to the cls token)
+is our ``cls_pos_embed`` and its ``pos_embed[:, 1:]`` our ``pos_embed`` (timm
+``no_embed_class``), both ways without loss;
 ``register_tokens`` is timm's ``reg_token``; the PMM's ``decoder.{i}.auxiliary_*`` modules are
 our ``blocks.{i}.*``.
 """
@@ -73,19 +74,23 @@ def backbone_from_official(state: dict, path: str = "<state dict>") -> dict:
     if "pos_embed" not in out or "cls_token" not in out:
         raise CheckpointError(f"{path}: backbone has no pos_embed / cls_token")
     pos_embed = out["pos_embed"]
-    out["cls_token"] = out["cls_token"] + pos_embed[:, :1]
+    out["cls_pos_embed"] = pos_embed[:, :1]
     out["pos_embed"] = pos_embed[:, 1:]
     return out
 
 
 def backbone_to_official(state: dict) -> dict:
-    """Our Backbone's state dict -> official keys (cls position embedding stored as zeros)."""
+    """Our Backbone's state dict -> official keys (the cls position back in ``pos_embed``;
+    zeros for a state of the earlier layout, whose ``cls_token`` holds it)."""
     out = {}
     for key, value in state.items():
         if key == "reg_token":
             key = "register_tokens"
         out[key] = value
-    out["pos_embed"] = torch.cat([torch.zeros_like(out["pos_embed"][:, :1]), out["pos_embed"]], dim=1)
+    cls_position = out.pop("cls_pos_embed", None)
+    if cls_position is None:
+        cls_position = torch.zeros_like(out["pos_embed"][:, :1])
+    out["pos_embed"] = torch.cat([cls_position, out["pos_embed"]], dim=1)
     return out
 
 

@@ -2,9 +2,9 @@
 
 Reference configuration (METHOD.md section 4): 4 register tokens, LayerScale 1e-5, uniform
 stochastic depth, learned positional embedding over [cls, patches] with the registers outside
-it (timm ``no_embed_class=True`` with the cls position folded into ``cls_token``), dynamic
-image size with bicubic antialiased interpolation, and a learned ``mask_token`` that replaces
-masked patch embeddings *before* the positional embedding is added.
+it (timm ``no_embed_class=True`` for the patches, plus ``cls_pos_embed`` for the cls position),
+dynamic image size with bicubic antialiased interpolation, and a learned ``mask_token`` that
+replaces masked patch embeddings *before* the positional embedding is added.
 """
 from __future__ import annotations
 
@@ -38,7 +38,13 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
     """timm ViT with a mask token and a dict-returning ``forward_features``.
 
     Parameter names are timm's (``patch_embed.*``, ``cls_token``, ``reg_token``, ``pos_embed``,
-    ``mask_token``, ``blocks.{i}.*``, ``norm.*``): the optimizer's layer-wise decay parses them.
+    ``mask_token``, ``blocks.{i}.*``, ``norm.*``) plus ``cls_pos_embed``: the optimizer's
+    layer-wise decay parses them.
+
+    The cls token enters the blocks as ``cls_token + cls_pos_embed``, two parameters as in the
+    reference (its ``pos_embed[:, 0]``), not one folded sum: AdamW steps each of them, so the
+    sum moves as far per step as the reference's, and the cls position starts from the
+    positional embedding's trunc-normal (std 0.02) draw as there.
     """
 
     def __init__(self, *, embed_dim: int, depth: int, num_heads: int, patch_size: int = 16,
@@ -56,6 +62,9 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
             block.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
             block.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        nn.init.trunc_normal_(self.cls_pos_embed, std=0.02)   # as timm draws pos_embed
+        self._register_load_state_dict_pre_hook(_unfolded_cls_position)
         self.num_blocks = depth
         self.num_registers = registers
         self.arch_kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -92,7 +101,8 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
         pos_embed = (self.pos_embed if (height, width) == trained
                      else _resampled_pos_embed(self.pos_embed, (height, width), trained))
         x = x.reshape(batch, height * width, dim) + pos_embed
-        prefix = [token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token)
+        cls = self.cls_token + self.cls_pos_embed
+        prefix = [token.expand(batch, -1, -1) for token in (cls, self.reg_token)
                   if token is not None]
         return self.pos_drop(torch.cat(prefix + [x], dim=1))
 
@@ -123,6 +133,15 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
         return self.forward_features(images, masks)
+
+
+def _unfolded_cls_position(state_dict, prefix, *_args) -> None:
+    """A state dict of the earlier layout (written by tcore before 2026-11-27) held the cls
+    position folded into ``cls_token``: it loads with a zero ``cls_pos_embed``, the same
+    network."""
+    cls_token = state_dict.get(f"{prefix}cls_token")
+    if cls_token is not None and f"{prefix}cls_pos_embed" not in state_dict:
+        state_dict[f"{prefix}cls_pos_embed"] = torch.zeros_like(cls_token)
 
 
 def _resampled_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
