@@ -67,7 +67,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
     if requested != "auto":
         if device.type == "cpu" and requested == "fp16":
-            raise ConfigError("train.precision=fp16 needs a GPU (use fp32 or bf16 on the CPU)")
+            raise ConfigError("train.precision=fp16 (the paper presets' precision) needs a "
+                              "GPU: on the CPU add train.precision=fp32 (or bf16)")
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

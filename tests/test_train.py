@@ -223,6 +223,10 @@ def test_cli_errors_name_the_problem(synth_shards, tmp_path):
     result = runner.invoke(cli, ["train", "--data", str(tmp_path), "--output",
                                  str(tmp_path / "run")])
     assert result.exit_code != 0 and "no manifest.json there" in result.output
+    if not torch.cuda.is_available():   # a paper preset (fp16) on the CPU says what to set
+        result = runner.invoke(cli, ["train", "--config", "vits16_k400", "--data",
+                                     str(synth_shards), "--output", str(tmp_path / "paper")])
+        assert result.exit_code != 0 and "add train.precision=fp32" in result.output
     result = runner.invoke(cli, ["train", "--data", str(synth_shards), "--output",
                                  str(tmp_path / "run"), "optim.epohcs=3"])
     assert result.exit_code != 0 and "optim.epohcs" in result.output
