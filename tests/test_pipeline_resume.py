@@ -3,6 +3,7 @@ yields the very batches an uninterrupted run yields (across an epoch boundary), 
 in a thread or in a process of its own (which must then end with its killed parent)."""
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import build_loader
+from tcore.preprocess.shards import build_shards
 
 TOTAL_BATCHES = 9       # 12 samples / batch 2 = 6 per epoch: the run crosses into epoch 2
 KILLED_AFTER = 4
@@ -116,3 +118,24 @@ def test_state_dict_mid_run_in_process(synth_shards):
     other_seed = build_loader([synth_shards], batch_size=3, config=config, seed=3)
     assert digest(next(other_seed)) != first[0]
     other_seed.close()
+
+
+
+def test_a_state_names_its_shards_by_content_not_path(synth_root, synth_shards, tmp_path):
+    """The state keeps a hash of what the manifests say: a copy of the shards takes it, other
+    shards (the same videos, sharded otherwise) refuse it, and a state saved before the hash
+    existed is taken as it is."""
+    loader = build_loader([synth_shards], batch_size=2, config=small_config(), seed=2)
+    next(loader)
+    state = loader.state_dict()
+    loader.close()
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_shards, copy)
+    build_loader([copy], batch_size=2, config=small_config(), seed=2).load_state_dict(state)
+    other = tmp_path / "other"
+    build_shards(synth_root / "train", other, frames=20, short_side=128, codec="vp9",
+                 samples_per_shard=4, workers=1, progress=False)
+    refusing = build_loader([other], batch_size=2, config=small_config(), seed=2)
+    with pytest.raises(ValueError, match="saved over other shards than .*other"):
+        refusing.load_state_dict(state)
+    refusing.load_state_dict({k: v for k, v in state.items() if k != "data"})
