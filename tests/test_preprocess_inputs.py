@@ -93,6 +93,75 @@ def test_a_still_image_in_a_video_folder_is_not_a_video(video_build, tmp_path):
         read_clip(str(tmp_path / "frame.jpg"), 8, 0)
 
 
+def _levels_picture(levels) -> np.ndarray:
+    """64x48 RGB of grey vertical bars, one per level (wide enough for 4:2:0 chroma)."""
+    picture = np.zeros((48, 64, 3), np.uint8)
+    for k, level in enumerate(levels):
+        picture[:, 16 * k:16 * (k + 1)] = level
+    return picture
+
+
+def test_a_full_range_yuv420p_source_keeps_its_levels(tmp_path):
+    """VP9 marks full range with a flag, not with FFmpeg's yuvj formats: the decoded frames are
+    yuv420p + colour range JPEG. Read as limited range they would come out stretched (16 -> 0,
+    64 -> 53, 200 -> 212): the stored clip must hold the source's grey levels."""
+    from av.video.reformatter import ColorRange, Colorspace
+
+    from tcore.preprocess.video import encode_clip
+
+    levels = [16, 64, 200, 240]
+    path = tmp_path / "full_range.webm"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.color_range = ColorRange.JPEG
+        stream.codec_context.colorspace = Colorspace.ITU601
+        stream.options = {"crf": "4", "b": "0", "deadline": "realtime", "cpu-used": "8"}
+        for index in range(4):
+            frame = av.VideoFrame.from_ndarray(_levels_picture(levels), format="rgb24").reformat(
+                format="yuv420p", dst_color_range=ColorRange.JPEG, dst_colorspace=Colorspace.ITU601)
+            frame.color_range, frame.pts, frame.time_base = ColorRange.JPEG, index, Fraction(1, 10)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:  # the case this test is about
+        first = next(container.decode(video=0))
+        assert (first.format.name, first.color_range) == ("yuv420p", ColorRange.JPEG)
+    clip = read_clip(str(path), 4, 0)
+    with av.open(io.BytesIO(encode_clip(clip.frames, "vp9", gop=4))) as container:
+        stored = [frame.reformat(format="rgb24", src_color_range=ColorRange.MPEG,
+                                 src_colorspace=Colorspace.ITU601).to_ndarray()
+                  for frame in container.decode(video=0)]
+    assert len(stored) == 4
+    for picture in stored:
+        bars = [float(picture[8:40, 16 * k + 4:16 * k + 12].mean()) for k in range(len(levels))]
+        np.testing.assert_allclose(bars, levels, atol=3.0)
+
+
+def test_frames_that_do_not_decode_are_not_chosen(tmp_path):
+    """An H.264 file cut inside a GOP: its first 7 packets reference a keyframe that is gone,
+    so the decoder drops them (27 packets, 20 frames). The T frames must be spread over the 20
+    frames that decode, not over the 27 packets."""
+    path = tmp_path / "cut_gop.mp4"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"g": "10", "keyint_min": "10", "bf": "0", "sc_threshold": "0", "preset": "veryfast"}
+        packets = []
+        for index in range(30):
+            frame = av.VideoFrame.from_ndarray(_levels_picture([index * 8] * 4), format="rgb24")
+            frame.pts = index
+            packets += stream.encode(frame)
+        packets += stream.encode(None)
+        for packet in packets[3:]:
+            container.mux(packet)
+    clip = read_clip(str(path), 5, 0)
+    assert clip.source_frames == 20
+    assert clip.frame_indices == [0, 5, 10, 14, 19]  # round(linspace(0, 19, 5))
+    # the chosen frames are source frames 10, 15, 20, 24, 29 (grey level 8 x index)
+    greys = [float(frame.to_ndarray(format="rgb24").mean()) for frame in clip.frames]
+    np.testing.assert_allclose(greys, [80, 120, 160, 192, 232], atol=4.0)
+
+
 def test_files_in_hidden_subfolders_are_left_out(tmp_path):
     for name in ("c/ok/v.mp4", "c/.git/v.mp4", "c/ok/.tmp/v.mp4", "c/.v.mp4", "c/v.mp4", ".h/v.mp4"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
