@@ -18,7 +18,7 @@ from tcore.cli import main as cli
 from tcore.preprocess.discover import Source, sample_key
 from tcore.preprocess.errors import ShardDirError
 from tcore.preprocess.index import read_index
-from tcore.preprocess.manifest import load_manifest
+from tcore.preprocess.manifest import load_manifest, make_manifest
 from tcore.preprocess.shards import build_shards, merge_node_manifests, run_build
 from tcore.preprocess.verify import inspect_shards
 from tcore.preprocess.video import output_size, uniform_indices
@@ -104,6 +104,10 @@ def test_broken_inputs_go_to_failures_and_the_build_carries_on(mixed_build):
     assert sum(s["samples"] for s in manifest["shards"]) == 8
     assert all(s["samples"] <= 4 for s in manifest["shards"])
     assert manifest["shards"][0]["samples"] < 4  # drift's two broken files sort into shard 0
+    # bytes: each shard's tar on disk, and their sum
+    assert [s["bytes"] for s in manifest["shards"]] == \
+           [(mixed_build / s["tar"]).stat().st_size for s in manifest["shards"]]
+    assert manifest["total_bytes"] == sum((mixed_build / s["tar"]).stat().st_size for s in manifest["shards"])
 
 
 def test_samples_hold_clip_json_and_label(mixed_build, mixed_src):
@@ -303,6 +307,14 @@ def test_manifest_errors_are_clear(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "kind": "video"}))
     with pytest.raises(ShardDirError, match="missing field 'codec'"):
         load_manifest(tmp_path)
+    shards = [{"tar": "shard-000000.tar", "index": "shard-000000.idx", "samples": 3, "bytes": 10240}]
+    manifest = make_manifest(kind="video", frames=20, codec="vp9", short_side=128, classes=["a"],
+                             shards=shards, failures=0, options={})
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert load_manifest(tmp_path)["total_samples"] == 3
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "total_samples": 4}))
+    with pytest.raises(ShardDirError, match="total_samples does not equal the sum over shards"):
+        load_manifest(tmp_path)
 
 
 def test_keys_frames_and_sizes():
@@ -314,6 +326,9 @@ def test_keys_frames_and_sizes():
     assert output_size(300, 200, 320) == (300, 200)  # never upscaled unless asked
     assert output_size(300, 201, 320, allow_upscale=True) == (476, 320)
     assert output_size(301, 201, 0) == (300, 200)  # 0 keeps the size (rounded down to even)
+    # 138 * (88 / 138) is 87.99999999999999 in floating point: the short side is still 88
+    assert output_size(201, 138, 88) == (128, 88)
+    assert output_size(138, 201, 88) == (88, 128)
 
 
 def _keyframes(data: bytes) -> list[int]:
