@@ -18,9 +18,13 @@ from tqdm import tqdm
 from tcore.cli import main as cli
 from tcore.preprocess.discover import discover_class_folders
 from tcore.preprocess.errors import ShardDirError
+from tcore.preprocess.index import format_index
 from tcore.preprocess.manifest import load_manifest
 from tcore.preprocess.shards import BuildConfig, BuildError, _run_pool, build_one_shard, run_build
+from tcore.preprocess.tarwriter import ShardTarWriter
 from tcore.preprocess.verify import inspect_shards
+from tcore.preprocess.video import encode_clip, read_clip
+from shard_files import read_tar
 
 
 def _children(pid: int) -> list[int]:
@@ -132,6 +136,42 @@ def test_inspect_verify_reports_a_truncated_shard(synth_shards, tmp_path):
     assert "(truncated tar)" in result.output  # the samples past the cut, one by one
     problems = inspect_shards(copy, verify=True)["problems"]
     assert problems and {p["tar"] for p in problems} == {"shard-000001.tar"}
+
+
+def test_inspect_verify_reports_samples_that_disagree_with_their_json_index_or_manifest(synth_shards, tmp_path):
+    """Every check of `inspect --verify` on shards that are valid tars: a .cls that is not the
+    json's label, a clip with 19 frames where the manifest says T = 20, an index that lists 4 of
+    its tar's 5 samples, an index whose header counts a sample it does not list."""
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_shards, copy)
+    tar0 = copy / "shard-000000.tar"
+    samples = read_tar(tar0)
+    keys = list(samples)
+    label = json.loads(samples[keys[0]]["json"])["label"]
+    samples[keys[0]]["cls"] = str(label + 1).encode()
+    (tmp_path / "clip.webm").write_bytes(samples[keys[1]]["webm"])
+    clip = read_clip(str(tmp_path / "clip.webm"), 19, 0)  # same size, one frame short
+    samples[keys[1]]["webm"] = encode_clip(clip.frames, "vp9", gop=20)
+    with ShardTarWriter(tar0) as writer:
+        for key, components in samples.items():
+            writer.add_sample(key, [(ext, components[ext]) for ext in ("webm", "json", "cls")])
+    (copy / "shard-000000.idx").write_text(format_index(writer.samples))
+    lines = (copy / "shard-000001.idx").read_text().splitlines()
+    assert lines[0] == "v1.2 5"
+    (copy / "shard-000001.idx").write_text("\n".join(["v1.2 4", *lines[1:5]]) + "\n")
+    lines = (copy / "shard-000002.idx").read_text().splitlines()
+    assert lines[0] == "v1.2 2"
+    (copy / "shard-000002.idx").write_text("\n".join(["v1.2 3", *lines[1:]]) + "\n")
+
+    problems = inspect_shards(copy, verify=True)["problems"]
+    found = sorted((p["tar"], p["key"] or "", p["error"].split(" (")[0].split(",")[0]) for p in problems)
+    assert found == sorted([
+        ("shard-000000.tar", keys[0], f"cls b'{label + 1}' disagrees with json label {label}"),
+        ("shard-000000.tar", keys[1], "clip decodes to 19 frames of 160x128"),
+        ("shard-000001.tar", "", "index does not match the tar"),
+        ("shard-000001.tar", "", "manifest says 5 samples"),
+        ("shard-000002.tar", "", f"{copy / 'shard-000002.idx'}: header says 3 samples"),
+    ]), problems
 
 
 def test_inspect_accepts_the_manifest_file(synth_shards):
