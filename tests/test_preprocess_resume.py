@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tcore.preprocess.manifest import load_manifest
-from tcore.preprocess.shards import build_shards
+from tcore.preprocess.shards import build_shards, run_build
 
 # One video per shard and a slower VP9 setting leave a wide window to kill the build mid-way.
 OPTIONS = dict(frames=20, short_side=128, samples_per_shard=1, vp9_speed=4)
@@ -58,3 +58,17 @@ def test_sigkill_mid_build_then_rerun_equals_uninterrupted_build(synth_root, tmp
     assert "already done" in rerun.stdout and "videos/s" in rerun.stdout
     assert _files(out) == _files(reference)  # no partial, missing or duplicate samples
     assert not list(out.rglob("*.tmp*"))
+
+
+def test_a_finished_shard_whose_tar_or_index_is_gone_is_rebuilt(synth_root, tmp_path):
+    """A shard's record says it is done, but its tar (or its index) was deleted since: a rerun
+    builds that shard again, the same bytes, and leaves the others alone."""
+    options = dict(frames=4, short_side=64, samples_per_shard=5, progress=False)
+    out = tmp_path / "out"
+    build_shards(synth_root / "train", out, **options)
+    before = _files(out)
+    (out / "shard-000001.tar").unlink()
+    (out / "shard-000002.idx").unlink()
+    result = run_build(synth_root / "train", out, **options)
+    assert (result.built_shards, result.skipped_shards) == (2, 1)
+    assert _files(out) == before
