@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from tcore.eval import metrics
 
@@ -93,6 +94,30 @@ def test_disk_structuring_element():
     assert metrics.disk(2).sum() == 13
 
 
+def _brute_force_f(annotation, segmentation, radius):
+    """F from its definition: a boundary pixel matches when a boundary pixel of the other mask
+    lies within Euclidean distance `radius` (all pairs compared)."""
+    pred = np.argwhere(metrics.boundary_map(segmentation)).astype(float)
+    gt = np.argwhere(metrics.boundary_map(annotation)).astype(float)
+    dist = np.hypot(pred[:, None, 0] - gt[None, :, 0], pred[:, None, 1] - gt[None, :, 1])
+    precision = np.mean(dist.min(1) <= radius)
+    recall = np.mean(dist.min(0) <= radius)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def test_boundary_f_tolerance_is_a_euclidean_disk_not_a_square():
+    # 20x20: tolerance 1 pixel, so a diagonal neighbour (distance sqrt 2) does not match.
+    gt, pred = square(top=5, left=5), square(top=6, left=6)
+    assert metrics.boundary_f(gt, pred) == pytest.approx(_brute_force_f(gt, pred, 1))
+    assert metrics.boundary_f(gt, pred) < 1.0
+    # 100x100: tolerance ceil(0.008 * 141.4) = 2 pixels; seeded random blobs
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        blobs = ndimage.gaussian_filter(rng.normal(size=(2, 100, 100)), sigma=(0, 4, 4)) > 0
+        assert metrics.boundary_f(blobs[0], blobs[1]) == pytest.approx(
+            _brute_force_f(blobs[0], blobs[1], 2))
+
+
 # ----------------------------------------------------------------------------- statistics
 def test_statistics_mean_recall_decay_on_a_known_sequence():
     values = np.array([1.0, 1.0, 1.0, 0.5, 0.4, 0.2, 0.2, 0.2])
@@ -107,6 +132,12 @@ def test_statistics_mean_recall_decay_on_a_known_sequence():
 def test_decay_bins_overlap_at_their_edges():
     bins = metrics.decay_bins(10)  # linspace(1, 10, 5) = 1, 3.25, 5.5, 7.75, 10
     assert [(b.start, b.stop) for b in bins] == [(0, 3), (2, 6), (5, 8), (7, 10)]
+    # 7 frames: linspace(1, 7, 5) = 1, 2.5, 4, 5.5, 7; the official + 1e-10 rounds 2.5 up to 3
+    # (numpy alone would round half to even, 2), so the first bin is frames 0..2
+    bins = metrics.decay_bins(7)
+    assert [(b.start, b.stop) for b in bins] == [(0, 3), (2, 4), (3, 6), (5, 7)]
+    _, _, decay = metrics.statistics(np.array([1.0, 1.0, 0.4, 0.4, 0.4, 0.0, 0.0]))
+    assert decay == pytest.approx(0.8)  # first bin (1 + 1 + 0.4) / 3, last bin 0
 
 
 def test_statistics_ignore_nan_and_short_sequences():
@@ -156,6 +187,8 @@ def test_pck_with_hand_computed_distances():
     mean02, per_joint02 = metrics.pck(dists, 0.2)
     np.testing.assert_allclose(per_joint02, [1.0, 0.5])
     assert mean02 == pytest.approx(0.75)
+    # a distance equal to the threshold counts as correct (dist <= threshold)
+    assert metrics.pck([np.array([0.1, 0.2, 0.3])], 0.2)[0] == pytest.approx(2 / 3)
 
 
 def test_invisible_joints_leave_the_box_and_the_count():

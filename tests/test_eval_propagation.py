@@ -118,6 +118,24 @@ def test_features_are_row_major_unit_maps():
         extract_features(encode, frames, (40, 48), patch=16, device="cpu")
 
 
+def test_frames_are_imagenet_normalised_rgb_resized_bilinearly():
+    from tcore.eval.features import extract_features, prepare_frames
+
+    # uniform colour (R, G, B) = (200, 100, 50): one token per patch, its mean per channel
+    frames = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    frames[..., :] = (200, 100, 50)
+    feats = extract_features(lambda x: torch.nn.functional.avg_pool2d(x, 16).flatten(2).transpose(1, 2),
+                             frames, (32, 32), patch=16, device="cpu")
+    expected = (torch.tensor([200.0, 100.0, 50.0]) / 255 - torch.tensor([0.485, 0.456, 0.406])) \
+        / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(feats[0, 1, 1], expected / expected.norm())
+    # bilinear, half-pixel centres (cv2 INTER_LINEAR): 2 pixels -> 4 interpolate between them
+    ramp = np.zeros((1, 1, 2, 3), dtype=np.uint8)
+    ramp[0, 0, 1] = 255
+    red = prepare_frames(ramp, (1, 4))[0, 0, 0] * 0.229 + 0.485
+    torch.testing.assert_close(red, torch.tensor([0.0, 0.25, 0.75, 1.0]))
+
+
 def test_reference_backbone_patch_tokens_match_the_fixture():
     from tcore.eval.checkpoint import load_eval_backbone
     from tcore.eval.features import backbone_patch_encoder
