@@ -168,6 +168,11 @@ def test_cli_end_to_end_with_reference_fixture(synthetic_davis, tmp_path):
     names = (synthetic_davis / "ImageSets" / "2017" / "val.txt").read_text().split()
     assert [row["sequence"] for row in results["per_sequence"]] == names
     assert 0.0 <= results["summary"]["J&F-Mean"] <= 1.0
+    # METHOD.md section 7: top-7, radius 20, temperature 0.7, first frame + previous 20
+    assert results["settings"] == {"size": "native", "topk": 7, "radius": 20, "temperature": 0.7,
+                                   "context": 20, "long_memory": [0]}
+    help_text = CliRunner().invoke(main, ["eval", "davis", "--help"]).output
+    assert "[default: 480x880]" in help_text  # the DAVIS input size, when --size is left out
     for name in names:
         anns = sorted((synthetic_davis / "Annotations" / "480p" / name).glob("*.png"))
         preds = sorted((out / "predictions" / name).glob("*.png"))

@@ -9,7 +9,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from tcore.eval import jhmdb, vip
+from tcore.eval import jhmdb, metrics, vip
 from tcore.eval.io import read_label_png, write_label_png
 
 
@@ -62,6 +62,27 @@ def test_vip_perfect_parts_and_confusion_over_all_frames(tmp_path):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["summary"]["mIoU"] == pytest.approx(result["summary"]["mIoU"])
     assert (tmp_path / "out" / "results.csv").read_text().count("\nclass,") == 20
+
+
+def test_vip_miou_pools_one_confusion_over_all_videos(tmp_path):
+    """The CRW evaluation accumulates one confusion matrix over every scored frame of every
+    video and takes its mIoU, which is not the mean of the per-video mIoUs: here a second
+    video whose later annotations call the blue block class 5 (propagation says 7)."""
+    images, labels = part_video(frames=3)
+    write_vip(tmp_path / "vip", "a_right", images, {t: labels[t] for t in range(3)})
+    relabelled = labels.copy()
+    relabelled[1:][relabelled[1:] == 7] = 5
+    write_vip(tmp_path / "vip", "b_relabelled", images, {t: relabelled[t] for t in range(3)})
+    result = vip.evaluate_vip(None, tmp_path / "vip", tmp_path / "out", size=(48, 64), topk=3,
+                              encoder=colour_encoder(), patch=16, progress=False, device="cpu")
+    pooled = np.zeros((vip.VIP_CLASSES, vip.VIP_CLASSES), dtype=np.int64)
+    for name, truth in (("a_right", labels), ("b_relabelled", relabelled)):
+        for t in (1, 2):
+            pred = read_label_png(tmp_path / "out" / "predictions" / name / f"{t:012d}.png")
+            pooled += metrics.confusion_matrix(truth[t], pred, vip.VIP_CLASSES)
+    assert result["summary"]["mIoU"] == pytest.approx(metrics.mean_iou(pooled))
+    per_video = np.mean([row["mIoU"] for row in result["per_sequence"]])
+    assert abs(result["summary"]["mIoU"] - per_video) > 0.05  # the two differ here
 
 
 def test_vip_layout_errors(tmp_path):
@@ -141,6 +162,26 @@ def test_joint_label_maps_and_readout():
     np.testing.assert_allclose(coords[:, 0, 0], [2.0, 4.0], atol=0.15)
     empty = torch.zeros(1, 6, 10, 3)
     assert (jhmdb.read_out_keypoints(empty) == -1).all()
+    # the value-weighted mean of the 3 highest cells: 1.0 at (x 3, y 2), 0.5 at (4, 2) and
+    # (3, 3), then 0.1 everywhere else
+    soft = torch.full((1, 6, 10, 2), 0.1)
+    soft[0, 2, 3, 1], soft[0, 2, 4, 1], soft[0, 3, 3, 1] = 1.0, 0.5, 0.5
+    np.testing.assert_allclose(jhmdb.read_out_keypoints(soft)[:, 0, 0], [3.25, 2.25], atol=1e-6)
+
+
+def test_joint_files_are_one_based_like_matlab(tmp_path):
+    """pos_img holds 1-based MATLAB pixel coordinates: read as 0-based, written back 1-based
+    (a joint that was not found is written as 0)."""
+    pos = np.random.default_rng(0).uniform(1, 300, size=(2, 15, 4))
+    scipy.io.savemat(str(tmp_path / "truth.mat"), {"pos_img": pos})
+    np.testing.assert_allclose(jhmdb.read_joints(tmp_path / "truth.mat"), pos - 1.0)
+    pred = pos - 1.0
+    pred[:, 3, 2] = -1
+    jhmdb._write_joints(tmp_path / "pred.mat", pred)
+    saved = scipy.io.loadmat(str(tmp_path / "pred.mat"))["pos_img"]
+    expected = pos.copy()
+    expected[:, 3, 2] = 0.0
+    np.testing.assert_allclose(saved, expected)
 
 
 def test_jhmdb_readers_and_mismatches(tmp_path):
@@ -182,6 +223,11 @@ def test_vip_and_jhmdb_commands_with_the_reference_fixture(tmp_path):
     saved = json.loads((tmp_path / "vip_out" / "results.json").read_text())
     assert 0.0 <= saved["summary"]["mIoU"] <= 1.0
     assert saved["checkpoint"] == str(REFERENCE) and saved["settings"]["topk"] == 10
+    # METHOD.md section 7 defaults: VIP short side 880, top-10, radius 20, temperature 0.7,
+    # first frame + previous 20
+    assert {k: saved["settings"][k] for k in ("short_side", "radius", "temperature", "context",
+                                              "long_memory")} == \
+           {"short_side": 880, "radius": 20, "temperature": 0.7, "context": 20, "long_memory": [0]}
 
     frames = patchwork_frames(frames=3)
     write_jhmdb(tmp_path / "jhmdb", "jump", "clip", frames,
@@ -194,6 +240,8 @@ def test_vip_and_jhmdb_commands_with_the_reference_fixture(tmp_path):
     assert "PCK@0.1" in run.output
     saved = json.loads((tmp_path / "j_out" / "results.json").read_text())
     assert saved["settings"]["size"] == [320, 320]
+    assert {k: saved["settings"][k] for k in ("topk", "radius", "temperature", "context")} == \
+           {"topk": 7, "radius": 20, "temperature": 0.7, "context": 20}
     assert 0.0 <= saved["summary"]["PCK@0.2"] <= 1.0
     wrong_arch = CliRunner().invoke(main, ["eval", "jhmdb", "--data", str(tmp_path / "jhmdb"),
                                            "--checkpoint", str(REFERENCE), "--arch", "vit_small",
