@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcore.pipelines.config import PipelineConfig, SamplingConfig
+from tcore.pipelines.config import MaskConfig, PipelineConfig, PipelineConfigError, SamplingConfig
 from tcore.pipelines.masks import _add_block, batch_masks, block_mask, mask_tensors
 from tcore.pipelines.sampling import (central_box, draw_sample_params, random_resized_box,
                                       frame_triple_distribution, sample_rng)
@@ -271,6 +271,7 @@ def test_mask_blocks_are_rectangles_within_aspect_range():
         assert mask.sum() == added == h * w          # one filled rectangle
         # Rounding of sqrt(area * aspect) widens the aspect range a little for small blocks.
         assert 0.3 / 2 <= h / w <= 2 / 0.3
+        assert h < 14 and w < 14                     # a block never spans the whole grid
         areas.append(added)
     assert min(areas) >= 2 and max(areas) <= 98
     assert len(areas) > 1400
@@ -358,3 +359,144 @@ def test_cheaper_draws_consume_the_generator_as_the_plain_calls_do():
     assert np.array_equal(orders, np.stack([plain.permutation(4) for _ in range(14)]))
     assert np.array_equal(ours.random(8) < 0.5, [plain.uniform() < 0.5 for _ in range(8)])
     assert ours.random() == plain.random()
+
+
+# --- the configuration's numbers and knobs -------------------------------------------------
+
+def test_defaults_are_method_md_numbers():
+    """Every default a paper reproduction depends on, as METHOD.md sections 1-3 state it (the
+    statistics above only bound the draws, so a narrowed range would pass them)."""
+    config = PipelineConfig()
+    s, v, m = config.sampling, config.views, config.masks
+    assert (s.current_range, s.past_offset_range, s.future_offset_range) == \
+        ((0.3, 0.7), (0.15, 0.25), (0.15, 0.25))
+    assert (v.global_size, v.local_size, v.n_local) == (224, 96, 8)
+    assert (v.global_scale, v.local_scale, v.ratio) == ((0.32, 1.0), (0.05, 0.32), (3 / 4, 4 / 3))
+    assert (v.local_flip_p, v.central_aspect) == (0.5, (3 / 4, 4 / 3))
+    assert (v.blur_kernel, v.blur_sigma, v.solarize_threshold) == (9, (0.1, 2.0), 128)
+    assert (v.mean, v.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    # jitter p, brightness, contrast, saturation, hue, grayscale p, blur p (effective), solarize p
+    for view, blur, solarize in ((v.global_1, 0.0, 0.0), (v.global_2, 0.9, 0.2),
+                                 (v.local, 0.5, 0.0)):
+        assert (view.jitter_p, view.brightness, view.contrast, view.saturation, view.hue,
+                view.grayscale_p, view.blur_p, view.solarize_p) == \
+            (0.8, 0.4, 0.4, 0.2, 0.1, 0.2, blur, solarize)
+    assert (m.patch_size, m.mask_sample_probability, m.mask_ratio) == (16, 0.5, (0.1, 0.5))
+    assert (m.min_block_patches, m.min_aspect, m.block_tries, m.max_block_fraction) == \
+        (4, 0.3, 10, 0.5)
+
+
+def test_jitter_factors_span_their_ranges():
+    """The drawn factors reach both ends of brightness / contrast 1 -+ 0.4, saturation
+    1 -+ 0.2, hue -+ 0.1 (U on the range: with ~22000 jittered views the extreme draws lie
+    within 0.01 of the ends, except with probability < 1e-20)."""
+    config, params = _views_stats(n=2000)
+    photo = np.stack([p.photometric for p in params]).reshape(-1, 7)
+    jittered = photo[(photo[:, 0:3] != 1).any(-1) | (photo[:, 3] != 0)]
+    for column, low, high in ((0, 0.6, 1.4), (1, 0.6, 1.4), (2, 0.8, 1.2), (3, -0.1, 0.1)):
+        values = jittered[:, column]
+        assert low - 1e-6 <= values.min() < low + 0.01, column
+        assert high - 0.01 < values.max() <= high + 1e-6, column
+    sigmas = photo[:, 5][photo[:, 5] > 0]
+    assert 0.1 <= sigmas.min() < 0.11 and 1.99 < sigmas.max() <= 2.0
+
+
+def test_past_and_future_offsets_follow_their_own_ranges():
+    """Unequal past and future ranges (the defaults are equal, which would hide a swap):
+    T = 20, c in {10, 11}, p = c - {6, 7, 8}, f = c + {2, 3, 4}."""
+    sampling = SamplingConfig(current_range=(0.5, 0.6), past_offset_range=(0.3, 0.4),
+                              future_offset_range=(0.1, 0.2))
+    config = PipelineConfig(sampling=sampling).validate()
+    p, c, f = np.array(_draw_triples(20, config, n=300)).T
+    assert set(c) == {10, 11}
+    assert set(c - p) == {6, 7, 8} and set(f - c) == {2, 3, 4}
+
+
+@pytest.mark.parametrize("ranges", [
+    # past fits (0.3 - 0.1 >= 0), the future does not (0.8 + 0.3 > 1)
+    dict(current_range=(0.3, 0.8), past_offset_range=(0.1, 0.1), future_offset_range=(0.1, 0.3)),
+    # the future fits (0.5 + 0.1 <= 1), the past does not (0.2 - 0.3 < 0)
+    dict(current_range=(0.2, 0.5), past_offset_range=(0.1, 0.3), future_offset_range=(0.1, 0.1)),
+])
+def test_each_side_of_the_sandwich_is_checked_with_its_own_range(ranges):
+    with pytest.raises(ValueError, match="sampling: current_range"):
+        PipelineConfig(sampling=SamplingConfig(**ranges)).validate()
+
+
+def test_flip_probability_and_crop_aspect_are_the_configured_ones():
+    """views.local_flip_p and views.ratio drive the draws; central_aspect only the
+    past / future box."""
+    for flip_p in (0.0, 1.0):
+        config = PipelineConfig()
+        config.views.local_flip_p = flip_p
+        flips = np.stack([draw_sample_params(sample_rng(2, i), 20, 128, 160, config).flips
+                          for i in range(50)])
+        assert np.all(flips[:, 2:10] == bool(flip_p)) and not flips[:, :2].any() \
+            and not flips[:, 10:].any()
+    def boxes(**views):
+        config = PipelineConfig()
+        for name, value in views.items():
+            setattr(config.views, name, value)
+        boxes = np.stack([draw_sample_params(sample_rng(2, i), 20, 128, 160, config).boxes
+                          for i in range(200)])
+        return boxes, boxes[:, :10, 2] - boxes[:, :10, 0], boxes[:, :10, 3] - boxes[:, :10, 1]
+
+    # square random crops (global and local), up to rounding of h and w; the past / future
+    # box stays the whole 160 x 128 frame (1.25 lies in central_aspect)
+    square, h, w = boxes(ratio=(1.0, 1.0))
+    assert np.all(np.abs(h - w) <= 1)
+    assert np.all(square[:, 10:] == np.array([0, 0, 128, 160]))
+    # a central square of the frame; the random crops keep their aspect range
+    central, h, w = boxes(central_aspect=(1.0, 1.0))
+    assert np.all(central[:, 10:] == np.array([0, 16, 128, 144]))
+    assert (w / h).min() < 0.8 and (w / h).max() > 1.25
+
+
+@pytest.mark.parametrize("height, width, box", [
+    (10, 1000, (0, 493, 10, 13)),       # too wide for any try: full height, w = 10 * 4/3
+    (1000, 10, (493, 0, 13, 10)),       # too tall: full width, h = 10 / (3/4)
+])
+def test_random_resized_box_falls_back_to_a_central_crop_of_clamped_aspect(height, width, box):
+    """torchvision's fallback after 10 failed tries: the central crop whose aspect is the
+    frame's clamped into the ratio range."""
+    for seed in range(5):
+        assert random_resized_box(sample_rng(seed), height, width, (0.9, 1.0),
+                                  (3 / 4, 4 / 3)) == box
+
+
+def test_bad_view_and_mask_values_are_refused_naming_their_key():
+    for values, key in (({"views": {"local": {"jitter_p": 1.5}}}, "views.local.jitter_p"),
+                        ({"views": {"global_2": {"solarize_p": -0.1}}},
+                         "views.global_2.solarize_p"),
+                        ({"views": {"global_1": {"brightness": 1.5}}}, "views.global_1.brightness"),
+                        ({"views": {"local": {"hue": 0.6}}}, "views.local.hue"),
+                        ({"views": {"global_scale": [1.0, 0.32]}}, "views.global_scale"),
+                        ({"views": {"local_scale": [0.05, 1.5]}}, "views.local_scale"),
+                        ({"views": {"blur_kernel": 8}}, "views.blur_kernel"),
+                        ({"views": {"local_flip_p": 2.0}}, "views.local_flip_p"),
+                        ({"views": {"n_local": -1}}, "views.n_local"),
+                        ({"views": {"global_size": 0}}, "views.global_size"),
+                        ({"views": {"global_size": 200}}, "masks.patch_size"),
+                        ({"masks": {"mask_sample_probability": 1.5}},
+                         "masks.mask_sample_probability"),
+                        ({"masks": {"mask_ratio": [0.5, 0.1]}}, "masks.mask_ratio"),
+                        ({"masks": {"min_aspect": 0.0}}, "masks.min_aspect")):
+        with pytest.raises(PipelineConfigError) as info:
+            PipelineConfig.from_dict(values).validate()
+        assert str(info.value).startswith(key), (values, str(info.value))
+
+
+def test_masked_crops_are_shuffled_and_each_draws_within_its_ladder_step():
+    cfg = PipelineConfig().masks
+    # Which crops are masked is shuffled: every position of 8 is masked about half the time
+    # (300 seeded batches: binomial sd 0.029, tolerance 0.15 > 5 sd; unshuffled gives 1 / 0).
+    masked = np.stack([batch_masks(sample_rng(6, b), 8, 14, cfg).any(1) for b in range(300)])
+    assert masked.sum(1).tolist() == [4] * 300
+    assert np.all(np.abs(masked.mean(0) - 0.5) < 0.15)
+    # One masked crop of 2: its ratio is U(0.1, 0.5), so its count spreads over
+    # int(196 * 0.1) = 19 .. 97, not one end of the step.
+    counts = np.array([batch_masks(sample_rng(8, b), 2, 14, cfg).sum() for b in range(300)])
+    assert counts.min() < 25 and counts.max() > 85 and len(set(counts.tolist())) > 40
+    # int() truncation of the number of masked crops: int(6 * 0.3) = 1.
+    odd = MaskConfig(mask_sample_probability=0.3)
+    assert (batch_masks(sample_rng(1), 6, 14, odd).any(1)).sum() == 1
