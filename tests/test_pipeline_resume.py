@@ -75,7 +75,10 @@ def test_killed_and_resumed_run_sees_the_same_batches(synth_shards, tmp_path, pr
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    # The test's directory first, then the caller's path: the child imports the tcore under
+    # test (a worktree run with PYTHONPATH), not whichever one is installed.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
     child = subprocess.Popen([sys.executable, str(script), str(synth_shards), str(tmp_path),
                               __file__, producer], env=env, stderr=subprocess.PIPE)
     digests = tmp_path / "digests.txt"
