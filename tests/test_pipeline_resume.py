@@ -10,11 +10,14 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import build_loader
+from tcore.pipelines.manifest import load_shard_set
+from tcore.pipelines.stage_a import StageA, StageASpec, initial_state
 from tcore.preprocess.shards import build_shards
 
 TOTAL_BATCHES = 9       # 12 samples / batch 2 = 6 per epoch: the run crosses into epoch 2
@@ -142,3 +145,60 @@ def test_a_state_names_its_shards_by_content_not_path(synth_root, synth_shards, 
     with pytest.raises(ValueError, match="saved over other shards than .*other"):
         refusing.load_state_dict(state)
     refusing.load_state_dict({k: v for k, v in state.items() if k != "data"})
+
+
+def _stage_a(shards, shard_id: int, num_shards: int, seed: int = 4) -> StageA:
+    """Stage A alone (the reader and the host's draws, no decoding), from the start."""
+    shard_set = load_shard_set([shards])
+    spec = StageASpec(shard_set=shard_set, batch_size=2, config=PipelineConfig(shuffle_buffer=8),
+                      seed=seed, shard_id=shard_id, num_shards=num_shards, infinite=True,
+                      samples_per_epoch=shard_set.samples_in_shard(shard_id, num_shards),
+                      state={})
+    spec.state = initial_state(spec, reader=None)
+    return StageA(spec)
+
+
+def test_each_batch_and_each_rank_draws_its_own_masks_and_params(synth_shards):
+    """The seeds are (seed, rank, batch) for masks and (seed, rank, sample counter) for the
+    samples: batches do not repeat their masks, and ranks (whose clips here all have the same
+    T and size) do not apply the same crops to their n-th sample."""
+    rank0, rank1 = _stage_a(synth_shards, 0, 2), _stage_a(synth_shards, 1, 2)
+    first, second, other = rank0.next_batch(), rank0.next_batch(), rank1.next_batch()
+    assert first.masks.shape == (4, 196) and first.masks.any()
+    assert not np.array_equal(first.masks, second.masks)
+    assert not np.array_equal(first.masks, other.masks)
+    assert {s.source for s in first.samples}.isdisjoint(s.source for s in other.samples)
+    for mine, theirs in zip(first.params, other.params):
+        assert not np.array_equal(mine.boxes, theirs.boxes)
+
+
+def _eager_config() -> PipelineConfig:
+    config = small_config()
+    config.photometric_compile = False      # no compile at the first batch (seconds here)
+    return config
+
+
+def test_load_state_dict_checks_seed_and_batch_size_and_reports_the_state_taken(synth_shards):
+    loader = build_loader([synth_shards], batch_size=2, config=_eager_config(), seed=2)
+    next(loader)
+    state = loader.state_dict()
+    loader.close()
+    for kwargs, key in ((dict(batch_size=2, seed=3), "seed"), (dict(batch_size=3, seed=2),
+                                                              "batch_size")):
+        other = build_loader([synth_shards], config=small_config(), **kwargs)
+        with pytest.raises(ValueError, match=f"saved with {key}="):
+            other.load_state_dict(state)
+    # Saved again before a batch (a checkpoint right after resuming): the state it took.
+    resumed = build_loader([synth_shards], batch_size=2, config=small_config(), seed=2)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state
+
+
+def test_a_finished_one_pass_loader_is_rewound_by_load_state_dict(synth_shards):
+    loader = build_loader([synth_shards], batch_size=4, config=_eager_config(), seed=2,
+                          infinite=False)
+    start = loader.state_dict()
+    first = [digest(batch) for batch in loader]
+    assert len(first) == 3                         # 12 samples, batches of 4
+    loader.load_state_dict(start)
+    assert [digest(batch) for batch in loader] == first
