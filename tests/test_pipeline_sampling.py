@@ -500,3 +500,15 @@ def test_masked_crops_are_shuffled_and_each_draws_within_its_ladder_step():
     # int() truncation of the number of masked crops: int(6 * 0.3) = 1.
     odd = MaskConfig(mask_sample_probability=0.3)
     assert (batch_masks(sample_rng(1), 6, 14, odd).any(1)).sum() == 1
+
+
+def test_block_cap_is_the_references_left_to_right_expression():
+    """A block adds at most `0.5 * 112 // 16 * 112 // 16` = 21 patches at 112 / 16 (the
+    tiny presets; not 0.5 * 49 = 24): the first block of a mask is the one `_add_block` draws
+    with that cap from the same generator (the cap sets the drawn area)."""
+    cfg = PipelineConfig().masks
+    for seed in range(40):
+        mask = block_mask(sample_rng(12, seed), 7, 24, cfg)
+        first = np.zeros((7, 7), dtype=bool)
+        assert _add_block(sample_rng(12, seed), first, 21, cfg) > 0
+        assert np.all(mask[first]), seed
