@@ -92,3 +92,14 @@ def test_centered_softmax_and_past_future():
     expected = sum(float((past[i, k] - future[i, k]) ** 2) for i in range(4) for k in range(3)) / 12
     assert math.isclose(float(losses.past_future_loss(past, future)), expected, rel_tol=1e-5)
     assert float(losses.past_future_loss(past[:0], future[:0])) == 0.0
+
+
+def test_koleo_computes_in_float32_under_autocast():
+    """DINOv2 computes KoLeo in float32 whatever the autocast: bf16 features (what a bf16
+    backbone hands over) give the float32 value of the same numbers, as a float32 tensor."""
+    torch.manual_seed(0)
+    features = torch.randn(16, 64).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = losses.koleo(features)
+    assert mixed.dtype == torch.float32
+    assert math.isclose(float(mixed), float(losses.koleo(features.float())), rel_tol=1e-6)
