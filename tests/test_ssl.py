@@ -278,3 +278,28 @@ def test_step_has_no_host_syncs_on_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(terms["total"]).item()
+
+
+def test_teacher_starts_as_the_student():
+    """The EMA teacher starts from the student's weights (DINOv2 copies them at build)."""
+    torch.manual_seed(2)
+    tcore = TCoRe(TINY)
+    teacher = dict(tcore.teacher.named_parameters())
+    for name, student in tcore.student.named_parameters():
+        assert torch.equal(teacher[name], student), name
+
+
+def test_no_gradient_flows_through_the_past_and_future_branch():
+    """METHOD.md section 5 step 2: the student backbone encodes the past and future crops
+    without gradients; only the current crops' branch trains it."""
+    tcore = TCoRe(TINY).train()
+    batch = make_batch(3)
+    for key in ("past_crops", "future_crops", "global_crops"):
+        batch[key].requires_grad_(True)
+    terms = tcore.forward_losses(batch, TEACHER_TEMP)
+    # The PMM terms alone: they train the student backbone through its current tokens (the
+    # PMM's query), not through the past/future tokens (its memory).
+    (terms["patch_past"] + terms["patch_future"] + terms["past_future"]).backward()
+    assert batch["past_crops"].grad is None and batch["future_crops"].grad is None
+    assert batch["global_crops"].grad is not None and batch["global_crops"].grad.abs().sum() > 0
+
