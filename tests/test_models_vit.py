@@ -35,6 +35,7 @@ def test_presets_and_parameter_names():
     assert backbone.reg_token.shape == (1, 4, 192) and backbone.pos_embed.shape == (1, 196, 192)
     assert backbone.cls_pos_embed.shape == (1, 1, 192)
     assert torch.allclose(backbone.blocks[0].ls1.gamma, torch.full((192,), 1e-5))
+    assert torch.equal(backbone.mask_token, torch.zeros(1, 192))   # DINOv2 starts it at 0
 
 
 def test_stochastic_depth_is_uniform():
@@ -200,3 +201,31 @@ def test_pmm_formula_with_torch_multihead_attention():
         h2 = block.norm2(selfa(h1, h1, h1, need_weights=False)[0] + h1)
         expected = block.norm3(block.linear(h2) + h2)
         assert torch.allclose(pmm(memory, query), expected, atol=1e-5)
+
+
+def test_dino_head_starts_as_dinov2s():
+    """MLP weights trunc-normal std 0.02 with zero biases; the prototypes' weight_g starts
+    at 1 (METHOD.md section 4), not at the row norms of weight_v."""
+    torch.manual_seed(0)
+    head = DINOHead(192, out_dim=512, hidden_dim=256, bottleneck_dim=64)
+    assert torch.equal(head.last_layer.weight_g, torch.ones(512, 1))
+    linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3
+    for layer in linears:    # >= 16k entries each: the sample std is within 5% of 0.02
+        assert 0.019 < float(layer.weight.detach().std()) < 0.021
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_pmm_blocks_are_chained_over_the_same_memory():
+    """A deeper PMM feeds each block's output to the next block as its query, with the same
+    memory tokens at every block."""
+    torch.manual_seed(2)
+    pmm = PatchMatchingModule(32, num_heads=4, depth=2).eval()
+    memory, query = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        first, _ = pmm.blocks[0](memory, query)
+        second, weights = pmm.blocks[1](memory, first, return_attention=True)
+        out, out_weights = pmm(memory, query, return_attention=True)
+    assert torch.allclose(out, second, atol=1e-6)
+    assert torch.allclose(out_weights, weights, atol=1e-6)
+    assert not torch.allclose(out, first, atol=1e-3)
