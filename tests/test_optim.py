@@ -318,3 +318,26 @@ def test_listed_adamw_under_a_gradient_scaler_skips_inf_steps_as_torch_does(devi
         assert scalers[0].get_scale() == scalers[1].get_scale()
     assert float(ours.state[ours_params[0][0]]["step"]) == 5      # the inf step not counted
     assert ours.listed_steps == 5                                  # all but the first
+
+
+def test_build_optimizer_steps_the_student_and_pmm_with_the_configs_adamw():
+    """The optimizer `tcore train` builds: AdamW with the config's betas and torch's default
+    eps (the reference's), over exactly the trainable student and PMM parameters (never the
+    teacher's), each once, tagged with the config's layer decay."""
+    from tcore.optim import build_optimizer
+    from tcore.ssl import TCoRe
+
+    model = TCoRe({"arch": "vit_tiny", "img_size": 32, "head": {"prototypes": 16, "hidden": 16,
+                                                                "bottleneck": 8}})
+    cfg = optim_cfg(**{"optim.adamw_beta2": 0.95, "optim.layer_decay": 0.8})
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    for group in optimizer.param_groups:
+        assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-8
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    expected = list(model.student.parameters()) + list(model.pmm.parameters())
+    assert len(stepped) == len(expected) == len({id(p) for p in stepped})
+    assert {id(p) for p in stepped} == {id(p) for p in expected}
+    patch = [g for g in optimizer.param_groups
+             if any(n.startswith("backbone.patch_embed.") for n in g["names"])]
+    assert patch and all(g["lr_multiplier"] == pytest.approx(0.8 ** 3 * 0.2) for g in patch)
