@@ -1,6 +1,7 @@
 """`tcore train` end to end on real shards through the real DALI loader: kill -9 + --resume
 gives the uninterrupted run's losses step for step; NaN stops the run; torch.compile gives
 eager's losses; CLI errors name the problem."""
+import copy
 import math
 import shutil
 import signal
@@ -18,11 +19,14 @@ from tcore.config import ConfigError, load_config
 from tcore.distributed import init_distributed
 from tcore.preprocess.shards import build_shards
 from tcore.metrics_log import NonFiniteLossError, read_metrics
+from tcore.optim import apply_schedules, build_optimizer
 from tcore.synthetic_batch import make_synthetic_batch
 from tcore.train import Trainer, read_losses, train
 
 STEPS = 6
 FAST = ["train.log_every=1", "model.head.prototypes=256", "data.batch_size_per_gpu=4"]
+# The reference's stochastic depth: the resumed run must restore the RNG it draws from.
+DROP_PATH = ["model.drop_path=0.1"]
 
 
 def train_command(shards, out, *extra):
@@ -33,7 +37,7 @@ def train_command(shards, out, *extra):
 
 def test_kill9_then_resume_matches_uninterrupted_run(synth_shards, tmp_path):
     # The uninterrupted reference run (in this process).
-    cfg = load_config("tiny_cpu", FAST)
+    cfg = load_config("tiny_cpu", FAST + DROP_PATH)
     done = train(cfg, synth_shards, tmp_path / "straight", max_steps=STEPS, checkpoint_every=2,
                  progress=False)
     assert (done.start_step, done.end_step) == (0, STEPS)
@@ -46,8 +50,8 @@ def test_kill9_then_resume_matches_uninterrupted_run(synth_shards, tmp_path):
 
     # The same run in a subprocess, killed with SIGKILL right after its first checkpoint.
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(synth_shards, killed_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(train_command(synth_shards, killed_dir, *DROP_PATH),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = killed_dir / "checkpoints" / "checkpoint-00000002.pt"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -253,3 +257,46 @@ def test_two_process_gloo_run_through_torchrun(synth_shards, tmp_path):
     assert [s["shard_id"] for s in state["loader"]] == [0, 1]
     assert [s["batches_seen"] for s in state["loader"]] == [2, 2]
     assert len(read_losses(out)) == 2
+
+
+def test_step_is_schedules_loss_clip_adamw_then_ema():
+    """Three Trainer steps against the same steps written out with torch's own pieces
+    (METHOD.md sections 5 and 6): the loss at the schedule's teacher temperature, gradients
+    cleared, clipped per module (backbone, head, PMM) before AdamW, then the teacher EMA at
+    the schedule's momentum of the updated student. Short schedules (4 steps) make the
+    temperature warm-up and the momentum ramp move at every step."""
+    cfg = load_config("tiny_cpu", ["model.head.prototypes=128", "optim.warmup_epochs=0",
+                                   "optim.official_epoch_length=4", "optim.epochs=1",
+                                   "optim.freeze_last_layer_epochs=0",
+                                   "optim.warmup_teacher_temp=0.03", "optim.teacher_temp=0.07",
+                                   "optim.momentum_teacher=0.5", "optim.clip_grad=0.05"])
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, None, init_distributed("cpu"))
+    model = copy.deepcopy(trainer.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    parts = (model.student["backbone"], model.student["head"], model.pmm)
+    temps, momenta, clipped = [], [], []
+    for it, seed in enumerate((0, 1, 2)):
+        batch = _small_batch(seed)
+        values = trainer.schedules.at(it)
+        temps.append(values["teacher_temp"])
+        momenta.append(values["momentum"])
+        apply_schedules(optimizer, trainer.schedules, it)
+        optimizer.zero_grad(set_to_none=True)
+        expected = model.forward_losses(batch, values["teacher_temp"])
+        expected["total"].backward()
+        norms = [torch.nn.utils.clip_grad_norm_(part.parameters(), 0.05) for part in parts]
+        clipped.append(min(float(n) for n in norms) > 0.05)
+        optimizer.step()
+        with torch.no_grad():
+            for teacher, student in zip(model.teacher.parameters(), model.student.parameters()):
+                teacher.mul_(values["momentum"]).add_(student, alpha=1.0 - values["momentum"])
+
+        got, _ = trainer.step(it, batch)
+        for term, value in expected.items():
+            assert float(got[term]) == pytest.approx(float(value), rel=1e-6, abs=1e-8), (it, term)
+        mine, theirs = trainer.model.state_dict(), model.state_dict()
+        for name, value in theirs.items():
+            assert torch.allclose(mine[name], value, rtol=1e-6, atol=1e-9), (it, name)
+    assert len(set(temps)) == 3 and len(set(momenta)) == 3      # both schedules move
+    assert all(clipped)                                         # clipping is active
