@@ -294,7 +294,8 @@ def test_step_is_schedules_loss_clip_adamw_then_ema():
 
         got, _ = trainer.step(it, batch)
         for term, value in expected.items():
-            assert float(got[term]) == pytest.approx(float(value), rel=1e-6, abs=1e-8), (it, term)
+            assert float(got[term].detach()) == pytest.approx(float(value.detach()), rel=1e-6,
+                                                          abs=1e-8), (it, term)
         mine, theirs = trainer.model.state_dict(), model.state_dict()
         for name, value in theirs.items():
             assert torch.allclose(mine[name], value, rtol=1e-6, atol=1e-9), (it, name)
