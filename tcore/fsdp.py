@@ -5,7 +5,7 @@ backbone, then each backbone, each DINO head, the PMM, and the TCoRe model as th
 Student and teacher are sharded alike (same units, same mesh, dim-0 shards), so the teacher
 EMA pairs each local student shard with the matching local teacher shard and needs no
 communication. Buffers (the DINO centers) are not sharded; they stay all-reduced in
-`TCoRe._update_center`.
+`losses.update_center`.
 
 FSDP2 gathers a unit's parameters around `forward` only; the backbones are called through
 `forward_features` and the root through `forward_losses`, so those methods are registered

@@ -6,6 +6,7 @@ synchronisation and no boolean-mask indexing, so they can sit inside a compiled 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 KOLEO_EPS = 1e-8  # DINOv2's KoLeo epsilon (normalisation, pairwise distance and log)
@@ -14,6 +15,20 @@ KOLEO_EPS = 1e-8  # DINOv2's KoLeo epsilon (normalisation, pairwise distance and
 def softmax_centered(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
     """Teacher targets: ``softmax((t - center) / T_t)`` over prototypes."""
     return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> None:
+    """center <- momentum * center + (1 - momentum) * batch mean of ``logits``, in place.
+
+    Across ranks the batch mean is the mean of the ranks' means (DINOv2's rule, which the
+    reference builds on): for the cls center every rank has the same count; for the masked
+    patch center the counts differ, and each rank's mean still weighs the same."""
+    batch_mean = logits.float().mean(dim=0, keepdim=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_mean)
+        batch_mean /= dist.get_world_size()
+    center.mul_(momentum).add_(batch_mean, alpha=1.0 - momentum)
 
 
 def cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -107,5 +122,5 @@ def past_future_loss(past_logits: torch.Tensor, future_logits: torch.Tensor) -> 
     return F.mse_loss(past_logits.float(), future_logits.float())
 
 
-__all__ = ["KOLEO_EPS", "softmax_centered", "cross_entropy", "dino_global_loss", "dino_local_loss",
+__all__ = ["KOLEO_EPS", "softmax_centered", "update_center", "cross_entropy", "dino_global_loss", "dino_local_loss",
            "dino_loss", "swap_crops", "koleo", "koleo_loss", "masked_patch_loss", "past_future_loss"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from tcore import losses
@@ -135,16 +134,6 @@ class TCoRe(nn.Module):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def _update_center(self, center: torch.Tensor, logits: torch.Tensor) -> None:
-        """center <- m * center + (1 - m) * batch mean of ``logits`` (all-reduced across ranks)."""
-        batch_mean = logits.float().mean(dim=0, keepdim=True)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_mean)
-            batch_mean /= dist.get_world_size()
-        momentum = self.loss_cfg["center_momentum"]
-        center.mul_(momentum).add_(batch_mean, alpha=1.0 - momentum)
-
-    @torch.no_grad()
     def _teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, teacher_temp: float):
         """Centred teacher probabilities: cls [2B, K] in crop order, masked patches [M, K]."""
         tokens = self.teacher["backbone"].forward_features(global_crops)
@@ -155,9 +144,9 @@ class TCoRe(nn.Module):
         cls_logits, patch_logits = logits.split([n_crops, n_masked])
         cls_probs = losses.softmax_centered(cls_logits, self.center_cls, teacher_temp)
         patch_probs = losses.softmax_centered(patch_logits, self.center_patch, teacher_temp)
-        self._update_center(self.center_cls, cls_logits)
+        losses.update_center(self.center_cls, cls_logits, self.loss_cfg["center_momentum"])
         if n_masked:
-            self._update_center(self.center_patch, patch_logits)
+            losses.update_center(self.center_patch, patch_logits, self.loss_cfg["center_momentum"])
         return cls_probs, patch_probs
 
     @torch.no_grad()
