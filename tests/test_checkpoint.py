@@ -1,5 +1,6 @@
 """Atomic checkpoint writes and keep-last-K pruning; written files get the umask's mode."""
 import os
+import random
 import stat
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from tcore.checkpoint import (CheckpointError, TMP_PREFIX, atomic_torch_save, latest_checkpoint,
                               list_checkpoints, load_checkpoint, remove_stale_temporaries,
-                              save_checkpoint)
+                              rng_state, save_checkpoint, set_rng_state)
 
 
 class ExplodesWhenPickled:
@@ -82,3 +83,43 @@ def test_outputs_get_the_umask_mode_not_the_temporary_files_0600(tmp_path, umask
         os.umask(previous)
     modes = {Path(p).name: stat.S_IMODE(os.stat(p).st_mode) for p in written}
     assert modes == {name: 0o666 & ~umask for name in modes}
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle that, loaded without weights_only, would create a directory (code run on load)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_loading_runs_no_code_from_the_file(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "checkpoint-00000001.pt"
+    torch.save({"step": 1, "payload": RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(CheckpointError, match="checkpoint-00000001.pt: cannot read checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def _draws():
+    return (random.random(), random.getrandbits(64), np.random.standard_normal(3).tolist(),
+            np.random.randint(0, 2**31, 4).tolist(), torch.rand(4).tolist())
+
+
+def test_rng_state_survives_a_checkpoint_and_restores_every_generator(tmp_path):
+    """python, numpy (its position in the key and the cached second normal included) and
+    torch: after a round trip through a checkpoint the same numbers come out again."""
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    np.random.standard_normal()      # leaves a cached normal and the key position moved
+    random.random()
+    torch.rand(3)
+    save_checkpoint(tmp_path, 1, {"rng": rng_state()}, keep_last=1)
+    expected = _draws()
+    _draws()                          # move every generator on
+    set_rng_state(load_checkpoint(latest_checkpoint(tmp_path))["rng"])
+    assert _draws() == expected
