@@ -78,6 +78,21 @@ def test_overrides_apply_and_round_trip(tmp_path):
     (["data.current_range[0]=0.1"], "a list is set whole"),
     (["train=3"], "train is a section: set its keys"),
     (["data.pipeline=[1,2]"], "a list and a mapping do not merge"),
+    (["data.batch_sise_per_gpu=4"], "unknown key data.batch_sise_per_gpu"),   # data is strict
+    (["optim.scaling_rule=linear"], "optim.scaling_rule must be sqrt_wrt_1024 or none"),
+    (["optim.final_momentum_teacher=0.9"], "optim.momentum_teacher <= optim.final_momentum"),
+    (["train.parallel=deepspeed"], "train.parallel must be ddp or fsdp"),
+    (["train.device=tpu"], "train.device must be auto, cpu or cuda"),
+    (["train.checkpoint_every=0"], "train.checkpoint_every must be an integer > 0"),
+    (["train.log_every=0"], "train.log_every must be an integer > 0"),
+    (["data.current_range=[0.6,0.4]"], "data.current_range must satisfy 0 <= low <= high"),
+    (["train.compile=maybe"], "train.compile must be true or false"),
+    (["optim.warmup_teacher_temp_epochs=-1"], "optim.warmup_teacher_temp_epochs must be an"),
+    (["optim.official_epoch_length=0"], "optim.official_epoch_length must be an integer > 0"),
+    (["optim.epochs=2.5"], "optim.epochs must be an integer > 0"),
+    (["optim.clip_grad=-1"], "optim.clip_grad must be a number >= 0"),
+    (["optim.teacher_temp=-0.07"], "optim.teacher_temp must be a number >= 0"),
+    (["train.compile_backend="], "train.compile_backend must be a torch.compile backend"),
 ])
 def test_bad_overrides_are_named(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -104,6 +119,8 @@ def test_a_bad_value_is_blamed_on_the_override_that_set_it(tmp_path):
 def test_bad_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="no such file and no preset"):
         load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="no such file and no preset"):
+        load_config("base")              # the defaults presets merge over, not a preset
     broken = tmp_path / "broken.yaml"
     broken.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: cannot parse YAML"):
