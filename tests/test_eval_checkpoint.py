@@ -34,8 +34,20 @@ def test_training_checkpoint_gives_the_ema_teacher(tiny_tcore, tmp_path):
     backbone = load_eval_backbone(path, arch="vit_tiny")
     images = torch.randn(2, 3, 48, 64)
     assert not backbone.training
+    assert not any(p.requires_grad for p in backbone.parameters())       # frozen
     torch.testing.assert_close(backbone.forward_features(images)["patch"],
                                teacher_tokens(tiny_tcore, images))
+    # --arch of another width is refused, naming both widths.
+    with pytest.raises(ValueError, match=r"backbone width 192 does not match --arch vit_small "
+                                         r"\(384\)"):
+        load_eval_backbone(path, arch="vit_small")
+
+
+def test_random_baseline_is_seeded():
+    from tcore.eval.checkpoint import random_backbone
+    first, again, other = (random_backbone("vit_tiny", seed=s).state_dict() for s in (0, 0, 1))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
 
 
 def test_teacher_safetensors(tiny_tcore, tmp_path):
