@@ -3,25 +3,29 @@ gives the uninterrupted run's losses step for step; NaN stops the run; torch.com
 eager's losses; CLI errors name the problem."""
 import copy
 import math
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from omegaconf import OmegaConf
 
 from tcore.checkpoint import list_checkpoints, load_checkpoint
 from tcore.cli import main as cli
 from tcore.config import ConfigError, load_config
 from tcore.distributed import init_distributed
 from tcore.preprocess.shards import build_shards
-from tcore.metrics_log import NonFiniteLossError, read_metrics
+from tcore.metrics_log import read_metrics
 from tcore.optim import apply_schedules, build_optimizer
+from tcore.schedules import build_schedules
 from tcore.synthetic_batch import make_synthetic_batch
-from tcore.train import Trainer, read_losses, train
+from tcore.train import Trainer, check_resumable_config, read_losses, resolve_precision, train
 
 STEPS = 6
 FAST = ["train.log_every=1", "model.head.prototypes=256", "data.batch_size_per_gpu=4"]
@@ -88,20 +92,26 @@ def test_kill9_then_resume_matches_uninterrupted_run(synth_shards, tmp_path):
 
 def test_nan_loss_stops_with_step_and_term(synth_shards, tmp_path):
     # lr 0 at step 1 (warm-up start), then an absurd lr: the weights overflow and the next
-    # forward is NaN/inf. The run must stop there, naming the step and the loss term.
-    cfg = load_config("tiny_cpu", FAST + ["optim.base_lr=1e30", "optim.scaling_rule=none"])
-    with pytest.raises(NonFiniteLossError) as info:
-        train(cfg, synth_shards, tmp_path / "nan", max_steps=STEPS, checkpoint_every=1,
-              progress=False)
-    error = info.value
-    assert 2 <= error.step <= STEPS and not math.isfinite(error.value)
-    assert f"step {error.step}" in str(error) and error.term in str(error)
-    assert error.term in ("dino", "koleo", "patch_past", "patch_future", "past_future", "total")
+    # forward is NaN/inf. The run must stop there, naming the step and the loss term, with
+    # exit status 3. Checkpoints come every step but logs rarely: the losses are checked at
+    # every checkpoint step all the same, so no checkpoint of NaN weights is written.
+    result = CliRunner().invoke(cli, ["train", "--config", "tiny_cpu", "--data",
+                                      str(synth_shards), "--output", str(tmp_path / "nan"),
+                                      "--max-steps", str(STEPS), "--checkpoint-every", "1",
+                                      "--no-progress", *FAST, "train.log_every=1000",
+                                      "optim.base_lr=1e30", "optim.scaling_rule=none"])
+    assert result.exit_code == 3, result.output
+    found = re.search(r"non-finite loss at step (\d+): (\w+) = (\S+); ", result.output)
+    assert found, result.output
+    step, term, value = int(found[1]), found[2], float(found[3])
+    assert 2 <= step <= STEPS and not math.isfinite(value)
+    assert term in ("dino", "koleo", "patch_past", "patch_future", "past_future", "total")
     # Only checkpoints from before the bad step exist, and they hold finite weights.
     saved = list_checkpoints(tmp_path / "nan" / "checkpoints")
-    assert saved and all(step < error.step for step, _ in saved)
+    assert saved and all(s < step for s, _ in saved)
+    assert f"last good checkpoint: {saved[-1][1]}" in result.output
     logged = read_losses(tmp_path / "nan")                   # finite steps before it are logged
-    assert sorted(logged) == list(range(1, error.step))
+    assert sorted(logged) == list(range(1, step))
     weights = load_checkpoint(saved[-1][1])["model"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
@@ -158,9 +168,23 @@ def test_compiled_step_compiles_once_for_every_masked_token_count():
 
 def test_resume_in_another_precision_is_refused_and_stale_export_removed(synth_shards, tmp_path):
     cfg = load_config("tiny_cpu", FAST + ["train.precision=fp32"])
+    given = copy.deepcopy(cfg)
     run = tmp_path / "run"
-    train(cfg, synth_shards, run, max_steps=2, checkpoint_every=2, progress=False)
+    first = train(cfg, synth_shards, run, max_steps=2, checkpoint_every=2, progress=False)
+    assert cfg == given                                 # the caller's config is left as it was
     assert not list(run.glob(".tmp-*"))
+    # The export is the EMA teacher's backbone of the last checkpoint (not the student's).
+    from safetensors.torch import load_file
+    model = load_checkpoint(first.last_checkpoint)["model"]
+    exported = load_file(first.teacher_export)
+    assert first.teacher_export == run / "teacher_backbone.safetensors"
+    assert exported and all(torch.equal(v, model[f"teacher.{k}"])
+                            for k, v in exported.items())
+    assert not all(torch.equal(v, model[f"student.{k}"]) for k, v in exported.items())
+    # What a run killed after step 3 was logged leaves: a record the resumed run redoes, and
+    # a line cut short.
+    with open(run / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "loss/total": 123.0}\n{"step": 4, "loss/to')
     stale = run / ".tmp-teacher_backbone.safetensors"      # as a crash mid-export leaves it
     stale.write_bytes(b"partial")
     other = load_config("tiny_cpu", FAST + ["train.precision=bf16"])
@@ -172,6 +196,8 @@ def test_resume_in_another_precision_is_refused_and_stale_export_removed(synth_s
     done = train(cfg, synth_shards, run, resume=True, max_steps=4, checkpoint_every=2,
                  progress=False)
     assert (done.start_step, done.end_step) == (2, 4)
+    logged = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and logged[2]["loss/total"] != 123.0
 
 
 def test_resume_names_a_changed_key_and_refuses_other_shards(synth_root, synth_shards,
@@ -184,6 +210,8 @@ def test_resume_names_a_changed_key_and_refuses_other_shards(synth_root, synth_s
     changed = load_config("tiny_cpu", FAST[:2] + ["data.batch_size_per_gpu=2"])
     with pytest.raises(ConfigError, match=r"data\.batch_size_per_gpu: 4 -> 2"):
         train(changed, synth_shards, run, resume=True, max_steps=4, progress=False)
+    # The run directory keeps the run's config, not the refused one.
+    assert OmegaConf.load(run / "config.yaml").data.batch_size_per_gpu == 4
     # The same videos sharded differently are other shards: the reader's position in them
     # would mean other samples.
     other = tmp_path / "other"
@@ -215,8 +243,11 @@ def test_cli_says_when_the_schedule_ends_before_max_steps(synth_shards, tmp_path
     assert result.exit_code == 0, result.output
     assert "trained steps 1..4" in result.output
     assert "the schedule ends at step 4" in result.output and "--max-steps 6" in result.output
+    export = tmp_path / "run" / "teacher_backbone.safetensors"
+    export.unlink()                           # nothing left to train: the export is written
     again = CliRunner().invoke(cli, args + ["--resume"])
     assert again.exit_code == 0 and "is at step 4 already" in again.output
+    assert export.stat().st_size > 0
 
 
 def test_cli_errors_name_the_problem(synth_shards, tmp_path):
@@ -238,8 +269,9 @@ def test_cli_errors_name_the_problem(synth_shards, tmp_path):
     existing.mkdir(parents=True)
     (existing / "checkpoint-00000002.pt").write_bytes(b"x")
     result = runner.invoke(cli, ["train", "--data", str(synth_shards), "--output",
-                                 str(tmp_path / "existing")])
-    assert result.exit_code != 0 and "--resume" in result.output
+                                 str(tmp_path / "existing"), "--max-steps", "1", *FAST])
+    assert result.exit_code != 0 and "already holds checkpoints; pass --resume" in result.output
+    assert (existing / "checkpoint-00000002.pt").read_bytes() == b"x"      # nothing trained
 
 
 def test_two_process_gloo_run_through_torchrun(synth_shards, tmp_path):
@@ -256,7 +288,18 @@ def test_two_process_gloo_run_through_torchrun(synth_shards, tmp_path):
     assert state["world_size"] == 2
     assert [s["shard_id"] for s in state["loader"]] == [0, 1]
     assert [s["batches_seen"] for s in state["loader"]] == [2, 2]
-    assert len(read_losses(out)) == 2
+    # Each rank seeds its own torch generator (train.seed + rank): stochastic depth and any
+    # other draw differ between ranks.
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    # Rank 0 alone writes the logs: one record per step, one TensorBoard event file.
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert len(list((out / "tensorboard").iterdir())) == 1
+    # lr is scaled by the global batch, 2 x 4 (METHOD.md section 6); step 2 logs it=1's values.
+    cfg = load_config("tiny_cpu", FAST + ["data.num_threads=1"])
+    logged = read_metrics(out / "metrics.jsonl")[-1]
+    assert logged["step"] == 2
+    assert logged["sched/lr"] == pytest.approx(build_schedules(cfg.optim, 8).at(1)["lr"], rel=1e-9)
+    assert logged["sched/lr"] != pytest.approx(build_schedules(cfg.optim, 4).at(1)["lr"])
 
 
 def test_step_is_schedules_loss_clip_adamw_then_ema():
@@ -301,3 +344,47 @@ def test_step_is_schedules_loss_clip_adamw_then_ema():
             assert torch.allclose(mine[name], value, rtol=1e-6, atol=1e-9), (it, name)
     assert len(set(temps)) == 3 and len(set(momenta)) == 3      # both schedules move
     assert all(clipped)                                         # clipping is active
+
+
+def test_resume_refuses_changed_model_loss_data_optim_but_not_train():
+    """METHOD.md section 6: the schedules, losses, data and model of a run are its recipe; only
+    `train` (logging, checkpoint interval, ...) may change on resumption."""
+    cfg = load_config("tiny_cpu", ["model.head.prototypes=128"])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    source = Path("checkpoint-00000002.pt")
+    for override, named in (("optim.base_lr=0.001", "optim.base_lr: 0.016 -> 0.001"),
+                            ("model.drop_path=0.1", "model.drop_path: 0.0 -> 0.1"),
+                            ("loss.koleo_weight=0.2", "loss.koleo_weight: '<unset>' -> 0.2"),
+                            ("data.num_threads=1", "data.num_threads: 2 -> 1")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            check_resumable_config(load_config("tiny_cpu", ["model.head.prototypes=128",
+                                                            override]), saved, source)
+    check_resumable_config(load_config("tiny_cpu", ["model.head.prototypes=128",
+                                                    "train.log_every=1", "train.keep_last=5",
+                                                    "train.checkpoint_every=7"]), saved, source)
+    many = [f"optim.{k}=0.5" for k in ("base_lr", "min_lr", "weight_decay", "layer_decay",
+                                       "patch_embed_lr_mult", "pmm_lr_mult", "clip_grad")]
+    with pytest.raises(ConfigError, match=r"optim\.base_lr: .*; and 2 more\); resume") as info:
+        check_resumable_config(load_config("tiny_cpu", ["model.head.prototypes=128"] + many),
+                               saved, source)
+    assert str(info.value).count(" -> 0.5") == 5               # the first five are listed
+
+
+def test_checkpoint_checks_before_loading_world_size_precision_layout():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    torch.manual_seed(0)
+    trainer = Trainer(load_config("tiny_cpu", ["model.head.prototypes=128"]), None,
+                      init_distributed("cpu"))
+    source = Path("checkpoint-00000002.pt")
+    with pytest.raises(ConfigError, match="written by 2 processes, resuming with 1"):
+        trainer.load_state_dict({"world_size": 2, "precision": "fp32"}, source)
+    # Checkpoints from before the precision was saved: a gradient scaler's state means fp16.
+    fp16_scaler = torch.amp.GradScaler("cpu", enabled=True).state_dict()
+    with pytest.raises(ConfigError, match="trained in fp16, but this run computes in fp32"):
+        trainer.load_state_dict({"world_size": 1, "scaler": fp16_scaler}, source)
+    # Without one it was bf16 or fp32, which an fp32 run continues: the next check (the
+    # backbone layout) is what refuses this one.
+    old_layout = {"student.backbone.cls_token": torch.zeros(1, 1, 192)}
+    with pytest.raises(ConfigError, match="written by an earlier tcore"):
+        trainer.load_state_dict({"world_size": 1, "scaler": {}, "model": old_layout}, source)
