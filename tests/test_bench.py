@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,15 @@ def test_step_flops_scale_with_the_batch():
     assert two / 2 == pytest.approx(one, rel=0.25)
     # The backend is restored after counting with explicit-matmul attention.
     assert {layer.backend for layer in trainer.model.modules() if hasattr(layer, "backend")} == {"sdpa"}
+    # Forward and backward are both counted: the backward costs about twice the student's
+    # share of the forward and the teacher has none (here 1.69x the forward alone; the
+    # count is exact, the batch seeded), never more than 3x.
+    from tcore.models.attention import set_attention_backend
+
+    set_attention_backend(trainer.model, "math")
+    batch = make_synthetic_batch(1, device, n_local=1, global_size=64, local_size=32)
+    forward = count_flops(lambda: trainer.model.forward_losses(batch, 0.07))
+    assert 1.3 * forward < one <= 3 * forward
 
 
 def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path):
@@ -491,3 +501,137 @@ def test_settings_labels_show_overrides_only_when_set():
     assert settings_label(plain, LABEL_KEYS["data"]) == "loader=dali device=cuda threads=16 batch=64"
     jitter = dict(plain, overrides="views.color_jitter=fast")
     assert settings_label(jitter, LABEL_KEYS["data"]).endswith(" overrides=views.color_jitter=fast")
+# ---- the arithmetic behind the figures, on a clock that moves only when told ---------------
+#
+# Timing on a shared CPU is noise, so these tests put a `FakeClock` where a bench module reads
+# `time.perf_counter` (that module's own name `time`, nothing global) and make the work itself
+# move it by known amounts: every figure is then an exact function of those amounts.
+
+class FakeClock:
+    """`time.perf_counter` as arithmetic: `advance` moves it; each read also moves it by
+    `tick * k` for the k-th read (so that no two intervals read the same)."""
+
+    def __init__(self, tick: float = 0.0):
+        self.now, self.tick, self.reads = 0.0, tick, 0
+
+    def perf_counter(self) -> float:
+        value = self.now
+        self.reads += 1
+        self.now += self.tick * self.reads
+        return value
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_time_repeats_times_only_the_repeats_with_the_device_synchronised(monkeypatch):
+    from tcore.bench import stats
+
+    clock = FakeClock()
+    monkeypatch.setattr(stats, "time", clock)
+    costs = iter([100.0] * 3 + [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])   # 3 warm-up calls, then 3 x 2
+    synced = []
+
+    def synchronize():   # the queued device work of the calls so far finishes: 0.5 s
+        synced.append(clock.now)
+        clock.advance(0.5)
+
+    seconds = time_repeats(lambda: clock.advance(next(costs)), warmup=3, repeats=3,
+                           iterations=2, synchronize=synchronize)
+    # Per call: the repeat's two calls and its closing synchronisation, over 2. The warm-up
+    # (300 s) is in no repeat; the device is synchronised after the warm-up and in each repeat.
+    assert seconds == [(1 + 2 + 0.5) / 2, (3 + 4 + 0.5) / 2, (5 + 6 + 0.5) / 2]
+    assert len(synced) == 1 + 3
+
+
+def test_matmul_peak_is_the_best_round_of_2n3_flops(monkeypatch):
+    from tcore.bench import stats
+
+    reads = iter([0.0, 2.0, 10.0, 11.0, 20.0, 24.0])   # rounds of 2, 1 and 4 s
+    monkeypatch.setattr(stats, "time", types.SimpleNamespace(perf_counter=lambda: next(reads)))
+    peak = measure_matmul_peak(torch.device("cpu"), torch.float32, size=8, repeats=3, iterations=2)
+    # 2 * 8^3 FLOPs per product, 2 products per round: 1.0, 0.5 and 2.0 s per product.
+    assert peak["flops_per_s"] == 2 * 8**3 / 0.5            # the best round
+    assert peak["median_flops_per_s"] == 2 * 8**3 / 1.0     # the median round
+    assert (peak["size"], peak["dtype"], peak["repeats"], peak["iterations"]) == (8, "float32", 3, 2)
+
+
+def test_mfu_is_measured_against_the_dtype_the_readme_names():
+    from tcore.bench.flops import peak_dtype_for
+    from tcore.bench.model import measured_peak
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    # On a GPU: the bf16 tensor-core rate (fp16 for fp16 runs), fp32 steps included.
+    assert [peak_dtype_for(p, gpu) for p in ("fp32", "bf16", "fp16")] == [
+        torch.bfloat16, torch.bfloat16, torch.float16]
+    # On the CPU: the step's own dtype.
+    assert [peak_dtype_for(p, cpu) for p in ("fp32", "bf16", "fp16")] == [
+        torch.float32, torch.bfloat16, torch.float16]
+    # The per-process peak cache keeps dtypes apart: an fp32 and a bf16 run of a --compare
+    # are each measured against their own peak.
+    assert measured_peak(cpu, torch.float32, 32)["dtype"] == "float32"
+    assert measured_peak(cpu, torch.bfloat16, 32)["dtype"] == "bfloat16"
+
+
+def test_bench_model_figures_follow_from_the_timed_steps(monkeypatch):
+    """Warm-up untimed, the device synchronised in each repeat, samples/s = batch / step
+    time, MFU = FLOPs per step / step time / the reported peak, CPU time per sample."""
+    from tcore.bench import model as bench_model
+    from tcore.bench import run_bench, stats
+    from tcore.train import Trainer
+
+    clock = FakeClock(tick=2.0**-20)
+    monkeypatch.setattr(stats, "time", clock)
+    monkeypatch.setattr(bench_model, "_PEAKS", {})   # measured on this clock, not cached
+    # Each step moves the clock: the warm-up step 100 s, the timed ones 1, 2, 3, 4 s.
+    costs, real_step = iter([100.0, 1.0, 2.0, 3.0, 4.0]), Trainer.step
+
+    def step(self, it, batch):
+        clock.advance(next(costs))
+        return real_step(self, it, batch)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(bench_model, "synchronizer", lambda device: lambda: clock.advance(0.25))
+    cpu_reads = iter([10.0, 16.0])
+    monkeypatch.setattr(bench_model, "process_tree_cpu_seconds", lambda: next(cpu_reads))
+    settings = bench_model.ModelBenchSettings(
+        arch="vit_tiny", batch=2, precision="fp32", device="cpu", n_local=1, global_size=64,
+        local_size=32, warmup=1, repeats=2, steps=2, peak_size=32,
+        overrides="model.head.prototypes=256,model.head.hidden=128")
+    run = run_bench("model", settings)["runs"][0]
+    with pytest.raises(StopIteration):
+        next(costs)                                  # 1 warm-up + 2 repeats x 2 steps, no more
+    figures = run["figures"]
+    # A repeat: its 2 steps and the closing sync (and the clock's own tick, < 1e-4 s), over 2.
+    fast, slow = (1 + 2 + 0.25) / 2, (3 + 4 + 0.25) / 2
+    per_step = [figures["step_time"][k] for k in ("min", "median", "max")]
+    assert per_step == pytest.approx([fast, (fast + slow) / 2, slow], abs=1e-4)
+    # Per repeat, samples/s = batch / step time and MFU = FLOPs / step time / peak; the
+    # medians (of two repeats) are the means of the two.
+    rates = [2 / figures["step_time"]["max"], 2 / figures["step_time"]["min"]]
+    assert [figures["samples_per_s"][k] for k in ("min", "median", "max")] == pytest.approx(
+        [rates[0], sum(rates) / 2, rates[1]])
+    flops, peak = figures["flops_per_step"], figures["peak_flops_per_s"]
+    assert figures["flops_per_sample"] == flops / 2
+    assert figures["achieved_flops_per_s"] == pytest.approx(flops / figures["step_time"]["median"])
+    assert peak == run["details"]["peak_matmul"]["flops_per_s"] > run["details"]["peak_matmul"][
+        "median_flops_per_s"]
+    mfu = [flops / figures["step_time"]["max"] / peak, flops / figures["step_time"]["min"] / peak]
+    assert [figures["mfu"][k] for k in ("min", "median", "max")] == pytest.approx(
+        [mfu[0], sum(mfu) / 2, mfu[1]])
+    # CPU seconds over the timed steps (2 repeats x 2 steps x batch 2), per sample.
+    assert figures["cpu_seconds_per_sample"] == pytest.approx((16.0 - 10.0) / (2 * 2 * 2))
+
+
+def test_cpu_peak_memory_is_not_an_earlier_runs_peak():
+    from tcore.bench.model import cpu_peak_rss, peak_memory
+
+    cpu = torch.device("cpu")
+    # The process's peak RSS only grows: if it has not grown since the run began, the run's
+    # own peak is hidden under an earlier one and is not reported as if it were measured.
+    # Here an earlier run peaked 1 MiB above anything since.
+    assert peak_memory(cpu, cpu_peak_rss() + 2**20) == (None, "not measured")
+    before = cpu_peak_rss() - 2**20          # this run grew the peak by a MiB
+    grown, kind = peak_memory(cpu, before)
+    assert kind == "process_max_rss" and before < grown <= cpu_peak_rss()
+    assert peak_memory(cpu, None)[1] == "process_max_rss"
