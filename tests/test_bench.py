@@ -303,7 +303,33 @@ def test_step_flops_scale_with_the_batch():
     assert 1.3 * forward < one <= 3 * forward
 
 
-def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path):
+class CountingLoader:
+    """A real loader with the batches it hands out counted (`drawn`), and optionally the
+    clock moved by `costs` per batch; everything else passes through to it."""
+
+    def __init__(self, loader, clock=None, costs=()):
+        self._loader, self.drawn, self._clock, self._costs = loader, 0, clock, iter(costs)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def __iter__(self):
+        for batch in self._loader:
+            self.drawn += 1
+            if self._clock is not None:
+                self._clock.advance(next(self._costs))
+            yield batch
+
+
+def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path, monkeypatch):
+    from tcore.bench import data as bench_data
+
+    built, build = [], bench_data.build_named_loader
+    monkeypatch.setattr(bench_data, "build_named_loader",
+                        lambda *a, **k: built.append(CountingLoader(build(*a, **k))) or built[-1])
+    cpu_readings, cpu_seconds = [], bench_data.process_tree_cpu_seconds
+    monkeypatch.setattr(bench_data, "process_tree_cpu_seconds",
+                        lambda: cpu_readings.append(cpu_seconds()) or cpu_readings[-1])
     path = tmp_path / "data.json"
     output = run_cli(["bench", "data", "--data", str(synth_shards), "--loader", "both",
                       "--device", "cpu", "--threads", "1", "--batch", "2", "--seconds", "1",
@@ -322,9 +348,23 @@ def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path
         assert figures["overall_samples_per_s"] == pytest.approx(
             details["samples"] / details["measured_seconds"])
         assert figures["cpu_seconds_per_sample"] > 0
+        assert figures["batch_latency_p50"] == latency["median"]
+        assert figures["batch_latency_p90"] == latency["p90"]
+        assert figures["batch_latency_p99"] == latency["p99"]
         # Short windows are flagged; the clock starts only after the prefetched batches.
         assert bool(run["warnings"]) == (details["batches"] < 10)
-    assert report["runs"][0]["details"]["warmup_batches"] >= 3   # DALI: prefetch 2, + 1
+    # Every batch drawn was either a warm-up batch or a timed one; DALI's warm-up covers the
+    # batches its prefetch made before the clock started.
+    assert [loader.drawn for loader in built] == [
+        run["details"]["warmup_batches"] + run["details"]["batches"] for run in report["runs"]]
+    assert report["runs"][0]["details"]["warmup_batches"] >= built[0].prefetch + 1 >= 3
+    assert report["runs"][1]["details"]["warmup_batches"] == 1   # the baseline: as asked
+    # CPU seconds per *sample*: the process tree's CPU time over the timed batches (read just
+    # before and after them, once per run) over the samples in them.
+    assert len(cpu_readings) == 4
+    for run, (before, after) in zip(report["runs"], (cpu_readings[:2], cpu_readings[2:])):
+        assert run["figures"]["cpu_seconds_per_sample"] == pytest.approx(
+            (after - before) / run["details"]["samples"])
     # What "auto" resolved to is reported (CPU loader, the default torchvision jitter: CPU
     # decode, torch colour stage).
     assert report["runs"][0]["details"]["video_decode"] == "cpu"
@@ -369,6 +409,9 @@ def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
     assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
     assert run["settings"]["loader"] == "dali"
     assert 0 <= figures["data_wait_fraction"]["median"] < 1
+    # ... and the window's summed wait over its time: (mean wait) / (mean step time).
+    assert figures["data_wait_fraction"]["median"] == pytest.approx(
+        figures["data_wait"]["median"] / figures["step_time"]["median"])
     # One window of 2 steps of 2 samples: samples/s is 2 over the mean step time.
     assert figures["samples_per_s"]["median"] == pytest.approx(2 / figures["step_time"]["median"])
     assert figures["data_wait"]["n"] == 2
@@ -621,6 +664,86 @@ def test_bench_model_figures_follow_from_the_timed_steps(monkeypatch):
         [mfu[0], sum(mfu) / 2, mfu[1]])
     # CPU seconds over the timed steps (2 repeats x 2 steps x batch 2), per sample.
     assert figures["cpu_seconds_per_sample"] == pytest.approx((16.0 - 10.0) / (2 * 2 * 2))
+
+
+def test_time_batches_times_each_next_with_the_device_synchronised(monkeypatch):
+    from tcore.bench import data as bench_data
+
+    clock = FakeClock()
+    monkeypatch.setattr(bench_data, "time", clock)
+    monkeypatch.setattr(bench_data, "synchronizer", lambda device: lambda: clock.advance(0.5))
+    costs = [50.0, 50.0, 1.0, 2.0, 3.0, 4.0]      # 2 warm-up batches, then 4 timed ones
+
+    def batches():
+        for number, cost in enumerate(costs):
+            clock.advance(cost)
+            yield {"labels": torch.zeros(number + 1)}
+
+    latencies, sizes = bench_data.time_batches(batches(), seconds=10.0, warmup_batches=2,
+                                               device=torch.device("cpu"))
+    # Each next() and its sync; the loop stops at the first batch past 10 s of timing.
+    assert latencies == [1.5, 2.5, 3.5, 4.5] and sizes == [3, 4, 5, 6]
+
+
+def test_window_rates_are_samples_over_seconds_of_consecutive_batches():
+    from tcore.bench.data import window_rates
+
+    latencies, sizes = [1.0, 1.0, 2.0, 4.0, 1.0, 3.0], [2, 4, 2, 2, 3, 1]
+    assert window_rates(latencies, sizes, 3) == [6 / 2, 4 / 6, 4 / 4]
+    assert window_rates(latencies, sizes, 1) == [14 / 12]
+    assert window_rates(latencies[:2], sizes[:2], 5) == [2.0, 4.0]   # at most one per batch
+    assert window_rates(latencies[:5], sizes[:5], 2) == [6 / 2, 7 / 7]   # bounds 0, 2, 5
+
+
+def test_baseline_thread_budget_is_its_worker_processes(synth_shards):
+    from tcore.bench.data import build_named_loader, close_loader
+
+    loader = build_named_loader("baseline", str(synth_shards), torch.device("cpu"), 2, 4, 0)
+    try:
+        assert loader.loader.num_workers == 2 and loader.loader.batch_size == 4
+    finally:
+        close_loader(loader)
+
+
+def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeypatch):
+    """Warm-up untimed, the wait is next() alone, each window ends with a device sync:
+    step time, samples/s, data wait and its fraction per window, on a clock moved by the
+    real loader's batches and the real steps by known amounts."""
+    from tcore.bench import run_bench
+    from tcore.bench import train as bench_train
+    from tcore.train import Trainer
+
+    clock = FakeClock(tick=2.0**-20)
+    monkeypatch.setattr(bench_train, "time", clock)
+    monkeypatch.setattr(bench_train, "synchronizer", lambda device: lambda: clock.advance(0.25))
+    costs, real_step = iter([100.0, 1.0, 2.0]), Trainer.step   # warm-up step, then 2 timed
+
+    def step(self, it, batch):
+        clock.advance(next(costs))
+        return real_step(self, it, batch)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    built, build = [], bench_train.build_named_loader
+    monkeypatch.setattr(bench_train, "build_named_loader", lambda *a, **k: built.append(
+        CountingLoader(build(*a, **k), clock, [50.0, 0.5, 1.5])) or built[-1])
+    settings = bench_train.TrainBenchSettings(
+        data=str(synth_shards), arch="vit_tiny", batch=2, precision="fp32", device="cpu",
+        threads=1, warmup=1, steps=2, repeats=2, overrides=TINY_VIEWS)
+    run = run_bench("train", settings)["runs"][0]
+    assert built[0].drawn == 3
+    with pytest.raises(StopIteration):
+        next(costs)
+    figures = run["figures"]
+
+    def extremes(name):
+        return [figures[name]["min"], figures[name]["max"]]
+
+    # Window 1: wait 0.5 + step 1 + sync 0.25; window 2: 1.5 + 2 + 0.25 (one step each).
+    assert extremes("step_time") == pytest.approx([1.75, 3.75], abs=1e-4)
+    assert extremes("data_wait") == pytest.approx([0.5, 1.5], abs=1e-4)
+    assert extremes("samples_per_s") == pytest.approx([2 / 3.75, 2 / 1.75], rel=1e-4)
+    assert extremes("data_wait_fraction") == pytest.approx([0.5 / 1.75, 1.5 / 3.75], rel=1e-4)
+    assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
 
 
 def test_cpu_peak_memory_is_not_an_earlier_runs_peak():
