@@ -544,6 +544,8 @@ def test_settings_labels_show_overrides_only_when_set():
     assert settings_label(plain, LABEL_KEYS["data"]) == "loader=dali device=cuda threads=16 batch=64"
     jitter = dict(plain, overrides="views.color_jitter=fast")
     assert settings_label(jitter, LABEL_KEYS["data"]).endswith(" overrides=views.color_jitter=fast")
+
+
 # ---- the arithmetic behind the figures, on a clock that moves only when told ---------------
 #
 # Timing on a shared CPU is noise, so these tests put a `FakeClock` where a bench module reads
@@ -705,6 +707,119 @@ def test_baseline_thread_budget_is_its_worker_processes(synth_shards):
         close_loader(loader)
 
 
+# ---- what the terminal shows ---------------------------------------------------------------
+
+def test_terminal_values_carry_their_units():
+    from tcore.bench.report import format_figure, format_value, scalar_unit
+
+    assert format_value(0.0123, "s") == "12.30 ms" and format_value(2.5, "s") == "2.50 s"
+    assert format_value(0.225, "fraction") == "22.5%"
+    assert format_value(1000 * 2**20, "bytes") == "1000 MiB"
+    assert format_value(2.5e9, "flops") == "2.50 GFLOP"
+    assert format_value(4.2e14, "flops_per_s") == "420.00 TFLOP/s"
+    # The spread is the IQR, shown as ± half of it (README); none for a single value.
+    figure = summarize([0.010, 0.012, 0.014, 0.016, 0.018], "s").as_dict()
+    assert format_figure(figure) == "14.00 ms ± 2.00 ms"
+    assert format_figure(summarize([0.5], "fraction").as_dict()) == "50.0%"
+    assert [scalar_unit(n) for n in ("batch_latency_p90", "cpu_seconds_per_sample",
+                                      "build_and_warmup_seconds", "peak_flops_per_s",
+                                      "flops_per_sample", "data_wait_fraction")] == [
+        "s", "s", "s", "flops_per_s", "flops", "fraction"]
+
+
+def test_report_labels_each_run_with_its_own_resolved_settings():
+    def run(attention, resolved, rate, mfu):
+        return {"kind": "model", "settings": {"arch": "vit_small", "batch": 64, "attention": attention,
+                                              "precision": "auto", "device": "cuda", "overrides": ""},
+                "figures": {"samples_per_s": summarize([rate], "samples/s").as_dict(),
+                            "mfu": summarize([mfu], "fraction").as_dict()},
+                "details": {"attention_resolved": resolved, "precision_resolved": "bf16"},
+                "environment": {"device_name": "H100"}}
+
+    report = build_report([run("auto", "xformers", 500.0, 0.2), run("math", "math", 125.0, 0.05)])
+    lines = format_report(report).splitlines()
+    assert lines[0] == ("[bench model] arch=vit_small batch=64 attention=auto->xformers "
+                        "precision=auto->bf16 device=cuda  on H100")
+    second = next(line for line in lines[1:] if line.startswith("[bench model]"))
+    assert "attention=math precision=auto->bf16" in second and "->math" not in second
+    assert lines[-1] == "ratio samples_per_s first/second = 4.000  (attention: auto vs math)"
+    from tcore.bench.report import format_summary_table
+
+    table = format_summary_table({"r": report}).splitlines()
+    assert "MFU 20.0%" in table[2] and "500.0" in table[2] and "MFU 5.0%" in table[3]
+    assert table[4].split()[-1] == "4.000"
+
+
+# ---- target verdicts at their thresholds ---------------------------------------------------
+
+def verdicts(*runs: dict) -> dict:
+    from tcore.bench.targets import check_targets
+
+    return {c.name: c for c in check_targets({"r": {"runs": list(runs)}})}
+
+
+def test_targets_pass_at_their_thresholds_and_miss_below():
+    small = dict(arch="vit_small", attention="xformers", precision="bf16")
+    slow = gpu_result("model", 100.0, 0.01, arch="vit_small", attention="math", precision="fp32")
+    # MFU >= 35% (ViT-S) and >= 45% (ViT-B); bf16 >= 3x eager fp32 math; DALI GPU >= 2x the
+    # ViT-S step; end to end >= 95%: exactly at each threshold passes.
+    at = verdicts(gpu_result("model", 300.0, 0.35, **small), slow,
+                  gpu_result("model", 100.0, 0.45, arch="vit_base", attention="xformers", precision="bf16"),
+                  gpu_result("data", 600.0, loader="dali", data="s", threads=8),
+                  gpu_result("train", 285.0, **small))
+    assert at["MFU vit_small bf16 batch 64"].passed is True
+    assert at["MFU vit_base bf16 batch 64"].passed is True
+    assert at["vit_small best bf16 / eager fp32 math"].passed is True
+    assert at["DALI GPU / ViT-S step samples/s"].passed is True
+    assert at["end to end / model-only samples/s"].passed is True
+    below = verdicts(gpu_result("model", 299.0, 0.349, **small), slow,
+                     gpu_result("data", 597.0, loader="dali", data="s", threads=8),
+                     gpu_result("train", 284.0, **small))
+    assert below["MFU vit_small bf16 batch 64"].passed is False
+    assert below["vit_small best bf16 / eager fp32 math"].passed is False
+    assert below["DALI GPU / ViT-S step samples/s"].passed is False
+    assert below["end to end / model-only samples/s"].passed is False
+    # On the CPU, DALI >= 1.5x the baseline loader on the same data, threads and batch.
+    cpu = dict(device="cuda", data="a", threads=2, batch=8)
+    for dali, passed in ((15.0, True), (14.9, False)):
+        runs = [gpu_result("data", dali, loader="dali", **cpu),
+                gpu_result("data", 10.0, loader="baseline", **cpu)]
+        for run in runs:
+            run["environment"] = {"device": "cpu", "device_name": "test cpu"}
+        assert verdicts(*runs)["DALI CPU / baseline loader samples/s"].passed is passed
+
+
+def test_targets_leave_out_runs_that_did_other_work():
+    small = dict(arch="vit_small", attention="xformers", precision="bf16")
+    # Batch 32, a CPU run and another GPU's run would all pass the MFU target: none counts.
+    small_batch = gpu_result("model", 900.0, 0.9, **{**small, "batch": 32})
+    on_cpu = gpu_result("model", 900.0, 0.9, **small)
+    on_cpu["environment"] = {"device": "cpu", "device_name": "test cpu"}
+    repeats = gpu_result("model", 300.0, 0.30, **small)
+    repeats["figures"]["mfu"].update(min=0.2, max=0.5)    # the median over repeats counts
+    checks = verdicts(small_batch, on_cpu, repeats)
+    mfu = checks["MFU vit_small bf16 batch 64"]
+    assert mfu.passed is False and mfu.measured == "30.0%"
+    assert any("batch 32 (target 64)" in why for why in mfu.left_out)
+    # The slow side of the speedup is eager fp32 *math* attention on the same GPU.
+    fast = gpu_result("model", 400.0, 0.4, **small)
+    sdpa32 = gpu_result("model", 200.0, 0.1, arch="vit_small", attention="sdpa", precision="fp32")
+    other_gpu = gpu_result("model", 50.0, 0.02, arch="vit_small", attention="math", precision="fp32")
+    other_gpu["environment"] = {"device": "cuda", "device_name": "another gpu"}
+    compiled = gpu_result("model", 80.0, 0.03, arch="vit_small", attention="math", precision="fp32",
+                          compile=True)
+    assert verdicts(fast, sdpa32, other_gpu, compiled)[
+        "vit_small best bf16 / eager fp32 math"].passed is None
+    # "auto" counts as what it resolved to (precision auto -> bf16 on this GPU).
+    auto = gpu_result("model", 300.0, 0.40, arch="vit_small", attention="xformers", precision="auto")
+    auto["details"] = {"precision_resolved": "bf16"}
+    assert verdicts(auto)["MFU vit_small bf16 batch 64"].measured == "40.0%"
+    # End to end pairs a train run only with the model run of the same step settings.
+    train = gpu_result("train", 390.0, **small)
+    other_step = gpu_result("model", 400.0, 0.4, arch="vit_small", attention="sdpa", precision="bf16")
+    assert verdicts(train, other_step)["end to end / model-only samples/s"].passed is None
+
+
 def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeypatch):
     """Warm-up untimed, the wait is next() alone, each window ends with a device sync:
     step time, samples/s, data wait and its fraction per window, on a clock moved by the
@@ -744,6 +859,52 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
     assert extremes("samples_per_s") == pytest.approx([2 / 3.75, 2 / 1.75], rel=1e-4)
     assert extremes("data_wait_fraction") == pytest.approx([0.5 / 1.75, 1.5 / 3.75], rel=1e-4)
     assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
+
+
+def test_bench_commands_hand_every_option_to_the_settings(monkeypatch, tmp_path):
+    """What each option sets is what runs, and so what the report's settings say."""
+    import tcore.bench as bench_api
+
+    calls = []
+
+    def record(kind, settings, compare=None, json_path=None, profile_dir=None):
+        calls.append((kind, settings, compare, json_path, profile_dir))
+        return build_report([fake_result(1.0, "sdpa")])
+
+    monkeypatch.setattr(bench_api, "run_bench", record)
+    run_cli(["bench", "model", "--arch", "vit_base", "--batch", "3", "--attention", "math",
+             "--precision", "fp16", "--compile", "--device", "cpu", "--local-crops", "2",
+             "--global-size", "48", "--local-size", "32", "--warmup", "4", "--repeats", "6",
+             "--steps", "7", "--peak-size", "128", "--set", "model.head.hidden=64",
+             "--compare", "batch=5", "--json", str(tmp_path / "m.json"),
+             "--profile", str(tmp_path / "p")])
+    run_cli(["bench", "train", "--data", str(tmp_path), "--loader", "baseline", "--arch", "vit_tiny",
+             "--batch", "5", "--attention", "sdpa", "--precision", "bf16", "--device", "cpu",
+             "--threads", "3", "--warmup", "2", "--steps", "9", "--repeats", "3",
+             "--set", "model.head.hidden=64"])
+    run_cli(["bench", "data", "--data", str(tmp_path), "--loader", "baseline", "--device", "cpu",
+             "--threads", "3", "--batch", "5", "--seconds", "2.5", "--warmup", "4",
+             "--repeats", "6", "--set", "views.n_local=2"])
+    (kind, model, compare, json_path, profile), train, data = calls
+    assert (kind, compare, json_path, profile) == ("model", "batch=5", str(tmp_path / "m.json"),
+                                                   str(tmp_path / "p"))
+    assert {k: getattr(model, k) for k in (
+        "arch", "batch", "attention", "precision", "compile", "device", "n_local", "global_size",
+        "local_size", "warmup", "repeats", "steps", "peak_size", "overrides")} == dict(
+        arch="vit_base", batch=3, attention="math", precision="fp16", compile=True, device="cpu",
+        n_local=2, global_size=48, local_size=32, warmup=4, repeats=6, steps=7, peak_size=128,
+        overrides="model.head.hidden=64")
+    assert train[0] == "train" and {k: getattr(train[1], k) for k in (
+        "data", "loader", "arch", "batch", "attention", "precision", "compile", "device", "threads",
+        "warmup", "steps", "repeats", "overrides")} == dict(
+        data=str(tmp_path), loader="baseline", arch="vit_tiny", batch=5, attention="sdpa",
+        precision="bf16", compile=False, device="cpu", threads=3, warmup=2, steps=9, repeats=3,
+        overrides="model.head.hidden=64")
+    assert data[0] == "data" and {k: getattr(data[1], k) for k in (
+        "data", "loader", "device", "threads", "batch", "seconds", "warmup_batches", "repeats",
+        "overrides")} == dict(data=str(tmp_path), loader="baseline", device="cpu", threads=3,
+                              batch=5, seconds=2.5, warmup_batches=4, repeats=6,
+                              overrides="views.n_local=2")
 
 
 def test_cpu_peak_memory_is_not_an_earlier_runs_peak():
