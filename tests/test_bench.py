@@ -836,23 +836,30 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
     clock = FakeClock(tick=2.0**-20)
     monkeypatch.setattr(bench_train, "time", clock)
     monkeypatch.setattr(bench_train, "synchronizer", lambda device: lambda: clock.advance(0.25))
-    costs, real_step = iter([100.0, 1.0, 2.0]), Trainer.step   # warm-up step, then 2 timed
+    real_step, costs, built, build = Trainer.step, [], [], bench_train.build_named_loader
 
     def step(self, it, batch):
-        clock.advance(next(costs))
+        clock.advance(costs.pop(0))
         return real_step(self, it, batch)
 
+    def counted_loader(*args, **kwargs):
+        # Warm-up: --warmup 1 is raised to the loader's prefetch + 1 steps (the batches
+        # queued before the first step), each costing 50 s in next() and 100 s in the step.
+        loader = build(*args, **kwargs)
+        warm = loader.prefetch + 1
+        costs.extend([100.0] * warm + [1.0, 2.0])
+        built.append(CountingLoader(loader, clock, [50.0] * warm + [0.5, 1.5]))
+        return built[-1]
+
     monkeypatch.setattr(Trainer, "step", step)
-    built, build = [], bench_train.build_named_loader
-    monkeypatch.setattr(bench_train, "build_named_loader", lambda *a, **k: built.append(
-        CountingLoader(build(*a, **k), clock, [50.0, 0.5, 1.5])) or built[-1])
+    monkeypatch.setattr(bench_train, "build_named_loader", counted_loader)
     settings = bench_train.TrainBenchSettings(
         data=str(synth_shards), arch="vit_tiny", batch=2, precision="fp32", device="cpu",
         threads=1, warmup=1, steps=2, repeats=2, overrides=TINY_VIEWS)
     run = run_bench("train", settings)["runs"][0]
-    assert built[0].drawn == 3
-    with pytest.raises(StopIteration):
-        next(costs)
+    warm = run["details"]["warmup_steps"]
+    assert warm == built[0].prefetch + 1 > 1 and built[0].drawn == warm + 2
+    assert costs == []
     figures = run["figures"]
 
     def extremes(name):

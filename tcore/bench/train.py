@@ -121,8 +121,10 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
                                 settings.batch, settings.seed, config=config)
     try:
         iterator = iter(loader)
-        if settings.warmup:
-            timed_windows(iterator, trainer, settings.warmup, 1, device)
+        # At least the batches queued before the first step (the loader's prefetch), or the
+        # first timed steps take them at no wait and understate the data wait.
+        warmup = max(settings.warmup, getattr(loader, "prefetch", 0) + 1)
+        timed_windows(iterator, trainer, warmup, 1, device)
         clock_before = loader_clock(loader)
         waits, sizes, window_times, window_steps = timed_windows(
             iterator, trainer, settings.steps, settings.repeats, device)
@@ -144,7 +146,7 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
         "data_wait_fraction": summarize([sum(waits[w]) / t for w, t in zip(parts, window_times)],
                                         "fraction").as_dict(),
     }
-    details = {"steps": len(waits), "samples": sum(sizes),
+    details = {"steps": len(waits), "samples": sum(sizes), "warmup_steps": warmup,
                "attention_resolved": resolved_attention(settings.attention, device),
                "precision_resolved": trainer.precision, "views": views_of(config),
                **dali_loader_details(loader, clock_before, clock_after)}

@@ -170,7 +170,8 @@ def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repe
 @click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1),
               help="The loader's thread budget (DALI threads, baseline workers).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0),
-              help="Untimed steps first.")
+              help="Untimed steps first; at least the loader's prefetch + 1, so the timed "
+                   "steps do not start on batches queued in advance.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),
               help="Steps timed IN ALL, split into the --repeats windows (at least one step "
                    "per window; `bench model --steps` is per repeat instead).")
