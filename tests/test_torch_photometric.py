@@ -80,6 +80,11 @@ def test_identity_views_are_untouched_and_solarize_inverts_the_top_half():
     assert torch.equal(out[0], as_chw([image])[0])
     want = np.where(image >= 128, 255 - image, image)
     assert np.array_equal(_hwc(out[1]), want)
+    # The configured threshold, on both paths (per-step and dense).
+    for dense in (False, True):
+        out = apply_photometric(as_chw([image] * 2), full, switches, windows,
+                                ViewConfig(solarize_threshold=200), dense=dense)
+        assert np.array_equal(_hwc(out[1]), np.where(image >= 200, 255 - image, image)), dense
 
 
 @pipeline_def(batch_size=4, num_threads=1, device_id=None, prefetch_queue_depth=1,
