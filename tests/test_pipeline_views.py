@@ -20,10 +20,10 @@ from tcore.pipelines.views import (FAST_HUE_DEGREES, FAST_SATURATION, ROW_WIDTH,
 
 @pipeline_def(enable_conditionals=True, num_threads=1, device_id=None, prefetch_queue_depth=1,
               exec_async=False, exec_pipelined=False)
-def _jitter_pipeline(views: ViewConfig, size: int):
+def _jitter_pipeline(views: ViewConfig, size: int, cfg: PhotometricConfig | None = None):
     image = fn.external_source(name="image", dtype=types.UINT8, ndim=3, layout="HWC")
     rows, switches, windows = _view_inputs()
-    cfg = PhotometricConfig(jitter_p=1.0, blur_p=0.0, solarize_p=0.0)
+    cfg = cfg or PhotometricConfig(jitter_p=1.0, blur_p=0.0, solarize_p=0.0)
     return _photometric(image, rows, switches, windows, cfg, views, size * size)
 
 
@@ -113,6 +113,26 @@ def test_jitter_skips_identity_factors_and_grays_after():
         assert np.array_equal(out, want)
 
 
+@pytest.mark.parametrize("color_jitter", ["torchvision", "fast"])
+def test_grayscale_without_colour_jitter_still_grays(color_jitter):
+    """A view kind configured with jitter_p 0 but grayscale_p > 0 keeps the graph's colour
+    stage: a view that drew grayscale comes out as PIL's gray levels ("fast": DALI's
+    saturation 0, each pixel's channels within one level of each other, where the input's
+    differ by ~130 on average), one that did not is unchanged."""
+    image = colour_test_image(32, seed=5)
+    cfg = PhotometricConfig(jitter_p=0.0, grayscale_p=1.0, blur_p=0.0, solarize_p=0.0)
+    rows = [_row(1.0, 1.0, 1.0, 0.0, gray=1.0), _row(1.0, 1.0, 1.0, 0.0)]
+    pipe = _jitter_pipeline(ViewConfig(color_jitter=color_jitter), 32, cfg, batch_size=2)
+    pipe.build()
+    gray, untouched = _run(pipe, {"image": [image] * 2,
+                                  **_feeds(rows, [np.arange(4)] * 2)})
+    assert np.array_equal(untouched, image)
+    assert (gray.max(-1).astype(int) - gray.min(-1)).max() <= 1
+    if color_jitter == "torchvision":
+        want = np.array(TF.rgb_to_grayscale(Image.fromarray(image), num_output_channels=3))
+        assert np.array_equal(gray, want)
+
+
 def test_jitter_columns_encode_the_order_around_hue():
     b, c, s = (np.float32(v) for v in (1.1, 0.9, 1.05))
     row = _row(b, c, s, 0.04)
@@ -185,6 +205,8 @@ def test_fast_jitter_equals_dalis_plain_operators():
     rows = [_row(b, c, s, h, g) for b, c, s, h, g in
             zip(rng.uniform(0.6, 1.4, 12), rng.uniform(0.6, 1.4, 12), rng.uniform(0.8, 1.2, 12),
                 rng.uniform(-0.1, 0.1, 12), [0.0] * 9 + [1.0] * 3)]
+    # Hue alone (brightness, contrast and saturation configured off): still rotated.
+    rows += [_row(1.0, 1.0, 1.0, 0.07), _row(1.0, 1.0, 1.0, -0.05)]
     images = [colour_test_image(64, seed=k) for k in range(len(rows))]
     pipe = _fast_jitter_pair(64, batch_size=len(rows))
     pipe.build()
