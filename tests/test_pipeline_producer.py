@@ -5,6 +5,7 @@ the next call, losing no batch), and the child running the parent's tcore whatev
 working directory holds."""
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from test_pipeline_loader import _drop_one_json
 from test_pipeline_resume import digest, small_config
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import BadSampleError, build_loader
-from tcore.pipelines.producer import _picklable
+from tcore.pipelines.producer import _picklable, start_producer
 
 
 def _one_pass(shards, producer: str) -> tuple[int, list[str]]:
@@ -74,6 +75,31 @@ def test_closing_the_loader_ends_the_producer_process(synth_shards):
     process = loader._producer._process
     loader.close()
     assert process.poll() is not None
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_failed_stage_a_raises_on_every_later_get_instead_of_waiting(kind):
+    """A stage A that failed (here: no spec at all, so it fails at once) raises its error
+    from `get()`, and again from every later call: nothing waits on a stage A that has
+    stopped."""
+    producer = start_producer(kind, None, depth=2)
+    try:
+        errors = []
+
+        def two_gets():
+            for _ in range(2):
+                try:
+                    producer.get()
+                except Exception as error:     # collected, checked below
+                    errors.append(error)
+
+        caller = threading.Thread(target=two_gets, daemon=True)
+        caller.start()
+        caller.join(timeout=30)
+        assert not caller.is_alive(), "the second get() waited for a stopped stage A"
+        assert len(errors) == 2 and errors[0] is errors[1], errors
+    finally:
+        producer.close()
 
 
 class TwoArgumentError(Exception):
