@@ -113,9 +113,11 @@ def decode_frames(data: bytes, indices, source: str, dali_colors: bool = False
     return [found[int(i)] for i in indices]
 
 
-def _photometric(image: Image.Image, row, order, threshold: int) -> Image.Image:
+def _photometric(image: Image.Image, row, order, threshold: int, blur_kernel: int = 9
+                 ) -> Image.Image:
     """torchvision's ColorJitter (its operations in the drawn order; an identity factor is
-    skipped, as ColorJitter does for a range of 0), then grayscale, blur, solarize."""
+    skipped, as ColorJitter does for a range of 0), then grayscale, blur (`blur_kernel`
+    taps, `views.blur_kernel`), solarize."""
     brightness, contrast, saturation, hue, gray, sigma, solarize = [float(v) for v in row]
     adjust = (lambda im: TF.adjust_brightness(im, brightness),
               lambda im: TF.adjust_contrast(im, contrast),
@@ -126,7 +128,7 @@ def _photometric(image: Image.Image, row, order, threshold: int) -> Image.Image:
     if gray:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     if sigma > 0:
-        image = TF.gaussian_blur(image, kernel_size=9, sigma=sigma)
+        image = TF.gaussian_blur(image, kernel_size=blur_kernel, sigma=sigma)
     if solarize:
         image = TF.solarize(image, threshold)
     return image
@@ -149,7 +151,7 @@ def baseline_views(frames: list[Image.Image], params: SampleParams,
         if params.flips[v]:
             crop = TF.hflip(crop)
         crop = _photometric(crop, params.photometric[v], params.jitter_order[v],
-                            views.solarize_threshold)
+                            views.solarize_threshold, views.blur_kernel)
         out.append(TF.normalize(TF.to_tensor(crop), views.mean, views.std))
     return out
 

@@ -18,7 +18,9 @@ from tcore.pipelines import torch_photometric
 from tcore.pipelines.loader import build_loader
 from tcore.pipelines.torch_photometric import (apply_photometric, gaussian_blur, normalize,
                                                pil_hue_shift)
+from tcore.pipelines.sampling import SampleParams
 from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
+from tcore.pipelines.torchvision_loader import baseline_views
 from tcore.pipelines.views import ROW_WIDTH, SW, SWITCHES, jitter_columns, view_rows
 
 ONE_LEVEL = 1.0 / (255 * min(ViewConfig().std)) + 1e-6   # one gray level, normalised
@@ -117,6 +119,25 @@ def test_blur_matches_dalis_gaussian_blur():
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (sigma, diff.max(), (diff > 0).mean())
     assert not np.array_equal(_hwc(got[3]), images[3])     # sigma 2 blurs
 
+
+def test_baseline_blurs_with_the_configured_kernel():
+    """`views.blur_kernel` reaches the baseline loader's views as it reaches the loader's
+    colour stage: with a 3-tap kernel and sigma 2 the two stay within a level (with the
+    9-tap kernel instead the blur spreads much wider: many levels apart)."""
+    size, views = 48, ViewConfig(blur_kernel=3, n_local=0, global_size=48)
+    image = colour_test_image(size, seed=6)
+    rows = np.stack([photometric_row(1, 1, 1, 0, sigma=2.0)] * 6)
+    params = SampleParams(frames=np.zeros(3, np.int64),
+                          boxes=np.tile(np.array([0, 0, size, size], np.float32), (6, 1)),
+                          flips=np.zeros(6, bool), photometric=rows,
+                          jitter_order=np.tile(np.arange(4), (6, 1)))
+    config = PipelineConfig(views=views)
+    # Boxes of the whole picture at its own size: PIL's resize hands the picture back.
+    baseline = baseline_views([Image.fromarray(image)] * 3, params, config)[0]
+    full, switches, windows = view_rows(rows[:1], params.jitter_order[:1], views.blur_kernel)
+    ours = normalize(apply_photometric(as_chw([image]), full, switches, windows, views), views,
+                     torch.float32)[0]
+    assert float((ours - baseline).abs().max()) <= ONE_LEVEL
 
 def test_normalize_is_imagenet_normalisation():
     image = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
