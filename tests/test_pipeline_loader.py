@@ -578,10 +578,14 @@ def test_cpu_colour_stage_pixels_do_not_depend_on_its_thread_count(synth_shards)
 def test_batches_held_by_the_caller_are_never_overwritten(synth_shards):
     """The loader reuses host memory of batches the caller has dropped (pipelines/buffers.py):
     a batch still referenced, or only a view of it, keeps its pixels while later batches
-    are drawn; dropped batches' memory is reused."""
+    are drawn; dropped batches' memory is reused. The colour stage in the DALI graph ("fast"
+    jitter), so that the batch's own tensors are the pool's (the torch colour stage's outputs
+    are fresh tensors, whose addresses are the allocator's business)."""
     config = PipelineConfig()
     config.views.n_local = 2
+    config.views.color_jitter = "fast"
     loader = build_loader([synth_shards], batch_size=2, config=config, seed=1)
+    assert not loader.torch_photometric
     held = next(loader)
     held_copy = {k: v.clone() for k, v in held.items()}
     view_of_past = next(loader)["past_crops"][:1]
