@@ -873,6 +873,24 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
     assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
 
 
+def test_an_mfu_above_one_is_flagged_not_reported_silently(monkeypatch):
+    """A peak measured while other work slowed the matmul (here: a peak of 1 MFLOP/s) puts
+    MFU above 100%; the run says so in its warnings, which the terminal prints."""
+    from tcore.bench import model as bench_model
+    from tcore.bench import run_bench
+
+    slow_peak = {"flops_per_s": 1e6, "median_flops_per_s": 1e6, "size": 32, "dtype": "float32",
+                 "repeats": 1, "iterations": 1}
+    monkeypatch.setattr(bench_model, "measured_peak", lambda *args: slow_peak)
+    settings = bench_model.ModelBenchSettings(
+        arch="vit_tiny", batch=1, precision="fp32", device="cpu", n_local=1, global_size=32,
+        local_size=32, warmup=0, repeats=1, steps=1, peak_size=32,
+        overrides="model.head.prototypes=64,model.head.hidden=64")
+    run = run_bench("model", settings)["runs"][0]
+    assert run["figures"]["mfu"]["max"] > 1.0
+    assert any(w.startswith("MFU above 100%") and "idle machine" in w for w in run["warnings"])
+
+
 def test_bench_commands_hand_every_option_to_the_settings(monkeypatch, tmp_path):
     """What each option sets is what runs, and so what the report's settings say."""
     import tcore.bench as bench_api

@@ -299,6 +299,11 @@ def run_model_bench(settings: ModelBenchSettings, profile_dir: str | None = None
                         f"({cpu_peak_before / 2**20:.0f} MiB, reached before this run, e.g. by "
                         "the first run of a --compare) did not grow, so this run's own peak "
                         "cannot be told; run it alone for that figure")
+    if figures["mfu"]["max"] > 1.0:
+        warnings.append(f"MFU above 100% ({figures['mfu']['max']:.0%}): the matmul peak "
+                        f"({peak['flops_per_s'] / 1e9:.0f} GFLOP/s) was measured slower than "
+                        "the step ran, likely while other work shared the device; rerun on "
+                        "an idle machine for an MFU figure")
     if profile_dir:
         details["profile"] = profile_steps(step, device, Path(profile_dir))
     return {"kind": "model", "settings": asdict(settings), "figures": figures,
