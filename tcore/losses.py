@@ -122,5 +122,6 @@ def past_future_loss(past_logits: torch.Tensor, future_logits: torch.Tensor) -> 
     return F.mse_loss(past_logits.float(), future_logits.float())
 
 
-__all__ = ["KOLEO_EPS", "softmax_centered", "update_center", "cross_entropy", "dino_global_loss", "dino_local_loss",
-           "dino_loss", "swap_crops", "koleo", "koleo_loss", "masked_patch_loss", "past_future_loss"]
+__all__ = ["KOLEO_EPS", "softmax_centered", "update_center", "cross_entropy", "dino_global_loss",
+           "dino_local_loss", "dino_loss", "swap_crops", "koleo", "koleo_loss", "masked_patch_loss",
+           "past_future_loss"]
