@@ -1,7 +1,5 @@
 """Loss functions against plain loop implementations of METHOD.md's formulas."""
 import math
-import subprocess
-import sys
 
 import torch
 
@@ -105,33 +103,3 @@ def test_koleo_computes_in_float32_under_autocast():
         mixed = losses.koleo(features)
     assert mixed.dtype == torch.float32
     assert math.isclose(float(mixed), float(losses.koleo(features.float())), rel_tol=1e-6)
-
-
-CENTER_CHILD = r"""
-import sys, torch, torch.distributed as dist
-from tcore import losses
-rank, rdv, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-dist.init_process_group("gloo", init_method="file://" + rdv, rank=rank, world_size=2)
-center = torch.full((1, 4), 0.5)
-logits = torch.arange(12.0).reshape(3, 4) if rank == 0 else torch.ones(5, 4) * -2.0
-losses.update_center(center, logits, 0.9)
-torch.save(center, out)
-dist.destroy_process_group()
-"""
-
-
-def test_center_takes_the_mean_of_the_ranks_batch_means(tmp_path):
-    """Two real gloo processes with different batches (3 rows on rank 0, 5 on rank 1, as the
-    masked patch counts differ): both end with m * c + (1 - m) * the mean of the two batch
-    means (METHOD.md section 5: centering over the batch mean, the same on every rank)."""
-    children = [subprocess.Popen([sys.executable, "-c", CENTER_CHILD, str(rank),
-                                  str(tmp_path / "rendezvous"), str(tmp_path / f"c{rank}.pt")])
-                for rank in (0, 1)]
-    assert [child.wait(timeout=120) for child in children] == [0, 0]
-    mean_of_means = (torch.arange(12.0).reshape(3, 4).mean(0) + torch.full((4,), -2.0)) / 2
-    expected = 0.9 * 0.5 + 0.1 * mean_of_means
-    for rank in (0, 1):
-        torch.testing.assert_close(torch.load(tmp_path / f"c{rank}.pt")[0], expected)
-    alone = torch.full((1, 4), 0.5)          # one process: its own batch mean
-    losses.update_center(alone, torch.ones(5, 4) * -2.0, 0.9)
-    torch.testing.assert_close(alone[0], torch.full((4,), 0.9 * 0.5 + 0.1 * -2.0))
