@@ -274,16 +274,22 @@ def test_cli_errors_name_the_problem(synth_shards, tmp_path):
     assert (existing / "checkpoint-00000002.pt").read_bytes() == b"x"      # nothing trained
 
 
-def test_two_process_gloo_run_through_torchrun(synth_shards, tmp_path):
-    """World size 2 on the CPU: DDP over gloo, the loader sharded by rank."""
-    out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", "29517", "-m", "tcore.cli", "train", "--config", "tiny_cpu",
-                "--data", str(synth_shards), "--output", str(out), "--max-steps", "2",
-                "--checkpoint-every", "2", "--no-progress", *FAST, "data.num_threads=1"]
-    done = subprocess.run(torchrun, capture_output=True, text=True, timeout=300)
+def torchrun_train(shards, out, port, *extra):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(port), "-m", "tcore.cli", "train", "--config", "tiny_cpu",
+               "--data", str(shards), "--output", str(out), "--checkpoint-every", "2",
+               "--no-progress", *FAST, *DROP_PATH, "data.num_threads=1", *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("trained steps 1..2") == 1          # rank 0 reports, alone
+    return done
+
+
+def test_two_process_gloo_run_through_torchrun_and_resume(synth_shards, tmp_path):
+    """World size 2 on the CPU: DDP over gloo, the loader sharded by rank; a resume restores
+    each rank's own loader and RNG state."""
+    out = tmp_path / "ddp"
+    done = torchrun_train(synth_shards, out, 29517, "--max-steps", "4")
+    assert done.stdout.count("trained steps 1..4") == 1          # rank 0 reports, alone
     state = load_checkpoint(out / "checkpoints" / "checkpoint-00000002.pt")
     assert state["world_size"] == 2
     assert [s["shard_id"] for s in state["loader"]] == [0, 1]
@@ -292,14 +298,31 @@ def test_two_process_gloo_run_through_torchrun(synth_shards, tmp_path):
     # other draw differ between ranks.
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     # Rank 0 alone writes the logs: one record per step, one TensorBoard event file.
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert len(list((out / "tensorboard").iterdir())) == 1
     # lr is scaled by the global batch, 2 x 4 (METHOD.md section 6); step 2 logs it=1's values.
     cfg = load_config("tiny_cpu", FAST + ["data.num_threads=1"])
-    logged = read_metrics(out / "metrics.jsonl")[-1]
+    logged = read_metrics(out / "metrics.jsonl")[1]
     assert logged["step"] == 2
     assert logged["sched/lr"] == pytest.approx(build_schedules(cfg.optim, 8).at(1)["lr"], rel=1e-9)
     assert logged["sched/lr"] != pytest.approx(build_schedules(cfg.optim, 4).at(1)["lr"])
+
+    # Resume from step 2's checkpoint. The logged losses are means over the ranks, so they
+    # match the uninterrupted run's only if each rank gets back its own shard position and
+    # its own stochastic-depth RNG (rank 1 given rank 0's state would see other batches).
+    reference = read_losses(out)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(out, resumed_dir)
+    (resumed_dir / "checkpoints" / "checkpoint-00000004.pt").unlink()
+    done = torchrun_train(synth_shards, resumed_dir, 29518, "--max-steps", "4", "--resume")
+    assert done.stdout.count("trained steps 3..4") == 1, done.stdout[-2000:]
+    losses = read_losses(resumed_dir)
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for term, value in reference[step].items():
+            assert losses[step][term] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, term)
+    # The resumed steps are not a repeat of earlier ones (a stale state would not show).
+    assert reference[3]["total"] != pytest.approx(reference[2]["total"], rel=1e-6)
 
 
 def test_step_is_schedules_loss_clip_adamw_then_ema():
