@@ -111,7 +111,7 @@ class BuildResult:
     failures: list[dict] = field(default_factory=list)
 
     @property
-    def videos_per_second(self) -> float:
+    def inputs_per_second(self) -> float:
         return self.processed_inputs / self.seconds if self.seconds > 0 else 0.0
 
 

@@ -213,6 +213,7 @@ def test_image_kind(tmp_path):
     result = CliRunner().invoke(cli, ["shards", "build", str(src), str(out), "--kind", "image",
                                       "--short-side", "100", "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert "5 inputs in" in result.output and " images/s with 1 worker(s)" in result.output
     manifest = load_manifest(out)
     assert (manifest["kind"], manifest["codec"], manifest["clip_ext"], manifest["frames"]) == ("image", "jpeg", "jpg", None)
     assert manifest["total_samples"] == 3 and manifest["failures"] == 2

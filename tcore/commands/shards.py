@@ -68,7 +68,7 @@ def build(paths, list_file, video_root, **options):
                f"shards, {_mib(manifest['total_bytes'])}; {manifest['failures']} inputs failed"
                + (f" (see {result.manifest_path.parent / 'failures.jsonl'})" if manifest["failures"] else ""))
     click.echo(f"this run: {result.processed_inputs} inputs in {result.seconds:.1f} s = "
-               f"{result.videos_per_second:.2f} videos/s with {options['workers']} worker(s); "
+               f"{result.inputs_per_second:.2f} {options['kind']}s/s with {options['workers']} worker(s); "
                f"{result.built_shards} shards built, {result.skipped_shards} already done")
 
 
