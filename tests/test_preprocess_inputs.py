@@ -1,5 +1,6 @@
 """Awkward but real inputs of the shard builder, through real files and codecs: videos that
-start after time 0, still images posing as videos, EXIF-rotated and 16-bit images (checked
+start after time 0, still images posing as videos, other pixel formats, odd sizes and
+display rotations, EXIF-rotated and 16-bit images (checked
 against what DALI decodes), hidden folders and bad numbers in a Kinetics CSV."""
 import io
 import json
@@ -135,6 +136,65 @@ def test_a_full_range_yuv420p_source_keeps_its_levels(tmp_path):
     for picture in stored:
         bars = [float(picture[8:40, 16 * k + 4:16 * k + 12].mean()) for k in range(len(levels))]
         np.testing.assert_allclose(bars, levels, atol=3.0)
+
+
+def _gradient_video(path: Path, encoder: str, pix_fmt: str, width: int = 64, height: int = 48,
+                    rotation: int | None = None) -> None:
+    """6 frames of `_gradient` at 10 fps, coded nearly losslessly in `pix_fmt`."""
+    picture = np.asarray(_gradient(width, height))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if encoder == "libx264":
+            stream.options = {"qp": "0"}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for index in range(6):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 10)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+SOURCE_FORMATS = {  # file: (encoder, pixel format, width, height, display rotation)
+    "ten_bit.mp4": ("libx264", "yuv420p10le", 64, 48, None),
+    "four_four_four.mp4": ("libx264", "yuv444p", 64, 48, None),
+    "gray.mkv": ("ffv1", "gray", 64, 48, None),
+    "alpha.mov": ("png", "rgba", 64, 48, None),
+    "odd_size.mkv": ("ffv1", "yuv420p", 65, 49, None),
+    "rotated.mp4": ("libx264", "yuv420p", 64, 48, 90),
+}
+
+
+def test_sources_in_other_pixel_formats_sizes_and_rotations_keep_their_pixels(tmp_path):
+    """10-bit, 4:4:4, gray and RGBA sources become 8-bit 4:2:0 clips of the same picture;
+    an odd size is rounded down to even; a display rotation is not applied (frames are stored
+    as coded, as PyAV and the reference's readers decode them)."""
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    for name, (encoder, pix_fmt, width, height, rotation) in SOURCE_FORMATS.items():
+        _gradient_video(src / name, encoder, pix_fmt, width, height, rotation)
+    with av.open(str(src / "rotated.mp4")) as container:  # the case this test is about
+        assert next(container.decode(video=0)).rotation == 90
+    out = tmp_path / "out"
+    manifest = build_shards(src.parent, out, frames=4, short_side=0, progress=False)
+    assert manifest["total_samples"] == len(SOURCE_FORMATS) and manifest["failures"] == 0
+    samples = {json.loads(c["json"])["source"]: c
+               for c in read_tar(out / manifest["shards"][0]["tar"]).values()}
+    expected = np.asarray(_gradient(64, 48), np.float32)
+    for name, (_, pix_fmt, _, _, _) in SOURCE_FORMATS.items():
+        sample = samples[f"a/{name}"]
+        meta = json.loads(sample["json"])
+        assert (meta["width"], meta["height"]) == (64, 48), name
+        with av.open(io.BytesIO(sample["webm"])) as container:
+            frames = [f.to_ndarray(format="rgb24").astype(np.float32)
+                      for f in container.decode(video=0)]
+        assert len(frames) == 4 and frames[0].shape == (48, 64, 3), name
+        if pix_fmt == "gray":   # one channel: the luma of the gradient, in all three
+            luma = expected @ np.array([0.299, 0.587, 0.114], np.float32)
+            assert np.abs(frames[0] - luma[..., None]).mean() < 4.0, name
+        else:
+            assert np.abs(frames[0] - expected).mean() < 4.0, name
 
 
 def test_frames_that_do_not_decode_are_not_chosen(tmp_path):
