@@ -169,7 +169,7 @@ SOURCE_FORMATS = {  # file: (encoder, pixel format, width, height, display rotat
 def test_sources_in_other_pixel_formats_sizes_and_rotations_keep_their_pixels(tmp_path):
     """10-bit, 4:4:4, gray and RGBA sources become 8-bit 4:2:0 clips of the same picture;
     an odd size is rounded down to even; a display rotation is not applied (frames are stored
-    as coded, as PyAV and the reference's readers decode them)."""
+    as coded, as PyAV decodes them)."""
     src = tmp_path / "src" / "a"
     src.mkdir(parents=True)
     for name, (encoder, pix_fmt, width, height, rotation) in SOURCE_FORMATS.items():
