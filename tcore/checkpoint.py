@@ -23,7 +23,29 @@ TMP_PREFIX = ".tmp-checkpoint-"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or used; the message names the file."""
+    """A checkpoint that cannot be read, used or written; the message names the file."""
+
+
+def os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError (disk full, file too large, no permission) that caused `exc`, if any:
+    torch.save reports a failed write as a RuntimeError about zip positions, the OSError
+    being its context."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_failed(path: Path, exc: BaseException) -> BaseException:
+    """What to raise when writing `path` failed with `exc`: a CheckpointError naming the file
+    and the OS's reason where the OS refused the write, else `exc` itself (a bug stays one)."""
+    reason = os_error_behind(exc)
+    if reason is None:
+        return exc
+    return CheckpointError(f"{path}: cannot write: {reason.strerror or reason}")
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -79,9 +101,9 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
         return durable_replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise write_failed(path, exc) from exc
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:

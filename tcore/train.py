@@ -26,8 +26,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tcore.checkpoint import (durable_replace, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
-                              rng_state, save_checkpoint, set_rng_state)
+from tcore.checkpoint import (CheckpointError, durable_replace, latest_checkpoint,
+                              list_checkpoints, load_checkpoint, remove_stale_temporaries,
+                              rng_state, save_checkpoint, set_rng_state, write_failed)
 from tcore.config import ConfigError, save_config
 from tcore.distributed import DistInfo, all_reduce_mean_, barrier, init_distributed, shutdown
 from tcore.metrics_log import LossHistory, MetricsLogger, NonFiniteLossError, truncate_metrics
@@ -326,9 +327,9 @@ class Trainer:
         try:
             export_safetensors(backbone, tmp)
             return durable_replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            raise
+            raise write_failed(path, exc) from exc
 
 
 UNSET = "<unset>"          # a key one of the two configs lacks
@@ -408,7 +409,7 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
             print(f"tcore train: --resume: no checkpoint in {ckpt_dir}; starting at step 1",
                   file=sys.stderr)
         if last_ckpt is not None:
-            state = load_checkpoint(last_ckpt)
+            state = load_resume_state(ckpt_dir, last_ckpt)
             check_resumable_config(cfg, state.get("config", {}), last_ckpt)
             start_step = trainer.load_state_dict(state, last_ckpt)
             del state
@@ -444,7 +445,8 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
             if step % ckpt_every == 0 or is_last:
                 state = trainer.state_dict(step)
                 if info.is_main:
-                    last_ckpt = save_checkpoint(ckpt_dir, step, state, int(cfg.train.keep_last))
+                    last_ckpt = save_checkpoint_or_say_what_is_kept(
+                        ckpt_dir, step, state, int(cfg.train.keep_last), last_ckpt)
                 del state
                 exported = trainer.export_teacher(teacher_path)  # None except on rank 0
                 barrier(info)
@@ -464,6 +466,28 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
     return TrainResult(run_dir=run_dir, start_step=start_step, end_step=end_step,
                        last_checkpoint=last_ckpt, teacher_export=exported,
                        metrics=run_dir / "metrics.jsonl", is_main=info.is_main)
+
+
+def load_resume_state(ckpt_dir: Path, newest: Path) -> dict:
+    """The newest checkpoint's state; if it cannot be read (damaged after it was written:
+    tcore's own writes are atomic), the error says which older one a resume could use."""
+    try:
+        return load_checkpoint(newest)
+    except CheckpointError as exc:
+        older = [path for _, path in list_checkpoints(ckpt_dir) if path != newest]
+        hint = (f"; to resume from {older[-1].name} instead, move {newest.name} out of "
+                f"{ckpt_dir}" if older else "")
+        raise CheckpointError(f"{exc}{hint}") from exc
+
+
+def save_checkpoint_or_say_what_is_kept(ckpt_dir: Path, step: int, state: dict, keep_last: int,
+                                        previous: Path | None) -> Path:
+    """`save_checkpoint`; a failed write (disk full) says which checkpoint is still whole."""
+    try:
+        return save_checkpoint(ckpt_dir, step, state, keep_last)
+    except CheckpointError as exc:
+        kept = f"{previous} is intact" if previous else "no earlier checkpoint of this run"
+        raise CheckpointError(f"{exc}; {kept}") from exc
 
 
 def read_losses(run_dir: str | os.PathLike) -> dict[int, dict[str, float]]:

@@ -4,6 +4,7 @@ eager's losses; CLI errors name the problem."""
 import copy
 import math
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -88,6 +89,48 @@ def test_kill9_then_resume_matches_uninterrupted_run(synth_shards, tmp_path):
     assert state["loader"][0]["batches_seen"] == STEPS
     assert (killed_dir / "teacher_backbone.safetensors").stat().st_size > 0
     assert (killed_dir / "config.yaml").exists() and any((killed_dir / "tensorboard").iterdir())
+
+
+def _file_size_limit(limit: int):
+    """For a child process: writes past `limit` bytes fail with EFBIG, as on a full disk
+    (SIGXFSZ ignored, so the write returns the error instead of killing the process)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_failed_checkpoint_write_names_the_file_and_the_one_kept(synth_shards, tmp_path):
+    cfg = load_config("tiny_cpu", FAST)
+    run = tmp_path / "run"
+    train(cfg, synth_shards, run, max_steps=2, checkpoint_every=2, progress=False)
+    kept = run / "checkpoints" / "checkpoint-00000002.pt"
+    before = kept.read_bytes()
+    limit = 200_000
+    assert len(before) > 2 * limit   # the next checkpoint cannot be written whole
+
+    # The resumed run fills its "disk" while writing step 4's checkpoint.
+    command = [sys.executable, "-m", "tcore.cli", "train", "--config", "tiny_cpu", "--data",
+               str(synth_shards), "--output", str(run), "--max-steps", "4", "--resume",
+               "--checkpoint-every", "2", "--no-progress", *FAST]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(limit))
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (f"Error: {run / 'checkpoints' / 'checkpoint-00000004.pt'}: cannot write: File too "
+            f"large; {kept} is intact") in done.stderr
+    assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [2]
+    assert kept.read_bytes() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [kept.name]  # no temporary
+    assert sorted(read_losses(run)) == [1, 2, 3, 4]     # the steps it trained are still logged
+
+    # A newest checkpoint damaged after it was written: the error says which one to use.
+    (run / "checkpoints" / "checkpoint-00000004.pt").write_bytes(before[: len(before) // 2])
+    result = CliRunner().invoke(cli, command[3:])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "checkpoint-00000004.pt: cannot read checkpoint" in result.output
+    assert (f"to resume from checkpoint-00000002.pt instead, move checkpoint-00000004.pt out of "
+            f"{run / 'checkpoints'}") in result.output
 
 
 def test_nan_loss_stops_with_step_and_term(synth_shards, tmp_path):

@@ -19,6 +19,7 @@ import click
 @click.argument("overrides", nargs=-1)
 def train(config, data, output, resume, max_steps, checkpoint_every, no_progress, overrides):
     """Train T-CoRe. OVERRIDES are key=value config entries, e.g. optim.epochs=10."""
+    from tcore.checkpoint import CheckpointError
     from tcore.config import ConfigError, load_config
     from tcore.metrics_log import NonFiniteLossError
     from tcore.pipelines.stage_a import BadSampleError
@@ -31,7 +32,7 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
                            checkpoint_every=checkpoint_every, progress=not no_progress)
     # Errors whose message names the file, shard, sample or key at fault (ShardDirError: a
     # bad manifest and the loader's start-up checks); anything else keeps its traceback.
-    except (ConfigError, ShardDirError, BadSampleError, FileNotFoundError,
+    except (ConfigError, ShardDirError, BadSampleError, CheckpointError, FileNotFoundError,
             FileExistsError) as exc:
         raise click.ClickException(str(exc)) from exc
     except NonFiniteLossError:
