@@ -1,5 +1,5 @@
 """The shard builder and inspector facing what goes wrong: a worker process killed mid-build,
-an encoder that refuses its settings, a truncated shard, a manifest given as a file, an
+an encoder that refuses its settings, a full disk, a truncated shard, a manifest given as a file, an
 output path that is a file, every input failing. Each ends in a clear error (or reported
 problem), never a hang or a traceback, and keeps what was already written."""
 import json
@@ -24,6 +24,7 @@ from tcore.preprocess.shards import BuildConfig, BuildError, _run_pool, build_on
 from tcore.preprocess.tarwriter import ShardTarWriter
 from tcore.preprocess.verify import inspect_shards
 from tcore.preprocess.video import encode_clip, read_clip
+from full_disk import file_size_limit
 from shard_files import read_tar
 
 
@@ -123,6 +124,26 @@ def test_an_encoder_that_refuses_its_settings_stops_the_build_naming_the_sample(
     with pytest.raises(BuildError, match="failed with OverflowError"):
         _run_pool(tasks, 2, {}, tqdm(disable=True))
     assert not list((tmp_path / ".build").iterdir())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_stops_the_build_naming_the_shard_and_a_rerun_finishes(synth_root, tmp_path,
+                                                                            workers):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "tcore.cli", "shards", "build", str(synth_root / "train"),
+               str(out), "--short-side", "128", "--samples-per-shard", "4", "--workers",
+               str(workers), "--no-progress"]
+    # A shard of 4 samples is ~70 KB: no shard can be written whole.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          preexec_fn=file_size_limit(50_000))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (f"Error: {out / 'shard-000000.tar'}: cannot write: File too large; the build stops"
+            in done.stderr) or (f"Error: {out / 'shard-000001.tar'}: cannot write" in done.stderr)
+    assert not list(out.glob("shard-*")) and not (out / "manifest.json").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # temporaries freed the space
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert load_manifest(out)["total_samples"] == len(discover_class_folders(synth_root / "train").sources)
 
 
 def test_inspect_verify_reports_a_truncated_shard(synth_shards, tmp_path):

@@ -4,7 +4,6 @@ eager's losses; CLI errors name the problem."""
 import copy
 import math
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from tcore.optim import apply_schedules, build_optimizer
 from tcore.schedules import build_schedules
 from tcore.synthetic_batch import make_synthetic_batch
 from tcore.train import Trainer, check_resumable_config, read_losses, resolve_precision, train
+from full_disk import file_size_limit
 
 STEPS = 6
 FAST = ["train.log_every=1", "model.head.prototypes=256", "data.batch_size_per_gpu=4"]
@@ -91,15 +91,6 @@ def test_kill9_then_resume_matches_uninterrupted_run(synth_shards, tmp_path):
     assert (killed_dir / "config.yaml").exists() and any((killed_dir / "tensorboard").iterdir())
 
 
-def _file_size_limit(limit: int):
-    """For a child process: writes past `limit` bytes fail with EFBIG, as on a full disk
-    (SIGXFSZ ignored, so the write returns the error instead of killing the process)."""
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def test_a_failed_checkpoint_write_names_the_file_and_the_one_kept(synth_shards, tmp_path):
     cfg = load_config("tiny_cpu", FAST)
     run = tmp_path / "run"
@@ -114,7 +105,7 @@ def test_a_failed_checkpoint_write_names_the_file_and_the_one_kept(synth_shards,
                str(synth_shards), "--output", str(run), "--max-steps", "4", "--resume",
                "--checkpoint-every", "2", "--no-progress", *FAST]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_file_size_limit(limit))
+                          preexec_fn=file_size_limit(limit))
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert (f"Error: {run / 'checkpoints' / 'checkpoint-00000004.pt'}: cannot write: File too "
