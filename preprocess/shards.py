@@ -175,15 +175,12 @@ def _remove_stale_tmp(out: Path, config: BuildConfig, shard_ids: list[int]) -> N
 def build_one_shard(out: Path, config: BuildConfig, shard_id: int, items: list[tuple[int, Source, int]],
                     tick=None) -> dict:
     """Write shard `shard_id` from (input index, source, label) items; return its record.
-    A write the OS refuses (disk full) stops the build naming the shard, its temporaries
-    removed so that they do not hold the space."""
-    name = config.shard_name(shard_id)
-    tar_path, index_path = out / f"{name}.tar", out / f"{name}.idx"
+    A write the OS refuses (disk full) stops the build naming the shard (`run_build` then
+    removes the temporaries)."""
+    tar_path = out / f"{config.shard_name(shard_id)}.tar"
     try:
         return _write_shard(out, config, shard_id, items, tick)
     except OSError as err:
-        for temporary in (_tmp_path(tar_path), _tmp_path(index_path)):
-            temporary.unlink(missing_ok=True)
         raise BuildError(f"{tar_path}: cannot write: {err.strerror or err}; the build stops "
                          "(shards already finished are kept: rerun the same command to "
                          "resume)") from err

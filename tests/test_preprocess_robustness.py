@@ -140,7 +140,7 @@ def test_a_full_disk_stops_the_build_naming_the_shard_and_a_rerun_finishes(synth
     assert (f"Error: {out / 'shard-000000.tar'}: cannot write: File too large; the build stops"
             in done.stderr) or (f"Error: {out / 'shard-000001.tar'}: cannot write" in done.stderr)
     assert not list(out.glob("shard-*")) and not (out / "manifest.json").exists()
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # temporaries freed the space
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no temporary holds the space
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert load_manifest(out)["total_samples"] == len(discover_class_folders(synth_root / "train").sources)
