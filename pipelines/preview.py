@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import build_loader
-from tcore.preprocess.files import publish
+from tcore.preprocess.files import write_atomically
 
 GAP = 4
 MASK_TINT = np.array([255, 40, 40], dtype=np.float32)
@@ -89,20 +88,6 @@ def batch_stats(batch: dict) -> dict:
             "n_masked": int(batch["n_masked"].item())}
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        publish(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def run_preview(data, output, batches: int = 1, stats=None, batch_size: int = 8,
                 config: PipelineConfig | None = None, seed: int = 0, device: str = "cpu",
                 num_threads: int = 2) -> dict:
@@ -117,14 +102,14 @@ def run_preview(data, output, batches: int = 1, stats=None, batch_size: int = 8,
     try:
         first = next(loader)
         image = batch_grid(first, config)
-        _write_atomic(Path(output), lambda path: image.save(path, format="PNG"))
+        write_atomically(Path(output), lambda path: image.save(path, format="PNG"))
         if stats is not None:
             collected.append(batch_stats(first))
             for _ in range(batches - 1):
                 collected.append(batch_stats(next(loader)))
             report = {"data": [str(d) for d in data], "batch_size": batch_size, "seed": seed,
                       "batches": collected, "config": config.to_dict()}
-            _write_atomic(Path(stats), lambda path: Path(path).write_text(
+            write_atomically(Path(stats), lambda path: Path(path).write_text(
                 json.dumps(report, indent=1)))
     finally:
         loader.close()

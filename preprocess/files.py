@@ -1,14 +1,20 @@
-"""Putting a finished temporary file in place.
+"""Writing an output file: under a temporary name, then renamed into place.
 
 Every output of tcore is written under a temporary name and renamed over its final path, so
-a crash leaves the old file or the new one. `tempfile.mkstemp` (and safetensors) create the
-temporary with mode 0600, which the rename would keep: on a shared machine nobody else could
-read a run's checkpoints, configs or results. `publish` first gives it the mode any newly
-created file gets under the process's umask.
+a crash leaves the old file or the new one (`write_atomically`; the shard builder renames
+its tars and indexes itself, as it streams them). A write the OS refuses (disk full, quota,
+no permission) is an `OutputWriteError` naming the output, not the temporary nor torch's or
+PIL's symptom of it. `tempfile.mkstemp` (and safetensors) create the temporary with mode
+0600, which the rename would keep: on a shared machine nobody else could read a run's
+checkpoints, configs or results. `publish` first gives it the mode any newly created file
+gets under the process's umask.
 """
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 
 def current_umask() -> int:
@@ -30,3 +36,65 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     over `path`."""
     os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
+
+
+class OutputWriteError(OSError):
+    """An output the OS refused to write; the message names the file and the reason."""
+
+
+def os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError (disk full, file too large, no permission) that caused `error`, if any:
+    torch.save, for one, reports a failed write as a RuntimeError about zip positions, the
+    OSError being its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _fsync(path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_prefix(path: str | os.PathLike) -> str:
+    """How `write_atomically` names the temporaries of `path` by default: `.<name>.tmp-`..."""
+    return f".{Path(path).name}.tmp-"
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object], *,
+                     prefix: str | None = None, suffix: str = "",
+                     durable: bool = False) -> Path:
+    """`write(temporary)` fills a new temporary file beside `path` (named `prefix`...,
+    default `temporary_prefix(path)`), which is then renamed over `path`. `durable`: the file and the rename
+    are flushed to disk first, so a power loss leaves the old file or the new one, never an
+    empty one (checkpoints). On any failure the temporary is removed; a failure the OS caused
+    is raised as OutputWriteError naming `path`, anything else as it was (a bug stays one)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=prefix or temporary_prefix(path), suffix=suffix,
+                                         dir=path.parent)
+        os.close(fd)
+    except OSError as error:
+        raise OutputWriteError(f"{path}: cannot write: {error.strerror or error}") from error
+    try:
+        write(temporary)
+        if durable:
+            _fsync(temporary, os.O_RDONLY)
+        publish(temporary, path)
+        if durable:
+            _fsync(path.parent, os.O_RDONLY)
+    except BaseException as error:
+        Path(temporary).unlink(missing_ok=True)
+        cause = os_error_behind(error)
+        if cause is None or isinstance(error, OutputWriteError):
+            raise
+        raise OutputWriteError(f"{path}: cannot write: {cause.strerror or cause}") from error
+    return path

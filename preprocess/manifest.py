@@ -9,11 +9,11 @@ Format (docs/ARCHITECTURE.md):
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from pathlib import Path
 
 from tcore.preprocess.errors import ShardDirError
+from tcore.preprocess.files import write_atomically
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -26,17 +26,13 @@ _SHARD_REQUIRED = {"tar": str, "index": str, "samples": int, "bytes": int}
 
 
 def write_json_atomic(path, payload) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=1, sort_keys=True) + "\n"
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def write_jsonl_atomic(path, rows: list[dict]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def make_manifest(*, kind: str, frames, codec: str, short_side: int, classes: list[str],

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 from fractions import Fraction
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ except ImportError:
     av = None
 from PIL import Image
 
+from tcore.preprocess.files import write_atomically
 from tcore.preprocess.video import require_av
 
 # Class = motion pattern shared by every object of a video.
@@ -207,10 +207,7 @@ def encode_video(frames: np.ndarray, fmt: str, codec: str, pix_fmt: str, fps: in
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomically(path, lambda temporary: Path(temporary).write_bytes(data))
 
 
 def _image_bytes(image: Image.Image, **save_args) -> bytes:

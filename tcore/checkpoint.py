@@ -10,42 +10,19 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tcore.preprocess.files import publish
+from tcore.preprocess.files import write_atomically
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 TMP_PREFIX = ".tmp-checkpoint-"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, used or written; the message names the file."""
-
-
-def os_error_behind(exc: BaseException) -> OSError | None:
-    """The OSError (disk full, file too large, no permission) that caused `exc`, if any:
-    torch.save reports a failed write as a RuntimeError about zip positions, the OSError
-    being its context."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def write_failed(path: Path, exc: BaseException) -> BaseException:
-    """What to raise when writing `path` failed with `exc`: a CheckpointError naming the file
-    and the OS's reason where the OS refused the write, else `exc` itself (a bug stays one)."""
-    reason = os_error_behind(exc)
-    if reason is None:
-        return exc
-    return CheckpointError(f"{path}: cannot write: {reason.strerror or reason}")
+    """A checkpoint that cannot be read or used; the message names the file."""
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -77,33 +54,18 @@ def remove_stale_temporaries(directory: str | os.PathLike, prefix: str = TMP_PRE
     return removed
 
 
-def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Flush the finished temporary `tmp` to disk, rename it over `path`, and make the
-    rename durable too, so a power loss leaves the old file or the new one, never an empty
-    one."""
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    publish(tmp, path)
-    dir_fd = os.open(Path(path).parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return Path(path)
-
-
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same directory, then `durable_replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        return durable_replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise write_failed(path, exc) from exc
+    """torch.save under a temporary name, flushed to disk, then renamed into place (an
+    OutputWriteError naming `path` when the OS refuses the write)."""
+    return write_atomically(path, lambda temporary: save_torch(obj, temporary),
+                            prefix=TMP_PREFIX, suffix=".pt", durable=True)
+
+
+def save_torch(obj, path: str) -> None:
+    """torch.save through a Python file: given a path, torch's C++ writer reports a failed
+    write (disk full) only as a zip position mismatch; through a file, the OSError stays."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:

@@ -11,9 +11,21 @@ from tcore.commands.eval import eval_group
 from tcore.commands.pipeline import pipeline
 from tcore.commands.shards import shards
 from tcore.commands.train import train
+from tcore.preprocess.files import OutputWriteError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class TcoreGroup(click.Group):
+    """Every command: an output the OS refused to write (disk full, no permission) ends in
+    one line naming the file, whichever command was writing it."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OutputWriteError as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group(cls=TcoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tcore")
 def main():
     """tcore: train T-CoRe video representations fast.

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tcore.preprocess.files import publish
+from tcore.preprocess.files import write_atomically
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STRICT_SECTIONS = ("data", "optim", "train")
@@ -252,10 +251,5 @@ def build_pipeline_config(cfg: DictConfig, source: str = "config"):
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(OmegaConf.to_yaml(cfg, resolve=True))
-    publish(tmp, path)
-    return path
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    return write_atomically(path, lambda temporary: Path(temporary).write_text(text))

@@ -19,9 +19,7 @@ directory carrying that marker; a non-empty directory without it is refused:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import torch
 
 from tcore.checkpoint import load_checkpoint
 from tcore.config import load_config
-from tcore.preprocess.files import publish
+from tcore.preprocess.files import write_atomically
 
 DEMO_PRESET = "tiny_cpu"
 DEMO_DIRS = ("synthetic", "shards", "run", "eval")  # replaced on every demo run
@@ -95,12 +93,11 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path:
     ax_terms.set(title="loss terms", xlabel="step")
     ax_terms.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".loss_curve.", suffix=".png", dir=png_path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
-    publish(tmp, png_path)
-    return png_path
+    try:
+        return write_atomically(png_path, lambda temporary: fig.savefig(temporary, format="png",
+                                                                       dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def demo_backbones(cfg, checkpoint: Path):
@@ -129,9 +126,8 @@ def evaluate_label_propagation(cfg, checkpoint: Path, davis_dir: Path, out: Path
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2) + "\n"
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def is_demo_output(out: Path) -> bool:

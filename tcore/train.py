@@ -26,17 +26,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tcore.checkpoint import (CheckpointError, durable_replace, latest_checkpoint,
-                              list_checkpoints, load_checkpoint, remove_stale_temporaries,
-                              rng_state, save_checkpoint, set_rng_state, write_failed)
+from tcore.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
+                              load_checkpoint, remove_stale_temporaries, rng_state,
+                              save_checkpoint, set_rng_state)
 from tcore.config import ConfigError, save_config
 from tcore.distributed import DistInfo, all_reduce_mean_, barrier, init_distributed, shutdown
 from tcore.metrics_log import LossHistory, MetricsLogger, NonFiniteLossError, truncate_metrics
 from tcore.optim import apply_schedules, build_optimizer
+from tcore.preprocess.files import OutputWriteError, temporary_prefix
 from tcore.schedules import build_schedules
 
 TEACHER_EXPORT = "teacher_backbone.safetensors"
-EXPORT_TMP_PREFIX = ".tmp-"      # the export is written under this prefix, then renamed
+CONFIG_FILE = "config.yaml"
 # Sections that must not change between a run and its resumption.
 RESUME_LOCKED_SECTIONS = ("model", "loss", "data", "optim")
 
@@ -323,13 +324,8 @@ class Trainer:
         backbone = self._full_teacher_backbone()
         if backbone is None:
             return None
-        tmp = path.with_name(f"{EXPORT_TMP_PREFIX}{path.name}")
-        try:
-            export_safetensors(backbone, tmp)
-            return durable_replace(tmp, path)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            raise write_failed(path, exc) from exc
+        export_safetensors(backbone, path, durable=True)
+        return path
 
 
 UNSET = "<unset>"          # a key one of the two configs lacks
@@ -393,7 +389,8 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(ckpt_dir)
-        remove_stale_temporaries(run_dir, f"{EXPORT_TMP_PREFIX}{TEACHER_EXPORT}")
+        for name in (TEACHER_EXPORT, CONFIG_FILE):
+            remove_stale_temporaries(run_dir, temporary_prefix(run_dir / name))
         if not resume and latest_checkpoint(ckpt_dir) is not None:
             raise FileExistsError(f"{run_dir}: already holds checkpoints; pass --resume to "
                                   f"continue that run, or choose another --output")
@@ -414,7 +411,7 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
             start_step = trainer.load_state_dict(state, last_ckpt)
             del state
     if info.is_main:  # after the resume check, so a refused resume keeps the saved config
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / CONFIG_FILE)
     total = trainer.schedules.total_iters
     end_step = min(total, max_steps) if max_steps else total
     if info.is_main:
@@ -485,9 +482,9 @@ def save_checkpoint_or_say_what_is_kept(ckpt_dir: Path, step: int, state: dict, 
     """`save_checkpoint`; a failed write (disk full) says which checkpoint is still whole."""
     try:
         return save_checkpoint(ckpt_dir, step, state, keep_last)
-    except CheckpointError as exc:
+    except OutputWriteError as exc:
         kept = f"{previous} is intact" if previous else "no earlier checkpoint of this run"
-        raise CheckpointError(f"{exc}; {kept}") from exc
+        raise OutputWriteError(f"{exc}; {kept}") from exc
 
 
 def read_losses(run_dir: str | os.PathLike) -> dict[int, dict[str, float]]:

@@ -206,7 +206,7 @@ def test_resume_in_another_precision_is_refused_and_stale_export_removed(synth_s
     run = tmp_path / "run"
     first = train(cfg, synth_shards, run, max_steps=2, checkpoint_every=2, progress=False)
     assert cfg == given                                 # the caller's config is left as it was
-    assert not list(run.glob(".tmp-*"))
+    assert not list(run.glob(".*.tmp-*"))
     # The export is the EMA teacher's backbone of the last checkpoint (not the student's).
     from safetensors.torch import load_file
     model = load_checkpoint(first.last_checkpoint)["model"]
@@ -219,13 +219,15 @@ def test_resume_in_another_precision_is_refused_and_stale_export_removed(synth_s
     # a line cut short.
     with open(run / "metrics.jsonl", "a") as log:
         log.write('{"step": 3, "loss/total": 123.0}\n{"step": 4, "loss/to')
-    stale = run / ".tmp-teacher_backbone.safetensors"      # as a crash mid-export leaves it
-    stale.write_bytes(b"partial")
+    # What a crash mid-export (or mid-config) leaves.
+    stales = [run / ".teacher_backbone.safetensors.tmp-x1y2", run / ".config.yaml.tmp-x3y4"]
+    for stale in stales:
+        stale.write_bytes(b"partial")
     other = load_config("tiny_cpu", FAST + ["train.precision=bf16"])
     with pytest.raises(ConfigError, match=r"trained in fp32.*computes in bf16"):
         train(other, synth_shards, run, resume=True, max_steps=4, checkpoint_every=2,
               progress=False)
-    assert not stale.exists()
+    assert not any(stale.exists() for stale in stales)
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]   # nothing lost
     done = train(cfg, synth_shards, run, resume=True, max_steps=4, checkpoint_every=2,
                  progress=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tcore.preprocess.files import publish
+from tcore.preprocess.files import write_atomically
 
 REPORT_FORMAT_VERSION = 1
 LIBRARIES = ("tcore", "torch", "torchvision", "timm", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
@@ -198,25 +198,10 @@ def probe_directory(directory: Path, what: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
-    """Write JSON to a temporary file beside `path` and rename it into place (an OSError
-    becomes a ValueError naming `path`, not the temporary file)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise ValueError(f"cannot write {path} ({error.strerror or error})") from None
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
-        publish(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise ValueError(f"cannot write {path} ({error.strerror or error})") from None
-        raise
-    return path
+    """Write the report as JSON under a temporary name, then rename it into place (an
+    OutputWriteError naming `path` when the OS refuses)."""
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
+    return write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def read_report(path: str | os.PathLike) -> dict:

@@ -4,13 +4,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from tcore.preprocess.files import publish
+from tcore.preprocess.files import write_atomically
 
 
 def davis_palette() -> np.ndarray:
@@ -82,13 +81,6 @@ def size_text(shape) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return tmp
-
-
 def write_label_png(path: str | os.PathLike, labels: np.ndarray,
                     palette: np.ndarray | None = None) -> None:
     """Write a [H,W] label map as a palette PNG (temporary name, then rename)."""
@@ -99,52 +91,25 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray,
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
     image.putpalette((davis_palette() if palette is None else palette).astype(np.uint8).ravel()
                      .tolist())
-    tmp = _atomic_target(path)
-    try:
-        image.save(tmp, format="PNG")
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     """Write an RGB image [H,W,3] uint8 as PNG atomically."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(tmp, format="PNG")
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    image = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
+    write_atomically(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def write_json(path: str | os.PathLike, payload) -> None:
     """Write JSON atomically (NaN written as null so strict readers accept it)."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(_nan_to_none(payload), handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = json.dumps(_nan_to_none(payload), indent=2, sort_keys=False) + "\n"
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def write_mat(path: str | os.PathLike, fields: dict) -> None:
     """Write a MATLAB .mat file atomically (scipy.io.savemat)."""
     import scipy.io
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        scipy.io.savemat(tmp, fields, appendmat=False)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda temporary: scipy.io.savemat(temporary, fields, appendmat=False))
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -155,17 +120,15 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
         for key in row:
             if key not in columns:
                 columns.append(key)
-    tmp = _atomic_target(path)
-    try:
-        with open(tmp, "w", newline="") as handle:
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: _csv_value(v) for k, v in row.items()})
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomically(path, write)
 
 
 def _csv_value(value):

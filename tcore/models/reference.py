@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tcore.checkpoint import save_torch
 from tcore.models.head import DINOHead
 from tcore.models.pmm import PatchMatchingModule
 from tcore.models.vit import ARCHS, Backbone
-from tcore.preprocess.files import publish
+from tcore.preprocess.files import write_atomically
 
 DEFAULT_PMM_HEADS = 16
 DEFAULT_PMM_ATTN_MUL = 4.0
@@ -322,18 +323,6 @@ def _meta(backbone: Backbone, pmm: PatchMatchingModule | None) -> dict:
     return meta
 
 
-def _atomic_write(path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        publish(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def official_checkpoint(backbone: Backbone, head: DINOHead | None = None,
                         pmm: PatchMatchingModule | None = None) -> dict:
     """``{"teacher": {"backbone.*", "dino_head.*"}, "auxiliary": {"auxiliary_decoder.*"}}`` with
@@ -356,13 +345,14 @@ def export_reference(backbone: Backbone, path, head: DINOHead | None = None,
     for section in ("teacher", "auxiliary"):
         if section in checkpoint:
             checkpoint[section] = {k: v.detach().cpu().clone() for k, v in checkpoint[section].items()}
-    _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    write_atomically(path, lambda temporary: save_torch(checkpoint, temporary))
 
 
 def export_safetensors(backbone: Backbone, path, head: DINOHead | None = None,
-                       pmm: PatchMatchingModule | None = None) -> None:
-    """Write our own key layout (``backbone.*``, ``head.*``, ``pmm.*``) as safetensors, atomically."""
-    from safetensors.torch import save_file
+                       pmm: PatchMatchingModule | None = None, durable: bool = False) -> None:
+    """Write our own key layout (``backbone.*``, ``head.*``, ``pmm.*``) as safetensors, atomically
+    (`durable`: flushed to disk before it replaces the old file, as checkpoints are)."""
+    from safetensors.torch import save
 
     tensors = {f"backbone.{k}": v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     for prefix, module in (("head", head), ("pmm", pmm)):
@@ -371,7 +361,11 @@ def export_safetensors(backbone: Backbone, path, head: DINOHead | None = None,
                             for k, v in module.state_dict().items()})
     metadata = {key: str(value) for key, value in _meta(backbone, pmm).items()}
     metadata["format"] = "tcore"
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    # Serialised here and written by Python: safetensors' own file writer reports a full disk
+    # as a SafetensorError, where Python's keeps the OSError that names the reason.
+    payload = save(tensors, metadata=metadata)
+    write_atomically(path, lambda temporary: Path(temporary).write_bytes(payload),
+                     durable=durable)
 
 
 __all__ = ["load_reference", "export_reference", "export_safetensors", "ReferenceModel",
