@@ -83,7 +83,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object], *,
                                          dir=path.parent)
         os.close(fd)
     except OSError as error:
-        raise OutputWriteError(f"{path}: cannot write: {error.strerror or error}") from error
+        # A folder on the way that cannot be made (a file in its place) is named too.
+        where = (f"{error.filename}: " if error.filename is not None
+                 and Path(error.filename) in path.parents else "")
+        raise OutputWriteError(f"{path}: cannot write: {where}{error.strerror or error}"
+                               ) from error
     try:
         write(temporary)
         if durable:
