@@ -422,7 +422,7 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
     history = LossHistory()
     log_every, ckpt_every = int(cfg.train.log_every), int(cfg.train.checkpoint_every)
     teacher_path = run_dir / TEACHER_EXPORT
-    exported = None
+    exported, step = None, start_step
     try:
         iterator = iter(loader)
         values = trainer.schedules.at(start_step)
@@ -452,6 +452,12 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
         if info.is_main:
             print(f"tcore train: {exc}; last good checkpoint: {last_ckpt or 'none'}",
                   file=sys.stderr)
+        raise
+    except KeyboardInterrupt:   # Ctrl-C: say where the run can continue from
+        if info.is_main:
+            where = (f"newest checkpoint {last_ckpt}; continue with --resume" if last_ckpt
+                     else "no checkpoint written yet")
+            print(f"\ntcore train: interrupted after step {step}; {where}", file=sys.stderr)
         raise
     finally:
         logger.close()

@@ -124,6 +124,40 @@ def test_a_failed_checkpoint_write_names_the_file_and_the_one_kept(synth_shards,
             f"{run / 'checkpoints'}") in result.output
 
 
+def test_ctrl_c_says_where_to_resume_and_ends_the_stage_a_process(synth_shards, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "tcore.cli", "train", "--config", "tiny_cpu", "--data",
+               str(synth_shards), "--output", str(run), "--max-steps", "200",
+               "--checkpoint-every", "2", "--no-progress", *FAST,
+               "data.pipeline.producer=process"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = run / "checkpoints" / "checkpoint-00000002.pt"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    children = [int(c) for f in Path(f"/proc/{proc.pid}/task").glob("*/children")
+                for c in f.read_text().split()]
+    assert children, "the loader's stage A process should be running"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    said = re.search(r"tcore train: interrupted after step (\d+); newest checkpoint (\S+); "
+                     r"continue with --resume", stderr)
+    assert said, stderr[-3000:]
+    newest = max(step for step, _ in list_checkpoints(run / "checkpoints"))
+    assert said.group(2) == str(run / "checkpoints" / f"checkpoint-{newest:08d}.pt")
+    assert newest <= int(said.group(1)) < 200
+    time.sleep(0.5)
+    assert not [c for c in children if _running(c)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def test_nan_loss_stops_with_step_and_term(synth_shards, tmp_path):
     # lr 0 at step 1 (warm-up start), then an absurd lr: the weights overflow and the next
     # forward is NaN/inf. The run must stop there, naming the step and the loss term, with

@@ -37,6 +37,8 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
         raise click.ClickException(str(exc)) from exc
     except NonFiniteLossError:
         sys.exit(3)  # the message was printed by the loop
+    except KeyboardInterrupt:
+        sys.exit(130)  # Ctrl-C, as a shell reports it; the loop said where to resume
     if not result.is_main:
         return
     if result.end_step > result.start_step:
