@@ -34,6 +34,7 @@ from tcore.distributed import DistInfo, all_reduce_mean_, barrier, init_distribu
 from tcore.metrics_log import LossHistory, MetricsLogger, NonFiniteLossError, truncate_metrics
 from tcore.optim import apply_schedules, build_optimizer
 from tcore.preprocess.files import OutputWriteError, temporary_prefix
+from tcore.run_lock import run_directory_lock
 from tcore.schedules import build_schedules
 
 TEACHER_EXPORT = "teacher_backbone.safetensors"
@@ -370,8 +371,9 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         cfg.train.checkpoint_every = int(checkpoint_every)
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, resolve_manifests(data), run_dir, info, resume=resume,
-                      max_steps=max_steps, progress=progress)
+        with run_directory_lock(run_dir, enabled=info.is_main):
+            return _train(cfg, resolve_manifests(data), run_dir, info, resume=resume,
+                          max_steps=max_steps, progress=progress)
     finally:
         shutdown(info)
 

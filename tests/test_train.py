@@ -158,6 +158,31 @@ def _running(pid: int) -> bool:
         return False
 
 
+HOLD_THE_LOCK = ("import sys, time; from tcore.run_lock import run_directory_lock\n"
+                 "with run_directory_lock(sys.argv[1]):\n"
+                 "    print('holding', flush=True); time.sleep(300)")
+
+
+def test_a_run_directory_in_use_is_refused_until_its_process_dies(synth_shards, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        result = CliRunner().invoke(cli, ["train", "--data", str(synth_shards), "--output",
+                                          str(run), "--max-steps", "1", *FAST])
+        assert result.exit_code == 1, result.output
+        assert (f"{run}: another tcore train (pid {holder.pid} on ") in result.output
+        assert "is training into this run directory" in result.output
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]     # nothing else touched
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed, the holder's lock is gone with it: the run starts.
+    done = train(load_config("tiny_cpu", FAST), synth_shards, run, max_steps=1, progress=False)
+    assert done.end_step == 1
+
+
 def test_nan_loss_stops_with_step_and_term(synth_shards, tmp_path):
     # lr 0 at step 1 (warm-up start), then an absurd lr: the weights overflow and the next
     # forward is NaN/inf. The run must stop there, naming the step and the loss term, with
