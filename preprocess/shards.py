@@ -34,6 +34,7 @@ from tcore.preprocess.discover import Inputs, Source, discover_class_folders, di
 from tcore.preprocess.errors import BadInput, ShardDirError
 from tcore.preprocess.images import prepare_image
 from tcore.preprocess.index import format_index
+from tcore.preprocess.locks import exclusive_lock
 from tcore.preprocess.manifest import (CLIP_EXTS, FAILURES_NAME, MANIFEST_NAME, load_manifest,
                                        make_manifest, merge_manifest_parts, read_json,
                                        validate_manifest, write_json_atomic, write_jsonl_atomic)
@@ -42,6 +43,7 @@ from tcore.preprocess.video import (FRAME_CODECS, VIDEO_CODECS, VP9_SPEED, encod
                                     encode_jpeg_frames, read_clip, require_av)
 
 STATE_DIR = ".build"
+BUILD_LOCK = "lock"       # in STATE_DIR: held by the build running (preprocess.locks)
 DEFAULT_GOP = 20  # one keyframe per 20-frame clip: smallest and fastest for the sampler (docs/PERFORMANCE.md)
 # Highest --crf per codec: libvpx-vp9 refuses more when the encoder opens (after the inputs are
 # decoded), libx264 (8-bit) silently clamps to 51. 0 is lossless (h264) / best (vp9).
@@ -354,7 +356,27 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
     inputs = discover_inputs(src, kind, list_file, video_root)
     options = _options(config, inputs)
     _check_out_dir(out, options)
+    with _build_lock(out, node_rank, num_nodes):
+        return _build_this_nodes_shards(out, config, inputs, options, workers=workers,
+                                        node_rank=node_rank, num_nodes=num_nodes,
+                                        progress=progress)
 
+
+def _build_lock(out: Path, node_rank: int, num_nodes: int):
+    """One build per node into `out` at a time (tcore.preprocess.locks): a second one would
+    remove the first one's temporaries as stale. The nodes of a split build lock apart."""
+    name = BUILD_LOCK if num_nodes == 1 else f"{BUILD_LOCK}.{node_suffix(node_rank, num_nodes)}"
+    node = f" as node {node_rank} of {num_nodes}" if num_nodes > 1 else ""
+    return exclusive_lock(out / STATE_DIR / name, lambda holder: (
+        f"{out}: another tcore shards build ({holder}) is building into this directory{node}; "
+        "wait for it to end (a rerun afterwards resumes where it stopped)"))
+
+
+def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: dict, *,
+                             workers: int, node_rank: int, num_nodes: int,
+                             progress: bool) -> BuildResult:
+    """The shards of this node not yet finished, then its manifest and failures."""
+    kind = config.kind
     size = config.samples_per_shard
     shard_count = -(-len(inputs.sources) // size)
     mine = [k for k in range(shard_count) if k % num_nodes == node_rank]
@@ -409,6 +431,7 @@ def _give_up_empty_build(out: Path, config: BuildConfig, shard_ids: list[int], f
     for shard_id in shard_ids:  # all of them empty, so no tar or index is lost
         _record_path(out, config, shard_id).unlink(missing_ok=True)
     (out / STATE_DIR / "options.json").unlink(missing_ok=True)
+    (out / STATE_DIR / BUILD_LOCK).unlink(missing_ok=True)   # this build ends here
     try:
         (out / STATE_DIR).rmdir()
     except OSError:  # not empty: something else is there; leave it

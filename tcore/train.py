@@ -34,11 +34,12 @@ from tcore.distributed import DistInfo, all_reduce_mean_, barrier, init_distribu
 from tcore.metrics_log import LossHistory, MetricsLogger, NonFiniteLossError, truncate_metrics
 from tcore.optim import apply_schedules, build_optimizer
 from tcore.preprocess.files import OutputWriteError, temporary_prefix
-from tcore.run_lock import run_directory_lock
+from tcore.preprocess.locks import exclusive_lock
 from tcore.schedules import build_schedules
 
 TEACHER_EXPORT = "teacher_backbone.safetensors"
 CONFIG_FILE = "config.yaml"
+RUN_LOCK = ".lock"
 # Sections that must not change between a run and its resumption.
 RESUME_LOCKED_SECTIONS = ("model", "loss", "data", "optim")
 
@@ -371,11 +372,21 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         cfg.train.checkpoint_every = int(checkpoint_every)
     info = init_distributed(cfg.train.device)
     try:
-        with run_directory_lock(run_dir, enabled=info.is_main):
+        with run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext():
             return _train(cfg, resolve_manifests(data), run_dir, info, resume=resume,
                           max_steps=max_steps, progress=progress)
     finally:
         shutdown(info)
+
+
+def run_directory_lock(run_dir: Path):
+    """Rank 0's lock on RUN_DIR/.lock for the whole run (tcore.preprocess.locks): a second
+    `tcore train` into the same directory stops at once, before its start-up could remove
+    the live run's temporaries."""
+    run_dir = Path(run_dir)
+    return exclusive_lock(run_dir / RUN_LOCK, lambda holder: (
+        f"{run_dir}: another tcore train ({holder}) is training into this run directory; "
+        "wait for it to end, or choose another --output"))
 
 
 def skipped_samples(loader) -> int | None:

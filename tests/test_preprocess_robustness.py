@@ -146,6 +146,45 @@ def test_a_full_disk_stops_the_build_naming_the_shard_and_a_rerun_finishes(synth
     assert load_manifest(out)["total_samples"] == len(discover_class_folders(synth_root / "train").sources)
 
 
+HOLD_THE_BUILD_LOCK = ("import sys, time; from pathlib import Path\n"
+                       "from tcore.preprocess.shards import _build_lock\n"
+                       "with _build_lock(Path(sys.argv[1]), 0, 2):\n"
+                       "    print('holding', flush=True); time.sleep(300)")
+
+
+def test_a_second_build_of_the_same_node_stops_naming_the_first(synth_root, tmp_path):
+    """Node 0 of a split build is running (a real process holds its lock): a second node 0
+    stops at once naming it; node 1 builds beside it; once node 0's process is gone, node 0
+    builds."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_BUILD_LOCK, str(out)],
+                              stdout=subprocess.PIPE, text=True)
+
+    def build(node: int):
+        return CliRunner().invoke(cli, ["shards", "build", str(synth_root / "train"), str(out),
+                                        "--short-side", "64", "--samples-per-shard", "3",
+                                        "--node-rank", str(node), "--num-nodes", "2",
+                                        "--no-progress"])
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        refused = build(0)
+        assert refused.exit_code == 1, refused.output
+        assert (f"{out}: another tcore shards build (pid {holder.pid} on ") in refused.output
+        assert "is building into this directory as node 0 of 2" in refused.output
+        assert not list(out.glob("shard-*"))
+        beside = build(1)
+        assert beside.exit_code == 0, beside.output
+        shards = -(-len(discover_class_folders(synth_root / "train").sources) // 3)
+        assert shards >= 3
+        assert sorted(p.name for p in out.glob("shard-*.tar")) == [
+            f"shard-{k:06d}.tar" for k in range(1, shards, 2)]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert build(0).exit_code == 0
+    assert len(list(out.glob("shard-*.tar"))) == shards
+
+
 def test_inspect_verify_reports_a_truncated_shard(synth_shards, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(synth_shards, copy)

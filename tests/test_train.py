@@ -158,7 +158,7 @@ def _running(pid: int) -> bool:
         return False
 
 
-HOLD_THE_LOCK = ("import sys, time; from tcore.run_lock import run_directory_lock\n"
+HOLD_THE_LOCK = ("import sys, time; from tcore.train import run_directory_lock\n"
                  "with run_directory_lock(sys.argv[1]):\n"
                  "    print('holding', flush=True); time.sleep(300)")
 

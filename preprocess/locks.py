@@ -1,0 +1,63 @@
+"""One writer at a time: an exclusive lock on a file in the directory being written.
+
+Two processes writing one directory (a training job launched twice, a requeued job whose
+first copy still runs, a shard build rerun "to resume" while the first is still going)
+would overwrite each other's files, and each one's start-up removes the other's
+temporaries. The writer therefore holds an exclusive `flock` on a lock file for as long as
+it writes. The kernel drops it when the holder ends in any way, kill -9 included, so a
+crashed run never blocks its own resumption. On a file system without locks the work goes
+on unlocked.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+
+class DirectoryBusy(FileExistsError):
+    """Another live process holds the lock: it is writing the same directory."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: str | os.PathLike, busy: Callable[[str], str]):
+    """Hold `lock_file`'s lock while the block runs (the file records who holds it). When
+    another process holds it, raise DirectoryBusy(busy(holder)), `holder` being its
+    "pid N on HOST"."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as handle:
+        locked = _lock(handle, busy)
+        if locked:
+            _say(handle, f"pid {os.getpid()} on {socket.gethostname()}\n")
+        try:
+            yield
+        finally:
+            if locked:   # emptied, not removed: removing a lock file races with its next user
+                _say(handle, "")
+
+
+def _say(handle, text: str) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(text)
+    handle.flush()
+
+
+def _lock(handle, busy: Callable[[str], str]) -> bool:
+    """Take the lock; False where the file system has none."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not yet written its pid"
+        raise DirectoryBusy(busy(holder)) from None
+    except OSError as error:
+        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        raise
