@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tcore.preprocess.files import OutputWriteError, write_atomically
+
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the message names the step and the term."""
@@ -80,9 +82,8 @@ def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
             continue  # a line cut short by a kill
         if record.get("step", 0) <= last_step:
             kept.append(json.dumps(record))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    text = "".join(line + "\n" for line in kept)
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -146,12 +147,12 @@ class MetricsLogger:
                 record["data_wait_fraction"] = data_wait_fraction
                 if skipped_samples is not None:
                     record["skipped_samples"] = skipped_samples
-            self.file.write(json.dumps(record) + "\n")
+            self._append(json.dumps(record) + "\n")
             if self.writer is not None:
                 for key, value in record.items():
                     if key != "step":
                         self.writer.add_scalar(key, value, step)
-        self.file.flush()
+        self._append("", flush=True)
         if self.bar is not None:
             self.bar.update(last_step - self.bar.n)
             self.bar.set_postfix(loss=f"{records[-1][1]['total']:.4f}",
@@ -159,10 +160,24 @@ class MetricsLogger:
                                  samples_s=f"{samples_per_s:.1f}",
                                  data_wait=f"{100 * data_wait_fraction:.0f}%", refresh=False)
 
+    def _append(self, text: str, flush: bool = False) -> None:
+        """Append to metrics.jsonl; a write the OS refuses (disk full) names the file."""
+        try:
+            self.file.write(text)
+            if flush:
+                self.file.flush()
+        except OSError as error:
+            raise OutputWriteError(f"{self.path}: cannot write: {error.strerror or error}"
+                                   ) from error
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as error:   # the last buffered lines could not be written
+                raise OutputWriteError(f"{self.path}: cannot write: {error.strerror or error}"
+                                       ) from error

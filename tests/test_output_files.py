@@ -19,11 +19,20 @@ WRITERS = textwrap.dedent('''
     from tcore.checkpoint import atomic_torch_save
     from tcore.config import load_config, save_config
     from tcore.eval.io import write_csv, write_json, write_label_png, write_mat, write_png
+    from tcore.metrics_log import MetricsLogger
     from tcore.models import build_backbone, export_reference, export_safetensors
     from tcore.preprocess.manifest import write_json_atomic, write_jsonl_atomic
 
     root = Path(sys.argv[1])
     backbone = build_backbone("vit_tiny")
+
+    def log_a_step(path):   # metrics.jsonl is appended to, not replaced
+        logger = MetricsLogger(path.parent, 0, 1, 4, progress=False, tensorboard=False)
+        try:
+            logger.log([(1, {"total": 1.0})], {"lr": 0.1})
+        finally:
+            logger.close()
+
     writers = {
         "checkpoint.pt": lambda p: atomic_torch_save({"x": torch.zeros(1000)}, p),
         "config.yaml": lambda p: save_config(load_config("tiny_cpu"), p),
@@ -37,6 +46,7 @@ WRITERS = textwrap.dedent('''
         "reference.pth": lambda p: export_reference(backbone, p),
         "manifest.json": lambda p: write_json_atomic(p, {"a": 1}),
         "failures.jsonl": lambda p: write_jsonl_atomic(p, [{"a": 1}]),
+        "metrics.jsonl": log_a_step,
     }
     before = {}
     for name, write in writers.items():
@@ -64,7 +74,7 @@ def test_every_writer_on_a_full_disk_names_its_output_and_keeps_the_old_one(tmp_
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
-    assert len(report) == 12
+    assert len(report) == 13
     for name, outcome in report.items():
         assert outcome["raised"] == [
             "OutputWriteError", True, f"{tmp_path / name / name}: cannot write: File too large"
