@@ -4,10 +4,10 @@ Every output of tcore is written under a temporary name and renamed over its fin
 a crash leaves the old file or the new one (`write_atomically`; the shard builder renames
 its tars and indexes itself, as it streams them). A write the OS refuses (disk full, quota,
 no permission) is an `OutputWriteError` naming the output, not the temporary nor torch's or
-PIL's symptom of it. `tempfile.mkstemp` (and safetensors) create the temporary with mode
-0600, which the rename would keep: on a shared machine nobody else could read a run's
-checkpoints, configs or results. `publish` first gives it the mode any newly created file
-gets under the process's umask.
+PIL's symptom of it. `tempfile.mkstemp` creates the temporary with mode 0600, which the
+rename would keep: on a shared machine nobody else could read a run's checkpoints, configs
+or results. `publish` first gives it the mode any newly created file gets under the
+process's umask.
 """
 from __future__ import annotations
 
@@ -55,8 +55,9 @@ def os_error_behind(error: BaseException) -> OSError | None:
     return None
 
 
-def _fsync(path, flags: int) -> None:
-    fd = os.open(path, flags)
+def _fsync(path) -> None:
+    """Flush a file, or a folder's entries (a rename), to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -72,9 +73,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object], *,
                      prefix: str | None = None, suffix: str = "",
                      durable: bool = False) -> Path:
     """`write(temporary)` fills a new temporary file beside `path` (named `prefix`...,
-    default `temporary_prefix(path)`), which is then renamed over `path`. `durable`: the file and the rename
-    are flushed to disk first, so a power loss leaves the old file or the new one, never an
-    empty one (checkpoints). On any failure the temporary is removed; a failure the OS caused
+    default `temporary_prefix(path)`), which is then renamed over `path`. `durable`: the file
+    and the rename are flushed to disk, so a power loss leaves the old file or the new one,
+    never an empty one (checkpoints). On any failure the temporary is removed; a failure the OS caused
     is raised as OutputWriteError naming `path`, anything else as it was (a bug stays one)."""
     path = Path(path)
     try:
@@ -91,10 +92,10 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object], *,
     try:
         write(temporary)
         if durable:
-            _fsync(temporary, os.O_RDONLY)
+            _fsync(temporary)
         publish(temporary, path)
         if durable:
-            _fsync(path.parent, os.O_RDONLY)
+            _fsync(path.parent)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
         cause = os_error_behind(error)
