@@ -62,7 +62,7 @@ def test_unreadable_checkpoint_is_named(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_get_the_umask_mode_not_the_temporary_files_0600(tmp_path, umask):
-    # mkstemp and safetensors create 0600 files; renamed as they are, nobody else on a shared
+    # mkstemp creates 0600 files; renamed as they are, nobody else on a shared
     # machine could read a run. Each writer below goes through a temporary file.
     from tcore.bench.report import write_json_atomic
     from tcore.config import load_config, save_config
