@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +28,6 @@ import traceback
 from tcore.pipelines.stage_a import BadSampleError, StageA, StageASpec
 
 _POLL_S = 0.1
-_CLOSE_TIMEOUT_S = 10.0
 
 
 def _put_until_stopped(out, item, stopping) -> bool:
@@ -154,7 +154,12 @@ def _read_frame(source):
 def _child_main(write_fd: int) -> None:
     """The producer process: the spec arrives pickled on stdin, the batches leave as
     length-prefixed pickles on pipe `write_fd`. A full pipe is the back-pressure; a parent
-    that is gone makes the next write fail, which ends it quietly."""
+    that is gone makes the next write fail, which ends it quietly. A batch scheduler's stop
+    signals (SIGTERM, SIGUSR1: tcore.stop_request) reach every process of a job: ignored
+    here, so that stage A keeps feeding the training loop to the checkpoint it stops at;
+    the parent ends this process with SIGKILL."""
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)
     out = os.fdopen(write_fd, "wb")
     try:
         spec = pickle.load(sys.stdin.buffer)
@@ -241,12 +246,8 @@ class ProcessProducer(_QueuedProducer):
         self._stop.set()
         if self._process is not None:
             if self._process.poll() is None:
-                self._process.terminate()
-            try:
-                self._process.wait(timeout=_CLOSE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+                self._process.kill()    # it ignores SIGTERM (_child_main); it holds no state
+            self._process.wait()
         if self._reader is not None:
             self._drain_while(self._reader.is_alive)
             self._reader.join()

@@ -36,6 +36,7 @@ from tcore.optim import apply_schedules, build_optimizer
 from tcore.preprocess.files import OutputWriteError, temporary_prefix
 from tcore.preprocess.locks import exclusive_lock
 from tcore.schedules import build_schedules
+from tcore.stop_request import StopRequest
 
 TEACHER_EXPORT = "teacher_backbone.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -53,6 +54,7 @@ class TrainResult:
     teacher_export: Path | None
     metrics: Path
     is_main: bool = True  # rank 0 (the process that writes files and prints)
+    stopped_by: str | None = None  # the signal that ended the run early (tcore.stop_request)
 
 
 class LossModule(nn.Module):
@@ -372,8 +374,9 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         cfg.train.checkpoint_every = int(checkpoint_every)
     info = init_distributed(cfg.train.device)
     try:
-        with run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext():
-            return _train(cfg, resolve_manifests(data), run_dir, info, resume=resume,
+        with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
+              StopRequest().listening() as stop):
+            return _train(cfg, resolve_manifests(data), run_dir, info, stop, resume=resume,
                           max_steps=max_steps, progress=progress)
     finally:
         shutdown(info)
@@ -396,7 +399,8 @@ def skipped_samples(loader) -> int | None:
     return getattr(loader, "skipped_count", None)
 
 
-def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo, *,
+def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo,
+           stop: StopRequest, *,
            resume: bool, max_steps: int | None, progress: bool) -> TrainResult:
     ckpt_dir = run_dir / "checkpoints"
     if info.is_main:
@@ -435,7 +439,7 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
     history = LossHistory()
     log_every, ckpt_every = int(cfg.train.log_every), int(cfg.train.checkpoint_every)
     teacher_path = run_dir / TEACHER_EXPORT
-    exported, step = None, start_step
+    exported, step, stopped_by = None, start_step, None
     try:
         iterator = iter(loader)
         values = trainer.schedules.at(start_step)
@@ -452,7 +456,8 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
                 # before anything is saved.
                 logger.log(history.drain(lambda t: all_reduce_mean_(t, info)), values,
                            skipped_samples(loader))
-            if step % ckpt_every == 0 or is_last:
+                stopped_by = stop.agreed(info)   # a sync point already: no extra host wait
+            if step % ckpt_every == 0 or is_last or stopped_by:
                 state = trainer.state_dict(step)
                 if info.is_main:
                     last_ckpt = save_checkpoint_or_say_what_is_kept(
@@ -460,6 +465,8 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
                 del state
                 exported = trainer.export_teacher(teacher_path)  # None except on rank 0
                 barrier(info)
+            if stopped_by:
+                break
     except NonFiniteLossError as exc:
         logger.log(exc.good_records, values)  # the finite steps before the bad one
         if info.is_main:
@@ -479,9 +486,10 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
             close()
     if end_step == start_step:  # nothing trained, so nothing exported yet
         exported = trainer.export_teacher(teacher_path)
-    return TrainResult(run_dir=run_dir, start_step=start_step, end_step=end_step,
-                       last_checkpoint=last_ckpt, teacher_export=exported,
-                       metrics=run_dir / "metrics.jsonl", is_main=info.is_main)
+    return TrainResult(run_dir=run_dir, start_step=start_step,
+                       end_step=step if stopped_by else end_step, last_checkpoint=last_ckpt,
+                       teacher_export=exported, metrics=run_dir / "metrics.jsonl",
+                       is_main=info.is_main, stopped_by=stopped_by)
 
 
 def load_resume_state(ckpt_dir: Path, newest: Path) -> dict:

@@ -3,6 +3,7 @@ gives the uninterrupted run's losses step for step; NaN stops the run; torch.com
 eager's losses; CLI errors name the problem."""
 import copy
 import math
+import os
 import re
 import shutil
 import signal
@@ -181,6 +182,78 @@ def test_a_run_directory_in_use_is_refused_until_its_process_dies(synth_shards, 
     # Killed, the holder's lock is gone with it: the run starts.
     done = train(load_config("tiny_cpu", FAST), synth_shards, run, max_steps=1, progress=False)
     assert done.end_step == 1
+
+
+def _children_of(pid: int) -> list[int]:
+    return [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children")
+            for c in f.read_text().split()]
+
+
+def _wait_for_logged_steps(run: Path, proc, steps: int) -> None:
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= steps:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {steps} logged steps: {proc.communicate()[1][-3000:]}")
+
+
+def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_shards,
+                                                                          tmp_path):
+    """As a scheduler ends a job: SIGTERM to every process of it (the stage A process too).
+    The run writes a checkpoint at its next log step (checkpoint_every is 100) and exits 143;
+    resumed from there it gives the uninterrupted run's losses."""
+    run = tmp_path / "run"
+    settings = [*FAST, *DROP_PATH, "train.log_every=2", "data.pipeline.producer=process"]
+    command = [sys.executable, "-m", "tcore.cli", "train", "--config", "tiny_cpu", "--data",
+               str(synth_shards), "--output", str(run), "--max-steps", "200",
+               "--checkpoint-every", "100", "--no-progress", *settings]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_logged_steps(run, proc, 2)
+    for pid in [proc.pid, *_children_of(proc.pid)]:
+        os.kill(pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    said = re.search(r"tcore train: stopped by SIGTERM after step (\d+); checkpoint (\S+); "
+                     r"continue with --resume", stderr)
+    assert said, stderr[-3000:]
+    stopped = int(said.group(1))
+    assert stopped % 2 == 0 and 2 <= stopped < 100
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [stopped]
+    assert said.group(2) == str(run / "checkpoints" / f"checkpoint-{stopped:08d}.pt")
+
+    cfg = load_config("tiny_cpu", settings)
+    resumed = train(cfg, synth_shards, run, resume=True, max_steps=stopped + 2,
+                    checkpoint_every=100, progress=False)
+    assert resumed.start_step == stopped and resumed.stopped_by is None
+    straight = train(cfg, synth_shards, tmp_path / "straight", max_steps=stopped + 2,
+                     checkpoint_every=100, progress=False)
+    reference, losses = read_losses(straight.run_dir), read_losses(run)
+    assert sorted(losses) == sorted(reference) == list(range(1, stopped + 3))
+    for step in reference:
+        for term, value in reference[step].items():
+            assert losses[step][term] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, term)
+
+
+def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(synth_shards, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", "29519", "-m", "tcore.cli", "train", "--config", "tiny_cpu",
+               "--data", str(synth_shards), "--output", str(out), "--max-steps", "200",
+               "--checkpoint-every", "100", "--no-progress", *FAST, "train.log_every=2",
+               "data.num_threads=1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_logged_steps(out, proc, 2)
+    rank_1 = [pid for pid in _children_of(proc.pid)
+              if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+    assert len(rank_1) == 1
+    os.kill(rank_1[0], signal.SIGUSR1)                 # rank 0 is not told
+    _, stderr = proc.communicate(timeout=120)
+    said = re.search(r"stopped by SIGUSR1 after step (\d+)", stderr)
+    assert said, stderr[-3000:]
+    stopped = int(said.group(1))
+    state = load_checkpoint(out / "checkpoints" / f"checkpoint-{stopped:08d}.pt")
+    assert [s["batches_seen"] for s in state["loader"]] == [stopped, stopped]
 
 
 def test_nan_loss_stops_with_step_and_term(synth_shards, tmp_path):

@@ -1,4 +1,5 @@
 """`tcore train`: parse options, load the config, call `tcore.train.train`."""
+import signal
 import sys
 
 import click
@@ -39,6 +40,12 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
         sys.exit(3)  # the message was printed by the loop
     except KeyboardInterrupt:
         sys.exit(130)  # Ctrl-C, as a shell reports it; the loop said where to resume
+    if result.stopped_by:   # every rank exits alike, as killed by that signal would
+        if result.is_main:
+            click.echo(f"tcore train: stopped by {result.stopped_by} after step "
+                       f"{result.end_step}; checkpoint {result.last_checkpoint}; continue with "
+                       "--resume", err=True)
+        sys.exit(128 + signal.Signals[result.stopped_by].value)
     if not result.is_main:
         return
     if result.end_step > result.start_step:

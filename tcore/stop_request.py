@@ -1,0 +1,53 @@
+"""Stopping a training run cleanly when the cluster asks for it.
+
+A batch scheduler ends a job by sending SIGTERM to its processes (SLURM at the time limit or
+on preemption, a grace period before SIGKILL), or an earlier signal it was told to send
+(`sbatch --signal=USR1@120`). Killed then, the run would lose every step since its last
+checkpoint (1000 by default). `StopRequest` turns either signal into a request instead: the
+training loop checks it at its next sync point (a log or checkpoint step, where the host
+reads the losses back anyway), writes a checkpoint there and ends, so a `--resume` loses
+nothing. All ranks stop at the same step: a request on any rank stops every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """The stop signal received by this process, if any (its number, 0 for none)."""
+
+    def __init__(self):
+        self.signal_number = 0
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal_number = signum
+
+    @contextlib.contextmanager
+    def listening(self):
+        """While the block runs, STOP_SIGNALS set the request instead of ending the process
+        (where Python can install handlers: the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def agreed(self, info) -> str | None:
+        """At a sync point, on every rank (collective): the name of the signal that stops
+        the run, if any rank received one, else None."""
+        number = torch.tensor([self.signal_number], device=info.device)
+        if info.enabled:
+            dist.all_reduce(number, op=dist.ReduceOp.MAX)
+        number = int(number.item())
+        return signal.Signals(number).name if number else None
