@@ -204,12 +204,14 @@ def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_s
     The run writes a checkpoint at its next log step (checkpoint_every is 100) and exits 143;
     resumed from there it gives the uninterrupted run's losses."""
     run = tmp_path / "run"
-    settings = [*FAST, *DROP_PATH, "train.log_every=2", "data.pipeline.producer=process"]
+    # 8 steps to the next log step: more than stage A and the loader hold queued, so a stage
+    # A process that died of the signal would be noticed before the checkpoint.
+    settings = [*FAST, *DROP_PATH, "train.log_every=8", "data.pipeline.producer=process"]
     command = [sys.executable, "-m", "tcore.cli", "train", "--config", "tiny_cpu", "--data",
                str(synth_shards), "--output", str(run), "--max-steps", "200",
                "--checkpoint-every", "100", "--no-progress", *settings]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_logged_steps(run, proc, 2)
+    _wait_for_logged_steps(run, proc, 8)
     for pid in [proc.pid, *_children_of(proc.pid)]:
         os.kill(pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
@@ -218,7 +220,7 @@ def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_s
                      r"continue with --resume", stderr)
     assert said, stderr[-3000:]
     stopped = int(said.group(1))
-    assert stopped % 2 == 0 and 2 <= stopped < 100
+    assert stopped % 8 == 0 and 8 <= stopped < 100
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [stopped]
     assert said.group(2) == str(run / "checkpoints" / f"checkpoint-{stopped:08d}.pt")
 
