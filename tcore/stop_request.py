@@ -6,7 +6,8 @@ on preemption, a grace period before SIGKILL), or an earlier signal it was told 
 checkpoint (1000 by default). `StopRequest` turns either signal into a request instead: the
 training loop checks it at its next sync point (a log or checkpoint step, where the host
 reads the losses back anyway), writes a checkpoint there and ends, so a `--resume` loses
-nothing. All ranks stop at the same step: a request on any rank stops every rank.
+nothing. All ranks stop at the same step: a request on any rank stops every rank. A second
+signal ends the process at once, as it would have ended without this module.
 """
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ class StopRequest:
         self.signal_number = 0
 
     def _handle(self, signum, _frame) -> None:
+        """The first signal is a request; a second one, to a run that has not reached its
+        sync point since (stuck in a collective, or on a data source), ends the process as it
+        would have without us."""
         self.signal_number = signum
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_DFL)
 
     @contextlib.contextmanager
     def listening(self):

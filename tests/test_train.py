@@ -1,12 +1,14 @@
 """`tcore train` end to end on real shards through the real DALI loader: kill -9 + --resume
 gives the uninterrupted run's losses step for step; NaN stops the run; torch.compile gives
 eager's losses; CLI errors name the problem."""
+import contextlib
 import copy
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,16 +133,16 @@ def test_ctrl_c_says_where_to_resume_and_ends_the_stage_a_process(synth_shards, 
                str(synth_shards), "--output", str(run), "--max-steps", "200",
                "--checkpoint-every", "2", "--no-progress", *FAST,
                "data.pipeline.producer=process"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = run / "checkpoints" / "checkpoint-00000002.pt"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    children = [int(c) for f in Path(f"/proc/{proc.pid}/task").glob("*/children")
-                for c in f.read_text().split()]
-    assert children, "the loader's stage A process should be running"
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True)) as proc:
+        first = run / "checkpoints" / "checkpoint-00000002.pt"
+        deadline = time.time() + 120
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        children = _children_of(proc.pid)
+        assert children, "the loader's stage A process should be running"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-3000:]
     said = re.search(r"tcore train: interrupted after step (\d+); newest checkpoint (\S+); "
                      r"continue with --resume", stderr)
@@ -189,6 +191,26 @@ def _children_of(pid: int) -> list[int]:
             for c in f.read_text().split()]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _killed_at_the_end(proc):
+    """A test's child process, its process group included, never outlives the test."""
+    try:
+        yield proc
+    finally:
+        for pid in [*_children_of(proc.pid), proc.pid] if proc.poll() is None else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
 def _wait_for_logged_steps(run: Path, proc, steps: int) -> None:
     metrics, deadline = run / "metrics.jsonl", time.time() + 120
     while proc.poll() is None and time.time() < deadline:
@@ -210,11 +232,12 @@ def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_s
     command = [sys.executable, "-m", "tcore.cli", "train", "--config", "tiny_cpu", "--data",
                str(synth_shards), "--output", str(run), "--max-steps", "200",
                "--checkpoint-every", "100", "--no-progress", *settings]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_logged_steps(run, proc, 8)
-    for pid in [proc.pid, *_children_of(proc.pid)]:
-        os.kill(pid, signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True)) as proc:
+        _wait_for_logged_steps(run, proc, 8)
+        for pid in [proc.pid, *_children_of(proc.pid)]:
+            os.kill(pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     said = re.search(r"tcore train: stopped by SIGTERM after step (\d+); checkpoint (\S+); "
                      r"continue with --resume", stderr)
@@ -237,20 +260,42 @@ def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_s
             assert losses[step][term] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, term)
 
 
+def test_a_second_stop_signal_ends_a_run_that_has_not_reached_its_sync_point(synth_shards,
+                                                                            tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "tcore.cli", "train", "--config", "tiny_cpu", "--data",
+               str(synth_shards), "--output", str(run), "--max-steps", "200",
+               "--checkpoint-every", "100", "--no-progress", *FAST, "train.log_every=100"]
+    with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True)) as proc:
+        deadline = time.time() + 120
+        while not (run / "config.yaml").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)                        # training, 100 steps from its first log step
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None             # the first one only asked
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+
+
 def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(synth_shards, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", "29519", "-m", "tcore.cli", "train", "--config", "tiny_cpu",
-               "--data", str(synth_shards), "--output", str(out), "--max-steps", "200",
+               "--master-port", str(_free_port()), "-m", "tcore.cli", "train", "--config",
+               "tiny_cpu", "--data", str(synth_shards), "--output", str(out), "--max-steps", "200",
                "--checkpoint-every", "100", "--no-progress", *FAST, "train.log_every=2",
                "data.num_threads=1"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_logged_steps(out, proc, 2)
-    rank_1 = [pid for pid in _children_of(proc.pid)
-              if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
-    assert len(rank_1) == 1
-    os.kill(rank_1[0], signal.SIGUSR1)                 # rank 0 is not told
-    _, stderr = proc.communicate(timeout=120)
+    with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True)) as proc:
+        _wait_for_logged_steps(out, proc, 2)
+        rank_1 = [pid for pid in _children_of(proc.pid)
+                  if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+        assert len(rank_1) == 1
+        os.kill(rank_1[0], signal.SIGUSR1)                 # rank 0 is not told
+        _, stderr = proc.communicate(timeout=120)
     said = re.search(r"stopped by SIGUSR1 after step (\d+)", stderr)
     assert said, stderr[-3000:]
     stopped = int(said.group(1))
