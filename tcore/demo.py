@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -183,6 +184,10 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
     result = train(cfg, shards, out / "run", max_steps=settings.steps,
                    progress=settings.progress)
     train_seconds = time.time() - started
+    if result.stopped_by:   # asked to stop (SIGTERM): no loss curve or scores of a cut run
+        log(f"[3/4] stopped by {result.stopped_by} after step {result.end_step}; the demo "
+            "starts afresh when run again")
+        raise SystemExit(128 + signal.Signals[result.stopped_by].value)
     records = read_metrics(result.metrics)
     log(f"[3/4] trained {result.end_step} steps of {DEMO_PRESET} in {train_seconds:.0f} s: "
         f"loss {records[0]['loss/total']:.3f} -> {records[-1]['loss/total']:.3f}")

@@ -1,5 +1,10 @@
 """`tcore demo` end to end in a shortened form (4 videos, 3 training steps)."""
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 
 from click.testing import CliRunner
 from PIL import Image
@@ -42,3 +47,22 @@ def test_demo_end_to_end_short(tmp_path):
 def test_demo_rejects_bad_settings(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--output", str(tmp_path), "--steps", "0"])
     assert result.exit_code != 0 and "--steps must be >= 1" in result.output
+
+
+def test_a_stop_signal_ends_the_demo_without_scores(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "tcore.cli", "demo", "--output", str(out),
+                             "--videos", "4", "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "run" / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert re.search(r"\[3/4\] stopped by SIGTERM after step \d+", output), output[-3000:]
+    assert not (out / "summary.json").exists() and not (out / "eval").exists()
