@@ -6,8 +6,9 @@ on preemption, a grace period before SIGKILL), or an earlier signal it was told 
 checkpoint (1000 by default). `StopRequest` turns either signal into a request instead: the
 training loop checks it at its next sync point (a log or checkpoint step, where the host
 reads the losses back anyway), writes a checkpoint there and ends, so a `--resume` loses
-nothing. All ranks stop at the same step: a request on any rank stops every rank. A second
-signal ends the process at once, as it would have ended without this module.
+nothing. All ranks stop at the same step: a request on any rank stops every rank.
+torchrun forwards a SIGTERM it receives to its workers (then SIGKILLs them 30 s later); it
+does not handle SIGUSR1, which ends torchrun itself, so that one must reach the workers.
 """
 from __future__ import annotations
 
@@ -28,12 +29,10 @@ class StopRequest:
         self.signal_number = 0
 
     def _handle(self, signum, _frame) -> None:
-        """The first signal is a request; a second one, to a run that has not reached its
-        sync point since (stuck in a collective, or on a data source), ends the process as it
-        would have without us."""
+        # Every signal only asks, the repeats included: under a scheduler a worker gets the
+        # job's SIGTERM and torchrun's forwarded copy. What is stuck, the scheduler's (or
+        # torchrun's) SIGKILL after its grace period ends.
         self.signal_number = signum
-        for number in STOP_SIGNALS:
-            signal.signal(number, signal.SIG_DFL)
 
     @contextlib.contextmanager
     def listening(self):

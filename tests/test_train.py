@@ -237,6 +237,8 @@ def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_s
         _wait_for_logged_steps(run, proc, 8)
         for pid in [proc.pid, *_children_of(proc.pid)]:
             os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)    # a repeat (torchrun forwards the job's SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     said = re.search(r"tcore train: stopped by SIGTERM after step (\d+); checkpoint (\S+); "
@@ -260,28 +262,10 @@ def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_s
             assert losses[step][term] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, term)
 
 
-def test_a_second_stop_signal_ends_a_run_that_has_not_reached_its_sync_point(synth_shards,
-                                                                            tmp_path):
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "tcore.cli", "train", "--config", "tiny_cpu", "--data",
-               str(synth_shards), "--output", str(run), "--max-steps", "200",
-               "--checkpoint-every", "100", "--no-progress", *FAST, "train.log_every=100"]
-    with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.PIPE, text=True)) as proc:
-        deadline = time.time() + 120
-        while not (run / "config.yaml").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)                        # training, 100 steps from its first log step
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        assert proc.poll() is None             # the first one only asked
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGTERM
-    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
-
-
-def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(synth_shards, tmp_path):
+@pytest.mark.parametrize("told", ["rank 1 alone", "torchrun"])
+def test_a_stop_signal_stops_both_ranks_at_the_same_step(synth_shards, tmp_path, told):
+    """SIGUSR1 to rank 1 alone (rank 0 must stop too), or SIGTERM to torchrun, which forwards
+    it to its workers (what `scancel` or a time limit does to a torchrun job step)."""
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", str(_free_port()), "-m", "tcore.cli", "train", "--config",
@@ -291,14 +275,20 @@ def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(synth_shards, tmp
     with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE, text=True)) as proc:
         _wait_for_logged_steps(out, proc, 2)
-        rank_1 = [pid for pid in _children_of(proc.pid)
-                  if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
-        assert len(rank_1) == 1
-        os.kill(rank_1[0], signal.SIGUSR1)                 # rank 0 is not told
+        if told == "torchrun":
+            name = "SIGTERM"
+            proc.send_signal(signal.SIGTERM)
+        else:
+            name = "SIGUSR1"
+            rank_1 = [pid for pid in _children_of(proc.pid)
+                      if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+            assert len(rank_1) == 1
+            os.kill(rank_1[0], signal.SIGUSR1)
         _, stderr = proc.communicate(timeout=120)
-    said = re.search(r"stopped by SIGUSR1 after step (\d+)", stderr)
+    said = re.search(rf"stopped by {name} after step (\d+)", stderr)
     assert said, stderr[-3000:]
     stopped = int(said.group(1))
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [stopped]
     state = load_checkpoint(out / "checkpoints" / f"checkpoint-{stopped:08d}.pt")
     assert [s["batches_seen"] for s in state["loader"]] == [stopped, stopped]
 
