@@ -7,8 +7,8 @@ checkpoint (1000 by default). `StopRequest` turns either signal into a request i
 training loop checks it at its next sync point (a log or checkpoint step, where the host
 reads the losses back anyway), writes a checkpoint there and ends, so a `--resume` loses
 nothing. All ranks stop at the same step: a request on any rank stops every rank.
-torchrun forwards a SIGTERM it receives to its workers (then SIGKILLs them 30 s later); it
-does not handle SIGUSR1, which ends torchrun itself, so that one must reach the workers.
+torchrun forwards a SIGTERM it receives to its workers (then SIGKILLs them 30 s later); a
+SIGUSR1 only when started with it among `--signals-to-handle` (otherwise it ends torchrun).
 """
 from __future__ import annotations
 

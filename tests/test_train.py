@@ -262,12 +262,15 @@ def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_s
             assert losses[step][term] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, term)
 
 
-@pytest.mark.parametrize("told", ["rank 1 alone", "torchrun"])
+@pytest.mark.parametrize("told", ["rank 1 alone", "torchrun", "torchrun told to forward"])
 def test_a_stop_signal_stops_both_ranks_at_the_same_step(synth_shards, tmp_path, told):
-    """SIGUSR1 to rank 1 alone (rank 0 must stop too), or SIGTERM to torchrun, which forwards
-    it to its workers (what `scancel` or a time limit does to a torchrun job step)."""
+    """SIGUSR1 to rank 1 alone (rank 0 must stop too); SIGTERM to torchrun, which forwards
+    it to its workers (what `scancel` or a time limit does to a torchrun job step); SIGUSR1
+    to a torchrun started with SIGUSR1 among its --signals-to-handle (README)."""
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    forward = (["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+               if told == "torchrun told to forward" else [])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *forward,
                "--master-port", str(_free_port()), "-m", "tcore.cli", "train", "--config",
                "tiny_cpu", "--data", str(synth_shards), "--output", str(out), "--max-steps", "200",
                "--checkpoint-every", "100", "--no-progress", *FAST, "train.log_every=2",
@@ -275,9 +278,9 @@ def test_a_stop_signal_stops_both_ranks_at_the_same_step(synth_shards, tmp_path,
     with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE, text=True)) as proc:
         _wait_for_logged_steps(out, proc, 2)
-        if told == "torchrun":
-            name = "SIGTERM"
-            proc.send_signal(signal.SIGTERM)
+        if told.startswith("torchrun"):
+            name = "SIGTERM" if told == "torchrun" else "SIGUSR1"
+            proc.send_signal(getattr(signal, name))
         else:
             name = "SIGUSR1"
             rank_1 = [pid for pid in _children_of(proc.pid)
