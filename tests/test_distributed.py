@@ -2,13 +2,13 @@
 ranks that logging and the NaN stop rely on, and the DINO centers' mean over ranks."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 
 from tcore import losses
+from processes import free_port
 
 CHILD = r"""
 import json, math, sys, torch
@@ -31,16 +31,10 @@ json.dump(out, open(sys.argv[1], "w"))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_two_ranks(code: str, tmp_path) -> list[dict]:
     """Runs `code` as ranks 0 and 1 (argv[1]: the JSON file it writes); returns both JSONs.
     A rank that fails or hangs takes the other down with it, so no process is left behind."""
-    port = str(_free_port())
+    port = str(free_port())
     children = []
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",

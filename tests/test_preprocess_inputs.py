@@ -15,7 +15,7 @@ from PIL import Image
 
 from tcore.preprocess.discover import discover_class_folders, discover_list
 from tcore.preprocess.errors import BadInput
-from tcore.preprocess.manifest import load_manifest, shard_paths
+from tcore.preprocess.manifest import shard_paths
 from tcore.preprocess.shards import build_shards
 from tcore.preprocess.video import read_clip
 from shard_files import read_tar

@@ -25,23 +25,8 @@ from tcore.preprocess.tarwriter import ShardTarWriter
 from tcore.preprocess.verify import inspect_shards
 from tcore.preprocess.video import encode_clip, read_clip
 from full_disk import file_size_limit
+from processes import children_of
 from shard_files import read_tar
-
-
-def _children(pid: int) -> list[int]:
-    """Child process ids of `pid`, from /proc (the kernel's children lists when it keeps them)."""
-    lists = list(Path(f"/proc/{pid}/task").glob("*/children"))
-    if lists:
-        return [int(c) for f in lists for c in f.read_text().split()]
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # a process that ended meanwhile
-        if ppid == pid:
-            children.append(int(stat.parent.name))
-    return children
 
 
 def _build_command(src: Path, out: Path) -> list[str]:
@@ -64,7 +49,7 @@ def test_a_worker_killed_mid_shard_stops_the_build_naming_the_shard_and_a_rerun_
             assert process.poll() is None, "the build ended before a worker could be killed"
             assert time.monotonic() < deadline, "no worker caught mid-shard"
             if list((out / ".build").glob("shard-*.json")):
-                for pid in _children(process.pid):
+                for pid in children_of(process.pid):
                     seen.add(pid)
                     partial = list(out.glob(f"shard-*.tar.tmp-{pid}"))
                     if partial:

@@ -1,14 +1,12 @@
 """`tcore train` end to end on real shards through the real DALI loader: kill -9 + --resume
 gives the uninterrupted run's losses step for step; NaN stops the run; torch.compile gives
 eager's losses; CLI errors name the problem."""
-import contextlib
 import copy
 import math
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ from tcore.schedules import build_schedules
 from tcore.synthetic_batch import make_synthetic_batch
 from tcore.train import Trainer, check_resumable_config, read_losses, resolve_precision, train
 from full_disk import file_size_limit
+from processes import children_of, free_port, killed_at_the_end, running
 
 STEPS = 6
 FAST = ["train.log_every=1", "model.head.prototypes=256", "data.batch_size_per_gpu=4"]
@@ -133,13 +132,13 @@ def test_ctrl_c_says_where_to_resume_and_ends_the_stage_a_process(synth_shards, 
                str(synth_shards), "--output", str(run), "--max-steps", "200",
                "--checkpoint-every", "2", "--no-progress", *FAST,
                "data.pipeline.producer=process"]
-    with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+    with killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE, text=True)) as proc:
         first = run / "checkpoints" / "checkpoint-00000002.pt"
         deadline = time.time() + 120
         while not first.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        children = _children_of(proc.pid)
+        children = children_of(proc.pid)
         assert children, "the loader's stage A process should be running"
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
@@ -151,14 +150,7 @@ def test_ctrl_c_says_where_to_resume_and_ends_the_stage_a_process(synth_shards, 
     assert said.group(2) == str(run / "checkpoints" / f"checkpoint-{newest:08d}.pt")
     assert newest <= int(said.group(1)) < 200
     time.sleep(0.5)
-    assert not [c for c in children if _running(c)]
-
-
-def _running(pid: int) -> bool:
-    try:
-        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
+    assert not [c for c in children if running(c)]
 
 
 HOLD_THE_LOCK = ("import sys, time; from tcore.train import run_directory_lock\n"
@@ -186,31 +178,6 @@ def test_a_run_directory_in_use_is_refused_until_its_process_dies(synth_shards, 
     assert done.end_step == 1
 
 
-def _children_of(pid: int) -> list[int]:
-    return [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children")
-            for c in f.read_text().split()]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _killed_at_the_end(proc):
-    """A test's child process, its process group included, never outlives the test."""
-    try:
-        yield proc
-    finally:
-        for pid in [*_children_of(proc.pid), proc.pid] if proc.poll() is None else []:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-
-
 def _wait_for_logged_steps(run: Path, proc, steps: int) -> None:
     metrics, deadline = run / "metrics.jsonl", time.time() + 120
     while proc.poll() is None and time.time() < deadline:
@@ -232,10 +199,10 @@ def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_s
     command = [sys.executable, "-m", "tcore.cli", "train", "--config", "tiny_cpu", "--data",
                str(synth_shards), "--output", str(run), "--max-steps", "200",
                "--checkpoint-every", "100", "--no-progress", *settings]
-    with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+    with killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE, text=True)) as proc:
         _wait_for_logged_steps(run, proc, 8)
-        for pid in [proc.pid, *_children_of(proc.pid)]:
+        for pid in [proc.pid, *children_of(proc.pid)]:
             os.kill(pid, signal.SIGTERM)
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)    # a repeat (torchrun forwards the job's SIGTERM)
@@ -271,11 +238,11 @@ def test_a_stop_signal_stops_both_ranks_at_the_same_step(synth_shards, tmp_path,
     forward = (["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
                if told == "torchrun told to forward" else [])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *forward,
-               "--master-port", str(_free_port()), "-m", "tcore.cli", "train", "--config",
+               "--master-port", str(free_port()), "-m", "tcore.cli", "train", "--config",
                "tiny_cpu", "--data", str(synth_shards), "--output", str(out), "--max-steps", "200",
                "--checkpoint-every", "100", "--no-progress", *FAST, "train.log_every=2",
                "data.num_threads=1"]
-    with _killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+    with killed_at_the_end(subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE, text=True)) as proc:
         _wait_for_logged_steps(out, proc, 2)
         if told.startswith("torchrun"):
@@ -283,7 +250,7 @@ def test_a_stop_signal_stops_both_ranks_at_the_same_step(synth_shards, tmp_path,
             proc.send_signal(getattr(signal, name))
         else:
             name = "SIGUSR1"
-            rank_1 = [pid for pid in _children_of(proc.pid)
+            rank_1 = [pid for pid in children_of(proc.pid)
                       if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
             assert len(rank_1) == 1
             os.kill(rank_1[0], signal.SIGUSR1)
