@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import build_loader
-from tcore.preprocess.files import write_atomically
+from tcore.preprocess.files import write_atomically, write_text_atomically
 
 GAP = 4
 MASK_TINT = np.array([255, 40, 40], dtype=np.float32)
@@ -109,8 +109,7 @@ def run_preview(data, output, batches: int = 1, stats=None, batch_size: int = 8,
                 collected.append(batch_stats(next(loader)))
             report = {"data": [str(d) for d in data], "batch_size": batch_size, "seed": seed,
                       "batches": collected, "config": config.to_dict()}
-            write_atomically(Path(stats), lambda path: Path(path).write_text(
-                json.dumps(report, indent=1)))
+            write_text_atomically(Path(stats), json.dumps(report, indent=1))
     finally:
         loader.close()
     return {"output": str(output), "stats": str(stats) if stats else None,

@@ -103,3 +103,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object], *,
             raise
         raise OutputWriteError(f"{path}: cannot write: {cause.strerror or cause}") from error
     return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """`write_atomically` of a text file."""
+    return write_atomically(path, lambda temporary: Path(temporary).write_text(text))

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 from tcore.preprocess.errors import ShardDirError
-from tcore.preprocess.files import write_atomically
+from tcore.preprocess.files import write_text_atomically
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -27,12 +27,12 @@ _SHARD_REQUIRED = {"tar": str, "index": str, "samples": int, "bytes": int}
 
 def write_json_atomic(path, payload) -> None:
     text = json.dumps(payload, indent=1, sort_keys=True) + "\n"
-    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+    write_text_atomically(path, text)
 
 
 def write_jsonl_atomic(path, rows: list[dict]) -> None:
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+    write_text_atomically(path, text)
 
 
 def make_manifest(*, kind: str, frames, codec: str, short_side: int, classes: list[str],

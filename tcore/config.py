@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tcore.preprocess.files import write_atomically
+from tcore.preprocess.files import write_text_atomically
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STRICT_SECTIONS = ("data", "optim", "train")
@@ -252,4 +252,4 @@ def build_pipeline_config(cfg: DictConfig, source: str = "config"):
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config atomically (temporary file, then rename)."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
-    return write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+    return write_text_atomically(path, text)

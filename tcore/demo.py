@@ -29,7 +29,7 @@ import torch
 
 from tcore.checkpoint import load_checkpoint
 from tcore.config import load_config
-from tcore.preprocess.files import write_atomically
+from tcore.preprocess.files import write_atomically, write_text_atomically
 
 DEMO_PRESET = "tiny_cpu"
 DEMO_DIRS = ("synthetic", "shards", "run", "eval")  # replaced on every demo run
@@ -128,7 +128,7 @@ def evaluate_label_propagation(cfg, checkpoint: Path, davis_dir: Path, out: Path
 
 def _write_json(path: Path, payload: dict) -> None:
     text = json.dumps(payload, indent=2) + "\n"
-    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+    write_text_atomically(path, text)
 
 
 def is_demo_output(out: Path) -> bool:

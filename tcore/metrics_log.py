@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tcore.preprocess.files import OutputWriteError, write_atomically
+from tcore.preprocess.files import OutputWriteError, write_text_atomically
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,7 +83,7 @@ def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
         if record.get("step", 0) <= last_step:
             kept.append(json.dumps(record))
     text = "".join(line + "\n" for line in kept)
-    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+    write_text_atomically(path, text)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

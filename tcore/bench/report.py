@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tcore.preprocess.files import write_atomically
+from tcore.preprocess.files import write_text_atomically
 
 REPORT_FORMAT_VERSION = 1
 LIBRARIES = ("tcore", "torch", "torchvision", "timm", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
@@ -201,7 +201,7 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
     """Write the report as JSON under a temporary name, then rename it into place (an
     OutputWriteError naming `path` when the OS refuses)."""
     text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
-    return write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+    return write_text_atomically(path, text)
 
 
 def read_report(path: str | os.PathLike) -> dict:

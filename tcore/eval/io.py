@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tcore.preprocess.files import write_atomically
+from tcore.preprocess.files import write_atomically, write_text_atomically
 
 
 def davis_palette() -> np.ndarray:
@@ -103,7 +103,7 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
 def write_json(path: str | os.PathLike, payload) -> None:
     """Write JSON atomically (NaN written as null so strict readers accept it)."""
     text = json.dumps(_nan_to_none(payload), indent=2, sort_keys=False) + "\n"
-    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+    write_text_atomically(path, text)
 
 
 def write_mat(path: str | os.PathLike, fields: dict) -> None:
