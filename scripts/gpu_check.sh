@@ -4,6 +4,7 @@
 #   scripts/gpu_check.sh                 # on the GPU machine (about 6 minutes)
 #   GPU_CHECK_CPU=1 scripts/gpu_check.sh # the same steps at tiny sizes on the CPU (the test)
 #   scripts/gpu_check.sh --fetch-wheels  # here, with PyPI: put the wheels that travel in .whl/
+#   scripts/gpu_prepare.sh               # here: every wheel, both shard sets, the calls
 #
 # DALI with its GPU libraries (494 MB of wheels) is over the 64 MiB one device call carries:
 # download it into the ignored .bigwhl/ with GPU_CHECK_WHEELS="nvidia-dali-cuda120==2.4.0
@@ -204,9 +205,10 @@ install() {
     # .whl/ travels with the call; wheels too large for that were sent in parts and joined
     # into $WHEELS by scripts/carry_parts.sh (DALI and its nvImageCodec / nvJPEG / nvCOMP).
     local joined=${WHEELS:-/tmp/tcore_wheels}
-    local wheels=(.whl/*.whl "$joined"/*.whl)
+    # .whl-data/ (scripts/gpu_prepare.sh) holds the small wheels only DALI's steps need.
+    local wheels=(.whl/*.whl .whl-data/*.whl "$joined"/*.whl)
     if ((${#wheels[@]})); then
-        "$PYTHON" -m pip install --no-index --no-deps --find-links .whl "${wheels[@]}" || return 1
+        "$PYTHON" -m pip install --no-index --no-deps "${wheels[@]}" || return 1
     fi
     # Already installed from *this* checkout (not, say, from gpu_session.sh's snapshot)?
     if "$PYTHON" -P -c "import sys, tcore.pipelines, tcore.bench

@@ -13,11 +13,11 @@
 # disturb it. `finish` copies its results to $OUT/model/ and the DALI run's to $OUT/data/.
 #
 # What travels with which call (64 MiB each, the tree included; ignored paths stay on the
-# machine between calls): call 1 .carry/p01 and .whl holding only omegaconf (the background
-# needs it); call 8 .carry/p08 and .gpushards (VP9, ~4 MB); call 9 .carry/p09, the full .whl
-# and .gpuframes (`--codec jpegs`, 16 videos, 3.1 MiB: `tcore data synth /tmp/f --videos 16
-# --frames 48 --size 426x320 --davis-videos 0 && tcore shards build /tmp/f/train .gpuframes
-# --codec jpegs --samples-per-shard 8`; the three come to ~62 MiB with the tree). The last call then runs
+# machine between calls): `scripts/gpu_prepare.sh` makes every folder and prints the calls,
+# each with its carry list and command (scripts/carry_plan.py). Call 1 carries .carry/p01
+# and .whl (omegaconf: the background needs it); the small wheels of DALI's steps
+# (.whl-data), .gpushards and .gpuframes ride with the parts that leave room, so all are
+# there before the last call runs
 #   GPU_CHECK_SHARDS=.gpushards GPU_CHECK_FRAME_SHARDS=.gpuframes scripts/gpu_session.sh finish
 # Used on 2026-11-26 (H100): the 8 part calls took ~5 s each while the model steps ran.
 #
