@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 
 from tcore.preprocess.errors import ShardDirError
 from tcore.preprocess.index import read_index
-from tcore.preprocess.manifest import load_manifest, manifest_path
+from tcore.preprocess.manifest import holds_classes_in_order, load_manifest, manifest_path
 
 VIDEO_CODECS_ON_CPU = ("vp9", "vp8", "mjpeg")
 FRAME_CODEC = "jpegs"  # video shards holding T separate JPEG frames (tcore shards --codec jpegs)
@@ -151,6 +152,13 @@ def load_shard_set(manifests) -> ShardSet:
     if shard_set.total_samples == 0:
         raise ShardSetError("the shard directories hold no samples: "
                             + ", ".join(m["_dir"] for m in loaded))
+    in_order = [m["_dir"] for m in loaded if holds_classes_in_order(m)]
+    if in_order:
+        # The reader streams shards in order through a buffer of a few hundred samples.
+        warnings.warn(f"{', '.join(in_order)}: the shards hold their inputs in class order "
+                      "(built with --no-shuffle, or by a tcore before shard builds shuffled "
+                      "them), so each batch holds only a few classes; rebuild them with "
+                      "`tcore shards build` (shuffled by default)", stacklevel=2)
     return shard_set
 
 

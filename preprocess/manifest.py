@@ -35,6 +35,19 @@ def write_jsonl_atomic(path, rows: list[dict]) -> None:
     write_text_atomically(path, text)
 
 
+def with_default_options(options: dict) -> dict:
+    """Build options as recorded, plus what builds made before an option existed did:
+    inputs in sorted order (`shuffle_seed` None)."""
+    return {"shuffle_seed": None, **options}
+
+
+def holds_classes_in_order(manifest: dict) -> bool:
+    """Shards that hold their inputs in sorted, so class, order (`--no-shuffle`, or a build
+    made before shards were shuffled) and more than one class."""
+    return (with_default_options(manifest["options"])["shuffle_seed"] is None
+            and len(manifest["classes"]) > 1)
+
+
 def make_manifest(*, kind: str, frames, codec: str, short_side: int, classes: list[str],
                   shards: list[dict], failures: int, options: dict) -> dict:
     shards = sorted(shards, key=lambda shard: shard["tar"])

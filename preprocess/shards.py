@@ -1,8 +1,15 @@
 """`tcore shards build`: videos (or images) -> WebDataset tar shards + DALI index + manifest.
 
-Determinism: inputs are sorted by relative path; shard k holds whichever of inputs
-k*S .. k*S+S-1 succeed; encoders are single-threaded and bit-exact; tar headers carry fixed
-metadata. So the same inputs and options give byte-identical shards, whatever `--workers`.
+Determinism: inputs are sorted by relative path (their index is the key's prefix), then put
+in a seeded random order (`shuffle_seed`; None keeps the sorted order); shard k holds
+whichever of the inputs at places k*S .. k*S+S-1 of that order succeed; encoders are
+single-threaded and bit-exact; tar headers carry fixed metadata. So the same inputs and
+options give byte-identical shards, whatever `--workers`.
+
+Why shuffled: DALI's webdataset reader streams the shards in order through a shuffle buffer
+of a few hundred samples, so shards in class order (Kinetics: ~600 videos a class, ImageNet
+~1,300 images) would give batches of one or two classes, where the reference samples the
+whole dataset at random.
 
 Resumability: each shard is written under a temporary name; its index is renamed into place,
 then the tar, then a small record `OUT/.build/<prefix>-%06d.json` (sample count, bytes,
@@ -37,7 +44,8 @@ from tcore.preprocess.index import format_index
 from tcore.preprocess.locks import exclusive_lock
 from tcore.preprocess.manifest import (CLIP_EXTS, FAILURES_NAME, MANIFEST_NAME, load_manifest,
                                        make_manifest, merge_manifest_parts, read_json,
-                                       validate_manifest, write_json_atomic, write_jsonl_atomic)
+                                       validate_manifest, with_default_options, write_json_atomic,
+                                       write_jsonl_atomic)
 from tcore.preprocess.tarwriter import ShardTarWriter
 from tcore.preprocess.video import (FRAME_CODECS, VIDEO_CODECS, VP9_SPEED, encode_clip,
                                     encode_jpeg_frames, read_clip, require_av)
@@ -69,6 +77,7 @@ class BuildConfig:
     allow_upscale: bool = False
     samples_per_shard: int = 1000
     prefix: str = "shard"
+    shuffle_seed: int | None = 0   # None: shards in sorted (class) order
 
     def validate(self) -> None:
         if self.kind not in ("video", "image"):
@@ -91,6 +100,8 @@ class BuildConfig:
             raise ValueError(f"samples per shard must be >= 1, got {self.samples_per_shard}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if self.shuffle_seed is not None and (type(self.shuffle_seed) is not int or self.shuffle_seed < 0):
+            raise ValueError(f"shuffle seed must be an integer >= 0, got {self.shuffle_seed!r}")
         if not self.prefix or any(c in self.prefix for c in "/\\.") or self.prefix.startswith("-"):
             raise ValueError(f"prefix {self.prefix!r} must be a plain name (no dots or slashes)")
 
@@ -273,6 +284,20 @@ def _how_it_ended(exitcode: int | None) -> str:
 
 # ---------------------------------------------------------------- the whole build
 
+def shard_order(inputs: Inputs, shuffle_seed: int | None) -> list[int]:
+    """The inputs' indices in the order the shards hold them: sorted when `shuffle_seed` is
+    None, else sorted by a hash of (seed, relative path). A hash rather than a shuffle, so
+    the order never depends on a library's random stream, and each input's place relative
+    to the others does not change when inputs are added."""
+    indices = list(range(len(inputs.sources)))
+    if shuffle_seed is None:
+        return indices
+    def place(i: int) -> bytes:
+        text = f"{shuffle_seed}\0{inputs.sources[i].relative}".encode()
+        return hashlib.blake2b(text, digest_size=8).digest()
+    return sorted(indices, key=place)
+
+
 def _inputs_digest(inputs: Inputs) -> str:
     text = json.dumps([inputs.classes, [(s.relative, s.class_name) for s in inputs.sources]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -286,9 +311,9 @@ def _check_out_dir(out: Path, options: dict) -> None:
     """Refuse a non-empty OUT built with other options (rather than mixing two builds)."""
     saved = out / STATE_DIR / "options.json"
     if saved.is_file():
-        previous = read_json(saved, "build options file")
+        previous = with_default_options(read_json(saved, "build options file"))
     elif (out / MANIFEST_NAME).is_file():
-        previous = load_manifest(out)["options"]
+        previous = with_default_options(load_manifest(out)["options"])
     elif out.is_dir() and any(p.name not in (STATE_DIR, FAILURES_NAME) for p in out.iterdir()):
         # failures.jsonl alone is what a build whose every input failed leaves.
         raise ShardDirError(f"{out} is not empty and holds no tcore shard build; choose an empty "
@@ -335,13 +360,14 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
               codec: str = "vp9", samples_per_shard: int = 1000, workers: int = 1,
               prefix: str = "shard", gop: int = DEFAULT_GOP, crf: int | None = None,
               quality: int = 90, vp9_speed: int = VP9_SPEED, allow_upscale: bool = False,
-              list_file=None, video_root=None,
+              shuffle_seed: int | None = 0, list_file=None, video_root=None,
               node_rank: int = 0, num_nodes: int = 1, progress: bool = True) -> BuildResult:
     """Build (or resume) the shards of `src` into `out`; see build_shards."""
     config = BuildConfig(kind=kind, frames=frames if kind == "video" else None, short_side=short_side,
                          codec=codec if kind == "video" else "jpeg", gop=gop, crf=crf, quality=quality,
                          vp9_speed=vp9_speed,
-                         allow_upscale=allow_upscale, samples_per_shard=samples_per_shard, prefix=prefix)
+                         allow_upscale=allow_upscale, samples_per_shard=samples_per_shard, prefix=prefix,
+                         shuffle_seed=shuffle_seed)
     config.validate()
     if kind == "video":
         require_av("tcore shards build")
@@ -382,10 +408,11 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
     mine = [k for k in range(shard_count) if k % num_nodes == node_rank]
     records = {k: _load_record(out, config, k) for k in mine}
     todo = [k for k in mine if records[k] is None]
+    order = shard_order(inputs, config.shuffle_seed)
     tasks = []
     for k in todo:
         items = [(i, inputs.sources[i], inputs.label(inputs.sources[i].class_name))
-                 for i in range(k * size, min((k + 1) * size, len(inputs.sources)))]
+                 for i in order[k * size:(k + 1) * size]]
         tasks.append((out, config, k, items))
     total = sum(len(task[3]) for task in tasks)
 
@@ -403,7 +430,8 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
         _remove_stale_tmp(out, config, mine)
     seconds = time.perf_counter() - start
 
-    failures = [f for k in mine for f in records[k]["failures"]]
+    # by source, as merge_node_manifests lists them (the shards hold a shuffled order)
+    failures = sorted((f for k in mine for f in records[k]["failures"]), key=lambda f: f["source"])
     shards = [{key: records[k][key] for key in ("tar", "index", "samples", "bytes")}
               for k in mine if records[k]["samples"]]
     if not shards and num_nodes == 1:
@@ -511,8 +539,8 @@ def build_shards(src, out, *, kind: str = "video", frames: int = 20, short_side:
     """Build WebDataset shards from `src/<class>/<file>` (or `list_file=`) into `out` and
     return the manifest dict (also written to `out/manifest.json`).
 
-    Other keyword options: gop, crf, quality, allow_upscale, list_file, video_root,
-    node_rank, num_nodes, progress. Reruns resume; other options in a non-empty `out` are
+    Other keyword options: gop, crf, quality, allow_upscale, shuffle_seed (default 0; None
+    keeps the sorted order), list_file, video_root, node_rank, num_nodes, progress. Reruns resume; other options in a non-empty `out` are
     refused with ShardDirError."""
     return run_build(src, out, kind=kind, frames=frames, short_side=short_side, codec=codec,
                      samples_per_shard=samples_per_shard, workers=workers, prefix=prefix,

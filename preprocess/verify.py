@@ -11,7 +11,7 @@ from PIL import Image
 
 from tcore.preprocess.errors import BadInput
 from tcore.preprocess.index import read_index
-from tcore.preprocess.manifest import load_manifest, manifest_path
+from tcore.preprocess.manifest import load_manifest, manifest_path, with_default_options
 from tcore.preprocess.video import FRAME_CODECS, probe_clip, split_jpeg_frames
 
 
@@ -86,6 +86,16 @@ def short_side_text(manifest: dict, stored: list[int] | None = None) -> str:
     return text
 
 
+def order_text(manifest: dict) -> str:
+    """The order the shards hold their inputs in, as `inspect` prints it."""
+    seed = with_default_options(manifest["options"])["shuffle_seed"]
+    if seed is not None:
+        return f"shuffled (seed {seed})"
+    if len(manifest["classes"]) > 1:
+        return "sorted, so in class order: batches hold few classes (rebuild to shuffle)"
+    return "sorted"
+
+
 def inspect_shards(out, verify: bool = False, progress=None) -> dict:
     """Summary of a shard directory: counts, sizes, codec, frames per sample; with `verify`,
     every sample is read through the index and decoded, and `problems` lists the ones
@@ -99,7 +109,8 @@ def inspect_shards(out, verify: bool = False, progress=None) -> dict:
               "classes": len(manifest["classes"]), "shards": len(manifest["shards"]),
               "samples": manifest["total_samples"], "bytes": manifest["total_bytes"],
               "bytes_per_sample": manifest["total_bytes"] / max(1, manifest["total_samples"]),
-              "failures": manifest["failures"], "verified": verify, "problems": []}
+              "failures": manifest["failures"], "order": order_text(manifest),
+              "verified": verify, "problems": []}
     if not verify:
         return report
     per_class, stored = Counter(), []

@@ -216,9 +216,12 @@ def test_manifest_sample_count_must_match_the_index(synth_shards, tmp_path):
 
 def test_index_of_another_shard_is_found(synth_shards, tmp_path):
     shards = _copy(synth_shards, tmp_path)
-    shutil.copy(shards / "shard-000001.idx", shards / "shard-000000.idx")   # same count
-    first = read_index(shards / "shard-000001.idx")[0][0][3]
-    with pytest.raises(ShardSetError, match=f"shard-000000.tar: index .* does not match the "
+    # same count; the smaller shard's index on the larger tar, so that the tar is long enough
+    small, large = sorted(["shard-000000", "shard-000001"],
+                          key=lambda name: (shards / f"{name}.tar").stat().st_size)
+    shutil.copy(shards / f"{small}.idx", shards / f"{large}.idx")
+    first = read_index(shards / f"{small}.idx")[0][0][3]
+    with pytest.raises(ShardSetError, match=f"{large}.tar: index .* does not match the "
                                             f"tar \\(its index lists {first} .*rebuild"):
         load_shard_set([shards])
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
 import av
@@ -602,3 +603,44 @@ def test_batches_held_by_the_caller_are_never_overwritten(synth_shards):
     # Six batches dropped right away: served from a couple of reused storages, not six.
     assert len(pointers) <= 2
     assert held["global_crops"].data_ptr() not in pointers
+
+
+def _class_sorted_images(root: Path, classes: int, per_class: int) -> Path:
+    """`classes` folders of `per_class` small JPEGs: a source in class order, like Kinetics's
+    and ImageNet's folders."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"image{i:03d}.jpg")
+    return root
+
+
+def test_batches_from_a_class_sorted_source_mix_classes(tmp_path):
+    """DALI's reader streams the shards in order through its shuffle buffer: with classes
+    larger than the buffer, shards in class order gave batches of two or three classes
+    (Kinetics-like, 40 classes of 600 against 256 samples of buffer: 3.0 a batch of 64, where
+    drawing from the whole set gives 32; README "Shuffled"). The build's shuffled order
+    gives what drawing from the whole set does: here 8 classes of 48, a buffer of 16 and
+    batches of 16, 8 * (1 - (7/8)^16) = 7.06 classes a batch."""
+    src = _class_sorted_images(tmp_path / "src", classes=8, per_class=48)
+    config = _no_photometric(n_local=0)
+    config.views.global_size, config.shuffle_buffer = 32, 16     # buffer < a class
+    distinct = {}
+    for name, seed in (("shuffled", 0), ("sorted", None)):
+        out = tmp_path / name
+        build_shards(src, out, kind="image", short_side=48, samples_per_shard=48,
+                     shuffle_seed=seed, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            labels = [batch["labels"].tolist() for batch in
+                      build_loader([out], batch_size=16, config=config, infinite=False,
+                                   num_threads=1)]
+        said = [str(w.message) for w in caught if "class order" in str(w.message)]
+        assert len(said) == (seed is None) and all(str(out) in text for text in said)
+        assert sorted(sum(labels, [])) == sorted(list(range(8)) * 48)   # one pass, all once
+        distinct[name] = np.mean([len(set(batch)) for batch in labels])
+    assert distinct["shuffled"] >= 6.5, distinct
+    assert distinct["sorted"] <= 3.0, distinct    # what the build's shuffle is for,
+    # and why the loader warns about shards in class order

@@ -19,8 +19,10 @@ from tcore.preprocess.discover import Source, sample_key
 from tcore.preprocess.errors import ShardDirError
 from tcore.preprocess.index import read_index
 from tcore.preprocess.manifest import load_manifest, make_manifest
-from tcore.preprocess.shards import build_shards, merge_node_manifests, run_build
+from tcore.preprocess.shards import (build_shards, discover_inputs, merge_node_manifests,
+                                     run_build, shard_order)
 from tcore.preprocess.verify import inspect_shards
+from tcore.pipelines.manifest import load_shard_set
 from tcore.preprocess.video import output_size, uniform_indices
 from shard_files import read_tar
 
@@ -90,7 +92,7 @@ def _all_files(directory: Path) -> dict[str, bytes]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_broken_inputs_go_to_failures_and_the_build_carries_on(mixed_build):
+def test_broken_inputs_go_to_failures_and_the_build_carries_on(mixed_build, mixed_src):
     manifest = load_manifest(mixed_build, check_files=True)
     failures = [json.loads(line) for line in (mixed_build / "failures.jsonl").read_text().splitlines()]
     assert {f["source"] for f in failures} == set(BROKEN)
@@ -99,11 +101,18 @@ def test_broken_inputs_go_to_failures_and_the_build_carries_on(mixed_build):
     assert manifest["failures"] == len(BROKEN)
     assert manifest["total_samples"] == 4 * GOOD_PER_CLASS
     assert manifest["classes"] == ["drift", "orbit", "pulse", "swing"]
-    # 14 sorted inputs in shards of 4: shard k holds whichever of inputs 4k..4k+3 succeeded.
+    # 14 inputs in shards of 4: shard k holds whichever of the inputs at places 4k..4k+3 of
+    # the shuffled order succeeded, keyed by their sorted index.
+    inputs = discover_inputs(mixed_src)
+    order = shard_order(inputs, 0)
+    assert sorted(order) == list(range(14)) and order != sorted(order)
     assert [s["tar"] for s in manifest["shards"]] == [f"shard-{k:06d}.tar" for k in range(4)]
+    for k, shard in enumerate(manifest["shards"]):
+        expected = [i for i in order[4 * k:4 * k + 4] if inputs.sources[i].relative not in BROKEN]
+        held = [int(key.split("-")[0]) for key in read_tar(mixed_build / shard["tar"])]
+        assert held == expected and shard["samples"] == len(expected)
     assert sum(s["samples"] for s in manifest["shards"]) == 8
-    assert all(s["samples"] <= 4 for s in manifest["shards"])
-    assert manifest["shards"][0]["samples"] < 4  # drift's two broken files sort into shard 0
+    assert [f["source"] for f in failures] == sorted(BROKEN)     # listed by source
     # bytes: each shard's tar on disk, and their sum
     assert [s["bytes"] for s in manifest["shards"]] == \
            [(mixed_build / s["tar"]).stat().st_size for s in manifest["shards"]]
@@ -169,6 +178,38 @@ def test_out_built_with_other_options_is_refused(mixed_src, mixed_build, tmp_pat
                        progress=False)
     assert result.skipped_shards == 4 and result.built_shards == 0
     assert _all_files(mixed_build) == before
+
+
+def test_a_build_made_before_shuffling_resumes_in_sorted_order_and_is_named(mixed_src, mixed_build,
+                                                                          tmp_path):
+    """Shard builds before `shuffle_seed` existed held their inputs in sorted order and
+    recorded no such option: a rerun with --no-shuffle resumes them, the new default is
+    refused naming the option, and the loader warns that batches will hold few classes."""
+    assert inspect_shards(mixed_build)["order"] == "shuffled (seed 0)"
+    out = tmp_path / "old"
+    build_shards(mixed_src, out, frames=20, short_side=SHORT_SIDE, samples_per_shard=4,
+                 shuffle_seed=None, progress=False)
+    held = [int(key.split("-")[0]) for shard in sorted(out.glob("*.tar"))
+            for key in read_tar(shard)]
+    assert held == sorted(held)                                     # sorted order kept
+    for path in (out / ".build" / "options.json", out / "manifest.json"):   # as made before
+        recorded = json.loads(path.read_text())
+        (recorded.get("options", recorded)).pop("shuffle_seed")
+        path.write_text(json.dumps(recorded))
+    (out / ".build" / "shard-000003.json").unlink()                 # an unfinished shard
+    before = (out / "shard-000003.tar").read_bytes()
+    result = CliRunner().invoke(cli, ["shards", "build", str(mixed_src), str(out), "--short-side",
+                                      str(SHORT_SIDE), "--samples-per-shard", "4", "--no-progress"])
+    assert result.exit_code != 0 and "shuffle_seed: None -> 0" in result.output
+    result = CliRunner().invoke(cli, ["shards", "build", str(mixed_src), str(out), "--short-side",
+                                      str(SHORT_SIDE), "--samples-per-shard", "4", "--no-shuffle",
+                                      "--no-progress"])
+    assert result.exit_code == 0 and "1 shards built, 3 already done" in result.output
+    assert (out / "shard-000003.tar").read_bytes() == before
+    with pytest.warns(UserWarning, match=f"{out}: the shards hold their inputs in class order"):
+        load_shard_set(out)
+    result = CliRunner().invoke(cli, ["shards", "inspect", str(out)])
+    assert "order: sorted, so in class order: batches hold few classes" in result.output
 
 
 def test_node_split_and_merge_equal_a_single_build(mixed_src, mixed_build, tmp_path):

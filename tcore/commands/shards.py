@@ -42,13 +42,21 @@ def _os_error(err: OSError) -> str:
 @click.option("--quality", default=90, show_default=True, help="JPEG quality 1-100 for images, mjpeg and jpegs.")
 @click.option("--vp9-speed", default=VP9_SPEED, show_default=True, help="libvpx cpu-used (realtime mode).")
 @click.option("--samples-per-shard", default=1000, show_default=True)
+@click.option("--shuffle-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the order the shards hold the inputs in: random, so that the "
+                   "loader's batches mix classes (DALI reads shards in order through a small "
+                   "shuffle buffer).")
+@click.option("--no-shuffle", is_flag=True,
+              help="Keep the inputs in sorted (class) order; batches then hold one or two classes.")
 @click.option("--prefix", default="shard", show_default=True, help="Shard file prefix: <prefix>-%06d.tar")
 @click.option("--workers", default=1, show_default=True, help="Processes, each writing whole shards.")
 @click.option("--node-rank", default=0, show_default=True, help="This machine's rank when several split one build.")
 @click.option("--num-nodes", default=1, show_default=True, help="Machines splitting the build (then run merge-manifest).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def build(paths, list_file, video_root, **options):
+def build(paths, list_file, video_root, no_shuffle, **options):
     """Build shards from SRC/<class>/<file> (or --list FILE) into OUT. Reruns resume."""
+    if no_shuffle:
+        options["shuffle_seed"] = None
     if list_file:
         if len(paths) not in (1, 2):
             raise click.UsageError("with --list give OUT (or SRC OUT, SRC being the video root)")
@@ -89,6 +97,7 @@ def inspect(out, verify):
     click.echo(f"  {report['shards']} shards, {report['samples']} samples, {report['classes']} classes, "
                f"{_mib(report['bytes'])} ({report['bytes_per_sample'] / 1024:.1f} KiB/sample), "
                f"{report['failures']} inputs failed at build time")
+    click.echo(f"  order: {report['order']}")
     if verify:
         click.echo(f"  per class: {report['per_class']}")
         for problem in report["problems"]:
