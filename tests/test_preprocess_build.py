@@ -300,22 +300,30 @@ def test_kinetics_csv_and_plain_list(synth_root, tmp_path):
     (root / "riding a bike").mkdir(parents=True)
     shutil.copy(videos[0], root / "riding a bike" / "abc-_12_000010_000020.webm")
     shutil.copy(videos[1], root / "xyz_000000_000010.mkv")  # flat layout, other extension
+    # a label folder with underscores for spaces; of two files of one clip the first by
+    # name; a folder or a hidden file named like a clip is not one
+    (root / "playing_guitar" / "q_000001_000011.d").mkdir(parents=True)
+    (root / "playing_guitar" / ".q_000001_000011.mp4").write_bytes(b"")
+    shutil.copy(videos[0], root / "playing_guitar" / "q_000001_000011.webm")
+    (root / "playing_guitar" / "q_000001_000011.webm.part").write_bytes(b"partial download")
     csv_file = tmp_path / "train.csv"
     csv_file.write_text("label,youtube_id,time_start,time_end,split\n"
                         "riding a bike,abc-_12,10,20,train\n"
                         "juggling,xyz,0,10,train\n"
-                        "juggling,missing1,5,15,train\n")
+                        "juggling,missing1,5,15,train\n"
+                        "playing guitar,q,1,11,train\n")
     out = tmp_path / "out"
     manifest = build_shards(None, out, list_file=csv_file, video_root=root, short_side=64, progress=False)
-    assert manifest["classes"] == ["juggling", "riding a bike"]
-    assert manifest["total_samples"] == 2 and manifest["failures"] == 1
+    assert manifest["classes"] == ["juggling", "playing guitar", "riding a bike"]
+    assert manifest["total_samples"] == 3 and manifest["failures"] == 1
     failure = json.loads((out / "failures.jsonl").read_text())
     assert failure == {"source": "juggling/missing1_000005_000015", "error": "file not found"}
     metas = sorted((json.loads(c["json"]) for c in read_tar(out / "shard-000000.tar").values()),
                    key=lambda m: m["label"])
     assert [(m["class"], m["label"], m["source"]) for m in metas] == [
         ("juggling", 0, "xyz_000000_000010.mkv"),
-        ("riding a bike", 1, "riding a bike/abc-_12_000010_000020.webm")]
+        ("playing guitar", 1, "playing_guitar/q_000001_000011.webm"),
+        ("riding a bike", 2, "riding a bike/abc-_12_000010_000020.webm")]
 
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p.relative_to(synth_root / 'train').as_posix()}\n" for p in videos))
