@@ -13,7 +13,7 @@ import tarfile
 import warnings
 from dataclasses import dataclass, field
 
-from tcore.preprocess.errors import ShardDirError
+from tcore.preprocess.errors import ShardDirError, TcoreWarning
 from tcore.preprocess.index import read_index
 from tcore.preprocess.manifest import holds_classes_in_order, load_manifest, manifest_path
 
@@ -158,7 +158,7 @@ def load_shard_set(manifests) -> ShardSet:
         warnings.warn(f"{', '.join(in_order)}: the shards hold their inputs in class order "
                       "(built with --no-shuffle, or by a tcore before shard builds shuffled "
                       "them), so each batch holds only a few classes; rebuild them with "
-                      "`tcore shards build` (shuffled by default)", stacklevel=2)
+                      "`tcore shards build` (shuffled by default)", TcoreWarning)
     return shard_set
 
 

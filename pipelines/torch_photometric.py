@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from tcore.pipelines.config import ViewConfig
 from tcore.pipelines.views import JITTER_HUE_SHIFT, JITTER_SLOTS, SW
+from tcore.preprocess.errors import TcoreWarning
 
 _LUMA_WEIGHTS = (19595, 38470, 7471)   # PIL's convert("L"), see views._PIL_LUMA_M
 
@@ -332,7 +333,7 @@ def _with_eager_fallback(compiled, eager, device_type: str):
             _COMPILE_FAILED[device_type] = f"{type(error).__name__}: {str(error)[:200]}"
             warnings.warn(f"torch_photometric: torch.compile failed on {device_type}, running "
                           f"eagerly there (data.pipeline.photometric_compile=false avoids the "
-                          f"attempt): {_COMPILE_FAILED[device_type]}")
+                          f"attempt): {_COMPILE_FAILED[device_type]}", TcoreWarning)
             return result
     return call
 

@@ -1,9 +1,14 @@
-"""Errors of the shard builder."""
+"""Errors of the shard builder, and the warning class of all tcore."""
 import os
 
 
 class BadInput(Exception):
     """An input file that cannot become a sample; the message says why, for failures.jsonl."""
+
+
+class TcoreWarning(UserWarning):
+    """Something about the user's data or set-up worth a line, not an error: the command
+    line prints these as `warning: <message>` (tcore.cli), without Python's source line."""
 
 
 class ShardDirError(Exception):

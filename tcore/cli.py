@@ -2,6 +2,8 @@
 
 Every command lives in `tcore/commands/<group>.py`; none of them holds logic of its own.
 """
+import warnings
+
 import click
 
 from tcore.commands.bench import bench
@@ -11,14 +13,27 @@ from tcore.commands.eval import eval_group
 from tcore.commands.pipeline import pipeline
 from tcore.commands.shards import shards
 from tcore.commands.train import train
+from tcore.preprocess.errors import TcoreWarning
 from tcore.preprocess.files import OutputWriteError
+
+_python_format_warning = warnings.formatwarning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """tcore's own warnings as one line for the user (they name the file or setting
+    concerned); any other warning as Python formats it, with its source line."""
+    if issubclass(category, TcoreWarning):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
 
 
 class TcoreGroup(click.Group):
     """Every command: an output the OS refused to write (disk full, no permission) ends in
-    one line naming the file, whichever command was writing it."""
+    one line naming the file, whichever command was writing it; tcore's warnings print as
+    one line each."""
 
     def invoke(self, ctx):
+        warnings.formatwarning = format_warning
         try:
             return super().invoke(ctx)
         except OutputWriteError as error:

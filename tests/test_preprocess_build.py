@@ -16,7 +16,7 @@ from PIL import Image
 
 from tcore.cli import main as cli
 from tcore.preprocess.discover import Source, sample_key
-from tcore.preprocess.errors import ShardDirError
+from tcore.preprocess.errors import ShardDirError, TcoreWarning
 from tcore.preprocess.index import read_index
 from tcore.preprocess.manifest import load_manifest, make_manifest
 from tcore.preprocess.shards import (build_shards, discover_inputs, merge_node_manifests,
@@ -206,10 +206,21 @@ def test_a_build_made_before_shuffling_resumes_in_sorted_order_and_is_named(mixe
                                       "--no-progress"])
     assert result.exit_code == 0 and "1 shards built, 3 already done" in result.output
     assert (out / "shard-000003.tar").read_bytes() == before
-    with pytest.warns(UserWarning, match=f"{out}: the shards hold their inputs in class order"):
+    with pytest.warns(TcoreWarning, match=f"{out}: the shards hold their inputs in class order"):
         load_shard_set(out)
     result = CliRunner().invoke(cli, ["shards", "inspect", str(out)])
     assert "order: sorted, so in class order: batches hold few classes" in result.output
+    # a command that reads them says so in one line (a real process: pytest keeps warnings)
+    preview = subprocess.run([sys.executable, "-m", "tcore.cli", "pipeline", "preview", "--data",
+                              str(out), "--output", str(tmp_path / "preview.png"),
+                              "--batch-size", "2", "--local-crops", "0"],
+                             capture_output=True, text=True, timeout=300)
+    assert preview.returncode == 0, preview.stderr
+    said = [line for line in preview.stderr.splitlines() if "class order" in line]
+    assert said == [f"warning: {out}: the shards hold their inputs in class order (built with "
+                    "--no-shuffle, or by a tcore before shard builds shuffled them), so each "
+                    "batch holds only a few classes; rebuild them with `tcore shards build` "
+                    "(shuffled by default)"], preview.stderr
 
 
 def test_node_split_and_merge_equal_a_single_build(mixed_src, mixed_build, tmp_path):
