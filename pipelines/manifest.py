@@ -155,10 +155,11 @@ def load_shard_set(manifests) -> ShardSet:
     in_order = [m["_dir"] for m in loaded if holds_classes_in_order(m)]
     if in_order:
         # The reader streams shards in order through a buffer of a few hundred samples.
-        warnings.warn(f"{', '.join(in_order)}: the shards hold their inputs in class order "
-                      "(built with --no-shuffle, or by a tcore before shard builds shuffled "
-                      "them), so each batch holds only a few classes; rebuild them with "
-                      "`tcore shards build` (shuffled by default)", TcoreWarning)
+        warnings.warn(f"{', '.join(in_order)}: the shards hold their inputs in sorted order, "
+                      "so in class order for SRC/<class>/ folders (built with --no-shuffle, or "
+                      "by a tcore before shard builds shuffled them), and each batch then holds "
+                      "only a few classes; rebuild them with `tcore shards build` (shuffled by "
+                      "default)", TcoreWarning)
     return shard_set
 
 

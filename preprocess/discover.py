@@ -89,11 +89,13 @@ class _FolderFiles:
         """Sorted names of the files `<stem>.<anything>` in `folder` (none if no folder)."""
         if folder not in self._by_stem:
             by_stem: dict[str, list[str]] = {}
-            if folder.is_dir():
+            try:
                 with os.scandir(folder) as entries:
                     for entry in entries:
                         if "." in entry.name and not entry.name.startswith(".") and entry.is_file():
                             by_stem.setdefault(entry.name.split(".", 1)[0], []).append(entry.name)
+            except OSError:     # no such folder, or unreadable: its rows go to failures.jsonl
+                by_stem = {}
             self._by_stem[folder] = by_stem
         by_stem = self._by_stem[folder]
         if "." not in stem:

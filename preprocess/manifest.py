@@ -153,7 +153,8 @@ def merge_manifest_parts(parts: list[dict], where: list[str]) -> dict:
     """Join node manifests of one build: same options and classes, disjoint shards."""
     if not parts:
         raise ShardDirError("no node manifests to merge")
-    first = parts[0]
+    parts = [{**part, "options": with_default_options(part["options"])} for part in parts]
+    first = parts[0]     # (a node may have finished under a tcore that recorded fewer options)
     for part, name in zip(parts[1:], where[1:]):
         for key in ("options", "classes", "kind", "codec", "frames", "short_side"):
             if part[key] != first[key]:

@@ -293,7 +293,8 @@ def shard_order(inputs: Inputs, shuffle_seed: int | None) -> list[int]:
     if shuffle_seed is None:
         return indices
     def place(i: int) -> bytes:
-        text = f"{shuffle_seed}\0{inputs.sources[i].relative}".encode()
+        # surrogateescape: a file name that is not UTF-8 keeps its bytes
+        text = f"{shuffle_seed}\0{inputs.sources[i].relative}".encode("utf-8", "surrogateescape")
         return hashlib.blake2b(text, digest_size=8).digest()
     return sorted(indices, key=place)
 
@@ -323,8 +324,10 @@ def _check_out_dir(out: Path, options: dict) -> None:
     if previous is not None and previous != options:
         changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {options.get(k)!r}" for k in changed)
+        hint = (" (--no-shuffle for shards in sorted order)"
+                if "shuffle_seed" in changed and previous["shuffle_seed"] is None else "")
         raise ShardDirError(f"{out} already holds shards built with other options ({details}); "
-                            "use a new output directory or the original options")
+                            f"use a new output directory or the original options{hint}")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     if previous is None:
         write_json_atomic(saved, options)

@@ -86,9 +86,9 @@ def main(argv=None) -> int:
     parser.add_argument("--background-env", default="",
                         help="environment settings for the first call's background")
     args = parser.parse_args(argv)
-    present = [f for f in args.first + args.parts + args.extras if not os.path.isdir(f)]
-    if present:
-        print(f"carry_plan: no such folder: {', '.join(present)}", file=sys.stderr)
+    missing = [f for f in args.first + args.parts + args.extras if not os.path.isdir(f)]
+    if missing:
+        print(f"carry_plan: no such folder: {', '.join(missing)}", file=sys.stderr)
         return 1
     limit = int((args.limit_mib - args.margin_mib) * MIB)
     try:

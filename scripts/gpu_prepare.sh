@@ -3,12 +3,13 @@
 # the lease's device calls (scripts/gpu_session.sh) with what each one carries.
 #
 #   make install && scripts/gpu_prepare.sh          # needs PyPI; ~500 MB of downloads
+#   scripts/gpu_prepare.sh shards                   # only the two shard sets, then the plan
 #   scripts/gpu_prepare.sh plan                     # only the plan, from what is already here
 #
 # A fresh checkout has none of these ignored folders, and gathering them by hand took a
 # session several steps; the device machine has no network and no PyAV. Made here:
-#   .whl/        omegaconf and antlr4 (the image lacks them; the first call's model steps
-#                need nothing else)
+#   .whl/        omegaconf (the image lacks it; the first call's model steps need nothing
+#                else)
 #   .whl-data/   the other small wheels that DALI's steps import (webdataset, nvtx, ...)
 #   .bigwhl/     DALI and its GPU libraries, cut by scripts/carry_parts.sh into .carry/pNN
 #   .gpushards/  64 synthetic VP9 clips (426x320, T=20) built by `tcore shards build`
@@ -44,12 +45,13 @@ pinned() {  # pinned NAME...: NAME==VERSION as installed in .venv
 }
 
 fetch() {   # fetch DEST NAME...: wheels for the device image's Python, no dependencies
-    local dest=$1; shift
+    local dest=$1 wanted; shift
+    wanted=$(pinned "$@") || exit 1      # (a failure inside $(...) alone would not stop us)
     rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
-    # shellcheck disable=SC2046
+    # shellcheck disable=SC2086
     "$PYTHON" -m pip download -q --dest "$dest.tmp" --no-deps --only-binary=:all: \
         --python-version "$PYVER" --platform manylinux2014_x86_64 \
-        --platform manylinux_2_28_x86_64 --platform any $(pinned "$@") ||
+        --platform manylinux_2_28_x86_64 --platform any $wanted ||
         die "downloading $* failed"
     rm -rf "$dest" && mv "$dest.tmp" "$dest"
 }
@@ -57,13 +59,15 @@ fetch() {   # fetch DEST NAME...: wheels for the device image's Python, no depen
 shards() {  # the synthetic shard sets the data steps read (the device image has no PyAV)
     local src
     src=$(mktemp -d)
+    trap 'rm -rf "$src"; trap - RETURN' RETURN
+    rm -rf .gpushards.tmp .gpuframes.tmp     # left by an interrupted run
     "$TCORE" data synth "$src/clips" --videos 64 --frames 48 --size 426x320 --davis-videos 0
     "$TCORE" shards build "$src/clips/train" .gpushards.tmp --frames 20 --short-side 320 \
         --samples-per-shard 16 --no-progress
     "$TCORE" data synth "$src/frames" --videos 16 --frames 48 --size 426x320 --davis-videos 0
     "$TCORE" shards build "$src/frames/train" .gpuframes.tmp --codec jpegs \
         --samples-per-shard 8 --no-progress
-    rm -rf .gpushards .gpuframes "$src"
+    rm -rf .gpushards .gpuframes
     mv .gpushards.tmp .gpushards && mv .gpuframes.tmp .gpuframes
 }
 
@@ -79,6 +83,12 @@ plan() {
     for folder in .whl .whl-data .gpushards .gpuframes; do
         [[ -d $folder ]] || die "$folder is missing: run scripts/gpu_prepare.sh first"
     done
+    # Shards built by a tcore that kept them in class order would measure another loader.
+    "$PYTHON" -c "import sys
+from tcore.preprocess.manifest import holds_classes_in_order, load_manifest
+stale = [d for d in sys.argv[1:] if holds_classes_in_order(load_manifest(d))]
+sys.exit(f'gpu_prepare: {\", \".join(stale)} hold their inputs in class order: rebuild '
+         'them with scripts/gpu_prepare.sh shards' if stale else 0)" .gpushards .gpuframes || exit 1
     "$PYTHON" scripts/carry_plan.py --tree-bytes "$(tree_bytes)" --first .whl \
         --parts "${parts[@]}" --extras .whl-data .gpushards .gpuframes \
         --background-env "GPU_SESSION_MODEL_STEPS=\"$MODEL_STEPS\"" \
@@ -97,6 +107,7 @@ case "${1:-all}" in
         shards
         plan
         ;;
+    shards) shards && plan ;;
     plan) plan ;;
-    *) die "usage: scripts/gpu_prepare.sh [all|plan]" ;;
+    *) die "usage: scripts/gpu_prepare.sh [all|shards|plan]" ;;
 esac

@@ -13,6 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from tcore.preprocess.shards import build_shards
+
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 
@@ -90,19 +95,37 @@ def test_without_dali_parts_one_call_runs_the_check_itself(tmp_path):
     assert folders == [".whl"] and command == "scripts/gpu_check.sh"
 
 
+def _two_classes(root: Path) -> Path:
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.full((16, 16, 3), 60, np.uint8)).save(root / name / "x.jpg")
+    return root
+
+
 def test_gpu_prepare_plan_names_scripts_and_settings_that_exist(tmp_path):
-    """`scripts/gpu_prepare.sh plan` in a scratch checkout with small stand-in folders: its
-    commands call scripts that are there with settings gpu_session.sh reads."""
+    """`scripts/gpu_prepare.sh plan` in a scratch checkout with small stand-in wheel folders
+    and real shards: it refuses shards in class order, and its commands call scripts that
+    are there with settings gpu_session.sh reads."""
     root = tmp_path / "repo"
     shutil.copytree(REPO / "scripts", root / "scripts")
-    (root / ".venv" / "bin").mkdir(parents=True)
-    os.symlink(sys.executable, root / ".venv" / "bin" / "python")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    os.symlink(sys.prefix, root / ".venv")        # this environment, tcore installed
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     for name, mib in ((".carry/p01", 1.0), (".carry/p02", 0.5), (".whl", 0.1),
-                      (".whl-data", 0.2), (".gpushards", 0.2), (".gpuframes", 0.2)):
+                      (".whl-data", 0.2)):
         _folder(root, name, mib)
-    done = subprocess.run(["bash", "scripts/gpu_prepare.sh", "plan"], cwd=root,
-                          capture_output=True, text=True, timeout=60)
+    images = _two_classes(tmp_path / "images")
+    build_shards(images, root / ".gpushards", kind="image", progress=False)
+    build_shards(images, root / ".gpuframes", kind="image", shuffle_seed=None, progress=False)
+    plan = ["bash", "scripts/gpu_prepare.sh", "plan"]
+    done = subprocess.run(plan, cwd=root, capture_output=True, text=True, timeout=60)
+    # shards in class order (a tcore before shuffling) would measure another loader
+    assert done.returncode == 1 and done.stderr.strip() == (
+        "gpu_prepare: .gpuframes hold their inputs in class order: rebuild them with "
+        "scripts/gpu_prepare.sh shards")
+    shutil.rmtree(root / ".gpuframes")
+    build_shards(images, root / ".gpuframes", kind="image", progress=False)
+    done = subprocess.run(plan, cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     calls = _calls(done.stdout)
     assert [folders[0] for folders, _, _ in calls] == [".whl", ".carry/p02"]

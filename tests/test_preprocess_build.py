@@ -201,12 +201,16 @@ def test_a_build_made_before_shuffling_resumes_in_sorted_order_and_is_named(mixe
     result = CliRunner().invoke(cli, ["shards", "build", str(mixed_src), str(out), "--short-side",
                                       str(SHORT_SIDE), "--samples-per-shard", "4", "--no-progress"])
     assert result.exit_code != 0 and "shuffle_seed: None -> 0" in result.output
+    assert "(--no-shuffle for shards in sorted order)" in result.output
+    result = CliRunner().invoke(cli, ["shards", "build", str(mixed_src), str(out), "--no-shuffle",
+                                      "--shuffle-seed", "3"])
+    assert result.exit_code == 2 and "not both" in result.output
     result = CliRunner().invoke(cli, ["shards", "build", str(mixed_src), str(out), "--short-side",
                                       str(SHORT_SIDE), "--samples-per-shard", "4", "--no-shuffle",
                                       "--no-progress"])
     assert result.exit_code == 0 and "1 shards built, 3 already done" in result.output
     assert (out / "shard-000003.tar").read_bytes() == before
-    with pytest.warns(TcoreWarning, match=f"{out}: the shards hold their inputs in class order"):
+    with pytest.warns(TcoreWarning, match=f"{out}: the shards hold their inputs in sorted order"):
         load_shard_set(out)
     result = CliRunner().invoke(cli, ["shards", "inspect", str(out)])
     assert "order: sorted, so in class order: batches hold few classes" in result.output
@@ -217,10 +221,30 @@ def test_a_build_made_before_shuffling_resumes_in_sorted_order_and_is_named(mixe
                              capture_output=True, text=True, timeout=300)
     assert preview.returncode == 0, preview.stderr
     said = [line for line in preview.stderr.splitlines() if "class order" in line]
-    assert said == [f"warning: {out}: the shards hold their inputs in class order (built with "
-                    "--no-shuffle, or by a tcore before shard builds shuffled them), so each "
-                    "batch holds only a few classes; rebuild them with `tcore shards build` "
-                    "(shuffled by default)"], preview.stderr
+    assert said == [f"warning: {out}: the shards hold their inputs in sorted order, so in class "
+                    "order for SRC/<class>/ folders (built with --no-shuffle, or by a tcore "
+                    "before shard builds shuffled them), and each batch then holds only a few "
+                    "classes; rebuild them with `tcore shards build` (shuffled by default)"
+                    ], preview.stderr
+
+
+def test_node_parts_of_one_build_merge_when_one_was_made_before_shuffling(mixed_src, tmp_path):
+    """A split build in sorted order where node 0 finished under a tcore that recorded no
+    `shuffle_seed` and node 1 ran now with --no-shuffle: still parts of one build."""
+    out = tmp_path / "nodes"
+    for rank in range(2):
+        build_shards(mixed_src, out, frames=20, short_side=SHORT_SIDE, samples_per_shard=4,
+                     shuffle_seed=None, node_rank=rank, num_nodes=2, progress=False)
+    part0 = out / "manifest.node-00000-of-00002.json"
+    recorded = json.loads(part0.read_text())
+    recorded["options"].pop("shuffle_seed")
+    part0.write_text(json.dumps(recorded))
+    merged = merge_node_manifests(out)
+    assert merged["options"]["shuffle_seed"] is None and merged["total_samples"] == 8
+    recorded["options"]["shuffle_seed"] = 0                  # a part of another build
+    part0.write_text(json.dumps(recorded))
+    with pytest.raises(ShardDirError, match="options differs"):
+        merge_node_manifests(out)
 
 
 def test_node_split_and_merge_equal_a_single_build(mixed_src, mixed_build, tmp_path):
@@ -312,27 +336,29 @@ def test_kinetics_csv_and_plain_list(synth_root, tmp_path):
     shutil.copy(videos[0], root / "riding a bike" / "abc-_12_000010_000020.webm")
     shutil.copy(videos[1], root / "xyz_000000_000010.mkv")  # flat layout, other extension
     # a label folder with underscores for spaces; of two files of one clip the first by
-    # name; a folder or a hidden file named like a clip is not one
+    # name; a folder named like a clip is not one; an id with a dot in it
     (root / "playing_guitar" / "q_000001_000011.d").mkdir(parents=True)
-    (root / "playing_guitar" / ".q_000001_000011.mp4").write_bytes(b"")
     shutil.copy(videos[0], root / "playing_guitar" / "q_000001_000011.webm")
+    shutil.copy(videos[1], root / "playing_guitar" / "d.t_000002_000012.webm")
     (root / "playing_guitar" / "q_000001_000011.webm.part").write_bytes(b"partial download")
     csv_file = tmp_path / "train.csv"
     csv_file.write_text("label,youtube_id,time_start,time_end,split\n"
                         "riding a bike,abc-_12,10,20,train\n"
                         "juggling,xyz,0,10,train\n"
                         "juggling,missing1,5,15,train\n"
-                        "playing guitar,q,1,11,train\n")
+                        "playing guitar,q,1,11,train\n"
+                        "playing guitar,d.t,2,12,train\n")
     out = tmp_path / "out"
     manifest = build_shards(None, out, list_file=csv_file, video_root=root, short_side=64, progress=False)
     assert manifest["classes"] == ["juggling", "playing guitar", "riding a bike"]
-    assert manifest["total_samples"] == 3 and manifest["failures"] == 1
+    assert manifest["total_samples"] == 4 and manifest["failures"] == 1
     failure = json.loads((out / "failures.jsonl").read_text())
     assert failure == {"source": "juggling/missing1_000005_000015", "error": "file not found"}
     metas = sorted((json.loads(c["json"]) for c in read_tar(out / "shard-000000.tar").values()),
-                   key=lambda m: m["label"])
+                   key=lambda m: (m["label"], m["source"]))
     assert [(m["class"], m["label"], m["source"]) for m in metas] == [
         ("juggling", 0, "xyz_000000_000010.mkv"),
+        ("playing guitar", 1, "playing_guitar/d.t_000002_000012.webm"),
         ("playing guitar", 1, "playing_guitar/q_000001_000011.webm"),
         ("riding a bike", 2, "riding a bike/abc-_12_000010_000020.webm")]
 

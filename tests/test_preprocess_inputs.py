@@ -4,6 +4,7 @@ display rotations, EXIF-rotated and 16-bit images (checked
 against what DALI decodes), hidden folders and bad numbers in a Kinetics CSV."""
 import io
 import json
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -228,6 +229,22 @@ def test_files_in_hidden_subfolders_are_left_out(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     inputs = discover_class_folders(tmp_path)
     assert [s.relative for s in inputs.sources] == ["c/ok/v.mp4", "c/v.mp4"] and inputs.classes == ["c"]
+
+
+def test_a_file_name_that_is_not_utf8_becomes_a_sample(tmp_path):
+    """Linux file names are bytes; one that is not UTF-8 (a Latin-1 name from an old
+    archive) is kept, its bytes escaped in the .json, and the shuffled order takes it too."""
+    src = tmp_path / "src"
+    for folder in ("a", "b"):
+        (src / folder).mkdir(parents=True)
+    _gradient(32, 24).save(src / "b" / "plain.jpg")
+    latin1 = os.fsdecode("café.jpg".encode("latin-1"))
+    _gradient(32, 24).save(src / "a" / latin1, format="JPEG")
+    manifest = build_shards(src, tmp_path / "out", kind="image", progress=False)
+    assert manifest["total_samples"] == 2 and manifest["failures"] == 0
+    sources = sorted(json.loads(sample["json"])["source"]
+                     for sample in read_tar(tmp_path / "out" / "shard-000000.tar").values())
+    assert sources == [f"a/{latin1}", "b/plain.jpg"]
 
 
 def test_kinetics_csv_with_a_bad_number_names_file_line_and_column(tmp_path):

@@ -56,6 +56,9 @@ def _os_error(err: OSError) -> str:
 def build(paths, list_file, video_root, no_shuffle, **options):
     """Build shards from SRC/<class>/<file> (or --list FILE) into OUT. Reruns resume."""
     if no_shuffle:
+        if options["shuffle_seed"] != 0:
+            raise click.UsageError("--no-shuffle keeps the sorted order: give it or --shuffle-seed, "
+                                   "not both")
         options["shuffle_seed"] = None
     if list_file:
         if len(paths) not in (1, 2):
