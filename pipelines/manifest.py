@@ -154,7 +154,7 @@ def load_shard_set(manifests) -> ShardSet:
                             + ", ".join(m["_dir"] for m in loaded))
     in_order = [m["_dir"] for m in loaded if holds_classes_in_order(m)]
     if in_order:
-        # The reader streams shards in order through a buffer of a few hundred samples.
+        # The reader streams shards in order through a buffer of `shuffle_buffer` samples.
         warnings.warn(f"{', '.join(in_order)}: the shards hold their inputs in sorted order, "
                       "so in class order for SRC/<class>/ folders (built with --no-shuffle, or "
                       "by a tcore before shard builds shuffled them), and each batch then holds "

@@ -7,7 +7,7 @@ single-threaded and bit-exact; tar headers carry fixed metadata. So the same inp
 options give byte-identical shards, whatever `--workers`.
 
 Why shuffled: DALI's webdataset reader streams the shards in order through a shuffle buffer
-of a few hundred samples, so shards in class order (Kinetics: ~600 videos a class, ImageNet
+of about a thousand samples, so shards in class order (Kinetics: ~600 videos a class, ImageNet
 ~1,300 images) would give batches of one or two classes, where the reference samples the
 whole dataset at random.
 
