@@ -11,7 +11,8 @@ from PIL import Image
 
 from tcore.preprocess.errors import BadInput
 from tcore.preprocess.index import read_index
-from tcore.preprocess.manifest import load_manifest, manifest_path, with_default_options
+from tcore.preprocess.manifest import (holds_classes_in_order, load_manifest, manifest_path,
+                                       with_default_options)
 from tcore.preprocess.video import FRAME_CODECS, probe_clip, split_jpeg_frames
 
 
@@ -88,12 +89,10 @@ def short_side_text(manifest: dict, stored: list[int] | None = None) -> str:
 
 def order_text(manifest: dict) -> str:
     """The order the shards hold their inputs in, as `inspect` prints it."""
-    seed = with_default_options(manifest["options"])["shuffle_seed"]
-    if seed is not None:
-        return f"shuffled (seed {seed})"
-    if len(manifest["classes"]) > 1:
+    if holds_classes_in_order(manifest):
         return "sorted, so in class order: batches hold few classes (rebuild to shuffle)"
-    return "sorted"
+    seed = with_default_options(manifest["options"])["shuffle_seed"]
+    return "sorted" if seed is None else f"shuffled (seed {seed})"
 
 
 def inspect_shards(out, verify: bool = False, progress=None) -> dict:

@@ -16,6 +16,7 @@ scripts/gpu_session.sh; exits 1, naming the folder, when something fits in no ca
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -91,8 +92,9 @@ def main(argv=None) -> int:
         print(f"carry_plan: no such folder: {', '.join(missing)}", file=sys.stderr)
         return 1
     limit = int((args.limit_mib - args.margin_mib) * MIB)
+    size = functools.cache(folder_bytes)      # each folder walked once
     try:
-        calls = plan_calls(args.tree_bytes, limit, args.first, args.parts, args.extras)
+        calls = plan_calls(args.tree_bytes, limit, args.first, args.parts, args.extras, size)
     except ValueError as error:
         print(f"carry_plan: {error}", file=sys.stderr)
         return 1
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     print(f"{len(calls)} device call(s), back to back (the tree is "
           f"{args.tree_bytes / MIB:.1f} MiB):")
     for k, (call, command) in enumerate(zip(calls, commands), start=1):
-        mib = (args.tree_bytes + sum(folder_bytes(f) for f in call)) / MIB
+        mib = (args.tree_bytes + sum(size(f) for f in call)) / MIB
         print(f"  call {k}: carry {json.dumps(call)}  ({mib:.1f} MiB)\n          {command}")
     return 0
 
