@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections import deque
 
 import numpy as np
@@ -24,6 +25,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from torch.profiler import record_function
 
 from tcore.pipelines.config import PipelineConfig
+from tcore.preprocess.errors import TcoreWarning
 from tcore.pipelines.buffers import HostBufferPool
 from tcore.pipelines.lanes import ViewLanes
 from tcore.pipelines.manifest import (ShardSet, ShardSetError, check_codecs_for_device,
@@ -185,6 +187,8 @@ class DaliLoader:
         return initial_state(self, reader=None)
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("version") == 1:
+            state = self._state_of_an_earlier_tcore(state)
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not "
                              f"{STATE_VERSION}")
@@ -204,6 +208,21 @@ class DaliLoader:
         self._state = None
         self._exhausted = False
         self._failure = None
+
+    def _state_of_an_earlier_tcore(self, state: dict) -> dict:
+        """A version 1 state: its reader read one order every epoch, and its checkpoint is
+        of that reader. Go on from the start of the epoch it was in, with this tcore's order
+        for it, and say that the batches are not the ones that run would have seen."""
+        state = dict(state)
+        position = state["batches_seen"] * state["batch_size"]
+        pass_index = position // self.samples_per_epoch if self.infinite else 0
+        state.update(version=STATE_VERSION, reader=None, pass_position=0)
+        state["pass"] = pass_index
+        warnings.warn(f"loader state saved by an earlier tcore, whose reader read the shards "
+                      f"in one order every epoch: going on from the start of epoch "
+                      f"{pass_index + 1} in this tcore's order, so the batches from here on "
+                      f"are not the ones that run would have seen", TcoreWarning)
+        return state
 
     def close(self) -> None:
         if not self._started:
@@ -243,7 +262,7 @@ class DaliLoader:
         """In skip mode DALI drops samples with a missing component: count from the reader
         what is really there (len() and one-pass epochs), and record the difference."""
         reader = build_reader(self.shard_set, self.config, self.batch_size, self.seed,
-                              self.shard_id, self.num_shards, self.infinite)
+                              self.shard_id, self.num_shards)
         readable = reader.epoch_size("Reader")
         del reader
         missing = self.shard_set.total_samples - readable

@@ -1,18 +1,21 @@
 """Stage A of the loader: read the shards and decide every random choice of each batch.
 
 A small checkpointable DALI CPU pipeline around `fn.readers.webdataset` (shuffling, sharding
-by rank) reads one batch of raw samples; the host then draws each sample's parameters with
+by rank) reads raw samples; the host then draws each sample's parameters with
 `sampling.draw_sample_params` from a per-sample seed (base seed, shard, sample counter) and
-the batch's masks from a per-batch seed. The result, a `HostBatch`, carries the loader state
-after it (the reader's checkpoint and the two counters), so a resumed run redraws exactly
-what an uninterrupted one would. Nothing here touches a GPU: `producer.py` runs it in a
-thread or in a process of its own.
+the batch's masks from a per-batch seed. The samples form one stream of passes: each pass
+hands out this rank's samples once, every pass after the first reads the shards in an order
+of its own with a reader seed of its own (the reference draws a new permutation of the data
+every epoch, and DALI's reader repeats its order), and batches run on across the end of a
+pass. A `HostBatch` carries the loader state after it (the pass, the place in it, the
+reader's checkpoint and the two counters), so a resumed run redraws exactly what an
+uninterrupted one would. Nothing here touches a GPU: `producer.py` runs it in a thread or in
+a process of its own.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -25,8 +28,9 @@ from tcore.pipelines.manifest import ShardSet
 from tcore.pipelines.masks import batch_masks
 from tcore.pipelines.sampling import SampleParams, draw_sample_params, sample_rng
 
-STATE_VERSION = 1
+STATE_VERSION = 2           # 1: one reader for every epoch, no pass in the state
 MASK_STREAM = 0x6D61736B   # separates the masks' random stream from the samples'
+PASS_STREAM = 0x70617373   # ... and each pass's shard order and reader seed
 
 
 class BadSampleError(RuntimeError):
@@ -68,10 +72,6 @@ class StageASpec:
     state: dict          # where to start: `initial_state` or a saved loader state
     data_id: str = ""    # `data_identity(shard_set)`, kept in every state
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.samples_per_epoch / self.batch_size)
-
 
 def data_identity(shard_set: ShardSet) -> str:
     """A short hash of what the shard directories hold (per directory: kind, codec, T, the
@@ -90,8 +90,8 @@ def initial_state(owner, reader) -> dict:
     """The loader state before any batch. `owner`: anything with `seed`, `shard_id`,
     `num_shards`, `batch_size` and `data_id` (the loader, a StageASpec); `reader`: a reader
     checkpoint or None (the reader's start)."""
-    return {"version": STATE_VERSION, "reader": reader, "samples_seen": 0,
-            "batches_seen": 0, "seed": owner.seed, "shard_id": owner.shard_id,
+    return {"version": STATE_VERSION, "reader": reader, "pass": 0, "pass_position": 0,
+            "samples_seen": 0, "batches_seen": 0, "seed": owner.seed, "shard_id": owner.shard_id,
             "num_shards": owner.num_shards, "batch_size": owner.batch_size,
             "data": owner.data_id}
 
@@ -109,16 +109,33 @@ def _reader_pipeline(tars, indices, extensions, shuffle, initial_fill, reader_se
     return data, meta, label
 
 
+def pass_reading_order(shard_set: ShardSet, seed: int, pass_index: int
+                       ) -> tuple[list[str], list[str], int]:
+    """The shards (tars, index files) in the order pass `pass_index` reads them, and its
+    reader's shuffle seed. Pass 0 reads them as listed with `seed`; every later pass in a
+    seeded permutation of its own (the same on every rank: ranks split the concatenation)
+    with a seed of its own, so that a sample meets other batch-mates each epoch."""
+    if pass_index == 0:
+        return list(shard_set.tars), list(shard_set.indices), seed
+    rng = sample_rng(seed, pass_index, PASS_STREAM)
+    order = rng.permutation(len(shard_set.tars))
+    return ([shard_set.tars[i] for i in order], [shard_set.indices[i] for i in order],
+            int(rng.integers(0, 2 ** 31 - 1)))
+
+
 def build_reader(shard_set: ShardSet, config: PipelineConfig, batch_size: int, seed: int,
-                 shard_id: int, num_shards: int, infinite: bool, checkpoint=None):
-    """The stage A reader, restored from `checkpoint` when given; a reader error that only
-    cites an index line is re-raised naming the shard and sample key."""
+                 shard_id: int, num_shards: int, pass_index: int = 0, checkpoint=None):
+    """The reader of one pass (`pass_reading_order`), restored from `checkpoint` when given;
+    a reader error that only cites an index line is re-raised naming the shard and sample
+    key. It pads its last batch with repeats, which `StageA` leaves out: a pass is this
+    rank's samples once each."""
+    tars, indices, reader_seed = pass_reading_order(shard_set, seed, pass_index)
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
     pipe = _reader_pipeline(
-        tars=shard_set.tars, indices=shard_set.indices, extensions=shard_set.extensions,
+        tars=tars, indices=indices, extensions=shard_set.extensions,
         shuffle=config.shuffle_buffer > 1, initial_fill=config.shuffle_buffer,
-        reader_seed=seed, shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=not infinite, missing="skip" if config.skip_bad_samples else "error",
+        reader_seed=reader_seed, shard_id=shard_id, num_shards=num_shards,
+        pad_last_batch=True, missing="skip" if config.skip_bad_samples else "error",
         batch_size=batch_size, num_threads=1, device_id=None, seed=seed,
         prefetch_queue_depth=2, **kwargs)
     try:
@@ -237,65 +254,111 @@ def draw_masks(config: PipelineConfig, seed: int, shard_id: int, batch_number: i
 # --- stage A -------------------------------------------------------------------------------
 
 class StageA:
-    """Reads batches and draws their parameters, from `spec.state` on."""
+    """Reads batches and draws their parameters, from `spec.state` on.
+
+    The stream is pass 0's samples, then pass 1's, ...; one pass (not `infinite`) stops
+    after pass 0, its last batch short. The reader runs in batches of `batch_size` from the
+    start of each pass, so a place in a pass is a reader checkpoint plus the samples of the
+    next reader batch already handed out (a batch that crosses into a new pass takes the end
+    of one reader batch and the start of another)."""
 
     def __init__(self, spec: StageASpec):
         self.spec = spec
         state = spec.state
         self.samples_seen = state["samples_seen"]
         self.batches_seen = state["batches_seen"]
-        self.reader = build_reader(spec.shard_set, spec.config, spec.batch_size, spec.seed,
-                                   spec.shard_id, spec.num_shards, spec.infinite,
-                                   state.get("reader"))
+        self.pass_index = state["pass"]
+        self.pass_position = state["pass_position"]     # samples of this pass handed out
+        self._open_pass(state["reader"])
+        handed_out = self.pass_position % spec.batch_size
+        if handed_out:       # resumed inside a reader batch: read it again, skip what was
+            self._run_reader()
+            self._next_in_held = handed_out
 
     def exhausted(self) -> bool:
-        """One pass (not `infinite`) and every batch of it drawn."""
-        return not self.spec.infinite and self.batches_seen >= self.spec.batches_per_epoch
+        """One pass (not `infinite`) and every sample of it handed out."""
+        return not self.spec.infinite and self.pass_position >= self.spec.samples_per_epoch
 
-    def _read(self):
+    def state(self) -> dict:
+        """The loader state at this point of the stream."""
+        spec = self.spec
+        pass_index, position, reader = self.pass_index, self.pass_position, self._checkpoint
+        if spec.infinite and position >= spec.samples_per_epoch:
+            pass_index, position, reader = pass_index + 1, 0, None
+        elif self._held is not None and self._next_in_held < len(self._held[0]):
+            reader = self._held_from     # part of the reader batch in hand is handed out
+        state = initial_state(spec, reader)
+        state.update({"pass": pass_index, "pass_position": position,
+                      "samples_seen": self.samples_seen, "batches_seen": self.batches_seen})
+        return state
+
+    def _open_pass(self, checkpoint=None) -> None:
+        spec = self.spec
+        self.reader = None       # the last pass's reader goes before the next is built
+        self.reader = build_reader(spec.shard_set, spec.config, spec.batch_size, spec.seed,
+                                   spec.shard_id, spec.num_shards, self.pass_index,
+                                   checkpoint)
+        self._checkpoint = checkpoint     # the reader's state before its next run
+        self._held = None                 # the reader batch in hand (data, meta, label)
+        self._held_from = checkpoint      # the reader's state before that batch
+        self._next_in_held = 0
+
+    def _run_reader(self) -> None:
+        self._held_from = self._checkpoint
         try:
-            return self.reader.run()
+            self._held = self.reader.run()
         except Exception as error:
             raise BadSampleError(f"reading shards failed ({', '.join(self.spec.shard_set.tars)})"
                                  f": {dali_error_reason(str(error))}") from None
+        self._checkpoint = self.reader.checkpoint()
+        self._next_in_held = 0
+
+    def _next_raw(self):
+        """The stream's next sample as the reader's (data, meta, label) tensors, valid until
+        its next run: used before the next call."""
+        if self.pass_position >= self.spec.samples_per_epoch:
+            self.pass_index += 1
+            self.pass_position = 0
+            self._open_pass()
+        if self._held is None or self._next_in_held >= len(self._held[0]):
+            self._run_reader()
+        i = self._next_in_held
+        self._next_in_held += 1
+        self.pass_position += 1
+        data, meta, label = self._held
+        return data[i], meta[i], label[i]
 
     def next_batch(self) -> HostBatch:
         started = time.perf_counter()
         spec = self.spec
-        data, meta, label = self._read()
-        reader_state = self.reader.checkpoint()
-        count = len(data)
+        count = spec.batch_size
         if not spec.infinite:
-            # One pass: the reader pads the last batch with repeats; drop them.
-            count = min(count, spec.samples_per_epoch - self.batches_seen * spec.batch_size)
-        samples, skipped = [], []
-        for i in range(count):
-            source = data[i].source_info() or f"sample {i}"
+            count = min(count, spec.samples_per_epoch - self.pass_position)
+        samples, params, skipped = [], [], []
+        for _ in range(count):
+            data, meta, label = self._next_raw()
+            source = data.source_info() or f"sample {self.pass_position - 1}"
             try:
-                # views of the reader's buffers, valid until its next run(): parse_sample
-                # and keep_drawn_frames copy what is kept
-                samples.append(parse_sample(np.asarray(data[i]), np.asarray(meta[i]),
-                                            np.asarray(label[i]), source,
-                                            spec.shard_set.kind))
+                # views of the reader's buffers: parse_sample and keep_drawn_frames copy
+                # what is kept before the reader runs again
+                sample = parse_sample(np.asarray(data), np.asarray(meta), np.asarray(label),
+                                      source, spec.shard_set.kind)
             except BadSampleError as error:
                 if not spec.config.skip_bad_samples:
                     raise
                 skipped.append((source, str(error)))
-        params = []
-        for sample in samples:
-            rng = sample_rng(spec.seed, spec.shard_id, self.samples_seen)
-            self.samples_seen += 1
+                continue
+            rng = sample_rng(spec.seed, spec.shard_id, self.samples_seen + len(samples))
             params.append(draw_sample_params(rng, sample_frames(sample.meta),
                                              int(sample.meta["height"]),
                                              int(sample.meta["width"]), spec.config))
             if sample.frame_offsets is not None:
                 keep_drawn_frames(sample, params[-1].frames)
-        self.samples_seen += count - len(samples)
+            samples.append(sample)
+        self.samples_seen += count
         self.batches_seen += 1
-        state = initial_state(spec, reader_state)
-        state.update(samples_seen=self.samples_seen, batches_seen=self.batches_seen)
         masks = draw_masks(spec.config, spec.seed, spec.shard_id, self.batches_seen,
                            len(samples))
-        return HostBatch(samples=samples, params=params, masks=masks, state_after=state,
+        return HostBatch(samples=samples, params=params, masks=masks, state_after=self.state(),
                          batch_number=self.batches_seen, skipped=skipped,
                          seconds=time.perf_counter() - started)

@@ -1,6 +1,8 @@
 """Exact resume: a process is killed mid-run, a new loader restored from the state it saved
 yields the very batches an uninterrupted run yields (across an epoch boundary), with stage A
-in a thread or in a process of its own (which must then end with its killed parent)."""
+in a thread or in a process of its own (which must then end with its killed parent). Also
+the passes of stage A's stream: each epoch every sample once, in an order of its own, and a
+resume at any batch, one that straddles two passes included."""
 import hashlib
 import os
 import shutil
@@ -9,10 +11,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import build_loader
@@ -147,15 +153,89 @@ def test_a_state_names_its_shards_by_content_not_path(synth_root, synth_shards, 
     refusing.load_state_dict({k: v for k, v in state.items() if k != "data"})
 
 
-def _stage_a(shards, shard_id: int, num_shards: int, seed: int = 4) -> StageA:
-    """Stage A alone (the reader and the host's draws, no decoding), from the start."""
+def _stage_a(shards, shard_id: int, num_shards: int, seed: int = 4, batch_size: int = 2,
+             buffer: int = 8, state: dict | None = None) -> StageA:
+    """Stage A alone (the reader and the host's draws, no decoding), from the start or from
+    `state`."""
     shard_set = load_shard_set([shards])
-    spec = StageASpec(shard_set=shard_set, batch_size=2, config=PipelineConfig(shuffle_buffer=8),
-                      seed=seed, shard_id=shard_id, num_shards=num_shards, infinite=True,
+    spec = StageASpec(shard_set=shard_set, batch_size=batch_size,
+                      config=PipelineConfig(shuffle_buffer=buffer), seed=seed,
+                      shard_id=shard_id, num_shards=num_shards, infinite=True,
                       samples_per_epoch=shard_set.samples_in_shard(shard_id, num_shards),
-                      state={})
-    spec.state = initial_state(spec, reader=None)
+                      state={}, data_id="")
+    spec.state = state or initial_state(spec, reader=None)
     return StageA(spec)
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory) -> Path:
+    """192 small images in 12 shards of 16 (built shuffled), for stage A's passes."""
+    root = tmp_path_factory.mktemp("passes")
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (root / "src" / f"class{c}").mkdir(parents=True)
+        for i in range(48):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                root / "src" / f"class{c}" / f"image{i:02d}.jpg")
+    build_shards(root / "src", root / "shards", kind="image", short_side=16,
+                 samples_per_shard=16, progress=False)
+    return root / "shards"
+
+
+def _stream(stage: StageA, batches: int) -> list[list[str]]:
+    """The sources ("<tar>:<offset>:<key>") of each of the next `batches` batches."""
+    return [[sample.source.rsplit("/", 1)[1] for sample in stage.next_batch().samples]
+            for _ in range(batches)]
+
+
+def test_each_pass_hands_out_every_sample_once_in_an_order_of_its_own(many_shards):
+    """The reference draws a new permutation of the dataset every epoch; DALI's reader reads
+    the shards in the order given every time, so a sample's batch-mates would come from the
+    same neighbouring shards each epoch. Each pass after the first reads the shards in a
+    permutation of its own: over 6 passes a sample's batch-mates here come from ~8 shards,
+    where the same order every pass gives 2-3 (its own and its neighbours, a buffer of one
+    shard's 16 samples); a pass is every sample once, on one rank and split over two."""
+    passes, batch = 6, 8
+    flat = sum(_stream(_stage_a(many_shards, 0, 1, batch_size=batch, buffer=16),
+                       passes * 192 // batch), [])
+    orders = [flat[k * 192:(k + 1) * 192] for k in range(passes)]
+    assert all(sorted(order) == sorted(orders[0]) and len(set(order)) == 192
+               for order in orders)
+    assert len({tuple(order) for order in orders}) == passes
+    mates = defaultdict(set)           # sample -> the shards its batch-mates came from
+    for start in range(0, len(flat), batch):
+        members = flat[start:start + batch]
+        for sample in members:
+            mates[sample].update(m.split(":")[0] for m in members if m != sample)
+    mean_shards = np.mean([len(shards) for shards in mates.values()])
+    assert mean_shards >= 6.0, mean_shards
+    for_two = [_stage_a(many_shards, rank, 2, batch_size=batch, buffer=16) for rank in (0, 1)]
+    streams = [sum(_stream(stage, 3 * 96 // batch), []) for stage in for_two]
+    for k in range(3):
+        halves = [stream[k * 96:(k + 1) * 96] for stream in streams]
+        assert sorted(halves[0] + halves[1]) == sorted(orders[0]), k
+
+
+def test_a_resume_at_any_batch_goes_on_as_the_uninterrupted_stream(many_shards):
+    """Batches of 28 over passes of 192 samples: most passes end inside a batch, which takes
+    the end of one pass's last reader batch and the start of the next pass."""
+    uninterrupted = _stage_a(many_shards, 0, 1, batch_size=28, buffer=16)
+    states, batches = [], []
+    for _ in range(22):                       # 616 samples: into the fourth pass
+        host = uninterrupted.next_batch()
+        states.append(host.state_after)
+        batches.append([(s.source, p.boxes.tobytes()) for s, p in
+                        zip(host.samples, host.params)])
+    # After 6 batches 168 samples of pass 0 are out; the 7th takes its last 24 and 4 more.
+    assert (states[5]["pass"], states[5]["pass_position"]) == (0, 168)
+    assert (states[6]["pass"], states[6]["pass_position"]) == (1, 4)
+    assert (states[-1]["pass"], states[-1]["pass_position"]) == (3, 40)
+    for k in (0, 5, 6, 7, 13, 20):
+        resumed = _stage_a(many_shards, 0, 1, batch_size=28, buffer=16, state=states[k])
+        for expected in batches[k + 1:k + 3]:
+            host = resumed.next_batch()
+            assert [(s.source, p.boxes.tobytes()) for s, p in
+                    zip(host.samples, host.params)] == expected, k
 
 
 def test_each_batch_and_each_rank_draws_its_own_masks_and_params(synth_shards):
@@ -192,6 +272,28 @@ def test_load_state_dict_checks_seed_and_batch_size_and_reports_the_state_taken(
     resumed = build_loader([synth_shards], batch_size=2, config=small_config(), seed=2)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
+
+
+def test_a_state_of_an_earlier_tcore_goes_on_from_the_start_of_its_epoch(synth_shards):
+    """Version 1 states hold a checkpoint of a reader that read one order every epoch: the
+    loader takes them with a warning and goes on from the start of that epoch."""
+    loader = build_loader([synth_shards], batch_size=2, config=_eager_config(), seed=2)
+    for _ in range(7):                   # 14 samples: 2 into the second epoch of 12
+        next(loader)
+    state = loader.state_dict()
+    loader.close()
+    old = {k: v for k, v in state.items() if k not in ("pass", "pass_position")}
+    old.update(version=1, reader=b"a checkpoint of the earlier reader")
+    resumed = build_loader([synth_shards], batch_size=2, config=_eager_config(), seed=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.load_state_dict(old)
+    assert any("earlier tcore" in str(w.message) and "epoch 2" in str(w.message)
+               for w in caught)
+    next(resumed)
+    after = resumed.state_dict()
+    assert (after["pass"], after["pass_position"], after["batches_seen"]) == (1, 2, 8)
+    resumed.close()
 
 
 def test_a_finished_one_pass_loader_is_rewound_by_load_state_dict(synth_shards):
