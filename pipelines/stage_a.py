@@ -4,12 +4,11 @@ A small checkpointable DALI CPU pipeline around `fn.readers.webdataset` (shuffli
 by rank) reads raw samples; the host then draws each sample's parameters with
 `sampling.draw_sample_params` from a per-sample seed (base seed, shard, sample counter) and
 the batch's masks from a per-batch seed. The samples form one stream of passes: each pass
-hands out this rank's samples once, every pass after the first reads the shards in an order
-of its own with a reader seed of its own (the reference draws a new permutation of the data
-every epoch, and DALI's reader repeats its order), and batches run on across the end of a
-pass. A `HostBatch` carries the loader state after it (the pass, the place in it, the
-reader's checkpoint and the two counters), so a resumed run redraws exactly what an
-uninterrupted one would. Nothing here touches a GPU: `producer.py` runs it in a thread or in
+hands out this rank's samples once and reads the shards in an order of its own with a reader
+seed of its own (the reference draws a new permutation of the data every epoch, and DALI's
+reader repeats its order), and batches run on across the end of a pass. A `HostBatch`
+carries the loader state after it (the pass, the place in it, the reader's checkpoint and
+the two counters), so a resumed run redraws exactly what an uninterrupted one would. Nothing here touches a GPU: `producer.py` runs it in a thread or in
 a process of its own.
 """
 from __future__ import annotations
@@ -112,11 +111,9 @@ def _reader_pipeline(tars, indices, extensions, shuffle, initial_fill, reader_se
 def pass_reading_order(shard_set: ShardSet, seed: int, pass_index: int
                        ) -> tuple[list[str], list[str], int]:
     """The shards (tars, index files) in the order pass `pass_index` reads them, and its
-    reader's shuffle seed. Pass 0 reads them as listed with `seed`; every later pass in a
-    seeded permutation of its own (the same on every rank: ranks split the concatenation)
-    with a seed of its own, so that a sample meets other batch-mates each epoch."""
-    if pass_index == 0:
-        return list(shard_set.tars), list(shard_set.indices), seed
+    reader's shuffle seed: a seeded permutation and a seed of each pass's own, the same on
+    every rank (ranks split the permuted list), so that a sample meets other batch-mates
+    each epoch and shard directories given together are mixed from the first batch."""
     rng = sample_rng(seed, pass_index, PASS_STREAM)
     order = rng.permutation(len(shard_set.tars))
     return ([shard_set.tars[i] for i in order], [shard_set.indices[i] for i in order],
