@@ -196,6 +196,11 @@ class DaliLoader:
             if state[key] != getattr(self, key):
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this "
                                  f"loader has {key}={getattr(self, key)}")
+        # The reader's checkpoint is of a buffer of that size (states of version 1 lack it).
+        saved_buffer = state.get("shuffle_buffer", self.config.shuffle_buffer)
+        if saved_buffer != self.config.shuffle_buffer:
+            raise ValueError(f"loader state was saved with shuffle_buffer={saved_buffer}, this "
+                             f"loader has shuffle_buffer={self.config.shuffle_buffer}")
         # States saved before the identity was kept have none: those are taken as they are.
         if state.get("data", self.data_id) != self.data_id:
             dirs = ", ".join(m["_dir"] for m in self.shard_set.manifests)

@@ -87,11 +87,12 @@ def data_identity(shard_set: ShardSet) -> str:
 
 def initial_state(owner, reader) -> dict:
     """The loader state before any batch. `owner`: anything with `seed`, `shard_id`,
-    `num_shards`, `batch_size` and `data_id` (the loader, a StageASpec); `reader`: a reader
-    checkpoint or None (the reader's start)."""
+    `num_shards`, `batch_size`, `config` and `data_id` (the loader, a StageASpec); `reader`:
+    a reader checkpoint or None (the reader's start)."""
     return {"version": STATE_VERSION, "reader": reader, "pass": 0, "pass_position": 0,
             "samples_seen": 0, "batches_seen": 0, "seed": owner.seed, "shard_id": owner.shard_id,
             "num_shards": owner.num_shards, "batch_size": owner.batch_size,
+            "shuffle_buffer": owner.config.shuffle_buffer,
             "data": owner.data_id}
 
 
@@ -121,16 +122,21 @@ def pass_reading_order(shard_set: ShardSet, seed: int, pass_index: int
 
 
 def build_reader(shard_set: ShardSet, config: PipelineConfig, batch_size: int, seed: int,
-                 shard_id: int, num_shards: int, pass_index: int = 0, checkpoint=None):
-    """The reader of one pass (`pass_reading_order`), restored from `checkpoint` when given;
-    a reader error that only cites an index line is re-raised naming the shard and sample
-    key. It pads its last batch with repeats, which `StageA` leaves out: a pass is this
-    rank's samples once each."""
-    tars, indices, reader_seed = pass_reading_order(shard_set, seed, pass_index)
+                 shard_id: int, num_shards: int, pass_index: int = 0, checkpoint=None,
+                 as_listed: bool = False):
+    """The reader of one pass (`pass_reading_order`), restored from `checkpoint` when given,
+    or (`as_listed`) of the shards as listed, unshuffled; a reader error that only cites an
+    index line is re-raised naming the shard and sample key. It pads its last batch with
+    repeats, which `StageA` leaves out: a pass is this rank's samples once each."""
+    if as_listed:
+        tars, indices, reader_seed = list(shard_set.tars), list(shard_set.indices), seed
+    else:
+        tars, indices, reader_seed = pass_reading_order(shard_set, seed, pass_index)
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
     pipe = _reader_pipeline(
         tars=tars, indices=indices, extensions=shard_set.extensions,
-        shuffle=config.shuffle_buffer > 1, initial_fill=config.shuffle_buffer,
+        shuffle=config.shuffle_buffer > 1 and not as_listed,
+        initial_fill=config.shuffle_buffer,
         reader_seed=reader_seed, shard_id=shard_id, num_shards=num_shards,
         pad_last_batch=True, missing="skip" if config.skip_bad_samples else "error",
         batch_size=batch_size, num_threads=1, device_id=None, seed=seed,
@@ -250,49 +256,44 @@ def draw_masks(config: PipelineConfig, seed: int, shard_id: int, batch_number: i
 
 # --- stage A -------------------------------------------------------------------------------
 
-class StageA:
-    """Reads batches and draws their parameters, from `spec.state` on.
+def holds_passes_in_memory(shard_set: ShardSet, config: PipelineConfig) -> bool:
+    """Whether the whole data set fits in the shuffle buffer, which would hold it anyway:
+    then `StageA` reads it once and draws each pass as a permutation in memory."""
+    return config.shuffle_buffer > 1 and shard_set.total_samples <= config.shuffle_buffer
 
-    The stream is pass 0's samples, then pass 1's, ...; one pass (not `infinite`) stops
-    after pass 0, its last batch short. The reader runs in batches of `batch_size` from the
-    start of each pass, so a place in a pass is a reader checkpoint plus the samples of the
-    next reader batch already handed out (a batch that crosses into a new pass takes the end
-    of one reader batch and the start of another)."""
 
-    def __init__(self, spec: StageASpec):
+def _reader_error(spec: StageASpec, error: Exception) -> BadSampleError:
+    return BadSampleError(f"reading shards failed ({', '.join(spec.shard_set.tars)}): "
+                          f"{dali_error_reason(str(error))}")
+
+
+class ReaderPasses:
+    """Each pass read by a DALI reader of its own over the shards in that pass's order, in
+    reader batches of `reader_batch` from the pass's start: a place in a pass is a reader
+    checkpoint plus the samples of the next reader batch already handed out."""
+
+    def __init__(self, spec: StageASpec, pass_index: int, position: int, checkpoint):
         self.spec = spec
-        state = spec.state
-        self.samples_seen = state["samples_seen"]
-        self.batches_seen = state["batches_seen"]
-        self.pass_index = state["pass"]
-        self.pass_position = state["pass_position"]     # samples of this pass handed out
-        self._open_pass(state["reader"])
-        handed_out = self.pass_position % spec.batch_size
+        self.pass_index, self.position = pass_index, position
+        # Not above a pass: the reader pads its last batch with copies of a sample, and a
+        # pass of a few samples would be mostly copies (read, then dropped).
+        self.reader_batch = min(spec.batch_size, spec.samples_per_epoch)
+        self._open_pass(checkpoint)
+        handed_out = position % self.reader_batch
         if handed_out:       # resumed inside a reader batch: read it again, skip what was
             self._run_reader()
             self._next_in_held = handed_out
 
-    def exhausted(self) -> bool:
-        """One pass (not `infinite`) and every sample of it handed out."""
-        return not self.spec.infinite and self.pass_position >= self.spec.samples_per_epoch
-
-    def state(self) -> dict:
-        """The loader state at this point of the stream."""
-        spec = self.spec
-        pass_index, position, reader = self.pass_index, self.pass_position, self._checkpoint
-        if spec.infinite and position >= spec.samples_per_epoch:
-            pass_index, position, reader = pass_index + 1, 0, None
-        elif self._held is not None and self._next_in_held < len(self._held[0]):
-            reader = self._held_from     # part of the reader batch in hand is handed out
-        state = initial_state(spec, reader)
-        state.update({"pass": pass_index, "pass_position": position,
-                      "samples_seen": self.samples_seen, "batches_seen": self.batches_seen})
-        return state
+    def place(self) -> tuple[int, int, object]:
+        """(pass, samples of it handed out, the reader checkpoint to resume from)."""
+        if self._held is not None and self._next_in_held < len(self._held[0]):
+            return self.pass_index, self.position, self._held_from   # a reader batch begun
+        return self.pass_index, self.position, self._checkpoint
 
     def _open_pass(self, checkpoint=None) -> None:
         spec = self.spec
         self.reader = None       # the last pass's reader goes before the next is built
-        self.reader = build_reader(spec.shard_set, spec.config, spec.batch_size, spec.seed,
+        self.reader = build_reader(spec.shard_set, spec.config, self.reader_batch, spec.seed,
                                    spec.shard_id, spec.num_shards, self.pass_index,
                                    checkpoint)
         self._checkpoint = checkpoint     # the reader's state before its next run
@@ -305,41 +306,114 @@ class StageA:
         try:
             self._held = self.reader.run()
         except Exception as error:
-            raise BadSampleError(f"reading shards failed ({', '.join(self.spec.shard_set.tars)})"
-                                 f": {dali_error_reason(str(error))}") from None
+            raise _reader_error(self.spec, error) from None
         self._checkpoint = self.reader.checkpoint()
         self._next_in_held = 0
 
-    def _next_raw(self):
-        """The stream's next sample as the reader's (data, meta, label) tensors, valid until
-        its next run: used before the next call."""
-        if self.pass_position >= self.spec.samples_per_epoch:
-            self.pass_index += 1
-            self.pass_position = 0
+    def next_raw(self) -> tuple:
+        """The next sample: (data, meta, label) arrays, views of the reader's buffers that
+        hold until its next run, and its source."""
+        if self.position >= self.spec.samples_per_epoch:
+            self.pass_index, self.position = self.pass_index + 1, 0
             self._open_pass()
         if self._held is None or self._next_in_held >= len(self._held[0]):
             self._run_reader()
         i = self._next_in_held
         self._next_in_held += 1
-        self.pass_position += 1
-        data, meta, label = self._held
-        return data[i], meta[i], label[i]
+        self.position += 1
+        data, meta, label = (tensors[i] for tensors in self._held)
+        return (np.asarray(data), np.asarray(meta), np.asarray(label),
+                data.source_info() or f"sample {self.position - 1}")
+
+
+class MemoryPasses:
+    """A data set no larger than the shuffle buffer, read once and held (the buffer would
+    hold it anyway): each pass is a seeded permutation of every sample, split between the
+    ranks, which is what the reference's sampler draws, and no reader is built per pass."""
+
+    def __init__(self, spec: StageASpec, pass_index: int, position: int):
+        self.spec = spec
+        self.pass_index, self.position = pass_index, position
+        self.samples = self._read_all()
+        self.order = self._pass_order()
+
+    def place(self) -> tuple[int, int, object]:
+        return self.pass_index, self.position, None
+
+    def _read_all(self) -> list[tuple]:
+        spec = self.spec
+        total = spec.shard_set.total_samples
+        reader = build_reader(spec.shard_set, spec.config, total, spec.seed, 0, 1,
+                              as_listed=True)
+        try:
+            data, meta, label = reader.run()
+        except Exception as error:
+            raise _reader_error(spec, error) from None
+        return [(np.array(data[i]), np.array(meta[i]), np.array(label[i]),
+                 data[i].source_info() or f"sample {i}") for i in range(total)]
+
+    def _pass_order(self) -> np.ndarray:
+        """This rank's part of the pass's permutation (the split of DALI's reader)."""
+        total, spec = len(self.samples), self.spec
+        permutation = sample_rng(spec.seed, self.pass_index, PASS_STREAM).permutation(total)
+        return permutation[total * spec.shard_id // spec.num_shards:
+                           total * (spec.shard_id + 1) // spec.num_shards]
+
+    def next_raw(self) -> tuple:
+        if self.position >= len(self.order):
+            self.pass_index, self.position = self.pass_index + 1, 0
+            self.order = self._pass_order()
+        self.position += 1
+        return self.samples[self.order[self.position - 1]]
+
+
+class StageA:
+    """Reads batches and draws their parameters, from `spec.state` on.
+
+    The stream is pass 0's samples, then pass 1's, ...; one pass (not `infinite`) stops
+    after pass 0, its last batch short; a batch that crosses into a new pass takes the end
+    of one and the start of the next. A data set that fits in the shuffle buffer is held in
+    memory (`MemoryPasses`), any other read pass by pass (`ReaderPasses`)."""
+
+    def __init__(self, spec: StageASpec):
+        self.spec = spec
+        state = spec.state
+        self.samples_seen = state["samples_seen"]
+        self.batches_seen = state["batches_seen"]
+        if holds_passes_in_memory(spec.shard_set, spec.config):
+            self.passes = MemoryPasses(spec, state["pass"], state["pass_position"])
+        else:
+            self.passes = ReaderPasses(spec, state["pass"], state["pass_position"],
+                                        state["reader"])
+
+    def exhausted(self) -> bool:
+        """One pass (not `infinite`) and every sample of it handed out."""
+        return not self.spec.infinite and self.passes.position >= self.spec.samples_per_epoch
+
+    def state(self) -> dict:
+        """The loader state at this point of the stream."""
+        spec = self.spec
+        pass_index, position, reader = self.passes.place()
+        if spec.infinite and position >= spec.samples_per_epoch:
+            pass_index, position, reader = pass_index + 1, 0, None
+        state = initial_state(spec, reader)
+        state.update({"pass": pass_index, "pass_position": position,
+                      "samples_seen": self.samples_seen, "batches_seen": self.batches_seen})
+        return state
 
     def next_batch(self) -> HostBatch:
         started = time.perf_counter()
         spec = self.spec
         count = spec.batch_size
         if not spec.infinite:
-            count = min(count, spec.samples_per_epoch - self.pass_position)
+            count = min(count, spec.samples_per_epoch - self.passes.position)
         samples, params, skipped = [], [], []
         for _ in range(count):
-            data, meta, label = self._next_raw()
-            source = data.source_info() or f"sample {self.pass_position - 1}"
+            data, meta, label, source = self.passes.next_raw()
             try:
-                # views of the reader's buffers: parse_sample and keep_drawn_frames copy
-                # what is kept before the reader runs again
-                sample = parse_sample(np.asarray(data), np.asarray(meta), np.asarray(label),
-                                      source, spec.shard_set.kind)
+                # maybe views of the reader's buffers: parse_sample and keep_drawn_frames
+                # copy what is kept before the reader runs again
+                sample = parse_sample(data, meta, label, source, spec.shard_set.kind)
             except BadSampleError as error:
                 if not spec.config.skip_bad_samples:
                     raise

@@ -23,7 +23,7 @@ from PIL import Image
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import build_loader
 from tcore.pipelines.manifest import load_shard_set
-from tcore.pipelines.stage_a import StageA, StageASpec, initial_state
+from tcore.pipelines.stage_a import StageA, StageASpec, MemoryPasses, initial_state
 from tcore.preprocess.shards import build_shards
 
 TOTAL_BATCHES = 9       # 12 samples / batch 2 = 6 per epoch: the run crosses into epoch 2
@@ -217,7 +217,8 @@ def _stream(stage: StageA, batches: int) -> list[list[str]]:
             for _ in range(batches)]
 
 
-def test_each_pass_hands_out_every_sample_once_in_an_order_of_its_own(many_shards):
+@pytest.mark.parametrize("buffer", [16, 1024])      # read per pass; held in memory
+def test_each_pass_hands_out_every_sample_once_in_an_order_of_its_own(many_shards, buffer):
     """The reference draws a new permutation of the dataset every epoch; DALI's reader reads
     the shards in the order given every time, so a sample's batch-mates would come from the
     same neighbouring shards each epoch. Each pass reads the shards in a permutation of its
@@ -226,8 +227,9 @@ def test_each_pass_hands_out_every_sample_once_in_an_order_of_its_own(many_shard
     each pass (a buffer of one shard's 16 samples). A pass is every sample once, on one rank
     and split over two."""
     passes, batch = 6, 8
-    flat = sum(_stream(_stage_a(many_shards, 0, 1, batch_size=batch, buffer=16),
-                       passes * 192 // batch), [])
+    stage = _stage_a(many_shards, 0, 1, batch_size=batch, buffer=buffer)
+    assert isinstance(stage.passes, MemoryPasses) == (buffer == 1024)
+    flat = sum(_stream(stage, passes * 192 // batch), [])
     orders = [flat[k * 192:(k + 1) * 192] for k in range(passes)]
     assert all(sorted(order) == sorted(orders[0]) and len(set(order)) == 192
                for order in orders)
@@ -239,17 +241,19 @@ def test_each_pass_hands_out_every_sample_once_in_an_order_of_its_own(many_shard
             mates[sample].update(m.split(":")[0] for m in members if m != sample)
     mean_shards = np.mean([len(shards) for shards in mates.values()])
     assert mean_shards >= 7.0, mean_shards
-    for_two = [_stage_a(many_shards, rank, 2, batch_size=batch, buffer=16) for rank in (0, 1)]
+    for_two = [_stage_a(many_shards, rank, 2, batch_size=batch, buffer=buffer)
+               for rank in (0, 1)]
     streams = [sum(_stream(stage, 3 * 96 // batch), []) for stage in for_two]
     for k in range(3):
         halves = [stream[k * 96:(k + 1) * 96] for stream in streams]
         assert sorted(halves[0] + halves[1]) == sorted(orders[0]), k
 
 
-def test_a_resume_at_any_batch_goes_on_as_the_uninterrupted_stream(many_shards):
+@pytest.mark.parametrize("buffer", [16, 1024])
+def test_a_resume_at_any_batch_goes_on_as_the_uninterrupted_stream(many_shards, buffer):
     """Batches of 28 over passes of 192 samples: most passes end inside a batch, which takes
-    the end of one pass's last reader batch and the start of the next pass."""
-    uninterrupted = _stage_a(many_shards, 0, 1, batch_size=28, buffer=16)
+    the end of one pass (its last reader batch) and the start of the next."""
+    uninterrupted = _stage_a(many_shards, 0, 1, batch_size=28, buffer=buffer)
     states, batches = [], []
     for _ in range(22):                       # 616 samples: into the fourth pass
         host = uninterrupted.next_batch()
@@ -261,7 +265,7 @@ def test_a_resume_at_any_batch_goes_on_as_the_uninterrupted_stream(many_shards):
     assert (states[6]["pass"], states[6]["pass_position"]) == (1, 4)
     assert (states[-1]["pass"], states[-1]["pass_position"]) == (3, 40)
     for k in (0, 5, 6, 7, 13, 20):
-        resumed = _stage_a(many_shards, 0, 1, batch_size=28, buffer=16, state=states[k])
+        resumed = _stage_a(many_shards, 0, 1, batch_size=28, buffer=buffer, state=states[k])
         for expected in batches[k + 1:k + 3]:
             host = resumed.next_batch()
             assert [(s.source, p.boxes.tobytes()) for s, p in
@@ -298,6 +302,12 @@ def test_load_state_dict_checks_seed_and_batch_size_and_reports_the_state_taken(
         other = build_loader([synth_shards], config=small_config(), **kwargs)
         with pytest.raises(ValueError, match=f"saved with {key}="):
             other.load_state_dict(state)
+    other_buffer = small_config()
+    other_buffer.shuffle_buffer = 16
+    with pytest.raises(ValueError, match="saved with shuffle_buffer=8, this loader has "
+                                         "shuffle_buffer=16"):
+        build_loader([synth_shards], batch_size=2, config=other_buffer,
+                     seed=2).load_state_dict(state)
     # Saved again before a batch (a checkpoint right after resuming): the state it took.
     resumed = build_loader([synth_shards], batch_size=2, config=small_config(), seed=2)
     resumed.load_state_dict(state)
