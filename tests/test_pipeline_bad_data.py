@@ -27,7 +27,7 @@ SAMPLES = 12     # synth_shards: 3 shards of 5, 5, 2 samples, clips 160x128 (wid
 
 
 def small_config(skip: bool = False) -> PipelineConfig:
-    """Small views, no shuffle: samples come in shard order."""
+    """Small views, no shuffle buffer: samples come in each pass's shard order."""
     config = PipelineConfig(shuffle_buffer=1, skip_bad_samples=skip)
     config.views.global_size, config.views.local_size, config.views.n_local = 32, 16, 0
     return config
