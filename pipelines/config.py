@@ -171,6 +171,10 @@ class PipelineConfig:
     # webdataset reader's initial_fill: the window its random draws come from (README "Data
     # order"; 1024 gave 88% of a fresh permutation's batch-mates over 20 epochs, 256 63%)
     shuffle_buffer: int = 1024
+    # Each epoch's reading order cuts every shard into runs of this many samples and
+    # permutes the runs of all shards together, so the buffer draws from ~shuffle_buffer /
+    # pass_chunk shards at once (README "Data order"); 0 permutes whole shards.
+    pass_chunk: int = 64
     # Batches in flight in stage B (its pipelined depth), `build_loader(prefetch=None)`'s
     # value: deeper smooths uneven batches at the cost of memory and start-up.
     prefetch: int = 2
@@ -220,6 +224,9 @@ class PipelineConfig:
         self.masks.validate(self.views.global_size)
         if self.shuffle_buffer < 1:
             raise PipelineConfigError("shuffle_buffer must be >= 1")
+        if self.pass_chunk < 0:
+            raise PipelineConfigError(f"pass_chunk = {self.pass_chunk}: need >= 0 (0 = whole "
+                                      "shards)")
         if self.prefetch < 1:
             raise PipelineConfigError(f"prefetch = {self.prefetch}: need >= 1 batch in flight")
         if self.cpu_lanes < 0:

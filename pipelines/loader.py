@@ -267,7 +267,7 @@ class DaliLoader:
         """In skip mode DALI drops samples with a missing component: count from the reader
         what is really there (len() and one-pass epochs), and record the difference."""
         reader = build_reader(self.shard_set, self.config, self.batch_size, self.seed,
-                              self.shard_id, self.num_shards)
+                              self.shard_id, self.num_shards, as_listed=True)
         readable = reader.epoch_size("Reader")
         del reader
         missing = self.shard_set.total_samples - readable

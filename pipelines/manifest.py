@@ -39,6 +39,7 @@ class ShardSet:
     kind: str               # "video" (clips), "frames" (T JPEGs per video) or "image"
     tars: list[str] = field(default_factory=list)
     indices: list[str] = field(default_factory=list)
+    shard_samples: list[int] = field(default_factory=list)     # per tar, as its index says
     extensions: list[str] = field(default_factory=list)   # clip / image component names
     codecs: list[str] = field(default_factory=list)
     frames: list[int | None] = field(default_factory=list)
@@ -144,6 +145,7 @@ def load_shard_set(manifests) -> ShardSet:
             check_shard_files(tar, index, int(entry["samples"]))
             shard_set.tars.append(tar)
             shard_set.indices.append(index)
+            shard_set.shard_samples.append(int(entry["samples"]))
             shard_set.total_samples += int(entry["samples"])
         if manifest["clip_ext"] not in shard_set.extensions:
             shard_set.extensions.append(manifest["clip_ext"])

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -109,29 +112,58 @@ def _reader_pipeline(tars, indices, extensions, shuffle, initial_fill, reader_se
     return data, meta, label
 
 
-def pass_reading_order(shard_set: ShardSet, seed: int, pass_index: int
-                       ) -> tuple[list[str], list[str], int]:
-    """The shards (tars, index files) in the order pass `pass_index` reads them, and its
-    reader's shuffle seed: a seeded permutation and a seed of each pass's own, the same on
-    every rank (ranks split the permuted list), so that a sample meets other batch-mates
-    each epoch and shard directories given together are mixed from the first batch."""
+def pass_reading_order(shard_set: ShardSet, seed: int, pass_index: int, chunk: int = 0,
+                       workdir: str | None = None) -> tuple[list[str], list[str], int]:
+    """The order pass `pass_index` reads the data in: (tars, index files, reader seed). Every
+    shard is cut into runs of `chunk` consecutive samples (0: whole shards) and the runs of
+    all shards are put in a seeded permutation of the pass's own, the same on every rank
+    (ranks split the permuted list), with a reader seed of its own. So the shuffle buffer
+    holds samples of many shards at once, a sample meets other batch-mates each epoch, and
+    shard directories given together are mixed from the first batch."""
     rng = sample_rng(seed, pass_index, PASS_STREAM)
-    order = rng.permutation(len(shard_set.tars))
-    return ([shard_set.tars[i] for i in order], [shard_set.indices[i] for i in order],
-            int(rng.integers(0, 2 ** 31 - 1)))
+    runs = [(shard, start, min(start + (chunk or count), count))
+            for shard, count in enumerate(shard_set.shard_samples)
+            for start in range(0, count, chunk or count)]
+    runs = [runs[i] for i in rng.permutation(len(runs))]
+    reader_seed = int(rng.integers(0, 2 ** 31 - 1))
+    return ([shard_set.tars[shard] for shard, _, _ in runs],
+            _run_indices(shard_set, runs, workdir), reader_seed)
+
+
+def _run_indices(shard_set: ShardSet, runs: list, workdir: str | None) -> list[str]:
+    """An index file per run: its shard's own for a whole shard, else one written under
+    `workdir` with the run's lines (DALI reads a tar's samples at the offsets its index
+    gives, so such an index reads just the run)."""
+    paths = [shard_set.indices[shard] if (start, stop) == (0, shard_set.shard_samples[shard])
+             else None for shard, start, stop in runs]
+    cut = sorted((shard, k) for k, (shard, _, _) in enumerate(runs) if paths[k] is None)
+    if cut and workdir is None:
+        raise ValueError("runs shorter than a shard need a workdir for their index files")
+    lines, lines_of = [], None
+    for shard, k in cut:                 # shard by shard: one index in memory at a time
+        if lines_of != shard:
+            with open(shard_set.indices[shard]) as handle:
+                lines, lines_of = handle.read().split("\n")[1:], shard   # [0]: the header
+        _, start, stop = runs[k]
+        paths[k] = os.path.join(workdir, f"run-{k:07d}.idx")
+        with open(paths[k], "w") as handle:
+            handle.write(f"v1.2 {stop - start}\n" + "\n".join(lines[start:stop]) + "\n")
+    return paths
 
 
 def build_reader(shard_set: ShardSet, config: PipelineConfig, batch_size: int, seed: int,
                  shard_id: int, num_shards: int, pass_index: int = 0, checkpoint=None,
-                 as_listed: bool = False):
-    """The reader of one pass (`pass_reading_order`), restored from `checkpoint` when given,
-    or (`as_listed`) of the shards as listed, unshuffled; a reader error that only cites an
-    index line is re-raised naming the shard and sample key. It pads its last batch with
-    repeats, which `StageA` leaves out: a pass is this rank's samples once each."""
+                 as_listed: bool = False, workdir: str | None = None):
+    """The reader of one pass (`pass_reading_order`, its run index files written under
+    `workdir`), restored from `checkpoint` when given, or (`as_listed`) of the shards as
+    listed, unshuffled; a reader error that only cites an index line is re-raised naming
+    the shard and sample key. It pads its last batch with repeats, which `StageA` leaves
+    out: a pass is this rank's samples once each."""
     if as_listed:
         tars, indices, reader_seed = list(shard_set.tars), list(shard_set.indices), seed
     else:
-        tars, indices, reader_seed = pass_reading_order(shard_set, seed, pass_index)
+        tars, indices, reader_seed = pass_reading_order(shard_set, seed, pass_index,
+                                                        config.pass_chunk, workdir)
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
     pipe = _reader_pipeline(
         tars=tars, indices=indices, extensions=shard_set.extensions,
@@ -144,7 +176,8 @@ def build_reader(shard_set: ShardSet, config: PipelineConfig, batch_size: int, s
     try:
         pipe.build()
     except RuntimeError as error:
-        raise BadSampleError(_explain_reader_error(str(error))) from None
+        raise BadSampleError(_explain_reader_error(str(error), dict(zip(indices, tars)))
+                             ) from None
     return pipe
 
 
@@ -169,8 +202,9 @@ def dali_error_reason(message: str) -> str:
     return re.sub(r'^Assert on ".*?" failed: ', "", reason)
 
 
-def _explain_reader_error(message: str) -> str:
-    """Name the shard and sample key of a reader error that only cites an index line."""
+def _explain_reader_error(message: str, tar_of_index: dict | None = None) -> str:
+    """Name the shard and sample key of a reader error that only cites an index line (of a
+    shard's index, or of a run's: `tar_of_index` says whose)."""
     found = re.search(r'index file at "([^"]+)" line (\d+)', message)
     detail = message.strip().splitlines()
     reason = next((line for line in detail if "detected" in line or "missing" in line.lower()),
@@ -184,7 +218,8 @@ def _explain_reader_error(message: str) -> str:
         key = fields[3].rsplit(".", 1)[0]
     except (OSError, IndexError):
         key = f"line {line} of {index}"
-    tar = index[: -len(".idx")] + ".tar" if index.endswith(".idx") else index
+    tar = (tar_of_index or {}).get(index) or (
+        index[: -len(".idx")] + ".tar" if index.endswith(".idx") else index)
     return (f"sample {tar}:{key}: a component is missing ({reason.strip()}); rebuild the "
             "shard or pass skip_bad_samples=True / --skip-bad-samples")
 
@@ -278,6 +313,8 @@ class ReaderPasses:
         # Not above a pass: the reader pads its last batch with copies of a sample, and a
         # pass of a few samples would be mostly copies (read, then dropped).
         self.reader_batch = min(spec.batch_size, spec.samples_per_epoch)
+        # The runs' index files of the pass being read (removed with this object, or at exit).
+        self._workdir = tempfile.TemporaryDirectory(prefix="tcore-pass-")
         self._open_pass(checkpoint)
         handed_out = position % self.reader_batch
         if handed_out:       # resumed inside a reader batch: read it again, skip what was
@@ -293,9 +330,12 @@ class ReaderPasses:
     def _open_pass(self, checkpoint=None) -> None:
         spec = self.spec
         self.reader = None       # the last pass's reader goes before the next is built
+        workdir = os.path.join(self._workdir.name, "runs")
+        shutil.rmtree(workdir, ignore_errors=True)      # the last pass's run indices
+        os.mkdir(workdir)
         self.reader = build_reader(spec.shard_set, spec.config, self.reader_batch, spec.seed,
                                    spec.shard_id, spec.num_shards, self.pass_index,
-                                   checkpoint)
+                                   checkpoint, workdir=workdir)
         self._checkpoint = checkpoint     # the reader's state before its next run
         self._held = None                 # the reader batch in hand (data, meta, label)
         self._held_from = checkpoint      # the reader's state before that batch

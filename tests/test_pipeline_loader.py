@@ -447,10 +447,13 @@ def _drop_one_json(synth_shards: Path, tmp_path: Path) -> str:
     return drop_jsons(shards, [2])[0]
 
 
-def test_missing_component_is_named_or_skipped(synth_shards, tmp_path):
+# 12 samples: held in memory (a buffer of 1024), or read per pass in runs of 2 (whose index
+# files are the loader's own: the error still names the shard)
+@pytest.mark.parametrize("buffer, chunk", [(1024, 64), (4, 2)])
+def test_missing_component_is_named_or_skipped(synth_shards, tmp_path, buffer, chunk):
     key = _drop_one_json(synth_shards, tmp_path)
     shards = tmp_path / "copy"
-    config = PipelineConfig()
+    config = PipelineConfig(shuffle_buffer=buffer, pass_chunk=chunk)
     config.views.n_local = 0
     with pytest.raises(BadSampleError, match=f"shard-000000.tar:{key}: a component is missing"):
         next(build_loader([shards], batch_size=4, config=config))

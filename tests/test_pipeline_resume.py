@@ -154,12 +154,12 @@ def test_a_state_names_its_shards_by_content_not_path(synth_root, synth_shards, 
 
 
 def _stage_a(shards, shard_id: int, num_shards: int, seed: int = 4, batch_size: int = 2,
-             buffer: int = 8, state: dict | None = None) -> StageA:
+             buffer: int = 8, chunk: int = 0, state: dict | None = None) -> StageA:
     """Stage A alone (the reader and the host's draws, no decoding), from the start or from
     `state`."""
     shard_set = load_shard_set([shards])
     spec = StageASpec(shard_set=shard_set, batch_size=batch_size,
-                      config=PipelineConfig(shuffle_buffer=buffer), seed=seed,
+                      config=PipelineConfig(shuffle_buffer=buffer, pass_chunk=chunk), seed=seed,
                       shard_id=shard_id, num_shards=num_shards, infinite=True,
                       samples_per_epoch=shard_set.samples_in_shard(shard_id, num_shards),
                       state={}, data_id="")
@@ -217,17 +217,23 @@ def _stream(stage: StageA, batches: int) -> list[list[str]]:
             for _ in range(batches)]
 
 
-@pytest.mark.parametrize("buffer", [16, 1024])      # read per pass; held in memory
-def test_each_pass_hands_out_every_sample_once_in_an_order_of_its_own(many_shards, buffer):
+# read per pass, whole shards or runs of 4 of their 16 samples; held in memory
+@pytest.mark.parametrize("buffer, chunk, at_least", [(16, 0, 7.0), (16, 4, 10.0),
+                                                     (1024, 64, 10.0)])
+def test_each_pass_hands_out_every_sample_once_in_an_order_of_its_own(many_shards, buffer,
+                                                                      chunk, at_least):
     """The reference draws a new permutation of the dataset every epoch; DALI's reader reads
     the shards in the order given every time, so a sample's batch-mates would come from the
     same neighbouring shards each epoch. Each pass reads the shards in a permutation of its
-    own: over 6 passes a sample's batch-mates here came from 8.5 of the 12
+    own: over 6 passes a sample's batch-mates here came from 8.7 of the 12
     shards on average, 5.5 with the shards in the same order and only the reader's seed new
-    each pass (a buffer of one shard's 16 samples). A pass is every sample once, on one rank
-    and split over two."""
+    each pass (a buffer of one shard's 16 samples). Cut into runs of 4 permuted together
+    (`pass_chunk`), the buffer holds four shards' samples at once: 11.3 (5.5 again with the
+    runs in the same order). A data set within the buffer (192 samples, a buffer of 1024)
+    is held in memory and each pass is a permutation of it: 11.6. A pass is every sample
+    once, on one rank and split over two."""
     passes, batch = 6, 8
-    stage = _stage_a(many_shards, 0, 1, batch_size=batch, buffer=buffer)
+    stage = _stage_a(many_shards, 0, 1, batch_size=batch, buffer=buffer, chunk=chunk)
     assert isinstance(stage.passes, MemoryPasses) == (buffer == 1024)
     flat = sum(_stream(stage, passes * 192 // batch), [])
     orders = [flat[k * 192:(k + 1) * 192] for k in range(passes)]
@@ -240,8 +246,8 @@ def test_each_pass_hands_out_every_sample_once_in_an_order_of_its_own(many_shard
         for sample in members:
             mates[sample].update(m.split(":")[0] for m in members if m != sample)
     mean_shards = np.mean([len(shards) for shards in mates.values()])
-    assert mean_shards >= 7.0, mean_shards
-    for_two = [_stage_a(many_shards, rank, 2, batch_size=batch, buffer=buffer)
+    assert mean_shards >= at_least, mean_shards
+    for_two = [_stage_a(many_shards, rank, 2, batch_size=batch, buffer=buffer, chunk=chunk)
                for rank in (0, 1)]
     streams = [sum(_stream(stage, 3 * 96 // batch), []) for stage in for_two]
     for k in range(3):
@@ -249,11 +255,11 @@ def test_each_pass_hands_out_every_sample_once_in_an_order_of_its_own(many_shard
         assert sorted(halves[0] + halves[1]) == sorted(orders[0]), k
 
 
-@pytest.mark.parametrize("buffer", [16, 1024])
-def test_a_resume_at_any_batch_goes_on_as_the_uninterrupted_stream(many_shards, buffer):
+@pytest.mark.parametrize("buffer, chunk", [(16, 0), (16, 5), (1024, 64)])
+def test_a_resume_at_any_batch_goes_on_as_the_uninterrupted_stream(many_shards, buffer, chunk):
     """Batches of 28 over passes of 192 samples: most passes end inside a batch, which takes
     the end of one pass (its last reader batch) and the start of the next."""
-    uninterrupted = _stage_a(many_shards, 0, 1, batch_size=28, buffer=buffer)
+    uninterrupted = _stage_a(many_shards, 0, 1, batch_size=28, buffer=buffer, chunk=chunk)
     states, batches = [], []
     for _ in range(22):                       # 616 samples: into the fourth pass
         host = uninterrupted.next_batch()
@@ -265,7 +271,8 @@ def test_a_resume_at_any_batch_goes_on_as_the_uninterrupted_stream(many_shards, 
     assert (states[6]["pass"], states[6]["pass_position"]) == (1, 4)
     assert (states[-1]["pass"], states[-1]["pass_position"]) == (3, 40)
     for k in (0, 5, 6, 7, 13, 20):
-        resumed = _stage_a(many_shards, 0, 1, batch_size=28, buffer=buffer, state=states[k])
+        resumed = _stage_a(many_shards, 0, 1, batch_size=28, buffer=buffer, chunk=chunk,
+                           state=states[k])
         for expected in batches[k + 1:k + 3]:
             host = resumed.next_batch()
             assert [(s.source, p.boxes.tobytes()) for s, p in
