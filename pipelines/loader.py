@@ -14,6 +14,8 @@ import contextlib
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from collections import deque
@@ -35,7 +37,8 @@ from tcore.pipelines.producer import start_producer
 from tcore.pipelines.sampling import view_slices
 from tcore.pipelines.stage_a import (BadSampleError, HostBatch, StageASpec, build_reader,
                                      STATE_VERSION, dali_error_reason, data_identity,
-                                     draw_masks, initial_state, sample_frames)
+                                     draw_masks, initial_state, sample_frames,
+                                     writes_run_indices)
 from tcore.pipelines.torch_photometric import apply_photometric, normalize
 from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds, view_rows
 
@@ -109,6 +112,7 @@ class DaliLoader:
         self._streams: dict = {}    # GPU only: the loader's own CUDA streams (`_stream`)
         self._started = False
         self._exhausted = False
+        self._workdir: str | None = None     # stage A's run index files (StageASpec.workdir)
 
     # -- public API
     def __len__(self) -> int:
@@ -233,6 +237,9 @@ class DaliLoader:
         if not self._started:
             return
         self._producer.close()
+        if self._workdir is not None:       # after the producer: nothing writes there now
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
         self._pipe_b = None
         self._buffers.clear()       # batches still held by the caller keep their memory
         self._probe = None
@@ -251,11 +258,13 @@ class DaliLoader:
         if not self.infinite and state["batches_seen"] >= len(self):
             self._exhausted = True
             raise StopIteration
+        if self._workdir is None and writes_run_indices(self.shard_set, self.config):
+            self._workdir = tempfile.mkdtemp(prefix="tcore-pass-")
         spec = StageASpec(shard_set=self.shard_set, batch_size=self.batch_size,
                           config=self.config, seed=self.seed, shard_id=self.shard_id,
                           num_shards=self.num_shards, infinite=self.infinite,
                           samples_per_epoch=self.samples_per_epoch, state=state,
-                          data_id=self.data_id)
+                          data_id=self.data_id, workdir=self._workdir)
         self._producer = start_producer(self.producer_kind, spec, depth=self.prefetch + 1)
         self._probe = None
         self._pending: deque[HostBatch] = deque()

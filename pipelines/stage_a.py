@@ -73,6 +73,9 @@ class StageASpec:
     samples_per_epoch: int
     state: dict          # where to start: `initial_state` or a saved loader state
     data_id: str = ""    # `data_identity(shard_set)`, kept in every state
+    # Where the runs' index files go (`writes_run_indices`): a directory the loader owns and
+    # removes (a producer process ends by SIGKILL, so it could not), else one of StageA's own.
+    workdir: str | None = None
 
 
 def data_identity(shard_set: ShardSet) -> str:
@@ -297,6 +300,13 @@ def holds_passes_in_memory(shard_set: ShardSet, config: PipelineConfig) -> bool:
     return config.shuffle_buffer > 1 and shard_set.total_samples <= config.shuffle_buffer
 
 
+def writes_run_indices(shard_set: ShardSet, config: PipelineConfig) -> bool:
+    """Whether stage A reads passes in runs shorter than a shard, each with an index file
+    written for it."""
+    return (not holds_passes_in_memory(shard_set, config) and config.pass_chunk > 0
+            and any(count > config.pass_chunk for count in shard_set.shard_samples))
+
+
 def _reader_error(spec: StageASpec, error: Exception) -> BadSampleError:
     return BadSampleError(f"reading shards failed ({', '.join(spec.shard_set.tars)}): "
                           f"{dali_error_reason(str(error))}")
@@ -313,8 +323,10 @@ class ReaderPasses:
         # Not above a pass: the reader pads its last batch with copies of a sample, and a
         # pass of a few samples would be mostly copies (read, then dropped).
         self.reader_batch = min(spec.batch_size, spec.samples_per_epoch)
-        # The runs' index files of the pass being read (removed with this object, or at exit).
-        self._workdir = tempfile.TemporaryDirectory(prefix="tcore-pass-")
+        self._own_workdir = None       # when the spec names none: removed with this object
+        if spec.workdir is None and writes_run_indices(spec.shard_set, spec.config):
+            self._own_workdir = tempfile.TemporaryDirectory(prefix="tcore-pass-")
+        self._workdir = spec.workdir or (self._own_workdir and self._own_workdir.name)
         self._open_pass(checkpoint)
         handed_out = position % self.reader_batch
         if handed_out:       # resumed inside a reader batch: read it again, skip what was
@@ -330,9 +342,11 @@ class ReaderPasses:
     def _open_pass(self, checkpoint=None) -> None:
         spec = self.spec
         self.reader = None       # the last pass's reader goes before the next is built
-        workdir = os.path.join(self._workdir.name, "runs")
-        shutil.rmtree(workdir, ignore_errors=True)      # the last pass's run indices
-        os.mkdir(workdir)
+        workdir = None
+        if self._workdir:
+            workdir = os.path.join(self._workdir, "runs")
+            shutil.rmtree(workdir, ignore_errors=True)      # the last pass's run indices
+            os.makedirs(workdir)
         self.reader = build_reader(spec.shard_set, spec.config, self.reader_batch, spec.seed,
                                    spec.shard_id, spec.num_shards, self.pass_index,
                                    checkpoint, workdir=workdir)

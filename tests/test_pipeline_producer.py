@@ -5,6 +5,7 @@ the next call, losing no batch), and the child running the parent's tcore whatev
 working directory holds."""
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -34,6 +35,32 @@ def test_process_gives_the_threads_batches_and_resumes(synth_shards):
     loader.load_state_dict(state)          # a new producer process, from the saved state
     assert [digest(next(loader)) for _ in range(5)] == rest
     loader.close()
+
+
+def _run_index_dirs() -> set[str]:
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("tcore-pass-")}
+
+
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_the_runs_index_files_go_with_the_loader(synth_shards, producer):
+    """Passes in runs of 2 (shards of 5, 5 and 2) read runs' index files the loader writes;
+    a producer process ends by SIGKILL, so the loader removes them when it closes, and
+    after a one-pass epoch, which closes it."""
+    config = small_config(producer)
+    config.shuffle_buffer, config.pass_chunk = 4, 2
+    before = _run_index_dirs()
+    loader = build_loader([synth_shards], batch_size=5, config=config, seed=4, num_threads=1)
+    next(loader)
+    made = _run_index_dirs() - before
+    assert len(made) == 1
+    runs = os.path.join(tempfile.gettempdir(), made.pop(), "runs")
+    assert sorted(os.listdir(runs))[0].startswith("run-")
+    loader.close()
+    assert _run_index_dirs() == before
+    one_pass = build_loader([synth_shards], batch_size=5, config=config, seed=4,
+                            num_threads=1, infinite=False)
+    assert sum(batch["labels"].shape[0] for batch in one_pass) == 12
+    assert _run_index_dirs() == before
 
 
 def test_stage_a_errors_in_the_process_name_the_sample(synth_shards, tmp_path):
