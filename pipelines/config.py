@@ -169,7 +169,7 @@ class PipelineConfig:
     views: ViewConfig = field(default_factory=ViewConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
     # webdataset reader's initial_fill: the window its random draws come from (README "Data
-    # order"; 1024 gave 88% of a fresh permutation's batch-mates over 20 epochs, 256 63%)
+    # order"); a data set no larger than it is held in memory (pipelines/stage_a.py)
     shuffle_buffer: int = 1024
     # Each epoch's reading order cuts every shard into runs of this many samples and
     # permutes the runs of all shards together, so the buffer draws from ~shuffle_buffer /
