@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from collections import deque
 
 import numpy as np
@@ -238,7 +239,7 @@ class DaliLoader:
             return
         self._producer.close()
         if self._workdir is not None:       # after the producer: nothing writes there now
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._remove_workdir()
             self._workdir = None
         self._pipe_b = None
         self._buffers.clear()       # batches still held by the caller keep their memory
@@ -260,6 +261,8 @@ class DaliLoader:
             raise StopIteration
         if self._workdir is None and writes_run_indices(self.shard_set, self.config):
             self._workdir = tempfile.mkdtemp(prefix="tcore-pass-")
+            # removed by close(), or at exit where the loader was never closed
+            self._remove_workdir = weakref.finalize(self, shutil.rmtree, self._workdir, True)
         spec = StageASpec(shard_set=self.shard_set, batch_size=self.batch_size,
                           config=self.config, seed=self.seed, shard_id=self.shard_id,
                           num_shards=self.num_shards, infinite=self.infinite,
