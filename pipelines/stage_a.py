@@ -3,13 +3,15 @@
 A small checkpointable DALI CPU pipeline around `fn.readers.webdataset` (shuffling, sharding
 by rank) reads raw samples; the host then draws each sample's parameters with
 `sampling.draw_sample_params` from a per-sample seed (base seed, shard, sample counter) and
-the batch's masks from a per-batch seed. The samples form one stream of passes: each pass
-hands out this rank's samples once and reads the shards in an order of its own with a reader
-seed of its own (the reference draws a new permutation of the data every epoch, and DALI's
-reader repeats its order), and batches run on across the end of a pass. A `HostBatch`
-carries the loader state after it (the pass, the place in it, the reader's checkpoint and
-the two counters), so a resumed run redraws exactly what an uninterrupted one would. Nothing here touches a GPU: `producer.py` runs it in a thread or in
-a process of its own.
+the batch's masks from a per-batch seed. The samples form one stream of passes (epochs):
+each hands out this rank's samples once, in an order of its own (the reference draws a new
+permutation of the data every epoch, and DALI's reader repeats its order): runs of the
+shards permuted and read through index files written for them (`ReaderPasses`), or a data
+set within the shuffle buffer held and permuted in memory (`MemoryPasses`). Batches run on
+across the end of a pass. A `HostBatch` carries the loader state after it (the pass, the
+place in it, the reader's checkpoint and the two counters), so a resumed run redraws
+exactly what an uninterrupted one would. Nothing here touches a GPU: `producer.py` runs it
+in a thread or in a process of its own.
 """
 from __future__ import annotations
 
