@@ -28,7 +28,6 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from torch.profiler import record_function
 
 from tcore.pipelines.config import PipelineConfig
-from tcore.preprocess.errors import TcoreWarning
 from tcore.pipelines.buffers import HostBufferPool
 from tcore.pipelines.lanes import ViewLanes
 from tcore.pipelines.manifest import (ShardSet, ShardSetError, check_codecs_for_device,
@@ -42,6 +41,7 @@ from tcore.pipelines.stage_a import (BadSampleError, HostBatch, StageASpec, buil
                                      writes_run_indices)
 from tcore.pipelines.torch_photometric import apply_photometric, normalize
 from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds, view_rows
+from tcore.preprocess.errors import TcoreWarning
 
 _logger = logging.getLogger(__name__)
 
