@@ -235,16 +235,15 @@ class DaliLoader:
         return state
 
     def close(self) -> None:
-        if not self._started:
-            return
-        self._producer.close()
+        if self._started:
+            self._producer.close()
+            self._pipe_b = None
+            self._buffers.clear()       # batches still held by the caller keep their memory
+            self._probe = None
+            self._started = False
         if self._workdir is not None:       # after the producer: nothing writes there now
             self._remove_workdir()
             self._workdir = None
-        self._pipe_b = None
-        self._buffers.clear()       # batches still held by the caller keep their memory
-        self._probe = None
-        self._started = False
 
     def __del__(self):
         try:
@@ -259,21 +258,27 @@ class DaliLoader:
         if not self.infinite and state["batches_seen"] >= len(self):
             self._exhausted = True
             raise StopIteration
-        if self._workdir is None and writes_run_indices(self.shard_set, self.config):
-            self._workdir = tempfile.mkdtemp(prefix="tcore-pass-")
-            # removed by close(), or at exit where the loader was never closed
-            self._remove_workdir = weakref.finalize(self, shutil.rmtree, self._workdir, True)
-        spec = StageASpec(shard_set=self.shard_set, batch_size=self.batch_size,
-                          config=self.config, seed=self.seed, shard_id=self.shard_id,
-                          num_shards=self.num_shards, infinite=self.infinite,
-                          samples_per_epoch=self.samples_per_epoch, state=state,
-                          data_id=self.data_id, workdir=self._workdir)
-        self._producer = start_producer(self.producer_kind, spec, depth=self.prefetch + 1)
+        self._producer = start_producer(self.producer_kind, self.stage_a_spec(state),
+                                        depth=self.prefetch + 1)
         self._probe = None
         self._pending: deque[HostBatch] = deque()
         self._started = True
         hosts = [self._take() for _ in range(self.prefetch)]
         self._start_views([h for h in hosts if h is not None])
+
+    def stage_a_spec(self, state: dict | None = None) -> StageASpec:
+        """What stage A starts from: `state` (default: the start). Creates the directory of
+        the runs' index files where stage A writes them; `close()` removes it."""
+        if self._workdir is None and writes_run_indices(self.shard_set, self.config):
+            self._workdir = tempfile.mkdtemp(prefix="tcore-pass-")
+            # removed by close(), or at exit where the loader was never closed
+            self._remove_workdir = weakref.finalize(self, shutil.rmtree, self._workdir, True)
+        return StageASpec(shard_set=self.shard_set, batch_size=self.batch_size,
+                          config=self.config, seed=self.seed, shard_id=self.shard_id,
+                          num_shards=self.num_shards, infinite=self.infinite,
+                          samples_per_epoch=self.samples_per_epoch,
+                          state=state or initial_state(self, reader=None),
+                          data_id=self.data_id, workdir=self._workdir)
 
     def _count_readable_samples(self) -> None:
         """In skip mode DALI drops samples with a missing component: count from the reader

@@ -949,3 +949,29 @@ def test_cpu_peak_memory_is_not_an_earlier_runs_peak():
     grown, kind = peak_memory(cpu, before)
     assert kind == "process_max_rss" and before < grown <= cpu_peak_rss()
     assert peak_memory(cpu, None)[1] == "process_max_rss"
+
+
+def test_bench_data_stage_a_alone_times_the_dali_loaders_own_batches(synth_shards, tmp_path):
+    """`--loader stage-a` runs the DALI loader's stage A with the same settings: the same
+    samples and frame draws, batch after batch, and no stage B (nothing decoded)."""
+    from tcore.bench.data import build_named_loader, close_loader
+
+    alone, dali = (build_named_loader(kind, str(synth_shards), torch.device("cpu"), 1, 2, 3)
+                   for kind in ("stage-a", "dali"))
+    try:
+        for _ in range(5):
+            mine, theirs = next(alone), next(dali)
+            assert torch.equal(mine["labels"], theirs["labels"])
+            assert torch.equal(mine["frame_indices"], theirs["frame_indices"])
+    finally:
+        close_loader(alone)
+        close_loader(dali)
+    path = tmp_path / "stage_a.json"
+    output = run_cli(["bench", "data", "--data", str(synth_shards), "--loader", "stage-a",
+                      "--batch", "2", "--seconds", "0.5", "--warmup", "1", "--repeats", "2",
+                      "--json", str(path)])
+    assert "loader=stage-a" in output
+    (run,) = json.loads(path.read_text())["runs"]
+    assert run["details"]["samples"] == 2 * run["details"]["batches"] >= 4
+    assert run["figures"]["samples_per_s"]["median"] > 0
+    assert "next_ms_per_batch" not in run["details"]       # no stage B behind it

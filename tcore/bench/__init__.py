@@ -88,7 +88,8 @@ def changed_settings(settings, compare: str) -> dict:
 
 def run_data_loaders(settings: DataBenchSettings, loader: str, compare: str | None = None,
                      json_path: str | None = None) -> dict:
-    """`bench data --loader dali|baseline|both`: 'both' is DALI compared with the baseline."""
+    """`bench data --loader dali|baseline|both|stage-a`: 'both' is DALI compared with the
+    baseline."""
     if loader == "both":
         if compare:
             raise ValueError("--loader both already compares two runs; drop --compare")

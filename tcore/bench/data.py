@@ -1,7 +1,8 @@
 """`tcore bench data`: throughput and batch latency of the loaders on the same shards.
 
 Both loaders (the DALI pipeline and the torchvision/PyAV baseline) get the same shards, the
-same views, the same batch size and the same thread budget, and are timed after a warm-up.
+same views, the same batch size and the same thread budget, and are timed after a warm-up;
+`stage-a` times the DALI loader's stage A alone (`StageAAlone`).
 Batch latency is the wall time of one `next()` (with the device synchronised, so that
 asynchronous GPU work is not hidden); throughput is samples over the wall time of a window of
 consecutive batches, one figure per window, summarised over the windows.
@@ -9,11 +10,13 @@ consecutive batches, one figure per window, summarised over the windows.
 from __future__ import annotations
 
 import gc
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from tcore.bench.flops import synchronizer
@@ -21,7 +24,7 @@ from tcore.bench.model import at_least, check_device
 from tcore.bench.report import environment, resolve_device
 from tcore.bench.stats import process_tree_cpu_seconds, summarize
 
-LOADERS = ("dali", "baseline")
+LOADERS = ("dali", "baseline", "stage-a")
 
 
 @dataclass(frozen=True)
@@ -59,16 +62,42 @@ def build_named_loader(loader: str, shards: str, device: torch.device, threads: 
     from tcore.pipelines.config import PipelineConfig
 
     config = config or PipelineConfig()
-    if loader == "dali":
+    if loader in ("dali", "stage-a"):
         from tcore.pipelines.loader import build_loader
 
-        return build_loader(shards, batch, device=str(device), config=config, seed=seed,
-                            num_threads=threads, infinite=True)
+        built = build_loader(shards, batch, device=str(device), config=config, seed=seed,
+                             num_threads=threads, infinite=True)
+        return built if loader == "dali" else StageAAlone(built)
     from tcore.pipelines.torchvision_loader import build_baseline_loader
 
     # The baseline's thread budget is its worker processes (one decoding thread each).
     return build_baseline_loader(shards, batch, device=str(device), config=config, seed=seed,
                                  num_workers=threads, infinite=True)
+
+
+class StageAAlone:
+    """The DALI loader's stage A and nothing after it, in this thread: each batch read,
+    parsed, drawn (parameters, masks) and pickled as the process producer sends it. Stage A
+    runs beside everything else, in a process of its own on a GPU, so its rate alone is the
+    ceiling it puts on the DALI loader, on any device, and it needs no decoder."""
+
+    def __init__(self, loader):
+        from tcore.pipelines.stage_a import StageA
+
+        self.loader = loader            # a DALI loader never started: its settings, its data
+        self.stage = StageA(loader.stage_a_spec())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self.stage.next_batch()
+        pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        return {"labels": torch.tensor([s.label for s in batch.samples]),
+                "frame_indices": torch.from_numpy(np.stack([p.frames for p in batch.params]))}
+
+    def close(self) -> None:
+        self.loader.close()     # the runs' index files, where stage A wrote any
 
 
 def loader_clock(loader) -> dict:

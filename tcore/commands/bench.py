@@ -128,8 +128,10 @@ def model(arch, batch, attention, precision, compile_, device, n_local, global_s
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shard directory (from `tcore shards build`).")
 @click.option("--loader", default="both", show_default=True,
-              type=click.Choice(["dali", "baseline", "both"]),
-              help="both: DALI, then the baseline loader, and their samples/s ratio.")
+              type=click.Choice(["dali", "baseline", "both", "stage-a"]),
+              help="both: DALI, then the baseline loader, and their samples/s ratio. "
+                   "stage-a: the DALI loader's stage A alone (read, draws, masks, pickle), "
+                   "the ceiling it puts on the loader.")
 @click.option("--device", default="cpu", show_default=True, type=DEVICE,
               help="Where the loader delivers (and, for DALI, makes) the batches. " + DEVICE_HELP)
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
