@@ -7,55 +7,81 @@ the loss uses, so it needs no host synchronisation on the device.
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 
 from tcore.pipelines.config import MaskConfig
 
 
-def _add_block(rng: np.random.Generator, mask: np.ndarray, max_patches: int,
-               cfg: MaskConfig) -> int:
+# Block attempts are drawn this many at a time: one generator call per chunk instead of four
+# per attempt (a batch of 64 clips masks 64 crops, each over several blocks and attempts).
+ATTEMPT_CHUNK = 32
+
+
+def attempt_uniforms(rng: np.random.Generator) -> Iterator[list[float]]:
+    """Four uniforms per block attempt (area, aspect, top, left), endlessly."""
+    while True:
+        yield from rng.random((ATTEMPT_CHUNK, 4)).tolist()
+
+
+def _add_block(attempts: Iterator[list[float]], rows: list[int], width: int,
+               max_patches: int, cfg: MaskConfig) -> int:
     """One block of area U(min, max_patches) and log-aspect U(log a, -log a); up to `tries`
-    attempts, each accepted only if it adds between 1 and max_patches new patches."""
-    height, width = mask.shape
+    attempts, each accepted only if it adds between 1 and max_patches new patches.
+
+    The mask is `rows`, one int per grid row whose bit j is column j (set bits are masked):
+    a block's overlap is then a popcount per row, with no array operation per attempt."""
+    height = len(rows)
     log_low = math.log(cfg.min_aspect)
     log_span = math.log(1 / cfg.min_aspect) - log_low
     added = 0
     for _ in range(cfg.block_tries):
+        u_area, u_aspect, u_top, u_left = next(attempts)
         # Python's random.uniform semantics: max_patches may be below the minimum.
-        target_area = cfg.min_block_patches + (max_patches - cfg.min_block_patches) * rng.random()
-        # rng.uniform(low, high)'s arithmetic on the same double, without its call cost
-        aspect = math.exp(log_low + log_span * rng.random())
+        target_area = cfg.min_block_patches + (max_patches - cfg.min_block_patches) * u_area
+        aspect = math.exp(log_low + log_span * u_aspect)
         h = int(round(math.sqrt(target_area * aspect)))
         w = int(round(math.sqrt(target_area / aspect)))
         if w < width and h < height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            window = mask[top:top + h, left:left + w]
-            new = h * w - int(window.sum())
+            top = int(u_top * (height - h + 1))          # uniform on the positions
+            left = int(u_left * (width - w + 1))
+            bits = ((1 << w) - 1) << left
+            block_rows = range(top, top + h)
+            new = h * w - sum((rows[r] & bits).bit_count() for r in block_rows)
             if 0 < new <= max_patches:
-                window[...] = True
+                for r in block_rows:
+                    rows[r] |= bits
                 added += new
         if added > 0:
             break
     return added
 
 
+def rows_to_mask(rows: list[int], width: int) -> np.ndarray:
+    """[len(rows), width] bool from the rows' bits (bit j: column j)."""
+    row_bytes = (width + 7) // 8
+    packed = np.frombuffer(b"".join(r.to_bytes(row_bytes, "little") for r in rows), np.uint8)
+    bits = np.unpackbits(packed.reshape(len(rows), row_bytes), axis=1, bitorder="little")
+    return bits[:, :width].astype(bool)
+
+
 def block_mask(rng: np.random.Generator, grid: int, n_patches: int,
                cfg: MaskConfig) -> np.ndarray:
     """A [grid, grid] bool mask with (up to) n_patches True, made of rectangular blocks."""
-    mask = np.zeros((grid, grid), dtype=bool)
+    rows = [0] * grid
+    attempts = attempt_uniforms(rng)
     # The reference's per-block cap, `0.5 * img // patch * img // patch` evaluated left to
     # right (98 at 224 / 16, 21 at 112 / 16).
     size = grid * cfg.patch_size
     cap = int(((cfg.max_block_fraction * size) // cfg.patch_size * size) // cfg.patch_size)
     count = 0
     while count < n_patches:
-        delta = _add_block(rng, mask, min(n_patches - count, cap), cfg)
+        delta = _add_block(attempts, rows, grid, min(n_patches - count, cap), cfg)
         if delta == 0:
             break
         count += delta
-    return mask
+    return rows_to_mask(rows, grid)
 
 
 def batch_masks(rng: np.random.Generator, n_crops: int, grid: int,

@@ -1,8 +1,9 @@
 """Stage A of the loader: read the shards and decide every random choice of each batch.
 
 A small checkpointable DALI CPU pipeline around `fn.readers.webdataset` (shuffling, sharding
-by rank) reads raw samples; the host then draws each sample's parameters with
-`sampling.draw_sample_params` from a per-sample seed (base seed, shard, sample counter) and
+by rank) reads raw samples; the host then draws each sample's parameters (the uniforms of
+a per-sample seed: base seed, shard, sample counter; `sampling.params_from_uniforms` over
+the whole batch, the same as `sampling.draw_sample_params` one by one) and
 the batch's masks from a per-batch seed. The samples form one stream of passes (epochs):
 each hands out this rank's samples once, in an order of its own (the reference draws a new
 permutation of the data every epoch, and DALI's reader repeats its order): runs of the
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def
@@ -30,7 +32,8 @@ from nvidia.dali import fn, pipeline_def
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.manifest import ShardSet
 from tcore.pipelines.masks import batch_masks
-from tcore.pipelines.sampling import SampleParams, draw_sample_params, sample_rng
+from tcore.pipelines.sampling import (SampleParams, drawn_frames, params_from_uniforms,
+                                      sample_rng, sample_uniforms)
 
 STATE_VERSION = 2           # 1: one reader for every epoch, no pass in the state
 MASK_STREAM = 0x6D61736B   # separates the masks' random stream from the samples'
@@ -278,12 +281,13 @@ def keep_drawn_frames(sample: RawSample, frames: np.ndarray) -> None:
     stage B decodes at most three, and the rest would only be copied, queued and (from a
     producer process) pickled. Offsets stay indexed by frame, the dropped frames empty, so
     `views.frame_feeds` slices the same bytes out of the smaller buffer."""
-    bounds = sample.frame_offsets
-    drawn = np.zeros(len(bounds) - 1, dtype=bool)
-    drawn[frames] = True
-    sample.data = np.concatenate([sample.data[bounds[f]:bounds[f + 1]]
-                                  for f in np.flatnonzero(drawn)])
-    sample.frame_offsets = np.concatenate([[0], np.cumsum(np.where(drawn, np.diff(bounds), 0))])
+    bounds = sample.frame_offsets.tolist()
+    drawn = sorted(set(frames.tolist()))
+    sample.data = np.concatenate([sample.data[bounds[f]:bounds[f + 1]] for f in drawn])
+    sizes = [0] * (len(bounds) - 1)
+    for f in drawn:
+        sizes[f] = bounds[f + 1] - bounds[f]
+    sample.frame_offsets = np.array(list(accumulate(sizes, initial=0)))
 
 
 def draw_masks(config: PipelineConfig, seed: int, shard_id: int, batch_number: int,
@@ -460,10 +464,11 @@ class StageA:
     def next_batch(self) -> HostBatch:
         started = time.perf_counter()
         spec = self.spec
+        config = spec.config
         count = spec.batch_size
         if not spec.infinite:
             count = min(count, spec.samples_per_epoch - self.passes.position)
-        samples, params, skipped = [], [], []
+        samples, uniforms, skipped = [], [], []
         for _ in range(count):
             data, meta, label, source = self.passes.next_raw()
             try:
@@ -471,21 +476,24 @@ class StageA:
                 # copy what is kept before the reader runs again
                 sample = parse_sample(data, meta, label, source, spec.shard_set.kind)
             except BadSampleError as error:
-                if not spec.config.skip_bad_samples:
+                if not config.skip_bad_samples:
                     raise
                 skipped.append((source, str(error)))
                 continue
             rng = sample_rng(spec.seed, spec.shard_id, self.samples_seen + len(samples))
-            params.append(draw_sample_params(rng, sample_frames(sample.meta),
-                                             int(sample.meta["height"]),
-                                             int(sample.meta["width"]), spec.config))
+            uniforms.append(sample_uniforms(rng, config.views.n_local))
             if sample.frame_offsets is not None:
-                keep_drawn_frames(sample, params[-1].frames)
+                keep_drawn_frames(sample, drawn_frames(uniforms[-1],
+                                                       sample_frames(sample.meta), config))
             samples.append(sample)
+        # Every sample's parameters at once, from its own uniforms (the same as one by one).
+        params = params_from_uniforms(
+            np.array(uniforms),
+            [sample_frames(s.meta) for s in samples], [s.meta["height"] for s in samples],
+            [s.meta["width"] for s in samples], config)
         self.samples_seen += count
         self.batches_seen += 1
-        masks = draw_masks(spec.config, spec.seed, spec.shard_id, self.batches_seen,
-                           len(samples))
+        masks = draw_masks(config, spec.seed, spec.shard_id, self.batches_seen, len(samples))
         return HostBatch(samples=samples, params=params, masks=masks, state_after=self.state(),
                          batch_number=self.batches_seen, skipped=skipped,
                          seconds=time.perf_counter() - started)

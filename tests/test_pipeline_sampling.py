@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from tcore.pipelines.config import MaskConfig, PipelineConfig, PipelineConfigError, SamplingConfig
-from tcore.pipelines.masks import _add_block, batch_masks, block_mask, mask_tensors
-from tcore.pipelines.sampling import (central_box, draw_sample_params, random_resized_box,
-                                      frame_triple_distribution, sample_rng)
+from tcore.pipelines.masks import (_add_block, attempt_uniforms, batch_masks, block_mask,
+                                   mask_tensors, rows_to_mask)
+from tcore.pipelines.sampling import (BOX_TRIES, central_box, draw_sample_params,
+                                      frame_triple_distribution, params_from_uniforms,
+                                      random_boxes, sample_rng, sample_uniforms)
 
 DRAWS = 4000
 # Total-variation tolerance: with K support points and n draws the expected TV distance is
@@ -262,10 +264,11 @@ def test_mask_blocks_are_rectangles_within_aspect_range():
     cfg = PipelineConfig().masks
     areas = []
     for i in range(1500):
-        mask = np.zeros((14, 14), dtype=bool)
-        added = _add_block(sample_rng(9, i), mask, 98, cfg)
+        rows = [0] * 14
+        added = _add_block(attempt_uniforms(sample_rng(9, i)), rows, 14, 98, cfg)
         if not added:
             continue
+        mask = rows_to_mask(rows, 14)
         rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
         h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
         assert mask.sum() == added == h * w          # one filled rectangle
@@ -298,67 +301,109 @@ def test_mask_tensors_contract():
                           (per_crop > 0).float())
 
 
-def _photometric_one_view(rng, cfg, views) -> np.ndarray:
-    """The definition, one `uniform` call per draw in the documented order."""
-    jitter = rng.uniform() < cfg.jitter_p
-    factors = (rng.uniform(1 - cfg.brightness, 1 + cfg.brightness),
-               rng.uniform(1 - cfg.contrast, 1 + cfg.contrast),
-               rng.uniform(1 - cfg.saturation, 1 + cfg.saturation), rng.uniform(-cfg.hue, cfg.hue))
-    gray = rng.uniform() < cfg.grayscale_p
-    blur = rng.uniform() < cfg.blur_p
-    sigma = rng.uniform(views.blur_sigma[0], views.blur_sigma[1])
-    solarize = rng.uniform() < cfg.solarize_p
+def _photometric_one_view(u, cfg, views) -> np.ndarray:
+    """The definition, one view, from its nine uniforms in the documented order."""
+    u_jitter, u_b, u_c, u_s, u_h, u_gray, u_blur, u_sigma, u_solarize = u
+    uniform = lambda low, high, v: low + (high - low) * v
+    jitter = u_jitter < cfg.jitter_p
+    factors = (uniform(1 - cfg.brightness, 1 + cfg.brightness, u_b),
+               uniform(1 - cfg.contrast, 1 + cfg.contrast, u_c),
+               uniform(1 - cfg.saturation, 1 + cfg.saturation, u_s),
+               uniform(-cfg.hue, cfg.hue, u_h))
+    sigma = uniform(views.blur_sigma[0], views.blur_sigma[1], u_sigma)
     b, c, s, h = factors if jitter else (1.0, 1.0, 1.0, 0.0)
-    return np.array([b, c, s, h, float(gray), sigma if blur else 0.0, float(solarize)], np.float32)
+    return np.array([b, c, s, h, float(u_gray < cfg.grayscale_p),
+                     sigma if u_blur < cfg.blur_p else 0.0,
+                     float(u_solarize < cfg.solarize_p)], np.float32)
 
 
-def test_photometric_rows_are_drawn_as_one_uniform_per_draw():
-    """All views at once give exactly the per-view draws (same values, same stream position
-    after), for the reference's view configs and for odd ones."""
+def test_photometric_rows_follow_the_definition_view_by_view():
+    """All views of a batch at once give each view's definition from its own uniforms, for
+    the reference's view configs and for odd ones."""
     from tcore.pipelines.config import PhotometricConfig
-    from tcore.pipelines.sampling import draw_photometric
+    from tcore.pipelines.sampling import photometric_rows
 
     views = PipelineConfig().views
     odd = PhotometricConfig(jitter_p=0.3, brightness=0.9, contrast=0.0, saturation=1.0,
                             hue=0.5, grayscale_p=0.7, blur_p=0.2, solarize_p=0.6)
     cfgs = [views.global_1, views.global_2] + [views.local] * 8 + [odd, views.global_2] * 2
-    for seed in range(500):
-        one, batch = np.random.default_rng(seed), np.random.default_rng(seed)
-        want = np.stack([_photometric_one_view(one, c, views) for c in cfgs])
-        got = draw_photometric(batch, cfgs, views)
-        assert got.dtype == np.float32 and np.array_equal(got, want), seed
-        assert one.random() == batch.random()
+    u = np.random.default_rng(0).random((300, len(cfgs), 9))
+    got = photometric_rows(u, cfgs, views)
+    assert got.dtype == np.float32 and got.shape == (300, len(cfgs), 7)
+    want = np.stack([[_photometric_one_view(u[b, v], c, views) for v, c in enumerate(cfgs)]
+                     for b in range(300)])
+    assert np.array_equal(got, want)
 
 
-def _torchvision_box(rng, height, width, scale, ratio):
-    """RandomResizedCrop.get_params written the plain way, with rng.uniform."""
+def _torchvision_box(u_tries, u_offsets, height, width, scale, ratio):
+    """RandomResizedCrop.get_params written the plain way, one box, its uniforms in place of
+    torch's draws (a randint is floor(u * positions))."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    for u_scale, u_aspect in u_tries:
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_scale)
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u_aspect)
         w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    return None
+            return (math.floor(u_offsets[0] * (height - h + 1)),
+                    math.floor(u_offsets[1] * (width - w + 1)), h, w)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
-def test_cheaper_draws_consume_the_generator_as_the_plain_calls_do():
-    """Stage A's draws avoid rng.uniform's call cost and draw the jitter orders in one call;
-    the numbers and the generator's position after them are those of the plain calls."""
-    for seed in range(300):
-        ours, plain = sample_rng(seed), sample_rng(seed)
-        scale = (0.05, 0.32) if seed % 2 else (0.32, 1.0)
-        got = random_resized_box(ours, 120, 426, scale, (3 / 4, 4 / 3))
-        want = _torchvision_box(plain, 120, 426, scale, (3 / 4, 4 / 3))
-        if want is not None:           # (the central fallback draws nothing more)
-            assert got == want
-        assert ours.random() == plain.random()
-    ours, plain = sample_rng(1), sample_rng(1)
-    orders = ours.permuted(np.tile(np.arange(4), (14, 1)), axis=1)
-    assert np.array_equal(orders, np.stack([plain.permutation(4) for _ in range(14)]))
-    assert np.array_equal(ours.random(8) < 0.5, [plain.uniform() < 0.5 for _ in range(8)])
-    assert ours.random() == plain.random()
+def test_random_boxes_are_torchvisions_get_params_for_every_crop_at_once():
+    """The batch's boxes, vectorised, are the plain loop's for each crop, frame sizes mixed
+    (some too narrow or too wide for any try: the central fallback), crops of two scales."""
+    rng = np.random.default_rng(1)
+    sizes = [(128, 160), (320, 426), (90, 1000), (1000, 90), (17, 23), (240, 240)]
+    height = np.array([h for h, _ in sizes] * 50)
+    width = np.array([w for _, w in sizes] * 50)
+    scale = np.array([(0.32, 1.0)] * 2 + [(0.05, 0.32)] * 3 + [(0.9, 1.0)])
+    u_tries = rng.random((len(height), len(scale), BOX_TRIES, 2))
+    u_offsets = rng.random((len(height), len(scale), 2))
+    got = random_boxes(u_tries, u_offsets, height, width, scale, (3 / 4, 4 / 3))
+    fallbacks = 0
+    for b in range(len(height)):
+        for c in range(len(scale)):
+            want = _torchvision_box(u_tries[b, c], u_offsets[b, c], int(height[b]),
+                                    int(width[b]), scale[c], (3 / 4, 4 / 3))
+            assert tuple(got[b, c].astype(int)) == want, (b, c)
+            fallbacks += sizes[b % len(sizes)][0] in (90, 1000) and scale[c][0] == 0.9
+    assert fallbacks == 100       # the 0.9-1.0 crops of the 90 x 1000 and 1000 x 90 frames
+
+
+@pytest.mark.parametrize("height, width, box", [
+    (10, 1000, (0, 493, 10, 13)),       # too wide for any try: full height, w = 10 * 4/3
+    (1000, 10, (493, 0, 13, 10)),       # too tall: full width, h = 10 / (3/4)
+])
+def test_random_boxes_fall_back_to_a_central_crop_of_clamped_aspect(height, width, box):
+    """torchvision's fallback after 10 failed tries: the central crop whose aspect is the
+    frame's clamped into the ratio range."""
+    u = np.random.default_rng(5).random((5, 1, BOX_TRIES + 1, 2))
+    got = random_boxes(u[:, :, :BOX_TRIES], u[:, :, BOX_TRIES], np.full(5, height),
+                       np.full(5, width), np.array([(0.9, 1.0)]), (3 / 4, 4 / 3))
+    assert np.all(got[:, 0] == box)
+
+
+def test_a_batch_draws_what_each_sample_draws_alone():
+    """Stage A draws a batch's parameters at once (`params_from_uniforms`), the baseline
+    loader sample by sample (`draw_sample_params`): the same parameters, whatever the
+    batch's mix of T and frame sizes."""
+    config = PipelineConfig()
+    shapes = [(20, 128, 160), (8, 320, 426), (1, 90, 1000), (40, 1000, 90), (3, 17, 23)] * 6
+    seeds = [sample_rng(11, 0, i) for i in range(len(shapes))]
+    u = np.stack([sample_uniforms(rng, config.views.n_local) for rng in seeds])
+    batch = params_from_uniforms(u, *zip(*shapes), config)
+    for i, (T, height, width) in enumerate(shapes):
+        alone = draw_sample_params(sample_rng(11, 0, i), T, height, width, config)
+        assert batch[i].as_dict() == alone.as_dict(), i
+    assert params_from_uniforms(u[:0], [], [], [], config) == []
 
 
 # --- the configuration's numbers and knobs -------------------------------------------------
@@ -452,18 +497,6 @@ def test_flip_probability_and_crop_aspect_are_the_configured_ones():
     assert (w / h).min() < 0.8 and (w / h).max() > 1.25
 
 
-@pytest.mark.parametrize("height, width, box", [
-    (10, 1000, (0, 493, 10, 13)),       # too wide for any try: full height, w = 10 * 4/3
-    (1000, 10, (493, 0, 13, 10)),       # too tall: full width, h = 10 / (3/4)
-])
-def test_random_resized_box_falls_back_to_a_central_crop_of_clamped_aspect(height, width, box):
-    """torchvision's fallback after 10 failed tries: the central crop whose aspect is the
-    frame's clamped into the ratio range."""
-    for seed in range(5):
-        assert random_resized_box(sample_rng(seed), height, width, (0.9, 1.0),
-                                  (3 / 4, 4 / 3)) == box
-
-
 def test_bad_view_and_mask_values_are_refused_naming_their_key():
     for values, key in (({"views": {"local": {"jitter_p": 1.5}}}, "views.local.jitter_p"),
                         ({"views": {"global_2": {"solarize_p": -0.1}}},
@@ -509,6 +542,7 @@ def test_block_cap_is_the_references_left_to_right_expression():
     cfg = PipelineConfig().masks
     for seed in range(40):
         mask = block_mask(sample_rng(12, seed), 7, 24, cfg)
-        first = np.zeros((7, 7), dtype=bool)
-        assert _add_block(sample_rng(12, seed), first, 21, cfg) > 0
+        rows = [0] * 7
+        assert _add_block(attempt_uniforms(sample_rng(12, seed)), rows, 7, 21, cfg) > 0
+        first = rows_to_mask(rows, 7)
         assert np.all(mask[first]), seed
