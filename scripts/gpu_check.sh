@@ -25,7 +25,8 @@
 # with DALI: synthetic shards (or the carried ones), `tcore bench data --device gpu` (the
 # clips decoded on the CPU threads, exact against fast jitter), `data_frames` (nvJPEG on
 # the JPEG-frame shards, when GPU_CHECK_FRAME_SHARDS holds some, after `decode_frames`: the
-# JPEG decoder alone, scripts/jpeg_decode_probe.py), `tcore bench train` (from the
+# JPEG decoder alone, scripts/jpeg_decode_probe.py; then `stage_a`, the loader's stage A
+# alone on the host cores), `tcore bench train` (from the
 # JPEG frames when they are there, else the clips), then `gputests_dali` (tests/test_gpu.py's
 # loader and colour-stage tests on $SHARDS and $FRAMES) -> one short table. A failing step
 # is logged and the script goes on.
@@ -38,7 +39,7 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled
-# shards data decode_frames data_frames train train_compiled gputests_dali; model_s_autotune,
+# shards data decode_frames data_frames stage_a train train_compiled gputests_dali; model_s_autotune,
 # data_prefetch and data_producer run only when named here),
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
@@ -142,6 +143,7 @@ if [[ "$CPU_MODE" == 1 ]]; then
     PRODUCER_COMPARE=()
     JPEG_PROBE_ARGS=(--configs cpu:2:three,cpu:2:one --batch 2 --batches 3)
     SYNTH=(videos=8 frames=24 size=160x128 short_side=128)
+    STAGE_A_SECONDS=1
     COMPILE_DEFAULT=0
 else
     DEVICE=cuda
@@ -164,6 +166,7 @@ else
     JPEG_PROBE_ARGS=(--configs mixed:16:three,mixed:16:one,cpu:16:three,cpu:16:one
                      --batch 64 --batches 8)
     SYNTH=(videos=32 frames=24 size=426x320 short_side=320)
+    STAGE_A_SECONDS=8
     COMPILE_DEFAULT=1
 fi
 COMPILE=${GPU_CHECK_COMPILE:-$COMPILE_DEFAULT}
@@ -332,6 +335,11 @@ if has_module nvidia.dali; then
             "${JPEG_PROBE_ARGS[@]}" --out "$WORK/reports/decode_frames.jsonl"
         run_step data_frames 90 "${TCORE[@]}" bench data --data "$FRAMES" --device "$DEVICE" \
             "${DATA_ARGS[@]}" "${FRAMES_COMPARE[@]}" --json "$WORK/reports/data_frames.json"
+        # Stage A alone (read, draws, masks, pickle) on this machine's host cores: the most
+        # the loader can deliver whatever the GPU does (it never touches the device).
+        run_step stage_a 40 "${TCORE[@]}" bench data --data "$FRAMES" --loader stage-a \
+            --device cpu --batch 64 --seconds "$STAGE_A_SECONDS" --warmup 3 --repeats 3 \
+            --json "$WORK/reports/stage_a.json"
         # Only when asked for (GPU_CHECK_ONLY): stage B four batches deep against two, and
         # stage A in a thread against its own process, exact jitter.
         if [[ -n "${GPU_CHECK_ONLY:-}" ]]; then
@@ -362,7 +370,7 @@ if has_module nvidia.dali; then
     GPU_TESTS_GROUP=dali
     run_step gputests_dali 300 gpu_tests
 else
-    for name in shards gputests_dali data decode_frames data_frames data_prefetch data_producer train train_compiled; do
+    for name in shards gputests_dali data decode_frames data_frames stage_a data_prefetch data_producer train train_compiled; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
     done
 fi

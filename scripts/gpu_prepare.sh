@@ -26,7 +26,7 @@ PYTHON=.venv/bin/python
 TCORE=.venv/bin/tcore
 PYVER=${GPU_PREPARE_PYVER:-3.12}
 MODEL_STEPS=${GPU_SESSION_MODEL_STEPS:-env install gputests model_s_compiled model_b_compiled}
-DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install decode_frames data_frames train train_compiled gputests_dali}
+DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install decode_frames data_frames stage_a train train_compiled gputests_dali}
 # The names travel at the versions .venv holds: the ones the tests ran with.
 SMALL_FIRST="omegaconf"
 SMALL_DATA="webdataset braceexpand astunparse gast libcst makefun optree nvtx"

@@ -29,7 +29,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${GPU_SESSION_DIR:-/tmp/tcore_gpu_session}
 MODEL_STEPS=${GPU_SESSION_MODEL_STEPS:-env install agree gputests model_s model_s_compiled model_b model_b_compiled}
-DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install data decode_frames data_frames train gputests_dali}
+DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install data decode_frames data_frames stage_a train gputests_dali}
 RESULTS=${OUT:-runs/gpu_session}
 
 case "${1:-}" in
