@@ -461,17 +461,25 @@ def test_gpu_check_script_runs_in_cpu_mode(tmp_path):
     assert "no tests of group core selected" in log and "1 selected" in log
 
 
-def test_gpu_session_script_overlaps_and_collects_in_cpu_mode(synth_shards, tmp_path):
+def test_gpu_session_script_overlaps_and_collects_in_cpu_mode(synth_root, synth_shards,
+                                                            tmp_path):
     """scripts/gpu_session.sh: `background` runs gpu_check.sh detached from a snapshot of
     the tree, `progress` reports it, `finish` waits for it, collects its files under
-    model/ and runs the DALI steps into data/ (here the cheapest steps, on the CPU)."""
+    model/ and runs the DALI steps into data/ (here the cheapest steps, on the CPU: stage A
+    alone, on JPEG-frame shards)."""
+    from tcore.preprocess.shards import build_shards
+
+    frames = tmp_path / "frames"
+    build_shards(synth_root / "train", frames, frames=8, short_side=64, codec="jpegs",
+                 samples_per_shard=6, workers=1, progress=False)
     script = REPO / "scripts" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     out = tmp_path / "out"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out), "GPU_CHECK_CPU": "1",
            "PYTHON": sys.executable, "GPU_SESSION_DIR": str(tmp_path / "session"),
-           "GPU_SESSION_MODEL_STEPS": "agree", "GPU_SESSION_DATA_STEPS": "data",
-           "GPU_CHECK_SHARDS": str(synth_shards), "GPU_SESSION_WAIT": "120"}
+           "GPU_SESSION_MODEL_STEPS": "agree", "GPU_SESSION_DATA_STEPS": "stage_a",
+           "GPU_CHECK_SHARDS": str(synth_shards), "GPU_CHECK_FRAME_SHARDS": str(frames),
+           "GPU_SESSION_WAIT": "120"}
     started = subprocess.run(["bash", str(script), "background"], env=env, capture_output=True,
                              text=True, timeout=60)
     assert started.returncode == 0 and "background gpu_check started" in started.stdout
@@ -483,9 +491,11 @@ def test_gpu_session_script_overlaps_and_collects_in_cpu_mode(synth_shards, tmp_
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "background finished (rc 0)" in done.stdout
     assert "agree              ok" in (out / "model" / "summary.txt").read_text()
-    assert "data               ok" in (out / "data" / "summary.txt").read_text()
+    assert "stage_a            ok" in (out / "data" / "summary.txt").read_text()
     bundle = json.loads((out / "data" / "reports.json").read_text())
-    assert [run["settings"]["loader"] for run in bundle["data"]["runs"]] == ["dali", "baseline"]
+    (run,) = bundle["stage_a"]["runs"]
+    assert run["settings"]["loader"] == "stage-a" and run["settings"]["data"] == str(frames)
+    assert run["figures"]["samples_per_s"]["median"] > 0
 
 
 def test_process_tree_cpu_seconds_counts_child_processes():
