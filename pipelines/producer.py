@@ -1,7 +1,8 @@
 """Where stage A runs: a thread of the loader's process, or a process of its own.
 
-Stage A is mostly Python (unpacking DALI's reader outputs, then the draws: 15-20 ms a
-batch of 64 on one core of the 2-core development machine). In a thread it shares the GIL
+Stage A is mostly Python (unpacking DALI's reader outputs, then the draws and masks: 10-19
+ms a batch of 64 over a reader on one core of the 2-core development machine, `tcore bench
+data --loader stage-a`). In a thread it shares the GIL
 with the training loop, which on a GPU is Python launching kernels: every millisecond stage
 A holds the GIL is one the step's launches wait. In a process of its own it has its own
 interpreter; its batches come back pickled through a pipe (64 JPEG-frame samples cut to
