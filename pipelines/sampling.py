@@ -104,6 +104,7 @@ def frame_triple_distribution(T: int, cfg: SamplingConfig) -> dict[tuple[int, in
 
 BOX_TRIES = 10      # torchvision RandomResizedCrop's tries before its central fallback
 
+
 def random_boxes(u_tries: np.ndarray, u_offsets: np.ndarray, height: np.ndarray,
                  width: np.ndarray, scale: np.ndarray, ratio: tuple[float, float]) -> np.ndarray:
     """torchvision RandomResizedCrop.get_params for every crop of a batch at once: [B, C, 4]
