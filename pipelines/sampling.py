@@ -55,6 +55,9 @@ def sandwich_ranges(T: int, cfg: SamplingConfig):
     return cs, ce, past, future
 
 
+FRAME_UNIFORMS = 4     # current, past, future, fallback
+
+
 def frame_triple(u, T: int, cfg: SamplingConfig) -> np.ndarray:
     """(p, c, f) of section 1 from a sample's four frame uniforms (current, past, future,
     fallback): each index is low + floor(u * count), uniform on its range."""
@@ -199,9 +202,10 @@ def photometric_rows(u: np.ndarray, cfgs: list[PhotometricConfig], views: ViewCo
 def _uniform_layout(n_local: int) -> dict[str, tuple[int, ...]]:
     """The shapes a sample's uniforms are cut into, in stream order."""
     crops, views = 2 + n_local, 6 + n_local
-    return {"frames": (4,), "box_tries": (crops, BOX_TRIES, 2), "box_offsets": (crops, 2),
-            "flips": (n_local,), "photometric": (views, len(_PHOTO_DRAWS)),
-            "jitter_order": (views, len(JITTER_OPS))}
+    # The frame uniforms first: `drawn_frames` reads them off a sample's row alone.
+    return {"frames": (FRAME_UNIFORMS,), "box_tries": (crops, BOX_TRIES, 2),
+            "box_offsets": (crops, 2), "flips": (n_local,),
+            "photometric": (views, len(_PHOTO_DRAWS)), "jitter_order": (views, len(JITTER_OPS))}
 
 
 def uniforms_per_sample(n_local: int) -> int:
@@ -228,24 +232,23 @@ def _split_uniforms(u: np.ndarray, n_local: int) -> dict[str, np.ndarray]:
 def drawn_frames(u: np.ndarray, T: int, config: PipelineConfig) -> np.ndarray:
     """One sample's (p, c, f) from its uniforms, as `params_from_uniforms` draws them: stage A
     needs a sample's frames before its batch is complete, to keep only their JPEGs."""
-    return frame_triple(u[:4], max(int(T), 1), config.sampling)
+    return frame_triple(u[:FRAME_UNIFORMS], max(int(T), 1), config.sampling)
 
 
-def params_from_uniforms(u: np.ndarray, T, height, width, config: PipelineConfig
+def params_from_uniforms(u: np.ndarray, frames, height, width, config: PipelineConfig
                          ) -> list[SampleParams]:
-    """The parameters of B samples from their uniforms [B, K] (`sample_uniforms`), T, frame
-    height and width ([B] each): every step vectorised over the batch, since stage A draws
-    a batch of 64 samples' 14 views on one core, and per-sample Python was most of its
-    time."""
+    """The parameters of B samples from their uniforms [B, K] (`sample_uniforms`), their
+    frame triples ([B, 3], `drawn_frames` of the same uniforms, which the caller has
+    already needed) and frame height and width ([B] each): every step vectorised over the
+    batch, since stage A draws a batch of 64 samples' 14 views on one core, and per-sample
+    Python was most of its time."""
     views = config.views
     n_local = views.n_local
-    u = np.asarray(u, dtype=np.float64).reshape(len(T), uniforms_per_sample(n_local))
-    parts = _split_uniforms(u, n_local)
-    T = np.maximum(np.asarray(T, dtype=np.int64), 1)
-    height, width = np.asarray(height, dtype=np.int64), np.asarray(width, dtype=np.int64)
-    if len(T) == 0:
+    if len(frames) == 0:
         return []
-    frames = [drawn_frames(row, t, config) for row, t in zip(parts["frames"], T.tolist())]
+    u = np.asarray(u, dtype=np.float64).reshape(len(frames), uniforms_per_sample(n_local))
+    parts = _split_uniforms(u, n_local)
+    height, width = np.asarray(height, dtype=np.int64), np.asarray(width, dtype=np.int64)
     scale = np.array([views.global_scale] * 2 + [views.local_scale] * n_local)
     random = _corners(random_boxes(parts["box_tries"], parts["box_offsets"], height, width,
                                    scale, views.ratio))
@@ -273,7 +276,8 @@ def draw_sample_params(seed: int | np.random.Generator, T: int, height: int, wid
     """Every random parameter of one sample from its seed, its T and its frame size (what
     `params_from_uniforms` gives it in any batch)."""
     u = sample_uniforms(seed, config.views.n_local)
-    return params_from_uniforms(u[None], [T], [height], [width], config)[0]
+    return params_from_uniforms(u[None], [drawn_frames(u, T, config)], [height], [width],
+                                config)[0]
 
 
 def jitter_sequence(row, order) -> list[int]:

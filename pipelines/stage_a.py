@@ -468,7 +468,7 @@ class StageA:
         count = spec.batch_size
         if not spec.infinite:
             count = min(count, spec.samples_per_epoch - self.passes.position)
-        samples, uniforms, skipped = [], [], []
+        samples, uniforms, frames, skipped = [], [], [], []
         for _ in range(count):
             data, meta, label, source = self.passes.next_raw()
             try:
@@ -482,15 +482,14 @@ class StageA:
                 continue
             rng = sample_rng(spec.seed, spec.shard_id, self.samples_seen + len(samples))
             uniforms.append(sample_uniforms(rng, config.views.n_local))
+            frames.append(drawn_frames(uniforms[-1], sample_frames(sample.meta), config))
             if sample.frame_offsets is not None:
-                keep_drawn_frames(sample, drawn_frames(uniforms[-1],
-                                                       sample_frames(sample.meta), config))
+                keep_drawn_frames(sample, frames[-1])
             samples.append(sample)
         # Every sample's parameters at once, from its own uniforms (the same as one by one).
-        params = params_from_uniforms(
-            np.array(uniforms),
-            [sample_frames(s.meta) for s in samples], [s.meta["height"] for s in samples],
-            [s.meta["width"] for s in samples], config)
+        params = params_from_uniforms(np.array(uniforms), frames,
+                                      [s.meta["height"] for s in samples],
+                                      [s.meta["width"] for s in samples], config)
         self.samples_seen += count
         self.batches_seen += 1
         masks = draw_masks(config, spec.seed, spec.shard_id, self.batches_seen, len(samples))

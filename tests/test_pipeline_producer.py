@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from test_pipeline_loader import _drop_one_json
 from test_pipeline_resume import digest, small_config
@@ -60,6 +61,16 @@ def test_the_runs_index_files_go_with_the_loader(synth_shards, producer):
     one_pass = build_loader([synth_shards], batch_size=5, config=config, seed=4,
                             num_threads=1, infinite=False)
     assert sum(batch["labels"].shape[0] for batch in one_pass) == 12
+    assert _run_index_dirs() == before
+    # `bench data --loader stage-a` runs stage A from a loader that never starts: its
+    # close() removes the directory too.
+    from tcore.bench.data import build_named_loader
+
+    alone = build_named_loader("stage-a", str(synth_shards), torch.device("cpu"), 1, 5, 4,
+                               config=config)
+    next(alone)
+    assert len(_run_index_dirs() - before) == 1
+    alone.close()
     assert _run_index_dirs() == before
 
 

@@ -12,8 +12,9 @@ from tcore.pipelines.config import MaskConfig, PipelineConfig, PipelineConfigErr
 from tcore.pipelines.masks import (_add_block, attempt_uniforms, batch_masks, block_mask,
                                    mask_tensors, rows_to_mask)
 from tcore.pipelines.sampling import (BOX_TRIES, central_box, draw_sample_params,
-                                      frame_triple_distribution, params_from_uniforms,
-                                      random_boxes, sample_rng, sample_uniforms)
+                                      drawn_frames, frame_triple_distribution,
+                                      params_from_uniforms, random_boxes, sample_rng,
+                                      sample_uniforms)
 
 DRAWS = 4000
 # Total-variation tolerance: with K support points and n draws the expected TV distance is
@@ -399,7 +400,9 @@ def test_a_batch_draws_what_each_sample_draws_alone():
     shapes = [(20, 128, 160), (8, 320, 426), (1, 90, 1000), (40, 1000, 90), (3, 17, 23)] * 6
     seeds = [sample_rng(11, 0, i) for i in range(len(shapes))]
     u = np.stack([sample_uniforms(rng, config.views.n_local) for rng in seeds])
-    batch = params_from_uniforms(u, *zip(*shapes), config)
+    T, height, width = zip(*shapes)
+    frames = [drawn_frames(row, t, config) for row, t in zip(u, T)]
+    batch = params_from_uniforms(u, frames, height, width, config)
     for i, (T, height, width) in enumerate(shapes):
         alone = draw_sample_params(sample_rng(11, 0, i), T, height, width, config)
         assert batch[i].as_dict() == alone.as_dict(), i
