@@ -1,9 +1,9 @@
 """Where stage A runs: a thread of the loader's process, or a process of its own.
 
-Stage A is mostly Python (unpacking DALI's reader outputs, then the draws and masks: 10-19
-ms a batch of 64 over a reader on one core of the 2-core development machine, `tcore bench
-data --loader stage-a`). In a thread it shares the GIL
-with the training loop, which on a GPU is Python launching kernels: every millisecond stage
+Stage A is mostly Python (unpacking DALI's reader outputs, then the draws and masks: 16-19
+ms a batch of 64 over a reader, 10-11 ms for a set held in memory, on one core of the
+2-core development machine, `tcore bench data --loader stage-a`). In a thread it shares
+the GIL with the training loop, which on a GPU is Python launching kernels: every millisecond stage
 A holds the GIL is one the step's launches wait. In a process of its own it has its own
 interpreter; its batches come back pickled through a pipe (64 JPEG-frame samples cut to
 their drawn frames are ~2 MB, ~1 ms to unpickle). `PipelineConfig.producer` chooses.
