@@ -44,7 +44,7 @@
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
 # GPU_CHECK_TESTS (a pytest -k expression: which GPU tests run; all when unset),
-# GPU_CHECK_WORK (scratch folder, default a fresh temporary one).
+# GPU_CHECK_WORK (scratch folder, kept; default a fresh temporary one, removed at exit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -71,7 +71,12 @@ CPU_MODE=${GPU_CHECK_CPU:-0}
 OUT=${OUT:-$REPO/runs/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+if [[ -n "${GPU_CHECK_WORK:-}" ]]; then
+    WORK=$GPU_CHECK_WORK
+else    # a scratch folder of our own: everything kept is copied to $OUT, so it goes at exit
+    WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+    trap 'rm -rf "$WORK"' EXIT
+fi
 mkdir -p "$WORK/reports" "$WORK/profile"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import types
@@ -496,6 +497,10 @@ def test_gpu_session_script_overlaps_and_collects_in_cpu_mode(synth_root, synth_
     (run,) = bundle["stage_a"]["runs"]
     assert run["settings"]["loader"] == "stage-a" and run["settings"]["data"] == str(frames)
     assert run["figures"]["samples_per_s"]["median"] > 0
+    # Each gpu_check.sh run made its own scratch folder (no GPU_CHECK_WORK) and removed it.
+    for half in ("model", "data"):
+        (work,) = re.findall(r"work: (\S+)", (out / half / "gpu_check.log").read_text())
+        assert Path(work).name.startswith("gpu_check.") and not Path(work).exists()
 
 
 def test_process_tree_cpu_seconds_counts_child_processes():
