@@ -406,6 +406,10 @@ def build_views_pipeline(kind: str, views: ViewConfig, batch_size: int, device_i
     pipe = views_pipeline(kind=kind, views=views, on_gpu=device_id is not None,
                           out_dtype=out_dtype, decode_video_on_gpu=decode_video_on_gpu,
                           photometric_in_graph=photometric_in_graph, frame_sizes=frame_sizes,
+                          # Only the colour stage branches per sample; without it the graph
+                          # needs no AutoGraph conversion (faster to build, and a killed
+                          # process leaves none of its generated files in the temp folder).
+                          enable_conditionals=photometric_in_graph,
                           batch_size=batch_size, num_threads=num_threads,
                           device_id=device_id, prefetch_queue_depth=prefetch, seed=seed,
                           exec_async=True, exec_pipelined=True,

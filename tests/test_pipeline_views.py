@@ -14,8 +14,8 @@ from tcore.pipelines.config import PhotometricConfig, ViewConfig
 from tcore.pipelines.sampling import jitter_sequence
 from tcore.pipelines.torchvision_loader import _photometric as baseline_photometric
 from tcore.pipelines.views import (FAST_HUE_DEGREES, FAST_SATURATION, ROW_WIDTH, SWITCHES,
-                                   _photometric, blur_windows, jitter_columns, pil_hue_shift,
-                                   view_rows)
+                                   _photometric, blur_windows, build_views_pipeline,
+                                   jitter_columns, pil_hue_shift, view_rows)
 
 
 @pipeline_def(enable_conditionals=True, num_threads=1, device_id=None, prefetch_queue_depth=1,
@@ -270,3 +270,15 @@ def test_view_rows_decide_each_views_branches():
     assert [on[f"slot{k}"][2] for k in range(6)] == [True, True, False, False, False, False]
     assert full[2, FAST_HUE_DEGREES] == np.float32(0.05) * np.float32(360.0)
     assert full[1, FAST_SATURATION] == 0.0      # grayscale: saturation 0
+
+
+@pytest.mark.parametrize("colour_in_graph", [True, False])
+def test_only_a_graph_with_the_colour_stage_is_converted_for_conditionals(colour_in_graph):
+    """The per-sample `if`s are the colour stage's: the graph that hands uint8 views to the
+    torch colour stage builds without DALI's AutoGraph conversion (whose generated source
+    files a killed process leaves in the temp folder), the in-graph one with it."""
+    pipe = build_views_pipeline("video", ViewConfig(), batch_size=2, device_id=None,
+                                num_threads=1, prefetch=1, out_dtype=types.FLOAT,
+                                photometric_in_graph=colour_in_graph)
+    assert pipe._conditionals_enabled is colour_in_graph
+    assert ("photometric" in pipe.feed_names) is colour_in_graph
