@@ -107,11 +107,13 @@ def test_frames_past_what_the_clip_decodes_are_an_error_not_black(synth_shards, 
 
 def test_gpu_graph_decodes_clips_without_padding_and_sizes_on_the_cpu():
     """The GPU graph (its Python graph, no CUDA needed): both clip decoders (NVDEC and the
-    CPU one) refuse frames past the clip, and the frame sizes come out on the CPU."""
+    CPU one) refuse frames past the clip, and the frame sizes come out on the CPU. (The
+    graph as the paper presets build it on a GPU: the colour stage left to torch.)"""
     for kind, decode_on_gpu in (("video", True), ("video", False), ("frames", True),
                                 ("image", True)):
         pipe = views_pipeline(kind=kind, views=ViewConfig(), on_gpu=True,
                               out_dtype=types.FLOAT, decode_video_on_gpu=decode_on_gpu,
+                              photometric_in_graph=False, enable_conditionals=False,
                               frame_sizes=True, batch_size=2, num_threads=1, device_id=0,
                               prefetch_queue_depth=1, exec_dynamic=True)
         pipe._build_graph()

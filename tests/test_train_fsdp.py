@@ -1,8 +1,9 @@
 """`train.parallel=fsdp` (FSDP2) on the CPU: 2 processes over gloo through torchrun.
 
 One module-scoped set of runs serves every assertion (each torchrun launch costs several
-seconds of start-up): a DDP run and an FSDP run of the same STEPS steps, and an FSDP run
-stopped at STOP and resumed to STEPS (and a copy of it resumed under DDP).
+seconds of start-up, so the independent ones run at the same time): a DDP run and an FSDP
+run of the same STEPS steps, and an FSDP run stopped at STOP and resumed to STEPS (and a
+copy of it resumed under DDP).
 
 Tolerances:
 - FSDP vs DDP losses, rtol 1e-5: the same arithmetic, except that FSDP averages gradients
@@ -15,9 +16,11 @@ Tolerances:
   rank cuts into the same shards it had, plus the optimizer, RNG and loader states, and gloo
   collectives on the CPU are deterministic, so the resumed run does the identical arithmetic.
 """
+import contextlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -31,6 +34,8 @@ from tcore.fsdp import is_sharded
 from tcore.models import load_reference
 from tcore.train import Trainer, parallel_mode, read_losses
 
+from processes import killed_at_the_end
+
 STEPS, STOP = 4, 2
 FAST = ["train.log_every=1", "model.head.prototypes=256", "data.batch_size_per_gpu=4",
         "data.num_threads=1"]
@@ -39,25 +44,59 @@ LOSS_RTOL = 1e-5
 
 def torchrun(shards, out, parallel, max_steps, *extra):
     """A 2-process CPU run of the tiny preset; returns the CompletedProcess (checked)."""
+    (done,) = finished(started(shards, out, parallel, max_steps, *extra))
+    return done
+
+
+def started(shards, out, parallel, max_steps, *extra) -> subprocess.Popen:
+    """Start such a run (`--standalone`: a rendezvous port of its own, so runs can overlap)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", "-m", "tcore.cli", "train", "--config", "tiny_cpu",
                "--data", str(shards), "--output", str(out), "--max-steps", str(max_steps),
                "--checkpoint-every", str(STOP), "--no-progress", *FAST,
                f"train.parallel={parallel}", *extra]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # Files, not pipes: a run that is not being read yet must not block on a full pipe.
+    logs = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+    process = subprocess.Popen(command, stdout=logs[0], stderr=logs[1], text=True)
+    process.logs = logs
+    return process
+
+
+def finished(*processes: subprocess.Popen) -> list[subprocess.CompletedProcess]:
+    """Wait for every run (none outlives this call), then check each ended well."""
+    with contextlib.ExitStack() as stack:
+        for process in processes:
+            stack.enter_context(killed_at_the_end(process))
+        for process in processes:
+            process.wait(timeout=300)
+    done = []
+    for process in processes:
+        stdout, stderr = (_read(log) for log in process.logs)
+        assert process.returncode == 0, stderr[-4000:]
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout,
+                                                stderr))
     return done
+
+
+def _read(log) -> str:
+    log.seek(0)
+    text = log.read()
+    log.close()
+    return text
 
 
 @pytest.fixture(scope="module")
 def runs(synth_shards, tmp_path_factory):
+    """Runs that do not depend on each other overlap: most of a launch is its processes
+    importing and building, and each run's arithmetic is the same as alone (gloo on the CPU
+    is deterministic)."""
     root = tmp_path_factory.mktemp("fsdp")
-    torchrun(synth_shards, root / "ddp", "ddp", STEPS)
-    torchrun(synth_shards, root / "fsdp", "fsdp", STEPS)
-    stopped = torchrun(synth_shards, root / "resumed", "fsdp", STOP)
+    *_, stopped = finished(started(synth_shards, root / "ddp", "ddp", STEPS),
+                           started(synth_shards, root / "fsdp", "fsdp", STEPS),
+                           started(synth_shards, root / "resumed", "fsdp", STOP))
     shutil.copytree(root / "resumed", root / "crossed")
-    resumed = torchrun(synth_shards, root / "resumed", "fsdp", STEPS, "--resume")
-    torchrun(synth_shards, root / "crossed", "ddp", STEPS, "--resume")
+    resumed, _ = finished(started(synth_shards, root / "resumed", "fsdp", STEPS, "--resume"),
+                          started(synth_shards, root / "crossed", "ddp", STEPS, "--resume"))
     return {"root": root, "ddp": root / "ddp", "fsdp": root / "fsdp",
             "resumed": root / "resumed", "crossed": root / "crossed",
             "stdout": stopped.stdout + resumed.stdout}
