@@ -133,6 +133,7 @@ CHILD = textwrap.dedent("""
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import BadSampleError, build_loader
     config = PipelineConfig(shuffle_buffer=1)     # the default views: 224 and 8 x 96 crops
+    config.views.color_jitter = "fast"    # colour in the graph: no colour stage to compile
     try:
         for _ in build_loader([sys.argv[1]], 4, config=config, num_threads=1,
                               infinite=False):
