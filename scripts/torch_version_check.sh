@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # scripts/torch_version_check.sh: the test suite (CPU) under another torch release, by default
-# the GPU machine's (torch 2.11.0, torchvision 0.26.0), so that a difference between releases
-# shows up here and not during a short GPU lease. On 2026-11-26 it found one: torch 2.11's
-# Inductor drops a float64 -> float32 -> float64 round trip, which moved hue-shifted pixels.
+# the GPU machine's (torch 2.11.0, torchvision 0.26.0, timm 1.0.29), so that a difference
+# between releases shows up here and not during a short GPU lease. On 2026-11-26 it found
+# one: torch 2.11's Inductor drops a float64 -> float32 -> float64 round trip, which moved
+# hue-shifted pixels.
 #
 #   scripts/torch_version_check.sh [PYTEST ARGS...]      # e.g. tests/test_torch_photometric.py
-#   TORCH_CHECK_VERSION=2.11.0 TORCHVISION_CHECK_VERSION=0.26.0 scripts/torch_version_check.sh
+#   TORCH_CHECK_VERSION=2.11.0 TORCHVISION_CHECK_VERSION=0.26.0 TIMM_CHECK_VERSION=1.0.29 \
+#       scripts/torch_version_check.sh
 #
 # The first run builds .venv-torch<VERSION>/ (ignored; about 3 GB from PyPI: torch's CUDA
 # build, which runs on the CPU too), with the project's other dependencies at constraints.txt's
@@ -14,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${TORCH_CHECK_VERSION:-2.11.0}
 VISION=${TORCHVISION_CHECK_VERSION:-0.26.0}
+TIMM=${TIMM_CHECK_VERSION:-1.0.29}
 VENV=.venv-torch$TORCH
 if [[ ! -f "$VENV/.installed" ]]; then
     python3 -m venv "$VENV"
@@ -21,11 +24,11 @@ if [[ ! -f "$VENV/.installed" ]]; then
     "$VENV/bin/pip" install -q "torch==$TORCH" "torchvision==$VISION"
     grep -v -E '^(torch|torchvision|xformers)==' constraints.txt >"$VENV/constraints.txt"
     # setup.cfg's dependencies but torch, torchvision and xformers, then the project itself.
-    "$VENV/bin/pip" install -q -c "$VENV/constraints.txt" timm webdataset nvidia-dali-cuda120 \
+    "$VENV/bin/pip" install -q -c "$VENV/constraints.txt" "timm==$TIMM" webdataset nvidia-dali-cuda120 \
         numpy 'click>=8' av omegaconf pillow safetensors tqdm scipy matplotlib tensorboard \
         pytest pytest-timeout
     "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
     touch "$VENV/.installed"
 fi
-"$VENV/bin/python" -c "import torch; print('torch', torch.__version__)"
+"$VENV/bin/python" -c "import timm, torch; print('torch', torch.__version__, 'timm', timm.__version__)"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
