@@ -57,7 +57,7 @@ def started(shards, out, parallel, max_steps, *extra) -> subprocess.Popen:
                f"train.parallel={parallel}", *extra]
     # Files, not pipes: a run that is not being read yet must not block on a full pipe.
     logs = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
-    process = subprocess.Popen(command, stdout=logs[0], stderr=logs[1], text=True)
+    process = subprocess.Popen(command, stdout=logs[0], stderr=logs[1])
     process.logs = logs
     return process
 
