@@ -287,9 +287,13 @@ def build_baseline_loader(manifests, batch_size: int, device: str = "cpu",
     shard_set = load_shard_set(manifests)
     shard_id, num_shards = distributed_shard(shard_id, num_shards)
     dataset = ShardSamples(shard_set, config, seed, shard_id, num_shards, infinite)
+    # Workers from a fork server, not forked from the caller: a process that already runs
+    # threads (DALI's, torch's: `bench data --loader both`, a test session) can leave a lock
+    # held in a forked child, and under Python 3.12 such workers hung (tests/test_pipeline_loader).
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=BaselineCollate(config, return_params),
                         prefetch_factor=prefetch if num_workers else None,
-                        persistent_workers=False, pin_memory=torch.device(device).type == "cuda")
+                        persistent_workers=False, pin_memory=torch.device(device).type == "cuda",
+                        multiprocessing_context="forkserver" if num_workers else None)
     batches = math.ceil(len(dataset.entries) / batch_size)
     return BaselineLoader(loader, device, dtype, batches, infinite)

@@ -351,13 +351,18 @@ def test_baseline_loader_batches(synth_shards):
 
 
 def test_baseline_workers_split_the_samples(synth_shards):
-    """Two DataLoader workers: one pass reads each of the 12 samples once."""
+    """Two DataLoader workers: one pass reads each of the 12 samples once. The workers come
+    from a fork server, not forked from this process: by now it holds the threads of earlier
+    tests' DALI pipelines and torch, and under Python 3.12 (the GPU machine's) workers forked
+    from it hung here, every time (2026-11-27)."""
     config = _no_photometric(n_local=0)
     config.views.global_size = 32
     loader = build_baseline_loader([synth_shards], batch_size=4, config=config, num_workers=2,
                                    infinite=False, return_params=True)
+    assert loader.loader.multiprocessing_context.get_start_method() == "forkserver"
     sources = [s for batch in loader for s in batch["sources"]]
     assert len(sources) == 12 and len(set(sources)) == 12, sources
+
 
 def test_mixed_manifests_use_each_samples_T(synth_shards, counter_mjpeg_t8):
     config = PipelineConfig()
