@@ -354,7 +354,7 @@ def test_baseline_workers_split_the_samples(synth_shards):
     """Two DataLoader workers: one pass reads each of the 12 samples once. The workers come
     from a fork server, not forked from this process: by now it holds the threads of earlier
     tests' DALI pipelines and torch, and under Python 3.12 (the GPU machine's) workers forked
-    from it hung here, every time (2026-11-27)."""
+    from it hung here in both runs (2026-11-27)."""
     config = _no_photometric(n_local=0)
     config.views.global_size = 32
     loader = build_baseline_loader([synth_shards], batch_size=4, config=config, num_workers=2,
