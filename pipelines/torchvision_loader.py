@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
 
 import av
 import numpy as np
@@ -275,6 +276,15 @@ class BaselineLoader:
         self._iterator = None
 
 
+def _worker_context():
+    """The fork server's context, with this module preloaded in the server: its workers then
+    fork with torch, PyAV and PIL already imported instead of importing them at every pass's
+    start. Takes effect when the process's fork server starts (its first pass)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    return context
+
+
 def build_baseline_loader(manifests, batch_size: int, device: str = "cpu",
                           config: PipelineConfig | None = None, seed: int = 0, shard_id=None,
                           num_shards=None, num_workers: int = 2, prefetch: int = 2,
@@ -290,10 +300,11 @@ def build_baseline_loader(manifests, batch_size: int, device: str = "cpu",
     # Workers from a fork server, not forked from the caller: a process that already runs
     # threads (DALI's, torch's: `bench data --loader both`, a test session) can leave a lock
     # held in a forked child, and under Python 3.12 such workers hung (tests/test_pipeline_loader).
+    context = _worker_context() if num_workers else None
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=BaselineCollate(config, return_params),
                         prefetch_factor=prefetch if num_workers else None,
                         persistent_workers=False, pin_memory=torch.device(device).type == "cuda",
-                        multiprocessing_context="forkserver" if num_workers else None)
+                        multiprocessing_context=context)
     batches = math.ceil(len(dataset.entries) / batch_size)
     return BaselineLoader(loader, device, dtype, batches, infinite)

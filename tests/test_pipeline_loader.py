@@ -364,6 +364,36 @@ def test_baseline_workers_split_the_samples(synth_shards):
     assert len(sources) == 12 and len(set(sources)) == 12, sources
 
 
+def _child_processes() -> dict[int, tuple[str, str]]:
+    """This process's children: pid -> (command line, memory maps), from /proc."""
+    children = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            if parent == os.getpid():
+                with open(f"/proc/{pid}/cmdline") as cmd, open(f"/proc/{pid}/maps") as maps:
+                    children[int(pid)] = (cmd.read().replace("\0", " "), maps.read())
+        except OSError:      # a process that ended while we looked
+            continue
+    return children
+
+
+def test_baseline_fork_server_holds_torch_and_pyav_already(synth_shards):
+    """The fork server imports the baseline loader (torch, PyAV, PIL) once, so each pass's
+    workers fork with them loaded instead of importing them again (some 3 s a pass here)."""
+    config = _no_photometric(n_local=0)
+    config.views.global_size = 32
+    loader = build_baseline_loader([synth_shards], batch_size=4, config=config, num_workers=2,
+                                   infinite=False)
+    next(iter(loader))
+    servers = [maps for cmd, maps in _child_processes().values()
+               if "multiprocessing.forkserver import main" in cmd]
+    assert len(servers) == 1, _child_processes().keys()
+    assert "libtorch_cpu" in servers[0] and "libavcodec" in servers[0]
+    loader.close()
+
+
 def test_mixed_manifests_use_each_samples_T(synth_shards, counter_mjpeg_t8):
     config = PipelineConfig()
     config.views.n_local = 1
