@@ -3,7 +3,8 @@
 # Run on the GPU machine after scripts/carry_parts.sh has joined DALI (see gpu_session.sh):
 #   1. scripts/decode_probe.py: the video decoder alone, NVDEC (mixed) against the CPU
 #      decoder on 8 and 16 threads;
-#   2. `tcore bench data` with the paper presets' views: NVDEC against video_decoder=cpu.
+#   2. `tcore bench data` with the paper presets' views: video_decoder=cpu against
+#      video_decoder=gpu (NVDEC; `auto` would decode VP9 on the CPU too).
 # (2026-11-26, H100: NVDEC gave ~62 clips/s of 426x320 VP9 whatever the threads, thread
 # pinning or number of pipelines; docs/PERFORMANCE.md.)
 # Each step is skipped when less than its time is left of GPU_PROBE_BUDGET (seconds).
@@ -34,5 +35,5 @@ BENCH=("$PY" -P -m tcore.cli bench data --data "$SHARDS" --device cuda --batch 6
 step decode 30 "$PY" -P scripts/decode_probe.py "$SHARDS" --configs mixed:8,cpu:8,cpu:16 \
     --batch 64 --batches 3
 step decoder 60 "${BENCH[@]}" --set views.color_jitter=torchvision,video_decoder=cpu \
-    --compare overrides=views.color_jitter=torchvision --json "$OUT/decoder.json"
+    --compare overrides=views.color_jitter=torchvision,video_decoder=gpu --json "$OUT/decoder.json"
 echo "== done in $((SECONDS - START))s"

@@ -24,13 +24,14 @@ def json_option(function):
                              "device name to this JSON file.")(function)
 
 
-def compare_option(example: str):
-    """--compare, with an example that this command's settings accept."""
+def compare_option(example: str, needs: str = ""):
+    """--compare, with an example that this command's settings accept (and what else it
+    needs)."""
     return click.option("--compare", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                         help="Also run a second configuration in the same process, these "
                              "settings changed (named as in the JSON report's settings; "
                              "overrides= replaces --set), and print the samples/s ratio, "
-                             f"e.g. '{example}'.")
+                             f"e.g. '{example}'{needs}.")
 
 
 def step_options(function):
@@ -149,7 +150,8 @@ def model(arch, batch, attention, precision, compile_, device, n_local, global_s
               help="Pipeline-config overrides (the data.pipeline keys), e.g. "
                    "'views.color_jitter=fast'.")
 @json_option
-@compare_option("overrides=views.color_jitter=fast")
+@compare_option("overrides=views.color_jitter=fast", needs=" (with --loader dali or "
+                "baseline: both already compares two runs)")
 def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repeats, overrides,
          json_path, compare):
     """Samples/s and batch latency of the DALI pipeline and of the baseline loader."""
