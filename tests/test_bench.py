@@ -418,6 +418,12 @@ def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
     # ... and the window's summed wait over its time: (mean wait) / (mean step time).
     assert figures["data_wait_fraction"]["median"] == pytest.approx(
         figures["data_wait"]["median"] / figures["step_time"]["median"])
+    # The model-only steps ran (loader closed) and give the run's own end-to-end fraction.
+    assert run["details"]["model_only_steps"] == 2
+    assert figures["model_only_samples_per_s"]["median"] > 0
+    assert figures["end_to_end_fraction"] == pytest.approx(
+        figures["samples_per_s"]["median"] / figures["model_only_samples_per_s"]["median"])
+    assert "model_only_samples_per_s" in output and "end_to_end_fraction" in output
     # One window of 2 steps of 2 samples: samples/s is 2 over the mean step time.
     assert figures["samples_per_s"]["median"] == pytest.approx(2 / figures["step_time"]["median"])
     assert figures["data_wait"]["n"] == 2
@@ -860,10 +866,12 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
     def counted_loader(*args, **kwargs):
         # Warm-up: --warmup 1 is raised to the loader's prefetch + 1 steps (the batches
         # queued before the first step), each costing 50 s in next() and 100 s in the step.
+        # After the two timed steps, one more batch is held for the model-only steps: one
+        # untimed (100 s) and one per window (0.5 s each).
         loader = build(*args, **kwargs)
         warm = loader.prefetch + 1
-        costs.extend([100.0] * warm + [1.0, 2.0])
-        built.append(CountingLoader(loader, clock, [50.0] * warm + [0.5, 1.5]))
+        costs.extend([100.0] * warm + [1.0, 2.0] + [100.0, 0.5, 0.5])
+        built.append(CountingLoader(loader, clock, [50.0] * warm + [0.5, 1.5] + [7.0]))
         return built[-1]
 
     monkeypatch.setattr(Trainer, "step", step)
@@ -873,7 +881,7 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
         threads=1, warmup=1, steps=2, repeats=2, overrides=TINY_VIEWS)
     run = run_bench("train", settings)["runs"][0]
     warm = run["details"]["warmup_steps"]
-    assert warm == built[0].prefetch + 1 > 1 and built[0].drawn == warm + 2
+    assert warm == built[0].prefetch + 1 > 1 and built[0].drawn == warm + 3
     assert costs == []
     figures = run["figures"]
 
@@ -886,6 +894,14 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
     assert extremes("samples_per_s") == pytest.approx([2 / 3.75, 2 / 1.75], rel=1e-4)
     assert extremes("data_wait_fraction") == pytest.approx([0.5 / 1.75, 1.5 / 3.75], rel=1e-4)
     assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
+    # The wait left out of each window: step 1 + sync 0.25, step 2 + sync 0.25.
+    assert extremes("step_time_without_wait") == pytest.approx([1.25, 2.25], abs=1e-4)
+    # Model only: the held batch's fetch (7 s) and its untimed step are outside every window;
+    # each window is step 0.5 + sync 0.25.
+    assert run["details"]["model_only_steps"] == 2
+    assert extremes("model_only_samples_per_s") == pytest.approx([2 / 0.75, 2 / 0.75], rel=1e-4)
+    assert figures["end_to_end_fraction"] == pytest.approx(
+        figures["samples_per_s"]["median"] / (2 / 0.75), rel=1e-4)
 
 
 def test_an_mfu_above_one_is_flagged_not_reported_silently(monkeypatch):

@@ -315,7 +315,8 @@ TABLE_FIGURES = {
               "cpu_seconds_per_sample"),
     "data": ("samples_per_s", "batch_latency_p50", "batch_latency_p90", "batch_latency_p99",
              "cpu_seconds_per_sample"),
-    "train": ("samples_per_s", "step_time", "data_wait_fraction"),
+    "train": ("samples_per_s", "step_time", "data_wait_fraction", "step_time_without_wait",
+              "model_only_samples_per_s", "end_to_end_fraction"),
 }
 
 

@@ -5,10 +5,14 @@ The host time spent inside the loader's `next()` is data wait: with a loader tha
 of the model it is close to zero, and `data_wait_fraction` says how much of each window the
 training loop sat blocked on data. The step is `tcore.train.Trainer.step`, the same one
 `bench model` times on synthetic batches, so `bench train` samples/s over `bench model`
-samples/s is the end-to-end efficiency.
+samples/s is the end-to-end efficiency. The run also measures that model-only rate itself:
+after the timed windows it closes the loader and times the same step on one batch held on
+the device, in the same process with the same (compiled) step, so the gap to it splits into
+the data wait and the step's own slowdown beside a working loader.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,19 +138,36 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
             # After the timed steps, so the profiler's overhead touches no figure.
             profile = profile_steps(lambda: trainer.step(BENCH_ITERATION, next(iterator)),
                                     device, Path(profile_dir))
+        held = next(iterator)
     finally:
         close_loader(loader)
+    # Model only, nothing beside the step: one untimed step to settle, then the same windows.
+    timed_windows(itertools.repeat(held), trainer, 1, 1, device)
+    _, held_sizes, held_times, held_steps = timed_windows(
+        itertools.repeat(held), trainer, settings.steps, settings.repeats, device)
 
     parts = windows(waits, settings.repeats)     # the same split timed_windows made
+    samples_per_s = summarize([sum(sizes[w]) / t for w, t in zip(parts, window_times)],
+                              "samples/s")
+    model_only = summarize([sum(held_sizes[w]) / t
+                            for w, t in zip(windows(held_sizes, settings.repeats), held_times)],
+                           "samples/s")
     figures = {
-        "samples_per_s": summarize([sum(sizes[w]) / t for w, t in zip(parts, window_times)],
-                                   "samples/s").as_dict(),
+        "samples_per_s": samples_per_s.as_dict(),
         "step_time": summarize([t / n for t, n in zip(window_times, window_steps)], "s").as_dict(),
         "data_wait": summarize(waits, "s").as_dict(),
         "data_wait_fraction": summarize([sum(waits[w]) / t for w, t in zip(parts, window_times)],
                                         "fraction").as_dict(),
+        # The step's time with the loader working beside it, the wait left out ...
+        "step_time_without_wait": summarize(
+            [(t - sum(waits[w])) / n for w, t, n in zip(parts, window_times, window_steps)],
+            "s").as_dict(),
+        # ... against the step alone (loader closed, one batch held on the device).
+        "model_only_samples_per_s": model_only.as_dict(),
+        "end_to_end_fraction": samples_per_s.median / model_only.median,
     }
     details = {"steps": len(waits), "samples": sum(sizes), "warmup_steps": warmup,
+               "model_only_steps": len(held_sizes),
                "attention_resolved": resolved_attention(settings.attention, device),
                "precision_resolved": trainer.precision, "views": views_of(config),
                **dali_loader_details(loader, clock_before, clock_after)}
