@@ -774,6 +774,12 @@ def test_report_labels_each_run_with_its_own_resolved_settings():
     table = format_summary_table({"r": report}).splitlines()
     assert "MFU 20.0%" in table[2] and "500.0" in table[2] and "MFU 5.0%" in table[3]
     assert table[4].split()[-1] == "4.000"
+    # A train run: its data wait and its own end-to-end fraction (of the model-only rate).
+    train = gpu_result("train", 278.0, arch="vit_small")
+    train["figures"].update(data_wait_fraction=summarize([0.179, 0.18], "fraction").as_dict(),
+                            end_to_end_fraction=0.537)
+    row = format_summary_table({"t": build_report([train])}).splitlines()[2]
+    assert row.endswith("wait 17.9% e2e 53.7%") and "278.0" in row
 
 
 # ---- target verdicts at their thresholds ---------------------------------------------------

@@ -397,7 +397,9 @@ def format_summary_table(reports: dict[str, dict]) -> str:
             if result["kind"] == "model" and figures.get("mfu") is not None:
                 extra = f"MFU {format_figure(figures['mfu'])}"
             elif result["kind"] == "train" and figures.get("data_wait_fraction") is not None:
-                extra = f"wait {format_figure(figures['data_wait_fraction'])}"
+                extra = f"wait {format_value(figures['data_wait_fraction']['median'], 'fraction')}"
+                if figures.get("end_to_end_fraction") is not None:   # reports since 2026-11-27
+                    extra += f" e2e {format_value(figures['end_to_end_fraction'], 'fraction')}"
             elif result["kind"] == "data" and figures.get("batch_latency_p90") is not None:
                 extra = f"p90 {format_value(figures['batch_latency_p90'], 's')}"
             label = settings_label(result["settings"], LABEL_KEYS[result["kind"]],
