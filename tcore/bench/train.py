@@ -143,7 +143,7 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
         close_loader(loader)
     # Model only, nothing beside the step: one untimed step to settle, then the same windows.
     timed_windows(itertools.repeat(held), trainer, 1, 1, device)
-    _, held_sizes, held_times, held_steps = timed_windows(
+    _, held_sizes, held_times, _ = timed_windows(
         itertools.repeat(held), trainer, settings.steps, settings.repeats, device)
 
     parts = windows(waits, settings.repeats)     # the same split timed_windows made
