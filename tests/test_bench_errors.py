@@ -214,7 +214,7 @@ def test_second_cpu_run_does_not_repeat_the_first_runs_peak_memory(tmp_path):
         if peak is None:
             assert any(w.startswith("peak_memory not measured") for w in run["warnings"])
     if peaks[1] is None:
-        assert "peak_memory            not measured" in result.output
+        assert "peak_memory              not measured" in result.output
 
 
 # ---- 6. bench table ---------------------------------------------------------------------

@@ -365,10 +365,10 @@ def format_report(report: dict) -> str:
         lines.append(f"[bench {kind}] {label}"
                      f"  on {result['environment']['device_name']}")
         for name, text in result_rows(result):
-            lines.append(f"  {name:<22} {text}")
+            lines.append(f"  {name:<24} {text}")
         loader_line = loader_time_line(result.get("details", {}))
         if loader_line:
-            lines.append(f"  {'loader ms / batch':<22} {loader_line}")
+            lines.append(f"  {'loader ms / batch':<24} {loader_line}")
         for warning in result.get("warnings", []):
             lines.append(f"  warning: {warning}")
     if "compare" in report:
