@@ -25,6 +25,7 @@ from tcore.pipelines.sampling import view_slices
 from tcore.pipelines.torchvision_loader import (baseline_views, build_baseline_loader,
                                                 decode_frames, index_entries, read_component)
 from tcore.preprocess.shards import build_shards
+from processes import children_of
 from shard_files import drop_jsons
 
 COUNTER_FRAMES = 20
@@ -364,19 +365,11 @@ def test_baseline_workers_split_the_samples(synth_shards):
     assert len(sources) == 12 and len(set(sources)) == 12, sources
 
 
-def _child_processes() -> dict[int, tuple[str, str]]:
-    """This process's children: pid -> (command line, memory maps), from /proc."""
-    children = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            if parent == os.getpid():
-                with open(f"/proc/{pid}/cmdline") as cmd, open(f"/proc/{pid}/maps") as maps:
-                    children[int(pid)] = (cmd.read().replace("\0", " "), maps.read())
-        except OSError:      # a process that ended while we looked
-            continue
-    return children
+def _read_proc(pid: int, name: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text().replace("\0", " ")
+    except OSError:      # a process that ended while we looked
+        return ""
 
 
 def test_baseline_fork_server_holds_torch_and_pyav_already(synth_shards):
@@ -387,10 +380,11 @@ def test_baseline_fork_server_holds_torch_and_pyav_already(synth_shards):
     loader = build_baseline_loader([synth_shards], batch_size=4, config=config, num_workers=2,
                                    infinite=False)
     next(iter(loader))
-    servers = [maps for cmd, maps in _child_processes().values()
-               if "multiprocessing.forkserver import main" in cmd]
-    assert len(servers) == 1, _child_processes().keys()
-    assert "libtorch_cpu" in servers[0] and "libavcodec" in servers[0]
+    servers = [pid for pid in children_of(os.getpid())
+               if "multiprocessing.forkserver import main" in _read_proc(pid, "cmdline")]
+    assert len(servers) == 1, children_of(os.getpid())
+    maps = _read_proc(servers[0], "maps")
+    assert "libtorch_cpu" in maps and "libavcodec" in maps
     loader.close()
 
 
