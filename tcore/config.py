@@ -1,9 +1,9 @@
 """Training configuration: OmegaConf presets, dotlist overrides, validation.
 
 A config is `configs/base.yaml` with a preset merged over it, then `key=value` overrides.
-`model` and `loss` are free-form (they go to `tcore.ssl.TCoRe`, which checks them);
-`data`, `optim` and `train` only accept the keys base.yaml defines, so a typo is an error
-that names the file and the key.
+`data`, `optim` and `train` only accept the keys base.yaml defines; `model` and `loss` go to
+`tcore.ssl.TCoRe` and are checked against its defaults as they are loaded. So a typo anywhere
+is an error that names the key and the file or override it came from.
 """
 from __future__ import annotations
 
@@ -98,6 +98,7 @@ def load_config(config: str | os.PathLike, overrides: list[str] | tuple[str, ...
     """Load a preset or YAML file over base.yaml, apply `key=value` overrides, validate."""
     path = resolve_config_path(config)
     cfg = _merge(_strict_base(), _load_yaml(path), str(path))
+    _check_model_and_loss_keys(cfg, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.epochs=10)")
@@ -110,6 +111,8 @@ def load_config(config: str | os.PathLike, overrides: list[str] | tuple[str, ...
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override {item!r}: {exc}") from exc
         cfg = _merge(cfg, dotlist, f"override {item!r}")
+        if item.split("=", 1)[0].strip().split(".")[0] in ("model", "loss"):
+            _check_model_and_loss_keys(cfg, f"override {item!r}")
     try:
         validate_config(cfg, source=str(path))
     except ConfigError as exc:
@@ -117,17 +120,36 @@ def load_config(config: str | os.PathLike, overrides: list[str] | tuple[str, ...
     return cfg
 
 
+def _check_model_and_loss_keys(cfg: DictConfig, source: str) -> None:
+    """`model` and `loss` merged over `tcore.ssl`'s defaults as the model will merge them, so
+    an unknown key there is named with its source now, not when the model is built."""
+    from tcore.ssl import default_loss_config, default_model_config, merge_over_defaults
+
+    for section, defaults in (("model", default_model_config()),
+                              ("loss", default_loss_config())):
+        try:
+            merge_over_defaults(defaults, cfg[section], section)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+
+
 def _blame(message: str, path: str, overrides) -> str:
     """The validation error with its source corrected: the overrides whose keys it names,
     where there are some, rather than the file they were applied over."""
     named = [item for item in overrides
-             if re.search(rf"(?<![\w.]){re.escape(item.split('=', 1)[0].strip())}(?![\w])",
-                          message)]
+             if any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w]|\.\w)", message)
+                    for key in _key_and_sections(item.split("=", 1)[0].strip()))]
     if not named:
         return message
     problem = message[len(path) + 2:] if message.startswith(f"{path}: ") else message
     given = ", ".join(repr(item) for item in named)
     return f"override{'s' if len(named) > 1 else ''} {given} (over {path}): {problem}"
+
+
+def _key_and_sections(key: str) -> list[str]:
+    """`a.b.c` -> [`a.b.c`, `a.b`]: a rule about a section blames the overrides inside it."""
+    parts = key.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 1, -1)]
 
 
 def _require(condition: bool, source: str, message: str) -> None:

@@ -48,7 +48,7 @@ def default_loss_config() -> dict:
     }
 
 
-def _merge(defaults: dict, overrides, where: str) -> dict:
+def merge_over_defaults(defaults: dict, overrides, where: str) -> dict:
     """Deep-merge a mapping (dict or OmegaConf DictConfig) into defaults; unknown keys fail."""
     if overrides is None:
         return defaults
@@ -62,9 +62,10 @@ def _merge(defaults: dict, overrides, where: str) -> dict:
     merged = dict(defaults)
     for key, value in overrides.items():
         if key not in defaults:
-            raise ValueError(f"{where}: unknown key {key!r} (known: {sorted(defaults)})")
+            raise ValueError(f"unknown key {where}.{key} (known there: "
+                             f"{', '.join(sorted(defaults))})")
         if isinstance(defaults[key], dict):
-            merged[key] = _merge(defaults[key], value, f"{where}.{key}")
+            merged[key] = merge_over_defaults(defaults[key], value, f"{where}.{key}")
         else:
             merged[key] = value
     return merged
@@ -100,8 +101,8 @@ class TCoRe(nn.Module):
 
     def __init__(self, model_cfg=None, loss_cfg=None) -> None:
         super().__init__()
-        self.model_cfg = _merge(default_model_config(), model_cfg, "model")
-        self.loss_cfg = _merge(default_loss_config(), loss_cfg, "loss")
+        self.model_cfg = merge_over_defaults(default_model_config(), model_cfg, "model")
+        self.loss_cfg = merge_over_defaults(default_loss_config(), loss_cfg, "loss")
         self.student = _build_student_like(self.model_cfg, drop_path=self.model_cfg["drop_path"])
         # The teacher never drops paths (DINOv2 builds it without stochastic depth).
         self.teacher = _build_student_like(self.model_cfg, drop_path=0.0)

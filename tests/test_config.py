@@ -1,4 +1,5 @@
 """Config presets, dotlist overrides and validation errors that name the problem."""
+import re
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,31 @@ def test_a_bad_value_is_blamed_on_the_override_that_set_it(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(str(own), ["train.seed=3"])
     assert str(info.value).startswith(f"{own}: optim.epochs must be an integer > 0")
+    # A rule about a section blames the override that set a key inside it.
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_cpu", ["train.seed=3", "data.pipeline.sampling.current_range=[0.4,0.6]"])
+    assert str(info.value).startswith("override 'data.pipeline.sampling.current_range=[0.4,0.6]'"
+                                      " (over ")
+    assert "data.pipeline.sampling ({'current_range': [0.4, 0.6]}) is not used" in str(info.value)
+
+
+def test_unknown_model_and_loss_keys_name_their_source(tmp_path):
+    # model and loss are checked against tcore.ssl's defaults as the config is loaded, so the
+    # message names the override or the file, with the key's full path and its neighbours.
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_cpu", ["train.seed=3", "model.head.protos=8"])
+    assert str(info.value) == ("override 'model.head.protos=8': unknown key model.head.protos "
+                               "(known there: bottleneck, hidden, layers, prototypes)")
+    with pytest.raises(ConfigError, match=r"^override 'loss\.kolo=1': unknown key loss\.kolo "
+                                          r"\(known there: center_momentum, "):
+        load_config("tiny_cpu", ["loss.kolo=1"])
+    own = tmp_path / "own.yaml"
+    own.write_text("model:\n  layerscal: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(own))}: unknown key model\.layerscal "
+                                          r"\(known there: arch, "):
+        load_config(str(own), ["train.seed=3"])
+    # Known keys, from files and overrides, still load.
+    assert load_config("tiny_cpu", ["model.head.prototypes=8"]).model.head.prototypes == 8
 
 
 def test_bad_files_are_named(tmp_path):

@@ -223,7 +223,7 @@ def test_configs_defaults_and_validation():
             loss_cfg["patch_weight"], loss_cfg["past_future_weight"]) == (0.1, 0.9, 0.1, 0.8, 20.0)
     tcore = TCoRe(OmegaConf.create(TINY), OmegaConf.create({"koleo_weight": 0.2}))
     assert tcore.loss_cfg["koleo_weight"] == 0.2 and tcore.model_cfg["head"]["layers"] == 3
-    with pytest.raises(ValueError, match="unknown key 'protoypes'"):
+    with pytest.raises(ValueError, match=r"unknown key model\.head\.protoypes \(known there: bottleneck, "):
         TCoRe({**TINY, "head": {"protoypes": 8}})
 
 

@@ -24,8 +24,7 @@ from tcore.bench.data import (LOADERS, batch_size_of, build_named_loader, close_
 from tcore.bench.flops import PRECISION_DTYPES, synchronizer
 from tcore.bench.model import (BENCH_ITERATION, TRAIN_OPTION_KEYS, arch_names, at_least,
                                bench_config, build_trainer, check_attention, check_device,
-                               check_model_keys, profile_steps, refuse_option_keys,
-                               resolved_attention)
+                               profile_steps, refuse_option_keys, resolved_attention)
 from tcore.bench.report import environment, resolve_device
 from tcore.bench.stats import summarize
 
@@ -72,7 +71,6 @@ class TrainBenchSettings:
         # The config and its pipeline, built here (a bad key fails before any run).
         cfg = bench_config(self.arch, self.attention, self.precision, self.compile, self.batch,
                            torch.device("cpu"), self.threads, self.overrides)
-        check_model_keys(cfg)
         pipeline_config(cfg)
         return self
 
