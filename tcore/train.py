@@ -276,7 +276,10 @@ class Trainer:
                 "rng": _gather(rng_state(), self.info),
                 "world_size": self.info.world_size, "parallel": self.parallel,
                 "precision": self.precision,
-                "config": OmegaConf.to_container(self.cfg, resolve=True)}
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+                # Where the shards were (the loader checks what they hold, not where): named
+                # when a resume is given other shards.
+                "data_dirs": [m["_dir"] for m in self.loader.shard_set.manifests]}
 
     @staticmethod
     def _check_layout(state: dict, source: Path) -> None:
@@ -294,7 +297,8 @@ class Trainer:
         """Restore a checkpoint of any mode (the layout is shared) at the same world size."""
         if state.get("world_size", 1) != self.info.world_size:
             raise ConfigError(f"{source}: written by {state['world_size']} processes, resuming "
-                              f"with {self.info.world_size}; exact resumption needs the same")
+                              f"with {self.info.world_size}; exact resumption needs the same "
+                              f"number of processes: start it with {state['world_size']} in all")
         self._check_precision(state, source)
         self._check_layout(state, source)
         if self.sharded:
@@ -308,7 +312,9 @@ class Trainer:
         try:
             self.loader.load_state_dict(state["loader"][self.info.rank])
         except ValueError as exc:   # other shards, batch size or seed: name the checkpoint
-            raise ConfigError(f"{source}: {exc}") from exc
+            trained_on = ("" if "other shards" not in str(exc) or not state.get("data_dirs")
+                          else f" (the run was trained on {', '.join(state['data_dirs'])})")
+            raise ConfigError(f"{source}: {exc}{trained_on}") from exc
         set_rng_state(state["rng"][self.info.rank])
         return int(state["step"])
 
@@ -374,9 +380,13 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         cfg.train.checkpoint_every = int(checkpoint_every)
     info = init_distributed(cfg.train.device)
     try:
+        # Checks that need no run directory come first, so a mistyped --data or a precision
+        # this machine lacks leaves no empty RUN_DIR behind.
+        manifests = resolve_manifests(data)
+        resolve_precision(cfg.train.precision, info.device)
         with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
               StopRequest().listening() as stop):
-            return _train(cfg, resolve_manifests(data), run_dir, info, stop, resume=resume,
+            return _train(cfg, manifests, run_dir, info, stop, resume=resume,
                           max_steps=max_steps, progress=progress)
     finally:
         shutdown(info)

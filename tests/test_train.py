@@ -399,8 +399,10 @@ def test_resume_names_a_changed_key_and_refuses_other_shards(synth_root, synth_s
     build_shards(synth_root / "train", other, frames=20, short_side=128, codec="vp9",
                  samples_per_shard=4, workers=1, progress=False)
     with pytest.raises(ConfigError, match=r"checkpoint-00000002\.pt: loader state was saved "
-                                          r"over other shards than .*other"):
+                                          r"over other shards than .*other") as info:
         train(cfg, other, run, resume=True, max_steps=4, progress=False)
+    # ... naming where the run's own shards were, which the user may have forgotten.
+    assert str(info.value).endswith(f"(the run was trained on {synth_shards.resolve()})")
     # Moved shards are the same shards.
     moved = tmp_path / "moved"
     shutil.copytree(synth_shards, moved)
@@ -443,9 +445,16 @@ def test_cli_errors_name_the_problem(synth_shards, tmp_path):
         result = runner.invoke(cli, ["train", "--config", "vits16_k400", "--data",
                                      str(synth_shards), "--output", str(tmp_path / "paper")])
         assert result.exit_code != 0 and "add train.precision=fp32" in result.output
+        assert not (tmp_path / "paper").exists()
     result = runner.invoke(cli, ["train", "--data", str(synth_shards), "--output",
                                  str(tmp_path / "run"), "optim.epohcs=3"])
     assert result.exit_code != 0 and "optim.epohcs" in result.output
+    result = runner.invoke(cli, ["train", "--data", str(synth_shards), "--output",
+                                 str(tmp_path / "run"), "model.head.protos=8"])
+    assert result.exit_code != 0
+    assert "override 'model.head.protos=8': unknown key model.head.protos" in result.output
+    # None of these failed starts left a run directory behind.
+    assert not (tmp_path / "run").exists()
     existing = tmp_path / "existing" / "checkpoints"
     existing.mkdir(parents=True)
     (existing / "checkpoint-00000002.pt").write_bytes(b"x")
@@ -581,7 +590,8 @@ def test_checkpoint_checks_before_loading_world_size_precision_layout():
     trainer = Trainer(load_config("tiny_cpu", ["model.head.prototypes=128"]), None,
                       init_distributed("cpu"))
     source = Path("checkpoint-00000002.pt")
-    with pytest.raises(ConfigError, match="written by 2 processes, resuming with 1"):
+    with pytest.raises(ConfigError, match="written by 2 processes, resuming with 1; .*"
+                       "start it with 2 in all$"):
         trainer.load_state_dict({"world_size": 2, "precision": "fp32"}, source)
     # Checkpoints from before the precision was saved: a gradient scaler's state means fp16.
     fp16_scaler = torch.amp.GradScaler("cpu", enabled=True).state_dict()

@@ -13,7 +13,8 @@ import click
 @click.option("--output", required=True, help="Run directory (config, checkpoints, logs).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
 @click.option("--max-steps", type=int, default=None,
-              help="Stop after this many steps (schedules keep the configured length).")
+              help="Stop at this step of the run, counted from its start, also with "
+                   "--resume (schedules keep the configured length).")
 @click.option("--checkpoint-every", type=int, default=None,
               help="Steps between checkpoints (overrides train.checkpoint_every).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still written).")
