@@ -819,6 +819,15 @@ def test_targets_pass_at_their_thresholds_and_miss_below():
         for run in runs:
             run["environment"] = {"device": "cpu", "device_name": "test cpu"}
         assert verdicts(*runs)["DALI CPU / baseline loader samples/s"].passed is passed
+    # ... for the full set of views: a pair on smaller views is left out, saying why.
+    small_views = [gpu_result("data", 40.0, loader=loader, **cpu) for loader in ("dali", "baseline")]
+    for run in small_views:
+        run["environment"] = {"device": "cpu", "device_name": "test cpu"}
+        run["details"]["views"] = {"global_size": 112, "local_size": 48, "n_local": 8}
+    check = verdicts(*small_views)["DALI CPU / baseline loader samples/s"]
+    assert check.passed is None and len(check.left_out) == 2
+    assert all("global_size 112 (target 224); local_size 48 (target 96)" in why
+               for why in check.left_out)
 
 
 def test_targets_leave_out_runs_that_did_other_work():

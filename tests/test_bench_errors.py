@@ -131,7 +131,8 @@ def test_targets_count_only_runs_that_did_the_target_work(tmp_path):
         "full": [run_record("model", 300.0, mfu=0.30, **small),
                  run_record("model", 500.0, mfu=0.50, **small)],
         "full2": [run_record("model", 310.0, mfu=0.31, **small)],
-        # A DALI run on smaller views against a baseline with the exact jitter: not a pair.
+        # A DALI run on smaller views (not the target's work) against a baseline with the
+        # exact jitter: not a pair.
         "unfair": [run_record("data", 54.0, loader="dali", data="s",
                               overrides="views.global_size=112,views.n_local=2", **cpu_data),
                    run_record("data", 16.6, loader="baseline", data="s",
@@ -156,7 +157,10 @@ def test_targets_count_only_runs_that_did_the_target_work(tmp_path):
     assert any("shrunk run 2" in line and "model.head.prototypes=256" in line for line in mfu)
     cpu = target_lines(result.output, "DALI CPU / baseline")
     assert "1.30x" in cpu[0] and "MISS" in cpu[0] and "median of 3 pairs" in cpu[0], cpu
-    assert any("unfair run 1" in line and "no run to pair" in line for line in cpu)
+    # The DALI side did not make the full set of views; its baseline then has no partner.
+    assert any("unfair run 1" in line and "global_size 112 (target 224); n_local 2 (target 8)"
+               in line for line in cpu)
+    assert any("unfair run 2" in line and "no run to pair" in line for line in cpu)
     assert any("flagged run 1" in line and "only 3 batches" in line for line in cpu)
 
 
@@ -167,6 +171,8 @@ def test_targets_count_only_runs_that_did_the_target_work(tmp_path):
     ("n_local=-1", "n_local"), ("device=tpu", "tpu"), ("batch=two", "batch"),
     ("compile=maybe", "compile"), ("batch=2", "changes no setting"),
     ("overrides=model.nope=1", "model.nope"),
+    # TINY runs fp32 on the CPU, which is what auto means there.
+    ("precision=auto", "changes no setting on this device: precision fp32 and auto both run as fp32"),
 ])
 def test_bad_compare_values_fail_before_the_first_run(tmp_path, compare, named):
     profile = tmp_path / "profile"   # the first run would write its profile here

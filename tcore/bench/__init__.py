@@ -76,7 +76,24 @@ def second_settings(settings, compare: str):
         resolve_device(second.device)
     except ValueError as error:
         raise ValueError(f"--compare {compare!r}: {error}") from None
+    if runs_as(second) == runs_as(settings):
+        raise ValueError(f"--compare {compare!r} changes no setting on this device: "
+                         f"precision {settings.precision} and {second.precision} both run as "
+                         f"{runs_as(settings)['precision']} here, so both runs would be the same")
     return second
+
+
+def runs_as(settings) -> dict:
+    """The settings as they run on their device: `precision=auto` resolved (fp32 on the CPU,
+    bf16 or fp16 on a GPU). Attention names are kept as given: the report shows what they ran
+    as (`xformers->sdpa`)."""
+    from tcore.train import resolve_precision
+
+    values = asdict(settings)
+    if "precision" in values:
+        values["precision"] = resolve_precision(values["precision"],
+                                                resolve_device(settings.device))
+    return values
 
 
 def changed_settings(settings, compare: str) -> dict:
