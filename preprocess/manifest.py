@@ -131,6 +131,10 @@ def load_manifest(path_or_dir, check_files: bool = False) -> dict:
         # failures.jsonl and no build state is what a build whose every input failed leaves.
         if (path.parent / FAILURES_NAME).is_file() and not (path.parent / ".build").exists():
             hint = f" (no sample was built? {path.parent / FAILURES_NAME} lists the inputs that failed)"
+        # A `--num-nodes` build leaves one manifest per node until they are merged.
+        if path.parent.is_dir() and any(path.parent.glob("manifest.node-*.json")):
+            hint = (" (it holds node manifests, manifest.node-*.json: when every node has "
+                    f"finished, join them with `tcore shards merge-manifest {path.parent}`)")
         raise ShardDirError(f"no shard manifest at {path}{hint}")
     manifest = read_json(path)
     validate_manifest(manifest, str(path))

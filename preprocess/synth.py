@@ -233,7 +233,8 @@ def make_synthetic(out, seed: int = 0, videos: int = 24, frames: int = 48, size=
                    objects: int = 3, davis_videos: int = 3, davis_frames: int = 16,
                    davis_size=(160, 96), davis_objects: int = 2) -> dict:
     """Write the synthetic dataset under `out` and return a summary dict
-    (`train_dir`, `davis_dir`, `classes`, `videos` (relative paths), `davis_videos`).
+    (`train_dir`, `davis_dir`, `classes`, `videos` (relative paths), `davis_videos`, and
+    `reused`: True when `out` already held it).
 
     `size` / `davis_size` are (width, height) or "WxH". `out/synth.json` records the
     parameters: a complete dataset with the same parameters is reused as is; a directory
@@ -252,7 +253,8 @@ def make_synthetic(out, seed: int = 0, videos: int = 24, frames: int = 48, size=
               "davis_videos": davis_videos, "davis_frames": davis_frames,
               "davis_size": [davis_width, davis_height], "davis_objects": davis_objects}
     summary = _summary(out, videos, davis_videos)
-    if _reuse_or_refuse(out, params):
+    summary["reused"] = _reuse_or_refuse(out, params)
+    if summary["reused"]:
         return summary
     _write_atomic(out / SYNTH_RECORD, json.dumps({"params": params, "complete": False}).encode())
     for index, relative in enumerate(summary["videos"]):

@@ -143,3 +143,12 @@ def test_synth_zero_training_videos_reports_only_what_it_wrote(tmp_path):
 def test_every_option_has_help(command):
     missing = [p.name for p in command.params if isinstance(p, click.Option) and not p.help]
     assert missing == []
+
+
+def test_synth_rerun_with_the_same_options_says_it_reused_the_dataset(tmp_path):
+    out = tmp_path / "out"
+    first = _invoke(["data", "synth", str(out), *TINY_SYNTH])
+    assert first.exit_code == 0 and "reused" not in first.output, first.output
+    again = _invoke(["data", "synth", str(out), *TINY_SYNTH])
+    assert again.exit_code == 0
+    assert again.output.strip().endswith("(already there, made with these options: reused as is)")

@@ -254,6 +254,10 @@ def test_node_split_and_merge_equal_a_single_build(mixed_src, mixed_build, tmp_p
                             node_rank=rank, num_nodes=2, progress=False)
         assert [s["tar"] for s in part["shards"]] == [f"shard-{k:06d}.tar" for k in range(rank, 4, 2)]
     assert not (out / "manifest.json").exists()
+    # Before the merge, reading the directory says how to finish it.
+    before = CliRunner().invoke(cli, ["shards", "inspect", str(out)])
+    assert before.exit_code != 0
+    assert f"join them with `tcore shards merge-manifest {out}`" in before.output
     result = CliRunner().invoke(cli, ["shards", "merge-manifest", str(out)])
     assert result.exit_code == 0, result.output
     single = load_manifest(mixed_build)

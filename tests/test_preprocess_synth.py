@@ -93,10 +93,10 @@ def test_objects_occlude_and_move(synth_root):
 
 def test_same_options_reuse_and_other_options_are_refused(tmp_path):
     out = tmp_path / "s"
-    make_synthetic(out, seed=1, **TINY)
+    assert make_synthetic(out, seed=1, **TINY)["reused"] is False
     before = _files(out)
-    video = out / make_synthetic(out, seed=1, **TINY)["videos"][0]  # reused: nothing rewritten
-    assert _files(out) == before and video.is_file()
+    again = make_synthetic(out, seed=1, **TINY)      # reused: nothing rewritten, and it says so
+    assert _files(out) == before and (out / again["videos"][0]).is_file() and again["reused"]
     with pytest.raises(ValueError, match="other options"):
         make_synthetic(out, seed=2, **TINY)
     (tmp_path / "other").mkdir()

@@ -54,4 +54,5 @@ def synth(out, seed, videos, frames, size, davis_videos, davis_frames, davis_siz
                      f"{len(summary['classes'])} classes")
     if davis_videos:
         parts.append(f"{summary['davis_dir']}: {len(summary['davis_videos'])} DAVIS-layout videos")
-    click.echo("; ".join(parts))
+    reused = " (already there, made with these options: reused as is)" if summary["reused"] else ""
+    click.echo("; ".join(parts) + reused)
