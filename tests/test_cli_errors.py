@@ -136,7 +136,10 @@ def test_preview_counts_are_checked_before_anything_runs(option, value, synth_sh
 # --- training config: data.pipeline.sampling, full key names, patch sizes -----------------
 
 def test_pipeline_sampling_in_a_train_config_is_refused_not_overwritten(tmp_path):
-    with pytest.raises(ConfigError, match=r"tiny_cpu\.yaml: data\.pipeline\.sampling .*is not "
+    # The override is named (and the file it was applied over), not the file alone.
+    with pytest.raises(ConfigError, match=r"^override 'data\.pipeline\.sampling\.current_range="
+                                          r"\[0\.4,0\.6\]' \(over .*tiny_cpu\.yaml\): "
+                                          r"data\.pipeline\.sampling .*is not "
                                           r"used.*data\.current_range, data\.past_offset_range "
                                           r"and data\.future_offset_range"):
         load_config("tiny_cpu", ["data.pipeline.sampling.current_range=[0.4,0.6]"])
