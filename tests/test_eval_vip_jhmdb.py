@@ -243,6 +243,12 @@ def test_vip_and_jhmdb_commands_with_the_reference_fixture(tmp_path):
     assert {k: saved["settings"][k] for k in ("topk", "radius", "temperature", "context")} == \
            {"topk": 7, "radius": 20, "temperature": 0.7, "context": 20}
     assert 0.0 <= saved["summary"]["PCK@0.2"] <= 1.0
+    # 'native' (each video's own size) is DAVIS's: VIP refuses it rather than ignoring it.
+    native = CliRunner().invoke(main, ["eval", "vip", "--data", str(tmp_path / "vip"),
+                                       "--checkpoint", str(REFERENCE), "--size", "native",
+                                       "--output", str(tmp_path / "vip_native")])
+    assert native.exit_code == 2 and "'native' is DAVIS only" in native.output
+    assert not (tmp_path / "vip_native").exists()
     wrong_arch = CliRunner().invoke(main, ["eval", "jhmdb", "--data", str(tmp_path / "jhmdb"),
                                            "--checkpoint", str(REFERENCE), "--arch", "vit_small",
                                            "--output", str(tmp_path / "x")])
@@ -312,3 +318,36 @@ def test_zero_or_negative_counts_are_refused_up_front(tmp_path):
                         ("context", 0)):
         with pytest.raises(ValueError, match=f"{name} must be >= 1, got {value}"):
             run_vip(tmp_path / "vip", tmp_path / "o", **{name: value})
+
+
+def test_a_listed_video_missing_on_disk_fails_before_any_propagation(tmp_path):
+    # On real data a video takes minutes; a missing one found at its turn would waste the
+    # videos before it. Each benchmark finds every video's files first, writing nothing.
+    from davis_files import moving_squares, write_davis
+    from tcore.eval import davis
+
+    images, labels = part_video(frames=3)
+    write_vip(tmp_path / "vip", "a_good", images, {0: labels[0], 2: labels[2]})
+    lists = tmp_path / "vip" / "lists"
+    lists.mkdir()
+    (lists / "val_videos.txt").write_text("a_good\nz_missing\n")
+    with pytest.raises(FileNotFoundError, match="z_missing: VIP video folder not found"):
+        run_vip(tmp_path / "vip", tmp_path / "vip_out")
+    assert not (tmp_path / "vip_out" / "predictions").exists()
+
+    frames = patchwork_frames(frames=2)
+    write_jhmdb(tmp_path / "jhmdb", "run", "a_good", frames, np.repeat(JOINTS.T[:, :, None], 2, axis=2))
+    with open(tmp_path / "jhmdb" / "splits" / "run_test_split1.txt", "a") as split:
+        split.write("z_missing.avi 2\n")
+    with pytest.raises(FileNotFoundError, match="z_missing: no .png frames"):
+        jhmdb.evaluate_jhmdb(None, tmp_path / "jhmdb", tmp_path / "j_out", encoder=colour_encoder(),
+                             patch=16, progress=False, device="cpu")
+    assert not (tmp_path / "j_out" / "predictions").exists()
+
+    data = write_davis(tmp_path / "davis", {"a_good": moving_squares()})
+    with open(data / "ImageSets" / "2017" / "val.txt", "a") as split:
+        split.write("z_missing\n")
+    with pytest.raises(FileNotFoundError, match="z_missing: sequence folder not found"):
+        davis.evaluate_davis(None, data, tmp_path / "d_out", size=None, topk=3,
+                             encoder=colour_encoder(), patch=16, progress=False, device="cpu")
+    assert not (tmp_path / "d_out" / "predictions").exists()

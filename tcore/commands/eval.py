@@ -126,18 +126,23 @@ def davis_command(checkpoint, arch, device, size, **kwargs):
 @propagation_options(topk=10)
 @click.option("--short-side", default=880, show_default=True, type=click.IntRange(min=1),
               help="Resize so the short side has this length (aspect kept).")
-@click.option("--size", default=None, help="Fixed input HxW instead of --short-side.")
+@click.option("--size", default=None,
+              help="Fixed input HxW (multiples of 16) instead of --short-side.")
 @_errors_as_click
 def vip_command(checkpoint, arch, device, size, **kwargs):
-    """VIP body parts: mIoU over 20 classes."""
+    """VIP body parts: mIoU over the 20 classes."""
     from tcore.eval.vip import evaluate_vip
+    if size is not None and parse_size(size) is None:   # not silently --short-side's size
+        raise click.BadParameter("'native' is DAVIS only: vip takes --short-side N (the "
+                                 "default, 880) or a fixed HxW", param_hint="--size")
     _run(evaluate_vip, checkpoint, arch, device, size=parse_size(size), **kwargs)
 
 
 @eval_group.command("jhmdb")
 @propagation_options(topk=7)
 @click.option("--size", default=DEFAULT_SIZES["jhmdb"], show_default=True, help="Input HxW.")
-@click.option("--split", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--split", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Test split k: the videos splits/<class>_test_split<k>.txt marks 2.")
 @_errors_as_click
 def jhmdb_command(checkpoint, arch, device, size, **kwargs):
     """JHMDB pose propagation: PCK@0.1 and PCK@0.2."""

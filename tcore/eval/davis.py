@@ -221,12 +221,15 @@ def evaluate_davis(backbone, data_root, output_dir, *, size=DAVIS_SIZE, topk: in
     names = sequences if sequences is not None else sequence_names(root, split)
     predictions_dir = output / "predictions"
     object_rows, warnings = [], []
+    # Every sequence's files are found before the first (long) propagation.
+    sequences_found = {name: read_sequence(root, name) for name in names}
+    for seq in sequences_found.values():
+        _check_full_annotations(seq)
     started = time.time()
     bar = tqdm(names, desc="davis", disable=not progress, unit="video")
     for name in bar:
         bar.set_postfix_str(name)
-        seq = read_sequence(root, name)
-        _check_full_annotations(seq)
+        seq = sequences_found[name]
         frames = read_same_size(seq.frames, read_rgb)
         truth = read_same_size(seq.annotations, read_label_png)
         if truth.shape[1:] != frames.shape[1:3]:

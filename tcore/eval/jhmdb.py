@@ -57,6 +57,25 @@ def test_videos(root: Path, split: int = 1) -> list[tuple[str, str]]:
     return videos
 
 
+def video_inputs(root: Path, action: str, video: str,
+                 warnings: list[str]) -> tuple[str, list[Path], np.ndarray]:
+    """("<class>/<video>", its frame paths, its 0-based joints [2, 15, T]): the frames cut to
+    the annotated poses, with a warning, where there are more frames than poses."""
+    name = f"{action}/{video}"
+    frame_dir = root / "Rename_Images" / action / video
+    frame_paths = sorted(frame_dir.glob("*.png")) if frame_dir.is_dir() else []
+    if not frame_paths:
+        raise FileNotFoundError(f"{frame_dir}: no .png frames")
+    truth = read_joints(root / "joint_positions" / action / video / "joint_positions.mat")
+    n_poses = truth.shape[2]
+    if n_poses > len(frame_paths):
+        raise ValueError(f"{name}: {n_poses} annotated poses but only {len(frame_paths)} frames")
+    if n_poses < len(frame_paths):
+        warnings.append(f"{name}: {len(frame_paths)} frames but {n_poses} poses; only the "
+                        f"first {n_poses} frames are propagated and scored")
+    return name, frame_paths[:n_poses], truth
+
+
 def read_joints(path: Path) -> np.ndarray:
     """pos_img of a joint_positions.mat as 0-based [2, 15, T] float64."""
     if not path.is_file():
@@ -147,24 +166,13 @@ def evaluate_jhmdb(backbone, data_root, output_dir, *, size=JHMDB_SIZE, topk: in
     pairs = videos if videos is not None else test_videos(root, split)
     distances: list[list[np.ndarray]] = [[] for _ in range(N_JOINTS)]
     seq_rows, warnings = [], []
+    # Every video's frames and joints are found before the first (long) propagation.
+    inputs = [video_inputs(root, action, video, warnings) for action, video in pairs]
     started = time.time()
-    bar = tqdm(pairs, desc="jhmdb", disable=not progress, unit="video")
-    for action, video in bar:
-        bar.set_postfix_str(video)
-        name = f"{action}/{video}"
-        frame_dir = root / "Rename_Images" / action / video
-        frame_paths = sorted(frame_dir.glob("*.png")) if frame_dir.is_dir() else []
-        if not frame_paths:
-            raise FileNotFoundError(f"{frame_dir}: no .png frames")
-        truth = read_joints(root / "joint_positions" / action / video / "joint_positions.mat")
-        n_poses = truth.shape[2]
-        if n_poses > len(frame_paths):
-            raise ValueError(f"{name}: {n_poses} annotated poses but only {len(frame_paths)} "
-                             "frames")
-        if n_poses < len(frame_paths):
-            warnings.append(f"{name}: {len(frame_paths)} frames but {n_poses} poses; only the "
-                            f"first {n_poses} frames are propagated and scored")
-            frame_paths = frame_paths[:n_poses]
+    bar = tqdm(inputs, desc="jhmdb", disable=not progress, unit="video")
+    for name, frame_paths, truth in bar:
+        bar.set_postfix_str(name)
+        action, video = name.split("/")
         frames = read_same_size(frame_paths, read_rgb)
         height, width = frames.shape[1:3]
         first_cells = truth[:, :, 0] * np.array([[grid[1] / width], [grid[0] / height]])

@@ -94,11 +94,13 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
     names = videos if videos is not None else video_names(root)
     total = np.zeros((VIP_CLASSES, VIP_CLASSES), dtype=np.int64)
     seq_rows, warnings = [], []
+    # Every video's folders and first annotation are found before the first (long) propagation.
+    layouts = {name: read_video(root, name) for name in names}
     started = time.time()
     bar = tqdm(names, desc="vip", disable=not progress, unit="video")
     for name in bar:
         bar.set_postfix_str(name)
-        frames_paths, annotations = read_video(root, name)
+        frames_paths, annotations = layouts[name]
         frames = read_same_size(frames_paths, read_rgb)
         # every annotation is read and checked before the (long) propagation
         truths = {t: read_annotation(annotations[path.stem], frames.shape[1:3], path)
