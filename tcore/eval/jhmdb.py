@@ -58,9 +58,9 @@ def test_videos(root: Path, split: int = 1) -> list[tuple[str, str]]:
 
 
 def video_inputs(root: Path, action: str, video: str,
-                 warnings: list[str]) -> tuple[str, list[Path], np.ndarray]:
-    """("<class>/<video>", its frame paths, its 0-based joints [2, 15, T]): the frames cut to
-    the annotated poses, with a warning, where there are more frames than poses."""
+                 warnings: list[str]) -> tuple[list[Path], np.ndarray]:
+    """A test video's frame paths and its 0-based joints [2, 15, T]: the frames cut to the
+    annotated poses, with a warning, where there are more frames than poses."""
     name = f"{action}/{video}"
     frame_dir = root / "Rename_Images" / action / video
     frame_paths = sorted(frame_dir.glob("*.png")) if frame_dir.is_dir() else []
@@ -73,7 +73,7 @@ def video_inputs(root: Path, action: str, video: str,
     if n_poses < len(frame_paths):
         warnings.append(f"{name}: {len(frame_paths)} frames but {n_poses} poses; only the "
                         f"first {n_poses} frames are propagated and scored")
-    return name, frame_paths[:n_poses], truth
+    return frame_paths[:n_poses], truth
 
 
 def read_joints(path: Path) -> np.ndarray:
@@ -167,12 +167,13 @@ def evaluate_jhmdb(backbone, data_root, output_dir, *, size=JHMDB_SIZE, topk: in
     distances: list[list[np.ndarray]] = [[] for _ in range(N_JOINTS)]
     seq_rows, warnings = [], []
     # Every video's frames and joints are found before the first (long) propagation.
-    inputs = [video_inputs(root, action, video, warnings) for action, video in pairs]
+    inputs = [(action, video, *video_inputs(root, action, video, warnings))
+              for action, video in pairs]
     started = time.time()
     bar = tqdm(inputs, desc="jhmdb", disable=not progress, unit="video")
-    for name, frame_paths, truth in bar:
+    for action, video, frame_paths, truth in bar:
+        name = f"{action}/{video}"
         bar.set_postfix_str(name)
-        action, video = name.split("/")
         frames = read_same_size(frame_paths, read_rgb)
         height, width = frames.shape[1:3]
         first_cells = truth[:, :, 0] * np.array([[grid[1] / width], [grid[0] / height]])
