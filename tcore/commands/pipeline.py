@@ -1,6 +1,7 @@
 """`tcore pipeline preview`: a thin wrapper over tcore.pipelines.preview."""
 import click
 
+from tcore.commands import shard_paths
 from tcore.pipelines.config import PipelineConfig
 
 
@@ -21,8 +22,9 @@ def pipeline():
 
 
 @pipeline.command(name="preview")
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True),
-              help="Shard directory (or manifest.json); repeat to mix several.")
+@click.option("--data", "data", multiple=True, required=True, callback=shard_paths,
+              help="Shard directory (or manifest.json); several: repeat --data or separate "
+                   "them with commas.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False),
               help="PNG grid of one batch: past | current (masks overlaid) | future, then local crops.")
 @click.option("--batches", default=1, show_default=True, type=click.IntRange(min=1),

@@ -4,12 +4,15 @@ import sys
 
 import click
 
+from tcore.commands import shard_paths
+
 
 @click.command(name="train", context_settings={"ignore_unknown_options": False})
 @click.option("--config", "config", default="tiny_cpu", show_default=True,
               help="Preset name (tiny_cpu, vits16_k400, vitb16_k400, vits16_imagenet) or YAML path.")
-@click.option("--data", required=True,
-              help="Shard directory or manifest.json (several: comma-separated).")
+@click.option("--data", required=True, multiple=True, callback=shard_paths,
+              help="Shard directory or manifest.json; several: repeat --data or separate "
+                   "them with commas.")
 @click.option("--output", required=True, help="Run directory (config, checkpoints, logs).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
 @click.option("--max-steps", type=int, default=None,
