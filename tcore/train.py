@@ -90,7 +90,8 @@ def autocast_context(precision: str, device: torch.device):
 
 def resolve_manifests(data: str | os.PathLike | list) -> list[Path]:
     """Shard directories or manifest.json paths (a list, or one comma-separated string)."""
-    items = data if isinstance(data, (list, tuple)) else str(data).split(",")
+    items = [part for item in (data if isinstance(data, (list, tuple)) else [data])
+             for part in str(item).split(",") if part.strip()]
     manifests = []
     for item in items:
         path = Path(item)
@@ -122,6 +123,18 @@ def pipeline_config(cfg: DictConfig):
     a `data.pipeline.sampling` that says otherwise is refused, not overwritten)."""
     from tcore.config import build_pipeline_config
     return build_pipeline_config(cfg)
+
+
+def check_shards_for_device(cfg: DictConfig, manifests: list[Path], device: torch.device) -> None:
+    """The shard set read (manifests, layouts, tar and index sizes) and its codecs checked
+    against the decoder this device uses, as the loader will: a bad set fails here, before
+    the run directory is made."""
+    from tcore.pipelines.manifest import (check_codecs_for_device, decodes_video_on_gpu,
+                                          load_shard_set)
+    shard_set = load_shard_set([str(m) for m in manifests])
+    on_gpu = device.type == "cuda"
+    check_codecs_for_device(shard_set, decodes_video_on_gpu(shard_set, on_gpu,
+                                                            pipeline_config(cfg).video_decoder))
 
 
 def build_train_loader(cfg: DictConfig, manifests: list[Path], info: DistInfo):
@@ -380,9 +393,10 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         cfg.train.checkpoint_every = int(checkpoint_every)
     info = init_distributed(cfg.train.device)
     try:
-        # Checks that need no run directory come first, so a mistyped --data or a precision
-        # this machine lacks leaves no empty RUN_DIR behind.
+        # Checks that need no run directory come first, so a mistyped --data, bad shards or
+        # a precision this machine lacks leave no empty RUN_DIR behind.
         manifests = resolve_manifests(data)
+        check_shards_for_device(cfg, manifests, info.device)
         resolve_precision(cfg.train.precision, info.device)
         with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
               StopRequest().listening() as stop):

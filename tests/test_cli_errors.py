@@ -99,6 +99,24 @@ def test_train_names_bad_shards_without_traceback(case, synth_shards, tmp_path):
                                        str(tmp_path / "run"), "--max-steps", "1",
                                        "--no-progress", *TRAIN_FAST])
     _assert_clean_error(result, message)
+    # Shards that are bad as a set fail before the run directory is made; only a clip that
+    # does not decode is found later, by the loader.
+    assert (tmp_path / "run").exists() == (case == "corrupt_clips")
+
+
+def test_repeated_data_options_are_all_read_as_commas_are(synth_shards, tmp_path):
+    # `--data A --data B` once trained on B alone, silently: the mixed layouts show both read.
+    dirs, message = _mixed_layouts(synth_shards, tmp_path)
+    for command in (["train", "--output", str(tmp_path / "run"), "--max-steps", "1",
+                     "--no-progress", *TRAIN_FAST],
+                    ["pipeline", "preview", "--output", str(tmp_path / "p.png")]):
+        repeated = [item for d in dirs for item in ("--data", str(d))]
+        _assert_clean_error(CliRunner().invoke(main, command + repeated), message)
+        with_commas = ["--data", ",".join(map(str, dirs))]
+        _assert_clean_error(CliRunner().invoke(main, command + with_commas), message)
+    missing = CliRunner().invoke(main, ["pipeline", "preview", "--output", str(tmp_path / "q.png"),
+                                        "--data", f"{dirs[0]},{tmp_path / 'nowhere'}"])
+    assert missing.exit_code == 2 and "nowhere: no such file or directory" in missing.output
 
 
 @pytest.mark.parametrize("case", sorted(set(BAD_DATA) - {"mixed_layouts"}))  # one --data
