@@ -110,7 +110,8 @@ def _open(path: str):
         # it would become a clip of T identical frames.
         name = container.format.name
         container.close()
-        raise BadInput(f"not a video: a still image (FFmpeg reads it with the {name} image demuxer)")
+        raise BadInput(f"not a video: a still image (FFmpeg reads it with the {name} image "
+                       "demuxer; folders of images are built with --kind image)")
     if not container.streams.video:
         kinds = sorted({stream.type for stream in container.streams})
         container.close()

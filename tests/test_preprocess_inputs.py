@@ -95,6 +95,20 @@ def test_a_still_image_in_a_video_folder_is_not_a_video(video_build, tmp_path):
         read_clip(str(tmp_path / "frame.jpg"), 8, 0)
 
 
+def test_a_folder_of_images_built_as_videos_points_to_kind_image(tmp_path):
+    from tcore.preprocess.shards import BuildError
+
+    for k in range(2):
+        (tmp_path / "src" / f"c{k}").mkdir(parents=True)
+        _gradient(64, 48).save(tmp_path / "src" / f"c{k}" / f"im{k}.jpg")
+    with pytest.raises(BuildError, match=r"all 2 inputs failed \(every one a still image: for a "
+                                         r"folder of images, build with --kind image\)"):
+        build_shards(tmp_path / "src", tmp_path / "out", frames=4, short_side=48, progress=False)
+    built = build_shards(tmp_path / "src", tmp_path / "images", kind="image", short_side=48,
+                         progress=False)
+    assert built["total_samples"] == 2
+
+
 def _levels_picture(levels) -> np.ndarray:
     """64x48 RGB of grey vertical bars, one per level (wide enough for 4:2:0 chroma)."""
     picture = np.zeros((48, 64, 3), np.uint8)
