@@ -136,9 +136,7 @@ def _check_model_and_loss_keys(cfg: DictConfig, source: str) -> None:
 def _blame(message: str, path: str, overrides) -> str:
     """The validation error with its source corrected: the overrides whose keys it names,
     where there are some, rather than the file they were applied over."""
-    named = [item for item in overrides
-             if any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w]|\.\w)", message)
-                    for key in _key_and_sections(item.split("=", 1)[0].strip()))]
+    named = [item for item in overrides if _names_key_of(message, item.split("=", 1)[0].strip())]
     if not named:
         return message
     problem = message[len(path) + 2:] if message.startswith(f"{path}: ") else message
@@ -146,10 +144,15 @@ def _blame(message: str, path: str, overrides) -> str:
     return f"override{'s' if len(named) > 1 else ''} {given} (over {path}): {problem}"
 
 
-def _key_and_sections(key: str) -> list[str]:
-    """`a.b.c` -> [`a.b.c`, `a.b`]: a rule about a section blames the overrides inside it."""
+def _names_key_of(message: str, key: str) -> bool:
+    """Whether `message` names `key` (`a.b.c`), a key inside it (an override may set a whole
+    section, `a.b.c={...}`), or a section holding it (`a.b`, not `a` alone): a rule about a
+    section blames the overrides inside it."""
+    if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message):
+        return True
     parts = key.split(".")
-    return [".".join(parts[:n]) for n in range(len(parts), 1, -1)]
+    return any(re.search(rf"(?<![\w.]){re.escape('.'.join(parts[:n]))}(?!\w|\.\w)", message)
+               for n in range(len(parts) - 1, 1, -1))
 
 
 def _require(condition: bool, source: str, message: str) -> None:

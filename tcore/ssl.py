@@ -15,6 +15,8 @@ from torch import nn
 
 from tcore import losses
 from tcore.models import DINOHead, PatchMatchingModule, build_backbone
+from tcore.models.attention import BACKENDS
+from tcore.models.vit import ARCHS
 
 # Parameter and module registrations anywhere in the process, so `TCoRe._listed` knows
 # when a parameter list it keeps may be stale (a replaced head, a new parameter).
@@ -67,8 +69,33 @@ def merge_over_defaults(defaults: dict, overrides, where: str) -> dict:
         if isinstance(defaults[key], dict):
             merged[key] = merge_over_defaults(defaults[key], value, f"{where}.{key}")
         else:
+            _check_value(f"{where}.{key}", defaults[key], value)
             merged[key] = value
     return merged
+
+
+# Settings with a fixed set of values; the others take the kind of value their default has.
+_CHOICES = {"model.arch": sorted(ARCHS), "model.attention": list(BACKENDS)}
+
+
+def _check_value(name: str, default, value) -> None:
+    """A value of the default's kind (an integer also for a float), or one of the choices."""
+    if name in _CHOICES:
+        if value not in _CHOICES[name]:
+            raise ValueError(f"{name} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+        return
+    if isinstance(default, bool):
+        kind, fits = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        kind, fits = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        kind, fits = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        kind, fits = "a string", isinstance(value, str)
+    else:
+        return
+    if not fits:
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def backbone_from_config(cfg: dict, drop_path: float):

@@ -121,6 +121,11 @@ def test_a_bad_value_is_blamed_on_the_override_that_set_it(tmp_path):
     assert str(info.value).startswith("override 'data.pipeline.sampling.current_range=[0.4,0.6]'"
                                       " (over ")
     assert "data.pipeline.sampling ({'current_range': [0.4, 0.6]}) is not used" in str(info.value)
+    # ... and an override that sets a whole section is blamed for a key inside it.
+    with pytest.raises(ConfigError, match=r"^override 'data\.pipeline\.views=\{n_local: -1\}' "
+                                          r"\(over .*tiny_cpu\.yaml\): data\.pipeline\.views"
+                                          r"\.n_local = -1"):
+        load_config("tiny_cpu", ["train.seed=3", "data.pipeline.views={n_local: -1}"])
 
 
 def test_unknown_model_and_loss_keys_name_their_source(tmp_path):
@@ -140,6 +145,22 @@ def test_unknown_model_and_loss_keys_name_their_source(tmp_path):
         load_config(str(own), ["train.seed=3"])
     # Known keys, from files and overrides, still load.
     assert load_config("tiny_cpu", ["model.head.prototypes=8"]).model.head.prototypes == 8
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.arch=vit_smal", "model.arch must be one of vit_base, vit_large, vit_small, vit_tiny, "
+                            "got 'vit_smal'"),
+    ("model.attention=bogus", "model.attention must be one of auto, xformers, sdpa, math, got "
+                              "'bogus'"),
+    ("loss.student_temp=abc", "loss.student_temp must be a number, got 'abc'"),
+    ("model.head.prototypes=1.5", "model.head.prototypes must be an integer, got 1.5"),
+])
+def test_model_and_loss_values_of_the_wrong_kind_name_their_override(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_cpu", [override])
+    assert str(info.value) == f"override {override!r}: {message}"
+    # An integer is a number: `model.layerscale=0` is LayerScale 0.0, not a wrong kind.
+    assert load_config("tiny_cpu", ["model.layerscale=0"]).model.layerscale == 0
 
 
 def test_bad_files_are_named(tmp_path):

@@ -453,6 +453,10 @@ def test_cli_errors_name_the_problem(synth_shards, tmp_path):
                                  str(tmp_path / "run"), "model.head.protos=8"])
     assert result.exit_code != 0
     assert "override 'model.head.protos=8': unknown key model.head.protos" in result.output
+    result = runner.invoke(cli, ["train", "--data", str(synth_shards), "--output",
+                                 str(tmp_path / "run"), "model.arch=vit_smal"])
+    assert result.exit_code == 1 and "override 'model.arch=vit_smal': model.arch must be" in \
+        result.output
     # None of these failed starts left a run directory behind.
     assert not (tmp_path / "run").exists()
     existing = tmp_path / "existing" / "checkpoints"
