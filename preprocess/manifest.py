@@ -122,19 +122,29 @@ def read_json(path, what: str = MANIFEST_NAME):
         raise ShardDirError(f"{path}: not valid JSON ({err}){_hint(path, what)}") from None
 
 
+def missing_manifest_hint(directory: Path) -> str:
+    """What a shard directory without manifest.json holds instead, as " (...)", or "": a
+    build whose every input failed, or a `--num-nodes` build not yet merged."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return ""
+    # A `--num-nodes` build leaves one manifest per node until they are merged.
+    if any(directory.glob("manifest.node-*.json")):
+        return (" (it holds node manifests, manifest.node-*.json: when every node has "
+                f"finished, join them with `tcore shards merge-manifest {directory}`)")
+    # failures.jsonl and no build state is what a build whose every input failed leaves.
+    if (directory / FAILURES_NAME).is_file() and not (directory / ".build").exists():
+        return f" (no sample was built? {directory / FAILURES_NAME} lists the inputs that failed)"
+    return ""
+
+
 def load_manifest(path_or_dir, check_files: bool = False) -> dict:
     """Read and validate `manifest.json` (give the file or its shard directory). With
     `check_files`, also check every listed tar and index file exists beside it."""
     path = manifest_path(path_or_dir)
     if not path.is_file():
-        hint = " (was the build interrupted? rerun `tcore shards build`)" if path.parent.is_dir() else ""
-        # failures.jsonl and no build state is what a build whose every input failed leaves.
-        if (path.parent / FAILURES_NAME).is_file() and not (path.parent / ".build").exists():
-            hint = f" (no sample was built? {path.parent / FAILURES_NAME} lists the inputs that failed)"
-        # A `--num-nodes` build leaves one manifest per node until they are merged.
-        if path.parent.is_dir() and any(path.parent.glob("manifest.node-*.json")):
-            hint = (" (it holds node manifests, manifest.node-*.json: when every node has "
-                    f"finished, join them with `tcore shards merge-manifest {path.parent}`)")
+        hint = missing_manifest_hint(path.parent) or (
+            " (was the build interrupted? rerun `tcore shards build`)" if path.parent.is_dir() else "")
         raise ShardDirError(f"no shard manifest at {path}{hint}")
     manifest = read_json(path)
     validate_manifest(manifest, str(path))

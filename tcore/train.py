@@ -35,6 +35,7 @@ from tcore.metrics_log import LossHistory, MetricsLogger, NonFiniteLossError, tr
 from tcore.optim import apply_schedules, build_optimizer
 from tcore.preprocess.files import OutputWriteError, temporary_prefix
 from tcore.preprocess.locks import exclusive_lock
+from tcore.preprocess.manifest import missing_manifest_hint
 from tcore.schedules import build_schedules
 from tcore.stop_request import StopRequest
 
@@ -100,8 +101,9 @@ def resolve_manifests(data: str | os.PathLike | list) -> list[Path]:
         if path.is_dir():
             path = path / "manifest.json"
         if not path.is_file():
-            raise FileNotFoundError(f"--data {item}: no manifest.json there (build shards with "
-                                    f"`tcore shards build` first)")
+            hint = missing_manifest_hint(path.parent) or \
+                " (build shards with `tcore shards build` first)"
+            raise FileNotFoundError(f"--data {item}: no manifest.json there{hint}")
         manifests.append(path)
     if not manifests:
         raise FileNotFoundError("--data: no shard directory given")

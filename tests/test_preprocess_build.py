@@ -258,6 +258,10 @@ def test_node_split_and_merge_equal_a_single_build(mixed_src, mixed_build, tmp_p
     before = CliRunner().invoke(cli, ["shards", "inspect", str(out)])
     assert before.exit_code != 0
     assert f"join them with `tcore shards merge-manifest {out}`" in before.output
+    # tcore train says the same before it makes anything.
+    train = CliRunner().invoke(cli, ["train", "--data", str(out), "--output", str(tmp_path / "r")])
+    assert train.exit_code == 1 and "tcore shards merge-manifest" in train.output
+    assert not (tmp_path / "r").exists()
     result = CliRunner().invoke(cli, ["shards", "merge-manifest", str(out)])
     assert result.exit_code == 0, result.output
     single = load_manifest(mixed_build)
