@@ -173,6 +173,7 @@ def test_targets_count_only_runs_that_did_the_target_work(tmp_path):
     ("overrides=model.nope=1", "model.nope"),
     # TINY runs fp32 on the CPU, which is what auto means there.
     ("precision=auto", "changes no setting on this device: precision fp32 and auto both run as fp32"),
+    ("precision=fp16", "--compare 'precision=fp16': precision fp16 needs a GPU; on cpu use fp32"),
 ])
 def test_bad_compare_values_fail_before_the_first_run(tmp_path, compare, named):
     profile = tmp_path / "profile"   # the first run would write its profile here

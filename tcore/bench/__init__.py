@@ -50,7 +50,7 @@ def run_bench(kind: str, settings, compare: str | None = None, json_path: str | 
     # All that can be refused is refused before the first run (minutes), not after it: both
     # runs' settings and devices, and the paths the report and the profile go to.
     settings.validate()
-    resolve_device(settings.device)
+    runs_as(settings)      # the device, and a precision it can run
     second = second_settings(settings, compare) if compare else None
     if json_path:
         prepare_output_file(json_path, "--json")
@@ -74,9 +74,10 @@ def second_settings(settings, compare: str):
     try:
         second = replace(settings, **changed).validate()
         resolve_device(second.device)
+        second_runs_as = runs_as(second)
     except ValueError as error:
         raise ValueError(f"--compare {compare!r}: {error}") from None
-    if runs_as(second) == runs_as(settings):
+    if second_runs_as == runs_as(settings):
         raise ValueError(f"--compare {compare!r} changes no setting on this device: "
                          f"precision {settings.precision} and {second.precision} both run as "
                          f"{runs_as(settings)['precision']} here, so both runs would be the same")
@@ -87,12 +88,17 @@ def runs_as(settings) -> dict:
     """The settings as they run on their device: `precision=auto` resolved (fp32 on the CPU,
     bf16 or fp16 on a GPU). Attention names are kept as given: the report shows what they ran
     as (`xformers->sdpa`)."""
+    from tcore.config import ConfigError
     from tcore.train import resolve_precision
 
     values = asdict(settings)
+    device = resolve_device(settings.device)
     if "precision" in values:
-        values["precision"] = resolve_precision(values["precision"],
-                                                resolve_device(settings.device))
+        try:
+            values["precision"] = resolve_precision(values["precision"], device)
+        except ConfigError:   # its advice is tcore train's; say it in the bench's terms
+            raise ValueError(f"precision {values['precision']} needs a GPU; on {device} use "
+                             "fp32 or bf16") from None
     return values
 
 
