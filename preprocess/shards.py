@@ -468,7 +468,7 @@ def _give_up_empty_build(out: Path, config: BuildConfig, shard_ids: list[int], f
     except OSError:  # not empty: something else is there; leave it
         pass
     _remove_empty_manifest(out)
-    stills = all("a still image" in row.get("error", "") for row in failures)
+    stills = bool(failures) and all("a still image" in row.get("error", "") for row in failures)
     hint = " (every one a still image: for a folder of images, build with --kind image)" \
         if stills and config.kind == "video" else ""
     raise BuildError(f"no sample was built: all {len(failures)} inputs failed{hint}; "
