@@ -639,7 +639,8 @@ def build_loader(manifests, batch_size: int, device: str = "cpu",
                  num_shards=None, num_threads: int = 2, prefetch: int | None = None,
                  infinite: bool = True, dtype: torch.dtype = torch.float32,
                  return_params: bool = False) -> DaliLoader:
-    """The DALI loader over one or several shard directories (or manifest.json paths).
+    """The DALI loader over one or several shard directories (or manifest.json paths, or a
+    ShardSet from `load_shard_set`).
 
     device: "cpu" (DALI CPU backend) or "cuda[:i]" (mixed decoders, GPU augmentations).
     infinite=True streams forever (training); False gives one pass of `len()` batches, the

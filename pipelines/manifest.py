@@ -127,7 +127,10 @@ def _layout(manifest: dict) -> str:
 
 
 def load_shard_set(manifests) -> ShardSet:
-    """One or several shard directories (or manifest paths), all of the same kind."""
+    """One or several shard directories (or manifest paths), all of the same kind; a
+    ShardSet already loaded is returned as it is (its files are not read again)."""
+    if isinstance(manifests, ShardSet):
+        return manifests
     if isinstance(manifests, (str, os.PathLike)):
         manifests = [manifests]
     loaded = [read_manifest(m) for m in manifests]

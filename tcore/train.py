@@ -127,22 +127,24 @@ def pipeline_config(cfg: DictConfig):
     return build_pipeline_config(cfg)
 
 
-def check_shards_for_device(cfg: DictConfig, manifests: list[Path], device: torch.device) -> None:
-    """The shard set read (manifests, layouts, tar and index sizes) and its codecs checked
-    against the decoder this device uses, as the loader will: a bad set fails here, before
-    the run directory is made."""
+def load_shards_for_device(cfg: DictConfig, manifests: list[Path], device: torch.device):
+    """The ShardSet (manifests, layouts, tar and index sizes read) with its codecs checked
+    against the decoder this device uses, as the loader checks them: a bad set fails here,
+    before the run directory is made, and the loader is built from it without reading the
+    files again."""
     from tcore.pipelines.manifest import (check_codecs_for_device, decodes_video_on_gpu,
                                           load_shard_set)
     shard_set = load_shard_set([str(m) for m in manifests])
     on_gpu = device.type == "cuda"
     check_codecs_for_device(shard_set, decodes_video_on_gpu(shard_set, on_gpu,
                                                             pipeline_config(cfg).video_decoder))
+    return shard_set
 
 
-def build_train_loader(cfg: DictConfig, manifests: list[Path], info: DistInfo):
+def build_train_loader(cfg: DictConfig, shard_set, info: DistInfo):
     """The DALI loader, sharded by rank, endless (epochs are counted in steps)."""
     from tcore.pipelines.loader import build_loader
-    return build_loader([str(m) for m in manifests], cfg.data.batch_size_per_gpu,
+    return build_loader(shard_set, cfg.data.batch_size_per_gpu,
                         device=info.device, config=pipeline_config(cfg),
                         seed=int(cfg.train.seed), shard_id=info.rank,
                         num_shards=info.world_size, num_threads=int(cfg.data.num_threads),
@@ -397,12 +399,11 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
     try:
         # Checks that need no run directory come first, so a mistyped --data, bad shards or
         # a precision this machine lacks leave no empty RUN_DIR behind.
-        manifests = resolve_manifests(data)
-        check_shards_for_device(cfg, manifests, info.device)
+        shard_set = load_shards_for_device(cfg, resolve_manifests(data), info.device)
         resolve_precision(cfg.train.precision, info.device)
         with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
               StopRequest().listening() as stop):
-            return _train(cfg, manifests, run_dir, info, stop, resume=resume,
+            return _train(cfg, shard_set, run_dir, info, stop, resume=resume,
                           max_steps=max_steps, progress=progress)
     finally:
         shutdown(info)
@@ -425,7 +426,7 @@ def skipped_samples(loader) -> int | None:
     return getattr(loader, "skipped_count", None)
 
 
-def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo,
+def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
            stop: StopRequest, *,
            resume: bool, max_steps: int | None, progress: bool) -> TrainResult:
     ckpt_dir = run_dir / "checkpoints"
@@ -439,7 +440,7 @@ def _train(cfg: DictConfig, manifests: list[Path], run_dir: Path, info: DistInfo
                                   f"continue that run, or choose another --output")
     barrier(info)
     torch.manual_seed(int(cfg.train.seed) + info.rank)
-    loader = build_train_loader(cfg, manifests, info)
+    loader = build_train_loader(cfg, shard_set, info)
     trainer = Trainer(cfg, loader, info)
 
     start_step, last_ckpt = 0, None

@@ -270,6 +270,7 @@ def test_stale_index_after_a_member_was_renamed_is_found(synth_shards, tmp_path)
 def test_intact_shards_still_load(synth_shards):
     shard_set = load_shard_set([synth_shards])
     assert shard_set.total_samples == 12 and len(shard_set.tars) == 3
+    assert load_shard_set(shard_set) is shard_set     # tcore train's loader: read once
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
