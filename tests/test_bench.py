@@ -337,9 +337,12 @@ def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path
     monkeypatch.setattr(bench_data, "process_tree_cpu_seconds",
                         lambda: cpu_readings.append(cpu_seconds()) or cpu_readings[-1])
     path = tmp_path / "data.json"
+    # The colour stage eager: compiling it is what other tests check (test_torch_photometric),
+    # and on a cold compiler cache it cost this test ~40 s of warm-up.
     output = run_cli(["bench", "data", "--data", str(synth_shards), "--loader", "both",
                       "--device", "cpu", "--threads", "1", "--batch", "2", "--seconds", "1",
-                      "--warmup", "1", "--repeats", "2", "--json", str(path)])
+                      "--warmup", "1", "--repeats", "2", "--json", str(path),
+                      "--set", "photometric_compile=false"])
     assert "ratio samples_per_s first/second" in output
     report = json.loads(path.read_text())
     assert [run["settings"]["loader"] for run in report["runs"]] == ["dali", "baseline"]
