@@ -159,8 +159,12 @@ def test_model_and_loss_values_of_the_wrong_kind_name_their_override(override, m
     with pytest.raises(ConfigError) as info:
         load_config("tiny_cpu", [override])
     assert str(info.value) == f"override {override!r}: {message}"
-    # An integer is a number: `model.layerscale=0` is LayerScale 0.0, not a wrong kind.
+
+
+def test_an_integer_is_a_number_for_model_and_loss_values():
+    # `model.layerscale=0` is LayerScale 0.0, not a value of the wrong kind.
     assert load_config("tiny_cpu", ["model.layerscale=0"]).model.layerscale == 0
+    assert load_config("tiny_cpu", ["loss.koleo_weight=1"]).loss.koleo_weight == 1
 
 
 def test_bad_files_are_named(tmp_path):
