@@ -337,8 +337,9 @@ def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path
     monkeypatch.setattr(bench_data, "process_tree_cpu_seconds",
                         lambda: cpu_readings.append(cpu_seconds()) or cpu_readings[-1])
     path = tmp_path / "data.json"
-    # The colour stage eager: compiling it is what other tests check (test_torch_photometric),
-    # and on a cold compiler cache it cost this test ~40 s of warm-up.
+    # The colour stage eager: compiling it is what other tests check (test_torch_photometric).
+    # (This does not shorten the suite: on a cold compiler cache the first compile of the
+    # stage, ~40 s, falls to the next test that compiles it, bench train's.)
     output = run_cli(["bench", "data", "--data", str(synth_shards), "--loader", "both",
                       "--device", "cpu", "--threads", "1", "--batch", "2", "--seconds", "1",
                       "--warmup", "1", "--repeats", "2", "--json", str(path),
