@@ -73,14 +73,14 @@ def second_settings(settings, compare: str):
         raise ValueError(f"--compare {compare!r} changes no setting: both runs would be the same")
     try:
         second = replace(settings, **changed).validate()
-        resolve_device(second.device)
-        second_runs_as = runs_as(second)
+        second_runs_as = runs_as(second)     # its device too
     except ValueError as error:
         raise ValueError(f"--compare {compare!r}: {error}") from None
-    if second_runs_as == runs_as(settings):
+    first_runs_as = runs_as(settings)
+    if second_runs_as == first_runs_as:
         raise ValueError(f"--compare {compare!r} changes no setting on this device: "
                          f"precision {settings.precision} and {second.precision} both run as "
-                         f"{runs_as(settings)['precision']} here, so both runs would be the same")
+                         f"{first_runs_as['precision']} here, so both runs would be the same")
     return second
 
 
