@@ -50,8 +50,8 @@ def run_bench(kind: str, settings, compare: str | None = None, json_path: str | 
     # All that can be refused is refused before the first run (minutes), not after it: both
     # runs' settings and devices, and the paths the report and the profile go to.
     settings.validate()
-    runs_as(settings)      # the device, and a precision it can run
-    second = second_settings(settings, compare) if compare else None
+    first = runs_as(settings)      # the device, and a precision it can run
+    second = second_settings(settings, compare, first) if compare else None
     if json_path:
         prepare_output_file(json_path, "--json")
     if profile_dir:
@@ -66,8 +66,9 @@ def run_bench(kind: str, settings, compare: str | None = None, json_path: str | 
     return report
 
 
-def second_settings(settings, compare: str):
-    """The --compare run's settings, validated (its device too) as the first run's are."""
+def second_settings(settings, compare: str, first_runs_as: dict):
+    """The --compare run's settings, validated (its device too) as the first run's are;
+    `first_runs_as` is `runs_as(settings)`."""
     changed = changed_settings(settings, compare)
     if not changed:
         raise ValueError(f"--compare {compare!r} changes no setting: both runs would be the same")
@@ -76,7 +77,6 @@ def second_settings(settings, compare: str):
         second_runs_as = runs_as(second)     # its device too
     except ValueError as error:
         raise ValueError(f"--compare {compare!r}: {error}") from None
-    first_runs_as = runs_as(settings)
     if second_runs_as == first_runs_as:
         raise ValueError(f"--compare {compare!r} changes no setting on this device: "
                          f"precision {settings.precision} and {second.precision} both run as "
