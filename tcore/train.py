@@ -184,12 +184,25 @@ def _gather(obj, info: DistInfo) -> list:
     return gathered
 
 
+# Inductor settings for the train step. Its coalesced-memory tiling analysis "does not yet
+# apply to dynamic shapes" (torch's own config comment), yet runs on them, and the step always
+# has one (the masked-token count): with torch 2.11 on an H200 it aborted the compile of
+# `bench train --compile` with an AssertionError in tiling_utils.get_pw_red_splits.
+INDUCTOR_STEP_OPTIONS = {"triton.coalesce_tiling_analysis": False}
+
+
 def compiled(module: nn.Module, train_cfg) -> nn.Module:
-    """`torch.compile` of the loss module with the config's backend and mode (a mode is
-    passed only when it is not the default, since only Inductor takes one)."""
+    """`torch.compile` of the loss module with the config's backend and mode. Inductor gets
+    the mode as its options (torch takes a mode or options, not both) plus
+    INDUCTOR_STEP_OPTIONS; other backends take no mode (the config refuses one)."""
+    backend = train_cfg.compile_backend
+    if backend != "inductor":
+        return torch.compile(module, backend=backend)
+    from torch._inductor import list_mode_options
+
     mode = train_cfg.get("compile_mode", "default")
-    extra = {} if mode == "default" else {"mode": mode}
-    return torch.compile(module, backend=train_cfg.compile_backend, **extra)
+    options = {**list_mode_options(mode), **INDUCTOR_STEP_OPTIONS}
+    return torch.compile(module, backend=backend, options=options)
 
 
 # The batch entries whose first dimension is the batch's masked-token count.
