@@ -863,6 +863,14 @@ def test_targets_leave_out_runs_that_did_other_work():
     train = gpu_result("train", 390.0, **small)
     other_step = gpu_result("model", 400.0, 0.4, arch="vit_small", attention="sdpa", precision="bf16")
     assert verdicts(train, other_step)["end to end / model-only samples/s"].passed is None
+    # ... unless the train run timed its own step alone (bench train's end_to_end_fraction):
+    # that figure is the verdict, with or without a model run beside it.
+    for fraction, passed in ((0.95, True), (0.89, False)):
+        timed_alone = gpu_result("train", 390.0, **small)
+        timed_alone["figures"]["end_to_end_fraction"] = fraction
+        check = verdicts(timed_alone, fast)["end to end / model-only samples/s"]
+        assert (check.passed, check.measured) == (passed, f"{fraction:.1%}")
+        assert "its own model-only steps" in check.basis
 
 
 def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeypatch):
