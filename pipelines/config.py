@@ -200,6 +200,11 @@ class PipelineConfig:
     # With photometric = torch: fuse its steps with torch.compile (compiled at the first
     # batch; eager, with a warning, where compiling fails) instead of ~100 separate passes.
     photometric_compile: bool = True
+    # With photometric = torch on a GPU: replay each view group's colour stage as a CUDA graph
+    # (pipelines/colour_graphs.py; captured at the first batch of each shape) instead of
+    # launching its kernels one by one from Python. Off until a GPU run measures it; no effect
+    # on the CPU.
+    photometric_graphs: bool = False
     # Where stage A (the shard reader and the host's draws, pipelines/stage_a.py) runs:
     # "thread" (in the training process), "process" (a process of its own, so its Python does
     # not hold the GIL the training loop needs to launch kernels) or "auto": a process when

@@ -11,6 +11,7 @@ the last one read, so prefetching does not leak into checkpoints.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from torch.profiler import record_function
 
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.buffers import HostBufferPool
+from tcore.pipelines.colour_graphs import ColourStageGraphs
 from tcore.pipelines.lanes import ViewLanes
 from tcore.pipelines.manifest import (ShardSet, ShardSetError, check_codecs_for_device,
                                       decodes_video_on_gpu, load_shard_set)
@@ -39,7 +41,7 @@ from tcore.pipelines.stage_a import (BadSampleError, HostBatch, StageASpec, buil
                                      STATE_VERSION, dali_error_reason, data_identity,
                                      draw_masks, initial_state, sample_frames,
                                      writes_run_indices)
-from tcore.pipelines.torch_photometric import apply_photometric, normalize
+from tcore.pipelines.torch_photometric import apply_photometric, dense_colour_stage, normalize
 from tcore.pipelines.views import build_views_pipeline, feed_arrays, frame_feeds, view_rows
 from tcore.preprocess.errors import TcoreWarning
 
@@ -89,11 +91,18 @@ class DaliLoader:
         # "torch": stage B hands over uint8 views and `_assemble` finishes them.
         self.torch_photometric = config.resolved_photometric() == "torch"
         self.colour_threads = colour_stage_threads(num_threads)
+        # The colour stage replayed as CUDA graphs, one per crop shape (`_finish_views`).
+        self.colour_graphs = None
+        if on_gpu and self.torch_photometric and config.photometric_graphs:
+            self.colour_graphs = ColourStageGraphs(functools.partial(
+                _colour_stage_normalised, views=config.views, dtype=dtype,
+                compile_=config.photometric_compile))
         self._buffers = HostBufferPool()
         self.producer_kind = config.resolved_producer(on_gpu)
         _logger.info("loader on %s: stage A in a %s, colour stage in %s, %d batches in flight",
                      self.device, self.producer_kind,
-                     _colour_stage_words(self.torch_photometric, config.photometric_compile),
+                     _colour_stage_words(self.torch_photometric, config.photometric_compile,
+                                         self.colour_graphs is not None),
                      self.prefetch)
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
         # (source, why) per skipped sample; samples DALI's reader drops for a missing
@@ -471,6 +480,9 @@ class DaliLoader:
                 # the group's views, crop-major like the batch: view k of sample i at k * n + i
                 rows, switches, windows = (np.swapaxes(part[:, where], 0, 1).reshape(
                     -1, *part.shape[2:]) for part in inputs)
+                if self.colour_graphs is not None:
+                    batch[name] = self.colour_graphs(batch[name], rows, switches, windows)
+                    continue
                 # On a GPU the whole stage as one call over every crop: its Python and
                 # launches are the cost there, not arithmetic; on the CPU each step on its
                 # crops only.
@@ -569,12 +581,21 @@ class DaliLoader:
         return batch
 
 
-def _colour_stage_words(in_torch: bool, compiled: bool) -> str:
+def _colour_stage_normalised(crops: torch.Tensor, rows: torch.Tensor, switches: torch.Tensor,
+                             windows: torch.Tensor, *, views, dtype: torch.dtype,
+                             compile_: bool) -> torch.Tensor:
+    """The GPU colour stage of one view group from device tensors: what a graph captures."""
+    finished = dense_colour_stage(crops, rows, switches, windows, views, compile_)
+    return normalize(finished, views, dtype, compile_)
+
+
+def _colour_stage_words(in_torch: bool, compiled: bool, graphed: bool = False) -> str:
     if not in_torch:
         return "the DALI graph"
     # Said up front: the first batch then waits for the compiler (26 s on 2 CPU cores with
     # an empty Inductor cache, 7.5 s from it; docs/PERFORMANCE.md, eighth session).
-    return "torch (compiled at the first batch)" if compiled else "torch (eager)"
+    words = "torch (compiled at the first batch)" if compiled else "torch (eager)"
+    return words + (", replayed as CUDA graphs" if graphed else "")
 
 
 def colour_stage_threads(loader_threads: int) -> int:

@@ -439,10 +439,17 @@ def _dense_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndar
     if len(images) == 0:
         return images          # nothing to do (and a convolution of zero groups fails)
     device = images.device
-    stage = _kernel("colour_stage", compile_, device)
-    return stage(images, _to_device(rows, np.float32, device),
-                 _to_device(switches, np.bool_, device), _to_device(windows, np.int64, device),
-                 views.blur_kernel, views.solarize_threshold)
+    return dense_colour_stage(images, _to_device(rows, np.float32, device),
+                              _to_device(switches, np.bool_, device),
+                              _to_device(windows, np.int64, device), views, compile_)
+
+
+def dense_colour_stage(images: torch.Tensor, rows: torch.Tensor, switches: torch.Tensor,
+                       windows: torch.Tensor, views: ViewConfig, compile_: bool) -> torch.Tensor:
+    """`colour_stage` on all crops from parameters already on the crops' device (for a
+    CUDA graph, `pipelines/colour_graphs.py`, which must not upload inside its capture)."""
+    stage = _kernel("colour_stage", compile_, images.device)
+    return stage(images, rows, switches, windows, views.blur_kernel, views.solarize_threshold)
 
 
 def normalize(images: torch.Tensor, views: ViewConfig, dtype: torch.dtype,

@@ -23,7 +23,8 @@
 # `gputests` (the CUDA-only tests that need no DALI) -> `tcore bench model` ViT-S/16 and
 # ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against eager fp32 math attention) ->
 # with DALI: synthetic shards (or the carried ones), `tcore bench data --device gpu` (the
-# clips decoded on the CPU threads, exact against fast jitter), `data_frames` (nvJPEG on
+# clips decoded on the CPU threads, exact against fast jitter), `data_frames` (exact jitter,
+# its colour stage as CUDA graphs against launched; nvJPEG on
 # the JPEG-frame shards, when GPU_CHECK_FRAME_SHARDS holds some, after `decode_frames`: the
 # JPEG decoder alone, scripts/jpeg_decode_probe.py; then `stage_a`, the loader's stage A
 # alone on the host cores), `tcore bench train` (from the
@@ -145,7 +146,7 @@ if [[ "$CPU_MODE" == 1 ]]; then
     FRAMES_COMPARE=()
     TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2 --set
                 model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1)
-    PRODUCER_COMPARE=()
+    TRAIN_COMPARE=()
     JPEG_PROBE_ARGS=(--configs cpu:2:three,cpu:2:one --batch 2 --batches 3)
     SYNTH=(videos=8 frames=24 size=160x128 short_side=128)
     STAGE_A_SECONDS=1
@@ -164,10 +165,15 @@ else
     DATA_ARGS=(--batch 64 --threads 16 --seconds 8 --warmup 8 --repeats 3 --loader dali)
     DATA_COMPARE=(--set views.color_jitter=torchvision,video_decoder=cpu
                   --compare overrides=views.color_jitter=fast,video_decoder=cpu)
-    FRAMES_COMPARE=(--set views.color_jitter=torchvision --compare overrides=views.color_jitter=fast)
+    # The exact jitter's colour stage replayed as CUDA graphs against launched from Python
+    # (on the H200, 2026-11-28, the launched stage was ~16 ms of next()'s host time a batch;
+    # the fast jitter then ran at 0.47x the exact one, PERFORMANCE.md).
+    FRAMES_COMPARE=(--set views.color_jitter=torchvision,photometric_graphs=true
+                    --compare overrides=views.color_jitter=torchvision,photometric_graphs=false)
     TRAIN_ARGS=(--batch 64 --threads 16 --warmup 5 --steps 20 --repeats 3)
-    PRODUCER_COMPARE=(--set data.pipeline.producer=process
-                      --compare overrides=data.pipeline.producer=thread)
+    # The same in training (stage A in a process, the GPU default: 1.07x a thread there).
+    TRAIN_COMPARE=(--set data.pipeline.photometric_graphs=true
+                      --compare overrides=data.pipeline.photometric_graphs=false)
     JPEG_PROBE_ARGS=(--configs mixed:16:three,mixed:16:one,cpu:16:three,cpu:16:one
                      --batch 64 --batches 8)
     SYNTH=(videos=32 frames=24 size=426x320 short_side=320)
@@ -361,10 +367,10 @@ if has_module nvidia.dali; then
         fi
     fi
     # End to end from the JPEG frames when they are there (the faster decode), else clips;
-    # stage A in a process of its own (the GPU default) against a thread of the trainer's.
+    # the colour stage as CUDA graphs against launched (TRAIN_COMPARE).
     run_step train 150 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
-        "${PRODUCER_COMPARE[@]}" --json "$WORK/reports/train.json" --profile "$WORK/profile/train"
+        "${TRAIN_COMPARE[@]}" --json "$WORK/reports/train.json" --profile "$WORK/profile/train"
     # The same compiled (against model_s_compiled): the end-to-end target at the step's best.
     run_step train_compiled 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
         --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \

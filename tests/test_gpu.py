@@ -196,6 +196,45 @@ def test_gpu_batches_stay_intact_behind_a_busy_training_stream():
             assert float(diff.mean()) < 0.05 and float(diff.quantile(0.99)) < 0.3, key
 
 
+@pytest.mark.skipif(not ((SHARDS or FRAME_SHARDS) and _has_dali_cuda()),
+                    reason="needs DALI's CUDA build and TCORE_GPU_SHARDS or TCORE_GPU_FRAME_SHARDS")
+def test_colour_stage_replayed_as_cuda_graphs_gives_the_launched_stages_batches():
+    """`photometric_graphs`: each crop shape's colour stage captured once, then every batch's
+    crops and parameters copied into the graph and replayed, gives the batches the launched
+    stage gives, over a whole epoch whose last batch is smaller (a shape of its own), with
+    work queued on the training stream between batches."""
+    import itertools
+
+    from tcore.pipelines.config import PipelineConfig
+    from tcore.pipelines.loader import build_loader
+
+    shards = FRAME_SHARDS or SHARDS
+    epochs = {}
+    for graphed in (False, True):
+        config = PipelineConfig(photometric_graphs=graphed)
+        config.views.color_jitter = "torchvision"
+        loader = build_loader([shards], batch_size=6, device="cuda", config=config, seed=5,
+                              infinite=False, num_threads=4)
+        assert (loader.colour_graphs is not None) == graphed
+        busy = torch.randn(2048, 2048, device="cuda")
+        batches = []
+        for batch in itertools.islice(loader, 40):
+            batches.append({k: v.cpu() for k, v in batch.items() if torch.is_tensor(v)})
+            for _ in range(10):
+                busy = torch.tanh(busy @ busy * 1e-3)
+        if graphed:
+            sizes = {b["labels"].numel() for b in batches}
+            assert len(sizes) == 2, sizes        # a smaller last batch: 6 into the epoch
+            # a global (224 px) and a local (96 px) shape per batch size
+            assert loader.colour_graphs.captured_shapes == 2 * len(sizes)
+        loader.close()
+        epochs[graphed] = batches
+    assert len(epochs[True]) == len(epochs[False])
+    for launched, replayed in zip(epochs[False], epochs[True]):
+        for key in launched:
+            assert torch.equal(launched[key], replayed[key]), key
+
+
 def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader

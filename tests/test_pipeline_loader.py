@@ -18,7 +18,7 @@ from PIL import Image
 
 from tcore.cli import main
 from tcore.commands.pipeline import EAGER_PREVIEW_BATCHES, compiles_colour_stage
-from tcore.pipelines.config import PipelineConfig
+from tcore.pipelines.config import PipelineConfig, PipelineConfigError
 from tcore.pipelines.loader import (BadSampleError, build_loader, colour_stage_threads,
                                     torch_threads)
 from tcore.pipelines.sampling import view_slices
@@ -574,6 +574,19 @@ def _exact_jitter_batches(shards, colour_threads, count=2):
     batches = [next(loader) for _ in range(count)]
     loader.close()
     return batches
+
+
+def test_colour_stage_graphs_are_a_gpu_setting(synth_shards):
+    """`photometric_graphs` (CUDA graphs of the GPU colour stage) leaves a CPU loader's
+    colour stage as it is: the same per-step path, no graphs."""
+    config = PipelineConfig(photometric_graphs=True)
+    config.views.color_jitter = "torchvision"
+    loader = build_loader([synth_shards], batch_size=3, seed=5, config=config, num_threads=2)
+    assert loader.torch_photometric and loader.colour_graphs is None
+    loader.close()
+    with pytest.raises(PipelineConfigError, match="photometric_graphs = 'yes': must be true "
+                                                  "or false"):
+        PipelineConfig(photometric_graphs="yes").validate()
 
 
 def test_cpu_colour_stage_threads_change_speed_only():
