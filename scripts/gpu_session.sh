@@ -20,6 +20,8 @@
 # there before the last call runs
 #   GPU_CHECK_SHARDS=.gpushards GPU_CHECK_FRAME_SHARDS=.gpuframes scripts/gpu_session.sh finish
 # Used on 2026-11-26 (H100): the 8 part calls took ~5 s each while the model steps ran.
+# On 2026-11-28 (H200): the part calls took under 1 s each (~55 s with the tool's turnaround),
+# `finish` waited 290 s for the background, and the whole plan held the machine 668 s.
 #
 # Settings: GPU_SESSION_DIR (default /tmp/tcore_gpu_session), GPU_SESSION_MODEL_STEPS,
 # GPU_SESSION_DATA_STEPS (GPU_CHECK_ONLY of each half), GPU_SESSION_WAIT (seconds `finish`
