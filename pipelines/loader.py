@@ -589,7 +589,7 @@ def _colour_stage_normalised(crops: torch.Tensor, rows: torch.Tensor, switches: 
     return normalize(finished, views, dtype, compile_)
 
 
-def _colour_stage_words(in_torch: bool, compiled: bool, graphed: bool = False) -> str:
+def _colour_stage_words(in_torch: bool, compiled: bool, graphed: bool) -> str:
     if not in_torch:
         return "the DALI graph"
     # Said up front: the first batch then waits for the compiler (26 s on 2 CPU cores with
