@@ -184,38 +184,36 @@ def _gather(obj, info: DistInfo) -> list:
     return gathered
 
 
-# Inductor settings for the train step. Its coalesced-memory tiling analysis "does not yet
-# apply to dynamic shapes" (torch's own config comment), yet runs on them, and the step always
-# has one (the masked-token count): with torch 2.11 on an H200 it aborted the compile of
-# `bench train --compile` with an AssertionError in tiling_utils.get_pw_red_splits.
-INDUCTOR_STEP_OPTIONS = {"triton.coalesce_tiling_analysis": False}
-
-
 def compiled(module: nn.Module, train_cfg) -> nn.Module:
-    """`torch.compile` of the loss module with the config's backend and mode. Inductor gets
-    the mode as its options (torch takes a mode or options, not both) plus
-    INDUCTOR_STEP_OPTIONS; other backends take no mode (the config refuses one)."""
-    backend = train_cfg.compile_backend
-    if backend != "inductor":
-        return torch.compile(module, backend=backend)
-    from torch._inductor import list_mode_options
-
+    """`torch.compile` of the loss module with the config's backend and mode (a mode is
+    passed only when it is not the default, since only Inductor takes one)."""
     mode = train_cfg.get("compile_mode", "default")
-    options = {**list_mode_options(mode), **INDUCTOR_STEP_OPTIONS}
-    return torch.compile(module, backend=backend, options=options)
+    extra = {} if mode == "default" else {"mode": mode}
+    return torch.compile(module, backend=train_cfg.compile_backend, **extra)
 
 
 # The batch entries whose first dimension is the batch's masked-token count.
 MASKED_TOKEN_ENTRIES = ("mask_indices", "mask_weights")
 
 
-def mark_masked_tokens_dynamic(batch: dict) -> None:
-    """Tell torch.compile that the masked-token count changes from batch to batch (the
-    mask ladder draws it), so the first compile is the only one: left to find out, it
-    compiles for the first batch's count, then again for any count at the second."""
+def compile_inputs(batch: dict) -> dict:
+    """The batch as the compiled step should see it: every size static but the masked-token
+    count, which the mask ladder draws anew each batch (marked dynamic, so the first compile
+    is the only one; left to find out, torch.compile compiles for the first batch's count,
+    then again for any count at the second).
+
+    Each tensor is handed over as a fresh `detach()` of itself (same storage, no copy): a
+    tensor that came out of another compiled function, such as the loader's colour stage
+    (compiled with dynamic shapes), carries that function's marks, every dimension "maybe
+    dynamic", and the step would be traced with symbolic crop sizes. That is slower code, and
+    with torch 2.11 on an H200 it aborted the compile (an Inductor AssertionError in
+    tiling_utils.get_pw_red_splits). A fresh tensor object carries no marks."""
+    fresh = {name: value.detach() if torch.is_tensor(value) else value
+             for name, value in batch.items()}
     for name in MASKED_TOKEN_ENTRIES:
-        if name in batch:
-            torch._dynamo.maybe_mark_dynamic(batch[name], 0)
+        if name in fresh:
+            torch._dynamo.maybe_mark_dynamic(fresh[name], 0)
+    return fresh
 
 
 class Trainer:
@@ -249,7 +247,7 @@ class Trainer:
         # value; fill_ launches a kernel, where a fresh host->device copy would sync the host.
         self.teacher_temp.fill_(values["teacher_temp"])
         if self.forward is not self.loss_module:
-            mark_masked_tokens_dynamic(batch)
+            batch = compile_inputs(batch)
         with autocast_context(self.precision, self.device):
             losses = self.forward(batch, self.teacher_temp)
         self.optimizer.zero_grad(set_to_none=True)

@@ -196,7 +196,4 @@ def test_compile_mode_reaches_the_compiler():
         cfg = bench_config("vit_tiny", "sdpa", "fp32", True, 2, torch.device("cpu"), 1,
                            f"train.compile_mode={mode}")
         trainer = build_trainer(cfg, torch.device("cpu"))
-        settings = trainer.forward.dynamo_ctx.compiler_config
-        assert settings["max_autotune"] is autotune, mode
-        # Off for the step's symbolic masked-token count (see tcore.train.compiled).
-        assert settings["triton.coalesce_tiling_analysis"] is False, mode
+        assert trainer.forward.dynamo_ctx.compiler_config["max_autotune"] is autotune, mode

@@ -93,8 +93,8 @@ def test_mixed_precision_step_matches_fp32(precision):
 
 def test_compiled_step_on_cuda_matches_eager_for_every_masked_token_count():
     """`train.compile=true` through Triton (the CPU tests reach only Inductor's C++ code):
-    batches whose masked-token counts differ, a size the graph holds symbolic, which once
-    aborted the compile on an H200 (tcore.train.INDUCTOR_STEP_OPTIONS), give eager's losses."""
+    batches whose masked-token counts differ, the one size the graph holds symbolic
+    (tcore.train.compile_inputs), give eager's losses."""
     eager = _trainer("fp32")
     compiled = _trainer("fp32", "train.compile=true")
     compiled.model.load_state_dict(eager.model.state_dict())

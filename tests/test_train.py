@@ -345,6 +345,51 @@ def test_compiled_step_compiles_once_for_every_masked_token_count():
     assert len(graphs) == 1
 
 
+def _traced_shapes(graph) -> dict[str, tuple]:
+    """Each tensor input of a graph dynamo traced, by its name there: its traced shape."""
+    return {node.name: tuple(node.meta["example_value"].shape)
+            for node in graph.graph.nodes
+            if node.op == "placeholder" and torch.is_tensor(node.meta.get("example_value"))}
+
+
+def _is_static(shape: tuple) -> bool:
+    return all(isinstance(size, int) for size in shape)
+
+
+def test_compiled_step_keeps_crop_sizes_static_when_a_compiled_function_made_the_crops():
+    # The loader's colour stage is compiled with dynamic shapes, and torch marks what a
+    # compiled function returns as dynamic in every dimension. Handed on as they were, such
+    # crops made the step trace with symbolic image sizes (slower kernels; with torch 2.11 on
+    # an H200, an Inductor AssertionError). Only the masked-token count may be symbolic.
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    produced = torch.compile(lambda crops: crops + 0, dynamic=True, backend="aot_eager")
+    batch = {name: produced(value) if name.endswith("_crops") else value
+             for name, value in _small_batch(0).items()}
+    # The hazard is real in this torch: a compiled function given these crops directly
+    # traces them with symbolic sizes.
+    torch.compile(lambda crops: crops * 2, backend=recording_backend)(batch["global_crops"])
+    assert not _is_static(next(iter(_traced_shapes(graphs.pop()).values())))
+
+    torch.manual_seed(0)
+    trainer = Trainer(load_config("tiny_cpu", ["model.head.prototypes=128"]), None,
+                      init_distributed("cpu"))
+    trainer.forward = torch.compile(trainer.loss_module, backend=recording_backend)
+    trainer.step(0, batch)
+    assert len(graphs) == 1
+    shapes = _traced_shapes(graphs[0])
+    crops = {name: shape for name, shape in shapes.items() if name.endswith("_crops_")}
+    assert len(crops) == 4 and all(_is_static(shape) for shape in crops.values()), crops
+    masked = [shape for name, shape in shapes.items() if "mask_indices" in name]
+    assert len(masked) == 1 and not _is_static(masked[0])
+    # Parameters and the rest of the batch keep their sizes too.
+    assert sum(not _is_static(shape) for shape in shapes.values()) <= 2   # mask indices, weights
+
+
 def test_resume_in_another_precision_is_refused_and_stale_export_removed(synth_shards, tmp_path):
     cfg = load_config("tiny_cpu", FAST + ["train.precision=fp32"])
     given = copy.deepcopy(cfg)
