@@ -40,7 +40,7 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled
-# shards data decode_frames data_frames stage_a train train_compiled gputests_dali; model_s_autotune,
+# shards data decode_frames data_frames stage_a train_compiled train gputests_dali; model_s_autotune,
 # data_prefetch and data_producer run only when named here),
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
@@ -366,22 +366,23 @@ if has_module nvidia.dali; then
                 --json "$WORK/reports/data_producer.json"
         fi
     fi
-    # End to end from the JPEG frames when they are there (the faster decode), else clips;
-    # the colour stage as CUDA graphs against launched (TRAIN_COMPARE).
-    run_step train 150 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
-        --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
-        "${TRAIN_COMPARE[@]}" --json "$WORK/reports/train.json" --profile "$WORK/profile/train"
-    # The same compiled (against model_s_compiled): the end-to-end target at the step's best.
+    # End to end, the step compiled (against its own model-only phase): the end-to-end target
+    # at the step's best, before the eager comparison below, which has a figure already.
+    # From the JPEG frames when they are there (the faster decode), else clips.
     run_step train_compiled 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
         --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
         "${TRAIN_ARGS[@]}" "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_compiled.json"
+    # Eager, the colour stage as CUDA graphs against launched (TRAIN_COMPARE).
+    run_step train 150 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
+        --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
+        "${TRAIN_COMPARE[@]}" --json "$WORK/reports/train.json" --profile "$WORK/profile/train"
     # The loader and colour-stage tests after the measurements: the group runs two `tcore
     # train` processes and Triton compiles, and a group stopped at its limit must not have
     # taken the measurements' time with it.
     GPU_TESTS_GROUP=dali
     run_step gputests_dali 300 gpu_tests
 else
-    for name in shards gputests_dali data decode_frames data_frames stage_a data_prefetch data_producer train train_compiled; do
+    for name in shards gputests_dali data decode_frames data_frames stage_a data_prefetch data_producer train_compiled train; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
     done
 fi
