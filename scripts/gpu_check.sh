@@ -173,7 +173,7 @@ else
     TRAIN_ARGS=(--batch 64 --threads 16 --warmup 5 --steps 20 --repeats 3)
     # The same in training (stage A in a process, the GPU default: 1.07x a thread there).
     TRAIN_COMPARE=(--set data.pipeline.photometric_graphs=true
-                      --compare overrides=data.pipeline.photometric_graphs=false)
+                   --compare overrides=data.pipeline.photometric_graphs=false)
     JPEG_PROBE_ARGS=(--configs mixed:16:three,mixed:16:one,cpu:16:three,cpu:16:one
                      --batch 64 --batches 8)
     SYNTH=(videos=32 frames=24 size=426x320 short_side=320)

@@ -205,8 +205,8 @@ def compile_inputs(batch: dict) -> dict:
     Each tensor is handed over as a fresh `detach()` of itself (same storage, no copy): a
     tensor that came out of another compiled function, such as the loader's colour stage
     (compiled with dynamic shapes), carries that function's marks, every dimension "maybe
-    dynamic", and the step would be traced with symbolic crop sizes. That is slower code, and
-    with torch 2.11 on an H200 it aborted the compile (an Inductor AssertionError in
+    dynamic", and the step would be traced with symbolic crop sizes. Inductor then writes
+    kernels for unknown sizes, and with torch 2.11 on an H200 it aborted the compile (an Inductor AssertionError in
     tiling_utils.get_pw_red_splits). A fresh tensor object carries no marks."""
     fresh = {name: value.detach() if torch.is_tensor(value) else value
              for name, value in batch.items()}
