@@ -24,11 +24,12 @@
 # ViT-B/16 (xFormers vs SDPA, bf16, compiled or not, against eager fp32 math attention) ->
 # with DALI: synthetic shards (or the carried ones), `tcore bench data --device gpu` (the
 # clips decoded on the CPU threads, exact against fast jitter), `data_frames` (exact jitter,
-# its colour stage as CUDA graphs against launched; nvJPEG on
-# the JPEG-frame shards, when GPU_CHECK_FRAME_SHARDS holds some, after `decode_frames`: the
-# JPEG decoder alone, scripts/jpeg_decode_probe.py; then `stage_a`, the loader's stage A
-# alone on the host cores), `tcore bench train` (from the
-# JPEG frames when they are there, else the clips), then `gputests_dali` (tests/test_gpu.py's
+# its colour stage as CUDA graphs against launched; nvJPEG on the JPEG-frame shards, when
+# GPU_CHECK_FRAME_SHARDS holds some, after `decode_frames`: the JPEG decoder alone,
+# scripts/jpeg_decode_probe.py; then `stage_a`, the loader's stage A alone on the host
+# cores), `tcore bench train` from the JPEG frames when they are there, else the clips
+# (`train_compiled`: the step compiled; `train`: eager, the colour stage as CUDA graphs
+# against launched), then `gputests_dali` (tests/test_gpu.py's
 # loader and colour-stage tests on $SHARDS and $FRAMES) -> one short table. A failing step
 # is logged and the script goes on.
 #
