@@ -206,8 +206,9 @@ def compile_inputs(batch: dict) -> dict:
     tensor that came out of another compiled function, such as the loader's colour stage
     (compiled with dynamic shapes), carries that function's marks, every dimension "maybe
     dynamic", and the step would be traced with symbolic crop sizes. Inductor then writes
-    kernels for unknown sizes, and with torch 2.11 on an H200 it aborted the compile (an Inductor AssertionError in
-    tiling_utils.get_pw_red_splits). A fresh tensor object carries no marks."""
+    kernels for unknown sizes, and with torch 2.11 on an H200 it aborted the compile (an
+    Inductor AssertionError in tiling_utils.get_pw_red_splits). A fresh tensor object
+    carries no marks."""
     fresh = {name: value.detach() if torch.is_tensor(value) else value
              for name, value in batch.items()}
     for name in MASKED_TOKEN_ENTRIES:

@@ -359,8 +359,9 @@ def _is_static(shape: tuple) -> bool:
 def test_compiled_step_keeps_crop_sizes_static_when_a_compiled_function_made_the_crops():
     # The loader's colour stage is compiled with dynamic shapes, and torch marks what a
     # compiled function returns as dynamic in every dimension. Handed on as they were, such
-    # crops made the step trace with symbolic image sizes (kernels for unknown sizes; with torch 2.11 on
-    # an H200, an Inductor AssertionError). Only the masked-token count may be symbolic.
+    # crops made the step trace with symbolic image sizes (kernels for unknown sizes; with
+    # torch 2.11 on an H200, an Inductor AssertionError). Only the masked-token count may be
+    # symbolic.
     graphs = []
 
     def recording_backend(graph, example_inputs):
