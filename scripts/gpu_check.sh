@@ -29,9 +29,8 @@
 # scripts/jpeg_decode_probe.py; then `stage_a`, the loader's stage A alone on the host
 # cores), `tcore bench train` from the JPEG frames when they are there, else the clips
 # (`train_compiled`: the step compiled; `train`: eager, the colour stage as CUDA graphs
-# against launched), then `gputests_dali` (tests/test_gpu.py's
-# loader and colour-stage tests on $SHARDS and $FRAMES) -> one short table. A failing step
-# is logged and the script goes on.
+# against launched), then `gputests_dali` (tests/test_gpu.py's loader and colour-stage tests
+# on $SHARDS and $FRAMES) -> one short table. A failing step is logged and the script goes on.
 #
 # Results: $OUT (default runs/gpu_check): gpu_check.log (everything), summary.txt (the table),
 # reports.json (every bench report, by step name), profile.tar.gz (kernel and CPU tables of the
