@@ -17,10 +17,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tcore demo --output runs/demo
 
-# Two pytest workers (pytest-xdist): run serially, the suite keeps about 1.3 of 2 cores busy,
-# as many tests wait on child processes. On 2 cores (2026-11-28) the suite took 12.2 -> 9.0
-# minutes from a fresh clone, 9.7 -> 7.6 with Inductor's compile cache warm. A test file
-# stays on one worker, so its module-scoped runs are made once. TEST_WORKERS=0: serial.
+# Two pytest workers (pytest-xdist): serially, many tests wait on child processes and leave
+# a core idle. A test file stays on one worker, so its module-scoped runs are made once.
+# TEST_WORKERS=0: serial. Times: docs/PERFORMANCE.md, "The test suite".
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
