@@ -37,7 +37,13 @@ class StopRequest:
     @contextlib.contextmanager
     def listening(self):
         """While the block runs, STOP_SIGNALS set the request instead of ending the process
-        (where Python can install handlers: the main thread)."""
+        (where Python can install handlers: the main thread). Without a request the previous
+        handlers come back after the block. Once a stop was requested, STOP_SIGNALS are
+        ignored from then on: the process is on its way out (the CLI exits 128+n), and a
+        repeat arriving during its last steps (torchrun's forwarded copy, the job's SIGTERM
+        after an early SIGUSR1) must not kill it before it says where to resume and exits as
+        it said it would. (Ignored, not handled: Python puts the default back for its own
+        handlers as the interpreter ends.) A stuck ending is the scheduler's SIGKILL's."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -46,7 +52,7 @@ class StopRequest:
             yield self
         finally:
             for number, handler in previous.items():
-                signal.signal(number, handler)
+                signal.signal(number, signal.SIG_IGN if self.signal_number else handler)
 
     def agreed(self, info) -> str | None:
         """At a sync point, on every rank (collective): the name of the signal that stops

@@ -196,8 +196,9 @@ def _wait_for_logged_steps(run: Path, proc, steps: int) -> None:
 def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_shards,
                                                                           tmp_path):
     """As a scheduler ends a job: SIGTERM to every process of it (the stage A process too).
-    The run writes a checkpoint at its next log step (checkpoint_every is 100) and exits 143;
-    resumed from there it gives the uninterrupted run's losses."""
+    The run writes a checkpoint at its next log step (checkpoint_every is 100) and exits 143,
+    repeats during the run and while it ends included; resumed from there it gives the
+    uninterrupted run's losses."""
     run = tmp_path / "run"
     # 8 steps to the next log step: more than stage A and the loader hold queued, so a stage
     # A process that died of the signal would be noticed before the checkpoint.
@@ -212,7 +213,13 @@ def test_sigterm_checkpoints_at_the_next_log_step_and_the_resume_matches(synth_s
             os.kill(pid, signal.SIGTERM)
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)    # a repeat (torchrun forwards the job's SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
+        stderr = ""
+        for line in proc.stderr:    # another repeat as the run says it stopped, while it ends
+            stderr += line
+            if "stopped by" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        stderr += proc.communicate(timeout=60)[1]
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     said = re.search(r"tcore train: stopped by SIGTERM after step (\d+); checkpoint (\S+); "
                      r"continue with --resume", stderr)
