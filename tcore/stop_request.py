@@ -37,13 +37,12 @@ class StopRequest:
     @contextlib.contextmanager
     def listening(self):
         """While the block runs, STOP_SIGNALS set the request instead of ending the process
-        (where Python can install handlers: the main thread). Without a request the previous
-        handlers come back after the block. Once a stop was requested, STOP_SIGNALS are
-        ignored from then on: the process is on its way out (the CLI exits 128+n), and a
-        repeat arriving during its last steps (torchrun's forwarded copy, the job's SIGTERM
-        after an early SIGUSR1) must not kill it before it says where to resume and exits as
-        it said it would. (Ignored, not handled: Python puts the default back for its own
-        handlers as the interpreter ends.) A stuck ending is the scheduler's SIGKILL's."""
+        (main thread only: where Python can install handlers). After the block the previous
+        handlers come back, unless a stop was requested: the process is then ending (the CLI
+        exits 128+n) and STOP_SIGNALS stay ignored, so a repeat (torchrun's forwarded copy)
+        cannot kill it before it says where to resume. Ignored rather than handled, as Python
+        puts the default back for its own handlers while the interpreter ends; an ending that
+        hangs is left to the scheduler's SIGKILL."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
