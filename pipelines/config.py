@@ -202,9 +202,10 @@ class PipelineConfig:
     photometric_compile: bool = True
     # With photometric = torch on a GPU: replay each view group's colour stage as a CUDA graph
     # (pipelines/colour_graphs.py; captured at the first batch of each shape) instead of
-    # launching its kernels one by one from Python. Off until a GPU run measures it; no effect
-    # on the CPU.
-    photometric_graphs: bool = False
+    # launching its kernels one by one from Python. On an H200 (2026-11-28) the loader ran
+    # 1.29x as fast with it (3,358 against 2,612 samples/s, JPEG frames, batch 64) and a GPU
+    # test found the same batches as launched; no effect on the CPU.
+    photometric_graphs: bool = True
     # Where stage A (the shard reader and the host's draws, pipelines/stage_a.py) runs:
     # "thread" (in the training process), "process" (a process of its own, so its Python does
     # not hold the GIL the training loop needs to launch kernels) or "auto": a process when

@@ -577,9 +577,10 @@ def _exact_jitter_batches(shards, colour_threads, count=2):
 
 
 def test_colour_stage_graphs_are_a_gpu_setting(synth_shards):
-    """`photometric_graphs` (CUDA graphs of the GPU colour stage) leaves a CPU loader's
-    colour stage as it is: the same per-step path, no graphs."""
-    config = PipelineConfig(photometric_graphs=True)
+    """`photometric_graphs` (CUDA graphs of the GPU colour stage, on by default) leaves a CPU
+    loader's colour stage as it is: the same per-step path, no graphs."""
+    config = PipelineConfig()
+    assert config.photometric_graphs
     config.views.color_jitter = "torchvision"
     loader = build_loader([synth_shards], batch_size=3, seed=5, config=config, num_threads=2)
     assert loader.torch_photometric and loader.colour_graphs is None
