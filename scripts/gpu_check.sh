@@ -170,7 +170,8 @@ else
     # the fast jitter then ran at 0.47x the exact one, PERFORMANCE.md).
     FRAMES_COMPARE=(--set views.color_jitter=torchvision,photometric_graphs=true
                     --compare overrides=views.color_jitter=torchvision,photometric_graphs=false)
-    TRAIN_ARGS=(--batch 64 --threads 16 --warmup 5 --steps 20 --repeats 3)
+    # 40 steps in 5 windows: on the H200 one window of 3 held a stall (0.42 s a step).
+    TRAIN_ARGS=(--batch 64 --threads 16 --warmup 5 --steps 40 --repeats 5)
     # The same in training (stage A in a process, the GPU default: 1.07x a thread there).
     TRAIN_COMPARE=(--set data.pipeline.photometric_graphs=true
                    --compare overrides=data.pipeline.photometric_graphs=false)
@@ -369,9 +370,12 @@ if has_module nvidia.dali; then
     # End to end, the step compiled (against its own model-only phase): the end-to-end target
     # at the step's best, before the eager comparison below, which has a figure already.
     # From the JPEG frames when they are there (the faster decode), else clips.
+    # Profiled: its timeline says whether the step beside the loader waits for the host or
+    # shares the device with the loader's streams (on the H200 it ran 86 ms, alone 66 ms).
     run_step train_compiled 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
         --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
-        "${TRAIN_ARGS[@]}" "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_compiled.json"
+        "${TRAIN_ARGS[@]}" "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_compiled.json" \
+        --profile "$WORK/profile/train_compiled"
     # Eager, the colour stage as CUDA graphs against launched (TRAIN_COMPARE).
     run_step train 150 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
@@ -401,6 +405,11 @@ done
     echo "tcore gpu_check, $(date -u +%Y-%m-%dT%H:%MZ), $((SECONDS - START))s, mode $([[ $CPU_MODE == 1 ]] && echo CPU || echo GPU)"
     for name in "${ORDER[@]}"; do printf '  %-18s %s\n' "$name" "${STATUS[$name]}"; done
     if ((${#reports[@]})); then "${TCORE[@]}" bench table --targets "${reports[@]}"; fi
+    for timeline in "$WORK"/profile/*/timeline.txt; do
+        [[ -f $timeline ]] || continue
+        echo "timeline of $(basename "$(dirname "$timeline")") (profiled steps):"
+        sed 's/^/  /' "$timeline"
+    done
     if [[ -s "$WORK/reports/decode_frames.jsonl" ]]; then
         echo "decode_frames (JPEG decode only):"
         cat "$WORK/reports/decode_frames.jsonl"

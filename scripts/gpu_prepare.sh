@@ -25,17 +25,17 @@ cd "$(dirname "$0")/.."
 PYTHON=.venv/bin/python
 TCORE=.venv/bin/tcore
 PYVER=${GPU_PREPARE_PYVER:-3.12}
-# What the H200 lease of 2026-11-28 left open (docs/PERFORMANCE.md), most telling first:
-# the compiled step end to end (train_compiled: it failed there; the cause, the loader's crops
-# traced with symbolic sizes, is fixed since), the colour stage as CUDA graphs against
-# launched (data_frames, train), the loader's GPU tests, and in the background the one lever
-# left for the ViT-S/16 MFU, Inductor's autotuned matmuls (model_s_autotune; the default
-# compile is unchanged since its 26.1%). The background gets GPU_CHECK_BUDGET=330 so that it
-# ends while `finish` still waits for it (at most 300 s after the last part call).
-# Step times there: model_s_compiled 145 s, data_frames 59 s, train 58 s, train_compiled
-# over 125 s (its compile); the whole plan used 668 s of the lease's 900.
-MODEL_STEPS=${GPU_SESSION_MODEL_STEPS:-env install gputests model_s_autotune}
-DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install data_frames train_compiled train gputests_dali}
+# What the second H200 lease of 2026-11-28 (15:44 UTC) left open (docs/PERFORMANCE.md), most
+# telling first: why the compiled step ran 86 ms beside the loader and 66 ms alone (61.4% end
+# to end), from train_compiled's profile timeline (device busy per stream, host waits), now
+# with the colour stage as CUDA graphs (the default since that lease); the eager step with
+# graphs against launched (train); the loader's GPU tests, with the timeline's own. In the
+# background the compiled step alone, profiled (model_s_compiled, 145 s on the first H200
+# lease), so the two timelines come from one machine. Not in the plan: model_s_autotune,
+# whose compile outlasted its 284 s there (~10 s of autotuning per matmul shape).
+# The whole of the first H200 plan used 668 s of the lease's 900; the second 788 s.
+MODEL_STEPS=${GPU_SESSION_MODEL_STEPS:-env install gputests model_s_compiled}
+DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install train_compiled train gputests_dali}
 # The names travel at the versions .venv holds: the ones the tests ran with.
 SMALL_FIRST="omegaconf"
 SMALL_DATA="webdataset braceexpand astunparse gast libcst makefun optree nvtx"

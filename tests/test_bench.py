@@ -415,6 +415,11 @@ def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
     cpu_table = (profile / "cpu.txt").read_text()
     assert "tcore.loader.stage_b_wait" in cpu_table and "tcore.loader.assemble" in cpu_table
     assert (profile / "kernels.txt").exists() and (profile / "trace.json").exists()
+    # The timeline: the three profiled steps' wall time, no device on the CPU.
+    timeline = run["details"]["profile"]["timeline"]
+    assert timeline["steps"] == 3 and timeline["wall_ms"] > 0
+    assert timeline["device_busy_ms"] is None and timeline["streams"] == {}
+    assert "device: no device activity recorded" in (profile / "timeline.txt").read_text()
     figures = run["figures"]
     assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
     assert run["settings"]["loader"] == "dali"
@@ -1033,3 +1038,31 @@ def test_bench_data_stage_a_alone_times_the_dali_loaders_own_batches(synth_shard
     assert run["details"]["samples"] == 2 * run["details"]["batches"] >= 4
     assert run["figures"]["samples_per_s"]["median"] > 0
     assert "next_ms_per_batch" not in run["details"]       # no stage B behind it
+
+
+def test_timeline_counts_device_time_once_and_per_stream():
+    """The profile's timeline: overlapping work on one stream counted once, work on two
+    streams at once counted once in the device's busy time and again as overlap, and the
+    host's blocking and launch calls summed by name."""
+    from tcore.bench.timeline import Activity, format_timeline, timeline_summary, union_us
+
+    assert union_us([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
+    assert union_us([]) == 0
+    work = [Activity("gemm", 0, 40_000, stream=7), Activity("gelu", 30_000, 50_000, stream=7),
+            Activity("colour", 45_000, 60_000, stream=13),
+            Activity("cudaLaunchKernel", 0, 10), Activity("cudaLaunchKernel", 20, 40),
+            Activity("cudaStreamSynchronize", 60_000, 61_000)]
+    summary = timeline_summary(work, wall_us=100_000, steps=2)
+    assert summary["device_busy_ms"] == pytest.approx(60.0)
+    assert summary["device_busy_fraction"] == pytest.approx(0.6)
+    assert summary["streams"] == {7: {"busy_ms": pytest.approx(50.0), "activities": 2},
+                                  13: {"busy_ms": pytest.approx(15.0), "activities": 1}}
+    assert summary["overlap_ms"] == pytest.approx(5.0)
+    assert summary["blocking"] == {"cudaStreamSynchronize": {"calls": 1, "ms": pytest.approx(1.0)}}
+    assert summary["launches"] == {"cudaLaunchKernel": {"calls": 2, "ms": pytest.approx(0.03)}}
+    text = format_timeline(summary)
+    assert "2 steps in 100.0 ms of wall time (50.0 ms a step)" in text
+    assert "device busy 60.0 ms (60.0% of the wall time), idle 40.0 ms" in text
+    # the busiest stream first
+    assert text.index("stream    7") < text.index("stream   13")
+    assert "cudaStreamSynchronize 1 x, 1.0 ms" in text

@@ -108,6 +108,31 @@ def test_compiled_step_on_cuda_matches_eager_for_every_masked_token_count():
                 (it, name)
 
 
+def test_profile_timeline_sees_each_streams_work_on_cuda(tmp_path):
+    """`--profile`'s timeline on real CUDA events: work on two streams, each stream's busy
+    time, the device's busy time no more than the wall time, and the host's final wait."""
+    from tcore.bench.model import profile_steps
+
+    a = torch.randn(4096, 4096, device="cuda")
+    side = torch.cuda.Stream()
+
+    def step():
+        a @ a                      # the current stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.tanh(a @ a)
+        torch.cuda.current_stream().wait_stream(side)
+
+    profile = profile_steps(step, torch.device("cuda"), tmp_path, steps=3)
+    timeline = profile["timeline"]
+    assert len(timeline["streams"]) >= 2, timeline["streams"]
+    assert all(s["busy_ms"] > 0 and s["activities"] >= 3 for s in timeline["streams"].values())
+    assert 0 < timeline["device_busy_ms"] <= timeline["wall_ms"] * 1.01
+    assert timeline["launches"], "no kernel launches seen on the host"
+    assert timeline["blocking"], "profile_steps ends with a device synchronisation"
+    assert "device busy" in (tmp_path / "timeline.txt").read_text()
+
+
 @needs_dali
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_tcore_train_runs_on_the_gpu(tmp_path, precision):

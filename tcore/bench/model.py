@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -299,18 +300,23 @@ def run_model_bench(settings: ModelBenchSettings, profile_dir: str | None = None
 
 def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> dict:
     """Kernel breakdown of a few steps: a Chrome trace, a text table of the top kernels
-    (device time) and one of the top operators by CPU time, headed by tcore's named ranges
-    (the loader's `tcore.loader.*`, run in the training thread)."""
+    (device time), one of the top operators by CPU time, headed by tcore's named ranges
+    (the loader's `tcore.loader.*`, run in the training thread), and the timeline summary
+    (`tcore.bench.timeline`: device busy time per stream, the host's blocking calls)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from tcore.bench.timeline import activities_of, format_timeline, timeline_summary
 
     out_dir.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities, record_shapes=False) as profiler:
+        began = time.perf_counter()
         for _ in range(steps):
             step()
         synchronizer(device)()
+        wall_us = (time.perf_counter() - began) * 1e6
     # Self time: each kernel/op counted once, not again in every op that calls it.
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort_key, row_limit=40)
@@ -325,10 +331,13 @@ def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> 
     cpu_path = out_dir / "cpu.txt"
     cpu_path.write_text(f"{steps} steps, tcore ranges (CPU time, main thread):\n{ranges}\n\n"
                         f"sorted by cpu_time_total\n{cpu_table}\n")
+    timeline = timeline_summary(activities_of(profiler.events()), wall_us, steps)
+    timeline_path = out_dir / "timeline.txt"
+    timeline_path.write_text(format_timeline(timeline))
     trace_path = out_dir / "trace.json"
     profiler.export_chrome_trace(str(trace_path))
     return {"table": str(table_path), "cpu_table": str(cpu_path), "trace": str(trace_path),
-            "steps": steps}
+            "timeline_table": str(timeline_path), "steps": steps, "timeline": timeline}
 
 
 # ---- attention agreement -------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""Where the profiled steps' wall time went: how busy the device was, stream by stream, and
+how long the host sat in calls that wait for the device.
+
+Why: a step that runs slower beside the loader than alone (`bench train`'s
+`step_time_without_wait` against `model_only_samples_per_s`) is either waiting for the host
+(the device idles between kernels) or sharing the device with the loader's own kernels (DALI's
+stream, the loader's copy and work streams). The kernel table cannot tell these apart; the
+device's busy time per stream and the host's blocking calls can.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Host calls that return only when the device has finished something.
+BLOCKING_CALLS = frozenset({
+    "cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
+    "cuStreamSynchronize", "cuEventSynchronize", "cuCtxSynchronize"})
+# Host calls that put work on the device (Triton launches through the driver API).
+LAUNCH_CALLS = frozenset({
+    "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel", "cuLaunchKernel",
+    "cuLaunchKernelEx", "cudaGraphLaunch"})
+
+
+@dataclass(frozen=True)
+class Activity:
+    """One profiled interval: a host call (`stream` None) or device work on a stream."""
+    name: str
+    start_us: float
+    end_us: float
+    stream: int | None = None
+
+    @property
+    def on_device(self) -> bool:
+        return self.stream is not None
+
+
+def activities_of(events) -> list[Activity]:
+    """The torch profiler's events (`profile.events()`) as activities: every device event
+    (kernels, copies, sets) with its stream, and the host's blocking and launch calls."""
+    from torch.autograd import DeviceType
+
+    activities = []
+    for event in events:
+        start, end = event.time_range.start, event.time_range.end
+        if event.device_type == DeviceType.CUDA:
+            activities.append(Activity(event.name, start, end, int(event.device_resource_id)))
+        elif event.name in BLOCKING_CALLS or event.name in LAUNCH_CALLS:
+            activities.append(Activity(event.name, start, end))
+    return activities
+
+
+def union_us(intervals) -> float:
+    """Total length covered by (start, end) intervals, overlaps counted once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+def timeline_summary(activities: list[Activity], wall_us: float, steps: int) -> dict:
+    """Device busy time (all streams together and per stream) and the host's blocking and
+    launch calls, over `wall_us` of profiled wall time spanning `steps` steps."""
+    device = [a for a in activities if a.on_device]
+    streams = {}
+    for stream in sorted({a.stream for a in device}):
+        mine = [(a.start_us, a.end_us) for a in device if a.stream == stream]
+        streams[stream] = {"busy_ms": union_us(mine) / 1e3, "activities": len(mine)}
+    busy_ms = union_us((a.start_us, a.end_us) for a in device) / 1e3
+    host = {}
+    for call in activities:
+        if not call.on_device:
+            entry = host.setdefault(call.name, {"calls": 0, "ms": 0.0})
+            entry["calls"] += 1
+            entry["ms"] += (call.end_us - call.start_us) / 1e3
+    wall_ms = wall_us / 1e3
+    return {
+        "steps": steps, "wall_ms": wall_ms,
+        "device_busy_ms": busy_ms if device else None,
+        "device_busy_fraction": busy_ms / wall_ms if device and wall_ms > 0 else None,
+        # busy on two or more streams at once: the loader's kernels beside the step's
+        "overlap_ms": sum(s["busy_ms"] for s in streams.values()) - busy_ms if device else None,
+        "streams": streams,
+        "blocking": {name: v for name, v in host.items() if name in BLOCKING_CALLS},
+        "launches": {name: v for name, v in host.items() if name in LAUNCH_CALLS},
+    }
+
+
+def format_timeline(summary: dict) -> str:
+    steps, wall = summary["steps"], summary["wall_ms"]
+    lines = [f"{steps} steps in {wall:.1f} ms of wall time ({wall / max(steps, 1):.1f} ms a step)"]
+    if summary["device_busy_ms"] is None:
+        lines.append("device: no device activity recorded (a CPU run)")
+    else:
+        busy = summary["device_busy_ms"]
+        lines.append(f"device busy {busy:.1f} ms ({100 * summary['device_busy_fraction']:.1f}% "
+                     f"of the wall time), idle {wall - busy:.1f} ms; busy on two or more "
+                     f"streams at once {summary['overlap_ms']:.1f} ms")
+        ranked = sorted(summary["streams"].items(), key=lambda item: -item[1]["busy_ms"])
+        for stream, figures in ranked:
+            lines.append(f"  stream {stream:>4}: busy {figures['busy_ms']:9.1f} ms, "
+                         f"{figures['activities']:6d} kernels / copies")
+    for title, key in (("host calls waiting for the device", "blocking"),
+                       ("host calls launching device work", "launches")):
+        calls = summary[key]
+        lines.append(f"{title}: " + (", ".join(
+            f"{name} {v['calls']} x, {v['ms']:.1f} ms" for name, v in sorted(calls.items()))
+            or "none"))
+    return "\n".join(lines) + "\n"
