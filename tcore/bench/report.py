@@ -356,6 +356,18 @@ def loader_time_line(details: dict) -> str:
     return f"{parts} (next()); stage A {details.get('stage_a_ms_per_batch', 0.0):.1f}"
 
 
+def step_host_line(details: dict) -> str:
+    """"median 105.2, slowest 420.1 (step 9 of 40)": each timed train step's host time, so
+    a stall inside a window shows; "" when the run has none."""
+    times = details.get("step_host_ms")
+    if not times:
+        return ""
+    slowest = max(range(len(times)), key=times.__getitem__)
+    ordered = sorted(times)
+    return (f"median {ordered[len(ordered) // 2]:.1f}, slowest {times[slowest]:.1f} "
+            f"(step {slowest + 1} of {len(times)})")
+
+
 def format_report(report: dict) -> str:
     """The short terminal table: one block per run, then the --compare ratio."""
     lines = []
@@ -369,6 +381,9 @@ def format_report(report: dict) -> str:
         loader_line = loader_time_line(result.get("details", {}))
         if loader_line:
             lines.append(f"  {'loader ms / batch':<24} {loader_line}")
+        host_line = step_host_line(result.get("details", {}))
+        if host_line:
+            lines.append(f"  {'step host ms':<24} {host_line}")
         for warning in result.get("warnings", []):
             lines.append(f"  warning: {warning}")
     if "compare" in report:

@@ -76,15 +76,17 @@ class TrainBenchSettings:
 
 
 def timed_windows(iterator, trainer, steps: int, repeats: int, device: torch.device
-                  ) -> tuple[list[float], list[int], list[float], list[int]]:
+                  ) -> tuple[list[float], list[int], list[float], list[int], list[float]]:
     """Run `steps` steps in `repeats` windows, as training runs them: the device is
     synchronised only at the end of each window (as `bench model` does per repeat), so the
     host may prepare the next batch while the device still works on the last step.
 
-    Returns per step the host time blocked in the loader's next() and the samples, and per
-    window its wall time and its number of steps."""
+    Returns per step the host time blocked in the loader's next() and the samples, per
+    window its wall time and its number of steps, and per step the host time of next() and
+    the step together (not synchronised per step, so one value is no step's device time, but
+    a stall inside a window shows as one long step)."""
     sync = synchronizer(device)
-    waits, sizes, window_times, window_steps = [], [], [], []
+    waits, sizes, window_times, window_steps, host_times = [], [], [], [], []
     sync()
     it = BENCH_ITERATION
     for part in windows(list(range(steps)), repeats):
@@ -94,12 +96,13 @@ def timed_windows(iterator, trainer, steps: int, repeats: int, device: torch.dev
             batch = next(iterator)
             waits.append(time.perf_counter() - asked)
             trainer.step(it, batch)
+            host_times.append(time.perf_counter() - asked)
             sizes.append(batch_size_of(batch))
             it += 1
         sync()
         window_times.append(time.perf_counter() - begin)
         window_steps.append(part.stop - part.start)
-    return waits, sizes, window_times, window_steps
+    return waits, sizes, window_times, window_steps, host_times
 
 
 def windows(values: list, count: int) -> list[slice]:
@@ -128,7 +131,7 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
         warmup = max(settings.warmup, getattr(loader, "prefetch", 0) + 1)
         timed_windows(iterator, trainer, warmup, 1, device)
         clock_before = loader_clock(loader)
-        waits, sizes, window_times, window_steps = timed_windows(
+        waits, sizes, window_times, window_steps, host_times = timed_windows(
             iterator, trainer, settings.steps, settings.repeats, device)
         clock_after = loader_clock(loader)
         profile = None
@@ -141,7 +144,7 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
         close_loader(loader)
     # Model only, nothing beside the step: one untimed step to settle, then the same windows.
     timed_windows(itertools.repeat(held), trainer, 1, 1, device)
-    _, held_sizes, held_times, _ = timed_windows(
+    _, held_sizes, held_times, _, _ = timed_windows(
         itertools.repeat(held), trainer, settings.steps, settings.repeats, device)
 
     parts = windows(waits, settings.repeats)     # the same split timed_windows made
@@ -166,6 +169,8 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
     }
     details = {"steps": len(waits), "samples": sum(sizes), "warmup_steps": warmup,
                "model_only_steps": len(held_sizes),
+               # each timed step's host time, next() and step together, in order
+               "step_host_ms": [round(1e3 * t, 2) for t in host_times],
                "attention_resolved": resolved_attention(settings.attention, device),
                "precision_resolved": trainer.precision, "views": views_of(config),
                **dali_loader_details(loader, clock_before, clock_after)}
