@@ -1074,3 +1074,9 @@ def test_timeline_counts_device_time_once_and_per_stream():
     # the busiest stream first
     assert text.index("stream    7") < text.index("stream   13")
     assert "cudaStreamSynchronize 1 x, 1.0 ms" in text
+    # three streams busy at once: the shared time counted once, not once per extra stream
+    three = [Activity("a", 0, 10_000, stream=1), Activity("b", 0, 10_000, stream=2),
+             Activity("c", 5_000, 10_000, stream=3), Activity("d", 20_000, 30_000, stream=3)]
+    summary = timeline_summary(three, wall_us=40_000, steps=1)
+    assert summary["device_busy_ms"] == pytest.approx(20.0)
+    assert summary["overlap_ms"] == pytest.approx(10.0)

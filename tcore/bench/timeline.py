@@ -51,12 +51,30 @@ def activities_of(events) -> list[Activity]:
 
 def union_us(intervals) -> float:
     """Total length covered by (start, end) intervals, overlaps counted once."""
-    total, reach = 0.0, float("-inf")
+    return sum(end - start for start, end in merged(intervals))
+
+
+def merged(intervals) -> list[tuple[float, float]]:
+    """(start, end) intervals merged into disjoint ones, in order."""
+    out: list[tuple[float, float]] = []
     for start, end in sorted(intervals):
-        if end <= reach:
-            continue
-        total += end - max(start, reach)
-        reach = end
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def shared_us(per_stream: list[list[tuple[float, float]]]) -> float:
+    """Time during which two or more streams were busy at once."""
+    edges = sorted((point, step) for intervals in per_stream
+                   for start, end in merged(intervals) for point, step in ((start, 1), (end, -1)))
+    total, busy, since = 0.0, 0, 0.0
+    for point, step in edges:
+        if busy >= 2:
+            total += point - since
+        busy += step
+        since = point
     return total
 
 
@@ -81,7 +99,8 @@ def timeline_summary(activities: list[Activity], wall_us: float, steps: int) -> 
         "device_busy_ms": busy_ms if device else None,
         "device_busy_fraction": busy_ms / wall_ms if device and wall_ms > 0 else None,
         # busy on two or more streams at once: the loader's kernels beside the step's
-        "overlap_ms": sum(s["busy_ms"] for s in streams.values()) - busy_ms if device else None,
+        "overlap_ms": shared_us([[(a.start_us, a.end_us) for a in device if a.stream == stream]
+                                 for stream in streams]) / 1e3 if device else None,
         "streams": streams,
         "blocking": {name: v for name, v in host.items() if name in BLOCKING_CALLS},
         "launches": {name: v for name, v in host.items() if name in LAUNCH_CALLS},
