@@ -32,7 +32,7 @@ PYVER=${GPU_PREPARE_PYVER:-3.12}
 # graphs against launched (train); the loader's GPU tests, with the timeline's own. In the
 # background the compiled step alone, profiled (model_s_compiled, 145 s on the first H200
 # lease), so the two timelines come from one machine. Not in the plan: model_s_autotune,
-# whose compile outlasted its 284 s there (~10 s of autotuning per matmul shape), and
+# whose compile outlasted its 284 s there (~15 s of autotuning per matmul shape), and
 # gputests, which passed there with nothing of theirs changed since; left out so that
 # `finish` waits less and the data steps get their ~440 s inside the call's 600.
 # The whole of the first H200 plan used 668 s of the lease's 900; the second 788 s.
