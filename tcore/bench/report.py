@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tcore.bench.stats import median
 from tcore.preprocess.files import write_text_atomically
 
 REPORT_FORMAT_VERSION = 1
@@ -363,8 +364,7 @@ def step_host_line(details: dict) -> str:
     if not times:
         return ""
     slowest = max(range(len(times)), key=times.__getitem__)
-    ordered = sorted(times)
-    return (f"median {ordered[len(ordered) // 2]:.1f}, slowest {times[slowest]:.1f} "
+    return (f"median {median(times):.1f}, slowest {times[slowest]:.1f} "
             f"(step {slowest + 1} of {len(times)})")
 
 

@@ -82,10 +82,11 @@ def timeline_summary(activities: list[Activity], wall_us: float, steps: int) -> 
     """Device busy time (all streams together and per stream) and the host's blocking and
     launch calls, over `wall_us` of profiled wall time spanning `steps` steps."""
     device = [a for a in activities if a.on_device]
-    streams = {}
-    for stream in sorted({a.stream for a in device}):
-        mine = [(a.start_us, a.end_us) for a in device if a.stream == stream]
-        streams[stream] = {"busy_ms": union_us(mine) / 1e3, "activities": len(mine)}
+    per_stream: dict[int, list[tuple[float, float]]] = {}
+    for a in sorted(device, key=lambda a: a.stream):
+        per_stream.setdefault(a.stream, []).append((a.start_us, a.end_us))
+    streams = {stream: {"busy_ms": union_us(spans) / 1e3, "activities": len(spans)}
+               for stream, spans in per_stream.items()}
     busy_ms = union_us((a.start_us, a.end_us) for a in device) / 1e3
     host = {}
     for call in activities:
@@ -99,8 +100,7 @@ def timeline_summary(activities: list[Activity], wall_us: float, steps: int) -> 
         "device_busy_ms": busy_ms if device else None,
         "device_busy_fraction": busy_ms / wall_ms if device and wall_ms > 0 else None,
         # busy on two or more streams at once: the loader's kernels beside the step's
-        "overlap_ms": shared_us([[(a.start_us, a.end_us) for a in device if a.stream == stream]
-                                 for stream in streams]) / 1e3 if device else None,
+        "overlap_ms": shared_us(list(per_stream.values())) / 1e3 if device else None,
         "streams": streams,
         "blocking": {name: v for name, v in host.items() if name in BLOCKING_CALLS},
         "launches": {name: v for name, v in host.items() if name in LAUNCH_CALLS},
