@@ -212,6 +212,12 @@ class PipelineConfig:
     # the loader feeds a GPU, a thread on the CPU (2 cores, where a process only adds its
     # start-up and the pickling).
     producer: str = "auto"
+    # Batches a thread of the loader makes ahead of next() (pipelines/ahead.py): waiting for
+    # stage B, copying its views out, the colour stage, uploading masks and labels and feeding
+    # stage B the next batch, while the training thread runs the step. 0: next() does that
+    # work itself, in the training thread. Each batch ahead holds one more batch of views in
+    # memory. Its effect on a GPU is not measured yet (docs/PERFORMANCE.md).
+    assemble_ahead: int = 0
 
     def resolved_producer(self, on_gpu: bool) -> str:
         if self.producer != "auto":
@@ -238,6 +244,9 @@ class PipelineConfig:
         if self.cpu_lanes < 0:
             raise PipelineConfigError(f"cpu_lanes = {self.cpu_lanes}: need >= 0 "
                                       "(0 = one per thread)")
+        if self.assemble_ahead < 0:
+            raise PipelineConfigError(f"assemble_ahead = {self.assemble_ahead}: need >= 0 "
+                                      "(0 = next() makes each batch itself)")
         if self.video_decoder not in ("auto", "gpu", "cpu"):
             raise PipelineConfigError(f"video_decoder = {self.video_decoder!r}: must be "
                                       "'auto', 'gpu' or 'cpu'")

@@ -28,6 +28,7 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from torch.profiler import record_function
 
+from tcore.pipelines.ahead import AheadThread, Stopped
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.buffers import HostBufferPool
 from tcore.pipelines.colour_graphs import ColourStageGraphs
@@ -99,11 +100,14 @@ class DaliLoader:
                 compile_=config.photometric_compile))
         self._buffers = HostBufferPool()
         self.producer_kind = config.resolved_producer(on_gpu)
-        _logger.info("loader on %s: stage A in a %s, colour stage in %s, %d batches in flight",
+        # Batches made ahead of next() by a thread of the loader (ahead.py); 0: by next().
+        self.ahead = config.assemble_ahead
+        _logger.info("loader on %s: stage A in a %s, colour stage in %s, %d batches in flight%s",
                      self.device, self.producer_kind,
                      _colour_stage_words(self.torch_photometric, config.photometric_compile,
                                          self.colour_graphs is not None),
-                     self.prefetch)
+                     self.prefetch,
+                     f", {self.ahead} made ahead in a thread" if self.ahead else "")
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
         # (source, why) per skipped sample; samples DALI's reader drops for a missing
         # component are one entry ("<shards>", "N samples lack ..."): it does not name them.
@@ -123,6 +127,9 @@ class DaliLoader:
         self._started = False
         self._exhausted = False
         self._workdir: str | None = None     # stage A's run index files (StageASpec.workdir)
+        self._ahead_thread: AheadThread | None = None
+        # Polled while waiting for stage A: a thread making batches ahead is asked to stop.
+        self._stopping = _never
 
     # -- public API
     def __len__(self) -> int:
@@ -142,13 +149,28 @@ class DaliLoader:
         if self._failure is not None:
             raise self._failure
         try:
-            return self._next_batch()
+            if self.ahead:
+                batch, ready = self._next_made_ahead()
+            else:
+                batch, ready = self._next_batch(self._account)
         except BadSampleError as error:
             self._failure = error
             self.close()
             raise
+        return self._hand_over(batch, ready)
 
-    def _next_batch(self) -> dict:
+    def _account(self, host: HostBatch) -> None:
+        """What handing out (or skipping) `host`'s batch changes: the state a checkpoint
+        keeps is the one after the last batch *returned*, so this runs in the caller's
+        thread, when the batch is returned."""
+        self.skipped.extend(host.skipped)
+        self._state = host.state_after       # past an empty batch too: exact resume
+        self.stage_a_seconds += host.seconds
+        self.stage_a_batches += 1
+
+    def _next_batch(self, account) -> tuple[dict, object]:
+        """The next batch and its readiness (`_assemble`); `account(host)` for each host
+        batch used up, the batch's own and any left empty by skipped samples before it."""
         skipped_here = 0    # samples skipped since this call began, to stop at a whole epoch
         while True:
             if self._exhausted:
@@ -157,30 +179,86 @@ class DaliLoader:
                 self._start()
             if not self._pending:
                 self._exhausted = True
-                self.close()
+                self._close_stages()
                 raise StopIteration
             host = self._pending.popleft()
             with self._phase("stage_b_wait"):
                 outputs = self._stage_b_outputs(host)
-            batch = None
+            made = None
             if host.samples:     # else every sample of it was skipped: go on to the next
                 with self._phase("assemble"):
-                    batch = self._assemble(host, outputs)
+                    made = self._assemble(host, outputs)
             with self._phase("feed_next"):
                 self._drain_fillers(host)
                 self._top_up()
-            self.skipped.extend(host.skipped)
-            self._state = host.state_after       # past an empty batch too: exact resume
-            self.stage_a_seconds += host.seconds
-            self.stage_a_batches += 1
-            if batch is not None:
-                return batch
+            account(host)
+            if made is not None:
+                return made
             skipped_here += len(host.skipped)
             if skipped_here >= self.samples_per_epoch:
-                source, message = self.skipped[-1]
+                source, message = host.skipped[-1]
                 raise BadSampleError(f"skipped {skipped_here} samples in a row, an epoch's "
                                      f"worth, without one to hand out; the last: sample "
                                      f"{source}: {message}")
+
+    # -- batches made ahead in a thread (assemble_ahead)
+    def _next_made_ahead(self) -> tuple[dict, object]:
+        """The next batch from the thread making them, which starts from the state after the
+        last batch returned; once it has ended (end of a one-pass epoch, an error) a later
+        call starts a new one, as `_next_batch` would start stage A afresh."""
+        if self._ahead_thread is None:
+            if self._exhausted:
+                raise StopIteration
+            self._ahead_thread = AheadThread(self._make_ahead, self.ahead,
+                                             name="tcore-loader-ahead",
+                                             device=_with_index(self.device))
+        while True:
+            with self._phase("ahead_wait"):
+                try:
+                    hosts, made = self._ahead_thread.get()
+                except BaseException:
+                    self._stop_ahead()     # it has ended: what it raised is raised here
+                    raise
+            for host in hosts:
+                self._account(host)
+            if made is not None:
+                return made
+
+    def _make_ahead(self, put, stopping) -> None:
+        """The thread's loop: (hosts used up, (batch, ready)) for each batch, and before an
+        error or the end, the hosts used up on the way there (skipped samples)."""
+        self._stopping = stopping
+        while True:
+            hosts: list[HostBatch] = []
+            try:
+                made = self._next_batch(hosts.append)
+            except Stopped:
+                raise
+            except BaseException:
+                if hosts:
+                    put((hosts, None))
+                raise
+            put((hosts, made))
+
+    def _stop_ahead(self) -> None:
+        if self._ahead_thread is not None:
+            self._ahead_thread.close()
+            self._ahead_thread = None
+        self._stopping = _never
+
+    def _hand_over(self, batch: dict, ready) -> dict:
+        """On a GPU the caller's stream waits for the batch on the device (its colour stage
+        may still run on the loader's work stream), and the batch's memory is not reused
+        before that stream is done with it. In the caller's thread: with `assemble_ahead`
+        the batch was made by another, whose current stream is not the training one."""
+        if ready is None:
+            return batch
+        training = torch.cuda.current_stream(self.device)
+        training.wait_event(ready)
+        for tensor in batch.values():
+            if torch.is_tensor(tensor):
+                tensor.record_stream(training)
+        return batch
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -221,7 +299,7 @@ class DaliLoader:
             raise ValueError(f"loader state was saved over other shards than {dirs} (data "
                              f"{state['data']}, these are {self.data_id}): resume with the "
                              "run's own data")
-        if self._started:
+        if self._ahead_thread is not None or self._started:
             self.close()
         self._resume = dict(state)
         self._state = None
@@ -244,6 +322,11 @@ class DaliLoader:
         return state
 
     def close(self) -> None:
+        self._stop_ahead()     # first: the thread making batches ahead uses the stages
+        self._close_stages()
+
+    def _close_stages(self) -> None:
+        """Stop stage A and drop stage B (from the thread that makes batches)."""
         if self._started:
             self._producer.close()
             self._pipe_b = None
@@ -341,9 +424,11 @@ class DaliLoader:
     def _take(self) -> HostBatch | None:
         """The next host batch from the producer; None once the pass is over."""
         try:
-            return self._producer.get()
+            return self._producer.get(self._stopping)
+        except Stopped:
+            raise     # the caller's close() stops the stages once this thread has ended
         except BaseException:
-            self.close()     # a later next() starts afresh after the last batch returned
+            self._close_stages()   # a later next() starts afresh after the last batch returned
             raise
 
     def _start_views(self, hosts: list[HostBatch]) -> None:
@@ -510,31 +595,27 @@ class DaliLoader:
         if role == "copy":
             stream.synchronize()
 
-    def _assemble(self, host: HostBatch, outputs) -> dict:
+    def _assemble(self, host: HostBatch, outputs) -> tuple[dict, object]:
+        """The batch dict and, on a GPU, the event its work stream records once the batch
+        is made (`_hand_over` waits for it); on the CPU None."""
         n = len(host.samples)
-        on_gpu = self.device.type == "cuda"
-        training = torch.cuda.current_stream(self.device) if on_gpu else None
         copied = self._copy_views(outputs, n)
+        ready = None
         with self._stream("work") as work:
             if work is not None:
                 work.wait_stream(self._streams["copy"])
                 for tensor in copied.values():   # read on the work stream, made on the copy one
                     tensor.record_stream(work)
             batch = self._finish_batch(copied, host)
-        if on_gpu:
-            # The caller's stream waits for the batch on the device, and the batch's memory
-            # is not reused before that stream is done with it.
-            training.wait_stream(work)
-            for tensor in batch.values():
-                if torch.is_tensor(tensor):
-                    tensor.record_stream(training)
+            if work is not None:
+                ready = work.record_event()
         if self.return_params:
             batch["params"] = host.params
             batch["sources"] = [s.source for s in host.samples]
             batch["frame_counts"] = [sample_frames(s.meta) for s in host.samples]
             batch["frame_sizes"] = [(int(s.meta["height"]), int(s.meta["width"]))
                                     for s in host.samples]
-        return batch
+        return batch, ready
 
     def _copy_views(self, outputs, n: int) -> dict:
         """Stage B's views copied out of its buffers into tensors of ours, crop-major: uint8
@@ -579,6 +660,18 @@ class DaliLoader:
                 tensor = tensor.pin_memory().to(self.device, non_blocking=True)
             batch[name] = tensor
         return batch
+
+
+def _never() -> bool:
+    return False
+
+
+def _with_index(device: torch.device) -> torch.device:
+    """A CUDA device with its index: "cuda" is the caller's current device, and another
+    thread's current device is its own (device 0 until set)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _colour_stage_normalised(crops: torch.Tensor, rows: torch.Tensor, switches: torch.Tensor,

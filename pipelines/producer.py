@@ -26,6 +26,7 @@ import sys
 import threading
 import traceback
 
+from tcore.pipelines.ahead import Stopped
 from tcore.pipelines.stage_a import BadSampleError, StageA, StageASpec
 
 _POLL_S = 0.1
@@ -65,12 +66,14 @@ class _QueuedProducer:
         self._failure: BaseException | None = None
         self._done = False
 
-    def get(self):
+    def get(self, stopping=None):
+        """The next item; `stopping()` (a thread making batches ahead, `ahead.py`) is
+        polled while none is there, and raises Stopped once it says so."""
         if self._failure is not None:
             raise self._failure
         if self._done:
             return None
-        item = self._queue.get()
+        item = self._wait_for_item(stopping)
         if item is _ENDED:
             item = self._ended()
         if isinstance(item, BaseException):
@@ -78,6 +81,16 @@ class _QueuedProducer:
             raise item
         self._done = item is None
         return item
+
+    def _wait_for_item(self, stopping):
+        if stopping is None:
+            return self._queue.get()
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if stopping():
+                    raise Stopped from None
 
     def _ended(self) -> BaseException:
         """The error for a stage A that stopped without a word (only a process can)."""

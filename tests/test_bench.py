@@ -444,6 +444,27 @@ def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
     assert figures["samples_per_s"]["median"] > 0
 
 
+def test_bench_train_with_batches_made_ahead_reports_the_wait_for_them(synth_shards, tmp_path):
+    """`data.pipeline.assemble_ahead`: next() only waits for the loader's thread, whose parts
+    are reported as its own, and the warm-up covers the batch it makes ahead too."""
+    path = tmp_path / "train.json"
+    output = run_cli(["bench", "train", "--data", str(synth_shards), "--arch", "vit_tiny",
+                      "--batch", "2", "--precision", "fp32", "--device", "cpu", "--threads",
+                      "1", "--warmup", "0", "--steps", "2", "--repeats", "1", "--set",
+                      TINY_VIEWS + ",data.pipeline.assemble_ahead=1", "--json", str(path)])
+    run = json.loads(path.read_text())["runs"][0]
+    details = run["details"]
+    assert details["assemble_ahead"] == 1
+    assert set(details["next_ms_per_batch"]) == {"ahead_wait", "stage_b_wait", "assemble",
+                                                 "feed_next"}
+    # next()'s only part is the wait for the thread (2 steps: their mean)
+    assert details["next_ms_per_batch"]["ahead_wait"] <= \
+        1e3 * run["figures"]["data_wait"]["median"] * 1.001
+    assert "(next()); stage_b_wait" in output and "(the loader's thread)" in output
+    assert details["warmup_steps"] == 2 + 1 + 1     # stage B's 2, the one ahead, one more
+    assert details["steps"] == 2 and run["figures"]["samples_per_s"]["median"] > 0
+
+
 def test_bench_errors_name_the_problem(tmp_path):
     from tcore.cli import main
 

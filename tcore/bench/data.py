@@ -100,6 +100,12 @@ class StageAAlone:
         self.loader.close()     # the runs' index files, where stage A wrote any
 
 
+def batches_queued(loader) -> int:
+    """Batches a loader has in flight before the first is asked for: stage B's prefetch and
+    those made ahead in its thread (the baseline's workers: none counted)."""
+    return getattr(loader, "prefetch", 0) + getattr(loader, "ahead", 0)
+
+
 def loader_clock(loader) -> dict:
     """The DALI loader's running time counters (nothing for the baseline): take one before
     and one after the measured batches and hand both to `dali_loader_details`."""
@@ -117,14 +123,16 @@ def dali_loader_details(loader, before: dict, after: dict) -> dict:
         return {}
     details = {"video_decode": "nvdec" if loader.video_on_gpu else "cpu",
                "colour_stage": "torch" if loader.torch_photometric else "dali",
-               "stage_a": loader.producer_kind}
+               "stage_a": loader.producer_kind, "assemble_ahead": loader.ahead}
     batches = max(1, after["batches"] - before["batches"])
     # Stage A's reading and drawing alone, in its thread or process: slower than the batch
     # latency, it would be the loader's limit.
     details["stage_a_ms_per_batch"] = 1e3 * (after["stage_a_seconds"]
                                              - before["stage_a_seconds"]) / batches
     # The consumer's host time per batch inside next(): waiting for stage B's outputs, copying
-    # and finishing them (colour stage, uploads), and taking and feeding the next host batch.
+    # and finishing them (colour stage, uploads), and taking and feeding the next host batch;
+    # with `assemble_ahead` those are the loader thread's, and next() only waits for it
+    # ("ahead_wait").
     details["next_ms_per_batch"] = {
         name: 1e3 * (seconds - before["phases"].get(name, 0.0)) / batches
         for name, seconds in after["phases"].items()}
@@ -209,7 +217,7 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
         iterator = iter(loader)
         # Past the batches made before the clock starts (the loader's prefetch), or the
         # first timed batches come out of that queue at no cost and inflate samples/s.
-        warmup = max(settings.warmup_batches, getattr(loader, "prefetch", 0) + 1)
+        warmup = max(settings.warmup_batches, batches_queued(loader) + 1)
         for _ in range(warmup):
             next(iterator)
         cpu_before, clock_before = process_tree_cpu_seconds(), loader_clock(loader)

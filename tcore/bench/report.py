@@ -349,12 +349,18 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
 
 def loader_time_line(details: dict) -> str:
     """"stage_b_wait 12.1, assemble 3.4, feed_next 1.2 (next()); stage A 16.0": where the
-    DALI loader's time went per batch, or "" when the run reported none."""
-    phases = details.get("next_ms_per_batch")
+    DALI loader's time went per batch, or "" when the run reported none. With batches made
+    ahead (`assemble_ahead`) next() only waits for the loader's thread ("ahead_wait"), and
+    the other parts are that thread's."""
+    phases = dict(details.get("next_ms_per_batch") or {})
     if not phases:
         return ""
+    stage_a = f"stage A {details.get('stage_a_ms_per_batch', 0.0):.1f}"
+    waited = phases.pop("ahead_wait", None)
     parts = ", ".join(f"{name} {ms:.1f}" for name, ms in phases.items())
-    return f"{parts} (next()); stage A {details.get('stage_a_ms_per_batch', 0.0):.1f}"
+    if waited is None:
+        return f"{parts} (next()); {stage_a}"
+    return f"ahead_wait {waited:.1f} (next()); {parts} (the loader's thread); {stage_a}"
 
 
 def step_host_line(details: dict) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tcore.bench.data import (LOADERS, batch_size_of, build_named_loader, close_loader,
-                              dali_loader_details, loader_clock, views_of)
+from tcore.bench.data import (LOADERS, batch_size_of, batches_queued, build_named_loader,
+                              close_loader, dali_loader_details, loader_clock, views_of)
 from tcore.bench.flops import PRECISION_DTYPES, synchronizer
 from tcore.bench.model import (BENCH_ITERATION, TRAIN_OPTION_KEYS, arch_names, at_least,
                                bench_config, build_trainer, check_attention, check_device,
@@ -128,7 +128,7 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
         iterator = iter(loader)
         # At least the batches queued before the first step (the loader's prefetch), or the
         # first timed steps take them at no wait and understate the data wait.
-        warmup = max(settings.warmup, getattr(loader, "prefetch", 0) + 1)
+        warmup = max(settings.warmup, batches_queued(loader) + 1)
         timed_windows(iterator, trainer, warmup, 1, device)
         clock_before = loader_clock(loader)
         waits, sizes, window_times, window_steps, host_times = timed_windows(

@@ -1,0 +1,100 @@
+"""Batches made ahead of `next()` in a thread of the loader (`PipelineConfig.assemble_ahead`).
+
+Why: on a GPU the loader's `next()` does host work in the training thread: it waits for
+stage B, copies the views out of DALI's buffers, replays the colour stage, uploads masks and
+labels, and feeds stage B the next batch. On an H200 that was 22 ms of each 107 ms step of
+the compiled ViT-S/16 train step (docs/PERFORMANCE.md, "The second H200 run"), time in which
+the training thread launched nothing. In a thread of its own that work can overlap the
+step's launches: most of it is spent in C++ (DALI, torch's dispatcher, CUDA calls) that
+releases the GIL. Whether it does on a given machine is for `tcore bench train` to say.
+
+How: `AheadThread(produce, depth)` runs `produce(put, stopping)` in a daemon thread. Each
+`put(item)` waits for room in a queue of `depth` items; `get()` hands them out in order.
+When `produce` raises, `get()` raises that error after the items put before it; when it
+returns, `get()` raises StopIteration. `close()` asks it to stop: `put` and anything that
+polls `stopping()` then raise `Stopped`, which ends the thread quietly.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+_POLL_S = 0.05
+
+
+class Stopped(Exception):
+    """The thread making batches was asked to stop (raised inside it, never to a caller)."""
+
+
+class _Raised:
+    """What ended `produce`: an error to raise in the caller (StopIteration: it returned)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class AheadThread:
+    """`produce(put, stopping)` run in a thread, at most `depth` items ahead of `get()`."""
+
+    def __init__(self, produce, depth: int, name: str, device: torch.device | None = None):
+        if depth < 1:
+            raise ValueError(f"depth = {depth}: a thread ahead needs room for one item")
+        self._produce = produce
+        self._device = device
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._ended: _Raised | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def put(self, item) -> None:
+        """Queue `item` once there is room; raises Stopped if asked to stop first."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+        raise Stopped
+
+    def get(self):
+        """The next item, in the order put; raises what ended the thread once they are out."""
+        if self._ended is not None:
+            raise self._ended.error
+        item = self._queue.get()
+        if isinstance(item, _Raised):
+            self._ended = item
+            self._thread.join()
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        """Stop the thread and wait for it; items not taken are dropped."""
+        self._stop.set()
+        while self._thread.is_alive():     # a thread waiting in put() needs to see the stop
+            try:
+                self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def _run(self) -> None:
+        if self._device is not None and self._device.type == "cuda":
+            # The current device is per thread: this one's would otherwise be device 0.
+            torch.cuda.set_device(self._device)
+        try:
+            self._produce(self.put, self.stopping)
+            ended = _Raised(StopIteration())
+        except Stopped:
+            return
+        except BaseException as error:   # raised in the caller by get()
+            ended = _Raised(error)
+        try:
+            self.put(ended)
+        except Stopped:
+            pass
