@@ -144,9 +144,10 @@ if [[ "$CPU_MODE" == 1 ]]; then
     DATA_ARGS=(--batch 2 --threads 2 --seconds 2 --warmup 1 --repeats 2 --loader both)
     DATA_COMPARE=()
     FRAMES_COMPARE=()
-    TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2 --set
-                model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1)
-    TRAIN_COMPARE=()
+    TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2)
+    # The train steps' --set (train_ahead adds its key to it).
+    TRAIN_SET=model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1
+    TRAIN_COMPARE=(--set "$TRAIN_SET")
     JPEG_PROBE_ARGS=(--configs cpu:2:three,cpu:2:one --batch 2 --batches 3)
     SYNTH=(videos=8 frames=24 size=160x128 short_side=128)
     STAGE_A_SECONDS=1
@@ -172,6 +173,7 @@ else
                     --compare overrides=views.color_jitter=torchvision,photometric_graphs=false)
     # 40 steps in 5 windows: on the H200 one window of 3 held a stall (0.42 s a step).
     TRAIN_ARGS=(--batch 64 --threads 16 --warmup 5 --steps 40 --repeats 5)
+    TRAIN_SET=
     # The same in training (stage A in a process, the GPU default: 1.07x a thread there).
     TRAIN_COMPARE=(--set data.pipeline.photometric_graphs=true
                    --compare overrides=data.pipeline.photometric_graphs=false)
@@ -374,8 +376,16 @@ if has_module nvidia.dali; then
     # shares the device with the loader's streams (on the H200 it ran 86 ms, alone 66 ms).
     run_step train_compiled 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
         --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
-        "${TRAIN_ARGS[@]}" "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_compiled.json" \
-        --profile "$WORK/profile/train_compiled"
+        "${TRAIN_ARGS[@]}" ${TRAIN_SET:+--set "$TRAIN_SET"} "${COMPILE_FLAG[@]}" \
+        --json "$WORK/reports/train_compiled.json" --profile "$WORK/profile/train_compiled"
+    # The same with each batch made ahead in a thread of the loader (assemble_ahead=1), so
+    # next()'s host work (22 ms a step on the H200) runs beside the step's launches; profiled,
+    # its timeline beside train_compiled's. Inductor's cache is warm from train_compiled.
+    run_step train_ahead 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
+        --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
+        "${TRAIN_ARGS[@]}" --set "${TRAIN_SET:+$TRAIN_SET,}data.pipeline.assemble_ahead=1" \
+        "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_ahead.json" \
+        --profile "$WORK/profile/train_ahead"
     # Eager, the colour stage as CUDA graphs against launched (TRAIN_COMPARE).
     run_step train 150 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
@@ -386,7 +396,7 @@ if has_module nvidia.dali; then
     GPU_TESTS_GROUP=dali
     run_step gputests_dali 300 gpu_tests
 else
-    for name in shards gputests_dali data decode_frames data_frames stage_a data_prefetch data_producer train_compiled train; do
+    for name in shards gputests_dali data decode_frames data_frames stage_a data_prefetch data_producer train_compiled train_ahead train; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
     done
 fi

@@ -262,6 +262,42 @@ def test_colour_stage_replayed_as_cuda_graphs_gives_the_launched_stages_batches(
             assert torch.equal(launched[key], replayed[key]), key
 
 
+@pytest.mark.skipif(not ((SHARDS or FRAME_SHARDS) and _has_dali_cuda()),
+                    reason="needs DALI's CUDA build and TCORE_GPU_SHARDS or TCORE_GPU_FRAME_SHARDS")
+def test_batches_made_ahead_in_a_thread_on_cuda_are_the_ones_next_makes():
+    """`assemble_ahead`: the loader's thread makes the batches (its current stream is not
+    the training one, and it captures the colour stage's graphs); each batch, copied on the
+    training stream as soon as next() returns it, that stream busy between batches, is the
+    batch next() makes itself, over a whole one-pass epoch."""
+    import itertools
+    import threading
+
+    from tcore.pipelines.config import PipelineConfig
+    from tcore.pipelines.loader import build_loader
+
+    shards = FRAME_SHARDS or SHARDS
+    epochs = {}
+    for ahead in (0, 2):
+        config = PipelineConfig(assemble_ahead=ahead)
+        config.views.color_jitter = "torchvision"
+        loader = build_loader([shards], batch_size=6, device="cuda", config=config, seed=5,
+                              infinite=False, num_threads=4)
+        busy = torch.randn(2048, 2048, device="cuda")
+        batches = []
+        for batch in itertools.islice(loader, 40):
+            # copied on the training stream at once: that stream must wait for the batch
+            batches.append({k: v.clone() for k, v in batch.items() if torch.is_tensor(v)})
+            for _ in range(10):            # and is busy while the next batches are made
+                busy = torch.tanh(busy @ busy * 1e-3)
+        loader.close()
+        epochs[ahead] = [{k: v.cpu() for k, v in b.items()} for b in batches]
+    assert not [t for t in threading.enumerate() if t.name == "tcore-loader-ahead"]
+    assert len(epochs[2]) == len(epochs[0]) > 1
+    for made_by_next, made_ahead in zip(epochs[0], epochs[2]):
+        for key in made_by_next:
+            assert torch.equal(made_by_next[key], made_ahead[key]), key
+
+
 def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader
