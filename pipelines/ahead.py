@@ -74,8 +74,11 @@ class AheadThread:
         return item
 
     def close(self) -> None:
-        """Stop the thread and wait for it; items not taken are dropped."""
+        """Stop the thread and wait for it; items not taken are dropped. Called from the
+        thread itself (a loader dropped there, its finaliser closing it): only the stop."""
         self._stop.set()
+        if threading.current_thread() is self._thread:
+            return
         while self._thread.is_alive():     # a thread waiting in put() needs to see the stop
             try:
                 self._queue.get(timeout=_POLL_S)
@@ -84,10 +87,10 @@ class AheadThread:
         self._thread.join()
 
     def _run(self) -> None:
-        if self._device is not None and self._device.type == "cuda":
-            # The current device is per thread: this one's would otherwise be device 0.
-            torch.cuda.set_device(self._device)
         try:
+            if self._device is not None and self._device.type == "cuda":
+                # The current device is per thread: this one's would otherwise be device 0.
+                torch.cuda.set_device(self._device)
             self._produce(self.put, self.stopping)
             ended = _Raised(StopIteration())
         except Stopped:

@@ -130,6 +130,13 @@ class DaliLoader:
         self._ahead_thread: AheadThread | None = None
         # Polled while waiting for stage A: a thread making batches ahead is asked to stop.
         self._stopping = _never
+        # Whether the colour stage may capture a CUDA graph for a new shape now. A capture is
+        # invalidated by a synchronising CUDA call from another thread on the same GPU (thread-
+        # local capture mode or not), and a training thread may make one (a window's sync, a
+        # logged loss) while a thread of ours makes batches ahead: that thread captures only
+        # for its first batch, which the training thread waits for; a shape first met later
+        # (a batch left smaller by skipped samples) runs as launched.
+        self._may_capture = True
 
     # -- public API
     def __len__(self) -> int:
@@ -209,8 +216,10 @@ class DaliLoader:
         if self._ahead_thread is None:
             if self._exhausted:
                 raise StopIteration
-            self._ahead_thread = AheadThread(self._make_ahead, self.ahead,
-                                             name="tcore-loader-ahead",
+            # The thread holds the loader weakly, so a loader dropped without close() is
+            # still finalised (and closed) instead of kept alive by its own thread.
+            self._ahead_thread = AheadThread(functools.partial(_make_ahead, weakref.ref(self)),
+                                             self.ahead, name="tcore-loader-ahead",
                                              device=_with_index(self.device))
         while True:
             with self._phase("ahead_wait"):
@@ -224,27 +233,12 @@ class DaliLoader:
             if made is not None:
                 return made
 
-    def _make_ahead(self, put, stopping) -> None:
-        """The thread's loop: (hosts used up, (batch, ready)) for each batch, and before an
-        error or the end, the hosts used up on the way there (skipped samples)."""
-        self._stopping = stopping
-        while True:
-            hosts: list[HostBatch] = []
-            try:
-                made = self._next_batch(hosts.append)
-            except Stopped:
-                raise
-            except BaseException:
-                if hosts:
-                    put((hosts, None))
-                raise
-            put((hosts, made))
-
     def _stop_ahead(self) -> None:
         if self._ahead_thread is not None:
             self._ahead_thread.close()
             self._ahead_thread = None
         self._stopping = _never
+        self._may_capture = True
 
     def _hand_over(self, batch: dict, ready) -> dict:
         """On a GPU the caller's stream waits for the batch on the device (its colour stage
@@ -566,7 +560,8 @@ class DaliLoader:
                 rows, switches, windows = (np.swapaxes(part[:, where], 0, 1).reshape(
                     -1, *part.shape[2:]) for part in inputs)
                 if self.colour_graphs is not None:
-                    batch[name] = self.colour_graphs(batch[name], rows, switches, windows)
+                    batch[name] = self.colour_graphs(batch[name], rows, switches, windows,
+                                                     may_capture=self._may_capture)
                     continue
                 # On a GPU the whole stage as one call over every crop: its Python and
                 # launches are the cost there, not arithmetic; on the CPU each step on its
@@ -664,6 +659,30 @@ class DaliLoader:
 
 def _never() -> bool:
     return False
+
+
+def _make_ahead(loader_ref, put, stopping) -> None:
+    """The loop of a loader's thread (assemble_ahead): (hosts used up, (batch, ready)) for
+    each batch, and before an error or the end, the hosts used up on the way there (skipped
+    samples). It holds the loader only while making a batch, not while waiting to put it."""
+    while True:
+        loader = loader_ref()
+        if loader is None:
+            return
+        loader._stopping = stopping
+        hosts: list[HostBatch] = []
+        try:
+            made = loader._next_batch(hosts.append)
+            loader._may_capture = False
+        except Stopped:
+            raise
+        except BaseException:
+            if hosts:
+                put((hosts, None))
+            raise
+        finally:
+            del loader
+        put((hosts, made))
 
 
 def _with_index(device: torch.device) -> torch.device:

@@ -266,9 +266,11 @@ def test_colour_stage_replayed_as_cuda_graphs_gives_the_launched_stages_batches(
                     reason="needs DALI's CUDA build and TCORE_GPU_SHARDS or TCORE_GPU_FRAME_SHARDS")
 def test_batches_made_ahead_in_a_thread_on_cuda_are_the_ones_next_makes():
     """`assemble_ahead`: the loader's thread makes the batches (its current stream is not
-    the training one, and it captures the colour stage's graphs); each batch, copied on the
-    training stream as soon as next() returns it, that stream busy between batches, is the
-    batch next() makes itself, over a whole one-pass epoch."""
+    the training one); each batch, copied on the training stream as soon as next() returns
+    it, that stream busy and the device synchronised between batches, is the batch next()
+    makes itself, over a whole one-pass epoch. The thread captures the colour stage's graphs
+    only for its first batch (a device-wide sync from the training thread would invalidate a
+    capture): the epoch's smaller last batch runs as launched."""
     import itertools
     import threading
 
@@ -289,6 +291,10 @@ def test_batches_made_ahead_in_a_thread_on_cuda_are_the_ones_next_makes():
             batches.append({k: v.clone() for k, v in batch.items() if torch.is_tensor(v)})
             for _ in range(10):            # and is busy while the next batches are made
                 busy = torch.tanh(busy @ busy * 1e-3)
+            torch.cuda.synchronize()       # as a logged loss or a timing window does
+        if ahead:
+            # a global and a local shape for the batches of 6; the last batch's not captured
+            assert loader.colour_graphs.captured_shapes == 2
         loader.close()
         epochs[ahead] = [{k: v.cpu() for k, v in b.items()} for b in batches]
     assert not [t for t in threading.enumerate() if t.name == "tcore-loader-ahead"]

@@ -95,6 +95,24 @@ def test_closing_stops_the_thread_while_it_waits_for_room(synth_shards):
     loader.close()
 
 
+def test_a_loader_dropped_without_close_is_finalised_and_its_thread_ends(synth_shards):
+    """The thread holds its loader only while making a batch: one dropped by its caller is
+    finalised (closed) rather than kept alive, with its stages, by its own thread."""
+    import gc
+    import weakref
+
+    loader = build_loader([synth_shards], batch_size=2, config=config(1), num_threads=1)
+    next(loader)
+    time.sleep(0.5)
+    dropped = weakref.ref(loader)
+    del loader
+    deadline = time.monotonic() + 10
+    while (dropped() is not None or ahead_threads()) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert dropped() is None and not ahead_threads()
+
+
 def test_a_bad_sample_is_raised_at_its_batch_and_skipped_when_asked(synth_shards, tmp_path):
     shards = _copy(synth_shards, tmp_path)
     key = _corrupt_one_clip(shards)
