@@ -24,10 +24,15 @@ from tcore.train import read_losses, train
 from processes import children_of, free_port, killed_at_the_end, running
 from train_runs import STEPS, FAST, DROP_PATH, train_command, torchrun_train
 
+AHEAD = ["data.pipeline.assemble_ahead=1"]
+
 
 def test_kill9_then_resume_matches_uninterrupted_run(synth_shards, tmp_path):
+    """With batches made ahead in a thread of the loader (`assemble_ahead`), whose state
+    must still be the one after the batch the step took (the SIGTERM test below resumes
+    a run without it)."""
     # The uninterrupted reference run (in this process).
-    cfg = load_config("tiny_cpu", FAST + DROP_PATH)
+    cfg = load_config("tiny_cpu", FAST + DROP_PATH + AHEAD)
     done = train(cfg, synth_shards, tmp_path / "straight", max_steps=STEPS, checkpoint_every=2,
                  progress=False)
     assert (done.start_step, done.end_step) == (0, STEPS)
@@ -40,7 +45,7 @@ def test_kill9_then_resume_matches_uninterrupted_run(synth_shards, tmp_path):
 
     # The same run in a subprocess, killed with SIGKILL right after its first checkpoint.
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(synth_shards, killed_dir, *DROP_PATH),
+    proc = subprocess.Popen(train_command(synth_shards, killed_dir, *DROP_PATH, *AHEAD),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = killed_dir / "checkpoints" / "checkpoint-00000002.pt"
     deadline = time.time() + 120
