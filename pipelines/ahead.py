@@ -17,6 +17,7 @@ polls `stopping()` then raise `Stopped`, which ends the thread quietly.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 
 import torch
@@ -75,9 +76,11 @@ class AheadThread:
 
     def close(self) -> None:
         """Stop the thread and wait for it; items not taken are dropped. Called from the
-        thread itself (a loader dropped there, its finaliser closing it): only the stop."""
+        thread itself (a loader dropped there, its finaliser closing it) or at interpreter
+        exit: only the stop."""
         self._stop.set()
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is self._thread or sys.is_finalizing():
+            # At interpreter exit a daemon thread may never run again: waiting would hang.
             return
         while self._thread.is_alive():     # a thread waiting in put() needs to see the stop
             try:
