@@ -8,11 +8,14 @@ the training thread launched nothing. In a thread of its own that work can overl
 step's launches: most of it is spent in C++ (DALI, torch's dispatcher, CUDA calls) that
 releases the GIL. Whether it does on a given machine is for `tcore bench train` to say.
 
-How: `AheadThread(produce, depth)` runs `produce(put, stopping)` in a daemon thread. Each
-`put(item)` waits for room in a queue of `depth` items; `get()` hands them out in order.
-When `produce` raises, `get()` raises that error after the items put before it; when it
-returns, `get()` raises StopIteration. `close()` asks it to stop: `put` and anything that
-polls `stopping()` then raise `Stopped`, which ends the thread quietly.
+How: `AheadThread(produce, depth)` runs `produce(put, stopping)` in a daemon thread, and
+`get()` hands out what it `put`, in order. The thread makes at most `depth` items that
+`get()` has not taken, the one in the making included: it waits for room before it starts
+one (at its start and at the end of each `put`), so with depth 1 it makes the next batch
+while the caller's step runs on the last, and then waits. When `produce` raises, `get()`
+raises that error after the items put before it; when it returns, `get()` raises
+StopIteration. `close()` asks it to stop: waiting for room, and anything that polls
+`stopping()`, then raise `Stopped` inside the thread, which ends it quietly.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ class AheadThread:
             raise ValueError(f"depth = {depth}: a thread ahead needs room for one item")
         self._produce = produce
         self._device = device
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._room = threading.Semaphore(depth)    # items the thread may make before a get()
         self._stop = threading.Event()
         self._ended: _Raised | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -54,25 +58,29 @@ class AheadThread:
         return self._stop.is_set()
 
     def put(self, item) -> None:
-        """Queue `item` once there is room; raises Stopped if asked to stop first."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
-        raise Stopped
+        """Hand `item` over, then wait for room to make the next; raises Stopped if asked
+        to stop first."""
+        self._queue.put(item)
+        self._wait_for_room()
 
     def get(self):
         """The next item, in the order put; raises what ended the thread once they are out."""
         if self._ended is not None:
             raise self._ended.error
         item = self._queue.get()
+        self._room.release()
         if isinstance(item, _Raised):
             self._ended = item
             self._thread.join()
             raise item.error
         return item
+
+    def _wait_for_room(self) -> None:
+        while not self._room.acquire(timeout=_POLL_S):
+            if self._stop.is_set():
+                raise Stopped
+        if self._stop.is_set():
+            raise Stopped
 
     def close(self) -> None:
         """Stop the thread and wait for it; items not taken are dropped. Called from the
@@ -82,11 +90,6 @@ class AheadThread:
         if threading.current_thread() is self._thread or sys.is_finalizing():
             # At interpreter exit a daemon thread may never run again: waiting would hang.
             return
-        while self._thread.is_alive():     # a thread waiting in put() needs to see the stop
-            try:
-                self._queue.get(timeout=_POLL_S)
-            except queue.Empty:
-                pass
         self._thread.join()
 
     def _run(self) -> None:
@@ -94,13 +97,11 @@ class AheadThread:
             if self._device is not None and self._device.type == "cuda":
                 # The current device is per thread: this one's would otherwise be device 0.
                 torch.cuda.set_device(self._device)
+            self._wait_for_room()
             self._produce(self.put, self.stopping)
             ended = _Raised(StopIteration())
         except Stopped:
             return
         except BaseException as error:   # raised in the caller by get()
             ended = _Raised(error)
-        try:
-            self.put(ended)
-        except Stopped:
-            pass
+        self._queue.put(ended)

@@ -84,7 +84,7 @@ def test_the_state_is_the_one_after_the_batch_returned_and_a_resume_is_exact(syn
 def test_closing_stops_the_thread_while_it_waits_for_room(synth_shards):
     loader = build_loader([synth_shards], batch_size=2, config=config(1), num_threads=1)
     next(loader)
-    time.sleep(0.5)                       # one batch made ahead, the thread waits with the next
+    time.sleep(0.5)                       # one batch made ahead, the thread waits for room
     assert len(ahead_threads()) == 1
     began = time.monotonic()
     loader.close()
@@ -156,6 +156,27 @@ def test_items_come_in_order_then_the_error_that_ended_the_thread():
     for _ in range(2):
         with pytest.raises(ValueError, match="stage B failed"):
             made.get()
+    made.close()
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_the_thread_makes_at_most_depth_items_the_caller_has_not_taken(depth):
+    """Counting the one in the making: with depth 1 it makes the next batch while the
+    caller's step runs on the last one, then waits."""
+    begun = []
+
+    def produce(put, stopping):
+        for number in range(10):
+            begun.append(number)
+            put(number)
+
+    made = AheadThread(produce, depth=depth, name="test-ahead")
+    time.sleep(0.3)
+    assert len(begun) == depth
+    for taken in range(3):
+        assert made.get() == taken
+        time.sleep(0.2)
+        assert len(begun) == depth + taken + 1
     made.close()
 
 
