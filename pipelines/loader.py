@@ -128,8 +128,9 @@ class DaliLoader:
         self._exhausted = False
         self._workdir: str | None = None     # stage A's run index files (StageASpec.workdir)
         self._ahead_thread: AheadThread | None = None
-        # Polled while waiting for stage A: a thread making batches ahead is asked to stop.
-        self._stopping = _never
+        # Polled while waiting for stage A by a thread making batches ahead (asked to stop?);
+        # None: next() waits for stage A itself.
+        self._stopping = None
         # Whether the colour stage may capture a CUDA graph for a new shape now. A capture is
         # invalidated by a synchronising CUDA call from another thread on the same GPU (thread-
         # local capture mode or not), and a training thread may make one (a window's sync, a
@@ -237,7 +238,7 @@ class DaliLoader:
         if self._ahead_thread is not None:
             self._ahead_thread.close()
             self._ahead_thread = None
-        self._stopping = _never
+        self._stopping = None
         self._may_capture = True
 
     def _hand_over(self, batch: dict, ready) -> dict:
@@ -655,10 +656,6 @@ class DaliLoader:
                 tensor = tensor.pin_memory().to(self.device, non_blocking=True)
             batch[name] = tensor
         return batch
-
-
-def _never() -> bool:
-    return False
 
 
 def _make_ahead(loader_ref, put, stopping) -> None:
