@@ -44,6 +44,12 @@ CONFIG_FILE = "config.yaml"
 RUN_LOCK = ".lock"
 # Sections that must not change between a run and its resumption.
 RESUME_LOCKED_SECTIONS = ("model", "loss", "data", "optim")
+# Keys of those sections that change how fast the loader makes its batches, never which
+# batches (each is tested to give the same ones either way): a resumed run may set them
+# anew, e.g. on a machine with other cores, or to try `assemble_ahead`.
+RESUME_FREE_KEYS = frozenset({"data.num_threads", "data.pipeline.prefetch",
+                              "data.pipeline.cpu_lanes", "data.pipeline.producer",
+                              "data.pipeline.assemble_ahead"})
 
 
 @dataclass
@@ -371,12 +377,15 @@ UNSET = "<unset>"          # a key one of the two configs lacks
 SHOWN_DIFFERENCES = 5      # a refused resume lists this many changed keys
 
 
-def config_differences(saved, current, prefix: str = "") -> list[str]:
-    """`key: saved -> current` for every leaf that differs (missing leaves read <unset>)."""
+def config_differences(saved, current, prefix: str = "", free=frozenset()) -> list[str]:
+    """`key: saved -> current` for every leaf that differs (missing leaves read <unset>),
+    except the keys in `free`."""
+    if prefix in free:
+        return []
     if isinstance(saved, dict) and isinstance(current, dict):
         return [line for key in sorted(set(saved) | set(current), key=str)
                 for line in config_differences(saved.get(key, UNSET), current.get(key, UNSET),
-                                               f"{prefix}.{key}" if prefix else str(key))]
+                                               f"{prefix}.{key}" if prefix else str(key), free)]
     if saved == current:
         return []
     return [f"{prefix}: {saved!r} -> {current!r}"]
@@ -386,7 +395,8 @@ def check_resumable_config(cfg: DictConfig, saved: dict, source: Path) -> None:
     current = OmegaConf.to_container(cfg, resolve=True)
     changed = [line for section in RESUME_LOCKED_SECTIONS
                for line in config_differences(saved.get(section, UNSET),
-                                              current.get(section, UNSET), section)]
+                                              current.get(section, UNSET), section,
+                                              RESUME_FREE_KEYS)]
     if changed:
         more = len(changed) - SHOWN_DIFFERENCES
         listed = "; ".join(changed[:SHOWN_DIFFERENCES]) + (f"; and {more} more" if more > 0 else "")

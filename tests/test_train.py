@@ -352,20 +352,28 @@ def test_step_is_schedules_loss_clip_adamw_then_ema():
 
 def test_resume_refuses_changed_model_loss_data_optim_but_not_train():
     """METHOD.md section 6: the schedules, losses, data and model of a run are its recipe; only
-    `train` (logging, checkpoint interval, ...) may change on resumption."""
+    `train` (logging, checkpoint interval, ...) may change on resumption, and the loader's
+    speed settings, which give the same batches (tests/test_pipeline_loader.py,
+    test_pipeline_producer.py, test_pipeline_ahead.py)."""
     cfg = load_config("tiny_cpu", ["model.head.prototypes=128"])
     saved = OmegaConf.to_container(cfg, resolve=True)
     source = Path("checkpoint-00000002.pt")
     for override, named in (("optim.base_lr=0.001", "optim.base_lr: 0.016 -> 0.001"),
                             ("model.drop_path=0.1", "model.drop_path: 0.0 -> 0.1"),
                             ("loss.koleo_weight=0.2", "loss.koleo_weight: '<unset>' -> 0.2"),
-                            ("data.num_threads=1", "data.num_threads: 2 -> 1")):
+                            ("data.batch_size_per_gpu=8", "data.batch_size_per_gpu: 16 -> 8"),
+                            ("data.pipeline.shuffle_buffer=8",
+                             "data.pipeline.shuffle_buffer: 16 -> 8")):
         with pytest.raises(ConfigError, match=re.escape(named)):
             check_resumable_config(load_config("tiny_cpu", ["model.head.prototypes=128",
                                                             override]), saved, source)
     check_resumable_config(load_config("tiny_cpu", ["model.head.prototypes=128",
                                                     "train.log_every=1", "train.keep_last=5",
                                                     "train.checkpoint_every=7"]), saved, source)
+    speed = ["data.num_threads=1", "data.pipeline.prefetch=4", "data.pipeline.cpu_lanes=1",
+             "data.pipeline.producer=process", "data.pipeline.assemble_ahead=1"]
+    check_resumable_config(load_config("tiny_cpu", ["model.head.prototypes=128", *speed]),
+                           saved, source)
     many = [f"optim.{k}=0.5" for k in ("base_lr", "min_lr", "weight_decay", "layer_decay",
                                        "patch_embed_lr_mult", "pmm_lr_mult", "clip_grad")]
     with pytest.raises(ConfigError, match=r"optim\.base_lr: .*; and 2 more\); resume") as info:
