@@ -56,8 +56,7 @@ class ColourStageGraphs:
         key = (tuple(crops.shape), crops.dtype, tuple(array.shape for array in host))
         captured = self._captured.get(key)
         if captured is None and not may_capture:
-            return self._stage(crops, *(torch.from_numpy(array).to(crops.device)
-                                        for array in host))
+            return self._stage(crops, *_on_device(host, crops.device))
         if captured is None:
             captured = self._captured[key] = self._capture(crops, host)
         captured.inputs[0].copy_(crops)
@@ -72,7 +71,7 @@ class ColourStageGraphs:
         device = crops.device
         caller = torch.cuda.current_stream(device)
         # This batch's values, so the warm-up calls compute on valid parameters.
-        inputs = (crops.clone(), *(torch.from_numpy(array).to(device) for array in host))
+        inputs = (crops.clone(), *_on_device(host, device))
         side = torch.cuda.Stream(device)
         side.wait_stream(caller)
         with torch.cuda.stream(side):
@@ -84,3 +83,8 @@ class ColourStageGraphs:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             output = self._stage(*inputs)
         return _Captured(graph, inputs, output)
+
+
+def _on_device(host: tuple[np.ndarray, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The stage's parameters (rows, switches, windows) as tensors on `device`."""
+    return tuple(torch.from_numpy(array).to(device) for array in host)

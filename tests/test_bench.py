@@ -451,7 +451,8 @@ def test_bench_train_with_batches_made_ahead_reports_the_wait_for_them(synth_sha
     output = run_cli(["bench", "train", "--data", str(synth_shards), "--arch", "vit_tiny",
                       "--batch", "2", "--precision", "fp32", "--device", "cpu", "--threads",
                       "1", "--warmup", "0", "--steps", "2", "--repeats", "1", "--set",
-                      TINY_VIEWS + ",data.pipeline.assemble_ahead=1", "--json", str(path)])
+                      TINY_VIEWS + ",data.pipeline.assemble_ahead=1", "--json", str(path),
+                      "--profile", str(tmp_path / "profile")])
     run = json.loads(path.read_text())["runs"][0]
     details = run["details"]
     assert details["assemble_ahead"] == 1
@@ -462,6 +463,9 @@ def test_bench_train_with_batches_made_ahead_reports_the_wait_for_them(synth_sha
         1e3 * run["figures"]["data_wait"]["median"] * 1.001
     assert "(next()); stage_b_wait" in output and "(the loader's thread)" in output
     assert details["warmup_steps"] == 2 + 1 + 1     # stage B's 2, the one ahead, one more
+    # the profile's tcore ranges include the loader thread's, not only the training thread's
+    ranges = (tmp_path / "profile" / "cpu.txt").read_text().split("sorted by")[0]
+    assert "tcore.loader.ahead_wait" in ranges and "tcore.loader.assemble" in ranges
     assert details["steps"] == 2 and run["figures"]["samples_per_s"]["median"] > 0
 
 

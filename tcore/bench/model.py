@@ -301,7 +301,8 @@ def run_model_bench(settings: ModelBenchSettings, profile_dir: str | None = None
 def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> dict:
     """Kernel breakdown of a few steps: a Chrome trace, a text table of the top kernels
     (device time), one of the top operators by CPU time, headed by tcore's named ranges
-    (the loader's `tcore.loader.*`, run in the training thread), and the timeline summary
+    (the loader's `tcore.loader.*`: in the training thread, or in the loader's own with
+    `assemble_ahead`), and the timeline summary
     (`tcore.bench.timeline`: device busy time per stream, the host's blocking calls)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -311,7 +312,9 @@ def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> 
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, record_shapes=False) as profiler:
+    all_threads = _all_threads()
+    with profile(activities=activities, record_shapes=False,
+                 experimental_config=all_threads) as profiler:
         began = time.perf_counter()
         for _ in range(steps):
             step()
@@ -319,17 +322,18 @@ def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> 
         wall_us = (time.perf_counter() - began) * 1e6
     # Self time: each kernel/op counted once, not again in every op that calls it.
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = profiler.key_averages().table(sort_by=sort_key, row_limit=40)
+    averages = profiler.key_averages()
+    table = averages.table(sort_by=sort_key, row_limit=40)
     table_path = out_dir / "kernels.txt"
     table_path.write_text(f"{steps} steps, sorted by {sort_key}\n{table}\n")
-    averages = profiler.key_averages()
     cpu_table = averages.table(sort_by="cpu_time_total", row_limit=40)
     # tcore's own named ranges, whatever their rank (the loader's `tcore.loader.*`).
     ranges = "\n".join(f"{event.key:<40} {event.count:>5} calls {event.cpu_time_total / 1e3:>10.2f} ms"
                        for event in sorted(averages, key=lambda e: e.key)
                        if event.key.startswith("tcore."))
+    threads = "every thread" if all_threads else "the training thread only"
     cpu_path = out_dir / "cpu.txt"
-    cpu_path.write_text(f"{steps} steps, tcore ranges (CPU time, main thread):\n{ranges}\n\n"
+    cpu_path.write_text(f"{steps} steps, tcore ranges (CPU time, {threads}):\n{ranges}\n\n"
                         f"sorted by cpu_time_total\n{cpu_table}\n")
     timeline = timeline_summary(activities_of(profiler.events()), wall_us, steps)
     timeline_path = out_dir / "timeline.txt"
@@ -338,6 +342,18 @@ def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> 
     profiler.export_chrome_trace(str(trace_path))
     return {"table": str(table_path), "cpu_table": str(cpu_path), "trace": str(trace_path),
             "timeline_table": str(timeline_path), "steps": steps, "timeline": timeline}
+
+
+def _all_threads():
+    """Kineto's setting to record every thread's operators and ranges, not only those of the
+    thread that started the profiler: the loader's own thread (`assemble_ahead`) runs
+    `tcore.loader.*` there. None (the default: this thread only) where torch lacks it."""
+    from torch._C._profiler import _ExperimentalConfig
+
+    try:
+        return _ExperimentalConfig(profile_all_threads=True)
+    except TypeError:
+        return None
 
 
 # ---- attention agreement -------------------------------------------------------------------
