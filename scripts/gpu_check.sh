@@ -147,7 +147,7 @@ if [[ "$CPU_MODE" == 1 ]]; then
     TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2)
     # The train steps' --set (train_ahead adds its key to it).
     TRAIN_SET=model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1
-    TRAIN_COMPARE=(--set "$TRAIN_SET")
+    TRAIN_COMPARE=()
     JPEG_PROBE_ARGS=(--configs cpu:2:three,cpu:2:one --batch 2 --batches 3)
     SYNTH=(videos=8 frames=24 size=160x128 short_side=128)
     STAGE_A_SECONDS=1
@@ -389,7 +389,8 @@ if has_module nvidia.dali; then
     # Eager, the colour stage as CUDA graphs against launched (TRAIN_COMPARE).
     run_step train 150 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
-        "${TRAIN_COMPARE[@]}" --json "$WORK/reports/train.json" --profile "$WORK/profile/train"
+        ${TRAIN_SET:+--set "$TRAIN_SET"} "${TRAIN_COMPARE[@]}" --json "$WORK/reports/train.json" \
+        --profile "$WORK/profile/train"
     # The loader and colour-stage tests after the measurements: the group runs two `tcore
     # train` processes and Triton compiles, and a group stopped at its limit must not have
     # taken the measurements' time with it.
