@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tcore.pipelines import triton_blur
 from tcore.pipelines.config import ViewConfig
 from tcore.pipelines.views import JITTER_HUE_SHIFT, JITTER_SLOTS, SW
 from tcore.preprocess.errors import TcoreWarning
@@ -215,9 +216,29 @@ def gaussian_kernels(sigmas: torch.Tensor, windows: torch.Tensor, size: int) -> 
 
 def gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor, windows: torch.Tensor,
                   size: int) -> torch.Tensor:
-    """Separable blur per crop (rows, then columns, float32 between), reflect-101 borders."""
+    """Separable blur per crop (rows, then columns, float32 between), reflect-101 borders:
+    on CUDA two Triton kernels (`triton_blur`: there the convolutions and their padded copies
+    cost 3.15 ms of device time a batch on an H200), elsewhere two depthwise convolutions."""
+    taps = gaussian_kernels(sigmas, windows, size)
+    if x.device.type == "cuda" and triton_blur.fits(x, size) and _has_triton():
+        return triton_blur.separable_blur(x, taps)
+    return _blur_by_convolution(x, taps)
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401  (shipped with torch's CUDA builds)
+    except ImportError:
+        return False
+    return True
+
+
+def _blur_by_convolution(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """`gaussian_blur` as depthwise convolutions over reflection-padded copies (taps [N, size])."""
     n, c, height, width = x.shape
-    taps = gaussian_kernels(sigmas, windows, size).repeat_interleave(c, dim=0)   # [N*C, size]
+    size = taps.shape[1]
+    taps = taps.repeat_interleave(c, dim=0)                                       # [N*C, size]
     radius = size // 2
     y = x.to(torch.float32).reshape(1, n * c, height, width)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"),

@@ -334,6 +334,35 @@ def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
 
 
 @pytest.mark.skipif(not _has_dali_cuda(), reason="tcore.pipelines imports DALI")
+def test_colour_stage_blur_on_cuda_runs_triton_kernels_with_the_cpus_pixels():
+    """`gaussian_blur` on CUDA is `triton_blur`'s two kernels (no convolution or padding
+    kernel runs), and its pixels are the CPU convolution's within a level at a rounding edge,
+    rarely: a batch's crops at 224 and at 96, per-crop sigmas and narrowed windows."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    from tcore.pipelines.torch_photometric import gaussian_blur
+
+    rng = np.random.default_rng(3)
+    for n, size in ((16, 224), (64, 96)):
+        crops = torch.from_numpy(rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+        sigmas = torch.from_numpy(rng.uniform(0.1, 2.0, n).astype(np.float32))
+        windows = torch.from_numpy(rng.choice([3, 5, 7, 9], n).astype(np.int64))
+        on_cpu = gaussian_blur(crops, sigmas, windows, 9)
+        gaussian_blur(crops.cuda(), sigmas.cuda(), windows.cuda(), 9)     # Triton compiles
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            on_cuda = gaussian_blur(crops.cuda(), sigmas.cuda(), windows.cuda(), 9)
+            torch.cuda.synchronize()
+        kernels = [event.key for event in prof.key_averages()]
+        assert any("blur_pass" in name for name in kernels), kernels
+        assert not any("conv" in name.lower() or "reflection" in name.lower()
+                       for name in kernels), kernels
+        diff = (on_cuda.cpu().int() - on_cpu.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-4, size
+        assert float((on_cpu != crops).float().mean()) > 0.5       # it did blur
+
+
+@pytest.mark.skipif(not _has_dali_cuda(), reason="tcore.pipelines imports DALI")
 def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
     """The fused (Triton) colour stage on the GPU: PIL's hue shift on all 2^24 colours at two
     shifts, and the jitter in all 24 orders equal to the eager CPU stage (itself PIL's, see
@@ -380,8 +409,8 @@ def test_dense_colour_stage_compiled_on_cuda_equals_the_cpu_subset_path():
     graph, the blur opaque to it) against the subset path, on crops that take every step
     both ways, and at two crop counts with the same graph: bit for bit against the subset
     path on CUDA; against the CPU's, bit for bit where no blur ran and within one level
-    where it did (the blur's float32 taps and depthwise convolution are CUDA's own
-    kernels there, oneDNN's on the CPU: a sum a few ulp apart can round the other way)."""
+    where it did (the blur is `triton_blur`'s kernels there, oneDNN's depthwise convolution
+    on the CPU: a sum a few ulp apart can round the other way)."""
     from colour_images import every_step_batch
 
     from tcore.pipelines import torch_photometric as tp
