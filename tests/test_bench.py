@@ -1088,8 +1088,12 @@ def test_timeline_counts_device_time_once_and_per_stream():
     summary = timeline_summary(work, wall_us=100_000, steps=2)
     assert summary["device_busy_ms"] == pytest.approx(60.0)
     assert summary["device_busy_fraction"] == pytest.approx(0.6)
-    assert summary["streams"] == {7: {"busy_ms": pytest.approx(50.0), "activities": 2},
-                                  13: {"busy_ms": pytest.approx(15.0), "activities": 1}}
+    assert summary["streams"] == {
+        7: {"busy_ms": pytest.approx(50.0), "activities": 2,
+            "kernels": [{"name": "gemm", "ms": pytest.approx(40.0), "calls": 1},
+                        {"name": "gelu", "ms": pytest.approx(20.0), "calls": 1}]},
+        13: {"busy_ms": pytest.approx(15.0), "activities": 1,
+             "kernels": [{"name": "colour", "ms": pytest.approx(15.0), "calls": 1}]}}
     assert summary["overlap_ms"] == pytest.approx(5.0)
     assert summary["blocking"] == {"cudaStreamSynchronize": {"calls": 1, "ms": pytest.approx(1.0)}}
     assert summary["launches"] == {"cudaLaunchKernel": {"calls": 2, "ms": pytest.approx(0.03)}}
@@ -1099,9 +1103,32 @@ def test_timeline_counts_device_time_once_and_per_stream():
     # the busiest stream first
     assert text.index("stream    7") < text.index("stream   13")
     assert "cudaStreamSynchronize 1 x, 1.0 ms" in text
+    assert "40.00 ms      1 x  gemm" in text and "15.00 ms      1 x  colour" in text
     # three streams busy at once: the shared time counted once, not once per extra stream
     three = [Activity("a", 0, 10_000, stream=1), Activity("b", 0, 10_000, stream=2),
              Activity("c", 5_000, 10_000, stream=3), Activity("d", 20_000, 30_000, stream=3)]
     summary = timeline_summary(three, wall_us=40_000, steps=1)
     assert summary["device_busy_ms"] == pytest.approx(20.0)
     assert summary["overlap_ms"] == pytest.approx(10.0)
+
+
+def test_timeline_lists_each_busy_streams_top_kernels_and_sums_the_small_streams():
+    """Per stream the kernels with the most device time (summed over their calls, the most
+    first, at most TOP_KERNELS), printed for the busiest streams; streams under 1% of the
+    busy time get no kernel list and share one line."""
+    from tcore.bench.timeline import TOP_KERNELS, Activity, format_timeline, timeline_summary
+
+    work = [Activity(f"k{i}", 1000 * i, 1000 * i + 10 * (i + 1), stream=7) for i in range(12)]
+    work += [Activity("k0", 20_000, 20_500, stream=7)]             # k0 again: 10 + 500 us
+    work += [Activity("blur_pass", 30_000, 40_000, stream=533)]
+    work += [Activity("dali", 50_000 + 10 * s, 50_001 + 10 * s, stream=s) for s in range(40, 50)]
+    summary = timeline_summary(work, wall_us=100_000, steps=1)
+    kernels = summary["streams"][7]["kernels"]
+    assert len(kernels) == TOP_KERNELS
+    assert kernels[0] == {"name": "k0", "ms": pytest.approx(0.51), "calls": 2}
+    assert [k["name"] for k in kernels[1:]] == [f"k{i}" for i in range(11, 4, -1)]
+    assert all("kernels" not in summary["streams"][s] for s in range(40, 50))
+    text = format_timeline(summary)
+    assert text.index("stream  533") < text.index("blur_pass") < text.index("stream    7")
+    assert "10 more streams, each under 1% of the busy time: busy 0.0 ms together, 10 " in text
+    assert "stream   40" not in text

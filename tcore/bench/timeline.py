@@ -11,6 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Per stream, the kernels (and copies) that took the most device time, listed in the text for
+# the busiest streams: the loader's colour stage runs on a stream of its own, so its kernels
+# show there apart from the step's.
+TOP_KERNELS = 8
+STREAMS_WITH_KERNELS = 3
+# Streams below this share of the device's busy time are summed on one line (DALI runs tens
+# of streams, each busy a fraction of a millisecond).
+MINOR_STREAM_SHARE = 0.01
+
 # Host calls that return only when the device has finished something.
 BLOCKING_CALLS = frozenset({
     "cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
@@ -85,9 +94,12 @@ def timeline_summary(activities: list[Activity], wall_us: float, steps: int) -> 
     per_stream: dict[int, list[tuple[float, float]]] = {}
     for a in sorted(device, key=lambda a: a.stream):
         per_stream.setdefault(a.stream, []).append((a.start_us, a.end_us))
+    busy_ms = union_us((a.start_us, a.end_us) for a in device) / 1e3
     streams = {stream: {"busy_ms": union_us(spans) / 1e3, "activities": len(spans)}
                for stream, spans in per_stream.items()}
-    busy_ms = union_us((a.start_us, a.end_us) for a in device) / 1e3
+    for stream, figures in streams.items():
+        if figures["busy_ms"] >= MINOR_STREAM_SHARE * busy_ms:     # not for DALI's tens
+            figures["kernels"] = top_kernels([a for a in device if a.stream == stream])
     host = {}
     for call in activities:
         if not call.on_device:
@@ -107,6 +119,16 @@ def timeline_summary(activities: list[Activity], wall_us: float, steps: int) -> 
     }
 
 
+def top_kernels(work: list[Activity], count: int = TOP_KERNELS) -> list[dict]:
+    """The `count` names with the most device time in `work`: name, ms (summed) and calls."""
+    by_name: dict[str, dict] = {}
+    for a in work:
+        entry = by_name.setdefault(a.name, {"name": a.name, "ms": 0.0, "calls": 0})
+        entry["ms"] += (a.end_us - a.start_us) / 1e3
+        entry["calls"] += 1
+    return sorted(by_name.values(), key=lambda entry: -entry["ms"])[:count]
+
+
 def format_timeline(summary: dict) -> str:
     steps, wall = summary["steps"], summary["wall_ms"]
     lines = [f"{steps} steps in {wall:.1f} ms of wall time ({wall / max(steps, 1):.1f} ms a step)"]
@@ -118,9 +140,19 @@ def format_timeline(summary: dict) -> str:
                      f"of the wall time), idle {wall - busy:.1f} ms; busy on two or more "
                      f"streams at once {summary['overlap_ms']:.1f} ms")
         ranked = sorted(summary["streams"].items(), key=lambda item: -item[1]["busy_ms"])
-        for stream, figures in ranked:
+        major = [item for item in ranked if item[1]["busy_ms"] >= MINOR_STREAM_SHARE * busy]
+        for place, (stream, figures) in enumerate(major):
             lines.append(f"  stream {stream:>4}: busy {figures['busy_ms']:9.1f} ms, "
                          f"{figures['activities']:6d} kernels / copies")
+            if place < STREAMS_WITH_KERNELS:
+                lines.extend(f"      {k['ms']:8.2f} ms {k['calls']:6d} x  {k['name'][:100]}"
+                             for k in figures.get("kernels", []))
+        minor = ranked[len(major):]
+        if minor:
+            lines.append(f"  {len(minor)} more streams, each under "
+                         f"{100 * MINOR_STREAM_SHARE:.0f}% of the busy time: busy "
+                         f"{sum(f['busy_ms'] for _, f in minor):.1f} ms together, "
+                         f"{sum(f['activities'] for _, f in minor)} kernels / copies")
     for title, key in (("host calls waiting for the device", "blocking"),
                        ("host calls launching device work", "launches")):
         calls = summary[key]
