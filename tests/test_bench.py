@@ -967,6 +967,12 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
     assert extremes("model_only_samples_per_s") == pytest.approx([2 / 0.75, 2 / 0.75], rel=1e-3)
     assert figures["end_to_end_fraction"] == pytest.approx(
         figures["samples_per_s"]["median"] / (2 / 0.75), rel=1e-3)
+    # Each window's rate in the order run (the slow second window second), and each
+    # model-only step's host time.
+    assert run["details"]["window_samples_per_s"] == {
+        "end_to_end": [pytest.approx(2 / 1.75, abs=0.05), pytest.approx(2 / 3.75, abs=0.05)],
+        "model_only": [pytest.approx(2 / 0.75, abs=0.05)] * 2}
+    assert run["details"]["model_only_step_host_ms"] == pytest.approx([500, 500], abs=0.1)
 
 
 def test_an_mfu_above_one_is_flagged_not_reported_silently(monkeypatch):

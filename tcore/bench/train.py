@@ -144,15 +144,15 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
         close_loader(loader)
     # Model only, nothing beside the step: one untimed step to settle, then the same windows.
     timed_windows(itertools.repeat(held), trainer, 1, 1, device)
-    _, held_sizes, held_times, _, _ = timed_windows(
+    _, held_sizes, held_times, _, held_host_times = timed_windows(
         itertools.repeat(held), trainer, settings.steps, settings.repeats, device)
 
     parts = windows(waits, settings.repeats)     # the same split timed_windows made
-    samples_per_s = summarize([sum(sizes[w]) / t for w, t in zip(parts, window_times)],
-                              "samples/s")
-    model_only = summarize([sum(held_sizes[w]) / t
-                            for w, t in zip(windows(held_sizes, settings.repeats), held_times)],
-                           "samples/s")
+    window_rates = [sum(sizes[w]) / t for w, t in zip(parts, window_times)]
+    held_rates = [sum(held_sizes[w]) / t
+                  for w, t in zip(windows(held_sizes, settings.repeats), held_times)]
+    samples_per_s = summarize(window_rates, "samples/s")
+    model_only = summarize(held_rates, "samples/s")
     figures = {
         "samples_per_s": samples_per_s.as_dict(),
         "step_time": summarize([t / n for t, n in zip(window_times, window_steps)], "s").as_dict(),
@@ -171,6 +171,11 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
                "model_only_steps": len(held_sizes),
                # each timed step's host time, next() and step together, in order
                "step_host_ms": [round(1e3 * t, 2) for t in host_times],
+               "model_only_step_host_ms": [round(1e3 * t, 2) for t in held_host_times],
+               # each window's rate in the order run: a drift (settling, a slow start) shows
+               # here, where the medians above hide it
+               "window_samples_per_s": {"end_to_end": [round(r, 1) for r in window_rates],
+                                        "model_only": [round(r, 1) for r in held_rates]},
                "attention_resolved": resolved_attention(settings.attention, device),
                "precision_resolved": trainer.precision, "views": views_of(config),
                **dali_loader_details(loader, clock_before, clock_after)}
