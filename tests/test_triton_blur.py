@@ -17,9 +17,9 @@ from tcore.pipelines.torch_photometric import _blur_by_convolution, gaussian_ker
 rng = np.random.default_rng(0)
 report = {"random": [], "halves": None}
 # Shapes: tiles cut at both edges (20 x 70 with 8 x 64 tiles), the smallest crop the
-# reflected border allows (height 5 for 9 taps), one channel, a short filter, a wide crop.
-for n, c, h, w, size in [(3, 3, 20, 70, 9), (3, 3, 5, 9, 9), (4, 3, 24, 24, 3),
-                         (2, 1, 17, 130, 9)]:
+# reflected border allows (height 5 for 9 taps), one channel and a wide crop. (A short
+# filter: the 3 taps below.)
+for n, c, h, w, size in [(2, 3, 20, 70, 9), (3, 3, 5, 9, 9), (2, 1, 17, 130, 9)]:
     x = torch.from_numpy(rng.integers(0, 256, (n, c, h, w), dtype=np.uint8))
     sigmas = torch.from_numpy(rng.uniform(0.1, 2.0, n).astype(np.float32))
     windows = torch.from_numpy(rng.choice(np.arange(1, size + 1, 2), n).astype(np.int64))
