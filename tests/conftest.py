@@ -17,6 +17,18 @@ SHARD_FRAMES = 20
 SHARD_SHORT_SIDE = 128
 SHARD_SAMPLES = 5  # 12 videos -> 3 shards of 5, 5, 2
 
+# The files with the longest tests on 2 cores (`--durations`, 2026-11-28), longest first, are
+# handed out first. `make test` gives whole files to its two workers (`--dist loadfile`) in
+# collection order, and alphabetical order left the two longest for the end.
+SLOW_FILES_FIRST = ("test_train_interrupts.py", "test_train_fsdp.py", "test_bench.py",
+                    "test_train.py", "test_torch_photometric.py", "test_pipeline_resume.py",
+                    "test_demo_synth_errors.py", "test_demo.py", "test_pipeline_producer.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: place for place, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest as is
+
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
