@@ -28,6 +28,16 @@ def fits(x: torch.Tensor, size: int) -> bool:
     return x.dim() == 4 and x.shape[-2] > radius and x.shape[-1] > radius
 
 
+@functools.cache
+def available() -> bool:
+    """Whether Triton imports (torch's CUDA builds ship it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def separable_blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """uint8 [N, C, H, W] blurred with per-crop taps [N, size] float32 (odd size): rows pass,
     then columns pass, reflect-101 borders; uint8 out. `fits(x, size)` must hold. Runs on the
@@ -38,10 +48,10 @@ def separable_blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     size = taps.shape[1]
     x = x.contiguous()
     taps = taps.to(torch.float32).contiguous()
-    between = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
+    between = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     grid = (n * channels, triton.cdiv(height, BLOCK_ROWS), triton.cdiv(width, BLOCK_COLS))
     kernel = _kernel()
     for src, dst, along_rows, to_bytes in ((x, between, True, False),

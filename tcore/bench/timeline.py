@@ -91,15 +91,17 @@ def timeline_summary(activities: list[Activity], wall_us: float, steps: int) -> 
     """Device busy time (all streams together and per stream) and the host's blocking and
     launch calls, over `wall_us` of profiled wall time spanning `steps` steps."""
     device = [a for a in activities if a.on_device]
-    per_stream: dict[int, list[tuple[float, float]]] = {}
+    by_stream: dict[int, list[Activity]] = {}
     for a in sorted(device, key=lambda a: a.stream):
-        per_stream.setdefault(a.stream, []).append((a.start_us, a.end_us))
+        by_stream.setdefault(a.stream, []).append(a)
+    per_stream = {stream: [(a.start_us, a.end_us) for a in work]
+                  for stream, work in by_stream.items()}
     busy_ms = union_us((a.start_us, a.end_us) for a in device) / 1e3
     streams = {stream: {"busy_ms": union_us(spans) / 1e3, "activities": len(spans)}
                for stream, spans in per_stream.items()}
     for stream, figures in streams.items():
         if figures["busy_ms"] >= MINOR_STREAM_SHARE * busy_ms:     # not for DALI's tens
-            figures["kernels"] = top_kernels([a for a in device if a.stream == stream])
+            figures["kernels"] = top_kernels(by_stream[stream])
     host = {}
     for call in activities:
         if not call.on_device:
