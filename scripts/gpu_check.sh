@@ -28,9 +28,10 @@
 # GPU_CHECK_FRAME_SHARDS holds some, after `decode_frames`: the JPEG decoder alone,
 # scripts/jpeg_decode_probe.py; then `stage_a`, the loader's stage A alone on the host
 # cores), `tcore bench train` from the JPEG frames when they are there, else the clips
-# (`train_compiled`: the step compiled; `train`: eager, the colour stage as CUDA graphs
-# against launched), then `gputests_dali` (tests/test_gpu.py's loader and colour-stage tests
-# on $SHARDS and $FRAMES) -> one short table. A failing step is logged and the script goes on.
+# (`train_compiled`: the step compiled; `train_priority`: the same on a high-priority CUDA
+# stream; `train`: eager, the colour stage as CUDA graphs against launched), then
+# `gputests_dali` (tests/test_gpu.py's loader and colour-stage tests on $SHARDS and $FRAMES)
+# -> one short table. A failing step is logged and the script goes on.
 #
 # Results: $OUT (default runs/gpu_check): gpu_check.log (everything), summary.txt (the table),
 # reports.json (every bench report, by step name), profile.tar.gz (kernel and CPU tables of the
@@ -40,8 +41,8 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled
-# shards data decode_frames data_frames stage_a train_compiled train_ahead train gputests_dali;
-# model_s_autotune, data_prefetch and data_producer run only when named here),
+# shards data decode_frames data_frames stage_a train_compiled train_priority train_ahead train
+# gputests_dali; model_s_autotune, data_prefetch and data_producer run only when named here),
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
 # GPU_CHECK_TESTS (a pytest -k expression: which GPU tests run; all when unset),
@@ -145,7 +146,7 @@ if [[ "$CPU_MODE" == 1 ]]; then
     DATA_COMPARE=()
     FRAMES_COMPARE=()
     TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2)
-    # The train steps' --set (train_ahead adds its key to it).
+    # The train steps' --set (train_priority and train_ahead add their keys to it).
     TRAIN_SET=model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1
     TRAIN_COMPARE=()
     JPEG_PROBE_ARGS=(--configs cpu:2:three,cpu:2:one --batch 2 --batches 3)
@@ -378,6 +379,15 @@ if has_module nvidia.dali; then
         --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
         "${TRAIN_ARGS[@]}" ${TRAIN_SET:+--set "$TRAIN_SET"} "${COMPILE_FLAG[@]}" \
         --json "$WORK/reports/train_compiled.json" --profile "$WORK/profile/train_compiled"
+    # The same with the step on a CUDA stream above the loader's (train.step_stream=
+    # high_priority): whether the colour stage's kernels then fill the step's gaps instead of
+    # delaying its kernels; profiled, its timeline beside train_compiled's. Inductor's cache
+    # is warm from train_compiled.
+    run_step train_priority 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
+        --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
+        "${TRAIN_ARGS[@]}" --set "${TRAIN_SET:+$TRAIN_SET,}train.step_stream=high_priority" \
+        "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_priority.json" \
+        --profile "$WORK/profile/train_priority"
     # The same with each batch made ahead in a thread of the loader (assemble_ahead=1), so
     # next()'s host work (22 ms a step on the H200) runs beside the step's launches; profiled,
     # its timeline beside train_compiled's. Inductor's cache is warm from train_compiled.
@@ -397,7 +407,7 @@ if has_module nvidia.dali; then
     GPU_TESTS_GROUP=dali
     run_step gputests_dali 300 gpu_tests
 else
-    for name in shards gputests_dali data decode_frames data_frames stage_a data_prefetch data_producer train_compiled train_ahead train; do
+    for name in shards gputests_dali data decode_frames data_frames stage_a data_prefetch data_producer train_compiled train_priority train_ahead train; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
     done
 fi

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tcore.preprocess.files import write_text_atomically
+from tcore.step_stream import STEP_STREAMS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STRICT_SECTIONS = ("data", "optim", "train")
@@ -209,6 +210,8 @@ def validate_config(cfg: DictConfig, source: str = "config") -> None:
              f"train.parallel must be ddp or fsdp, got {train.parallel!r}")
     _require(train.device in ("auto", "cpu", "cuda"), source,
              f"train.device must be auto, cpu or cuda, got {train.device!r}")
+    _require(train.step_stream in STEP_STREAMS, source,
+             f"train.step_stream must be one of {STEP_STREAMS}, got {train.step_stream!r}")
     for key in ("checkpoint_every", "keep_last", "log_every"):
         _require(isinstance(train[key], int) and train[key] > 0, source,
                  f"train.{key} must be an integer > 0, got {train[key]!r}")

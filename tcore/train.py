@@ -37,6 +37,7 @@ from tcore.preprocess.files import OutputWriteError, temporary_prefix
 from tcore.preprocess.locks import exclusive_lock
 from tcore.preprocess.manifest import missing_manifest_hint
 from tcore.schedules import build_schedules
+from tcore.step_stream import step_stream
 from tcore.stop_request import StopRequest
 
 TEACHER_EXPORT = "teacher_backbone.safetensors"
@@ -492,30 +493,33 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
     try:
         iterator = iter(loader)
         values = trainer.schedules.at(start_step)
-        for it in range(start_step, end_step):
-            asked = time.perf_counter()
-            batch = next(iterator)
-            logger.add_data_wait(time.perf_counter() - asked)
-            losses, values = trainer.step(it, batch)
-            step = it + 1  # steps done
-            history.add(step, losses)
-            is_last = step == end_step
-            if step % log_every == 0 or step % ckpt_every == 0 or is_last:
-                # Mean over ranks, so all ranks log and stop alike; raises on NaN/inf
-                # before anything is saved.
-                logger.log(history.drain(lambda t: all_reduce_mean_(t, info)), values,
-                           skipped_samples(loader))
-                stopped_by = stop.agreed(info)   # a sync point already: no extra host wait
-            if step % ckpt_every == 0 or is_last or stopped_by:
-                state = trainer.state_dict(step)
-                if info.is_main:
-                    last_ckpt = save_checkpoint_or_say_what_is_kept(
-                        ckpt_dir, step, state, int(cfg.train.keep_last), last_ckpt)
-                del state
-                exported = trainer.export_teacher(teacher_path)  # None except on rank 0
-                barrier(info)
-            if stopped_by:
-                break
+        # The loop's CUDA stream (train.step_stream): next() inside it too, so the loader
+        # hands each batch over to the stream the step runs on.
+        with step_stream(cfg.train.step_stream, info.device):
+            for it in range(start_step, end_step):
+                asked = time.perf_counter()
+                batch = next(iterator)
+                logger.add_data_wait(time.perf_counter() - asked)
+                losses, values = trainer.step(it, batch)
+                step = it + 1  # steps done
+                history.add(step, losses)
+                is_last = step == end_step
+                if step % log_every == 0 or step % ckpt_every == 0 or is_last:
+                    # Mean over ranks, so all ranks log and stop alike; raises on NaN/inf
+                    # before anything is saved.
+                    logger.log(history.drain(lambda t: all_reduce_mean_(t, info)), values,
+                               skipped_samples(loader))
+                    stopped_by = stop.agreed(info)   # a sync point already: no extra host wait
+                if step % ckpt_every == 0 or is_last or stopped_by:
+                    state = trainer.state_dict(step)
+                    if info.is_main:
+                        last_ckpt = save_checkpoint_or_say_what_is_kept(
+                            ckpt_dir, step, state, int(cfg.train.keep_last), last_ckpt)
+                    del state
+                    exported = trainer.export_teacher(teacher_path)  # None except on rank 0
+                    barrier(info)
+                if stopped_by:
+                    break
     except NonFiniteLossError as exc:
         logger.log(exc.good_records, values)  # the finite steps before the bad one
         if info.is_main:

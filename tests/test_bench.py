@@ -451,11 +451,13 @@ def test_bench_train_with_batches_made_ahead_reports_the_wait_for_them(synth_sha
     output = run_cli(["bench", "train", "--data", str(synth_shards), "--arch", "vit_tiny",
                       "--batch", "2", "--precision", "fp32", "--device", "cpu", "--threads",
                       "1", "--warmup", "0", "--steps", "2", "--repeats", "1", "--set",
-                      TINY_VIEWS + ",data.pipeline.assemble_ahead=1", "--json", str(path),
+                      TINY_VIEWS + ",data.pipeline.assemble_ahead=1,train.step_stream=high_priority",
+                      "--json", str(path),
                       "--profile", str(tmp_path / "profile")])
     run = json.loads(path.read_text())["runs"][0]
     details = run["details"]
     assert details["assemble_ahead"] == 1
+    assert details["step_stream"] == "high_priority"     # as asked (no effect on the CPU)
     assert set(details["next_ms_per_batch"]) == {"ahead_wait", "stage_b_wait", "assemble",
                                                  "feed_next"}
     # next()'s only part is the wait for the thread (2 steps: their mean)

@@ -84,6 +84,7 @@ def test_overrides_apply_and_round_trip(tmp_path):
     (["optim.final_momentum_teacher=0.9"], "optim.momentum_teacher <= optim.final_momentum"),
     (["train.parallel=deepspeed"], "train.parallel must be ddp or fsdp"),
     (["train.device=tpu"], "train.device must be auto, cpu or cuda"),
+    (["train.step_stream=fastest"], "train.step_stream must be one of ('default', 'high_priority')"),
     (["train.checkpoint_every=0"], "train.checkpoint_every must be an integer > 0"),
     (["train.log_every=0"], "train.log_every must be an integer > 0"),
     (["data.current_range=[0.6,0.4]"], "data.current_range must satisfy 0 <= low <= high"),

@@ -108,6 +108,30 @@ def test_compiled_step_on_cuda_matches_eager_for_every_masked_token_count():
                 (it, name)
 
 
+def test_train_steps_on_a_high_priority_stream_give_the_default_streams_losses():
+    """`train.step_stream=high_priority`: the step runs on a stream above the default
+    priority, waits for the batch made before it, and its losses, read after the block on
+    the caller's stream, are the default stream's (same weights, same batches)."""
+    from tcore.step_stream import step_stream
+
+    losses = {}
+    for kind in ("default", "high_priority"):
+        trainer = _trainer("fp32")
+        batches = [_batch(trainer.cfg, seed) for seed in (0, 1, 2)]   # on the caller's stream
+        with step_stream(kind, torch.device("cuda")) as stream:
+            priority = torch.cuda.current_stream().priority
+            steps = [trainer.step(it, batch)[0] for it, batch in enumerate(batches, start=100)]
+        if kind == "high_priority":
+            assert stream is not None and priority < 0, priority
+            assert torch.cuda.current_stream() != stream        # the caller's again after it
+        else:
+            assert stream is None and priority == 0
+        losses[kind] = [{name: got[name].item() for name in LOSS_TERMS} for got in steps]
+    for want, got in zip(losses["default"], losses["high_priority"]):
+        for name in LOSS_TERMS:
+            assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), name
+
+
 def test_profile_timeline_sees_each_streams_work_on_cuda(tmp_path):
     """`--profile`'s timeline on real CUDA events: work on two streams, each stream's busy
     time, the device's busy time no more than the wall time, and the host's final wait."""
@@ -136,11 +160,14 @@ def test_profile_timeline_sees_each_streams_work_on_cuda(tmp_path):
 @needs_dali
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_tcore_train_runs_on_the_gpu(tmp_path, precision):
-    """`tcore train` from GPU-decoded shards: finite losses, a checkpoint, the export."""
+    """`tcore train` from GPU-decoded shards: finite losses, a checkpoint, the export. The
+    fp16 run trains on the high-priority stream (`train.step_stream`), checkpoint included."""
     run = tmp_path / precision
+    stream = "high_priority" if precision == "fp16" else "default"
     command = [sys.executable, "-P", "-m", "tcore.cli", "train", "--config", "tiny_cpu",
                "--data", SHARDS, "--output", str(run), "--max-steps", "4", "--no-progress",
-               "train.device=cuda", f"train.precision={precision}", "train.log_every=1"]
+               "train.device=cuda", f"train.precision={precision}", "train.log_every=1",
+               f"train.step_stream={stream}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -191,7 +218,10 @@ def test_gpu_batches_stay_intact_behind_a_busy_training_stream():
     """The loader copies out of DALI's buffers on a stream of its own, runs the colour stage
     on another, and hands the tensors to the training stream, which waits for that stream
     on the device: with long work queued between batches, as a train step would, every
-    batch still equals the CPU loader's."""
+    batch still equals the CPU loader's. The training stream here is the high-priority one
+    (`train.step_stream`), whose work the device runs first: the hardest case for the
+    hand-over (the default stream's is every other GPU loader test's)."""
+    from tcore.step_stream import step_stream
     from tcore.pipelines.config import PipelineConfig
     from tcore.pipelines.loader import build_loader
 
@@ -206,10 +236,11 @@ def test_gpu_batches_stay_intact_behind_a_busy_training_stream():
     busy = torch.randn(4096, 4096, device="cuda")
     gpu_batches = []
     iterator = iter(loaders["cuda"])
-    for _ in range(5):
-        gpu_batches.append(next(iterator))
-        for _ in range(30):            # ~tens of ms of queued work, like a train step
-            busy = torch.tanh(busy @ busy * 1e-4)
+    with step_stream("high_priority", torch.device("cuda")):
+        for _ in range(5):
+            gpu_batches.append(next(iterator))
+            for _ in range(30):            # ~tens of ms of queued work, like a train step
+                busy = torch.tanh(busy @ busy * 1e-4)
     cpu_iterator = iter(loaders["cpu"])
     cpu_batches = [next(cpu_iterator) for _ in range(5)]
     for loader in loaders.values():

@@ -27,6 +27,7 @@ from tcore.bench.model import (BENCH_ITERATION, TRAIN_OPTION_KEYS, arch_names, a
                                profile_steps, refuse_option_keys, resolved_attention)
 from tcore.bench.report import environment, resolve_device
 from tcore.bench.stats import summarize
+from tcore.step_stream import step_stream
 
 
 @dataclass(frozen=True)
@@ -124,28 +125,32 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
     config = pipeline_config(cfg)
     loader = build_named_loader(settings.loader, settings.data, device, settings.threads,
                                 settings.batch, settings.seed, config=config)
-    try:
-        iterator = iter(loader)
-        # At least the batches queued before the first step (the loader's prefetch), or the
-        # first timed steps take them at no wait and understate the data wait.
-        warmup = max(settings.warmup, batches_queued(loader) + 1)
-        timed_windows(iterator, trainer, warmup, 1, device)
-        clock_before = loader_clock(loader)
-        waits, sizes, window_times, window_steps, host_times = timed_windows(
-            iterator, trainer, settings.steps, settings.repeats, device)
-        clock_after = loader_clock(loader)
-        profile = None
-        if profile_dir:
-            # After the timed steps, so the profiler's overhead touches no figure.
-            profile = profile_steps(lambda: trainer.step(BENCH_ITERATION, next(iterator)),
-                                    device, Path(profile_dir))
-        held = next(iterator)
-    finally:
-        close_loader(loader)
-    # Model only, nothing beside the step: one untimed step to settle, then the same windows.
-    timed_windows(itertools.repeat(held), trainer, 1, 1, device)
-    _, held_sizes, held_times, _, held_host_times = timed_windows(
-        itertools.repeat(held), trainer, settings.steps, settings.repeats, device)
+    # Both phases on the stream training would run on (train.step_stream), the loader's
+    # next() too, as `tcore train` runs them.
+    with step_stream(cfg.train.step_stream, device):
+        try:
+            iterator = iter(loader)
+            # At least the batches queued before the first step (the loader's prefetch), or
+            # the first timed steps take them at no wait and understate the data wait.
+            warmup = max(settings.warmup, batches_queued(loader) + 1)
+            timed_windows(iterator, trainer, warmup, 1, device)
+            clock_before = loader_clock(loader)
+            waits, sizes, window_times, window_steps, host_times = timed_windows(
+                iterator, trainer, settings.steps, settings.repeats, device)
+            clock_after = loader_clock(loader)
+            profile = None
+            if profile_dir:
+                # After the timed steps, so the profiler's overhead touches no figure.
+                profile = profile_steps(lambda: trainer.step(BENCH_ITERATION, next(iterator)),
+                                        device, Path(profile_dir))
+            held = next(iterator)
+        finally:
+            close_loader(loader)
+        # Model only, nothing beside the step: one untimed step to settle, then the same
+        # windows.
+        timed_windows(itertools.repeat(held), trainer, 1, 1, device)
+        _, held_sizes, held_times, _, held_host_times = timed_windows(
+            itertools.repeat(held), trainer, settings.steps, settings.repeats, device)
 
     parts = windows(waits, settings.repeats)     # the same split timed_windows made
     window_rates = [sum(sizes[w]) / t for w, t in zip(parts, window_times)]
@@ -178,6 +183,7 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
                                         "model_only": [round(r, 1) for r in held_rates]},
                "attention_resolved": resolved_attention(settings.attention, device),
                "precision_resolved": trainer.precision, "views": views_of(config),
+               "step_stream": cfg.train.step_stream,
                **dali_loader_details(loader, clock_before, clock_after)}
     if profile:
         details["profile"] = profile
