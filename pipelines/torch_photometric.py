@@ -25,6 +25,7 @@ one level at a rounding edge (the flip comes before the blur here, after it in t
 from __future__ import annotations
 
 import functools
+import typing
 import warnings
 
 import numpy as np
@@ -215,14 +216,19 @@ def gaussian_kernels(sigmas: torch.Tensor, windows: torch.Tensor, size: int) -> 
 
 
 def gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor, windows: torch.Tensor,
-                  size: int) -> torch.Tensor:
+                  size: int, switched_on: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
     """Separable blur per crop (rows, then columns, float32 between), reflect-101 borders:
     on CUDA two Triton kernels (`triton_blur`: there the convolutions and their padded copies
-    cost 3.15 ms of device time a batch on an H200), elsewhere two depthwise convolutions."""
+    cost 3.15 ms of device time a batch on an H200), elsewhere two depthwise convolutions.
+    `switched_on` (bool [N], None: all): the crops to blur, the others returned unchanged
+    (the Triton kernels do not blur them at all)."""
     taps = gaussian_kernels(sigmas, windows, size)
     if x.device.type == "cuda" and triton_blur.fits(x, size) and triton_blur.available():
-        return triton_blur.separable_blur(x, taps)
-    return _blur_by_convolution(x, taps)
+        return triton_blur.separable_blur(x, taps, switched_on)
+    blurred = _blur_by_convolution(x, taps)
+    if switched_on is None:
+        return blurred
+    return torch.where(switched_on.view(-1, 1, 1, 1), blurred, x)
 
 
 def _blur_by_convolution(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
@@ -247,8 +253,8 @@ _opaque_gaussian_blur = torch.library.custom_op("tcore::gaussian_blur", gaussian
 
 
 @_opaque_gaussian_blur.register_fake
-def _blurred_shape(x: torch.Tensor, sigmas: torch.Tensor, windows: torch.Tensor, size: int
-                   ) -> torch.Tensor:
+def _blurred_shape(x: torch.Tensor, sigmas: torch.Tensor, windows: torch.Tensor, size: int,
+                   switched_on: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
     return x.new_empty(x.shape)       # contiguous, as gaussian_blur's output is
 
 
@@ -294,9 +300,10 @@ def colour_stage(x: torch.Tensor, params: torch.Tensor, switches: torch.Tensor,
     for k in range(3, 6):
         x = _enhance_slot(x, params, k)
     x = _switched(switches, "gray", _gray_rgb(pil_luma(x)), x)
-    # Crops without blur get sigma 1 for the discarded blurred copy (0 would give NaN taps).
+    # Crops without blur get sigma 1 for taps that go unused (0 would give NaN taps); the
+    # blur passes them through unchanged (on CUDA without blurring them at all).
     sigmas = torch.where(switches[:, SW["blur"]], params[:, _BLUR_SIGMA], 1.0)
-    x = _switched(switches, "blur", _opaque_gaussian_blur(x, sigmas, windows, blur_size), x)
+    x = _opaque_gaussian_blur(x, sigmas, windows, blur_size, switches[:, SW["blur"]])
     return _switched(switches, "solarize", _solarized(x, solarize_threshold), x)
 
 

@@ -368,7 +368,8 @@ def _compare_gpu_with_cpu(shards: str, jitter: str, decoder: str) -> None:
 def test_colour_stage_blur_on_cuda_runs_triton_kernels_with_the_cpus_pixels():
     """`gaussian_blur` on CUDA is `triton_blur`'s two kernels (no convolution or padding
     kernel runs), and its pixels are the CPU convolution's within a level at a rounding edge,
-    rarely: a batch's crops at 224 and at 96, per-crop sigmas and narrowed windows."""
+    rarely: a batch's crops at 224 and at 96, per-crop sigmas and narrowed windows, about half
+    of them switched off (those come out unchanged)."""
     import numpy as np
     from torch.profiler import ProfilerActivity, profile
 
@@ -379,10 +380,13 @@ def test_colour_stage_blur_on_cuda_runs_triton_kernels_with_the_cpus_pixels():
         crops = torch.from_numpy(rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8))
         sigmas = torch.from_numpy(rng.uniform(0.1, 2.0, n).astype(np.float32))
         windows = torch.from_numpy(rng.choice([3, 5, 7, 9], n).astype(np.int64))
-        on_cpu = gaussian_blur(crops, sigmas, windows, 9)
-        gaussian_blur(crops.cuda(), sigmas.cuda(), windows.cuda(), 9)     # Triton compiles
+        switched_on = torch.from_numpy(rng.random(n) < 0.5)
+        switched_on[:2] = torch.tensor([True, False])
+        on_cpu = gaussian_blur(crops, sigmas, windows, 9, switched_on)
+        args = (crops.cuda(), sigmas.cuda(), windows.cuda(), 9, switched_on.cuda())
+        gaussian_blur(*args)                                                # Triton compiles
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            on_cuda = gaussian_blur(crops.cuda(), sigmas.cuda(), windows.cuda(), 9)
+            on_cuda = gaussian_blur(*args)
             torch.cuda.synchronize()
         kernels = [event.key for event in prof.key_averages()]
         assert any("blur_pass" in name for name in kernels), kernels
@@ -390,7 +394,8 @@ def test_colour_stage_blur_on_cuda_runs_triton_kernels_with_the_cpus_pixels():
                        for name in kernels), kernels
         diff = (on_cuda.cpu().int() - on_cpu.int()).abs()
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-4, size
-        assert float((on_cpu != crops).float().mean()) > 0.5       # it did blur
+        assert torch.equal(on_cuda.cpu()[~switched_on], crops[~switched_on])
+        assert float((on_cpu != crops)[switched_on].float().mean()) > 0.5   # it did blur
 
 
 @pytest.mark.skipif(not _has_dali_cuda(), reason="tcore.pipelines imports DALI")

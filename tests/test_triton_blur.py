@@ -40,6 +40,15 @@ want = _blur_by_convolution(x, taps)
 exact = (x[:, :, :-2, :-2].float() + x[:, :, 2:, :-2] + x[:, :, :-2, 2:] + x[:, :, 2:, 2:]) / 4
 report["halves"] = {"equal": bool(torch.equal(got, want)),
                     "ties": float((exact.frac() == 0.5).float().mean())}
+# Crops switched off come out unchanged, the others blurred as when all are on.
+x = torch.from_numpy(rng.integers(0, 256, (2, 1, 12, 20), dtype=np.uint8))
+taps = gaussian_kernels(torch.full((2,), 1.5), torch.full((2,), 9, dtype=torch.int64), 9)
+switched_on = torch.tensor([False, True])
+got = triton_blur.separable_blur(x, taps, switched_on)
+every = triton_blur.separable_blur(x, taps)
+report["switched"] = {"off_unchanged": bool(torch.equal(got[~switched_on], x[~switched_on])),
+                      "on_blurred": bool(torch.equal(got[switched_on], every[switched_on])),
+                      "blur_changes": bool(not torch.equal(every[~switched_on], x[~switched_on]))}
 print(json.dumps(report))
 """
 
@@ -57,3 +66,5 @@ def test_triton_blur_gives_the_convolutions_pixels_under_the_interpreter():
     assert max(case["changed"] for case in report["random"]) > 0.5    # the blur did blur
     assert report["halves"]["ties"] > 0.1, report["halves"]
     assert report["halves"]["equal"], report["halves"]
+    assert report["switched"] == {"off_unchanged": True, "on_blurred": True,
+                                  "blur_changes": True}, report["switched"]
