@@ -435,8 +435,10 @@ def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
     # The model-only steps ran (loader closed) and give the run's own end-to-end fraction.
     assert run["details"]["model_only_steps"] == 2
     assert figures["model_only_samples_per_s"]["median"] > 0
+    assert figures["model_only_before_samples_per_s"]["n"] == 1   # the --repeats 1 window
     assert figures["end_to_end_fraction"] == pytest.approx(
-        figures["samples_per_s"]["median"] / figures["model_only_samples_per_s"]["median"])
+        figures["samples_per_s"]["median"] / max(figures["model_only_samples_per_s"]["median"],
+                                                 figures["model_only_before_samples_per_s"]["median"]))
     assert "model_only_samples_per_s" in output and "end_to_end_fraction" in output
     # One window of 2 steps of 2 samples: samples/s is 2 over the mean step time.
     assert figures["samples_per_s"]["median"] == pytest.approx(2 / figures["step_time"]["median"])
@@ -930,12 +932,16 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
     def counted_loader(*args, **kwargs):
         # Warm-up: --warmup 1 is raised to the loader's prefetch + 1 steps (the batches
         # queued before the first step), each costing 50 s in next() and 100 s in the step.
-        # After the two timed steps, one more batch is held for the model-only steps: one
+        # Then a batch (9 s) held for the model-only steps before: as many untimed steps as
+        # the warm-up (100 s each) and one per window (0.4 s each); the warm-up again; the
+        # two timed steps; one more batch (7 s) held for the model-only steps after: one
         # untimed (100 s) and one per window (0.5 s each).
         loader = build(*args, **kwargs)
         warm = loader.prefetch + 1
-        costs.extend([100.0] * warm + [1.0, 2.0] + [100.0, 0.5, 0.5])
-        built.append(CountingLoader(loader, clock, [50.0] * warm + [0.5, 1.5] + [7.0]))
+        costs.extend([100.0] * warm + [100.0] * warm + [0.4, 0.4] + [100.0] * warm
+                     + [1.0, 2.0] + [100.0, 0.5, 0.5])
+        built.append(CountingLoader(loader, clock, [50.0] * warm + [9.0] + [50.0] * warm
+                                    + [0.5, 1.5] + [7.0]))
         return built[-1]
 
     monkeypatch.setattr(Trainer, "step", step)
@@ -945,7 +951,7 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
         threads=1, warmup=1, steps=2, repeats=2, overrides=TINY_VIEWS)
     run = run_bench("train", settings)["runs"][0]
     warm = run["details"]["warmup_steps"]
-    assert warm == built[0].prefetch + 1 > 1 and built[0].drawn == warm + 3
+    assert warm == built[0].prefetch + 1 > 1 and built[0].drawn == 2 * warm + 4
     assert costs == []
     figures = run["figures"]
 
@@ -953,28 +959,35 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
         return [figures[name]["min"], figures[name]["max"]]
 
     # Window 1: wait 0.5 + step 1 + sync 0.25; window 2: 1.5 + 2 + 0.25 (one step each).
-    assert extremes("step_time") == pytest.approx([1.75, 3.75], abs=1e-4)
-    assert extremes("data_wait") == pytest.approx([0.5, 1.5], abs=1e-4)
-    assert extremes("samples_per_s") == pytest.approx([2 / 3.75, 2 / 1.75], rel=1e-4)
-    assert extremes("data_wait_fraction") == pytest.approx([0.5 / 1.75, 1.5 / 3.75], rel=1e-4)
+    # (1e-3: each clock read moves the fake clock by a growing tick)
+    assert extremes("step_time") == pytest.approx([1.75, 3.75], abs=1e-3)
+    assert extremes("data_wait") == pytest.approx([0.5, 1.5], abs=1e-3)
+    assert extremes("samples_per_s") == pytest.approx([2 / 3.75, 2 / 1.75], rel=1e-3)
+    assert extremes("data_wait_fraction") == pytest.approx([0.5 / 1.75, 1.5 / 3.75], rel=1e-3)
     assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
     # Each step's host time, next() and step together (the window's sync not in it).
-    assert run["details"]["step_host_ms"] == pytest.approx([1500, 3500], abs=0.1)
+    assert run["details"]["step_host_ms"] == pytest.approx([1500, 3500], abs=1)
     # The wait left out of each window: step 1 + sync 0.25, step 2 + sync 0.25.
-    assert extremes("step_time_without_wait") == pytest.approx([1.25, 2.25], abs=1e-4)
-    # Model only: the held batch's fetch (7 s) and its untimed step are outside every window;
-    # each window is step 0.5 + sync 0.25.
+    assert extremes("step_time_without_wait") == pytest.approx([1.25, 2.25], abs=1e-3)
+    # Model only: the held batches' fetches (9 s, 7 s) and their untimed steps are outside
+    # every window; each window is step 0.4 (before) or 0.5 (after) + sync 0.25.
     assert run["details"]["model_only_steps"] == 2
     # (rel 1e-3: each clock read moves the fake clock by a growing tick)
     assert extremes("model_only_samples_per_s") == pytest.approx([2 / 0.75, 2 / 0.75], rel=1e-3)
+    assert extremes("model_only_before_samples_per_s") == pytest.approx([2 / 0.65, 2 / 0.65],
+                                                                        rel=1e-3)
+    # Against the faster of the two model-only phases, here the one before.
     assert figures["end_to_end_fraction"] == pytest.approx(
-        figures["samples_per_s"]["median"] / (2 / 0.75), rel=1e-3)
+        figures["samples_per_s"]["median"] / (2 / 0.65), rel=1e-3)
     # Each window's rate in the order run (the slow second window second), and each
     # model-only step's host time.
     assert run["details"]["window_samples_per_s"] == {
         "end_to_end": [pytest.approx(2 / 1.75, abs=0.05), pytest.approx(2 / 3.75, abs=0.05)],
-        "model_only": [pytest.approx(2 / 0.75, abs=0.05)] * 2}
-    assert run["details"]["model_only_step_host_ms"] == pytest.approx([500, 500], abs=0.1)
+        "model_only": [pytest.approx(2 / 0.75, abs=0.05)] * 2,
+        "model_only_before": [pytest.approx(2 / 0.65, abs=0.05)] * 2}
+    assert run["details"]["model_only_step_host_ms"] == pytest.approx([500, 500], abs=1)
+    assert run["details"]["model_only_before_step_host_ms"] == pytest.approx([400, 400],
+                                                                             abs=1)
 
 
 def test_an_mfu_above_one_is_flagged_not_reported_silently(monkeypatch):

@@ -317,7 +317,8 @@ TABLE_FIGURES = {
     "data": ("samples_per_s", "batch_latency_p50", "batch_latency_p90", "batch_latency_p99",
              "cpu_seconds_per_sample"),
     "train": ("samples_per_s", "step_time", "data_wait_fraction", "step_time_without_wait",
-              "model_only_samples_per_s", "end_to_end_fraction"),
+              "model_only_samples_per_s", "model_only_before_samples_per_s",
+              "end_to_end_fraction"),
 }
 
 
