@@ -383,14 +383,16 @@ def format_report(report: dict) -> str:
         label = settings_label(result["settings"], LABEL_KEYS[kind], result.get("details"))
         lines.append(f"[bench {kind}] {label}"
                      f"  on {result['environment']['device_name']}")
-        for name, text in result_rows(result):
-            lines.append(f"  {name:<24} {text}")
+        rows = result_rows(result)
+        width = max([24] + [len(name) for name, _ in rows])   # the names in one column
+        for name, text in rows:
+            lines.append(f"  {name:<{width}} {text}")
         loader_line = loader_time_line(result.get("details", {}))
         if loader_line:
-            lines.append(f"  {'loader ms / batch':<24} {loader_line}")
+            lines.append(f"  {'loader ms / batch':<{width}} {loader_line}")
         host_line = step_host_line(result.get("details", {}))
         if host_line:
-            lines.append(f"  {'step host ms':<24} {host_line}")
+            lines.append(f"  {'step host ms':<{width}} {host_line}")
         for warning in result.get("warnings", []):
             lines.append(f"  warning: {warning}")
     if "compare" in report:
