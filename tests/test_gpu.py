@@ -127,9 +127,11 @@ def test_train_steps_on_a_high_priority_stream_give_the_default_streams_losses()
         else:
             assert stream is None and priority == 0
         losses[kind] = [{name: got[name].item() for name in LOSS_TERMS} for got in steps]
+    # Not bit for bit: attention's backward may sum with atomics in any order. A batch read
+    # before it was made would be off by far more.
     for want, got in zip(losses["default"], losses["high_priority"]):
         for name in LOSS_TERMS:
-            assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), name
+            assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-5), name
 
 
 def test_profile_timeline_sees_each_streams_work_on_cuda(tmp_path):
