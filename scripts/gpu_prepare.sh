@@ -31,7 +31,7 @@ PYVER=${GPU_PREPARE_PYVER:-3.12}
 # samples/s in that lease: train_compiled, with profile timelines to read the colour stage's
 # device time), and whether the step on a high-priority CUDA stream gets closer
 # (train_priority, right after it: a pair; a 10th call `GPU_CHECK_ONLY="install
-# train_priority train_compiled"` repeats the pair the other way round); the colour-stage GPU
+# train_compiled train_priority"` repeats the pair); the colour-stage GPU
 # tests with the Triton blur in the whole stage (gputests_dali: the whole-stage
 # CUDA-against-CPU test did not get to run; the high-priority stream's tests are there too);
 # the eager step with graphs against launched (train). In the background the compiled step
