@@ -370,32 +370,28 @@ if has_module nvidia.dali; then
                 --json "$WORK/reports/data_producer.json"
         fi
     fi
-    # End to end, the step compiled (against its own model-only phase): the end-to-end target
-    # at the step's best, before the eager comparison below, which has a figure already.
-    # From the JPEG frames when they are there (the faster decode), else clips.
-    # Profiled: its timeline says whether the step beside the loader waits for the host or
+    # `bench train` of the compiled step, profiled, with KEY=VALUE added to TRAIN_SET. From
+    # the JPEG frames when they are there (the faster decode), else clips.
+    compiled_train() {  # compiled_train NAME [KEY=VALUE]
+        local name=$1 settings=${TRAIN_SET:-}
+        [[ -n ${2:-} ]] && settings=${settings:+$settings,}$2
+        run_step "$name" 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
+            --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
+            "${TRAIN_ARGS[@]}" ${settings:+--set "$settings"} "${COMPILE_FLAG[@]}" \
+            --json "$WORK/reports/$name.json" --profile "$WORK/profile/$name"
+    }
+    # End to end, the step compiled (against its own model-only phases): the end-to-end
+    # target at the step's best, before the eager comparison below, which has a figure
+    # already. Its timeline says whether the step beside the loader waits for the host or
     # shares the device with the loader's streams (on the H200 it ran 86 ms, alone 66 ms).
-    run_step train_compiled 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
-        --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
-        "${TRAIN_ARGS[@]}" ${TRAIN_SET:+--set "$TRAIN_SET"} "${COMPILE_FLAG[@]}" \
-        --json "$WORK/reports/train_compiled.json" --profile "$WORK/profile/train_compiled"
-    # The same with the step on a CUDA stream above the loader's (train.step_stream=
-    # high_priority): whether the colour stage's kernels then fill the step's gaps instead of
-    # delaying its kernels; profiled, its timeline beside train_compiled's. Inductor's cache
-    # is warm from train_compiled.
-    run_step train_priority 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
-        --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
-        "${TRAIN_ARGS[@]}" --set "${TRAIN_SET:+$TRAIN_SET,}train.step_stream=high_priority" \
-        "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_priority.json" \
-        --profile "$WORK/profile/train_priority"
-    # The same with each batch made ahead in a thread of the loader (assemble_ahead=1), so
-    # next()'s host work (22 ms a step on the H200) runs beside the step's launches; profiled,
-    # its timeline beside train_compiled's. Inductor's cache is warm from train_compiled.
-    run_step train_ahead 200 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" \
-        --arch "$ARCH_S" --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" \
-        "${TRAIN_ARGS[@]}" --set "${TRAIN_SET:+$TRAIN_SET,}data.pipeline.assemble_ahead=1" \
-        "${COMPILE_FLAG[@]}" --json "$WORK/reports/train_ahead.json" \
-        --profile "$WORK/profile/train_ahead"
+    compiled_train train_compiled
+    # The same with the step on a CUDA stream above the loader's: whether the colour stage's
+    # kernels then fill the step's gaps instead of delaying its kernels. Inductor's cache is
+    # warm from train_compiled.
+    compiled_train train_priority train.step_stream=high_priority
+    # The same with each batch made ahead in a thread of the loader, so next()'s host work
+    # (22 ms a step on the H200) runs beside the step's launches.
+    compiled_train train_ahead data.pipeline.assemble_ahead=1
     # Eager, the colour stage as CUDA graphs against launched (TRAIN_COMPARE).
     run_step train 150 "${TCORE[@]}" bench train --data "${FRAMES:-$SHARDS}" --arch "$ARCH_S" \
         --attention "$FAST" --precision "$PRECISION" --device "$DEVICE" "${TRAIN_ARGS[@]}" \
