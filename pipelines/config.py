@@ -206,6 +206,15 @@ class PipelineConfig:
     # 1.29x as fast with it (3,358 against 2,612 samples/s, JPEG frames, batch 64) and a GPU
     # test found the same batches as launched; no effect on the CPU.
     photometric_graphs: bool = True
+    # With photometric = torch on a GPU: compile the colour stage (and the normalisation) for
+    # each crop shape it meets, two or three a run, with the sizes as constants in its
+    # kernels, instead of once for any shape: the kernels of a graph for any shape divide
+    # each pixel's index by sizes known only at run time (64-bit integer divisions) and
+    # cannot be tiled for the crop size. Each shape then compiles at its first batch, and
+    # more than 8 shapes in a process (torch.compile's limit) would run the stage eagerly,
+    # with a warning. Not yet measured on a GPU: off until a lease has. No effect on the
+    # CPU, whose colour stage works on subsets of varying size.
+    photometric_static_shapes: bool = False
     # Where stage A (the shard reader and the host's draws, pipelines/stage_a.py) runs:
     # "thread" (in the training process), "process" (a process of its own, so its Python does
     # not hold the GIL the training loop needs to launch kernels) or "auto": a process when

@@ -97,7 +97,8 @@ class DaliLoader:
         if on_gpu and self.torch_photometric and config.photometric_graphs:
             self.colour_graphs = ColourStageGraphs(functools.partial(
                 _colour_stage_normalised, views=config.views, dtype=dtype,
-                compile_=config.photometric_compile))
+                compile_=config.photometric_compile,
+                static_shapes=config.photometric_static_shapes))
         self._buffers = HostBufferPool()
         self.producer_kind = config.resolved_producer(on_gpu)
         # Batches made ahead of next() by a thread of the loader (ahead.py); 0: by next().
@@ -105,7 +106,8 @@ class DaliLoader:
         _logger.info("loader on %s: stage A in a %s, colour stage in %s, %d batches in flight%s",
                      self.device, self.producer_kind,
                      _colour_stage_words(self.torch_photometric, config.photometric_compile,
-                                         self.colour_graphs is not None),
+                                         self.colour_graphs is not None,
+                                         on_gpu and config.photometric_static_shapes),
                      self.prefetch,
                      f", {self.ahead} made ahead in a thread" if self.ahead else "")
         self.samples_per_epoch = shard_set.samples_in_shard(shard_id, num_shards)
@@ -552,6 +554,7 @@ class DaliLoader:
                            np.stack([p.jitter_order for p in host.params]), views.blur_kernel)
         on_gpu = self.device.type == "cuda"
         compile_ = self.config.photometric_compile
+        static_shapes = on_gpu and self.config.photometric_static_shapes
         # On the CPU only the cores stage B's threads leave free (`colour_stage_threads`).
         with contextlib.nullcontext() if on_gpu else torch_threads(self.colour_threads):
             for name, where in view_slices(views.n_local).items():
@@ -568,8 +571,8 @@ class DaliLoader:
                 # launches are the cost there, not arithmetic; on the CPU each step on its
                 # crops only.
                 crops = apply_photometric(batch[name], rows, switches, windows, views,
-                                          compile_, dense=on_gpu)
-                batch[name] = normalize(crops, views, self.dtype, compile_)
+                                          compile_, dense=on_gpu, static_shapes=static_shapes)
+                batch[name] = normalize(crops, views, self.dtype, compile_, static_shapes)
 
     # -- batch dict
     @contextlib.contextmanager
@@ -692,18 +695,23 @@ def _with_index(device: torch.device) -> torch.device:
 
 def _colour_stage_normalised(crops: torch.Tensor, rows: torch.Tensor, switches: torch.Tensor,
                              windows: torch.Tensor, *, views, dtype: torch.dtype,
-                             compile_: bool) -> torch.Tensor:
+                             compile_: bool, static_shapes: bool) -> torch.Tensor:
     """The GPU colour stage of one view group from device tensors: what a graph captures."""
-    finished = dense_colour_stage(crops, rows, switches, windows, views, compile_)
-    return normalize(finished, views, dtype, compile_)
+    finished = dense_colour_stage(crops, rows, switches, windows, views, compile_,
+                                  static_shapes)
+    return normalize(finished, views, dtype, compile_, static_shapes)
 
 
-def _colour_stage_words(in_torch: bool, compiled: bool, graphed: bool) -> str:
+def _colour_stage_words(in_torch: bool, compiled: bool, graphed: bool,
+                        static_shapes: bool = False) -> str:
     if not in_torch:
         return "the DALI graph"
     # Said up front: the first batch then waits for the compiler (26 s on 2 CPU cores with
     # an empty Inductor cache, 7.5 s from it; docs/PERFORMANCE.md, eighth session).
-    words = "torch (compiled at the first batch)" if compiled else "torch (eager)"
+    words = "torch (eager)"
+    if compiled:
+        words = ("torch (compiled at the first batch of each crop shape)" if static_shapes
+                 else "torch (compiled at the first batch)")
     return words + (", replayed as CUDA graphs" if graphed else "")
 
 

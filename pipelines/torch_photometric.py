@@ -307,23 +307,28 @@ def colour_stage(x: torch.Tensor, params: torch.Tensor, switches: torch.Tensor,
     return _switched(switches, "solarize", _solarized(x, solarize_threshold), x)
 
 
-_COMPILED: dict[tuple[str, str], object] = {}
+_COMPILED: dict[tuple[str, str, bool], object] = {}
 # Per device type, why compiling failed there (that device's steps then run eagerly).
 _COMPILE_FAILED: dict[str, str] = {}
 
 
-def _kernel(name: str, compile_: bool, device: torch.device):
+def _kernel(name: str, compile_: bool, device: torch.device, static_shapes: bool = False):
     """`name`'s function, compiled into fused kernels when asked (Triton on CUDA, C++ on the
     CPU; once per device type, at the first batch): eager, the hue shift alone is ~60
     full-size float64 passes over the batch's crops; fused it is one. On CUDA without
     multiply-add fusion (`emulate_precision_casts`): PIL rounds a product before adding it,
-    and an FMA would not (one level off for some blend factors). If compiling fails on a
-    device (no C++ compiler, say, or too many recompilations) the eager functions serve there
+    and an FMA would not (one level off for some blend factors). `static_shapes`: a graph
+    for each input shape met, with the sizes as constants in its kernels (index arithmetic
+    by constants, sizes the compiler can tile for), rather than one graph for any shape,
+    whose kernels divide by sizes passed at run time; for callers whose shapes repeat (the
+    dense GPU stage: a few crop shapes a run), not the subset path, whose crop counts vary
+    from batch to batch. If compiling fails on a device (no C++ compiler, say, or more
+    recompilations than torch.compile's limit, 8 shapes) the eager functions serve there
     instead, with a warning."""
     function = globals()[name]
     if not compile_ or device.type in _COMPILE_FAILED:
         return function
-    key = (name, device.type)
+    key = (name, device.type, static_shapes)
     if key not in _COMPILED:
         options = None
         if device.type == "cuda":
@@ -331,7 +336,8 @@ def _kernel(name: str, compile_: bool, device: torch.device):
             if not hasattr(inductor_config, "emulate_precision_casts"):
                 return function      # an older torch: exact pixels first
             options = {"emulate_precision_casts": True}
-        compiled = torch.compile(function, dynamic=True, fullgraph=True, options=options)
+        compiled = torch.compile(function, dynamic=not static_shapes, fullgraph=True,
+                                 options=options)
         _COMPILED[key] = _with_eager_fallback(compiled, function, device.type)
     return _COMPILED[key]
 
@@ -400,14 +406,16 @@ def _to_device(array: np.ndarray, dtype, device: torch.device) -> torch.Tensor:
 
 def apply_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndarray,
                       windows: np.ndarray, views: ViewConfig, compile_: bool = False,
-                      dense: bool = False) -> torch.Tensor:
+                      dense: bool = False, static_shapes: bool = False) -> torch.Tensor:
     """The torchvision jitter in each crop's drawn order, grayscale, blur and solarize on
     uint8 [N, 3, S, S], from the crops' `view_rows` outputs (rows [N, ROW_WIDTH], switches
     [N, len(SWITCHES)], blur windows [N]); uint8 out. `compile_`: fuse (`_kernel`). `dense`:
     every step on every crop, one call (`colour_stage`; for CUDA), rather than each step on
-    the crops that drew it (less compute: for the CPU); the same pixels."""
+    the crops that drew it (less compute: for the CPU); the same pixels. `static_shapes`
+    (with `dense`): compiled for each crop shape rather than for any (`_kernel`)."""
     if dense:
-        return _dense_photometric(images, rows, switches, windows, views, compile_)
+        return _dense_photometric(images, rows, switches, windows, views, compile_,
+                                  static_shapes)
     device = images.device
     enhance = _kernel("pil_enhance", compile_, device)
     if device.type == "cpu":
@@ -453,30 +461,34 @@ def apply_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndarr
 
 
 def _dense_photometric(images: torch.Tensor, rows: np.ndarray, switches: np.ndarray,
-                       windows: np.ndarray, views: ViewConfig, compile_: bool) -> torch.Tensor:
+                       windows: np.ndarray, views: ViewConfig, compile_: bool,
+                       static_shapes: bool) -> torch.Tensor:
     """`colour_stage` on all crops: three uploads and one (compiled) call per view group."""
     if len(images) == 0:
         return images          # nothing to do (and a convolution of zero groups fails)
     device = images.device
     return dense_colour_stage(images, _to_device(rows, np.float32, device),
                               _to_device(switches, np.bool_, device),
-                              _to_device(windows, np.int64, device), views, compile_)
+                              _to_device(windows, np.int64, device), views, compile_,
+                              static_shapes)
 
 
 def dense_colour_stage(images: torch.Tensor, rows: torch.Tensor, switches: torch.Tensor,
-                       windows: torch.Tensor, views: ViewConfig, compile_: bool) -> torch.Tensor:
+                       windows: torch.Tensor, views: ViewConfig, compile_: bool,
+                       static_shapes: bool = False) -> torch.Tensor:
     """`colour_stage` on all crops from parameters already on the crops' device (for a
     CUDA graph, `pipelines/colour_graphs.py`, which must not upload inside its capture)."""
-    stage = _kernel("colour_stage", compile_, images.device)
+    stage = _kernel("colour_stage", compile_, images.device, static_shapes)
     return stage(images, rows, switches, windows, views.blur_kernel, views.solarize_threshold)
 
 
 def normalize(images: torch.Tensor, views: ViewConfig, dtype: torch.dtype,
-              compile_: bool = False) -> torch.Tensor:
+              compile_: bool = False, static_shapes: bool = False) -> torch.Tensor:
     """uint8 [N, 3, S, S] -> (x - 255 mean) / (255 std) in `dtype` (ImageNet normalisation;
     crop_mirror_normalize multiplies by 1 / std instead: the same up to an ulp)."""
     mean, std = _normalisation_constants(images.device, tuple(views.mean), tuple(views.std))
-    return _kernel("_normalized", compile_, images.device)(images, mean, std, dtype)
+    return _kernel("_normalized", compile_, images.device, static_shapes)(images, mean, std,
+                                                                           dtype)
 
 
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -29,7 +29,8 @@
 # scripts/jpeg_decode_probe.py; then `stage_a`, the loader's stage A alone on the host
 # cores), `tcore bench train` from the JPEG frames when they are there, else the clips
 # (`train_compiled`: the step compiled; `train_priority`: the same on a high-priority CUDA
-# stream; `train`: eager, the colour stage as CUDA graphs against launched), then
+# stream; `train_static`: the same with the colour stage compiled for each crop shape;
+# `train`: eager, the colour stage as CUDA graphs against launched), then
 # `gputests_dali` (tests/test_gpu.py's loader and colour-stage tests on $SHARDS and $FRAMES)
 # -> one short table. A failing step is logged and the script goes on.
 #
@@ -41,8 +42,8 @@
 # Settings (environment): OUT, PYTHON (default python3; .venv/bin/python in CPU mode),
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled
-# shards data decode_frames data_frames stage_a train_compiled train_priority train_ahead train
-# gputests_dali; model_s_autotune, data_prefetch and data_producer run only when named here),
+# shards data decode_frames data_frames stage_a train_compiled train_priority train_static
+# train_ahead train gputests_dali; model_s_autotune, data_prefetch and data_producer run only when named here),
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
 # GPU_CHECK_TESTS (a pytest -k expression: which GPU tests run; all when unset),
@@ -389,6 +390,9 @@ if has_module nvidia.dali; then
     # kernels then fill the step's gaps instead of delaying its kernels. Inductor's cache is
     # warm from train_compiled.
     compiled_train train_priority train.step_stream=high_priority
+    # The same with the colour stage compiled for each crop shape (sizes as constants in its
+    # kernels): its device time a batch is the profile's `tcore.loader.torch_photometric`.
+    compiled_train train_static data.pipeline.photometric_static_shapes=true
     # The same with each batch made ahead in a thread of the loader, so next()'s host work
     # (22 ms a step on the H200) runs beside the step's launches.
     compiled_train train_ahead data.pipeline.assemble_ahead=1
@@ -403,7 +407,7 @@ if has_module nvidia.dali; then
     GPU_TESTS_GROUP=dali
     run_step gputests_dali 300 gpu_tests
 else
-    for name in shards gputests_dali data decode_frames data_frames stage_a data_prefetch data_producer train_compiled train_priority train_ahead train; do
+    for name in shards gputests_dali data decode_frames data_frames stage_a data_prefetch data_producer train_compiled train_priority train_static train_ahead train; do
         wanted "$name" && { ORDER+=("$name"); STATUS[$name]="skipped (no DALI)"; log "$name: skipped, DALI not installed"; }
     done
 fi

@@ -29,22 +29,23 @@ PYVER=${GPU_PREPARE_PYVER:-3.12}
 # telling first: whether the compiled step end to end is >= 95% of model-only with the blur
 # as Triton kernels (one run gave 95.1%, but this bench's model-only rate ranged 862-1,197
 # samples/s in that lease: train_compiled, with profile timelines to read the colour stage's
-# device time), and whether the step on a high-priority CUDA stream gets closer
-# (train_priority, right after it: a pair; a 10th call `GPU_CHECK_ONLY="install
-# train_compiled train_priority"` repeats the pair); the colour-stage GPU
-# tests with the Triton blur in the whole stage (gputests_dali: the whole-stage
-# CUDA-against-CPU test did not get to run; the high-priority stream's tests are there too);
-# the eager step with graphs against launched (train). In the background the compiled step
+# device time); whether the step on a high-priority CUDA stream gets closer (train_priority,
+# right after it); whether the colour stage compiled for each crop shape takes less device
+# time a batch (train_static, third; built 2026-11-29, never run). A 10th call
+# `GPU_CHECK_ONLY="install train_compiled train_priority train_static"` repeats the three.
+# Then the colour-stage GPU tests with the Triton blur in the whole stage (gputests_dali:
+# the whole-stage CUDA-against-CPU test, now also compiled per shape, did not get to run;
+# the high-priority stream's tests are there too). In the background the compiled step
 # alone, profiled (model_s_compiled, 95 s on the third lease): it also fills Inductor's
 # cache, without which train_compiled took 145 s instead of ~50.
-# train_ahead is left out: measured on the third lease, no gain beyond noise. Not in the
-# plan either: model_s_autotune, whose compile outlasted its 284 s, and gputests, which
-# passed with nothing of theirs changed since. What does not fit goes into a further call:
-# GPU_CHECK_ONLY="install <steps>" scripts/gpu_check.sh.
+# Left out: train_ahead (measured on the third lease, no gain beyond noise), train (eager,
+# graphs against launched: measured on the third lease, 1.05x), model_s_autotune (its
+# compile outlasted its 284 s) and gputests (passed, nothing of theirs changed since). What
+# does not fit goes into a further call: GPU_CHECK_ONLY="install <steps>" scripts/gpu_check.sh.
 # The whole of the first H200 plan used 668 s of the lease's 900; the second 788 s; the
 # third's 9 calls 510 s (a 10th call 115 s more).
 MODEL_STEPS=${GPU_SESSION_MODEL_STEPS:-env install model_s_compiled}
-DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install train_compiled train_priority gputests_dali train}
+DATA_STEPS=${GPU_SESSION_DATA_STEPS:-install train_compiled train_priority train_static gputests_dali}
 # The names travel at the versions .venv holds: the ones the tests ran with.
 SMALL_FIRST="omegaconf"
 SMALL_DATA="webdataset braceexpand astunparse gast libcst makefun optree nvtx"

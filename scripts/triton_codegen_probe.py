@@ -15,6 +15,15 @@ stopped it. `--batch loader` takes a batch from the DALI CPU loader (the trainin
 pipeline, `--data` shards), the way `tcore bench train` feeds the step; `--analysis`
 forces Inductor's coalesced-memory tiling analysis on or off.
 
+    python scripts/triton_codegen_probe.py --graph colour_stage [--crops 128] [--crop-px 224]
+        [--static]
+
+`--graph colour_stage` writes the loader's GPU colour stage (`torch_photometric.colour_stage`,
+the float32 divisions as on CUDA) for one view group instead, compiled for any shape or
+(`--static`) for this one, and lists what the graph launches: each Triton kernel (and how
+many of them split their index by sizes passed at run time) and each operator run outside
+them.
+
 It patches torch internals (checked with torch 2.11 and 2.14), so a newer torch may need it
 adapted; it is not part of the tests. Inductor's caches are off for the run, so each graph
 is generated anew.
@@ -80,6 +89,48 @@ def traced_symbolic_sizes(graph) -> dict[str, tuple]:
             and not all(isinstance(s, int) for s in node.meta["example_value"].shape)}
 
 
+def probe_colour_stage(crops: int, size: int, static: bool) -> None:
+    """Generate the colour stage's Triton code for one view group and list its launches."""
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.graph import GraphLowering
+    from tcore.pipelines import torch_photometric as tp
+    from tcore.pipelines.views import ROW_WIDTH, SWITCHES
+
+    tp._f32_divide = tp._float32_quotient        # the CUDA path's divisions
+    inductor_config.emulate_precision_casts = True
+    generate_triton_for_cpu([])
+    x = torch.randint(0, 256, (crops, 3, size, size), dtype=torch.uint8)
+    rows = torch.rand(crops, ROW_WIDTH)
+    switches = torch.ones(crops, len(SWITCHES), dtype=torch.bool)
+    windows = torch.full((crops,), 9, dtype=torch.int64)
+    stage = torch.compile(tp.colour_stage, dynamic=not static, fullgraph=True)
+    sources: list[str] = []
+    GraphLowering.save_output_code = sources.append     # what run_and_get_code hooks
+    try:
+        stage(x, rows, switches, windows, 9, 128)
+    except Exception:     # the first launch of a placeholder kernel ends the run
+        pass
+    if not sources:
+        raise SystemExit("no generated code captured (a torch without "
+                         "GraphLowering.save_output_code?)")
+    source = "\n".join(sources)
+    call = source[source.index("def call(self, args)"):]
+    kernels = re.findall(r"^\s*(triton_\w+)\.run\(", call, re.M)
+    outside = re.findall(r"torch\.ops\.([\w.]+)\(", call)
+    bodies = dict(re.findall(r"def (triton_\w+)\((.*?)\'\'\'", source, re.S))
+    by_runtime_sizes = [k for k in kernels
+                        if re.search(r"index (?://|%) ks\d", bodies.get(k, ""))]
+    print(f"colour_stage, {crops} crops of {size} px, compiled for "
+          f"{'this shape' if static else 'any shape'}:")
+    print(f"  {len(kernels)} Triton kernels, {len(by_runtime_sizes)} of them dividing the index "
+          f"by sizes given at run time")
+    for name in kernels:
+        print("   ", name[:110], "(run-time sizes)" if name in by_runtime_sizes else "")
+    print(f"  {len(outside)} operators outside them:", ", ".join(outside))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", choices=("synthetic", "loader"), default="synthetic")
@@ -87,7 +138,14 @@ def main() -> None:
     parser.add_argument("--arch", default="vit_small")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--analysis", choices=("default", "on", "off"), default="default")
+    parser.add_argument("--graph", choices=("train_step", "colour_stage"), default="train_step")
+    parser.add_argument("--crops", type=int, default=128)
+    parser.add_argument("--crop-px", type=int, default=224)
+    parser.add_argument("--static", action="store_true")
     args = parser.parse_args()
+    if args.graph == "colour_stage":
+        probe_colour_stage(args.crops, args.crop_px, args.static)
+        return
 
     from tcore.bench.model import bench_config, build_trainer
     # Compiled below, with a backend that records what dynamo traced before Inductor takes it.

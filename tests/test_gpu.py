@@ -448,7 +448,10 @@ def test_dense_colour_stage_compiled_on_cuda_equals_the_cpu_subset_path():
     both ways, and at two crop counts with the same graph: bit for bit against the subset
     path on CUDA; against the CPU's, bit for bit where no blur ran and within one level
     where it did (the blur is `triton_blur`'s kernels there, oneDNN's depthwise convolution
-    on the CPU: a sum a few ulp apart can round the other way)."""
+    on the CPU: a sum a few ulp apart can round the other way). The graph compiled for each
+    crop count (`static_shapes`) gives the same pixels."""
+    import itertools
+
     from colour_images import every_step_batch
 
     from tcore.pipelines import torch_photometric as tp
@@ -461,11 +464,13 @@ def test_dense_colour_stage_compiled_on_cuda_equals_the_cpu_subset_path():
     assert torch.equal(on_cuda[~blurred], on_cpu[~blurred])
     level_diff = (on_cuda[blurred].int() - on_cpu[blurred].int()).abs()
     assert int(level_diff.max()) <= 1 and float((level_diff > 0).float().mean()) < 1e-4
-    for count in (len(images), 9):
+    # compiled once for any number of crops, and (`photometric_static_shapes`) per number
+    for static_shapes, count in itertools.product((False, True), (len(images), 9)):
         got = tp.apply_photometric(images[:count].cuda(), full[:count], switches[:count],
-                                   windows[:count], ViewConfig(), compile_=True, dense=True)
+                                   windows[:count], ViewConfig(), compile_=True, dense=True,
+                                   static_shapes=static_shapes)
         assert not tp._COMPILE_FAILED
-        assert torch.equal(got.cpu(), on_cuda[:count]), count
+        assert torch.equal(got.cpu(), on_cuda[:count]), (static_shapes, count)
 
 
 def _davis_on(device: str, data, out) -> tuple[dict, "np.ndarray"]:

@@ -3,6 +3,7 @@ drawn indices, views and their contract, agreement with the torchvision baseline
 image shards, bad data, and the preview command."""
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -576,18 +577,23 @@ def _exact_jitter_batches(shards, colour_threads, count=2):
     return batches
 
 
-def test_colour_stage_graphs_are_a_gpu_setting(synth_shards):
-    """`photometric_graphs` (CUDA graphs of the GPU colour stage, on by default) leaves a CPU
-    loader's colour stage as it is: the same per-step path, no graphs."""
-    config = PipelineConfig()
-    assert config.photometric_graphs
+def test_colour_stage_graphs_and_static_shapes_are_gpu_settings(synth_shards, caplog):
+    """`photometric_graphs` (CUDA graphs of the GPU colour stage, on by default) and
+    `photometric_static_shapes` (compiled per crop shape, off by default) leave a CPU
+    loader's colour stage as it is: the same per-step path, no graphs, one compile for
+    every subset size (its log line says so)."""
+    config = PipelineConfig(photometric_static_shapes=True)
+    assert PipelineConfig().photometric_graphs and not PipelineConfig().photometric_static_shapes
     config.views.color_jitter = "torchvision"
+    caplog.set_level(logging.INFO, logger="tcore.pipelines.loader")
     loader = build_loader([synth_shards], batch_size=3, seed=5, config=config, num_threads=2)
     assert loader.torch_photometric and loader.colour_graphs is None
     loader.close()
-    with pytest.raises(PipelineConfigError, match="photometric_graphs = 'yes': must be true "
-                                                  "or false"):
-        PipelineConfig(photometric_graphs="yes").validate()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loader on")]
+    assert len(said) == 1 and "colour stage in torch (compiled at the first batch)," in said[0]
+    for key in ("photometric_graphs", "photometric_static_shapes"):
+        with pytest.raises(PipelineConfigError, match=f"{key} = 'yes': must be true or false"):
+            PipelineConfig(**{key: "yes"}).validate()
 
 
 def test_cpu_colour_stage_threads_change_speed_only():

@@ -238,6 +238,27 @@ def test_dense_colour_stage_compiled_equals_eager():
     assert torch.equal(fewer, eager[:7])
 
 
+def test_dense_colour_stage_compiled_for_each_shape_equals_eager():
+    """`static_shapes` (the GPU's `photometric_static_shapes`): the dense stage compiled
+    with its sizes as constants gives the eager pixels, and another number of crops
+    compiles a graph of its own (the dynamic stage's one graph serves both)."""
+    from torch._dynamo.utils import counters
+
+    images, full, switches, windows = every_step_batch(32)
+    eager = apply_photometric(images, full, switches, windows, ViewConfig(), dense=True)
+    graphs = []
+    for count in (len(images), 7):
+        before = counters["stats"]["unique_graphs"]
+        # a copy, not a view of the whole batch: the loader's crops are tensors of their own
+        got = apply_photometric(images[:count].clone(), full[:count], switches[:count],
+                                windows[:count], ViewConfig(), compile_=True, dense=True,
+                                static_shapes=True)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        assert not torch_photometric._COMPILE_FAILED
+        assert torch.equal(got, eager[:count]), count
+    assert graphs == [1, 1]
+
+
 def test_dense_colour_stage_with_no_crops_or_nothing_switched_on():
     empty = torch.zeros((0, 3, 16, 16), dtype=torch.uint8)
     out = apply_photometric(empty, np.zeros((0, ROW_WIDTH), np.float32),
