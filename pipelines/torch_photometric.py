@@ -13,7 +13,9 @@ batch; on the CPU the compiled steps also beat the DALI graph (35 against 20 sam
 subset path are the cost and compute is spare; on the CPU, where compute is the cost, the
 subset path is cheaper. Both give the same pixels. On the CPU the hue shift (PIL's 8-bit HSV
 round trip) goes through lookup tables built once from the same arithmetic
-(`pil_hsv_tables`): per pixel that arithmetic was most of the stage's CPU time.
+(`pil_hsv_tables`): per pixel that arithmetic was most of the stage's CPU time. The dense
+stage reads the RGB -> HSV half from tables too (`pil_hue_shift_hsv_tables`), since that
+half's exact float32 divisions would run as eager passes inside its graph.
 
 Inputs are the views stage B cut (uint8, flipped, [N, 3, S, S]) and the per-view rows,
 switches and blur windows of `views.view_rows`, the same numbers the DALI graph is fed, and
@@ -154,18 +156,16 @@ def _pil_hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, v: torch.Tensor):
 
 
 @functools.cache
-def pil_hsv_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PIL's 8-bit HSV conversions as lookup tables (CPU, built once a process: ~0.5 s,
-    64 MB), each entry computed by `_pil_rgb_to_hsv` / `_pil_hsv_to_rgb` themselves, so the
-    pixels are `pil_hue_shift`'s:
+def pil_rgb_to_hsv_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL's 8-bit RGB -> HSV as lookup tables (CPU, built once a process), each entry
+    computed by `_pil_rgb_to_hsv` itself, so the values are its own:
     - hue [3 * 256 * 256] uint8 by (which channel is the maximum: r, g or b, in PIL's order
       of precedence; v minus the first other channel; v minus the second), the other
       channels being (g, b) for r, (r, b) for g, (g, r) for b: PIL's hue depends on
       nothing else, so one colour per entry gives it (entries no colour reaches hold
       whatever their colour gives, and are never read);
     - sat [256 * 256] uint8 by (chroma, v), likewise from one colour (v, v - chroma,
-      v - chroma) each;
-    - rgb [256^3] int32 by (h, s, v): red << 16 | green << 8 | blue."""
+      v - chroma) each."""
     first = torch.arange(256, dtype=torch.int32).view(256, 1).expand(256, 256)
     second = torch.arange(256, dtype=torch.int32).view(1, 256).expand(256, 256)
     top = torch.full_like(first, 255)
@@ -176,6 +176,15 @@ def pil_hsv_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     chroma, value = first, second
     rest = torch.clamp(value - chroma, min=0)
     sat = _pil_rgb_to_hsv(torch.stack([value, rest, rest])[None].to(torch.uint8))[1]
+    return hue.reshape(-1), sat.to(torch.uint8).reshape(-1)
+
+
+@functools.cache
+def pil_hsv_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PIL's 8-bit HSV conversions both ways as lookup tables (CPU, built once a process:
+    ~0.5 s, 64 MB), so the pixels are `pil_hue_shift`'s: hue and sat as in
+    `pil_rgb_to_hsv_tables`, and rgb [256^3] int32 by (h, s, v): red << 16 | green << 8 |
+    blue, each entry computed by `_pil_hsv_to_rgb`."""
     rgb = torch.empty(256, 256 * 256, dtype=torch.int32)
     s_values = torch.arange(256, dtype=torch.float64).repeat_interleave(256)
     v_values = torch.arange(256, dtype=torch.float64).repeat(256)
@@ -183,13 +192,12 @@ def pil_hsv_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         red, green, blue = (c.to(torch.int32) for c in _pil_hsv_to_rgb(
             torch.full_like(s_values, h_value), s_values, v_values))
         rgb[h_value] = (red << 16) | (green << 8) | blue
-    return hue.reshape(-1), sat.to(torch.uint8).reshape(-1), rgb.reshape(-1)
+    return (*pil_rgb_to_hsv_tables(), rgb.reshape(-1))
 
 
-def pil_hue_shift_tables(x: torch.Tensor, shift: torch.Tensor, hue_table: torch.Tensor,
-                         sat_table: torch.Tensor, rgb_table: torch.Tensor) -> torch.Tensor:
-    """`pil_hue_shift` through `pil_hsv_tables` (the same pixels, 3-4x faster on the CPU:
-    the float64 arithmetic is done once per possible input, not once per pixel)."""
+def _hsv_by_tables(x: torch.Tensor, hue_table: torch.Tensor, sat_table: torch.Tensor):
+    """PIL's 8-bit hue, saturation and value of uint8 [N, 3, H, W] read from
+    `pil_rgb_to_hsv_tables`: int32 [N, H, W] each."""
     xi = x.to(torch.int32)
     r, g, b = xi[:, 0], xi[:, 1], xi[:, 2]
     v = torch.maximum(torch.maximum(r, g), b)
@@ -201,9 +209,43 @@ def pil_hue_shift_tables(x: torch.Tensor, shift: torch.Tensor, hue_table: torch.
     hue = hue_table[(case * 65536 + first * 256 + second).long()].to(torch.int32)
     chroma = v - torch.minimum(torch.minimum(r, g), b)
     sat = sat_table[(chroma * 256 + v).long()].to(torch.int32)
+    return hue, sat, v
+
+
+def pil_hue_shift_tables(x: torch.Tensor, shift: torch.Tensor, hue_table: torch.Tensor,
+                         sat_table: torch.Tensor, rgb_table: torch.Tensor) -> torch.Tensor:
+    """`pil_hue_shift` through `pil_hsv_tables` (the same pixels, 3-4x faster on the CPU:
+    the float64 arithmetic is done once per possible input, not once per pixel)."""
+    hue, sat, v = _hsv_by_tables(x, hue_table, sat_table)
     hue = (hue + shift.to(torch.int32).view(-1, 1, 1)) & 255
     rgb = rgb_table[((hue << 16) | (sat << 8) | v).long()]
     return torch.stack([((rgb >> bits) & 255).to(torch.uint8) for bits in (16, 8, 0)], dim=1)
+
+
+def pil_hue_shift_hsv_tables(x: torch.Tensor, shift: torch.Tensor, hue_table: torch.Tensor,
+                             sat_table: torch.Tensor) -> torch.Tensor:
+    """`pil_hue_shift` with the RGB -> HSV half read from `pil_rgb_to_hsv_tables` (260 KB)
+    and the HSV -> RGB half computed: the dense stage's, on every device. Why: the RGB ->
+    HSV arithmetic needs IEEE float32 divisions and a float32 rounding that run as opaque
+    eager operators inside compiled graphs (`_f32_divide`, `_float32_rounded`), which on
+    CUDA cut the hue step into 5 eager passes and the planes they read and write; the HSV
+    -> RGB half has none and compiles into one kernel. (The RGB table is 64 MB, too large
+    to read at random from on the GPU.)"""
+    hue, sat, v = _hsv_by_tables(x, hue_table, sat_table)
+    hue = (hue + shift.to(torch.int32).view(-1, 1, 1)) & 255
+    return torch.stack([c.to(torch.uint8) for c in _pil_hsv_to_rgb(hue, sat, v)], dim=1)
+
+
+_DEVICE_HSV_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rgb_to_hsv_tables_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pil_rgb_to_hsv_tables` on `device`, copied there once (not inside a CUDA graph's
+    capture: `colour_graphs` calls the stage before it captures)."""
+    key = str(device)
+    if key not in _DEVICE_HSV_TABLES:
+        _DEVICE_HSV_TABLES[key] = tuple(t.to(device) for t in pil_rgb_to_hsv_tables())
+    return _DEVICE_HSV_TABLES[key]
 
 
 def gaussian_kernels(sigmas: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
@@ -285,18 +327,20 @@ def _switched(switches: torch.Tensor, name: str, stepped: torch.Tensor, x: torch
 
 
 def colour_stage(x: torch.Tensor, params: torch.Tensor, switches: torch.Tensor,
-                 windows: torch.Tensor, blur_size: int, solarize_threshold: int
-                 ) -> torch.Tensor:
+                 windows: torch.Tensor, blur_size: int, solarize_threshold: int,
+                 hue_table: torch.Tensor, sat_table: torch.Tensor) -> torch.Tensor:
     """The whole colour stage (jitter in each crop's order, grayscale, blur, solarize) on every
     crop of uint8 [N, 3, S, S], each step kept per crop by its switch: the pixels of the subset
     path, without the host choosing subsets. Device tensors in: rows [N, ROW_WIDTH] float32,
-    switches [N, len(SWITCHES)] bool, blur windows [N] int64. Nothing here waits on the device
+    switches [N, len(SWITCHES)] bool, blur windows [N] int64, `pil_rgb_to_hsv_tables` (the
+    hue step is `pil_hue_shift_hsv_tables`). Nothing here waits on the device
     or branches on a value, so it compiles to one graph. The jitter slots need no switch (see
     `_enhance_slot`); the other steps do: PIL's HSV round trip loses levels even at shift 0,
     and the blur's identity when off would rest on the row's sigma, not on its switch."""
     for k in range(3):
         x = _enhance_slot(x, params, k)
-    x = _switched(switches, "hue", pil_hue_shift(x, params[:, JITTER_HUE_SHIFT]), x)
+    shifted = pil_hue_shift_hsv_tables(x, params[:, JITTER_HUE_SHIFT], hue_table, sat_table)
+    x = _switched(switches, "hue", shifted, x)
     for k in range(3, 6):
         x = _enhance_slot(x, params, k)
     x = _switched(switches, "gray", _gray_rgb(pil_luma(x)), x)
@@ -479,7 +523,8 @@ def dense_colour_stage(images: torch.Tensor, rows: torch.Tensor, switches: torch
     """`colour_stage` on all crops from parameters already on the crops' device (for a
     CUDA graph, `pipelines/colour_graphs.py`, which must not upload inside its capture)."""
     stage = _kernel("colour_stage", compile_, images.device, static_shapes)
-    return stage(images, rows, switches, windows, views.blur_kernel, views.solarize_threshold)
+    return stage(images, rows, switches, windows, views.blur_kernel, views.solarize_threshold,
+                 *_rgb_to_hsv_tables_on(images.device))
 
 
 def normalize(images: torch.Tensor, views: ViewConfig, dtype: torch.dtype,

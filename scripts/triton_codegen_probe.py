@@ -109,7 +109,7 @@ def probe_colour_stage(crops: int, size: int, static: bool) -> None:
     sources: list[str] = []
     GraphLowering.save_output_code = sources.append     # what run_and_get_code hooks
     try:
-        stage(x, rows, switches, windows, 9, 128)
+        stage(x, rows, switches, windows, 9, 128, *tp.pil_rgb_to_hsv_tables())
     except Exception:     # the first launch of a placeholder kernel ends the run
         pass
     if not sources:

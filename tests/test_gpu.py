@@ -403,7 +403,8 @@ def test_colour_stage_blur_on_cuda_runs_triton_kernels_with_the_cpus_pixels():
 @pytest.mark.skipif(not _has_dali_cuda(), reason="tcore.pipelines imports DALI")
 def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
     """The fused (Triton) colour stage on the GPU: PIL's hue shift on all 2^24 colours at two
-    shifts, and the jitter in all 24 orders equal to the eager CPU stage (itself PIL's, see
+    shifts (computed, and with RGB -> HSV from tables as the dense stage does it), and the
+    jitter in all 24 orders equal to the eager CPU stage (itself PIL's, see
     tests/test_torch_photometric.py), bit for bit: no approximate division (an opaque eager
     op there), no fused multiply-add (emulate_precision_casts)."""
     import itertools
@@ -420,12 +421,16 @@ def test_torch_colour_stage_compiled_on_cuda_gives_pils_pixels():
     colours = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8)
     image = colours.reshape(4096, 4096, 3)
     hue_shift = tp._kernel("pil_hue_shift", True, torch.device("cuda"))
+    # the dense stage's: RGB -> HSV from tables, HSV -> RGB computed
+    half_tables = tp._kernel("pil_hue_shift_hsv_tables", True, torch.device("cuda"))
+    tables = tp._rgb_to_hsv_tables_on(torch.device("cuda"))
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].cuda()
     for hue in (0.08, -0.31):
         shift = jitter_columns(np.array([1, 1, 1, hue, 0, 0, 0], np.float32), np.arange(4))[0]
-        got = hue_shift(torch.from_numpy(image).permute(2, 0, 1)[None].cuda(),
-                        torch.tensor([shift], device="cuda"))
+        shift = torch.tensor([shift], device="cuda")
         want = np.array(TF.adjust_hue(Image.fromarray(image), hue))
-        assert np.array_equal(got[0].permute(1, 2, 0).cpu().numpy(), want), hue
+        for got in (hue_shift(x, shift), half_tables(x, shift, *tables)):
+            assert np.array_equal(got[0].permute(1, 2, 0).cpu().numpy(), want), hue
     rng = np.random.default_rng(0)
     crops = torch.from_numpy(rng.integers(0, 256, (48, 3, 64, 64), dtype=np.uint8))
     # Blend factors 1.2 and 1.35 are among those where a fused multiply-add would move

@@ -43,18 +43,22 @@ def test_hue_shift_is_pils_bit_for_bit():
 
 def test_hue_shift_is_pils_on_every_colour():
     """All 2^24 colours in one picture, at two shifts: the compiled lookup-table kernel (the
-    loader's on the CPU) and the arithmetic the tables are built from (what CUDA compiles)
-    give TF.adjust_hue's PIL pixels, every one."""
+    subset path's on the CPU), the compiled kernel with only RGB -> HSV from tables (the
+    dense stage's, the GPU's) and the arithmetic the tables are built from give
+    TF.adjust_hue's PIL pixels, every one."""
     codes = np.arange(1 << 24, dtype=np.uint32)
     image = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8)
     image = image.reshape(4096, 4096, 3)
     tables = torch_photometric.pil_hsv_tables()
     with_tables = torch_photometric._kernel("pil_hue_shift_tables", True, torch.device("cpu"))
+    half_tables = torch_photometric._kernel("pil_hue_shift_hsv_tables", True,
+                                            torch.device("cpu"))
     x = torch.from_numpy(image).permute(2, 0, 1)[None]
     for hue in (0.08, -0.31):
         shift = torch.tensor([jitter_columns(photometric_row(1, 1, 1, hue), np.arange(4))[0]])
         want = np.array(TF.adjust_hue(Image.fromarray(image), hue))
         assert np.array_equal(_hwc(with_tables(x, shift, *tables)[0]), want), hue
+        assert np.array_equal(_hwc(half_tables(x, shift, *tables[:2])[0]), want), hue
         assert not torch_photometric._COMPILE_FAILED
         assert np.array_equal(_hwc(pil_hue_shift(x, shift)[0]), want), hue
 
