@@ -91,7 +91,6 @@ def traced_symbolic_sizes(graph) -> dict[str, tuple]:
 
 def probe_colour_stage(crops: int, size: int, static: bool) -> None:
     """Generate the colour stage's Triton code for one view group and list its launches."""
-    import re
 
     import torch._inductor.config as inductor_config
     from torch._inductor.graph import GraphLowering
@@ -115,20 +114,28 @@ def probe_colour_stage(crops: int, size: int, static: bool) -> None:
     if not sources:
         raise SystemExit("no generated code captured (a torch without "
                          "GraphLowering.save_output_code?)")
-    source = "\n".join(sources)
+    print(f"colour_stage, {crops} crops of {size} px, compiled for "
+          f"{'this shape' if static else 'any shape'}:")
+    describe_launches("\n".join(sources), list_kernels=True)
+
+
+def describe_launches(source: str, list_kernels: bool) -> None:
+    """What one generated graph launches: its Triton kernels (and how many of them split
+    their index by sizes given at run time, 64-bit divisions on the GPU) and the operators
+    run outside them."""
+    import re
+
     call = source[source.index("def call(self, args)"):]
     kernels = re.findall(r"^\s*(triton_\w+)\.run\(", call, re.M)
     outside = re.findall(r"torch\.ops\.([\w.]+)\(", call)
     bodies = dict(re.findall(r"def (triton_\w+)\((.*?)\'\'\'", source, re.S))
     by_runtime_sizes = [k for k in kernels
                         if re.search(r"index (?://|%) ks\d", bodies.get(k, ""))]
-    print(f"colour_stage, {crops} crops of {size} px, compiled for "
-          f"{'this shape' if static else 'any shape'}:")
     print(f"  {len(kernels)} Triton kernels, {len(by_runtime_sizes)} of them dividing the index "
           f"by sizes given at run time")
-    for name in kernels:
+    for name in kernels if list_kernels else by_runtime_sizes:
         print("   ", name[:110], "(run-time sizes)" if name in by_runtime_sizes else "")
-    print(f"  {len(outside)} operators outside them:", ", ".join(outside))
+    print(f"  {len(outside)} operators outside them:", ", ".join(sorted(set(outside))))
 
 
 def main() -> None:
@@ -166,6 +173,10 @@ def main() -> None:
         traced.append(graph)
         return compile_fx(graph, example_inputs)
 
+    from torch._inductor.graph import GraphLowering
+    sources: list[str] = []
+    GraphLowering.save_output_code = sources.append     # what run_and_get_code hooks
+
     trainer.forward = torch.compile(trainer.loss_module, backend=recording_inductor)
     try:
         trainer.step(0, batch)
@@ -178,6 +189,9 @@ def main() -> None:
         print("symbolic sizes traced:", traced_symbolic_sizes(graph) or "none")
     print("graphs generated (scheduler nodes):", generated or "none",
           "(forward and backward: 2 expected)")
+    for source in sources:
+        print("generated graph:")
+        describe_launches(source, list_kernels=False)
     print("stopped by:", stopped)
     ok = len(generated) == 2 and "Placeholder" in stopped
     print("Triton code generation:", "PASSED" if ok else "FAILED")
