@@ -521,7 +521,9 @@ def dense_colour_stage(images: torch.Tensor, rows: torch.Tensor, switches: torch
                        windows: torch.Tensor, views: ViewConfig, compile_: bool,
                        static_shapes: bool = False) -> torch.Tensor:
     """`colour_stage` on all crops from parameters already on the crops' device (for a
-    CUDA graph, `pipelines/colour_graphs.py`, which must not upload inside its capture)."""
+    CUDA graph, `pipelines/colour_graphs.py`, which must not upload inside its capture; the
+    hue tables go to the device at a device's first call, which for a graph is a warm-up
+    call before the capture)."""
     stage = _kernel("colour_stage", compile_, images.device, static_shapes)
     return stage(images, rows, switches, windows, views.blur_kernel, views.solarize_threshold,
                  *_rgb_to_hsv_tables_on(images.device))
