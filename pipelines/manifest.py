@@ -136,6 +136,12 @@ def load_shard_set(manifests) -> ShardSet:
     loaded = [read_manifest(m) for m in manifests]
     if not loaded:
         raise ShardSetError("no shard directories given")
+    # One directory named twice would be read twice an epoch, each sample seen twice.
+    seen = [os.path.realpath(m["_dir"]) for m in loaded]
+    repeated = sorted({m["_dir"] for m, real in zip(loaded, seen) if seen.count(real) > 1})
+    if repeated:
+        raise ShardSetError(f"{', '.join(repeated)}: the same shard directory given more than "
+                            "once (its samples would be read twice an epoch)")
     kinds = {_layout(m) for m in loaded}
     if len(kinds) > 1:
         raise ShardSetError(f"cannot mix shard layouts {sorted(kinds)} in one loader: "

@@ -122,12 +122,32 @@ def _open(path: str):
 
 
 def _count_packets(path: str) -> int:
+    """The video stream's packets that hold data (after checking that the stream has all the
+    packets its header declares)."""
     with _open(path) as container:
         stream = container.streams.video[0]
+        declared = stream.frames or 0        # 0 where the container does not say (Matroska)
+        packets = with_data = 0
         try:
-            return sum(1 for packet in container.demux(stream) if packet.size)
+            for packet in container.demux(stream):
+                if packet.size == 0 and packet.dts is None:
+                    continue                 # the end-of-stream packet PyAV adds
+                packets += 1
+                with_data += bool(packet.size)
         except av.FFmpegError as err:
             raise BadInput(f"corrupt or truncated video while demuxing: {err}") from err
+    _check_all_packets_there(packets, declared)
+    return with_data
+
+
+def _check_all_packets_there(packets: int, declared: int) -> None:
+    """A cut-off AVI still demuxes and decodes cleanly up to the cut, and FFmpeg takes its
+    duration from what it found, not from the header, so the duration check cannot see it;
+    the header's frame count (AVI's dwLength, MP4's sample count) can. Empty packets count:
+    AVI marks a repeated frame with one. Tolerance as for durations: 5%, at least 3."""
+    if declared and packets < declared - max(3, 0.05 * declared):
+        raise BadInput(f"truncated video: {packets} of the {declared} frames its header "
+                       "declares")
 
 
 def _decode_selected(path: str, indices: list[int], short_side: int, allow_upscale: bool):

@@ -43,6 +43,9 @@ from tcore.stop_request import StopRequest
 TEACHER_EXPORT = "teacher_backbone.safetensors"
 CONFIG_FILE = "config.yaml"
 RUN_LOCK = ".lock"
+# What a run directory holds besides its lock and temporaries (whose names start with a dot).
+RUN_ENTRIES = frozenset({CONFIG_FILE, TEACHER_EXPORT, "checkpoints", "metrics.jsonl",
+                         "tensorboard"})
 # Sections that must not change between a run and its resumption.
 RESUME_LOCKED_SECTIONS = ("model", "loss", "data", "optim")
 # Keys of those sections that change how fast the loader makes its batches, never which
@@ -417,19 +420,42 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg.train.output = str(run_dir)
     if checkpoint_every is not None:
+        if int(checkpoint_every) < 1:
+            raise ConfigError(f"--checkpoint-every {checkpoint_every}: need an integer > 0 "
+                              "(steps between checkpoints)")
         cfg.train.checkpoint_every = int(checkpoint_every)
+    if max_steps is not None and int(max_steps) < 1:
+        raise ConfigError(f"--max-steps {max_steps}: need an integer > 0 (the step of the run "
+                          "to stop at)")
     info = init_distributed(cfg.train.device)
     try:
         # Checks that need no run directory come first, so a mistyped --data, bad shards or
         # a precision this machine lacks leave no empty RUN_DIR behind.
         shard_set = load_shards_for_device(cfg, resolve_manifests(data), info.device)
         resolve_precision(cfg.train.precision, info.device)
+        if not resume:
+            check_new_run_directory(run_dir)
         with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
               StopRequest().listening() as stop):
             return _train(cfg, shard_set, run_dir, info, stop, resume=resume,
                           max_steps=max_steps, progress=progress)
     finally:
         shutdown(info)
+
+
+def check_new_run_directory(run_dir: Path) -> None:
+    """A new run (no --resume) goes into a missing or empty directory, or one that holds only
+    a run's own files (a start that ended before its first checkpoint), not among other
+    files (shards, say, when --output names the --data folder), which its writes and
+    clean-ups would mix with."""
+    if not run_dir.is_dir():
+        return
+    foreign = sorted(entry.name for entry in run_dir.iterdir()
+                     if entry.name not in RUN_ENTRIES and not entry.name.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise FileExistsError(f"{run_dir}: holds files that are not a tcore run's ({shown}); "
+                              "choose a new or empty --output")
 
 
 def run_directory_lock(run_dir: Path):

@@ -78,9 +78,14 @@ def _corrupt_clips(shards, tmp_path):
     return [out], r"sample .*shard-00000\d\.tar.* cannot be decoded"
 
 
+def _same_directory_twice(shards, tmp_path):
+    # Read twice, every sample would come twice an epoch.
+    return [shards, shards], "the same shard directory given more than once"
+
+
 BAD_DATA = {"truncated": _truncated, "broken_manifest": _broken_manifest,
             "no_manifest": _no_manifest, "h264_on_cpu": _h264, "mixed_layouts": _mixed_layouts,
-            "corrupt_clips": _corrupt_clips}
+            "corrupt_clips": _corrupt_clips, "same_directory_twice": _same_directory_twice}
 
 
 def _assert_clean_error(result, message: str) -> None:
@@ -104,6 +109,62 @@ def test_train_names_bad_shards_without_traceback(case, synth_shards, tmp_path):
     assert (tmp_path / "run").exists() == (case == "corrupt_clips")
 
 
+@pytest.mark.parametrize("option, value", [("--checkpoint-every", "0"),
+                                           ("--checkpoint-every", "-2"),
+                                           ("--max-steps", "0"), ("--max-steps", "-1")])
+def test_train_step_counts_are_checked_before_the_run_directory_is_made(option, value,
+                                                                       synth_shards, tmp_path):
+    # 0 once divided by zero at the first step (or trained the whole schedule); -2 was
+    # written into the run's config, which --resume then refused.
+    result = CliRunner().invoke(main, ["train", "--data", str(synth_shards), "--output",
+                                       str(tmp_path / "run"), option, value, "--no-progress",
+                                       *TRAIN_FAST])
+    _assert_clean_error(result, f"{option} {value}: need an integer > 0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_new_run_is_refused_among_other_files(synth_shards, tmp_path):
+    """--output naming a folder of other files (here the --data folder itself) is refused
+    before anything is written there; a folder holding only a run's files is not."""
+    shards = _copy(synth_shards, tmp_path, "shards")
+    before = sorted(path.name for path in shards.iterdir())
+    result = CliRunner().invoke(main, ["train", "--data", str(shards), "--output", str(shards),
+                                       "--max-steps", "1", "--no-progress", *TRAIN_FAST])
+    _assert_clean_error(result, r"shards: holds files that are not a tcore run's \(\S+")
+    assert sorted(path.name for path in shards.iterdir()) == before
+    started = tmp_path / "started"          # a start that ended before its first checkpoint
+    started.mkdir()
+    (started / "config.yaml").write_text("{}\n")
+    (started / "metrics.jsonl").write_text("")
+    from tcore.train import check_new_run_directory
+    check_new_run_directory(started)
+
+
+@pytest.mark.parametrize("case", ["preview_stats_is_the_picture", "eval_radius_0",
+                                  "image_shards_with_clip_options", "no_nodes"])
+def test_options_that_could_not_mean_anything_are_refused(case, synth_shards, tmp_path):
+    picture = str(tmp_path / "p.png")
+    command, message = {
+        "preview_stats_is_the_picture": (
+            ["pipeline", "preview", "--data", str(synth_shards), "--output", picture,
+             "--stats", picture], "also --output"),
+        "eval_radius_0": (
+            ["eval", "davis", "--data", str(synth_shards), "--checkpoint",
+             str(synth_shards / "manifest.json"), "--output", str(tmp_path / "ev"),
+             "--radius", "0"], "--radius"),
+        "image_shards_with_clip_options": (
+            ["shards", "build", str(tmp_path), str(tmp_path / "out"), "--kind", "image",
+             "--frames", "5", "--crf", "40"], "--frames, --crf: options of video clips"),
+        "no_nodes": (["shards", "build", str(tmp_path), str(tmp_path / "out"), "--num-nodes",
+                      "0"], "--num-nodes"),
+    }[case]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert message in result.output, result.output
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "ev").exists()
+
+
 def test_repeated_data_options_are_all_read_as_commas_are(synth_shards, tmp_path):
     # `--data A --data B` once trained on B alone, silently: the mixed layouts show both read.
     dirs, message = _mixed_layouts(synth_shards, tmp_path)
@@ -119,7 +180,8 @@ def test_repeated_data_options_are_all_read_as_commas_are(synth_shards, tmp_path
     assert missing.exit_code == 2 and "nowhere: no such file or directory" in missing.output
 
 
-@pytest.mark.parametrize("case", sorted(set(BAD_DATA) - {"mixed_layouts"}))  # one --data
+@pytest.mark.parametrize("case", sorted(set(BAD_DATA) - {"mixed_layouts",
+                                                          "same_directory_twice"}))  # one --data
 def test_bench_data_names_bad_shards_without_traceback(case, synth_shards, tmp_path):
     dirs, message = BAD_DATA[case](synth_shards, tmp_path)
     result = CliRunner().invoke(main, ["bench", "data", "--data", str(dirs[0]), "--loader",

@@ -84,6 +84,29 @@ def test_cut_offset_video_is_truncated_and_the_message_gives_the_true_end(video_
         read_clip(str(cut), 8, 0)
 
 
+def test_a_cut_avi_is_truncated_by_the_frame_count_in_its_header(tmp_path):
+    """A cut-off AVI decodes cleanly up to the cut and FFmpeg takes its duration from what
+    it found, so the duration check passed it and it became a sample; the frame count in
+    its header gives it away. The whole file passes."""
+    whole = tmp_path / "whole.avi"
+    rng = np.random.default_rng(0)
+    with av.open(str(whole), "w") as container:      # noise: the frames outweigh the header
+        stream = container.add_stream("mpeg4", rate=24)
+        stream.width, stream.height = 64, 48
+        for _ in range(24):
+            picture = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(stream.encode(None))
+    assert len(read_clip(str(whole), 8, 0).frames) == 8
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])           # the index, at the end, is gone too
+    with av.open(str(cut)) as container:
+        assert container.streams.video[0].frames == 24
+    with pytest.raises(BadInput, match=r"truncated video: \d+ of the 24 frames its header declares"):
+        read_clip(str(cut), 8, 0)
+
+
 def test_a_still_image_in_a_video_folder_is_not_a_video(video_build, tmp_path):
     _, manifest, failures, metas = video_build
     assert set(failures) == {"a/picture.mp4", "a/still.png"}

@@ -57,8 +57,10 @@ def propagation_options(topk: int):
             click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False),
                          help="Directory for predictions, results.json and results.csv."),
             click.option("--topk", default=topk, show_default=True, type=click.IntRange(min=1)),
-            click.option("--radius", default=20.0, show_default=True, type=float,
-                         help="Spatial radius in feature cells."),
+            click.option("--radius", default=20.0, show_default=True,
+                         type=click.FloatRange(min=0, min_open=True),
+                         help="Spatial radius in feature cells: a frame's labels come from "
+                              "cells closer than this."),
             click.option("--temperature", default=0.7, show_default=True,
                          type=click.FloatRange(min=0, min_open=True)),
             click.option("--context", default=20, show_default=True, type=click.IntRange(min=1),

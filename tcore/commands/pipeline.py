@@ -1,4 +1,6 @@
 """`tcore pipeline preview`: a thin wrapper over tcore.pipelines.preview."""
+import os
+
 import click
 
 from tcore.commands import shard_paths
@@ -55,6 +57,9 @@ def preview(data, output, batches, stats, batch_size, seed, device, threads, loc
         raise click.BadParameter(f"{device!r}: expected cpu or cuda[:i]", param_hint="--device")
     if on_gpu and not torch.cuda.is_available():
         raise click.BadParameter("cuda asked for, but torch sees no GPU", param_hint="--device")
+    if stats and os.path.realpath(stats) == os.path.realpath(output):
+        raise click.BadParameter(f"{stats} is also --output: the statistics would overwrite "
+                                 "the picture", param_hint="--stats")
     config = PipelineConfig(skip_bad_samples=skip_bad_samples)
     config.views.n_local = local_crops
     config.photometric_compile = compiles_colour_stage(batches, stats)

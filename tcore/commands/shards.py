@@ -1,5 +1,6 @@
 """`tcore shards build | inspect | merge-manifest`: thin wrappers over tcore.preprocess."""
 import click
+from click.core import ParameterSource
 
 from tcore.preprocess.errors import ShardDirError
 from tcore.preprocess.shards import DEFAULT_GOP, BuildError, merge_node_manifests, run_build
@@ -20,6 +21,10 @@ def _os_error(err: OSError) -> str:
     if err.filename is None or err.strerror is None:
         return str(err)
     return f"{err.filename}: {err.strerror}"
+
+
+# Options that only video clips use: given with --kind image they would do nothing.
+_CLIP_OPTIONS = ("frames", "codec", "gop", "crf", "vp9_speed")
 
 
 @shards.command(name="build")
@@ -50,11 +55,20 @@ def _os_error(err: OSError) -> str:
               help="Keep the inputs in sorted (class) order; batches then hold one or two classes.")
 @click.option("--prefix", default="shard", show_default=True, help="Shard file prefix: <prefix>-%06d.tar")
 @click.option("--workers", default=1, show_default=True, help="Processes, each writing whole shards.")
-@click.option("--node-rank", default=0, show_default=True, help="This machine's rank when several split one build.")
-@click.option("--num-nodes", default=1, show_default=True, help="Machines splitting the build (then run merge-manifest).")
+@click.option("--node-rank", default=0, show_default=True, type=click.IntRange(min=0),
+              help="This machine's rank when several split one build.")
+@click.option("--num-nodes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Machines splitting the build (then run merge-manifest).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def build(paths, list_file, video_root, no_shuffle, **options):
+@click.pass_context
+def build(ctx, paths, list_file, video_root, no_shuffle, **options):
     """Build shards from SRC/<class>/<file> (or --list FILE) into OUT. Reruns resume."""
+    if options["kind"] == "image":
+        given = [f"--{name.replace('_', '-')}" for name in _CLIP_OPTIONS
+                 if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: options of video clips; --kind image "
+                                   "stores each image as one JPEG (--quality sets it)")
     if no_shuffle:
         if options["shuffle_seed"] != 0:
             raise click.UsageError("--no-shuffle keeps the sorted order: give it or --shuffle-seed, "

@@ -40,7 +40,8 @@ def sequence_names(root: Path, split: str = "val", year: str = "2017") -> list[s
     split_file = root / "ImageSets" / year / f"{split}.txt"
     if not split_file.is_file():
         raise FileNotFoundError(f"{split_file}: DAVIS split file not found (expected the "
-                                "official layout ROOT/ImageSets/2017/val.txt)")
+                                f"official layout ROOT/ImageSets/{year}/{split}.txt, one "
+                                "sequence name a line)")
     names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     if not names:
         raise ValueError(f"{split_file}: lists no sequence")
