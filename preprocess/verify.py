@@ -110,6 +110,14 @@ def inspect_shards(out, verify: bool = False, progress=None) -> dict:
               "bytes_per_sample": manifest["total_bytes"] / max(1, manifest["total_samples"]),
               "failures": manifest["failures"], "order": order_text(manifest),
               "verified": verify, "problems": []}
+    # Without decoding anything: a shard whose size is not the one the build recorded (cut
+    # short by a copy, say) is named here too.
+    for shard in manifest["shards"]:
+        size = (out / shard["tar"]).stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            report["problems"].append({"tar": shard["tar"], "key": None, "error":
+                                       f"{size} bytes, the build wrote {shard['bytes']} "
+                                       "(truncated or changed since)"})
     if not verify:
         return report
     per_class, stored = Counter(), []

@@ -165,6 +165,17 @@ def test_options_that_could_not_mean_anything_are_refused(case, synth_shards, tm
     assert not (tmp_path / "ev").exists()
 
 
+def test_shards_built_inside_their_source_folder_are_refused(tmp_path):
+    # Built there once, the output became a class folder of the next run, and the rerun,
+    # which should resume, refused the changed inputs.
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "clip.webm").write_bytes(b"not read")
+    result = CliRunner().invoke(main, ["shards", "build", str(tmp_path / "src"),
+                                       str(tmp_path / "src" / "shards")])
+    _assert_clean_error(result, r"output \S+shards is inside the source folder")
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["a"]
+
+
 def test_repeated_data_options_are_all_read_as_commas_are(synth_shards, tmp_path):
     # `--data A --data B` once trained on B alone, silently: the mixed layouts show both read.
     dirs, message = _mixed_layouts(synth_shards, tmp_path)

@@ -4,6 +4,7 @@ output path that is a file, every input failing. Each ends in a clear error (or 
 problem), never a hang or a traceback, and keeps what was already written."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -181,6 +182,12 @@ def test_inspect_verify_reports_a_truncated_shard(synth_shards, tmp_path):
     assert "(truncated tar)" in result.output  # the samples past the cut, one by one
     problems = inspect_shards(copy, verify=True)["problems"]
     assert problems and {p["tar"] for p in problems} == {"shard-000001.tar"}
+    # Without --verify, nothing decoded: the size the build recorded gives it away.
+    quick = CliRunner().invoke(cli, ["shards", "inspect", str(copy)])
+    assert quick.exit_code == 1, quick.output
+    assert re.search(r"BAD shard-000001\.tar: 20000 bytes, the build wrote \d+ \(truncated",
+                     quick.output), quick.output
+    assert CliRunner().invoke(cli, ["shards", "inspect", str(synth_shards)]).exit_code == 0
 
 
 def test_inspect_verify_reports_samples_that_disagree_with_their_json_index_or_manifest(synth_shards, tmp_path):

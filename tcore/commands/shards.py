@@ -117,12 +117,13 @@ def inspect(out, verify):
     click.echo(f"  order: {report['order']}")
     if verify:
         click.echo(f"  per class: {report['per_class']}")
-        for problem in report["problems"]:
-            where = f"{problem['tar']}:{problem['key']}" if problem["key"] else problem["tar"]
-            click.echo(f"  BAD {where}: {problem['error']}")
+    for problem in report["problems"]:
+        where = f"{problem['tar']}:{problem['key']}" if problem["key"] else problem["tar"]
+        click.echo(f"  BAD {where}: {problem['error']}")
+    if verify:
         click.echo(f"  verify: {len(report['problems'])} problem(s)")
-        if report["problems"]:
-            raise SystemExit(1)
+    if report["problems"]:
+        raise SystemExit(1)
 
 
 @shards.command(name="merge-manifest")
