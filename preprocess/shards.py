@@ -382,9 +382,10 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
     if out.exists() and not out.is_dir():  # before discovering (maybe millions of) inputs
         raise ShardDirError(f"output {out} exists and is not a directory; give a new or empty "
                             "directory for the shards")
-    if src is not None and list_file is None and _is_within(out, src):
-        # The shards would be inputs of the next run: a rerun (which should resume) would
-        # find a new class folder and refuse the changed inputs.
+    # OUT inside SRC: the shards would be inputs of the next run, and a rerun (which should
+    # resume) would find a new class folder and refuse the changed inputs.
+    if src is not None and list_file is None and out.resolve().is_relative_to(
+            Path(src).resolve()):
         raise ShardDirError(f"output {out} is inside the source folder {src}; give an output "
                             "outside it")
     inputs = discover_inputs(src, kind, list_file, video_root)
@@ -394,11 +395,6 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
         return _build_this_nodes_shards(out, config, inputs, options, workers=workers,
                                         node_rank=node_rank, num_nodes=num_nodes,
                                         progress=progress)
-
-
-def _is_within(path, folder) -> bool:
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return path == folder or folder in path.parents
 
 
 def _build_lock(out: Path, node_rank: int, num_nodes: int):

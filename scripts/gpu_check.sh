@@ -43,7 +43,8 @@
 # GPU_CHECK_BUDGET (seconds for all steps, default 360), GPU_CHECK_ONLY (space-separated step
 # names to run: env install agree gputests model_s model_s_compiled model_b model_b_compiled
 # shards data decode_frames data_frames stage_a train_compiled train_priority train_static
-# train_ahead train gputests_dali; model_s_autotune, data_prefetch and data_producer run only when named here),
+# train_ahead train gputests_dali; model_s_autotune, data_prefetch and data_producer run only
+# when named here),
 # GPU_CHECK_SHARDS (use these shards instead of building synthetic ones),
 # GPU_CHECK_FRAME_SHARDS (`--codec jpegs` shards, optional: nvJPEG data step and tests),
 # GPU_CHECK_TESTS (a pytest -k expression: which GPU tests run; all when unset),
@@ -147,7 +148,7 @@ if [[ "$CPU_MODE" == 1 ]]; then
     DATA_COMPARE=()
     FRAMES_COMPARE=()
     TRAIN_ARGS=(--batch 2 --threads 2 --warmup 1 --steps 2 --repeats 2)
-    # The train steps' --set (train_priority and train_ahead add their keys to it).
+    # The train steps' --set (compiled_train's steps add their own key to it).
     TRAIN_SET=model.head.prototypes=256,model.head.hidden=256,model.img_size=112,data.pipeline.views.global_size=112,data.pipeline.views.local_size=48,data.pipeline.views.n_local=1
     TRAIN_COMPARE=()
     JPEG_PROBE_ARGS=(--configs cpu:2:three,cpu:2:one --batch 2 --batches 3)

@@ -91,7 +91,6 @@ def traced_symbolic_sizes(graph) -> dict[str, tuple]:
 
 def probe_colour_stage(crops: int, size: int, static: bool) -> None:
     """Generate the colour stage's Triton code for one view group and list its launches."""
-
     import torch._inductor.config as inductor_config
     from torch._inductor.graph import GraphLowering
     from tcore.pipelines import torch_photometric as tp

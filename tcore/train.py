@@ -29,7 +29,7 @@ from torch import nn
 from tcore.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
                               load_checkpoint, remove_stale_temporaries, rng_state,
                               save_checkpoint, set_rng_state)
-from tcore.config import ConfigError, save_config
+from tcore.config import ConfigError, save_config, validate_config
 from tcore.distributed import DistInfo, all_reduce_mean_, barrier, init_distributed, shutdown
 from tcore.metrics_log import LossHistory, MetricsLogger, NonFiniteLossError, truncate_metrics
 from tcore.optim import apply_schedules, build_optimizer
@@ -420,10 +420,8 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg.train.output = str(run_dir)
     if checkpoint_every is not None:
-        if int(checkpoint_every) < 1:
-            raise ConfigError(f"--checkpoint-every {checkpoint_every}: need an integer > 0 "
-                              "(steps between checkpoints)")
-        cfg.train.checkpoint_every = int(checkpoint_every)
+        cfg.train.checkpoint_every = checkpoint_every
+        validate_config(cfg, f"--checkpoint-every {checkpoint_every}")   # the config's rule
     if max_steps is not None and int(max_steps) < 1:
         raise ConfigError(f"--max-steps {max_steps}: need an integer > 0 (the step of the run "
                           "to stop at)")

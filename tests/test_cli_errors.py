@@ -109,17 +109,22 @@ def test_train_names_bad_shards_without_traceback(case, synth_shards, tmp_path):
     assert (tmp_path / "run").exists() == (case == "corrupt_clips")
 
 
-@pytest.mark.parametrize("option, value", [("--checkpoint-every", "0"),
-                                           ("--checkpoint-every", "-2"),
-                                           ("--max-steps", "0"), ("--max-steps", "-1")])
-def test_train_step_counts_are_checked_before_the_run_directory_is_made(option, value,
+EVERY = "train.checkpoint_every must be an integer > 0"     # the config's own rule
+STOP_AT = "need an integer > 0"
+
+
+@pytest.mark.parametrize("option, value, message", [("--checkpoint-every", "0", EVERY),
+                                                    ("--checkpoint-every", "-2", EVERY),
+                                                    ("--max-steps", "0", STOP_AT),
+                                                    ("--max-steps", "-1", STOP_AT)])
+def test_train_step_counts_are_checked_before_the_run_directory_is_made(option, value, message,
                                                                        synth_shards, tmp_path):
     # 0 once divided by zero at the first step (or trained the whole schedule); -2 was
     # written into the run's config, which --resume then refused.
     result = CliRunner().invoke(main, ["train", "--data", str(synth_shards), "--output",
                                        str(tmp_path / "run"), option, value, "--no-progress",
                                        *TRAIN_FAST])
-    _assert_clean_error(result, f"{option} {value}: need an integer > 0")
+    _assert_clean_error(result, f"{option} {value}: {message}")
     assert not (tmp_path / "run").exists()
 
 
