@@ -151,8 +151,8 @@ class MaskConfig:
         if self.patch_size < 1:
             raise PipelineConfigError(f"masks.patch_size = {self.patch_size}: must be >= 1")
         if image_size % self.patch_size:
-            raise PipelineConfigError(f"masks.patch_size = {self.patch_size}: views.global_size "
-                                      f"{image_size} is not a multiple of it")
+            raise PipelineConfigError(f"views.global_size = {image_size}: not a multiple of "
+                                      f"masks.patch_size ({self.patch_size})")
         if not 0 <= self.mask_sample_probability <= 1:
             raise PipelineConfigError("masks.mask_sample_probability must lie in [0, 1]")
         low, high = self.mask_ratio

@@ -123,15 +123,35 @@ def load_config(config: str | os.PathLike, overrides: list[str] | tuple[str, ...
 
 def _check_model_and_loss_keys(cfg: DictConfig, source: str) -> None:
     """`model` and `loss` merged over `tcore.ssl`'s defaults as the model will merge them, so
-    an unknown key there is named with its source now, not when the model is built."""
+    an unknown key or a value of the wrong kind there is named with its source now, not when
+    the model is built."""
+    _merged_model_and_loss(cfg, source)
+
+
+def _merged_model_and_loss(cfg: DictConfig, source: str) -> tuple[dict, dict]:
     from tcore.ssl import default_loss_config, default_model_config, merge_over_defaults
 
+    merged = []
     for section, defaults in (("model", default_model_config()),
                               ("loss", default_loss_config())):
         try:
-            merge_over_defaults(defaults, cfg[section], section)
+            merged.append(merge_over_defaults(defaults, cfg[section], section))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{source}: {exc}") from exc
+    return merged[0], merged[1]
+
+
+def _check_model_and_loss_values(cfg: DictConfig, source: str) -> None:
+    """Their ranges, once every override is in (a rule may tie two keys: the PMM's heads
+    and the arch's width)."""
+    from tcore.ssl import check_loss_values, check_model_values
+
+    model, loss = _merged_model_and_loss(cfg, source)
+    try:
+        check_model_values(model)
+        check_loss_values(loss)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
 
 
 def _blame(message: str, path: str, overrides) -> str:
@@ -175,9 +195,13 @@ def validate_config(cfg: DictConfig, source: str = "config") -> None:
     """Check values a typo or a bad override could break; raise ConfigError naming the key."""
     optim, train, data = cfg.optim, cfg.train, cfg.data
     for key in ("base_lr", "min_lr", "clip_grad", "teacher_temp", "warmup_teacher_temp",
-                "layer_decay", "patch_embed_lr_mult", "pmm_lr_mult"):
-        _require(isinstance(optim[key], (int, float)) and optim[key] >= 0, source,
+                "layer_decay", "patch_embed_lr_mult", "pmm_lr_mult", "weight_decay",
+                "weight_decay_end"):
+        _require(_is_number(optim[key]) and optim[key] >= 0, source,
                  f"optim.{key} must be a number >= 0, got {optim[key]!r}")
+    for key in ("adamw_beta1", "adamw_beta2"):
+        _require(_is_number(optim[key]) and 0 <= optim[key] < 1, source,
+                 f"optim.{key} must be a number in [0, 1), got {optim[key]!r}")
     for key in ("epochs", "official_epoch_length"):
         _require(isinstance(optim[key], int) and optim[key] > 0, source,
                  f"optim.{key} must be an integer > 0, got {optim[key]!r}")
@@ -186,6 +210,9 @@ def validate_config(cfg: DictConfig, source: str = "config") -> None:
                  f"optim.{key} must be an integer >= 0, got {optim[key]!r}")
     _require(optim.warmup_epochs <= optim.epochs, source,
              f"optim.warmup_epochs ({optim.warmup_epochs}) exceeds optim.epochs ({optim.epochs})")
+    for key in ("momentum_teacher", "final_momentum_teacher"):
+        _require(_is_number(optim[key]), source,
+                 f"optim.{key} must be a number, got {optim[key]!r}")
     _require(0.0 <= optim.momentum_teacher <= optim.final_momentum_teacher <= 1.0, source,
              "teacher momentum must satisfy 0 <= optim.momentum_teacher <= "
              "optim.final_momentum_teacher <= 1")
@@ -215,6 +242,8 @@ def validate_config(cfg: DictConfig, source: str = "config") -> None:
     for key in ("checkpoint_every", "keep_last", "log_every"):
         _require(isinstance(train[key], int) and train[key] > 0, source,
                  f"train.{key} must be an integer > 0, got {train[key]!r}")
+    _require(isinstance(train.seed, int) and not isinstance(train.seed, bool)
+             and train.seed >= 0, source, f"train.seed must be an integer >= 0, got {train.seed!r}")
     _require(isinstance(train.compile, bool), source,
              f"train.compile must be true or false, got {train.compile!r}")
     _require(isinstance(train.compile_backend, str) and train.compile_backend, source,
@@ -225,7 +254,12 @@ def validate_config(cfg: DictConfig, source: str = "config") -> None:
     _require(train.compile_mode == "default" or train.compile_backend == "inductor", source,
              f"train.compile_mode={train.compile_mode} needs train.compile_backend=inductor "
              f"(got {train.compile_backend!r})")
+    _check_model_and_loss_values(cfg, source)
     build_pipeline_config(cfg, source)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 SAMPLING_KEYS = ("current_range", "past_offset_range", "future_offset_range")
@@ -263,7 +297,7 @@ def build_pipeline_config(cfg: DictConfig, source: str = "config"):
     try:
         pipeline = PipelineConfig.from_dict(_pipeline_values(cfg.data, source)).validate()
     except PipelineConfigError as exc:   # its message starts with the key under data.pipeline
-        raise ConfigError(f"{source}: data.pipeline.{exc}") from exc
+        raise ConfigError(f"{source}: {_full_pipeline_keys(str(exc))}") from exc
     patch = _model_patch_size(cfg)
     _require(isinstance(patch, int) and not isinstance(patch, bool) and patch > 0, source,
              f"model.patch_size must be an integer > 0, got {patch!r}")
@@ -275,6 +309,14 @@ def build_pipeline_config(cfg: DictConfig, source: str = "config"):
              f"data.pipeline.views.local_size ({pipeline.views.local_size}) must be a multiple "
              f"of model.patch_size ({patch})")
     return pipeline
+
+
+def _full_pipeline_keys(message: str) -> str:
+    """A PipelineConfig message with its keys as a training config spells them: the leading
+    key and every section key after it (`views.global_size` -> `data.pipeline.views...`), so
+    the override that set any of them is the one blamed."""
+    message = re.sub(r"(?<![\w.])(sampling|views|masks)\.(?=\w)", r"data.pipeline.\1.", message)
+    return message if message.startswith("data.pipeline.") else f"data.pipeline.{message}"
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:

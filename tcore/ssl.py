@@ -98,6 +98,42 @@ def _check_value(name: str, default, value) -> None:
         raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
+def _ranged(name: str, value, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} {rule}, got {value!r}")
+
+
+def check_model_values(cfg: dict) -> None:
+    """Ranges of a merged model config (kinds are checked as it merges): a value out of range
+    is named here rather than failing inside the network at its first step (a zero-width
+    head dies of a floating point exception, a drop-path rate above 1 in `bernoulli_`)."""
+    _ranged("model.patch_size", cfg["patch_size"], cfg["patch_size"] > 0, "must be an integer > 0")
+    _ranged("model.drop_path", cfg["drop_path"], 0 <= cfg["drop_path"] < 1, "must lie in [0, 1)")
+    _ranged("model.registers", cfg["registers"], cfg["registers"] >= 0, "must be >= 0")
+    _ranged("model.layerscale", cfg["layerscale"], cfg["layerscale"] >= 0,
+            "must be >= 0 (0: no layer scale)")
+    _ranged("model.img_size", cfg["img_size"], cfg["img_size"] >= cfg["patch_size"] > 0,
+            f"must be at least model.patch_size ({cfg['patch_size']})")
+    for key in ("prototypes", "hidden", "bottleneck", "layers"):
+        _ranged(f"model.head.{key}", cfg["head"][key], cfg["head"][key] >= 1, "must be >= 1")
+    pmm = cfg["pmm"]
+    _ranged("model.pmm.depth", pmm["depth"], pmm["depth"] >= 1, "must be >= 1")
+    _ranged("model.pmm.attn_mul", pmm["attn_mul"], pmm["attn_mul"] > 0, "must be > 0")
+    width = ARCHS[cfg["arch"]].embed_dim
+    _ranged("model.pmm.heads", pmm["heads"], pmm["heads"] >= 1 and width % pmm["heads"] == 0,
+            f"must divide model.arch {cfg['arch']}'s width {width}")
+
+
+def check_loss_values(cfg: dict) -> None:
+    """Ranges of a merged loss config."""
+    _ranged("loss.student_temp", cfg["student_temp"], cfg["student_temp"] > 0, "must be > 0")
+    _ranged("loss.center_momentum", cfg["center_momentum"], 0 <= cfg["center_momentum"] <= 1,
+            "must lie in [0, 1]")
+    for key in ("dino_weight", "dino_global_weight", "koleo_weight", "patch_weight",
+                "past_future_weight"):
+        _ranged(f"loss.{key}", cfg[key], cfg[key] >= 0, "must be >= 0")
+
+
 def backbone_from_config(cfg: dict, drop_path: float):
     """The backbone a merged model config (``TCoRe.model_cfg``) describes."""
     return build_backbone(cfg["arch"], patch_size=cfg["patch_size"], drop_path=drop_path,
@@ -130,6 +166,8 @@ class TCoRe(nn.Module):
         super().__init__()
         self.model_cfg = merge_over_defaults(default_model_config(), model_cfg, "model")
         self.loss_cfg = merge_over_defaults(default_loss_config(), loss_cfg, "loss")
+        check_model_values(self.model_cfg)
+        check_loss_values(self.loss_cfg)
         self.student = _build_student_like(self.model_cfg, drop_path=self.model_cfg["drop_path"])
         # The teacher never drops paths (DINOv2 builds it without stochastic depth).
         self.teacher = _build_student_like(self.model_cfg, drop_path=0.0)

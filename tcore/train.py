@@ -504,7 +504,9 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
     if info.is_main:  # after the resume check, so a refused resume keeps the saved config
         save_config(cfg, run_dir / CONFIG_FILE)
     total = trainer.schedules.total_iters
-    end_step = min(total, max_steps) if max_steps else total
+    # A run resumed past --max-steps (or its schedule's end) trains nothing: it stays where
+    # it is, not "at" the smaller number.
+    end_step = max(start_step, min(total, max_steps) if max_steps else total)
     if info.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
     logger = MetricsLogger(run_dir, start_step, end_step,

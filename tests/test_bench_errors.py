@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from tcore.bench.report import parse_overrides
@@ -174,6 +175,17 @@ def test_targets_count_only_runs_that_did_the_target_work(tmp_path):
     # TINY runs fp32 on the CPU, which is what auto means there.
     ("precision=auto", "changes no setting on this device: precision fp32 and auto both run as fp32"),
     ("precision=fp16", "--compare 'precision=fp16': precision fp16 needs a GPU; on cpu use fp32"),
+    # auto attention is SDPA where xFormers cannot run (the CPU); auto device is the CPU
+    # without a GPU.
+    *[pytest.param(compare, said, marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="what auto means on the CPU"))
+      for compare, said in [
+          ("attention=sdpa", "changes no setting on this device: attention auto and sdpa both "
+                             "run as sdpa"),
+          ("attention=xformers", "attention auto and xformers both run as sdpa"),
+          ("device=auto", "changes no setting on this device: device cpu and auto both run as "
+                          "cpu")]],
+    ("overrides=model.drop_path=2.0", "model.drop_path must lie in [0, 1), got 2.0"),
 ])
 def test_bad_compare_values_fail_before_the_first_run(tmp_path, compare, named):
     profile = tmp_path / "profile"   # the first run would write its profile here

@@ -252,6 +252,17 @@ def test_pipeline_sampling_in_a_train_config_is_refused_not_overwritten(tmp_path
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_a_value_out_of_range_is_refused_before_the_run_directory_is_made(tmp_path):
+    # A zero-width head used to die of a floating point exception at its first step, with no
+    # message, leaving the run directory behind.
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--output", str(run),
+                                       "model.head.prototypes=0"])
+    assert result.exit_code == 1
+    assert result.output.endswith("model.head.prototypes must be >= 1, got 0\n"), result.output
+    assert "override 'model.head.prototypes=0'" in result.output and not run.exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["data.pipeline.masks.patch_size=0"], "data.pipeline.masks.patch_size = 0: must be >= 1"),
     (["data.pipeline.masks.patch_size=8"],
@@ -259,6 +270,9 @@ def test_pipeline_sampling_in_a_train_config_is_refused_not_overwritten(tmp_path
     (["model.patch_size=8"],
      r"data.pipeline.masks.patch_size \(16\) must equal model.patch_size \(8\)"),
     (["model.patch_size=0"], "model.patch_size must be an integer > 0"),
+    (["data.pipeline.views.global_size=100"],
+     r"data.pipeline.views.global_size = 100: not a multiple of data.pipeline.masks.patch_size "
+     r"\(16\)"),
     (["data.pipeline.views.local_size=40"],
      r"data.pipeline.views.local_size \(40\) must be a multiple of model.patch_size \(16\)"),
     (["data.pipeline.views.n_local=2.5"], "data.pipeline.views.n_local = 2.5: must be an integer"),

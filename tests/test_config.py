@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 import tcore
 
-from tcore.config import ConfigError, load_config, preset_names, resolve_config_path, save_config
+from tcore.config import CONFIG_DIR, ConfigError, load_config, preset_names, resolve_config_path, save_config
 
 
 def test_presets_exist_and_load():
@@ -160,6 +160,42 @@ def test_model_and_loss_values_of_the_wrong_kind_name_their_override(override, m
     with pytest.raises(ConfigError) as info:
         load_config("tiny_cpu", [override])
     assert str(info.value) == f"override {override!r}: {message}"
+
+
+@pytest.mark.parametrize("override, message", [
+    # Each failed inside the run before (a traceback at step 1, or a floating point exception
+    # with no message for a zero-width head), after the run directory was made.
+    ("model.drop_path=2.0", "model.drop_path must lie in [0, 1), got 2.0"),
+    ("model.head.prototypes=0", "model.head.prototypes must be >= 1, got 0"),
+    ("model.pmm.heads=7", "model.pmm.heads must divide model.arch vit_tiny's width 192, got 7"),
+    ("model.img_size=8", "model.img_size must be at least model.patch_size (16), got 8"),
+    ("loss.student_temp=0", "loss.student_temp must be > 0, got 0"),
+    ("loss.center_momentum=1.5", "loss.center_momentum must lie in [0, 1], got 1.5"),
+    ("loss.koleo_weight=-1", "loss.koleo_weight must be >= 0, got -1"),
+    ("optim.adamw_beta1=1.5", "optim.adamw_beta1 must be a number in [0, 1), got 1.5"),
+    ("optim.weight_decay=abc", "optim.weight_decay must be a number >= 0, got 'abc'"),
+    ("optim.weight_decay_end=-0.1", "optim.weight_decay_end must be a number >= 0, got -0.1"),
+    ("optim.momentum_teacher=abc", "optim.momentum_teacher must be a number, got 'abc'"),
+    ("train.seed=abc", "train.seed must be an integer >= 0, got 'abc'"),
+    ("train.seed=-1", "train.seed must be an integer >= 0, got -1"),
+])
+def test_values_out_of_range_name_their_key_and_override(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_cpu", [override])
+    assert str(info.value) == f"override {override!r} (over {CONFIG_DIR / 'tiny_cpu.yaml'}): " \
+                              f"{message}"
+
+
+def test_a_rule_tying_two_model_keys_is_checked_once_all_overrides_are_in():
+    # vit_small's width 384 takes 12 heads, vit_tiny's 192 too; 7 is refused for either,
+    # whichever of the two overrides comes first.
+    cfg = load_config("tiny_cpu", ["model.pmm.heads=12", "model.arch=vit_small"])
+    assert (cfg.model.arch, cfg.model.pmm.heads) == ("vit_small", 12)
+    # Both overrides are named: the rule is about the two keys together.
+    with pytest.raises(ConfigError, match=r"^overrides 'model\.pmm\.heads=7', 'model\.arch="
+                                          r"vit_small' \(over .*\): model\.pmm\.heads "
+                                          r"must divide model\.arch vit_small's width 384"):
+        load_config("tiny_cpu", ["model.pmm.heads=7", "model.arch=vit_small"])
 
 
 def test_an_integer_is_a_number_for_model_and_loss_values():

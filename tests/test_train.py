@@ -273,6 +273,16 @@ def test_cli_says_when_the_schedule_ends_before_max_steps(synth_shards, tmp_path
     again = CliRunner().invoke(cli, args + ["--resume"])
     assert again.exit_code == 0 and "is at step 4 already" in again.output
     assert export.stat().st_size > 0
+    # Resumed with --max-steps below where the run is: it stays at step 4 and says so (it
+    # said "at step 2" before), its checkpoints and logs as they were.
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text()
+    fewer = [*args[:5], "--max-steps", "2", *args[7:], "--resume"]
+    third = CliRunner().invoke(cli, fewer)
+    assert third.exit_code == 0, third.output
+    assert third.output.endswith(f"nothing to train: {tmp_path / 'run'} is at step 4 already, "
+                                 "past --max-steps 2\n"), third.output
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 4
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == logged
 
 
 def test_cli_errors_name_the_problem(synth_shards, tmp_path):

@@ -78,21 +78,27 @@ def second_settings(settings, compare: str, first_runs_as: dict):
     except ValueError as error:
         raise ValueError(f"--compare {compare!r}: {error}") from None
     if second_runs_as == first_runs_as:
-        raise ValueError(f"--compare {compare!r} changes no setting on this device: "
-                         f"precision {settings.precision} and {second.precision} both run as "
-                         f"{first_runs_as['precision']} here, so both runs would be the same")
+        same = "; ".join(f"{key} {getattr(settings, key)} and {value} both run as "
+                         f"{first_runs_as[key]}" for key, value in changed.items())
+        raise ValueError(f"--compare {compare!r} changes no setting on this device: {same} "
+                         "here, so both runs would be the same")
     return second
 
 
 def runs_as(settings) -> dict:
-    """The settings as they run on their device: `precision=auto` resolved (fp32 on the CPU,
-    bf16 or fp16 on a GPU). Attention names are kept as given: the report shows what they ran
-    as (`xformers->sdpa`)."""
+    """The settings as they run on their device, for telling two runs apart: the device
+    (`auto` is the CPU without a GPU), `precision=auto` (fp32 on the CPU, bf16 or fp16 on a
+    GPU) and the attention backend (`auto` and `xformers` are SDPA where xFormers cannot
+    run) resolved. The report keeps the names as given and shows what they ran as."""
+    from tcore.bench.model import resolved_attention
     from tcore.config import ConfigError
     from tcore.train import resolve_precision
 
     values = asdict(settings)
     device = resolve_device(settings.device)
+    values["device"] = str(device)
+    if "attention" in values:
+        values["attention"] = resolved_attention(values["attention"], device)
     if "precision" in values:
         try:
             values["precision"] = resolve_precision(values["precision"], device)

@@ -20,8 +20,8 @@ def parse_size(text: str | None):
 
 
 def check_device(ctx, param, value):
-    """--device callback: refuse a name torch cannot parse, or CUDA where none is usable,
-    before the checkpoint is loaded (torch's own errors come later, as raw tracebacks)."""
+    """--device callback: refuse a name torch cannot parse, a device other than the CPU or
+    CUDA, or CUDA where none is usable, before the checkpoint is loaded (torch's own errors come later, as raw tracebacks)."""
     if value is None:
         return None
     import torch
@@ -30,6 +30,10 @@ def check_device(ctx, param, value):
     except (RuntimeError, ValueError, TypeError) as error:
         raise click.BadParameter(f"{value!r} is not a torch device (e.g. cuda, cuda:1, cpu): "
                                  f"{error}") from error
+    if device.type not in ("cpu", "cuda"):
+        # torch parses mps, meta, xpu, ...; the evaluation runs on the CPU or a CUDA GPU.
+        raise click.BadParameter(f"{value!r}: tcore eval runs on cpu or cuda (cuda:N), not "
+                                 f"{device.type}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise click.BadParameter(f"{value!r} needs a GPU, but CUDA is not available here "

@@ -59,7 +59,10 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
         click.echo(f"  teacher backbone: {result.teacher_export}")
         click.echo(f"  metrics: {result.metrics}")
     else:
-        click.echo(f"nothing to train: {result.run_dir} is at step {result.end_step} already")
+        past = (f", past --max-steps {max_steps}" if max_steps and max_steps < result.end_step
+                else "")
+        click.echo(f"nothing to train: {result.run_dir} is at step {result.end_step} already"
+                   f"{past}")
     if max_steps and max_steps > result.end_step:
         click.echo(f"  note: the schedule ends at step {result.end_step} (optim.epochs x "
                    f"optim.official_epoch_length), before --max-steps {max_steps}")
