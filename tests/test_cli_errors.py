@@ -146,7 +146,9 @@ def test_a_new_run_is_refused_among_other_files(synth_shards, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["preview_stats_is_the_picture", "eval_radius_0",
-                                  "image_shards_with_clip_options", "no_nodes"])
+                                  "image_shards_with_clip_options", "no_nodes",
+                                  "jpegs_with_crf", "mjpeg_with_gop", "h264_with_vp9_speed",
+                                  "vp9_with_quality"])
 def test_options_that_could_not_mean_anything_are_refused(case, synth_shards, tmp_path):
     picture = str(tmp_path / "p.png")
     command, message = {
@@ -162,6 +164,21 @@ def test_options_that_could_not_mean_anything_are_refused(case, synth_shards, tm
              "--frames", "5", "--crf", "40"], "--frames, --crf: options of video clips"),
         "no_nodes": (["shards", "build", str(tmp_path), str(tmp_path / "out"), "--num-nodes",
                       "0"], "--num-nodes"),
+        # Encoder options the codec ignores: the build was byte for byte the one without
+        # them, and the manifest kept them, so a rerun without them was refused.
+        "jpegs_with_crf": (
+            ["shards", "build", str(tmp_path), str(tmp_path / "out"), "--codec", "jpegs",
+             "--crf", "10"], "--crf: not used by --codec jpegs, which takes --quality"),
+        "mjpeg_with_gop": (
+            ["shards", "build", str(tmp_path), str(tmp_path / "out"), "--codec", "mjpeg",
+             "--gop", "5", "--quality", "80"],
+            "--gop: not used by --codec mjpeg, which takes --quality"),
+        "h264_with_vp9_speed": (
+            ["shards", "build", str(tmp_path), str(tmp_path / "out"), "--codec", "h264",
+             "--vp9-speed", "3"], "--vp9-speed: not used by --codec h264, which takes --gop, --crf"),
+        "vp9_with_quality": (
+            ["shards", "build", str(tmp_path), str(tmp_path / "out"), "--quality", "50"],
+            "--quality: not used by --codec vp9, which takes --gop, --crf, --vp9-speed"),
     }[case]
     result = CliRunner().invoke(main, command)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output

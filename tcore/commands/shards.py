@@ -25,6 +25,36 @@ def _os_error(err: OSError) -> str:
 
 # Options that only video clips use: given with --kind image they would do nothing.
 _CLIP_OPTIONS = ("frames", "codec", "gop", "crf", "vp9_speed")
+# The encoder options each --codec uses; the others would do nothing with it (MJPEG and
+# JPEG frames are all keyframes, and only libvpx / x264 take a CRF).
+_CODEC_OPTIONS = {"vp9": ("gop", "crf", "vp9_speed"), "h264": ("gop", "crf"),
+                  "mjpeg": ("quality",), "jpegs": ("quality",)}
+
+
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _given(ctx, names) -> list[str]:
+    return [_option(name) for name in names
+            if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+
+
+def _refuse_options_that_do_nothing(ctx, kind: str, codec: str) -> None:
+    """An option the build would ignore is refused: given, it says the user expects an
+    effect (e.g. --crf with --codec jpegs, whose quality is --quality)."""
+    if kind == "image":
+        given = _given(ctx, _CLIP_OPTIONS)
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: options of video clips; --kind image "
+                                   "stores each image as one JPEG (--quality sets it)")
+        return
+    unused = _given(ctx, [name for name in ("gop", "crf", "vp9_speed", "quality")
+                          if name not in _CODEC_OPTIONS[codec]])
+    if unused:
+        uses = ", ".join(_option(name) for name in _CODEC_OPTIONS[codec])
+        raise click.UsageError(f"{', '.join(unused)}: not used by --codec {codec}, which "
+                               f"takes {uses}")
 
 
 @shards.command(name="build")
@@ -63,12 +93,7 @@ _CLIP_OPTIONS = ("frames", "codec", "gop", "crf", "vp9_speed")
 @click.pass_context
 def build(ctx, paths, list_file, video_root, no_shuffle, **options):
     """Build shards from SRC/<class>/<file> (or --list FILE) into OUT. Reruns resume."""
-    if options["kind"] == "image":
-        given = [f"--{name.replace('_', '-')}" for name in _CLIP_OPTIONS
-                 if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
-        if given:
-            raise click.UsageError(f"{', '.join(given)}: options of video clips; --kind image "
-                                   "stores each image as one JPEG (--quality sets it)")
+    _refuse_options_that_do_nothing(ctx, options["kind"], options["codec"])
     if no_shuffle:
         if options["shuffle_seed"] != 0:
             raise click.UsageError("--no-shuffle keeps the sorted order: give it or --shuffle-seed, "
