@@ -431,6 +431,7 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         # a precision this machine lacks leave no empty RUN_DIR behind.
         shard_set = load_shards_for_device(cfg, resolve_manifests(data), info.device)
         resolve_precision(cfg.train.precision, info.device)
+        check_run_directory_path(run_dir)
         if not resume:
             check_new_run_directory(run_dir)
         with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
@@ -439,6 +440,16 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
                           max_steps=max_steps, progress=progress)
     finally:
         shutdown(info)
+
+
+def check_run_directory_path(run_dir: Path) -> None:
+    """--output must be a directory or become one: not a file, nor below one (the OS says
+    only "File exists" or "Not a directory", without which path)."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == run_dir else f"is below {path}, which is a file"
+            raise FileExistsError(f"--output {run_dir} {where}, not a directory; choose a "
+                                  "run directory")
 
 
 def check_new_run_directory(run_dir: Path) -> None:

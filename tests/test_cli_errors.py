@@ -128,6 +128,20 @@ def test_train_step_counts_are_checked_before_the_run_directory_is_made(option, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_output_that_is_a_file_or_below_one_is_named(synth_shards, tmp_path, resume):
+    # "[Errno 17] File exists: 'afile.txt'" before, and a NotADirectoryError traceback below it.
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    for output, said in ((afile, "is a file, not a directory"),
+                         (afile / "run", f"is below {afile}, which is a file, not a directory")):
+        result = CliRunner().invoke(main, ["train", "--data", str(synth_shards), "--output",
+                                           str(output), "--max-steps", "1", "--no-progress",
+                                           *TRAIN_FAST] + (["--resume"] if resume else []))
+        _assert_clean_error(result, re.escape(f"--output {output} {said}"))
+    assert afile.read_text() == "mine"
+
+
 def test_a_new_run_is_refused_among_other_files(synth_shards, tmp_path):
     """--output naming a folder of other files (here the --data folder itself) is refused
     before anything is written there; a folder holding only a run's files is not."""
