@@ -83,3 +83,16 @@ def test_files_that_are_not_checkpoints_are_called_so(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{pickled}: cannot be read with tensors only")
     assert "argparse.Namespace" in message and "weights_only" not in message
+    # A checkpoint cut short (a copy that stopped) is called damaged, not told to drop its
+    # Python objects; the same for a legacy (non-zip) pickle cut short.
+    for name, legacy in (("cut.pt", False), ("cut_legacy.pt", True)):
+        whole = tmp_path / f"whole_{name}"
+        torch.save({"model": {"w": torch.arange(50_000.0)}}, whole,
+                   _use_new_zipfile_serialization=not legacy)
+        cut = tmp_path / name
+        cut.write_bytes(whole.read_bytes()[:100_000])
+        with pytest.raises(CheckpointError) as info:
+            load_eval_backbone(cut)
+        message = str(info.value)
+        assert message.startswith(f"{cut}: damaged or incomplete, torch cannot read it ("), message
+        assert message.endswith("); copy or save it again") and "tensors only" not in message

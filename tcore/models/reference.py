@@ -203,6 +203,10 @@ def _read(path: str) -> tuple[dict, dict]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        if "WeightsUnpickler error" not in str(error):
+            # Not a refused object: the file itself is broken (a cut-short copy, say).
+            raise CheckpointError(f"{path}: damaged or incomplete, torch cannot read it "
+                                  f"({_first_sentence(error)}); copy or save it again") from error
         raise CheckpointError(f"{path}: cannot be read with tensors only "
                               f"({_unpickler_reason(error)}); tcore runs no code from a "
                               "checkpoint: save the state dict itself with torch.save") from error
@@ -235,6 +239,11 @@ def _unpickler_reason(error: Exception) -> str:
         if "WeightsUnpickler error" in line:
             return line.strip().split(". ")[0]
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _first_sentence(error: Exception) -> str:
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return line.split(". ")[0]
 
 
 def _is_tcore_training(checkpoint: dict) -> bool:
