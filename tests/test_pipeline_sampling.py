@@ -512,7 +512,7 @@ def test_bad_view_and_mask_values_are_refused_naming_their_key():
                         ({"views": {"local_flip_p": 2.0}}, "views.local_flip_p"),
                         ({"views": {"n_local": -1}}, "views.n_local"),
                         ({"views": {"global_size": 0}}, "views.global_size"),
-                        ({"views": {"global_size": 200}}, "masks.patch_size"),
+                        ({"views": {"global_size": 200}}, "views.global_size"),
                         ({"masks": {"mask_sample_probability": 1.5}},
                          "masks.mask_sample_probability"),
                         ({"masks": {"mask_ratio": [0.5, 0.1]}}, "masks.mask_ratio"),
