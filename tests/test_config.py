@@ -22,8 +22,10 @@ def test_presets_exist_and_load():
     assert k400.optim.warmup_epochs == 20 and k400.optim.epochs == 400
     assert list(k400.data.past_offset_range) == [0.15, 0.25]
     assert load_config("vitb16_k400").model.arch == "vit_base"
-    for name in ("vits16_k400", "vitb16_k400", "vits16_imagenet"):   # the reference's precision
+    for name in ("vits16_k400", "vitb16_k400", "vits16_imagenet"):
+        # the reference's precision and per-GPU batch (METHOD.md section 6)
         assert load_config(name).train.precision == "fp16"
+        assert load_config(name).data.batch_size_per_gpu == 64, name
     tiny = load_config("tiny_cpu")
     assert tiny.model.arch == "vit_tiny" and tiny.data.batch_size_per_gpu == 16
 
