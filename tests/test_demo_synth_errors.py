@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from tcore.cli import main as cli
 from tcore.commands.data import synth as synth_command
 from tcore.commands.demo import demo as demo_command
+from tcore.demo import claim_output
 from tcore.preprocess.synth import make_synthetic
 
 SHORT_DEMO = ["--steps", "1", "--videos", "1", "--no-progress"]
@@ -52,12 +53,16 @@ def test_demo_output_that_is_a_file_or_under_one(tmp_path):
 
 def test_demo_rerun_after_a_kill_clears_only_its_own_results(tmp_path):
     out = tmp_path / "demo"
-    first = _invoke(["demo", "--output", str(out), *SHORT_DEMO])
-    assert first.exit_code == 0, first.output
+    # An earlier demo's results, as a finished run leaves them (test_demo.py runs one whole):
+    # the marker, the summary naming the rest, and each of its folders.
+    claim_output(out)
     assert json.loads((out / "demo.json").read_text())["made_by"] == "tcore demo"
-    assert (out / "summary.json").exists() and (out / "loss_curve.png").exists()
+    for name in ("synthetic", "shards", "run", "eval"):
+        (out / name).mkdir()
+        (out / name / "stale.txt").write_text("old")
+    (out / "summary.json").write_text(json.dumps({"paths": {"run": str(out / "run")}}))
+    (out / "loss_curve.png").write_bytes(b"old")
     (out / "notes.txt").write_text("mine")                # the user's file next to the demo's
-    (out / "run" / "stale.txt").write_text("old")
 
     # A rerun with more steps than the preset's schedules (a note says so), killed as soon as
     # it generates videos: the old summary and results are gone, not left pointing nowhere.
