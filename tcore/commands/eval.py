@@ -21,7 +21,8 @@ def parse_size(text: str | None):
 
 def check_device(ctx, param, value):
     """--device callback: refuse a name torch cannot parse, a device other than the CPU or
-    CUDA, or CUDA where none is usable, before the checkpoint is loaded (torch's own errors come later, as raw tracebacks)."""
+    CUDA, or CUDA where none is usable, before the checkpoint is loaded (torch's own errors
+    come later, as raw tracebacks)."""
     if value is None:
         return None
     import torch
