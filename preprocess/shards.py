@@ -571,8 +571,10 @@ def merge_node_manifests(out, parts=None) -> dict:
     ranks = sorted(m.get("node", {}).get("rank", -1) for m in manifests)
     counts = {m.get("node", {}).get("count") for m in manifests}
     if len(counts) != 1 or ranks != list(range(next(iter(counts)) or 0)):
-        raise ShardDirError(f"node manifests in {out} cover ranks {ranks} of {sorted(map(str, counts))} "
-                            "nodes; every node must finish before merging")
+        of = (f"{next(iter(counts))} nodes" if len(counts) == 1
+              else f"node counts that disagree ({', '.join(sorted(map(str, counts)))})")
+        raise ShardDirError(f"node manifests in {out} cover ranks {ranks} of {of}; every node "
+                            "must finish before merging")
     merged = merge_manifest_parts(manifests, [str(p) for p in paths])
     for shard in merged["shards"]:
         if not (out / shard["tar"]).is_file() or not (out / shard["index"]).is_file():

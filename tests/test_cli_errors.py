@@ -250,7 +250,11 @@ def test_preview_names_bad_shard_directories_without_traceback(case, synth_shard
 
 @pytest.mark.parametrize("option, value", [("--threads", "0"), ("--batches", "0"),
                                            ("--batches", "-2"), ("--batch-size", "0"),
-                                           ("--local-crops", "-1")])
+                                           ("--local-crops", "-1"),
+                                           # tracebacks from numpy and DALI before
+                                           ("--seed", "-1"), ("--seed", str(2**31)),
+                                           # torch parses it; the preview ran and said 0
+                                           ("--device", "meta")])
 def test_preview_counts_are_checked_before_anything_runs(option, value, synth_shards, tmp_path):
     png = tmp_path / "p.png"
     result = CliRunner().invoke(main, ["pipeline", "preview", "--data", str(synth_shards),

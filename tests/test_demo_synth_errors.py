@@ -99,7 +99,9 @@ def test_demo_rerun_after_a_kill_clears_only_its_own_results(tmp_path):
     (["--size", "abc"], "Invalid value for '--size': expected WxH such as 160x128, got 'abc'"),
     (["--size", "160x"], "Invalid value for '--size': expected WxH such as 160x128, got '160x'"),
     (["--davis-size", "8x8"], "Invalid value for '--davis-size': synthetic video size must be at least 16x16"),
-    (["--davis-frames", "0"], "Invalid value for '--davis-frames': 0 is not in the range x>=1"),
+    (["--davis-frames", "0"], "Invalid value for '--davis-frames': 0 is not in the range x>=3"),
+    # eval davis refuses a sequence of fewer than 3 frames: such a set could not be scored
+    (["--davis-frames", "2"], "Invalid value for '--davis-frames': 2 is not in the range x>=3"),
     (["--videos", "-1"], "Invalid value for '--videos'"),
     (["--seed", "-1"], "Invalid value for '--seed'"),
     (["--videos", "0", "--davis-videos", "0"], "--videos and --davis-videos are both 0: nothing would be written"),

@@ -274,6 +274,9 @@ def test_cli_refuses_bad_counts_and_devices(tmp_path):
              ("vip", ["--short-side", "0"], "--short-side"),
              ("jhmdb", ["--split", "0"], "--split"),
              ("davis", ["--device", "gpu"], "--device"),
+             # the fixed size won silently, and results.json recorded both
+             ("vip", ["--size", "48x64", "--short-side", "32"],
+              "give --size HxW or --short-side N, not both"),
              # devices torch knows but the evaluation does not run on (a traceback before)
              ("davis", ["--device", "mps"], "runs on cpu or cuda (cuda:N), not mps"),
              ("jhmdb", ["--device", "meta"], "runs on cpu or cuda (cuda:N), not meta"),

@@ -1,6 +1,7 @@
 """VIP and JHMDB readers, propagation and metrics on small fixtures in their official
 layouts (a colour stand-in backbone makes the expected answers exact)."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,30 @@ def test_a_listed_video_missing_on_disk_fails_before_any_propagation(tmp_path):
         davis.evaluate_davis(None, data, tmp_path / "d_out", size=None, topk=3,
                              encoder=colour_encoder(), patch=16, progress=False, device="cpu")
     assert not (tmp_path / "d_out" / "predictions").exists()
+
+
+def test_a_video_listed_twice_is_refused_before_any_propagation(tmp_path):
+    # Scored twice, it weighed double in the mean (J&F 0.2198 -> 0.2006 on a synthetic set),
+    # where the official tools count each video once.
+    from davis_files import moving_squares, write_davis
+    from tcore.eval import davis
+
+    images, labels = part_video(frames=3)
+    write_vip(tmp_path / "vip", "a_good", images, {0: labels[0], 2: labels[2]})
+    listing = tmp_path / "vip" / "lists" / "val_videos.txt"
+    listing.parent.mkdir()
+    listing.write_text("a_good\n\na_good\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(listing))}: lists a_good more than "
+                                         r"once$"):
+        run_vip(tmp_path / "vip", tmp_path / "vip_out")
+    assert not (tmp_path / "vip_out").exists()
+
+    data = write_davis(tmp_path / "davis", {"a_good": moving_squares()})
+    split = data / "ImageSets" / "2017" / "val.txt"
+    with open(split, "a") as lines:
+        lines.write("a_good\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(split))}: lists a_good more than "
+                                         r"once$"):
+        davis.evaluate_davis(None, data, tmp_path / "d_out", size=None, topk=3,
+                             encoder=colour_encoder(), patch=16, progress=False, device="cpu")
+    assert not (tmp_path / "d_out").exists()

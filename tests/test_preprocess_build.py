@@ -278,7 +278,9 @@ def test_merge_refuses_missing_node(mixed_src, tmp_path):
     out = tmp_path / "half"
     build_shards(mixed_src, out, frames=20, short_side=SHORT_SIDE, samples_per_shard=8, node_rank=1,
                  num_nodes=2, progress=False)
-    with pytest.raises(ShardDirError, match="every node must finish"):
+    # The count as a number (it read "of ['2'] nodes").
+    with pytest.raises(ShardDirError, match=r"cover ranks \[1\] of 2 nodes; every node must "
+                                            r"finish before merging"):
         merge_node_manifests(out)
 
 

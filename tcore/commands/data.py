@@ -33,8 +33,9 @@ def data():
               help="Training video size WxH (at least 16x16).")
 @click.option("--davis-videos", type=click.IntRange(min=0), default=3, show_default=True,
               help="Held-out videos in DAVIS-2017 layout.")
-@click.option("--davis-frames", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Frames per held-out DAVIS-layout video.")
+@click.option("--davis-frames", type=click.IntRange(min=3), default=16, show_default=True,
+              help="Frames per held-out DAVIS-layout video (at least 3: `tcore eval davis` "
+                   "scores the frames between the first and the last).")
 @click.option("--davis-size", type=SizeType(), default="160x96", show_default=True,
               help="Held-out video size WxH (at least 16x16).")
 def synth(out, seed, videos, frames, size, davis_videos, davis_frames, davis_size):

@@ -5,6 +5,7 @@ import functools
 import re
 
 import click
+from click.core import ParameterSource
 
 DEFAULT_SIZES = {"davis": "480x880", "jhmdb": "320x320"}
 
@@ -135,13 +136,18 @@ def davis_command(checkpoint, arch, device, size, **kwargs):
               help="Resize so the short side has this length (aspect kept).")
 @click.option("--size", default=None,
               help="Fixed input HxW (multiples of 16) instead of --short-side.")
+@click.pass_context
 @_errors_as_click
-def vip_command(checkpoint, arch, device, size, **kwargs):
+def vip_command(ctx, checkpoint, arch, device, size, **kwargs):
     """VIP body parts: mIoU over the 20 classes."""
     from tcore.eval.vip import evaluate_vip
     if size is not None and parse_size(size) is None:   # not silently --short-side's size
         raise click.BadParameter("'native' is DAVIS only: vip takes --short-side N (the "
                                  "default, 880) or a fixed HxW", param_hint="--size")
+    if size is not None and ctx.get_parameter_source("short_side") is not ParameterSource.DEFAULT:
+        # One or the other: the fixed size wins, and results.json recorded both.
+        raise click.BadParameter("give --size HxW or --short-side N, not both",
+                                 param_hint="--size")
     _run(evaluate_vip, checkpoint, arch, device, size=parse_size(size), **kwargs)
 
 

@@ -34,7 +34,8 @@ def pipeline():
 @click.option("--stats", type=click.Path(dir_okay=False), default=None,
               help="JSON over the batches: frame triples with T, normalised crop boxes, masked counts.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True)
+# DALI takes a seed below 2**31; numpy's generators refuse negative ones.
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1))
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i].")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
               help="DALI threads.")
@@ -52,9 +53,12 @@ def preview(data, output, batches, stats, batch_size, seed, device, threads, loc
     from tcore.preprocess.errors import ShardDirError
 
     try:
-        on_gpu = torch.device(device).type == "cuda"
+        kind = torch.device(device).type
     except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):     # torch also parses meta, mps, ...
         raise click.BadParameter(f"{device!r}: expected cpu or cuda[:i]", param_hint="--device")
+    on_gpu = kind == "cuda"
     if on_gpu and not torch.cuda.is_available():
         raise click.BadParameter("cuda asked for, but torch sees no GPU", param_hint="--device")
     if stats and os.path.realpath(stats) == os.path.realpath(output):

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from tcore.eval import metrics
 from tcore.eval.features import (backbone_patch_encoder, check_input_size, evaluates_frozen,
                                  native_size, patch_size_of, resolve_device)
-from tcore.eval.io import read_label_png, read_rgb, read_same_size, size_text, write_label_png
+from tcore.eval.io import (read_label_png, read_name_list, read_rgb, read_same_size, size_text,
+                           write_label_png)
 from tcore.eval.report import write_results
 from tcore.eval.segment import PropagationSettings, propagate_segmentation
 
@@ -42,7 +43,7 @@ def sequence_names(root: Path, split: str = "val", year: str = "2017") -> list[s
         raise FileNotFoundError(f"{split_file}: DAVIS split file not found (expected the "
                                 f"official layout ROOT/ImageSets/{year}/{split}.txt, one "
                                 "sequence name a line)")
-    names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    names = read_name_list(split_file)
     if not names:
         raise ValueError(f"{split_file}: lists no sequence")
     return names

@@ -29,6 +29,17 @@ def davis_palette() -> np.ndarray:
     return palette
 
 
+def read_name_list(path: Path) -> list[str]:
+    """A list file's names, one a line (blank lines skipped). A name listed twice is refused:
+    it would be scored twice and weigh double in the mean, where the official tools count
+    each video once."""
+    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"{path}: lists {', '.join(twice)} more than once")
+    return names
+
+
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
     """Label map [H,W] uint8 of a palette ('P') or greyscale ('L') PNG.
 

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from tcore.eval import metrics
 from tcore.eval.features import (backbone_patch_encoder, evaluates_frozen, patch_size_of,
                                  resolve_device, short_side_size)
-from tcore.eval.io import read_label_png, read_rgb, read_same_size, size_text, write_label_png
+from tcore.eval.io import (read_label_png, read_name_list, read_rgb, read_same_size, size_text,
+                           write_label_png)
 from tcore.eval.report import write_results
 from tcore.eval.segment import PropagationSettings, propagate_segmentation
 
@@ -30,7 +31,7 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 def video_names(root: Path) -> list[str]:
     listing = root / "lists" / "val_videos.txt"
     if listing.is_file():
-        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        names = read_name_list(listing)
     else:
         ann_root = root / "Annotations" / "Category_ids"
         if not ann_root.is_dir():
