@@ -379,3 +379,17 @@ def test_a_video_listed_twice_is_refused_before_any_propagation(tmp_path):
         davis.evaluate_davis(None, data, tmp_path / "d_out", size=None, topk=3,
                              encoder=colour_encoder(), patch=16, progress=False, device="cpu")
     assert not (tmp_path / "d_out").exists()
+
+
+def test_a_davis_sequence_too_short_to_score_is_refused_before_any_propagation(tmp_path):
+    # Found at its turn before, after the sequences listed ahead of it had been propagated.
+    from davis_files import moving_squares, write_davis
+    from tcore.eval import davis
+
+    data = write_davis(tmp_path / "davis", {"a_good": moving_squares(),
+                                            "b_short": moving_squares(frames=2)})
+    with pytest.raises(ValueError, match=r"^sequence b_short: needs at least 3 frames \(first "
+                                         r"and last are not scored\), has 2$"):
+        davis.evaluate_davis(None, data, tmp_path / "d_out", size=None, topk=3,
+                             encoder=colour_encoder(), patch=16, progress=False, device="cpu")
+    assert not (tmp_path / "d_out" / "predictions").exists()

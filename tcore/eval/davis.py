@@ -67,6 +67,11 @@ def read_sequence(root: Path, name: str, resolution: str = "480p") -> DavisSeque
 
 
 def _check_full_annotations(seq: DavisSequence) -> None:
+    """From the listing alone, so that every sequence is checked before the first one is
+    propagated: an annotation per frame, and at least 3 frames."""
+    if len(seq.frames) < 3:
+        raise ValueError(f"sequence {seq.name}: needs at least 3 frames (first and last are "
+                         f"not scored), has {len(seq.frames)}")
     frame_stems = [p.stem for p in seq.frames]
     ann_stems = [p.stem for p in seq.annotations]
     if frame_stems != ann_stems:
