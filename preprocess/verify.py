@@ -118,6 +118,14 @@ def inspect_shards(out, verify: bool = False, progress=None) -> dict:
             report["problems"].append({"tar": shard["tar"], "key": None, "error":
                                        f"{size} bytes, the build wrote {shard['bytes']} "
                                        "(truncated or changed since)"})
+    # A tar the manifest does not list is never read by the loader: its samples are left out
+    # of training without a word (shards copied in from another build, an edited manifest).
+    listed = {shard["tar"] for shard in manifest["shards"]}
+    for tar in sorted(p.name for p in out.glob("*.tar") if p.name not in listed):
+        report["problems"].append({"tar": tar, "key": None, "error":
+                                   "not listed in manifest.json, so never trained on (a build's "
+                                   "own shards are listed; merge a node build's manifests with "
+                                   "`tcore shards merge-manifest`)"})
     if not verify:
         return report
     per_class, stored = Counter(), []

@@ -190,6 +190,20 @@ def test_inspect_verify_reports_a_truncated_shard(synth_shards, tmp_path):
     assert CliRunner().invoke(cli, ["shards", "inspect", str(synth_shards)]).exit_code == 0
 
 
+def test_inspect_names_a_tar_the_manifest_does_not_list(synth_shards, tmp_path):
+    # It said "3 shards" and exit 0, while the loader never reads the fourth tar.
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_shards, copy)
+    shutil.copy(copy / "shard-000002.tar", copy / "shard-000003.tar")
+    for verify in ([], ["--verify"]):
+        result = CliRunner().invoke(cli, ["shards", "inspect", str(copy), *verify])
+        assert result.exit_code == 1, result.output
+        assert "BAD shard-000003.tar: not listed in manifest.json, so never trained on" \
+            in result.output
+    problems = inspect_shards(copy)["problems"]
+    assert [p["tar"] for p in problems] == ["shard-000003.tar"]
+
+
 def test_inspect_verify_reports_samples_that_disagree_with_their_json_index_or_manifest(synth_shards, tmp_path):
     """Every check of `inspect --verify` on shards that are valid tars: a .cls that is not the
     json's label, a clip with 19 frames where the manifest says T = 20, an index that lists 4 of
