@@ -253,7 +253,10 @@ def make_synthetic(out, seed: int = 0, videos: int = 24, frames: int = 48, size=
               "davis_videos": davis_videos, "davis_frames": davis_frames,
               "davis_size": [davis_width, davis_height], "davis_objects": davis_objects}
     summary = _summary(out, videos, davis_videos)
-    summary["reused"] = _reuse_or_refuse(out, params)
+    # Reused only when every file is still there: one deleted or emptied since is made again
+    # (with the rest: the output is byte-identical for a given seed).
+    summary["reused"] = (_reuse_or_refuse(out, params)
+                         and _all_files_there(out, summary, davis_frames))
     if summary["reused"]:
         return summary
     _write_atomic(out / SYNTH_RECORD, json.dumps({"params": params, "complete": False}).encode())
@@ -296,6 +299,17 @@ def _summary(out: Path, videos: int, davis_videos: int) -> dict:
             "classes": sorted({MOTION_CLASSES[i % len(MOTION_CLASSES)] for i in range(videos)}),
             "videos": [_train_path(i) for i in range(videos)],
             "davis_videos": [f"synth{i:02d}" for i in range(davis_videos)]}
+
+
+def _all_files_there(out: Path, summary: dict, davis_frames: int) -> bool:
+    paths = [out / relative for relative in summary["videos"]]
+    for name in summary["davis_videos"]:
+        for t in range(davis_frames):
+            paths += [out / "davis" / "JPEGImages" / "480p" / name / f"{t:05d}.jpg",
+                      out / "davis" / "Annotations" / "480p" / name / f"{t:05d}.png"]
+    if summary["davis_videos"]:
+        paths.append(out / "davis" / "ImageSets" / "2017" / "val.txt")
+    return all(path.is_file() and path.stat().st_size > 0 for path in paths)
 
 
 def _reuse_or_refuse(out: Path, params: dict) -> bool:

@@ -97,6 +97,12 @@ def test_same_options_reuse_and_other_options_are_refused(tmp_path):
     before = _files(out)
     again = make_synthetic(out, seed=1, **TINY)      # reused: nothing rewritten, and it says so
     assert _files(out) == before and (out / again["videos"][0]).is_file() and again["reused"]
+    # A file deleted or emptied since is not "reused as is": the set is made again, the
+    # same bytes as before (it said "reused" over the holes).
+    (out / again["videos"][1]).unlink()
+    (out / "davis" / "Annotations" / "480p" / "synth01" / "00003.png").write_bytes(b"")
+    remade = make_synthetic(out, seed=1, **TINY)
+    assert remade["reused"] is False and _files(out) == before
     with pytest.raises(ValueError, match="other options"):
         make_synthetic(out, seed=2, **TINY)
     (tmp_path / "other").mkdir()
