@@ -25,8 +25,20 @@ def _index_matches_tar(tar_path: Path, samples) -> str | None:
         return f"truncated or corrupt tar ({err})"
     listed = [(name, offset, size) for components in samples for _, offset, size, name in components]
     if members != listed:
-        return f"index does not match the tar ({len(listed)} indexed members, {len(members)} in tar)"
+        first = next((i for i, (a, b) in enumerate(zip(listed, members)) if a != b),
+                     min(len(listed), len(members)))
+        at = (f"; member {first + 1}: index {_member_text(listed, first)}, tar "
+              f"{_member_text(members, first)}")
+        return (f"index does not match the tar ({len(listed)} indexed members, {len(members)} "
+                f"in tar{at})")
     return None
+
+
+def _member_text(members: list, index: int) -> str:
+    if index >= len(members):
+        return "none"
+    name, offset, size = members[index]
+    return f"{name} at byte {offset}, {size} bytes"
 
 
 def _image_size(data: bytes) -> tuple[int, int]:

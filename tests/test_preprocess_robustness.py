@@ -238,6 +238,10 @@ def test_inspect_verify_reports_samples_that_disagree_with_their_json_index_or_m
         ("shard-000001.tar", "", "manifest says 5 samples"),
         ("shard-000002.tar", "", f"{copy / 'shard-000002.idx'}: header says 3 samples"),
     ]), problems
+    # The first member where index and tar part (where the counts alone could agree).
+    mismatch = next(p["error"] for p in problems if "index does not match" in p["error"])
+    assert re.search(r"\(12 indexed members, 15 in tar; member 13: index none, tar \S+\.webm "
+                     r"at byte \d+, \d+ bytes\)$", mismatch), mismatch
 
 
 def test_inspect_accepts_the_manifest_file(synth_shards):
