@@ -141,7 +141,7 @@ def test_synth_out_not_creatable_is_path_and_reason(tmp_path):
 
 def test_synth_zero_training_videos_reports_only_what_it_wrote(tmp_path):
     result = _invoke(["data", "synth", str(tmp_path / "out"), "--videos", "0", "--davis-videos", "1",
-                      "--davis-frames", "2", "--davis-size", "32x32"])
+                      "--davis-frames", "3", "--davis-size", "32x32"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == f"{tmp_path / 'out' / 'davis'}: 1 DAVIS-layout videos"
 
