@@ -275,15 +275,14 @@ def make_synthetic(out, seed: int = 0, videos: int = 24, frames: int = 48, size=
         motion = MOTION_CLASSES[index % len(MOTION_CLASSES)]
         video, ids = render_video(rng, motion, davis_frames, davis_width, davis_height, davis_objects)
         for t in range(davis_frames):
-            _write_atomic(davis / "JPEGImages" / "480p" / name / f"{t:05d}.jpg",
+            frame_path, mask_path = _davis_frame_files(davis, name, t)
+            _write_atomic(frame_path,
                           _image_bytes(Image.fromarray(video[t]), format="JPEG", quality=95))
             mask = Image.fromarray(ids[t], mode="P")
             mask.putpalette(palette)
-            _write_atomic(davis / "Annotations" / "480p" / name / f"{t:05d}.png",
-                          _image_bytes(mask, format="PNG"))
+            _write_atomic(mask_path, _image_bytes(mask, format="PNG"))
     if davis_videos:
-        _write_atomic(davis / "ImageSets" / "2017" / "val.txt",
-                      "".join(f"{name}\n" for name in names).encode())
+        _write_atomic(_davis_split_file(davis), "".join(f"{name}\n" for name in names).encode())
     _write_atomic(out / SYNTH_RECORD, json.dumps({"params": params, "complete": True}).encode())
     return summary
 
@@ -301,14 +300,25 @@ def _summary(out: Path, videos: int, davis_videos: int) -> dict:
             "davis_videos": [f"synth{i:02d}" for i in range(davis_videos)]}
 
 
+def _davis_frame_files(davis: Path, name: str, t: int) -> tuple[Path, Path]:
+    """Frame t of a DAVIS-layout video: its JPEG and its palette PNG."""
+    return (davis / "JPEGImages" / "480p" / name / f"{t:05d}.jpg",
+            davis / "Annotations" / "480p" / name / f"{t:05d}.png")
+
+
+def _davis_split_file(davis: Path) -> Path:
+    return davis / "ImageSets" / "2017" / "val.txt"
+
+
 def _all_files_there(out: Path, summary: dict, davis_frames: int) -> bool:
+    """Every file make_synthetic writes for `summary`, there and not empty."""
+    davis = out / "davis"
     paths = [out / relative for relative in summary["videos"]]
     for name in summary["davis_videos"]:
         for t in range(davis_frames):
-            paths += [out / "davis" / "JPEGImages" / "480p" / name / f"{t:05d}.jpg",
-                      out / "davis" / "Annotations" / "480p" / name / f"{t:05d}.png"]
+            paths += _davis_frame_files(davis, name, t)
     if summary["davis_videos"]:
-        paths.append(out / "davis" / "ImageSets" / "2017" / "val.txt")
+        paths.append(_davis_split_file(davis))
     return all(path.is_file() and path.stat().st_size > 0 for path in paths)
 
 

@@ -104,9 +104,10 @@ def _three_steps(cfg):
 
 def test_compiled_step_matches_eager():
     """The path `train.compile=true` takes: dynamo's capture, AOT autograd and Inductor's
-    lowering, fusion and code (Triton on a GPU, C++ here). The C++ is scalar: its 66 kernels
-    compile in ~50 s cold on 2 quiet cores instead of ~85 s with SIMD intrinsics, and a
-    GPU's kernels are not the CPU's SIMD code anyway. (Capture alone, `aot_eager`, is the FSDP
+    lowering, fusion and code (Triton on a GPU, C++ here). The C++ is scalar (66 kernels):
+    the test then took 53 s alone with Inductor's cache cold on 2 cores, against 107 s with
+    SIMD intrinsics (docs/PERFORMANCE.md, "The test suite"), and a GPU's kernels are not the
+    CPU's SIMD code anyway. (Capture alone, `aot_eager`, is the FSDP
     file's compiled run.)"""
     base = ["model.head.prototypes=128", "optim.warmup_epochs=0"]
     eager = _three_steps(load_config("tiny_cpu", base))

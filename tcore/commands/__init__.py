@@ -12,3 +12,30 @@ def shard_paths(ctx, param, values) -> list[str]:
         if not os.path.exists(path):
             raise click.BadParameter(f"{path}: no such file or directory")
     return paths
+
+
+def check_torch_device(ctx, param, value):
+    """`--device` callback of the commands that run on the CPU or a CUDA GPU (eval,
+    pipeline preview): refuse a name torch cannot parse, another kind of device, or CUDA
+    where none is usable, before anything is loaded (torch's own errors come later, as raw
+    tracebacks)."""
+    if value is None:
+        return None
+    import torch
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise click.BadParameter(f"{value!r} is not a torch device (e.g. cuda, cuda:1, cpu): "
+                                 f"{error}") from error
+    if device.type not in ("cpu", "cuda"):
+        # torch parses mps, meta, xpu, ...
+        raise click.BadParameter(f"{value!r}: this command runs on cpu or cuda (cuda:N), not "
+                                 f"{device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{value!r} needs a GPU, but CUDA is not available here "
+                                     "(no GPU or no driver); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value!r}: only {torch.cuda.device_count()} GPU(s) "
+                                     "visible")
+    return value

@@ -7,6 +7,8 @@ import re
 import click
 from click.core import ParameterSource
 
+from tcore.commands import check_torch_device
+
 DEFAULT_SIZES = {"davis": "480x880", "jhmdb": "320x320"}
 
 
@@ -18,32 +20,6 @@ def parse_size(text: str | None):
     if not match:
         raise click.BadParameter(f"expected HxW (e.g. 480x880) or 'native', got {text!r}")
     return int(match.group(1)), int(match.group(2))
-
-
-def check_device(ctx, param, value):
-    """--device callback: refuse a name torch cannot parse, a device other than the CPU or
-    CUDA, or CUDA where none is usable, before the checkpoint is loaded (torch's own errors
-    come later, as raw tracebacks)."""
-    if value is None:
-        return None
-    import torch
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError, TypeError) as error:
-        raise click.BadParameter(f"{value!r} is not a torch device (e.g. cuda, cuda:1, cpu): "
-                                 f"{error}") from error
-    if device.type not in ("cpu", "cuda"):
-        # torch parses mps, meta, xpu, ...; the evaluation runs on the CPU or a CUDA GPU.
-        raise click.BadParameter(f"{value!r}: tcore eval runs on cpu or cuda (cuda:N), not "
-                                 f"{device.type}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise click.BadParameter(f"{value!r} needs a GPU, but CUDA is not available here "
-                                     "(no GPU or no driver); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise click.BadParameter(f"{value!r}: only {torch.cuda.device_count()} GPU(s) "
-                                     "visible")
-    return value
 
 
 def propagation_options(topk: int):
@@ -71,7 +47,7 @@ def propagation_options(topk: int):
                          type=click.FloatRange(min=0, min_open=True)),
             click.option("--context", default=20, show_default=True, type=click.IntRange(min=1),
                          help="Previous frames in the context (plus the first frame)."),
-            click.option("--device", default=None, callback=check_device,
+            click.option("--device", default=None, callback=check_torch_device,
                          help="cuda / cpu (default: cuda if present)."),
             click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
                          help="Frames per feature batch."),

@@ -3,7 +3,7 @@ import os
 
 import click
 
-from tcore.commands import shard_paths
+from tcore.commands import check_torch_device, shard_paths
 from tcore.pipelines.config import PipelineConfig
 
 
@@ -36,7 +36,8 @@ def pipeline():
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 # DALI takes a seed below 2**31; numpy's generators refuse negative ones.
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1))
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i].")
+@click.option("--device", default="cpu", show_default=True, callback=check_torch_device,
+              help="cpu or cuda[:i].")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
               help="DALI threads.")
 @click.option("--local-crops", default=8, show_default=True, type=click.IntRange(min=0),
@@ -52,15 +53,7 @@ def preview(data, output, batches, stats, batch_size, seed, device, threads, loc
     from tcore.pipelines.stage_a import BadSampleError
     from tcore.preprocess.errors import ShardDirError
 
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):     # torch also parses meta, mps, ...
-        raise click.BadParameter(f"{device!r}: expected cpu or cuda[:i]", param_hint="--device")
-    on_gpu = kind == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise click.BadParameter("cuda asked for, but torch sees no GPU", param_hint="--device")
+    on_gpu = torch.device(device).type == "cuda"
     if stats and os.path.realpath(stats) == os.path.realpath(output):
         raise click.BadParameter(f"{stats} is also --output: the statistics would overwrite "
                                  "the picture", param_hint="--stats")

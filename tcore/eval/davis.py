@@ -186,10 +186,8 @@ def score_davis(data_root, results_dir, *, split: str = "val", sequences: list[s
     object_rows: list[dict] = []
     for name in tqdm(names, desc="davis-score", disable=not progress, unit="video"):
         seq = read_sequence(root, name)
-        _check_full_annotations(seq)
+        _check_full_annotations(seq)     # 3 frames or more, each annotated
         truth = read_same_size(seq.annotations, read_label_png)
-        if truth.shape[0] < 3:
-            raise ValueError(f"sequence {name}: needs at least 3 annotated frames")
         prediction = read_prediction_sequence(results, seq, truth.shape[1:])
         object_rows += score_objects(count_objects(truth[0]), truth[1:-1], prediction, name)
     return {"benchmark": "davis-2017", "split": split, "summary": summarize(object_rows),
