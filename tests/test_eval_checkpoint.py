@@ -37,9 +37,9 @@ def test_training_checkpoint_gives_the_ema_teacher(tiny_tcore, tmp_path):
     assert not any(p.requires_grad for p in backbone.parameters())       # frozen
     torch.testing.assert_close(backbone.forward_features(images)["patch"],
                                teacher_tokens(tiny_tcore, images))
-    # --arch of another width is refused, naming both widths.
-    with pytest.raises(ValueError, match=r"backbone width 192 does not match --arch vit_small "
-                                         r"\(384\)"):
+    # --arch of another width is refused, naming both sizes.
+    with pytest.raises(ValueError, match=r"backbone of width 192 and 2 blocks does not match "
+                                         r"--arch vit_small \(width 384, 12 blocks\)"):
         load_eval_backbone(path, arch="vit_small")
 
 
@@ -96,3 +96,88 @@ def test_files_that_are_not_checkpoints_are_called_so(tmp_path):
         message = str(info.value)
         assert message.startswith(f"{cut}: damaged or incomplete, torch cannot read it ("), message
         assert message.endswith("); copy or save it again") and "tensors only" not in message
+
+
+def folded(backbone_state: dict, prefix: str = "") -> dict:
+    """A backbone state in tcore's layout before 2026-11-27: the cls position folded into
+    cls_token, no cls_pos_embed."""
+    state = dict(backbone_state)
+    position = state.pop(f"{prefix}cls_pos_embed")
+    state[f"{prefix}cls_token"] = state[f"{prefix}cls_token"] + position
+    return state
+
+
+def test_states_of_the_earlier_folded_layout_evaluate_as_the_same_network(tiny_tcore, tmp_path):
+    """README: checkpoints of the folded layout still load for evaluation. They did through
+    Backbone.load_state_dict, but load_reference compared key sets first and refused them."""
+    from safetensors.torch import save_file
+    images = torch.randn(1, 3, 32, 48)
+    expected = teacher_tokens(tiny_tcore, images)
+    teacher = {f"backbone.{k}": v.contiguous()
+               for k, v in tiny_tcore.teacher_backbone().state_dict().items()}
+    export = tmp_path / "teacher_backbone.safetensors"
+    save_file(folded(teacher, "backbone."), str(export), metadata={"num_heads": "3",
+                                                                     "format": "tcore"})
+    state = folded(folded(tiny_tcore.state_dict(), "teacher.backbone."), "student.backbone.")
+    checkpoint = tmp_path / "checkpoint-00000003.pt"
+    torch.save({"step": 3, "model": state, "config": {"model": {"arch": "vit_tiny"}}},
+               checkpoint)
+    for path in (export, checkpoint):
+        backbone = load_eval_backbone(path)
+        torch.testing.assert_close(backbone.forward_features(images)["patch"], expected)
+
+
+def plain_teacher_state(model) -> dict:
+    """The teacher backbone as a DINOv2-layout state dict (what other code bases save)."""
+    from tcore.models.reference import backbone_to_official
+    return backbone_to_official(model.teacher_backbone().state_dict())
+
+
+def test_wrapper_prefixes_of_ddp_and_torch_compile_are_taken_off(tiny_tcore, tmp_path):
+    images = torch.randn(1, 3, 32, 32)
+    expected = teacher_tokens(tiny_tcore, images)
+    state = plain_teacher_state(tiny_tcore)
+    layouts = {
+        "ddp_plain.pth": {f"module.{k}": v for k, v in state.items()},
+        "compiled_ddp.pth": {"state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()}},
+        "ddp_eval_layout.pth": {"teacher": {f"module.backbone.{k}": v for k, v in state.items()}},
+    }
+    for name, payload in layouts.items():
+        torch.save(payload, tmp_path / name)
+        backbone = load_eval_backbone(tmp_path / name, arch="vit_tiny")
+        torch.testing.assert_close(backbone.forward_features(images)["patch"], expected)
+
+
+def test_evaluation_reads_the_backbone_alone(tiny_tcore, tmp_path):
+    """A head or PMM that does not fit is no reason to refuse an evaluation, which uses
+    neither; load_reference itself still refuses it."""
+    from tcore.models import load_reference
+    teacher = {f"backbone.{k}": v for k, v in plain_teacher_state(tiny_tcore).items()}
+    teacher.update({f"dino_head.{k}": v for k, v in tiny_tcore.teacher.head.state_dict().items()})
+    del teacher["dino_head.mlp.2.bias"]
+    path = tmp_path / "head_missing.pth"
+    torch.save({"teacher": teacher}, path)
+    images = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(load_eval_backbone(path).forward_features(images)["patch"],
+                               teacher_tokens(tiny_tcore, images))
+    with pytest.raises(CheckpointError, match=r"DINO head does not match .*'mlp\.2\.bias'"):
+        load_reference(path)
+
+
+def test_a_state_dict_cut_short_is_refused_by_arch_and_sizes_are_traced(tiny_tcore, tmp_path):
+    state = plain_teacher_state(tiny_tcore)
+    shallow = tmp_path / "one_block.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("blocks.1.")}, shallow)
+    assert len(load_eval_backbone(shallow).blocks) == 1   # what the file holds, without --arch
+    with pytest.raises(ValueError, match=r"one_block\.pth: backbone of width 192 and 1 blocks "
+                                         r"does not match --arch vit_tiny \(width 192, 2 blocks\)"):
+        load_eval_backbone(shallow, arch="vit_tiny")
+    # A broken tensor that sizes the model shows up as the keys that depend on it; the
+    # message says which tensors gave the sizes, and which side is the file.
+    bad = dict(state, **{"blocks.0.mlp.fc1.weight": torch.zeros(5, 192)})
+    torch.save(bad, tmp_path / "bad_shape.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_eval_backbone(tmp_path / "bad_shape.pth")
+    message = str(info.value)
+    assert "blocks.0.mlp.fc1.bias file (768,) != model (5,)" in message, message
+    assert "blocks.0.mlp.fc1.weight (MLP width 5)" in message, message

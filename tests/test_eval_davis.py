@@ -58,11 +58,12 @@ def test_missing_object_files_and_extra_ids(tmp_path):
     write_predictions(tmp_path / "one", "seq", only_one)
     result = davis.score_davis(data, tmp_path / "one", progress=False)
     assert len(result["per_object"]) == 2
-    # an id above the first frame's object count is an error
+    # an id above the first frame's object count is an error naming the PNG
     extra = labels.copy()
     extra[2, 0, 0] = 3
     write_predictions(tmp_path / "extra", "seq", extra)
-    with pytest.raises(ValueError, match="object id 3"):
+    with pytest.raises(ValueError, match=r"extra/seq/00002\.png: holds object id 3 but the "
+                                         r"first annotation of sequence seq has only 2 objects"):
         davis.score_davis(data, tmp_path / "extra", progress=False)
     # a missing scored frame is an error naming the file
     write_predictions(tmp_path / "missing", "seq", labels)
@@ -171,6 +172,12 @@ def test_cli_end_to_end_with_reference_fixture(synthetic_davis, tmp_path):
     # METHOD.md section 7: top-7, radius 20, temperature 0.7, first frame + previous 20
     assert results["settings"] == {"size": "native", "topk": 7, "radius": 20, "temperature": 0.7,
                                    "context": 20, "long_memory": [0]}
+    # What was evaluated: the file (absolute path), the network's sizes as loaded, and each
+    # video's input size (the synthetic frames are 96x160, multiples of 16 already).
+    assert results["checkpoint"] == str(REFERENCE.resolve())
+    assert results["backbone"] == {"embed_dim": 192, "depth": 2, "num_heads": 3,
+                                   "patch_size": 16, "registers": 4}
+    assert results["input_sizes"] == {name: [96, 160] for name in names}
     help_text = CliRunner().invoke(main, ["eval", "davis", "--help"]).output
     assert "[default: 480x880]" in help_text  # the DAVIS input size, when --size is left out
     for name in names:
@@ -246,6 +253,7 @@ def test_frames_or_annotations_of_another_size_name_the_file(tmp_path):
     odd_annotation = write_davis(tmp_path / "annotations", {"seq": labels})
     write_label_png(odd_annotation / "Annotations" / "480p" / "seq" / "00004.png",
                     np.zeros((20, 32), np.uint8))
+    write_predictions(tmp_path / "res", "seq", labels)
     with pytest.raises(ValueError, match=r"seq/00004.png: size 20x32 differs from "
                                          r".*seq/00000.png \(24x32\)"):
         davis.score_davis(odd_annotation, tmp_path / "res", progress=False)
@@ -289,3 +297,107 @@ def test_cli_refuses_bad_counts_and_devices(tmp_path):
         assert run.exit_code == 2, (extra, run.output)  # a usage error, not a traceback
         assert expected in run.output, (extra, run.output)
         assert not isinstance(run.exception, (RuntimeError, ValueError)), run.exception
+
+
+def test_score_finds_every_prediction_folder_before_scoring(tmp_path):
+    """A sequence without predictions is found before the first is scored: here the first
+    sequence's predictions hold a bad id, which scoring would have met first."""
+    labels = moving_squares()
+    data = write_davis(tmp_path / "davis", {"a": labels, "b": labels})
+    extra = labels.copy()
+    extra[2, 0, 0] = 3
+    write_predictions(tmp_path / "res", "a", extra)
+    with pytest.raises(FileNotFoundError, match=r"res/b: no predictions for sequence b"):
+        davis.score_davis(data, tmp_path / "res", progress=False)
+
+
+def test_davis_score_records_what_it_scored(tmp_path):
+    from tcore.cli import main
+    labels = moving_squares()
+    data = write_davis(tmp_path / "davis", {"seq": labels})
+    write_predictions(tmp_path / "res", "seq", labels)
+    run = CliRunner().invoke(main, ["eval", "davis-score", "--data", str(data),
+                                    "--results", str(tmp_path / "res")])
+    assert run.exit_code == 0, run.output
+    saved = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert saved["data"] == str(data.resolve()) and saved["results"] == str(tmp_path / "res")
+
+
+class CountingEncoder:
+    """colour_encoder, counting the frames it encodes; raises from call `fail_at` on (a
+    propagation that fails part way)."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls, self.fail_at, self.encode = 0, fail_at, colour_encoder()
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise RuntimeError("stopped part way")
+        return self.encode(images)
+
+
+def run_davis(data, out, encoder, **kwargs):
+    return davis.evaluate_davis(None, data, out, size=None, topk=3, encoder=encoder, patch=16,
+                                progress=False, device="cpu", batch_size=2, **kwargs)
+
+
+def test_a_rerun_replaces_the_earlier_runs_outputs_and_a_failed_one_keeps_them(tmp_path):
+    """A finished run leaves only its own predictions and strips (an earlier run's extra
+    sequences would be scored with it by davis-score); a failed one leaves the earlier
+    run's results, predictions and strips as they were, and no staging folder."""
+    data = write_davis(tmp_path / "davis", {"a": moving_squares(), "b": moving_squares()})
+    out = tmp_path / "out"
+    run_davis(data, out, CountingEncoder(), visualize=True)
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["a", "b"]
+    earlier_results = (out / "results.json").read_text()
+    failing = CountingEncoder(fail_at=4)     # 3 batches of 2 frames a sequence: fails in b
+    with pytest.raises(RuntimeError, match="stopped part way"):
+        run_davis(data, out, failing, visualize=True)
+    assert failing.calls == 4
+    assert (out / "results.json").read_text() == earlier_results
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["a", "b"]
+    assert sorted(p.name for p in (out / "visualize").iterdir()) == ["a.png", "b.png"]
+    run_davis(data, out, CountingEncoder(), sequences=["a"])
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["a"]
+    assert not (out / "visualize").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["predictions", "results.csv", "results.json"]
+    assert json.loads((out / "results.json").read_text())["predictions"] == str(out / "predictions")
+
+
+def test_an_output_that_cannot_be_written_fails_before_any_propagation(tmp_path):
+    data = write_davis(tmp_path / "davis", {"a": moving_squares()})
+    (tmp_path / "afile").write_text("not a folder")
+    encoder = CountingEncoder()
+    with pytest.raises(ValueError, match=r"afile/out: cannot write the results there "
+                                         r"\(Not a directory\)"):
+        run_davis(data, tmp_path / "afile" / "out", encoder)
+    assert encoder.calls == 0
+
+
+def test_cli_names_the_option_and_points_at_files(synthetic_davis, tmp_path):
+    """--size and --arch errors name the option; --arch is checked before the checkpoint is
+    read; a run directory given as --checkpoint gets the files to pass instead; a size that
+    is not a multiple of the patch gets the nearest that is."""
+    from tcore.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, ["eval", "davis", "--data", str(synthetic_davis),
+                                         "--output", str(tmp_path / "o"), *args])
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    bad_size = run("--checkpoint", str(REFERENCE), "--size", "abc")
+    assert bad_size.exit_code == 2 and "Invalid value for --size: expected HxW" in bad_size.output
+    bad_arch = run("--checkpoint", str(junk), "--arch", "vit_smal")
+    assert bad_arch.exit_code == 2, bad_arch.output
+    assert "Invalid value for '--arch': unknown arch 'vit_smal'" in bad_arch.output
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    directory = run("--checkpoint", str(run_dir))
+    assert directory.exit_code == 2
+    assert "run is a directory; give a checkpoint file" in directory.output
+    assert "teacher_backbone.safetensors" in directory.output.replace("\n", "")
+    odd = run("--checkpoint", str(REFERENCE), "--size", "100x100")
+    assert odd.exit_code == 1
+    assert "must be positive multiples of the patch size 16 (the nearest: 96x96" in odd.output
+    assert not (tmp_path / "o").exists()

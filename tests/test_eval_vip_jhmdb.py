@@ -223,12 +223,16 @@ def test_vip_and_jhmdb_commands_with_the_reference_fixture(tmp_path):
     assert run.exit_code == 0, run.output
     saved = json.loads((tmp_path / "vip_out" / "results.json").read_text())
     assert 0.0 <= saved["summary"]["mIoU"] <= 1.0
-    assert saved["checkpoint"] == str(REFERENCE) and saved["settings"]["topk"] == 10
+    assert saved["checkpoint"] == str(REFERENCE.resolve()) and saved["settings"]["topk"] == 10
     # METHOD.md section 7 defaults: VIP short side 880, top-10, radius 20, temperature 0.7,
-    # first frame + previous 20
-    assert {k: saved["settings"][k] for k in ("short_side", "radius", "temperature", "context",
-                                              "long_memory")} == \
-           {"short_side": 880, "radius": 20, "temperature": 0.7, "context": 20, "long_memory": [0]}
+    # first frame + previous 20. A fixed --size replaces the short side, which is recorded
+    # as not used; each video's input size is recorded.
+    assert {k: saved["settings"][k] for k in ("short_side", "size", "radius", "temperature",
+                                              "context", "long_memory")} == \
+           {"short_side": None, "size": [48, 64], "radius": 20, "temperature": 0.7,
+            "context": 20, "long_memory": [0]}
+    assert saved["input_sizes"] == {"videos7": [48, 64]}
+    assert "[default: 880; x>=1]" in CliRunner().invoke(main, ["eval", "vip", "--help"]).output
 
     frames = patchwork_frames(frames=3)
     write_jhmdb(tmp_path / "jhmdb", "jump", "clip", frames,

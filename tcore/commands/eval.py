@@ -18,8 +18,32 @@ def parse_size(text: str | None):
         return None
     match = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text)
     if not match:
-        raise click.BadParameter(f"expected HxW (e.g. 480x880) or 'native', got {text!r}")
+        raise click.BadParameter(f"expected HxW (e.g. 480x880) or 'native', got {text!r}",
+                                 param_hint="--size")
     return int(match.group(1)), int(match.group(2))
+
+
+def check_checkpoint_file(ctx, param, value):
+    """A run directory is the likeliest directory given here: point at its files."""
+    from pathlib import Path
+    if value is not None and Path(value).is_dir():
+        raise click.BadParameter(
+            f"{value} is a directory; give a checkpoint file (of a `tcore train` run: "
+            f"{Path(value) / 'teacher_backbone.safetensors'}, the final teacher, or "
+            f"{Path(value) / 'checkpoints'}/checkpoint-N.pt)", ctx=ctx, param=param)
+    return value
+
+
+def check_arch_name(ctx, param, value):
+    """Before the checkpoint is read. The names come from tcore.models, imported only when
+    --arch is given (it brings torch)."""
+    if value is None:
+        return value
+    from tcore.models import ARCHS
+    if value not in ARCHS:
+        raise click.BadParameter(f"unknown arch {value!r}; choose one of {sorted(ARCHS)}",
+                                 ctx=ctx, param=param)
+    return value
 
 
 def propagation_options(topk: int):
@@ -29,13 +53,13 @@ def propagation_options(topk: int):
             click.option("--data", "data_root", required=True,
                          type=click.Path(exists=True, file_okay=False),
                          help="Benchmark root in its official layout."),
-            click.option("--checkpoint", required=True,
-                         type=click.Path(exists=True, dir_okay=False),
+            click.option("--checkpoint", required=True, callback=check_checkpoint_file,
+                         type=click.Path(exists=True),
                          help="tcore training checkpoint, teacher_backbone.safetensors, reference "
                               "T-CoRe checkpoint or DINOv2 backbone state dict."),
-            click.option("--arch", default=None,
-                         help="Backbone preset (e.g. vit_small); inferred from the checkpoint "
-                              "when left out."),
+            click.option("--arch", default=None, callback=check_arch_name,
+                         help="Backbone preset (e.g. vit_small): its head count, width and "
+                              "depth; inferred from the checkpoint when left out."),
             click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False),
                          help="Directory for predictions, results.json and results.csv."),
             click.option("--topk", default=topk, show_default=True, type=click.IntRange(min=1)),
@@ -71,11 +95,14 @@ def _print_results(results: dict, output_dir: str) -> None:
 
 
 def _run(evaluate, checkpoint, arch, device, **kwargs):
-    from tcore.eval.checkpoint import load_eval_backbone
+    from pathlib import Path
+
+    from tcore.eval.checkpoint import backbone_sizes, load_eval_backbone
     from tcore.eval.features import default_device
     device = device or str(default_device())
     backbone = load_eval_backbone(checkpoint, arch, device=device)
-    run_info = {"checkpoint": str(checkpoint), "arch": arch, "device": device}
+    run_info = {"checkpoint": str(Path(checkpoint).resolve()), "arch": arch,
+                "backbone": backbone_sizes(backbone), "device": device}
     results = evaluate(backbone, device=device, run_info=run_info, **kwargs)
     _print_results(results, kwargs["output_dir"])
 
@@ -154,9 +181,13 @@ def jhmdb_command(checkpoint, arch, device, size, **kwargs):
 @_errors_as_click
 def davis_score_command(data_root, results_dir, split, output_dir):
     """Score existing DAVIS predictions like the official davis2017-evaluation."""
+    from pathlib import Path
+
     from tcore.eval.davis import score_davis
     from tcore.eval.report import write_results
-    results = score_davis(data_root, results_dir, split=split)
+    results = {**score_davis(data_root, results_dir, split=split),
+               "data": str(Path(data_root).resolve()),
+               "results": str(Path(results_dir).resolve())}
     output_dir = output_dir or results_dir
     write_results(output_dir, results)
     _print_results(results, output_dir)

@@ -23,7 +23,7 @@ from tcore.eval.features import (backbone_patch_encoder, check_input_size, evalu
                                  native_size, patch_size_of, resolve_device)
 from tcore.eval.io import (read_label_png, read_name_list, read_rgb, read_same_size, size_text,
                            write_label_png)
-from tcore.eval.report import write_results
+from tcore.eval.report import staged_run_folders, write_results
 from tcore.eval.segment import PropagationSettings, propagate_segmentation
 
 DAVIS_SIZE = (480, 880)
@@ -159,6 +159,17 @@ def read_prediction_sequence(results: Path, seq: DavisSequence,
     return np.stack(maps)
 
 
+def _check_object_ids(prediction: np.ndarray, n_objects: int, results: Path,
+                      seq: DavisSequence) -> None:
+    """An id above the first annotation's object count is an error (as in the official
+    evaluation), named by the first PNG that holds one."""
+    for labels, annotation in zip(prediction, seq.annotations[1:-1]):
+        if labels.max(initial=0) > n_objects:
+            raise ValueError(f"{results / seq.name / annotation.name}: holds object id "
+                             f"{int(labels.max())} but the first annotation of sequence "
+                             f"{seq.name} has only {n_objects} objects")
+
+
 def summarize(object_rows: list[dict]) -> dict:
     """Dataset numbers: each statistic averaged over all objects."""
     if not object_rows:
@@ -184,12 +195,19 @@ def score_davis(data_root, results_dir, *, split: str = "val", sequences: list[s
     root, results = Path(data_root), Path(results_dir)
     names = sequences if sequences is not None else sequence_names(root, split)
     object_rows: list[dict] = []
-    for name in tqdm(names, desc="davis-score", disable=not progress, unit="video"):
-        seq = read_sequence(root, name)
+    # Every sequence's files and prediction folder are found before the first is scored.
+    sequences_found = [read_sequence(root, name) for name in names]
+    for seq in sequences_found:
         _check_full_annotations(seq)     # 3 frames or more, each annotated
+        if not (results / seq.name).is_dir():
+            raise FileNotFoundError(f"{results / seq.name}: no predictions for sequence "
+                                    f"{seq.name}")
+    for seq in tqdm(sequences_found, desc="davis-score", disable=not progress, unit="video"):
         truth = read_same_size(seq.annotations, read_label_png)
         prediction = read_prediction_sequence(results, seq, truth.shape[1:])
-        object_rows += score_objects(count_objects(truth[0]), truth[1:-1], prediction, name)
+        n_objects = count_objects(truth[0])
+        _check_object_ids(prediction, n_objects, results, seq)
+        object_rows += score_objects(n_objects, truth[1:-1], prediction, seq.name)
     return {"benchmark": "davis-2017", "split": split, "summary": summarize(object_rows),
             "per_sequence": per_sequence(object_rows), "per_object": object_rows}
 
@@ -224,39 +242,42 @@ def evaluate_davis(backbone, data_root, output_dir, *, size=DAVIS_SIZE, topk: in
     settings = PropagationSettings(topk=topk, radius=radius, temperature=temperature,
                                    context=context, batch_size=batch_size, chunk_size=chunk_size)
     names = sequences if sequences is not None else sequence_names(root, split)
-    predictions_dir = output / "predictions"
-    object_rows, warnings = [], []
+    object_rows, warnings, input_sizes = [], [], {}
     # Every sequence's files are found before the first (long) propagation.
     sequences_found = {name: read_sequence(root, name) for name in names}
     for seq in sequences_found.values():
         _check_full_annotations(seq)
     started = time.time()
-    bar = tqdm(names, desc="davis", disable=not progress, unit="video")
-    for name in bar:
-        bar.set_postfix_str(name)
-        seq = sequences_found[name]
-        frames = read_same_size(seq.frames, read_rgb)
-        truth = read_same_size(seq.annotations, read_label_png)
-        if truth.shape[1:] != frames.shape[1:3]:
-            raise ValueError(f"sequence {name}: annotation {seq.annotations[0]} is "
-                             f"{size_text(truth.shape[1:])} but frame {seq.frames[0]} is "
-                             f"{size_text(frames.shape[1:3])}")
-        warnings += _sequence_warnings(name, truth)
-        first = np.where(truth[0] == 255, 0, truth[0])
-        video_size = size if size is not None else native_size(frames.shape[1:3], patch)
-        prediction, _ = propagate_segmentation(encode, frames, first, size=video_size,
-                                               patch=patch, settings=settings, device=device)
-        for path, labels in zip(seq.annotations, prediction):
-            write_label_png(predictions_dir / name / path.name, labels)
-        object_rows += score_sequence(truth, prediction, name)
-        if visualize:
-            mask_strip(output / "visualize" / f"{name}.png", frames, prediction)
+    with staged_run_folders(output) as staging:
+        bar = tqdm(names, desc="davis", disable=not progress, unit="video")
+        for name in bar:
+            bar.set_postfix_str(name)
+            seq = sequences_found[name]
+            frames = read_same_size(seq.frames, read_rgb)
+            truth = read_same_size(seq.annotations, read_label_png)
+            if truth.shape[1:] != frames.shape[1:3]:
+                raise ValueError(f"sequence {name}: annotation {seq.annotations[0]} is "
+                                 f"{size_text(truth.shape[1:])} but frame {seq.frames[0]} is "
+                                 f"{size_text(frames.shape[1:3])}")
+            warnings += _sequence_warnings(name, truth)
+            first = np.where(truth[0] == 255, 0, truth[0])
+            video_size = size if size is not None else native_size(frames.shape[1:3], patch)
+            input_sizes[name] = list(video_size)
+            prediction, _ = propagate_segmentation(encode, frames, first, size=video_size,
+                                                   patch=patch, settings=settings, device=device)
+            for path, labels in zip(seq.annotations, prediction):
+                write_label_png(staging / "predictions" / name / path.name, labels)
+            object_rows += score_sequence(truth, prediction, name)
+            if visualize:
+                mask_strip(staging / "visualize" / f"{name}.png", frames, prediction)
     results = {"benchmark": "davis-2017", "split": split, "data": str(root), **(run_info or {}),
                "settings": {"size": list(size) if size is not None else "native",
                             **settings.as_dict()},
+               "input_sizes": input_sizes,
                "summary": summarize(object_rows), "per_sequence": per_sequence(object_rows),
                "per_object": object_rows, "warnings": warnings,
-               "predictions": str(predictions_dir), "seconds": round(time.time() - started, 2)}
+               "predictions": str(output / "predictions"),
+               "seconds": round(time.time() - started, 2)}
     write_results(output, results)
     return results
 

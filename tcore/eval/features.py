@@ -77,8 +77,9 @@ def backbone_patch_encoder(backbone) -> PatchEncoder:
 def check_input_size(size: tuple[int, int], patch: int) -> tuple[int, int]:
     height, width = int(size[0]), int(size[1])
     if height <= 0 or width <= 0 or height % patch or width % patch:
+        nearest = "x".join(str(max(patch, round(side / patch) * patch)) for side in (height, width))
         raise ValueError(f"input size {height}x{width} must be positive multiples of the patch "
-                         f"size {patch}")
+                         f"size {patch} (the nearest: {nearest}; --size sets it)")
     return height, width
 
 

@@ -26,7 +26,7 @@ from tcore.eval.features import (backbone_patch_encoder, check_input_size, evalu
                                  extract_features, patch_size_of, resolve_device)
 from tcore.eval.io import read_rgb, read_same_size, write_mat
 from tcore.eval.propagation import propagate_labels
-from tcore.eval.report import write_results
+from tcore.eval.report import staged_run_folders, write_results
 from tcore.eval.segment import PropagationSettings
 
 N_JOINTS = 15
@@ -170,33 +170,23 @@ def evaluate_jhmdb(backbone, data_root, output_dir, *, size=JHMDB_SIZE, topk: in
     inputs = [(action, video, *video_inputs(root, action, video, warnings))
               for action, video in pairs]
     started = time.time()
-    bar = tqdm(inputs, desc="jhmdb", disable=not progress, unit="video")
-    for action, video, frame_paths, truth in bar:
-        name = f"{action}/{video}"
-        bar.set_postfix_str(name)
-        frames = read_same_size(frame_paths, read_rgb)
-        height, width = frames.shape[1:3]
-        first_cells = truth[:, :, 0] * np.array([[grid[1] / width], [grid[0] / height]])
-        features = extract_features(encode, frames, size, patch=patch, batch_size=batch_size,
-                                    device=device)
-        first = torch.from_numpy(joint_labels(first_cells, grid)).to(features.device)
-        soft = propagate_labels(features, first, topk=topk, radius=radius,
-                                temperature=temperature, context=context,
-                                chunk_size=chunk_size)
-        cells = read_out_keypoints(soft)
-        pred = cells.copy()
-        valid = pred[0] >= 0
-        pred[0] = np.where(valid, pred[0] / grid[1] * width, -1)
-        pred[1] = np.where(valid, pred[1] / grid[0] * height, -1)
-        per_joint = metrics.normalized_joint_distances(pred, truth, valid)
-        for j in range(N_JOINTS):
-            distances[j].append(per_joint[j])
-        seq_rows.append({"sequence": name, "frames": len(frame_paths),
-                         **{f"PCK@{th}": metrics.pck(per_joint, th)[0] for th in PCK_THRESHOLDS}})
-        _write_joints(output / "predictions" / "joint_positions" / action / video
-                      / "joint_positions.mat", pred)
-        if visualize:
-            keypoint_strip(output / "visualize" / f"{action}__{video}.png", frames, pred)
+    with staged_run_folders(output) as staging:
+        bar = tqdm(inputs, desc="jhmdb", disable=not progress, unit="video")
+        for action, video, frame_paths, truth in bar:
+            name = f"{action}/{video}"
+            bar.set_postfix_str(name)
+            frames = read_same_size(frame_paths, read_rgb)
+            pred, per_joint = _propagate_joints(encode, frames, truth, size, grid, patch, settings,
+                                                device)
+            for j in range(N_JOINTS):
+                distances[j].append(per_joint[j])
+            seq_rows.append({"sequence": name, "frames": len(frame_paths),
+                             **{f"PCK@{th}": metrics.pck(per_joint, th)[0]
+                                for th in PCK_THRESHOLDS}})
+            _write_joints(staging / "predictions" / "joint_positions" / action / video
+                          / "joint_positions.mat", pred)
+            if visualize:
+                keypoint_strip(staging / "visualize" / f"{action}__{video}.png", frames, pred)
     pooled = [np.concatenate(d) if d else np.zeros(0) for d in distances]
     summary, per_joint_rows = {}, []
     for th in PCK_THRESHOLDS:
@@ -210,6 +200,25 @@ def evaluate_jhmdb(backbone, data_root, output_dir, *, size=JHMDB_SIZE, topk: in
                "warnings": warnings, "seconds": round(time.time() - started, 2)}
     write_results(output, results)
     return results
+
+
+def _propagate_joints(encode, frames: np.ndarray, truth: np.ndarray, size, grid, patch: int,
+                      settings: PropagationSettings, device) -> tuple[np.ndarray, list]:
+    """One video's predicted joints (image pixels, -1 where none) and per-joint normalised
+    distances to the truth."""
+    height, width = frames.shape[1:3]
+    first_cells = truth[:, :, 0] * np.array([[grid[1] / width], [grid[0] / height]])
+    features = extract_features(encode, frames, size, patch=patch,
+                                batch_size=settings.batch_size, device=device)
+    first = torch.from_numpy(joint_labels(first_cells, grid)).to(features.device)
+    soft = propagate_labels(features, first, topk=settings.topk, radius=settings.radius,
+                            temperature=settings.temperature, context=settings.context,
+                            chunk_size=settings.chunk_size)
+    pred = read_out_keypoints(soft).copy()
+    valid = pred[0] >= 0
+    pred[0] = np.where(valid, pred[0] / grid[1] * width, -1)
+    pred[1] = np.where(valid, pred[1] / grid[0] * height, -1)
+    return pred, metrics.normalized_joint_distances(pred, truth, valid)
 
 
 def _write_joints(path: Path, pred: np.ndarray) -> None:

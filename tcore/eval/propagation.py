@@ -73,7 +73,9 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, *, topk
         raise ValueError("context, topk and chunk_size must be >= 1 and temperature > 0")
     n_keys = (len(long_memory) + context) * height * width
     if topk > n_keys:
-        raise ValueError(f"topk {topk} exceeds the {n_keys} context locations")
+        raise ValueError(f"topk (--topk) {topk} exceeds the {n_keys} context locations "
+                         f"({len(long_memory)} + {context} frames of {height}x{width} feature "
+                         "cells)")
     cells = height * width
     flat = features.reshape(n_frames, cells, -1)
     labels = torch.zeros(n_frames, cells, first_labels.shape[-1], dtype=features.dtype,

@@ -2,9 +2,45 @@
 terminal table."""
 from __future__ import annotations
 
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from tcore.eval.io import write_csv, write_json
+
+# The folders a run writes beside results.json (`--visualize` the second).
+RUN_FOLDERS = ("predictions", "visualize")
+
+
+@contextmanager
+def staged_run_folders(output_dir):
+    """Where a run writes its predictions and overlay strips: a fresh folder inside OUTPUT.
+    When the run finishes its folders replace the earlier run's (so no file of an earlier
+    run stays beside this run's results); when it fails the folder is removed and the earlier
+    run's results stay whole. Made at the start, so an OUTPUT that cannot be written is
+    found before the first video is propagated."""
+    output = Path(output_dir)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".eval-run-", dir=output))
+    except OSError as error:
+        raise ValueError(f"{output}: cannot write the results there "
+                         f"({error.strerror or error})") from error
+    try:
+        yield staging
+        _replace_run_folders(output, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_run_folders(output: Path, staging: Path) -> None:
+    for name in RUN_FOLDERS:
+        earlier, new = output / name, staging / name
+        if earlier.exists():
+            earlier.rename(staging / f"{name}.earlier")   # removed with the staging folder
+        if new.exists():
+            new.rename(earlier)
 
 
 def csv_rows(results: dict) -> list[dict]:

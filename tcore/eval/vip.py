@@ -20,7 +20,7 @@ from tcore.eval.features import (backbone_patch_encoder, evaluates_frozen, patch
                                  resolve_device, short_side_size)
 from tcore.eval.io import (read_label_png, read_name_list, read_rgb, read_same_size, size_text,
                            write_label_png)
-from tcore.eval.report import write_results
+from tcore.eval.report import staged_run_folders, write_results
 from tcore.eval.segment import PropagationSettings, propagate_segmentation
 
 VIP_CLASSES = 20
@@ -94,43 +94,48 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
                                    context=context, batch_size=batch_size, chunk_size=chunk_size)
     names = videos if videos is not None else video_names(root)
     total = np.zeros((VIP_CLASSES, VIP_CLASSES), dtype=np.int64)
-    seq_rows, warnings = [], []
+    seq_rows, warnings, input_sizes = [], [], {}
     # Every video's folders and first annotation are found before the first (long) propagation.
     layouts = {name: read_video(root, name) for name in names}
     started = time.time()
-    bar = tqdm(names, desc="vip", disable=not progress, unit="video")
-    for name in bar:
-        bar.set_postfix_str(name)
-        frames_paths, annotations = layouts[name]
-        frames = read_same_size(frames_paths, read_rgb)
-        # every annotation is read and checked before the (long) propagation
-        truths = {t: read_annotation(annotations[path.stem], frames.shape[1:3], path)
-                  for t, path in enumerate(frames_paths) if path.stem in annotations}
-        first = truths[0]
-        video_size = tuple(size) if size is not None else short_side_size(first.shape, short_side,
-                                                                           patch)
-        prediction, _ = propagate_segmentation(encode, frames, first, size=video_size, patch=patch,
-                                               settings=settings, device=device)
-        confusion = np.zeros_like(total)
-        scored = 0
-        for t in range(1, len(frames_paths)):
-            if t in truths:
-                confusion += metrics.confusion_matrix(truths[t], prediction[t], VIP_CLASSES)
-                scored += 1
-        unscored = len(frames_paths) - 1 - scored
-        if unscored:
-            warnings.append(f"{name}: {unscored} frames have no annotation; propagated, not scored")
-        total += confusion
-        seq_rows.append({"sequence": name, "frames": len(frames_paths), "scored_frames": scored,
-                         "mIoU": metrics.mean_iou(confusion)})
-        for path, labels in zip(frames_paths, prediction):
-            write_label_png(output / "predictions" / name / f"{path.stem}.png", labels)
-        if visualize:
-            mask_strip(output / "visualize" / f"{name}.png", frames, prediction)
+    with staged_run_folders(output) as staging:
+        bar = tqdm(names, desc="vip", disable=not progress, unit="video")
+        for name in bar:
+            bar.set_postfix_str(name)
+            frames_paths, annotations = layouts[name]
+            frames = read_same_size(frames_paths, read_rgb)
+            # every annotation is read and checked before the (long) propagation
+            truths = {t: read_annotation(annotations[path.stem], frames.shape[1:3], path)
+                      for t, path in enumerate(frames_paths) if path.stem in annotations}
+            first = truths[0]
+            video_size = (tuple(size) if size is not None
+                          else short_side_size(first.shape, short_side, patch))
+            input_sizes[name] = list(video_size)
+            prediction, _ = propagate_segmentation(encode, frames, first, size=video_size,
+                                                   patch=patch, settings=settings, device=device)
+            confusion = np.zeros_like(total)
+            scored = 0
+            for t in range(1, len(frames_paths)):
+                if t in truths:
+                    confusion += metrics.confusion_matrix(truths[t], prediction[t], VIP_CLASSES)
+                    scored += 1
+            unscored = len(frames_paths) - 1 - scored
+            if unscored:
+                warnings.append(f"{name}: {unscored} frames have no annotation; propagated, "
+                                "not scored")
+            total += confusion
+            seq_rows.append({"sequence": name, "frames": len(frames_paths),
+                             "scored_frames": scored, "mIoU": metrics.mean_iou(confusion)})
+            for path, labels in zip(frames_paths, prediction):
+                write_label_png(staging / "predictions" / name / f"{path.stem}.png", labels)
+            if visualize:
+                mask_strip(staging / "visualize" / f"{name}.png", frames, prediction)
     ious = metrics.class_iou(total)
     results = {"benchmark": "vip", "data": str(root), **(run_info or {}),
-               "settings": {"short_side": short_side, "size": list(size) if size else None,
-                            **settings.as_dict()},
+               # the setting that sized the inputs: a fixed size, or the short side
+               "settings": {"short_side": None if size else short_side,
+                            "size": list(size) if size else None, **settings.as_dict()},
+               "input_sizes": input_sizes,
                "summary": {"mIoU": metrics.mean_iou(total),
                            "classes_present": int(np.sum(~np.isnan(ious)))},
                "per_class": [{"class": c, "IoU": float(v)} for c, v in enumerate(ious)],

@@ -31,7 +31,7 @@ from torch import nn
 from tcore.checkpoint import save_torch
 from tcore.models.head import DINOHead
 from tcore.models.pmm import PatchMatchingModule
-from tcore.models.vit import ARCHS, Backbone
+from tcore.models.vit import ARCHS, Backbone, unfold_cls_position
 from tcore.preprocess.files import write_atomically
 
 DEFAULT_PMM_HEADS = 16
@@ -119,8 +119,29 @@ def _strip(state: dict, prefix: str) -> dict:
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
+# What wrappers put before every key of a module's state dict: DistributedDataParallel's
+# `module.`, torch.compile's `_orig_mod.`.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+STATE_SECTIONS = ("teacher", "auxiliary", "model", "state_dict")
+
+
+def _unwrapped(state: dict) -> dict:
+    """A state dict saved from a wrapped module, with the wrappers' prefixes taken off (only
+    when every key has one: a prefix on some keys is a name, not a wrapper)."""
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES
+                       if all(isinstance(k, str) and k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = _strip(state, prefix)
+    return state
+
+
 # ----------------------------------------------------------------------------- size inference
-def _backbone_from_state(state: dict, path: str, num_heads: int | None) -> Backbone:
+def _backbone_from_state(state: dict, path: str, num_heads: int | None) -> tuple[Backbone, str]:
+    """The backbone the state's tensors describe, and which tensors gave its sizes (a wrong
+    one of those shows up as every key whose shape depends on it, so the mismatch message
+    names them)."""
     try:
         dim = state["cls_token"].shape[-1]
         patch_size = state["patch_embed.proj.weight"].shape[-1]
@@ -134,9 +155,15 @@ def _backbone_from_state(state: dict, path: str, num_heads: int | None) -> Backb
         raise CheckpointError(f"{path}: pos_embed holds {grid} patch positions, not a square grid")
     registers = state["reg_token"].shape[1] if "reg_token" in state else 0
     layerscale = 1e-5 if "blocks.0.ls1.gamma" in state else None
-    return Backbone(embed_dim=dim, depth=depth, num_heads=num_heads or max(1, dim // HEAD_DIM),
-                    patch_size=patch_size, img_size=side * patch_size, registers=registers,
-                    layerscale=layerscale, mlp_ratio=hidden / dim)
+    sized_from = (f"the model was sized from the file's cls_token (width {dim}), "
+                  f"patch_embed.proj.weight (patch {patch_size}), pos_embed ({side}x{side} "
+                  f"positions), blocks.{depth - 1}.* (depth {depth}) and "
+                  f"blocks.0.mlp.fc1.weight (MLP width {hidden})")
+    backbone = Backbone(embed_dim=dim, depth=depth,
+                        num_heads=num_heads or max(1, dim // HEAD_DIM), patch_size=patch_size,
+                        img_size=side * patch_size, registers=registers,
+                        layerscale=layerscale, mlp_ratio=hidden / dim)
+    return backbone, sized_from
 
 
 def _head_from_state(state: dict, path: str) -> DINOHead:
@@ -155,12 +182,15 @@ def _pmm_from_state(state: dict, heads: int, attn_mul: float) -> PatchMatchingMo
     return PatchMatchingModule(dim, num_heads=heads, attn_mul=attn_mul, depth=depth)
 
 
-def _load_strict(module: nn.Module, state: dict, path: str, what: str) -> None:
-    """load_state_dict that names missing, unexpected and mis-shaped keys in one clear error."""
+def _load_strict(module: nn.Module, state: dict, path: str, what: str,
+                 sized_from: str | None = None) -> None:
+    """load_state_dict that names missing, unexpected and mis-shaped keys in one clear error
+    (`sized_from`: which of the file's tensors the module's sizes came from, told with
+    mis-shaped keys)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mis_shaped = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+    mis_shaped = sorted(f"{k} file {tuple(state[k].shape)} != model {tuple(expected[k].shape)}"
                         for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or mis_shaped:
         problems = []
@@ -169,7 +199,8 @@ def _load_strict(module: nn.Module, state: dict, path: str, what: str) -> None:
         if unexpected:
             problems.append(f"unexpected keys {unexpected}")
         if mis_shaped:
-            problems.append(f"shape mismatches {mis_shaped}")
+            problems.append(f"shape mismatches {mis_shaped}"
+                            + (f" ({sized_from})" if sized_from else ""))
         raise CheckpointError(f"{path}: {what} does not match our model (our key names): "
                               + "; ".join(problems))
     module.load_state_dict(state, strict=True)
@@ -255,6 +286,8 @@ def _is_tcore_training(checkpoint: dict) -> bool:
 
 def _split_checkpoint(checkpoint: dict, path: str) -> tuple[str, dict, dict, dict]:
     """Return (kind, backbone, head, pmm) state dicts in the official sub-layout."""
+    checkpoint = {key: _unwrapped(value) if key in STATE_SECTIONS and isinstance(value, dict)
+                  else value for key, value in _unwrapped(checkpoint).items()}
     if "__safetensors__" in checkpoint:
         tensors = checkpoint["__safetensors__"]
         return ("safetensors", _strip(tensors, "backbone."), _strip(tensors, "head."),
@@ -283,22 +316,30 @@ def _split_checkpoint(checkpoint: dict, path: str) -> tuple[str, dict, dict, dic
 
 
 def load_reference(path, *, pmm_heads: int | None = None, pmm_attn_mul: float | None = None,
-                   num_heads: int | None = None, attention: str = "auto") -> ReferenceModel:
+                   num_heads: int | None = None, attention: str = "auto",
+                   backbone_only: bool = False) -> ReferenceModel:
     """Load a reference checkpoint (see module docstring) into our modules, eval mode on the CPU.
 
     Head counts are not stored in state dicts: the backbone's default to dim / 64 and the PMM's
     to 16 (the reference's), unless given here or recorded by :func:`export_reference`.
+    `backbone_only`: head and PMM are neither read nor checked (`.head` and `.pmm` None), for
+    evaluation, which uses the backbone alone.
     """
     path = os.fspath(path)
     checkpoint, meta = _read(path)
     kind, backbone_state, head_state, pmm_state = _split_checkpoint(checkpoint, path)
     if not backbone_state:
-        raise CheckpointError(f"{path}: no backbone weights found ({kind} layout)")
+        raise CheckpointError(f"{path}: no backbone weights found ({kind} layout; keys there "
+                              f"begin {_first_keys(checkpoint, kind)})")
+    if backbone_only:
+        head_state, pmm_state = {}, {}
     if kind not in ("safetensors", "tcore"):  # those two are already in our key layout
         backbone_state = backbone_from_official(backbone_state, path)
         pmm_state = pmm_from_official(pmm_state)
-    backbone = _backbone_from_state(backbone_state, path, num_heads or _int(meta.get("num_heads")))
-    _load_strict(backbone, backbone_state, path, "backbone")
+    unfold_cls_position(backbone_state)   # tcore's layout before 2026-11-27
+    backbone, sized_from = _backbone_from_state(backbone_state, path,
+                                                num_heads or _int(meta.get("num_heads")))
+    _load_strict(backbone, backbone_state, path, "backbone", sized_from)
     head = None
     if head_state:
         head = _head_from_state(head_state, path)
@@ -314,6 +355,15 @@ def load_reference(path, *, pmm_heads: int | None = None, pmm_attn_mul: float | 
         if module is not None:
             module.set_attention_backend(attention)
     return model
+
+
+def _first_keys(checkpoint: dict, kind: str, count: int = 8) -> list[str]:
+    """The first keys of the section where a layout looks for the backbone, as the file has
+    them (to show what it holds instead)."""
+    section = {"safetensors": "__safetensors__", "eval": "teacher", "train": "model",
+               "tcore": "model"}.get(kind)
+    keys = checkpoint.get(section, checkpoint) if section else checkpoint
+    return sorted(map(str, keys))[:count]
 
 
 def _int(value) -> int | None:

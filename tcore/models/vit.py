@@ -135,13 +135,18 @@ class Backbone(ResolvesAttentionOnMove, VisionTransformer):
         return self.forward_features(images, masks)
 
 
-def _unfolded_cls_position(state_dict, prefix, *_args) -> None:
+def unfold_cls_position(state_dict: dict, prefix: str = "") -> None:
     """A state dict of the earlier layout (written by tcore before 2026-11-27) held the cls
-    position folded into ``cls_token``: it loads with a zero ``cls_pos_embed``, the same
-    network."""
+    position folded into ``cls_token``: it gets a zero ``cls_pos_embed``, the same network.
+    In place; a state dict of today's layout is left as it is."""
     cls_token = state_dict.get(f"{prefix}cls_token")
     if cls_token is not None and f"{prefix}cls_pos_embed" not in state_dict:
         state_dict[f"{prefix}cls_pos_embed"] = torch.zeros_like(cls_token)
+
+
+def _unfolded_cls_position(state_dict, prefix, *_args) -> None:
+    """`load_state_dict` pre-hook: :func:`unfold_cls_position` at the module's prefix."""
+    unfold_cls_position(state_dict, prefix)
 
 
 def _resampled_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
