@@ -92,7 +92,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         # Tensors, numbers, strings and containers only: no pickled code runs on load.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+        reason = ("an empty file (0 bytes)" if path.is_file() and path.stat().st_size == 0
+                  else str(exc).strip() or type(exc).__name__)
+        raise CheckpointError(f"{path}: cannot read checkpoint: {reason}") from exc
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:

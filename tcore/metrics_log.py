@@ -110,7 +110,11 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                # Events of steps after `start_step` written by an earlier start (a resume
+                # from an older checkpoint than the last log) are hidden, as metrics.jsonl
+                # is cut back: one value per step.
+                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                            purge_step=start_step + 1)
             except ImportError:  # tensorboard is optional at runtime
                 self.writer = None
         if progress:

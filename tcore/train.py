@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,10 @@ RUN_LOCK = ".lock"
 # What a run directory holds besides its lock and temporaries (whose names start with a dot).
 RUN_ENTRIES = frozenset({CONFIG_FILE, TEACHER_EXPORT, "checkpoints", "metrics.jsonl",
                          "tensorboard"})
-# Sections that must not change between a run and its resumption.
+# Sections that must not change between a run and its resumption, and single keys of the
+# others (the seed draws the loader's order and every rank's random numbers).
 RESUME_LOCKED_SECTIONS = ("model", "loss", "data", "optim")
+RESUME_LOCKED_KEYS = ("train.seed",)
 # Keys of those sections that change how fast the loader makes its batches, never which
 # batches (each is tested to give the same ones either way): a resumed run may set them
 # anew, e.g. on a machine with other cores, or to try `assemble_ahead`.
@@ -335,9 +338,10 @@ class Trainer:
     def load_state_dict(self, state: dict, source: Path) -> int:
         """Restore a checkpoint of any mode (the layout is shared) at the same world size."""
         if state.get("world_size", 1) != self.info.world_size:
-            raise ConfigError(f"{source}: written by {state['world_size']} processes, resuming "
-                              f"with {self.info.world_size}; exact resumption needs the same "
-                              f"number of processes: start it with {state['world_size']} in all")
+            raise ConfigError(f"{source}: written by {_processes(state['world_size'])}, "
+                              f"resuming with {self.info.world_size}; exact resumption needs "
+                              f"the same number of processes: start it with "
+                              f"{state['world_size']} in all")
         self._check_precision(state, source)
         self._check_layout(state, source)
         if self.sharded:
@@ -401,12 +405,24 @@ def check_resumable_config(cfg: DictConfig, saved: dict, source: Path) -> None:
                for line in config_differences(saved.get(section, UNSET),
                                               current.get(section, UNSET), section,
                                               RESUME_FREE_KEYS)]
+    changed += [line for key in RESUME_LOCKED_KEYS
+                for line in config_differences(_leaf(saved, key), _leaf(current, key), key)]
     if changed:
         more = len(changed) - SHOWN_DIFFERENCES
         listed = "; ".join(changed[:SHOWN_DIFFERENCES]) + (f"; and {more} more" if more > 0 else "")
         raise ConfigError(f"{source}: this run's config differs from the checkpoint's "
-                          f"(checkpoint -> now: {listed}); resume with the config saved in the "
-                          f"run directory")
+                          f"(checkpoint -> now: {listed}); resume with the config the "
+                          f"checkpoint was trained with (the same preset and overrides, or "
+                          f"the run's config.yaml as the run wrote it)")
+
+
+def _leaf(config: dict, dotted: str):
+    """config["a"]["b"] for "a.b"; UNSET where a level is missing."""
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return UNSET
+        config = config[part]
+    return config
 
 
 def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
@@ -434,6 +450,8 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         check_run_directory_path(run_dir)
         if not resume:
             check_new_run_directory(run_dir)
+        if info.is_main:
+            make_run_directory(run_dir)
         with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
               StopRequest().listening() as stop):
             return _train(cfg, shard_set, run_dir, info, stop, resume=resume,
@@ -446,7 +464,12 @@ def check_run_directory_path(run_dir: Path) -> None:
     """--output must be a directory or become one: not a file, nor below one (the OS says
     only "File exists" or "Not a directory", without which path)."""
     for path in (run_dir, *run_dir.parents):
-        if path.exists() and not path.is_dir():
+        try:
+            is_file = path.exists() and not path.is_dir()
+        except OSError as error:    # a name too long, say: the OS refuses to look it up
+            raise OutputWriteError(f"--output {run_dir}: cannot be used: "
+                                   f"{error.strerror or error}") from error
+        if is_file:
             where = "is a file" if path == run_dir else f"is below {path}, which is a file"
             raise FileExistsError(f"--output {run_dir} {where}, not a directory; choose a "
                                   "run directory")
@@ -465,6 +488,21 @@ def check_new_run_directory(run_dir: Path) -> None:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise FileExistsError(f"{run_dir}: holds files that are not a tcore run's ({shown}); "
                               "choose a new or empty --output")
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def make_run_directory(run_dir: Path) -> None:
+    """RUN_DIR and its lock file, before anything is written there: a directory the OS
+    refuses (read-only, no permission) stops the run with one line naming it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_LOCK).touch()
+    except OSError as error:
+        raise OutputWriteError(f"{error.filename or run_dir}: cannot write: "
+                               f"{error.strerror or error}") from error
 
 
 def run_directory_lock(run_dir: Path):
@@ -505,8 +543,8 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
     if resume:
         last_ckpt = latest_checkpoint(ckpt_dir)
         if last_ckpt is None and info.is_main:   # a first start under --resume, or a typo
-            print(f"tcore train: --resume: no checkpoint in {ckpt_dir}; starting at step 1",
-                  file=sys.stderr)
+            print(f"tcore train: --resume: no checkpoint in {ckpt_dir}; starting at step 1"
+                  f"{_replaced_history(run_dir)}", file=sys.stderr)
         if last_ckpt is not None:
             state = load_resume_state(ckpt_dir, last_ckpt)
             check_resumable_config(cfg, state.get("config", {}), last_ckpt)
@@ -582,15 +620,32 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
                        is_main=info.is_main, stopped_by=stopped_by)
 
 
+def _replaced_history(run_dir: Path) -> str:
+    """What a restart at step 1 replaces: the steps an earlier start logged."""
+    metrics = run_dir / "metrics.jsonl"
+    logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    return (f" (the {logged} steps metrics.jsonl holds, and TensorBoard's, are replaced)"
+            if logged else "")
+
+
 def load_resume_state(ckpt_dir: Path, newest: Path) -> dict:
     """The newest checkpoint's state; if it cannot be read (damaged after it was written:
-    tcore's own writes are atomic), the error says which older one a resume could use."""
+    tcore's own writes are atomic), the error says which older one a resume could use: the
+    newest whose zip directory opens (a file cut short or emptied does not)."""
     try:
         return load_checkpoint(newest)
     except CheckpointError as exc:
         older = [path for _, path in list_checkpoints(ckpt_dir) if path != newest]
-        hint = (f"; to resume from {older[-1].name} instead, move {newest.name} out of "
-                f"{ckpt_dir}" if older else "")
+        whole = [path for path in older if zipfile.is_zipfile(path)]
+        if whole:
+            unreadable = [newest, *older[older.index(whole[-1]) + 1:]]
+            hint = (f"; to resume from {whole[-1].name} instead, move "
+                    f"{', '.join(p.name for p in unreadable)} out of {ckpt_dir}")
+        elif older:
+            hint = (f"; the older {', '.join(p.name for p in older)} cannot be read either "
+                    "(cut short or empty)")
+        else:
+            hint = ""
         raise CheckpointError(f"{exc}{hint}") from exc
 
 

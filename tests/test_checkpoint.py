@@ -58,6 +58,30 @@ def test_unreadable_checkpoint_is_named(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="checkpoint-00000001.pt"):
         load_checkpoint(bad)
+    # An emptied file said "cannot read checkpoint: ;" (torch's error has no text).
+    bad.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000001\.pt: cannot read "
+                                              r"checkpoint: an empty file \(0 bytes\)$"):
+        load_checkpoint(bad)
+
+
+def test_an_unreadable_newest_checkpoint_points_at_the_newest_readable_one(tmp_path):
+    """The hint once named the next older checkpoint unread: when it was as broken, the user
+    moved files aside one at a time."""
+    from tcore.train import load_resume_state
+    paths = [save_checkpoint(tmp_path, step, {"x": step}, keep_last=5) for step in (2, 4, 6)]
+    paths[2].write_bytes(b"")
+    paths[1].write_bytes(paths[1].read_bytes()[:100])          # cut short
+    with pytest.raises(CheckpointError) as info:
+        load_resume_state(tmp_path, paths[2])
+    assert str(info.value).endswith(
+        f"; to resume from checkpoint-00000002.pt instead, move checkpoint-00000006.pt, "
+        f"checkpoint-00000004.pt out of {tmp_path}"), str(info.value)
+    paths[0].write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        load_resume_state(tmp_path, paths[2])
+    assert str(info.value).endswith("; the older checkpoint-00000002.pt, checkpoint-00000004.pt "
+                                    "cannot be read either (cut short or empty)"), str(info.value)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -71,3 +71,24 @@ def test_truncate_metrics_keeps_the_steps_a_resumed_run_does_not_redo(tmp_path):
     truncate_metrics(path, 3)
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_tensorboard_holds_one_value_per_step_after_a_resume_from_an_older_checkpoint(tmp_path):
+    """A run killed after logging step 5 resumes from checkpoint 4: metrics.jsonl is cut back
+    to step 4, and TensorBoard's step 5 of the first start is hidden (it once read 1..5, 5, 6)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def log(start, steps, value):
+        logger = MetricsLogger(tmp_path, start_step=start, end_step=10, samples_per_step=1,
+                               progress=False)
+        logger.log([(step, {"total": value + step}) for step in steps], {"lr": 1e-3})
+        logger.close()
+    log(0, range(1, 6), 0.0)
+    truncate_metrics(tmp_path / "metrics.jsonl", 4)
+    log(4, (5, 6), 100.0)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss/total")
+    assert [event.step for event in scalars] == [1, 2, 3, 4, 5, 6]
+    assert [event.value for event in scalars][-2:] == [105.0, 106.0]   # the resumed run's
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

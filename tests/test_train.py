@@ -364,11 +364,13 @@ def test_step_is_schedules_loss_clip_adamw_then_ema():
     assert all(clipped)                                         # clipping is active
 
 
-def test_resume_refuses_changed_model_loss_data_optim_but_not_train():
+def test_resume_refuses_changed_model_loss_data_optim_but_not_train_save_its_seed():
     """METHOD.md section 6: the schedules, losses, data and model of a run are its recipe; only
     `train` (logging, checkpoint interval, ...) may change on resumption, and the loader's
     speed settings, which give the same batches (tests/test_pipeline_loader.py,
-    test_pipeline_producer.py, test_pipeline_ahead.py)."""
+    test_pipeline_producer.py, test_pipeline_ahead.py). Not `train.seed`: it draws the
+    loader's order and the ranks' random numbers (the loader refused it, without naming the
+    key)."""
     cfg = load_config("tiny_cpu", ["model.head.prototypes=128"])
     saved = OmegaConf.to_container(cfg, resolve=True)
     source = Path("checkpoint-00000002.pt")
@@ -377,7 +379,8 @@ def test_resume_refuses_changed_model_loss_data_optim_but_not_train():
                             ("loss.koleo_weight=0.2", "loss.koleo_weight: '<unset>' -> 0.2"),
                             ("data.batch_size_per_gpu=8", "data.batch_size_per_gpu: 16 -> 8"),
                             ("data.pipeline.shuffle_buffer=8",
-                             "data.pipeline.shuffle_buffer: 16 -> 8")):
+                             "data.pipeline.shuffle_buffer: 16 -> 8"),
+                            ("train.seed=5", "train.seed: 0 -> 5")):
         with pytest.raises(ConfigError, match=re.escape(named)):
             check_resumable_config(load_config("tiny_cpu", ["model.head.prototypes=128",
                                                             override]), saved, source)
@@ -390,10 +393,35 @@ def test_resume_refuses_changed_model_loss_data_optim_but_not_train():
                            saved, source)
     many = [f"optim.{k}=0.5" for k in ("base_lr", "min_lr", "weight_decay", "layer_decay",
                                        "patch_embed_lr_mult", "pmm_lr_mult", "clip_grad")]
-    with pytest.raises(ConfigError, match=r"optim\.base_lr: .*; and 2 more\); resume") as info:
+    with pytest.raises(ConfigError, match=r"optim\.base_lr: .*; and 2 more\); resume with the "
+                                          r"config the checkpoint was trained with") as info:
         check_resumable_config(load_config("tiny_cpu", ["model.head.prototypes=128"] + many),
                                saved, source)
     assert str(info.value).count(" -> 0.5") == 5               # the first five are listed
+
+
+def test_a_restart_at_step_1_says_what_it_replaces(tmp_path):
+    from tcore.train import _replaced_history
+    assert _replaced_history(tmp_path) == ""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    assert _replaced_history(tmp_path) == (" (the 3 steps metrics.jsonl holds, and "
+                                           "TensorBoard's, are replaced)")
+
+
+def test_an_output_the_os_refuses_is_one_line_naming_it(synth_shards, tmp_path):
+    """A read-only or forbidden --output gave a traceback from the lock's mkdir (README
+    promises one line naming the file). sysfs refuses mkdir to root as well; a name longer
+    than the file system allows is refused when it is looked up."""
+    refused = Path("/sys/tcore-test-run")
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("needs sysfs (Linux)")
+    for output, said in ((refused, f"{refused}: cannot write: Operation not permitted"),
+                         (tmp_path / ("x" * 300), "cannot be used: File name too long")):
+        result = CliRunner().invoke(cli, ["train", "--data", str(synth_shards), "--output",
+                                          str(output), "--max-steps", "1", "--no-progress",
+                                          *FAST])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert said in result.output, result.output
 
 
 def test_checkpoint_checks_before_loading_world_size_precision_layout():
