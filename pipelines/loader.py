@@ -11,6 +11,7 @@ the last one read, so prefetching does not leak into checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -32,6 +33,7 @@ from tcore.pipelines.ahead import AheadThread, Stopped
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.buffers import HostBufferPool
 from tcore.pipelines.colour_graphs import ColourStageGraphs
+from tcore.pipelines.devices import torch_device_name
 from tcore.pipelines.lanes import ViewLanes
 from tcore.pipelines.manifest import (ShardSet, ShardSetError, check_codecs_for_device,
                                       decodes_video_on_gpu, load_shard_set)
@@ -76,7 +78,7 @@ class DaliLoader:
         self.num_threads = num_threads
         self.lanes = self._lane_count(config, num_threads)
         # Batches in flight in stage B: a whole number per lane (see lanes.py).
-        self.depth_per_lane = max(1, math.ceil(max(1, prefetch) / self.lanes))
+        self.depth_per_lane = math.ceil(prefetch / self.lanes)
         self.prefetch = self.lanes * self.depth_per_lane
         self.infinite = infinite
         self.dtype = dtype
@@ -780,22 +782,47 @@ def build_loader(manifests, batch_size: int, device: str = "cpu",
     """The DALI loader over one or several shard directories (or manifest.json paths, or a
     ShardSet from `load_shard_set`).
 
-    device: "cpu" (DALI CPU backend) or "cuda[:i]" (mixed decoders, GPU augmentations).
+    device: "cpu" (DALI CPU backend) or "cuda[:i]" (mixed decoders, GPU augmentations;
+    "gpu" is "cuda"). seed: 0 to 2**31 - 1. dtype: float32, float16 or bfloat16.
     infinite=True streams forever (training); False gives one pass of `len()` batches, the
     last one possibly smaller. return_params adds the drawn SampleParams, sample sources,
     T and frame sizes to each batch (for previews, statistics and comparisons). prefetch:
     batches in flight in stage B (None: `config.prefetch`).
     """
-    config = (config or PipelineConfig()).validate()
+    config = config or PipelineConfig()
+    if prefetch is not None:   # the argument overrides the config, under the config's check
+        config = dataclasses.replace(config, prefetch=prefetch)
+    config = config.validate()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    check_seed(seed)
+    check_dtype(dtype)
     shard_set = load_shard_set(manifests)
-    on_gpu = torch.device(device).type == "cuda"
+    torch_device = torch_device_name(device)
+    on_gpu = torch.device(torch_device).type == "cuda"
     if on_gpu and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for, but torch sees no GPU")
+        raise RuntimeError(f"device {str(device)!r} asked for, but torch sees no GPU")
     check_codecs_for_device(shard_set, decodes_video_on_gpu(shard_set, on_gpu,
                                                             config.video_decoder))
     shard_id, num_shards = distributed_shard(shard_id, num_shards)
-    prefetch = config.prefetch if prefetch is None else prefetch
-    return DaliLoader(shard_set, batch_size, device, config, seed, shard_id, num_shards,
-                      num_threads, prefetch, infinite, dtype, return_params)
+    return DaliLoader(shard_set, batch_size, torch_device, config, seed, shard_id, num_shards,
+                      num_threads, config.prefetch, infinite, dtype, return_params)
+
+
+# DALI takes a seed below 2**31; numpy's generators refuse negative ones.
+MAX_SEED = 2**31 - 1
+OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_seed(seed) -> None:
+    """`seed` is an integer DALI and numpy take, named here rather than in DALI's words."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed = {seed!r}: must be an integer from 0 to 2**31 - 1")
+
+
+def check_dtype(dtype) -> None:
+    """The views are normalised floats: an integer dtype would truncate them silently."""
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype = {dtype!r}: must be torch.float32, torch.float16 or "
+                         "torch.bfloat16")

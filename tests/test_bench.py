@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from tcore.bench.flops import (count_flops, matmul_flops, measure_matmul_peak,
-                               model_flops_utilisation, vit_block_forward_flops)
+                               vit_block_forward_flops)
 from tcore.bench.report import (build_report, compare_ratio, format_report, parse_overrides,
                                 read_report, write_json_atomic)
 from tcore.bench.stats import median, percentile, summarize, time_repeats
@@ -90,13 +90,10 @@ def test_flop_count_of_one_vit_block_matches_the_analytic_formula():
     assert vit_block_forward_flops(tokens, dim) == 24 * tokens * dim**2 + 4 * tokens**2 * dim
 
 
-def test_matmul_peak_and_mfu_are_consistent():
+def test_matmul_peak_is_the_best_repeat():
     peak = measure_matmul_peak(torch.device("cpu"), torch.float32, size=256, repeats=2, iterations=2)
     assert peak["flops_per_s"] > 1e8  # any CPU of this century does > 0.1 GFLOP/s
     assert peak["flops_per_s"] >= peak["median_flops_per_s"]
-    assert model_flops_utilisation(1e9, 0.5, 4e9) == pytest.approx(0.5)
-    with pytest.raises(ValueError):
-        model_flops_utilisation(1e9, 0.0, 1e9)
 
 
 # ---- synthetic batches ---------------------------------------------------------------------
@@ -235,12 +232,18 @@ def assert_summary(figure: dict, unit: str, n: int):
 
 
 def test_bench_model_writes_every_figure_and_compares(tmp_path):
-    path = tmp_path / "model.json"
+    path, profile = tmp_path / "model.json", tmp_path / "profile"
     output = run_cli(["bench", "model", *TINY_MODEL, "--attention", "sdpa",
-                      "--compare", "attention=math", "--json", str(path)])
+                      "--compare", "attention=math", "--json", str(path),
+                      "--profile", str(profile)])
     assert "ratio samples_per_s first/second" in output and "mfu" in output
     report = json.loads(path.read_text())
     first, second = report["runs"]
+    # Only the first configuration is profiled; the model has no tcore ranges, and the
+    # CPU table's heading says so.
+    assert "profile" in first["details"] and "profile" not in second["details"]
+    assert (profile / "cpu.txt").read_text().startswith(
+        "3 steps, tcore ranges (CPU time, every thread): none\n\nsorted by cpu_time_total")
     assert first["settings"]["attention"] == "sdpa" and second["settings"]["attention"] == "math"
     for run in (first, second):
         figures = run["figures"]
@@ -253,9 +256,12 @@ def test_bench_model_writes_every_figure_and_compares(tmp_path):
             [rate / figures["peak_flops_per_s"] for rate in flops_per_s])
         assert figures["mfu"]["median"] > 0
         assert figures["step_time"]["median"] > 0
-        # samples/s is batch / step time per repeat (batch 1): extremes swap.
+        # samples/s is batch / step time per repeat (batch 1): extremes swap; and with an
+        # even number of repeats (2) the medians agree too.
         assert figures["samples_per_s"]["max"] == pytest.approx(1 / figures["step_time"]["min"])
         assert figures["samples_per_s"]["min"] == pytest.approx(1 / figures["step_time"]["max"])
+        assert figures["samples_per_s"]["median"] * figures["step_time"]["median"] == \
+            pytest.approx(1, rel=1e-12)
         assert figures["flops_per_step"] > 0
         assert figures["flops_per_sample"] == figures["flops_per_step"]  # batch 1
         assert figures["peak_flops_per_s"] > 0
@@ -351,6 +357,11 @@ def test_bench_data_times_both_loaders_on_the_same_shards(synth_shards, tmp_path
         figures, details = run["figures"], run["details"]
         assert details["batches"] >= 2 and details["samples"] == 2 * details["batches"]
         assert figures["samples_per_s"]["median"] > 0
+        # Two windows: the median rate is that of the median time per sample (the two
+        # windows' mean), not the mean of the two rates.
+        rate = figures["samples_per_s"]
+        assert rate["median"] == pytest.approx(2 / (1 / rate["min"] + 1 / rate["max"]),
+                                               rel=1e-12)
         latency = figures["batch_latency"]
         assert 0 < figures["batch_latency_p50"] <= figures["batch_latency_p90"] <= figures["batch_latency_p99"]
         assert latency["max"] >= figures["batch_latency_p99"]
@@ -405,6 +416,10 @@ def test_bench_train_reports_samples_and_data_wait(synth_shards, tmp_path):
                       "--json", str(path), "--profile", str(profile)])
     assert "data_wait_fraction" in output
     run = json.loads(path.read_text())["runs"][0]
+    # As `bench data` flags fewer than 10 batches, a train run flags fewer than 10 steps.
+    assert run["warnings"] == ["only 2 steps were timed: raise --steps for a steady figure "
+                               "(>= 10 steps)"]
+    assert "warning: only 2 steps were timed" in output
     # each timed step's host time, and the terminal names the slowest
     host_ms = run["details"]["step_host_ms"]
     assert len(host_ms) == 2 and all(ms > 0 for ms in host_ms)
@@ -721,10 +736,11 @@ def test_bench_model_figures_follow_from_the_timed_steps(monkeypatch):
     per_step = [figures["step_time"][k] for k in ("min", "median", "max")]
     assert per_step == pytest.approx([fast, (fast + slow) / 2, slow], abs=1e-4)
     # Per repeat, samples/s = batch / step time and MFU = FLOPs / step time / peak; the
-    # medians (of two repeats) are the means of the two.
+    # medians (of two repeats) are those of the median step time, not the means of the two
+    # rates (which would be 17% higher here).
     rates = [2 / figures["step_time"]["max"], 2 / figures["step_time"]["min"]]
     assert [figures["samples_per_s"][k] for k in ("min", "median", "max")] == pytest.approx(
-        [rates[0], sum(rates) / 2, rates[1]])
+        [rates[0], 2 / figures["step_time"]["median"], rates[1]])
     flops, peak = figures["flops_per_step"], figures["peak_flops_per_s"]
     assert figures["flops_per_sample"] == flops / 2
     assert figures["achieved_flops_per_s"] == pytest.approx(flops / figures["step_time"]["median"])
@@ -732,7 +748,9 @@ def test_bench_model_figures_follow_from_the_timed_steps(monkeypatch):
         "median_flops_per_s"]
     mfu = [flops / figures["step_time"]["max"] / peak, flops / figures["step_time"]["min"] / peak]
     assert [figures["mfu"][k] for k in ("min", "median", "max")] == pytest.approx(
-        [mfu[0], sum(mfu) / 2, mfu[1]])
+        [mfu[0], flops / figures["step_time"]["median"] / peak, mfu[1]])
+    assert figures["mfu"]["median"] == pytest.approx(
+        figures["samples_per_s"]["median"] * figures["flops_per_sample"] / peak)
     # CPU seconds over the timed steps (2 repeats x 2 steps x batch 2), per sample.
     assert figures["cpu_seconds_per_sample"] == pytest.approx((16.0 - 10.0) / (2 * 2 * 2))
 
@@ -756,14 +774,30 @@ def test_time_batches_times_each_next_with_the_device_synchronised(monkeypatch):
     assert latencies == [1.5, 2.5, 3.5, 4.5] and sizes == [3, 4, 5, 6]
 
 
-def test_window_rates_are_samples_over_seconds_of_consecutive_batches():
-    from tcore.bench.data import window_rates
+def test_window_sums_are_over_consecutive_batches():
+    from tcore.bench.stats import window_sums
 
     latencies, sizes = [1.0, 1.0, 2.0, 4.0, 1.0, 3.0], [2, 4, 2, 2, 3, 1]
-    assert window_rates(latencies, sizes, 3) == [6 / 2, 4 / 6, 4 / 4]
-    assert window_rates(latencies, sizes, 1) == [14 / 12]
-    assert window_rates(latencies[:2], sizes[:2], 5) == [2.0, 4.0]   # at most one per batch
-    assert window_rates(latencies[:5], sizes[:5], 2) == [6 / 2, 7 / 7]   # bounds 0, 2, 5
+    assert window_sums(latencies, 3) == [2, 6, 4] and window_sums(sizes, 3) == [6, 4, 4]
+    assert window_sums(latencies, 1) == [12] and window_sums(sizes, 1) == [14]
+    assert window_sums(latencies[:2], 5) == [1.0, 1.0]   # at most one window per batch
+    assert window_sums(sizes[:5], 2) == [6, 7]            # bounds 0, 2, 5
+
+
+def test_rates_are_summarised_as_the_rates_of_the_summarised_times():
+    """`summarize_rate`: each figure is 1 / the time per unit's mirrored figure, so with an
+    even number of repeats samples/s x time per sample is 1, median for median."""
+    from tcore.bench.stats import summarize_rate
+
+    seconds, samples = [2.0, 1.0, 8.0, 3.0], [4, 4, 8, 2]     # 0.5, 0.25, 1.0, 1.5 s a sample
+    rate, time = summarize_rate(seconds, samples, "samples/s"), summarize([0.5, 0.25, 1.0, 1.5])
+    assert rate.median == pytest.approx(1 / time.median) == pytest.approx(1 / 0.75)
+    assert (rate.min, rate.max) == pytest.approx((1 / 1.5, 1 / 0.25))
+    assert (rate.p25, rate.p75) == pytest.approx((1 / time.p75, 1 / time.p25))
+    assert rate.spread == pytest.approx(rate.p75 - rate.p25) and rate.n == 4
+    assert rate.p90 == pytest.approx(1 / percentile([0.5, 0.25, 1.0, 1.5], 10))
+    # One amount for every repeat: a batch per step.
+    assert summarize_rate([1.0, 3.0], 2).median == pytest.approx(2 / 2.0)
 
 
 def test_baseline_thread_budget_is_its_worker_processes(synth_shards):
@@ -817,6 +851,16 @@ def test_report_labels_each_run_with_its_own_resolved_settings():
     table = format_summary_table({"r": report}).splitlines()
     assert "MFU 20.0%" in table[2] and "500.0" in table[2] and "MFU 5.0%" in table[3]
     assert table[4].split()[-1] == "4.000"
+    # Train runs name their loader, in the header and in the table (a --compare of loaders).
+    trains = [gpu_result("train", rate, arch="vit_small", device="cuda", loader=loader)
+              for rate, loader in ((300.0, "dali"), (150.0, "baseline"))]
+    for train in trains:
+        train["environment"] = {"device_name": "H100"}
+    headers = [line for line in format_report(build_report(trains)).splitlines()
+               if line.startswith("[bench train]")]
+    assert [" loader=dali " in headers[0], " loader=baseline " in headers[1]] == [True, True]
+    rows = format_summary_table({"t": build_report(trains)}).splitlines()[2:4]
+    assert " loader=dali " in rows[0] and " loader=baseline " in rows[1]
     # A train run: its data wait and its own end-to-end fraction (of the model-only rate).
     train = gpu_result("train", 278.0, arch="vit_small")
     train["figures"].update(data_wait_fraction=summarize([0.179, 0.18], "fraction").as_dict(),
@@ -963,6 +1007,10 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
     assert extremes("step_time") == pytest.approx([1.75, 3.75], abs=1e-3)
     assert extremes("data_wait") == pytest.approx([0.5, 1.5], abs=1e-3)
     assert extremes("samples_per_s") == pytest.approx([2 / 3.75, 2 / 1.75], rel=1e-3)
+    # Two windows: samples/s x step time = batch for the medians too (the mean of the two
+    # windows' rates would be 15% above 2 / the median step time here).
+    assert figures["samples_per_s"]["median"] * figures["step_time"]["median"] == \
+        pytest.approx(2, rel=1e-12)
     assert extremes("data_wait_fraction") == pytest.approx([0.5 / 1.75, 1.5 / 3.75], rel=1e-3)
     assert run["details"]["steps"] == 2 and run["details"]["samples"] == 4
     # Each step's host time, next() and step together (the window's sync not in it).
@@ -976,9 +1024,11 @@ def test_bench_train_figures_follow_from_the_timed_windows(synth_shards, monkeyp
     assert extremes("model_only_samples_per_s") == pytest.approx([2 / 0.75, 2 / 0.75], rel=1e-3)
     assert extremes("model_only_before_samples_per_s") == pytest.approx([2 / 0.65, 2 / 0.65],
                                                                         rel=1e-3)
-    # Against the faster of the two model-only phases, here the one before.
+    # Against the faster of the two model-only phases, here the one before: the ratio of
+    # the median step times.
     assert figures["end_to_end_fraction"] == pytest.approx(
         figures["samples_per_s"]["median"] / (2 / 0.65), rel=1e-3)
+    assert figures["end_to_end_fraction"] == pytest.approx(0.65 / 2.75, rel=1e-3)
     # Each window's rate in the order run (the slow second window second), and each
     # model-only step's host time.
     assert run["details"]["window_samples_per_s"] == {

@@ -62,7 +62,12 @@ def test_agree_tells_a_broken_attention_backend_from_a_correct_one(monkeypatch, 
     path = tmp_path / "agree.json"
     result = invoke([*AGREE, "--json", str(path)])
     assert result.exit_code == 0 and "AGREE" in result.output, result.output
-    differences = json.loads(path.read_text())["differences"]
+    report = json.loads(path.read_text())
+    differences = report["differences"]
+    # What was asked for, as the other reports keep it.
+    assert report["settings"] == {"arch": "vit_tiny", "attention": "math", "reference": "sdpa",
+                                  "precision": "fp32", "device": "cpu", "batch": 1,
+                                  "tolerance": 0.02}
     assert set(differences) == {"cls", "patch", "attention"}
     assert max(d["max_rel"] for d in differences.values()) < 1e-4
     # The `math` backend replaced by a wrong function, as the backbone selects backends.
@@ -74,6 +79,13 @@ def test_agree_tells_a_broken_attention_backend_from_a_correct_one(monkeypatch, 
         assert result.exit_code == 1 and "DISAGREE" in result.output, (broken, result.output)
         assert json.loads(path.read_text())["differences"]["attention"]["max_rel"] > 0.02
 
+
+
+@pytest.mark.parametrize("tolerance", ["0", "-1"])
+def test_agree_tolerance_must_be_positive(tolerance):
+    # a DISAGREE with exit status 1 before
+    result = invoke([*AGREE, "--tolerance", tolerance])
+    assert result.exit_code == 2 and "--tolerance" in result.output, result.output
 
 
 def test_agree_refuses_two_names_for_one_backend():
@@ -186,12 +198,75 @@ def test_targets_count_only_runs_that_did_the_target_work(tmp_path):
           ("device=auto", "changes no setting on this device: device cpu and auto both run as "
                           "cpu")]],
     ("overrides=model.drop_path=2.0", "model.drop_path must lie in [0, 1), got 2.0"),
+    # '' was ignored (one run, exit status 0)
+    ("", "--compare '' names no setting"), ("  ", "--compare '  ' names no setting"),
 ])
 def test_bad_compare_values_fail_before_the_first_run(tmp_path, compare, named):
     profile = tmp_path / "profile"   # the first run would write its profile here
     result = invoke(["bench", "model", *TINY, "--profile", str(profile), "--compare", compare])
     refused(result, "--compare", named)
     assert not (profile / "kernels.txt").exists()
+
+
+def test_bench_train_compare_takes_only_the_loaders_train_runs(tmp_path):
+    """stage-a (`bench data`'s) makes no views: refused before the first run, naming the
+    loaders `bench train --loader` takes."""
+    from tcore.bench.train import TRAIN_LOADERS
+    from tcore.commands.bench import bench
+
+    result = invoke(["bench", "train", "--data", str(tmp_path), "--arch", "vit_tiny",
+                     "--device", "cpu", "--compare", "loader=stage-a"])
+    refused(result, "--compare 'loader=stage-a'", "loader must be one of ('dali', 'baseline')")
+    loader = next(p for p in bench.commands["train"].params if p.name == "loader")
+    assert tuple(loader.type.choices) == TRAIN_LOADERS
+
+
+def test_a_failed_second_run_keeps_the_first(synth_shards, tmp_path):
+    """The second run of a --compare fails (here: its data has no manifest) after the first
+    completed: the first run's figures are printed and written, marked, and the error says
+    where they are."""
+    empty, path = tmp_path / "empty", tmp_path / "out" / "data.json"
+    empty.mkdir()
+    result = invoke(["bench", "data", "--data", str(synth_shards), "--loader", "stage-a",
+                     "--batch", "2", "--seconds", "0.2", "--warmup", "0", "--repeats", "1",
+                     "--compare", f"data={empty}", "--json", str(path)])
+    output = refused(result, f"the second run (data={empty}) failed after the first completed: "
+                             "ShardDirError:", "manifest.json",
+                     f"The first run's figures are above and in {path} (marked 'compare_failed')")
+    assert "Traceback" not in output     # an error that names its cause
+    assert output.index("[bench data] loader=stage-a") < output.index("Error:")
+    assert "no ratio: the second run" in output
+    report = json.loads(path.read_text())
+    (run,) = report["runs"]
+    assert run["settings"]["data"] == str(synth_shards)
+    assert run["figures"]["samples_per_s"]["median"] > 0
+    assert report["compare_failed"]["compare"] == f"data={empty}"
+    assert report["compare_failed"]["error"].startswith("ShardDirError: ")
+    assert "compare" not in report
+    table = invoke(["bench", "table", str(path)])
+    assert table.exit_code == 0 and "the second run failed" in table.output, table.output
+
+
+def test_a_second_run_that_fails_unexpectedly_keeps_the_first_and_its_traceback(monkeypatch,
+                                                                                tmp_path):
+    """What cannot be made to fail on the CPU (a GPU out of memory): the second run raises,
+    and its traceback is shown with the first run's figures."""
+    import tcore.bench as bench_api
+
+    real_run, calls = bench_api.run_one, []
+
+    def second_fails(kind, settings, profile_dir=None):
+        calls.append(settings.batch)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(kind, settings, profile_dir)
+
+    monkeypatch.setattr(bench_api, "run_one", second_fails)
+    result = invoke(["bench", "model", *TINY, "--compare", "batch=1"])
+    output = refused(result, "the second run (batch=1) failed after the first completed: "
+                             "RuntimeError: CUDA out of memory",
+                     "The first run's figures are above", "Traceback", "second_fails")
+    assert "[bench model] arch=vit_tiny batch=2" in output and calls == [2, 1]
 
 
 def test_compare_splits_items_as_set_does():
@@ -302,4 +377,12 @@ def test_bench_train_refuses_fewer_steps_than_repeats(tmp_path):
     help_text = invoke(["bench", "train", "--help"]).output
     assert "IN ALL" in help_text
     assert "EACH repeat" in invoke(["bench", "model", "--help"]).output
+
+
+def test_profile_help_says_a_compare_profiles_the_first_configuration_only():
+    from tcore.commands.bench import bench
+
+    for name in ("model", "train"):
+        option = next(p for p in bench.commands[name].params if p.name == "profile_dir")
+        assert "with --compare: of the first configuration only" in option.help, name
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from tcore.cli import main
@@ -262,6 +263,40 @@ def test_preview_counts_are_checked_before_anything_runs(option, value, synth_sh
                                        option, value])
     assert result.exit_code == 2 and option in result.output, result.output
     assert not png.exists()
+
+
+def test_preview_takes_gpu_as_cuda(synth_shards, tmp_path):
+    """`--device gpu` is `cuda`, as in `tcore bench` (it was "not a torch device")."""
+    from tcore.commands import check_torch_device
+    from tcore.pipelines.devices import torch_device_name
+
+    assert [torch_device_name(name) for name in ("gpu", "gpu:1", "cuda", "cpu")] == [
+        "cuda", "cuda:1", "cuda", "cpu"]
+    assert check_torch_device(None, None, "cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert check_torch_device(None, None, "gpu") == "cuda"
+        return
+    png = tmp_path / "p.png"
+    result = CliRunner().invoke(main, ["pipeline", "preview", "--data", str(synth_shards),
+                                       "--output", str(png), "--device", "gpu"])
+    assert result.exit_code == 2, result.output
+    assert "'gpu' needs a GPU, but CUDA is not available here" in result.output
+    assert not png.exists()
+
+
+@pytest.mark.parametrize("option", ["--output", "--stats"])
+def test_preview_output_under_a_file_is_named_before_the_run(option, synth_shards, tmp_path):
+    # "afile/pv.png: cannot write: afile: File exists" before, after the batches were made
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    paths = {"--output": str(tmp_path / "p.png"), "--stats": str(tmp_path / "s.json")}
+    paths[option] = str(afile / "x")
+    result = CliRunner().invoke(main, ["pipeline", "preview", "--data", str(synth_shards),
+                                       "--output", paths["--output"], "--stats",
+                                       paths["--stats"]])
+    _assert_clean_error(result, re.escape(f"{option} {afile / 'x'}: {afile} is a file, not a "
+                                          "directory"))
+    assert afile.read_text() == "mine" and not (tmp_path / "p.png").exists()
 
 
 # --- training config: data.pipeline.sampling, full key names, patch sizes -----------------

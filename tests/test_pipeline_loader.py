@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import warnings
@@ -250,6 +251,33 @@ def test_output_dtypes_and_no_local_crops(synth_shards, dtype):
     loader.close()
     assert batch["global_crops"].dtype == dtype and batch["past_crops"].dtype == dtype
     assert batch["local_crops"].shape == (0, 3, 96, 96)
+
+
+@pytest.mark.parametrize("arguments, named", [
+    # the normalised views truncated to integers before
+    ({"dtype": torch.int8}, "dtype = torch.int8: must be torch.float32, torch.float16 or "
+                            "torch.bfloat16"),
+    ({"dtype": "float16"}, "dtype = 'float16'"),
+    # DALI's "expected non-negative integer" before, naming no argument
+    ({"seed": -1}, "seed = -1: must be an integer from 0 to 2**31 - 1"),
+    ({"seed": 2**31}, "seed = 2147483648"), ({"seed": 1.5}, "seed = 1.5"),
+    ({"seed": True}, "seed = True"),
+    # accepted before, where PipelineConfig(prefetch=0) is refused: the same rule
+    ({"prefetch": 0}, "prefetch = 0: need >= 1 batch in flight"),
+])
+def test_build_loader_names_a_bad_argument(synth_shards, arguments, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        build_loader([synth_shards], batch_size=2, **arguments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_build_loader_takes_gpu_as_cuda(synth_shards):
+    # torch's "Expected one of cpu, cuda, ... device type at start of device string: gpu"
+    # before; now the device as `tcore bench` reads it, which this machine lacks.
+    for device in ("gpu", "gpu:0"):
+        with pytest.raises(RuntimeError, match=f"device '{device}' asked for, but torch sees "
+                                               "no GPU"):
+            build_loader([synth_shards], batch_size=2, device=device)
 
 
 def test_past_and_future_share_the_central_box(counter_shards):

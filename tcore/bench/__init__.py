@@ -20,7 +20,8 @@ from tcore.bench.data import DataBenchSettings, run_data_bench
 from tcore.bench.model import ModelBenchSettings, attention_agreement, run_model_bench
 from tcore.bench.report import (build_report, format_report, format_summary_table,
                                 parse_overrides, prepare_output_dir, prepare_output_file,
-                                read_report, report_names, resolve_device, write_json_atomic)
+                                read_report, report_names, resolve_device, split_overrides,
+                                write_json_atomic)
 from tcore.bench.targets import format_targets
 from tcore.bench.train import TrainBenchSettings, run_train_bench
 
@@ -46,12 +47,13 @@ def release_device_memory() -> None:
 
 def run_bench(kind: str, settings, compare: str | None = None, json_path: str | None = None,
               profile_dir: str | None = None) -> dict:
-    """Run `settings` (and `compare` overrides of it, if given); write and return the report."""
+    """Run `settings` (and `compare` overrides of it, if given); write and return the report.
+    A second run that fails raises CompareFailed, the first run's report written first."""
     # All that can be refused is refused before the first run (minutes), not after it: both
     # runs' settings and devices, and the paths the report and the profile go to.
     settings.validate()
     first = runs_as(settings)      # the device, and a precision it can run
-    second = second_settings(settings, compare, first) if compare else None
+    second = second_settings(settings, compare, first) if compare is not None else None
     if json_path:
         prepare_output_file(json_path, "--json")
     if profile_dir:
@@ -59,16 +61,38 @@ def run_bench(kind: str, settings, compare: str | None = None, json_path: str | 
     runs = [run_one(kind, settings, profile_dir)]
     if second is not None:
         release_device_memory()
-        runs.append(run_one(kind, second))
+        try:
+            runs.append(run_one(kind, second))
+        except Exception as error:   # out of memory, bad data, a bug: the first run stands
+            report = build_report(runs, {"compare": compare,
+                                         "error": f"{type(error).__name__}: {error}"})
+            if json_path:
+                write_json_atomic(json_path, report)
+            raise CompareFailed(report, json_path) from error
     report = build_report(runs)
     if json_path:
         write_json_atomic(json_path, report)
     return report
 
 
+class CompareFailed(Exception):
+    """The second run of a --compare failed after the first completed. `report` holds the
+    first run and `compare_failed` (the --compare settings, the error), and is already in
+    `json_path` if one was given; the error is the exception's cause."""
+
+    def __init__(self, report: dict, json_path: str | None):
+        self.report, self.json_path = report, json_path
+        failed = report["compare_failed"]
+        super().__init__(f"the second run ({failed['compare']}) failed after the first "
+                         f"completed: {failed['error']}")
+
+
 def second_settings(settings, compare: str, first_runs_as: dict):
     """The --compare run's settings, validated (its device too) as the first run's are;
     `first_runs_as` is `runs_as(settings)`."""
+    if not split_overrides(compare):
+        raise ValueError(f"--compare {compare!r} names no setting: give KEY=VALUE[,KEY=VALUE], "
+                         "or leave --compare out for one run")
     changed = changed_settings(settings, compare)
     if not changed:
         raise ValueError(f"--compare {compare!r} changes no setting: both runs would be the same")
@@ -120,7 +144,7 @@ def run_data_loaders(settings: DataBenchSettings, loader: str, compare: str | No
     """`bench data --loader dali|baseline|both|stage-a`: 'both' is DALI compared with the
     baseline."""
     if loader == "both":
-        if compare:
+        if compare is not None:
             raise ValueError("--loader both already compares two runs; drop --compare")
         compare = "loader=baseline"
         loader = "dali"
@@ -139,5 +163,6 @@ def summary_table(paths: list[str], targets: bool = False) -> str:
     return text
 
 
-__all__ = ["run_bench", "run_data_loaders", "summary_table", "attention_agreement",
-           "format_report", "ModelBenchSettings", "DataBenchSettings", "TrainBenchSettings"]
+__all__ = ["run_bench", "run_data_loaders", "CompareFailed", "summary_table",
+           "attention_agreement", "format_report", "ModelBenchSettings", "DataBenchSettings",
+           "TrainBenchSettings"]

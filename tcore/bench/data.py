@@ -22,7 +22,7 @@ import torch
 from tcore.bench.flops import synchronizer
 from tcore.bench.model import at_least, check_device
 from tcore.bench.report import environment, resolve_device
-from tcore.bench.stats import process_tree_cpu_seconds, summarize
+from tcore.bench.stats import process_tree_cpu_seconds, summarize, summarize_rate, window_sums
 
 LOADERS = ("dali", "baseline", "stage-a")
 
@@ -186,13 +186,6 @@ def time_batches(iterator: Iterator[dict], *, seconds: float, warmup_batches: in
     return latencies, sizes
 
 
-def window_rates(latencies: list[float], sizes: list[int], windows: int) -> list[float]:
-    """Samples/s over `windows` consecutive, equally sized groups of batches."""
-    windows = max(1, min(windows, len(latencies)))
-    bounds = [round(i * len(latencies) / windows) for i in range(windows + 1)]
-    return [sum(sizes[a:b]) / sum(latencies[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
 def close_loader(loader) -> None:
     """Release a loader's worker threads/processes before the next one starts."""
     for name in ("close", "shutdown", "release"):
@@ -203,7 +196,18 @@ def close_loader(loader) -> None:
     gc.collect()
 
 
-MIN_TIMED_BATCHES = 10
+# Fewer timed batches or steps than this and each window holds one or two, so one slow or
+# queued batch moves its rate.
+MIN_TIMED = 10
+
+
+def few_timed_warnings(count: int, what: str, option: str) -> list[str]:
+    """The warning of a run that timed fewer than MIN_TIMED `what` (batches, steps), naming
+    the `option` that gives it more; none for a longer run."""
+    if count >= MIN_TIMED:
+        return []
+    return [f"only {count} {what} were timed: raise {option} for a steady figure "
+            f"(>= {MIN_TIMED} {what})"]
 
 
 def run_data_bench(settings: DataBenchSettings) -> dict:
@@ -229,8 +233,9 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
         close_loader(loader)
     latency = summarize(latencies, "s")
     figures = {
-        "samples_per_s": summarize(window_rates(latencies, sizes, settings.repeats),
-                               "samples/s").as_dict(),
+        "samples_per_s": summarize_rate(window_sums(latencies, settings.repeats),
+                                        window_sums(sizes, settings.repeats),
+                                        "samples/s").as_dict(),
         "batch_latency": latency.as_dict(),
         "batch_latency_p50": latency.median,
         "batch_latency_p90": latency.p90,
@@ -245,10 +250,6 @@ def run_data_bench(settings: DataBenchSettings) -> dict:
                "views": views_of(config),
                "measured_seconds": sum(latencies), "build_and_warmup_seconds": build_and_warmup}
     details.update(dali_loader_details(loader, clock_before, clock_after))
-    warnings = []
-    if len(latencies) < MIN_TIMED_BATCHES:
-        # Each window then holds a batch or two, and one slow or queued batch moves its rate.
-        warnings.append(f"only {len(latencies)} batches were timed: raise --seconds for a "
-                        f"steady figure (>= {MIN_TIMED_BATCHES} batches)")
     return {"kind": "data", "settings": asdict(settings), "figures": figures,
-            "details": details, "environment": environment(device), "warnings": warnings}
+            "details": details, "environment": environment(device),
+            "warnings": few_timed_warnings(len(latencies), "batches", "--seconds")}

@@ -102,10 +102,3 @@ def measure_matmul_peak(
         "repeats": repeats,
         "iterations": iterations,
     }
-
-
-def model_flops_utilisation(flops_per_step: float, step_seconds: float, peak_flops_per_s: float) -> float:
-    """Achieved FLOP/s of the step divided by the measured peak."""
-    if step_seconds <= 0 or peak_flops_per_s <= 0:
-        raise ValueError(f"step time and peak must be positive, got {step_seconds}, {peak_flops_per_s}")
-    return flops_per_step / step_seconds / peak_flops_per_s

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from tcore.bench.flops import (PRECISION_DTYPES, count_flops, measure_matmul_peak,
-                               model_flops_utilisation, peak_dtype_for, synchronizer)
+                               peak_dtype_for, synchronizer)
 from tcore.bench.report import environment, resolve_device, split_overrides
-from tcore.bench.stats import process_tree_cpu_seconds, summarize, time_repeats
+from tcore.bench.stats import (process_tree_cpu_seconds, summarize, summarize_rate,
+                               time_repeats)
 from tcore.synthetic_batch import make_synthetic_batch
 
 TEACHER_TEMP = 0.07         # value after warm-up; the temperature does not change the cost
@@ -257,9 +258,12 @@ def run_model_bench(settings: ModelBenchSettings, profile_dir: str | None = None
     step_time = summarize(step_seconds, "s")
     figures = {
         "step_time": step_time.as_dict(),
-        "samples_per_s": summarize([settings.batch / s for s in step_seconds], "samples/s").as_dict(),
-        "mfu": summarize([model_flops_utilisation(flops_per_step, s, peak["flops_per_s"])
-                          for s in step_seconds], "fraction").as_dict(),
+        # Rates of the step times (`summarize_rate`), median for median: samples/s x step
+        # time = batch, and MFU = FLOPs per step / step time / peak (at the peak a step
+        # would take flops / peak seconds).
+        "samples_per_s": summarize_rate(step_seconds, settings.batch, "samples/s").as_dict(),
+        "mfu": summarize_rate(step_seconds, flops_per_step / peak["flops_per_s"],
+                              "fraction").as_dict(),
         "flops_per_step": flops_per_step,
         "flops_per_sample": flops_per_step / settings.batch,
         "achieved_flops_per_s": flops_per_step / step_time.median,
@@ -332,8 +336,10 @@ def profile_steps(step, device: torch.device, out_dir: Path, steps: int = 3) -> 
                        for event in sorted(averages, key=lambda e: e.key)
                        if event.key.startswith("tcore."))
     threads = "every thread" if all_threads else "the training thread only"
+    # `bench model` has no loader, so no ranges: say so rather than leave the heading bare.
+    ranges = f"\n{ranges}" if ranges else " none"
     cpu_path = out_dir / "cpu.txt"
-    cpu_path.write_text(f"{steps} steps, tcore ranges (CPU time, {threads}):\n{ranges}\n\n"
+    cpu_path.write_text(f"{steps} steps, tcore ranges (CPU time, {threads}):{ranges}\n\n"
                         f"sorted by cpu_time_total\n{cpu_table}\n")
     timeline = timeline_summary(activities_of(profiler.events()), wall_us, steps)
     timeline_path = out_dir / "timeline.txt"

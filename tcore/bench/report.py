@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tcore.bench.stats import median
+from tcore.pipelines.devices import torch_device_name
 from tcore.preprocess.files import write_text_atomically
 
 REPORT_FORMAT_VERSION = 1
@@ -74,8 +75,9 @@ def environment(device: torch.device) -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks the GPU when there is one; 'gpu' is an alias of 'cuda'."""
-    name = {"gpu": "cuda"}.get(name, name)
+    """'auto' picks the GPU when there is one; 'gpu' is an alias of 'cuda' (as everywhere:
+    `torch_device_name`)."""
+    name = torch_device_name(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -159,10 +161,14 @@ def compare_ratio(first: dict, second: dict) -> dict:
             "changed": changed}
 
 
-def build_report(results: list[dict]) -> dict:
+def build_report(results: list[dict], compare_failed: dict | None = None) -> dict:
+    """The report of one run, or of a --compare's two with their ratio; `compare_failed`
+    ({"compare", "error"}): the --compare's second run failed, and `results` holds the first."""
     report = {"format_version": REPORT_FORMAT_VERSION, "runs": results}
     if len(results) == 2:
         report["compare"] = compare_ratio(results[0], results[1])
+    if compare_failed:
+        report["compare_failed"] = compare_failed
     return report
 
 
@@ -308,8 +314,8 @@ def settings_label(settings: dict, keys: tuple[str, ...], details: dict | None =
 LABEL_KEYS = {
     "model": ("arch", "batch", "attention", "precision", "compile", "device", "overrides"),
     "data": ("loader", "device", "threads", "batch", "overrides"),
-    "train": ("arch", "batch", "attention", "precision", "compile", "device", "threads",
-              "overrides"),
+    "train": ("arch", "batch", "attention", "precision", "compile", "device", "loader",
+              "threads", "overrides"),
 }
 TABLE_FIGURES = {
     "model": ("samples_per_s", "step_time", "mfu", "flops_per_sample", "peak_memory",
@@ -400,6 +406,9 @@ def format_report(report: dict) -> str:
         changed = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in compare["changed"].items())
         lines.append(f"ratio {compare['figure']} first/second = {compare['ratio']:.3f}"
                      f"  ({changed or 'same settings'})")
+    if "compare_failed" in report:
+        failed = report["compare_failed"]
+        lines.append(f"no ratio: the second run ({failed['compare']}) failed: {failed['error']}")
     return "\n".join(lines)
 
 
@@ -434,4 +443,7 @@ def format_summary_table(reports: dict[str, dict]) -> str:
             compare = report["compare"]
             changed = ", ".join(f"{k} {a} / {b}" for k, (a, b) in compare["changed"].items())
             lines.append(f"{'':<28} {'ratio':<6} {changed:<58} {compare['ratio']:>12.3f}")
+        if "compare_failed" in report:
+            second = f"{report['compare_failed']['compare']}: the second run failed"
+            lines.append(f"{'':<28} {'ratio':<6} {second:<58} {'none':>12}")
     return "\n".join(lines)

@@ -75,6 +75,44 @@ def summarize(values: Sequence[float], unit: str = "") -> Summary:
     )
 
 
+def summarize_rate(seconds: Sequence[float], amounts: Sequence[float] | float,
+                   unit: str = "") -> Summary:
+    """Summarise a rate measured once per repeat: `amounts[i]` units of work (samples, or one
+    amount for every repeat) done in `seconds[i]`.
+
+    Each figure is that of the time per unit, inverted (the rate's quantile q is 1 / the
+    time's quantile 100 - q): the median rate is then 1 / the median time per unit, so
+    samples/s x step time = batch at any number of repeats. With an even number, the median
+    of the rates themselves (the mean of the middle two) would not be the rate of the
+    median time (the mean of the other two)."""
+    if isinstance(amounts, (int, float)):
+        amounts = [amounts] * len(seconds)
+    per_unit = [time / amount for time, amount in zip(seconds, amounts)]
+    if not per_unit:
+        raise ValueError("cannot summarise zero measurements")
+
+    def rate(q: float) -> float:
+        time = percentile(per_unit, 100.0 - q)
+        return 1.0 / time if time else math.inf
+
+    p25, p75 = rate(25.0), rate(75.0)
+    return Summary(median=rate(50.0), spread=p75 - p25, p25=p25, p75=p75, p90=rate(90.0),
+                   p99=rate(99.0), min=rate(0.0), max=rate(100.0), n=len(per_unit), unit=unit)
+
+
+def windows(values: Sequence, count: int) -> list[slice]:
+    """`values` split into `count` consecutive, equally sized windows (at most one per value;
+    the sizes differ by one where they do not divide)."""
+    count = max(1, min(count, len(values)))
+    bounds = [round(i * len(values) / count) for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def window_sums(values: Sequence[float], count: int) -> list[float]:
+    """The sum of each of the `count` windows of `values` (`windows`)."""
+    return [sum(values[part]) for part in windows(values, count)]
+
+
 def time_repeats(
     run_once: Callable[[], None],
     *,

@@ -20,21 +20,25 @@ from pathlib import Path
 
 import torch
 
-from tcore.bench.data import (LOADERS, batch_size_of, batches_queued, build_named_loader,
-                              close_loader, dali_loader_details, loader_clock, views_of)
+from tcore.bench.data import (batch_size_of, batches_queued, build_named_loader, close_loader,
+                              dali_loader_details, few_timed_warnings, loader_clock, views_of)
 from tcore.bench.flops import PRECISION_DTYPES, synchronizer
 from tcore.bench.model import (BENCH_ITERATION, TRAIN_OPTION_KEYS, arch_names, at_least,
                                bench_config, build_trainer, check_attention, check_device,
                                profile_steps, refuse_option_keys, resolved_attention)
 from tcore.bench.report import environment, resolve_device
-from tcore.bench.stats import summarize
+from tcore.bench.stats import summarize, summarize_rate, window_sums, windows
 from tcore.step_stream import step_stream
+
+
+# The loaders that can feed the step (`bench data`'s stage-a makes no views to train on).
+TRAIN_LOADERS = ("dali", "baseline")
 
 
 @dataclass(frozen=True)
 class TrainBenchSettings:
     data: str = ""
-    loader: str = "dali"
+    loader: str = "dali"    # one of TRAIN_LOADERS
     arch: str = "vit_small"
     batch: int = 64
     attention: str = "auto"
@@ -59,8 +63,8 @@ class TrainBenchSettings:
             raise ValueError(f"arch must be one of {arch_names()}, got {self.arch!r}")
         if self.precision not in (*PRECISION_DTYPES, "auto"):
             raise ValueError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {self.precision!r}")
-        if self.loader not in LOADERS:
-            raise ValueError(f"loader must be one of {LOADERS}, got {self.loader!r}")
+        if self.loader not in TRAIN_LOADERS:
+            raise ValueError(f"loader must be one of {TRAIN_LOADERS}, got {self.loader!r}")
         check_attention(self.attention)
         at_least(self, batch=1, steps=1, repeats=1, warmup=0, threads=1)
         if self.steps < self.repeats:
@@ -107,22 +111,20 @@ def timed_windows(iterator, trainer, steps: int, repeats: int, device: torch.dev
     return waits, sizes, window_times, window_steps, host_times
 
 
-def windows(values: list, count: int) -> list[slice]:
-    count = max(1, min(count, len(values)))
-    bounds = [round(i * len(values) / count) for i in range(count + 1)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
 def model_only_windows(batch: dict, trainer, settle: int, steps: int, repeats: int,
                        device: torch.device) -> tuple[list[float], list[int], list[float]]:
     """The step alone on one batch held on the device: `settle` untimed steps, then
-    `steps` steps in `repeats` windows. Returns each window's samples/s, each step's
-    samples and each step's host time."""
+    `steps` steps in `repeats` windows. Returns each window's seconds and samples, and each
+    step's host time."""
     held = itertools.repeat(batch)
     timed_windows(held, trainer, settle, 1, device)
     _, sizes, times, _, host_times = timed_windows(held, trainer, steps, repeats, device)
-    rates = [sum(sizes[w]) / t for w, t in zip(windows(sizes, repeats), times)]
-    return rates, sizes, host_times
+    return times, window_sums(sizes, repeats), host_times
+
+
+def rates(seconds: list[float], samples: list[int]) -> list[float]:
+    """Each window's samples/s, rounded for the report's details."""
+    return [round(n / t, 1) for t, n in zip(seconds, samples)]
 
 
 def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None) -> dict:
@@ -172,10 +174,12 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
         after = model_only_windows(held, trainer, 1, steps, repeats, device)
 
     parts = windows(waits, repeats)     # the same split timed_windows made
-    window_rates = [sum(sizes[w]) / t for w, t in zip(parts, window_times)]
-    samples_per_s = summarize(window_rates, "samples/s")
-    model_only = summarize(after[0], "samples/s")
-    model_only_before = summarize(before[0], "samples/s")
+    window_samples = window_sums(sizes, repeats)
+    # Rates of the windows' times (`summarize_rate`): samples/s x step time = batch, median
+    # for median, and so end_to_end_fraction is the ratio of the median step times.
+    samples_per_s = summarize_rate(window_times, window_samples, "samples/s")
+    model_only = summarize_rate(after[0], after[1], "samples/s")
+    model_only_before = summarize_rate(before[0], before[1], "samples/s")
     figures = {
         "samples_per_s": samples_per_s.as_dict(),
         "step_time": summarize([t / n for t, n in zip(window_times, window_steps)], "s").as_dict(),
@@ -195,16 +199,16 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
                                                           model_only_before.median),
     }
     details = {"steps": len(waits), "samples": sum(sizes), "warmup_steps": warmup,
-               "model_only_steps": len(after[1]),
+               "model_only_steps": len(after[2]),
                # each timed step's host time, next() and step together, in order
                "step_host_ms": [round(1e3 * t, 2) for t in host_times],
                "model_only_step_host_ms": [round(1e3 * t, 2) for t in after[2]],
                "model_only_before_step_host_ms": [round(1e3 * t, 2) for t in before[2]],
                # each window's rate in the order run: a drift (settling, a slow start) shows
                # here, where the medians above hide it
-               "window_samples_per_s": {"end_to_end": [round(r, 1) for r in window_rates],
-                                        "model_only": [round(r, 1) for r in after[0]],
-                                        "model_only_before": [round(r, 1) for r in before[0]]},
+               "window_samples_per_s": {"end_to_end": rates(window_times, window_samples),
+                                        "model_only": rates(*after[:2]),
+                                        "model_only_before": rates(*before[:2])},
                "attention_resolved": resolved_attention(settings.attention, device),
                "precision_resolved": trainer.precision, "views": views_of(config),
                "step_stream": cfg.train.step_stream,
@@ -212,4 +216,5 @@ def run_train_bench(settings: TrainBenchSettings, profile_dir: str | None = None
     if profile:
         details["profile"] = profile
     return {"kind": "train", "settings": asdict(settings), "figures": figures,
-            "details": details, "environment": environment(device)}
+            "details": details, "environment": environment(device),
+            "warnings": few_timed_warnings(len(waits), "steps", "--steps")}

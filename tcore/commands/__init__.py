@@ -18,12 +18,16 @@ def check_torch_device(ctx, param, value):
     """`--device` callback of the commands that run on the CPU or a CUDA GPU (eval,
     pipeline preview): refuse a name torch cannot parse, another kind of device, or CUDA
     where none is usable, before anything is loaded (torch's own errors come later, as raw
-    tracebacks)."""
+    tracebacks). Returns the name torch takes: `gpu[:i]` is `cuda[:i]`, as in `tcore bench`."""
     if value is None:
         return None
     import torch
+
+    from tcore.pipelines.devices import torch_device_name
+
+    name = torch_device_name(value)
     try:
-        device = torch.device(value)
+        device = torch.device(name)
     except (RuntimeError, ValueError, TypeError) as error:
         raise click.BadParameter(f"{value!r} is not a torch device (e.g. cuda, cuda:1, cpu): "
                                  f"{error}") from error
@@ -38,4 +42,4 @@ def check_torch_device(ctx, param, value):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise click.BadParameter(f"{value!r}: only {torch.cuda.device_count()} GPU(s) "
                                      "visible")
-    return value
+    return name

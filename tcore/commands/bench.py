@@ -1,6 +1,8 @@
 """`tcore bench` commands: parse options, call `tcore.bench`, print the short table."""
 from __future__ import annotations
 
+import traceback
+
 import click
 
 ATTENTION = click.Choice(["auto", "xformers", "sdpa", "math"])
@@ -10,6 +12,7 @@ DEVICE = click.Choice(["auto", "cpu", "cuda", "gpu"])
 # that `tcore --help` does not import torch and timm.
 ARCH = click.Choice(["vit_tiny", "vit_small", "vit_base", "vit_large"])
 DEVICE_HELP = "auto: the GPU when there is one; gpu is cuda."
+PROFILE_COMPARE = "(with --compare: of the first configuration only)"
 
 
 def overrides_option(function):
@@ -56,12 +59,36 @@ def step_options(function):
     return function
 
 
+# Errors whose message names what is wrong (a setting, a file): shown without a traceback.
+NAMED_ERRORS = (ValueError, FileNotFoundError)
+
+
 def fail_on_value_error(call, also=()):
     """Settings errors (ValueError) and missing files as a message; `also`: more types."""
     try:
         return call()
-    except (ValueError, FileNotFoundError, *also) as error:
+    except (*NAMED_ERRORS, *also) as error:
         raise click.ClickException(str(error)) from error
+
+
+def echo_report(call, also=()) -> None:
+    """Run the bench `call` and print its report, errors as `fail_on_value_error` gives
+    them. When a --compare's second run failed, the first run's report is printed before
+    the error, which says where else it went."""
+    from tcore.bench import CompareFailed, format_report
+
+    try:
+        report = fail_on_value_error(call, also)
+    except CompareFailed as failed:
+        click.echo(format_report(failed.report))
+        if not isinstance(failed.__cause__, (*NAMED_ERRORS, *also)):
+            # a bug, or out of memory: its traceback too
+            click.echo("".join(traceback.format_exception(failed.__cause__)), err=True)
+        where = "above"
+        if failed.json_path:
+            where += f" and in {failed.json_path} (marked 'compare_failed')"
+        raise click.ClickException(f"{failed}. The first run's figures are {where}") from failed
+    click.echo(format_report(report))
 
 
 def check_json_path(json_path: str | None) -> None:
@@ -107,22 +134,22 @@ def bench():
 @click.option("--peak-size", default=0, show_default=True, type=click.IntRange(min=0),
               help="Matmul size for the peak rate (0: 8192 on GPU, 1024 on CPU).")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
-              help="Also write a torch.profiler kernel table and trace of 3 steps here.")
+              help="Also write a torch.profiler kernel table and trace of 3 steps here "
+                   f"{PROFILE_COMPARE}.")
 @overrides_option
 @json_option
 @compare_option("attention=math,precision=fp32")
 def model(arch, batch, attention, precision, compile_, device, n_local, global_size, local_size,
           warmup, repeats, steps, peak_size, profile_dir, overrides, json_path, compare):
     """The full T-CoRe train step on device-resident synthetic batches."""
-    from tcore.bench import ModelBenchSettings, format_report, run_bench
+    from tcore.bench import ModelBenchSettings, run_bench
 
     settings = ModelBenchSettings(arch=arch, batch=batch, attention=attention, precision=precision,
                                   compile=compile_, device=device, n_local=n_local,
                                   global_size=global_size, local_size=local_size, warmup=warmup,
                                   repeats=repeats, steps=steps, peak_size=peak_size,
                                   overrides=overrides)
-    report = fail_on_value_error(lambda: run_bench("model", settings, compare, json_path, profile_dir))
-    click.echo(format_report(report))
+    echo_report(lambda: run_bench("model", settings, compare, json_path, profile_dir))
 
 
 @bench.command(name="data")
@@ -155,19 +182,18 @@ def model(arch, batch, attention, precision, compile_, device, n_local, global_s
 def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repeats, overrides,
          json_path, compare):
     """Samples/s and batch latency of the DALI pipeline and of the baseline loader."""
-    from tcore.bench import DataBenchSettings, format_report, run_data_loaders
+    from tcore.bench import DataBenchSettings, run_data_loaders
 
     settings = DataBenchSettings(data=data_dir, device=device, threads=threads, batch=batch,
                                  seconds=seconds, warmup_batches=warmup_batches, repeats=repeats,
                                  overrides=overrides)
-    report = fail_on_value_error(lambda: run_data_loaders(settings, loader, compare, json_path),
-                                 data_errors())
-    click.echo(format_report(report))
+    echo_report(lambda: run_data_loaders(settings, loader, compare, json_path), data_errors())
 
 
 @bench.command(name="train")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shard directory (from `tcore shards build`).")
+# tcore.bench.train.TRAIN_LOADERS (a test keeps the two equal)
 @click.option("--loader", default="dali", show_default=True, type=click.Choice(["dali", "baseline"]),
               help="The loader feeding the step.")
 @step_options
@@ -182,22 +208,22 @@ def data(data_dir, loader, device, threads, batch, seconds, warmup_batches, repe
 @click.option("--repeats", default=4, show_default=True, type=click.IntRange(min=1),
               help="Windows the --steps are split into, one samples/s figure each.")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
-              help="Then profile 3 more steps (loader included): kernel and CPU tables, trace.")
+              help="Then profile 3 more steps (loader included): kernel and CPU tables, trace "
+                   f"{PROFILE_COMPARE}.")
 @overrides_option
 @json_option
 @compare_option("attention=math,precision=fp32")
 def train(data_dir, loader, arch, batch, attention, precision, compile_, device, threads,
           warmup, steps, repeats, profile_dir, overrides, json_path, compare):
     """End to end: the loader feeding the train step; samples/s and data-wait fraction."""
-    from tcore.bench import TrainBenchSettings, format_report, run_bench
+    from tcore.bench import TrainBenchSettings, run_bench
 
     settings = TrainBenchSettings(data=data_dir, loader=loader, arch=arch, batch=batch,
                                   attention=attention, precision=precision, compile=compile_,
                                   device=device, threads=threads, warmup=warmup,
                                   steps=steps, repeats=repeats, overrides=overrides)
-    report = fail_on_value_error(lambda: run_bench("train", settings, compare, json_path,
-                                                   profile_dir), data_errors())
-    click.echo(format_report(report))
+    echo_report(lambda: run_bench("train", settings, compare, json_path, profile_dir),
+                data_errors())
 
 
 @bench.command(name="agree")
@@ -212,8 +238,9 @@ def train(data_dir, loader, arch, batch, attention, precision, compile_, device,
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1),
               help="Images (224 px, random) per forward.")
-@click.option("--tolerance", default=0.02, show_default=True, type=float,
-              help="Largest accepted difference relative to the output's max magnitude.")
+@click.option("--tolerance", default=0.02, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Largest accepted difference relative to the output's max magnitude (> 0).")
 @json_option
 def agree(arch, attention, reference, precision, device, batch, tolerance, json_path):
     """Check two attention backends give the same backbone outputs and the same attention
@@ -226,6 +253,10 @@ def agree(arch, attention, reference, precision, device, batch, tolerance, json_
         arch, (attention, reference), device, precision, batch))
     worst = max(d["max_rel"] for d in result["differences"].values())
     result["tolerance"], result["agree"] = tolerance, worst <= tolerance
+    # As the other reports keep theirs: what was asked for (`resolved`: what ran).
+    result["settings"] = {"arch": arch, "attention": attention, "reference": reference,
+                          "precision": precision, "device": device, "batch": batch,
+                          "tolerance": tolerance}
     if json_path:
         fail_on_value_error(lambda: write_json_atomic(json_path, result))
     resolved = " vs ".join(result["resolved"])

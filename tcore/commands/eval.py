@@ -72,7 +72,7 @@ def propagation_options(topk: int):
             click.option("--context", default=20, show_default=True, type=click.IntRange(min=1),
                          help="Previous frames in the context (plus the first frame)."),
             click.option("--device", default=None, callback=check_torch_device,
-                         help="cuda / cpu (default: cuda if present)."),
+                         help="cuda / cpu (gpu is cuda; default: cuda if present)."),
             click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
                          help="Frames per feature batch."),
             click.option("--chunk-size", default=1024, show_default=True,

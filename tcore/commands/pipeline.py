@@ -18,6 +18,18 @@ def compiles_colour_stage(batches: int, stats) -> bool:
     return (batches if stats else 1) > EAGER_PREVIEW_BATCHES
 
 
+def check_output_file(path: str, option: str) -> None:
+    """`path` can be written: checked before the loader starts, as the bench commands check
+    theirs (a path under a file: "afile is a file, not a directory"); a missing directory is
+    created."""
+    from tcore.bench.report import prepare_output_file
+
+    try:
+        prepare_output_file(path, option)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+
+
 @click.group(name="pipeline")
 def pipeline():
     """The DALI data pipeline: look at what the model is fed."""
@@ -37,7 +49,7 @@ def pipeline():
 # DALI takes a seed below 2**31; numpy's generators refuse negative ones.
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1))
 @click.option("--device", default="cpu", show_default=True, callback=check_torch_device,
-              help="cpu or cuda[:i].")
+              help="cpu or cuda[:i] (gpu is cuda).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
               help="DALI threads.")
 @click.option("--local-crops", default=8, show_default=True, type=click.IntRange(min=0),
@@ -57,6 +69,9 @@ def preview(data, output, batches, stats, batch_size, seed, device, threads, loc
     if stats and os.path.realpath(stats) == os.path.realpath(output):
         raise click.BadParameter(f"{stats} is also --output: the statistics would overwrite "
                                  "the picture", param_hint="--stats")
+    check_output_file(output, "--output")
+    if stats:
+        check_output_file(stats, "--stats")
     config = PipelineConfig(skip_bad_samples=skip_bad_samples)
     config.views.n_local = local_crops
     config.photometric_compile = compiles_colour_stage(batches, stats)
