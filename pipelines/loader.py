@@ -33,7 +33,7 @@ from tcore.pipelines.ahead import AheadThread, Stopped
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.buffers import HostBufferPool
 from tcore.pipelines.colour_graphs import ColourStageGraphs
-from tcore.pipelines.devices import torch_device_name
+from tcore.pipelines.arguments import check_dtype, check_seed, torch_device_name
 from tcore.pipelines.lanes import ViewLanes
 from tcore.pipelines.manifest import (ShardSet, ShardSetError, check_codecs_for_device,
                                       decodes_video_on_gpu, load_shard_set)
@@ -807,22 +807,3 @@ def build_loader(manifests, batch_size: int, device: str = "cpu",
     shard_id, num_shards = distributed_shard(shard_id, num_shards)
     return DaliLoader(shard_set, batch_size, torch_device, config, seed, shard_id, num_shards,
                       num_threads, config.prefetch, infinite, dtype, return_params)
-
-
-# DALI takes a seed below 2**31; numpy's generators refuse negative ones.
-MAX_SEED = 2**31 - 1
-OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_seed(seed) -> None:
-    """`seed` is an integer DALI and numpy take, named here rather than in DALI's words."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
-            or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed = {seed!r}: must be an integer from 0 to 2**31 - 1")
-
-
-def check_dtype(dtype) -> None:
-    """The views are normalised floats: an integer dtype would truncate them silently."""
-    if dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"dtype = {dtype!r}: must be torch.float32, torch.float16 or "
-                         "torch.bfloat16")

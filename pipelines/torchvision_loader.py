@@ -22,6 +22,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from tcore.pipelines.arguments import check_dtype, check_seed, torch_device_name
 from tcore.pipelines.config import PipelineConfig
 from tcore.pipelines.loader import distributed_shard
 from tcore.pipelines.stage_a import BadSampleError, frame_offsets, sample_frames
@@ -294,8 +295,11 @@ def build_baseline_loader(manifests, batch_size: int, device: str = "cpu",
     no exact resume. One pass (infinite=False) ends when the workers run out of samples:
     each worker's last batch may be partial, so it can yield a few more than len() batches."""
     config = (config or PipelineConfig()).validate()
+    check_seed(seed)
+    check_dtype(dtype)
     shard_set = load_shard_set(manifests)
     shard_id, num_shards = distributed_shard(shard_id, num_shards)
+    device = torch_device_name(device)
     dataset = ShardSamples(shard_set, config, seed, shard_id, num_shards, infinite)
     # Workers from a fork server, not forked from the caller: a process that already runs
     # threads (DALI's, torch's: `bench data --loader both`, a test session) can leave a lock

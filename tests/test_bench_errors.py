@@ -200,6 +200,8 @@ def test_targets_count_only_runs_that_did_the_target_work(tmp_path):
     ("overrides=model.drop_path=2.0", "model.drop_path must lie in [0, 1), got 2.0"),
     # '' was ignored (one run, exit status 0)
     ("", "--compare '' names no setting"), ("  ", "--compare '  ' names no setting"),
+    # failed in the second run, after the first: DALI's or numpy's words
+    ("seed=-1", "seed = -1: must be an integer from 0 to 2**31 - 1"),
 ])
 def test_bad_compare_values_fail_before_the_first_run(tmp_path, compare, named):
     profile = tmp_path / "profile"   # the first run would write its profile here

@@ -268,7 +268,7 @@ def test_preview_counts_are_checked_before_anything_runs(option, value, synth_sh
 def test_preview_takes_gpu_as_cuda(synth_shards, tmp_path):
     """`--device gpu` is `cuda`, as in `tcore bench` (it was "not a torch device")."""
     from tcore.commands import check_torch_device
-    from tcore.pipelines.devices import torch_device_name
+    from tcore.pipelines.arguments import torch_device_name
 
     assert [torch_device_name(name) for name in ("gpu", "gpu:1", "cuda", "cpu")] == [
         "cuda", "cuda:1", "cuda", "cpu"]

@@ -270,6 +270,16 @@ def test_build_loader_names_a_bad_argument(synth_shards, arguments, named):
         build_loader([synth_shards], batch_size=2, **arguments)
 
 
+@pytest.mark.parametrize("arguments, named", [
+    ({"dtype": torch.int8}, "dtype = torch.int8: must be torch.float32"),
+    ({"seed": -1}, "seed = -1: must be an integer from 0 to 2**31 - 1"),
+])
+def test_the_baseline_loader_checks_its_arguments_as_build_loader_does(synth_shards, arguments,
+                                                                       named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        build_baseline_loader([synth_shards], batch_size=2, num_workers=0, **arguments)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_build_loader_takes_gpu_as_cuda(synth_shards):
     # torch's "Expected one of cpu, cuda, ... device type at start of device string: gpu"

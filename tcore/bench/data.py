@@ -23,6 +23,7 @@ from tcore.bench.flops import synchronizer
 from tcore.bench.model import at_least, check_device
 from tcore.bench.report import environment, resolve_device
 from tcore.bench.stats import process_tree_cpu_seconds, summarize, summarize_rate, window_sums
+from tcore.pipelines.arguments import check_seed
 
 LOADERS = ("dali", "baseline", "stage-a")
 
@@ -44,6 +45,7 @@ class DataBenchSettings:
         if self.loader not in LOADERS:
             raise ValueError(f"loader must be one of {LOADERS}, got {self.loader!r}")
         at_least(self, threads=1, batch=1, repeats=1, warmup_batches=0)
+        check_seed(self.seed)
         if self.seconds <= 0:
             raise ValueError(f"seconds must be > 0, got {self.seconds}")
         if not self.data:

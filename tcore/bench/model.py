@@ -21,6 +21,7 @@ from tcore.bench.flops import (PRECISION_DTYPES, count_flops, measure_matmul_pea
 from tcore.bench.report import environment, resolve_device, split_overrides
 from tcore.bench.stats import (process_tree_cpu_seconds, summarize, summarize_rate,
                                time_repeats)
+from tcore.pipelines.arguments import check_seed
 from tcore.synthetic_batch import make_synthetic_batch
 
 TEACHER_TEMP = 0.07         # value after warm-up; the temperature does not change the cost
@@ -53,6 +54,7 @@ class ModelBenchSettings:
         check_attention(self.attention)
         at_least(self, batch=1, repeats=1, steps=1, warmup=0, n_local=0, global_size=16,
                  local_size=16, peak_size=0)
+        check_seed(self.seed)
         for name in ("global_size", "local_size"):
             if getattr(self, name) % 16:
                 raise ValueError(f"{name} must be a multiple of the 16-px patch, got {getattr(self, name)}")

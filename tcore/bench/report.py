@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tcore.bench.stats import median
-from tcore.pipelines.devices import torch_device_name
+from tcore.pipelines.arguments import torch_device_name
 from tcore.preprocess.files import write_text_atomically
 
 REPORT_FORMAT_VERSION = 1

@@ -28,6 +28,7 @@ from tcore.bench.model import (BENCH_ITERATION, TRAIN_OPTION_KEYS, arch_names, a
                                profile_steps, refuse_option_keys, resolved_attention)
 from tcore.bench.report import environment, resolve_device
 from tcore.bench.stats import summarize, summarize_rate, window_sums, windows
+from tcore.pipelines.arguments import check_seed
 from tcore.step_stream import step_stream
 
 
@@ -67,6 +68,7 @@ class TrainBenchSettings:
             raise ValueError(f"loader must be one of {TRAIN_LOADERS}, got {self.loader!r}")
         check_attention(self.attention)
         at_least(self, batch=1, steps=1, repeats=1, warmup=0, threads=1)
+        check_seed(self.seed)
         if self.steps < self.repeats:
             # --steps is the total over all windows: fewer steps than windows would give
             # fewer windows than asked for, silently.

@@ -23,7 +23,7 @@ def check_torch_device(ctx, param, value):
         return None
     import torch
 
-    from tcore.pipelines.devices import torch_device_name
+    from tcore.pipelines.arguments import torch_device_name
 
     name = torch_device_name(value)
     try:

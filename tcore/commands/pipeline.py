@@ -4,6 +4,7 @@ import os
 import click
 
 from tcore.commands import check_torch_device, shard_paths
+from tcore.pipelines.arguments import MAX_SEED
 from tcore.pipelines.config import PipelineConfig
 
 
@@ -46,8 +47,7 @@ def pipeline():
 @click.option("--stats", type=click.Path(dir_okay=False), default=None,
               help="JSON over the batches: frame triples with T, normalised crop boxes, masked counts.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-# DALI takes a seed below 2**31; numpy's generators refuse negative ones.
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @click.option("--device", default="cpu", show_default=True, callback=check_torch_device,
               help="cpu or cuda[:i] (gpu is cuda).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
