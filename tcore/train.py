@@ -527,7 +527,6 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
            resume: bool, max_steps: int | None, progress: bool) -> TrainResult:
     ckpt_dir = run_dir / "checkpoints"
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(ckpt_dir)
         for name in (TEACHER_EXPORT, CONFIG_FILE):
             remove_stale_temporaries(run_dir, temporary_prefix(run_dir / name))
@@ -550,6 +549,8 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
             check_resumable_config(cfg, state.get("config", {}), last_ckpt)
             start_step = trainer.load_state_dict(state, last_ckpt)
             del state
+    elif info.is_main and _replaced_history(run_dir):  # a start that ended before a checkpoint
+        print(f"tcore train: starting at step 1{_replaced_history(run_dir)}", file=sys.stderr)
     if info.is_main:  # after the resume check, so a refused resume keeps the saved config
         save_config(cfg, run_dir / CONFIG_FILE)
     total = trainer.schedules.total_iters
@@ -623,7 +624,8 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
 def _replaced_history(run_dir: Path) -> str:
     """What a restart at step 1 replaces: the steps an earlier start logged."""
     metrics = run_dir / "metrics.jsonl"
-    logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    logged = (sum(1 for line in metrics.read_text().splitlines() if line.strip())
+              if metrics.is_file() else 0)
     return (f" (the {logged} steps metrics.jsonl holds, and TensorBoard's, are replaced)"
             if logged else "")
 
@@ -638,7 +640,7 @@ def load_resume_state(ckpt_dir: Path, newest: Path) -> dict:
         older = [path for _, path in list_checkpoints(ckpt_dir) if path != newest]
         whole = [path for path in older if zipfile.is_zipfile(path)]
         if whole:
-            unreadable = [newest, *older[older.index(whole[-1]) + 1:]]
+            unreadable = [*older[older.index(whole[-1]) + 1:], newest]
             hint = (f"; to resume from {whole[-1].name} instead, move "
                     f"{', '.join(p.name for p in unreadable)} out of {ckpt_dir}")
         elif older:

@@ -269,6 +269,20 @@ def test_a_second_run_that_fails_unexpectedly_keeps_the_first_and_its_traceback(
                              "RuntimeError: CUDA out of memory",
                      "The first run's figures are above", "Traceback", "second_fails")
     assert "[bench model] arch=vit_tiny batch=2" in output and calls == [2, 1]
+    # A --json that cannot be written by then (here a folder took its place) does not hide
+    # the first run's table behind its own error.
+    report = tmp_path / "report.json"
+
+    def second_fails_and_json_taken(kind, settings, profile_dir=None):
+        if settings.batch == 1:
+            report.mkdir()
+        return second_fails(kind, settings, profile_dir)
+    calls.clear()
+    monkeypatch.setattr(bench_api, "run_one", second_fails_and_json_taken)
+    result = invoke(["bench", "model", *TINY, "--compare", "batch=1", "--json", str(report)])
+    output = refused(result, "the second run (batch=1) failed", "The first run's figures are "
+                                                                 "above")
+    assert "[bench model] arch=vit_tiny batch=2" in output and "marked" not in output
 
 
 def test_compare_splits_items_as_set_does():

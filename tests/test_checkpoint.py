@@ -75,8 +75,8 @@ def test_an_unreadable_newest_checkpoint_points_at_the_newest_readable_one(tmp_p
     with pytest.raises(CheckpointError) as info:
         load_resume_state(tmp_path, paths[2])
     assert str(info.value).endswith(
-        f"; to resume from checkpoint-00000002.pt instead, move checkpoint-00000006.pt, "
-        f"checkpoint-00000004.pt out of {tmp_path}"), str(info.value)
+        f"; to resume from checkpoint-00000002.pt instead, move checkpoint-00000004.pt, "
+        f"checkpoint-00000006.pt out of {tmp_path}"), str(info.value)
     paths[0].write_bytes(b"")
     with pytest.raises(CheckpointError) as info:
         load_resume_state(tmp_path, paths[2])

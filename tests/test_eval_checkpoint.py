@@ -146,6 +146,13 @@ def test_wrapper_prefixes_of_ddp_and_torch_compile_are_taken_off(tiny_tcore, tmp
         torch.save(payload, tmp_path / name)
         backbone = load_eval_backbone(tmp_path / name, arch="vit_tiny")
         torch.testing.assert_close(backbone.forward_features(images)["patch"], expected)
+    # A prefix on some keys only is part of their names, not a wrapper's: left as it is.
+    some = dict(state)
+    some["module.norm.weight"] = some.pop("norm.weight")
+    torch.save(some, tmp_path / "some_prefixed.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \['norm\.weight'\]; unexpected "
+                                              r"keys \['module\.norm\.weight'\]"):
+        load_eval_backbone(tmp_path / "some_prefixed.pth", arch="vit_tiny")
 
 
 def test_evaluation_reads_the_backbone_alone(tiny_tcore, tmp_path):

@@ -1,6 +1,7 @@
 """DAVIS-2017: official-style scoring on hand-made layouts, error cases, and end-to-end
 propagation on the synthetic held-out set with the reference fixture and a random model."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -311,30 +312,37 @@ def test_score_finds_every_prediction_folder_before_scoring(tmp_path):
         davis.score_davis(data, tmp_path / "res", progress=False)
 
 
-def test_davis_score_records_what_it_scored(tmp_path):
+def test_davis_score_records_what_it_scored(tmp_path, monkeypatch):
     from tcore.cli import main
     labels = moving_squares()
-    data = write_davis(tmp_path / "davis", {"seq": labels})
+    write_davis(tmp_path / "davis", {"seq": labels})
     write_predictions(tmp_path / "res", "seq", labels)
-    run = CliRunner().invoke(main, ["eval", "davis-score", "--data", str(data),
-                                    "--results", str(tmp_path / "res")])
+    monkeypatch.chdir(tmp_path)          # relative paths given, absolute ones recorded
+    run = CliRunner().invoke(main, ["eval", "davis-score", "--data", "davis",
+                                    "--results", "res"])
     assert run.exit_code == 0, run.output
     saved = json.loads((tmp_path / "res" / "results.json").read_text())
-    assert saved["data"] == str(data.resolve()) and saved["results"] == str(tmp_path / "res")
+    assert saved["data"] == str((tmp_path / "davis").resolve())
+    assert saved["predictions"] == str((tmp_path / "res").resolve())
 
 
 class CountingEncoder:
-    """colour_encoder, counting the frames it encodes; raises from call `fail_at` on (a
-    propagation that fails part way)."""
+    """colour_encoder, counting its calls; raises from call `fail_at` on (a propagation that
+    fails part way); `scramble`: random features instead, so other labels."""
 
-    def __init__(self, fail_at: int | None = None):
-        self.calls, self.fail_at, self.encode = 0, fail_at, colour_encoder()
+    def __init__(self, fail_at: int | None = None, scramble: bool = False):
+        self.calls, self.fail_at, self.scramble = 0, fail_at, scramble
+        self.encode = colour_encoder()
 
     def __call__(self, images):
         self.calls += 1
         if self.fail_at is not None and self.calls >= self.fail_at:
             raise RuntimeError("stopped part way")
-        return self.encode(images)
+        features = self.encode(images)
+        if self.scramble:
+            generator = torch.Generator().manual_seed(self.calls)
+            features = torch.randn(features.shape, generator=generator)
+        return features
 
 
 def run_davis(data, out, encoder, **kwargs):
@@ -350,14 +358,17 @@ def test_a_rerun_replaces_the_earlier_runs_outputs_and_a_failed_one_keeps_them(t
     out = tmp_path / "out"
     run_davis(data, out, CountingEncoder(), visualize=True)
     assert sorted(p.name for p in (out / "predictions").iterdir()) == ["a", "b"]
-    earlier_results = (out / "results.json").read_text()
-    failing = CountingEncoder(fail_at=4)     # 3 batches of 2 frames a sequence: fails in b
+    earlier = {path.relative_to(out): path.read_bytes() for path in out.rglob("*")
+               if path.is_file()}
+    # Other features, so other labels: a failing run that wrote in place would leave its
+    # sequence a beside the earlier run's results.
+    failing = CountingEncoder(fail_at=4, scramble=True)   # 3 batches a sequence: fails in b
     with pytest.raises(RuntimeError, match="stopped part way"):
         run_davis(data, out, failing, visualize=True)
     assert failing.calls == 4
-    assert (out / "results.json").read_text() == earlier_results
-    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["a", "b"]
-    assert sorted(p.name for p in (out / "visualize").iterdir()) == ["a.png", "b.png"]
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*")
+            if path.is_file()} == earlier
+    assert not list(out.glob(".eval-run-*"))
     run_davis(data, out, CountingEncoder(), sequences=["a"])
     assert sorted(p.name for p in (out / "predictions").iterdir()) == ["a"]
     assert not (out / "visualize").exists()
@@ -401,3 +412,42 @@ def test_cli_names_the_option_and_points_at_files(synthetic_davis, tmp_path):
     assert odd.exit_code == 1
     assert "must be positive multiples of the patch size 16 (the nearest: 96x96" in odd.output
     assert not (tmp_path / "o").exists()
+
+
+def test_outputs_a_run_cannot_replace_are_refused_first_and_abandoned_stagings_removed(tmp_path):
+    """A symlinked predictions/ would be replaced by a real folder (a dangling one lost the
+    run's predictions at the end), and a results.json that is a folder would fail after the
+    swap: both refused before the first video. A staging folder of a killed run on this
+    host is removed; one of another host, or of a live process, is not."""
+    import socket
+    import subprocess
+    import sys
+    data = write_davis(tmp_path / "davis", {"a": moving_squares()})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions").symlink_to(tmp_path / "nowhere")
+    encoder = CountingEncoder()
+    with pytest.raises(ValueError, match=r"out/predictions: a symbolic link"):
+        run_davis(data, out, encoder)
+    (out / "predictions").unlink()
+    (out / "results.json").mkdir()
+    with pytest.raises(ValueError, match=r"out/results\.json: a folder"):
+        run_davis(data, out, encoder)
+    assert encoder.calls == 0
+    (out / "results.json").rmdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+    abandoned = out / f".eval-run-{host}-{gone.stdout.strip()}-abc123"
+    elsewhere = out / ".eval-run-otherhost-1-abc123"
+    live = out / f".eval-run-{host}-{os.getpid()}-abc123"
+    for folder in (abandoned, elsewhere, live):
+        (folder / "predictions").mkdir(parents=True)
+    run_davis(data, out, CountingEncoder())
+    assert not abandoned.exists() and elsewhere.exists() and live.exists()
+
+
+def test_an_empty_sequence_list_is_refused(tmp_path):
+    data = write_davis(tmp_path / "davis", {"a": moving_squares()})
+    with pytest.raises(ValueError, match="sequences: an empty list"):
+        run_davis(data, tmp_path / "out", CountingEncoder(), sequences=[])

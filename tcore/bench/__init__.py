@@ -66,9 +66,14 @@ def run_bench(kind: str, settings, compare: str | None = None, json_path: str | 
         except Exception as error:   # out of memory, bad data, a bug: the first run stands
             report = build_report(runs, {"compare": compare,
                                          "error": f"{type(error).__name__}: {error}"})
+            written = None
             if json_path:
-                write_json_atomic(json_path, report)
-            raise CompareFailed(report, json_path) from error
+                try:
+                    write_json_atomic(json_path, report)
+                    written = json_path
+                except OSError:     # the first run's table is still printed
+                    pass
+            raise CompareFailed(report, written) from error
     report = build_report(runs)
     if json_path:
         write_json_atomic(json_path, report)

@@ -20,7 +20,9 @@ from tcore.bench.stats import median
 from tcore.pipelines.arguments import torch_device_name
 from tcore.preprocess.files import write_text_atomically
 
-REPORT_FORMAT_VERSION = 1
+# 2 (2026-11-29): rates (samples/s, MFU) and end_to_end_fraction summarised through their
+# times (`tcore.bench.stats.summarize_rate`); 1 took the rates' own medians and quantiles.
+REPORT_FORMAT_VERSION = 2
 LIBRARIES = ("tcore", "torch", "torchvision", "timm", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
              "xformers", "numpy", "av", "webdataset")
 # The figure a --compare ratio is taken over, per bench kind (higher is better for all).

@@ -6,6 +6,7 @@ range), because the machines these run on are shared and a mean would follow the
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -85,9 +86,9 @@ def summarize_rate(seconds: Sequence[float], amounts: Sequence[float] | float,
     samples/s x step time = batch at any number of repeats. With an even number, the median
     of the rates themselves (the mean of the middle two) would not be the rate of the
     median time (the mean of the other two)."""
-    if isinstance(amounts, (int, float)):
+    if isinstance(amounts, numbers.Real):
         amounts = [amounts] * len(seconds)
-    per_unit = [time / amount for time, amount in zip(seconds, amounts)]
+    per_unit = [time / amount for time, amount in zip(seconds, amounts, strict=True)]
     if not per_unit:
         raise ValueError("cannot summarise zero measurements")
 

@@ -187,7 +187,7 @@ def davis_score_command(data_root, results_dir, split, output_dir):
     from tcore.eval.report import write_results
     results = {**score_davis(data_root, results_dir, split=split),
                "data": str(Path(data_root).resolve()),
-               "results": str(Path(results_dir).resolve())}
+               "predictions": str(Path(results_dir).resolve())}
     output_dir = output_dir or results_dir
     write_results(output_dir, results)
     _print_results(results, output_dir)

@@ -23,7 +23,7 @@ from tcore.eval.features import (backbone_patch_encoder, check_input_size, evalu
                                  native_size, patch_size_of, resolve_device)
 from tcore.eval.io import (read_label_png, read_name_list, read_rgb, read_same_size, size_text,
                            write_label_png)
-from tcore.eval.report import staged_run_folders, write_results
+from tcore.eval.report import staged_run, write_results
 from tcore.eval.segment import PropagationSettings, propagate_segmentation
 
 DAVIS_SIZE = (480, 880)
@@ -137,14 +137,19 @@ def score_objects(n_objects: int, truth: np.ndarray, prediction: np.ndarray,
     return rows
 
 
+def prediction_folder(results: Path, seq: DavisSequence) -> Path:
+    folder = results / seq.name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no predictions for sequence {seq.name}")
+    return folder
+
+
 def read_prediction_sequence(results: Path, seq: DavisSequence,
                              size: tuple[int, int] | None = None) -> np.ndarray:
     """Predicted id maps of the scored frames (all but the first and last), like the
     official reader. With `size` (the annotations' H, W) a map of another size is an error
     naming its file, not just the sequence."""
-    folder = results / seq.name
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no predictions for sequence {seq.name}")
+    folder = prediction_folder(results, seq)
     maps = []
     for annotation in seq.annotations[1:-1]:
         path = folder / annotation.name
@@ -199,9 +204,7 @@ def score_davis(data_root, results_dir, *, split: str = "val", sequences: list[s
     sequences_found = [read_sequence(root, name) for name in names]
     for seq in sequences_found:
         _check_full_annotations(seq)     # 3 frames or more, each annotated
-        if not (results / seq.name).is_dir():
-            raise FileNotFoundError(f"{results / seq.name}: no predictions for sequence "
-                                    f"{seq.name}")
+        prediction_folder(results, seq)
     for seq in tqdm(sequences_found, desc="davis-score", disable=not progress, unit="video"):
         truth = read_same_size(seq.annotations, read_label_png)
         prediction = read_prediction_sequence(results, seq, truth.shape[1:])
@@ -242,13 +245,15 @@ def evaluate_davis(backbone, data_root, output_dir, *, size=DAVIS_SIZE, topk: in
     settings = PropagationSettings(topk=topk, radius=radius, temperature=temperature,
                                    context=context, batch_size=batch_size, chunk_size=chunk_size)
     names = sequences if sequences is not None else sequence_names(root, split)
+    if not names:
+        raise ValueError("sequences: an empty list, no sequence to evaluate")
     object_rows, warnings, input_sizes = [], [], {}
     # Every sequence's files are found before the first (long) propagation.
     sequences_found = {name: read_sequence(root, name) for name in names}
     for seq in sequences_found.values():
         _check_full_annotations(seq)
     started = time.time()
-    with staged_run_folders(output) as staging:
+    with staged_run(output) as staging:
         bar = tqdm(names, desc="davis", disable=not progress, unit="video")
         for name in bar:
             bar.set_postfix_str(name)
@@ -270,15 +275,16 @@ def evaluate_davis(backbone, data_root, output_dir, *, size=DAVIS_SIZE, topk: in
             object_rows += score_sequence(truth, prediction, name)
             if visualize:
                 mask_strip(staging / "visualize" / f"{name}.png", frames, prediction)
-    results = {"benchmark": "davis-2017", "split": split, "data": str(root), **(run_info or {}),
-               "settings": {"size": list(size) if size is not None else "native",
-                            **settings.as_dict()},
-               "input_sizes": input_sizes,
-               "summary": summarize(object_rows), "per_sequence": per_sequence(object_rows),
-               "per_object": object_rows, "warnings": warnings,
-               "predictions": str(output / "predictions"),
-               "seconds": round(time.time() - started, 2)}
-    write_results(output, results)
+        results = {"benchmark": "davis-2017", "split": split, "data": str(root.resolve()),
+                   **(run_info or {}),
+                   "settings": {"size": list(size) if size is not None else "native",
+                                **settings.as_dict()},
+                   "input_sizes": input_sizes,
+                   "summary": summarize(object_rows), "per_sequence": per_sequence(object_rows),
+                   "per_object": object_rows, "warnings": warnings,
+                   "predictions": str((output / "predictions").resolve()),
+                   "seconds": round(time.time() - started, 2)}
+        write_results(staging, results)
     return results
 
 

@@ -26,7 +26,7 @@ from tcore.eval.features import (backbone_patch_encoder, check_input_size, evalu
                                  extract_features, patch_size_of, resolve_device)
 from tcore.eval.io import read_rgb, read_same_size, write_mat
 from tcore.eval.propagation import propagate_labels
-from tcore.eval.report import staged_run_folders, write_results
+from tcore.eval.report import staged_run, write_results
 from tcore.eval.segment import PropagationSettings
 
 N_JOINTS = 15
@@ -164,13 +164,15 @@ def evaluate_jhmdb(backbone, data_root, output_dir, *, size=JHMDB_SIZE, topk: in
     settings = PropagationSettings(topk=topk, radius=radius, temperature=temperature,
                                    context=context, batch_size=batch_size, chunk_size=chunk_size)
     pairs = videos if videos is not None else test_videos(root, split)
+    if not pairs:
+        raise ValueError("videos: an empty list, no video to evaluate")
     distances: list[list[np.ndarray]] = [[] for _ in range(N_JOINTS)]
     seq_rows, warnings = [], []
     # Every video's frames and joints are found before the first (long) propagation.
     inputs = [(action, video, *video_inputs(root, action, video, warnings))
               for action, video in pairs]
     started = time.time()
-    with staged_run_folders(output) as staging:
+    with staged_run(output) as staging:
         bar = tqdm(inputs, desc="jhmdb", disable=not progress, unit="video")
         for action, video, frame_paths, truth in bar:
             name = f"{action}/{video}"
@@ -187,18 +189,20 @@ def evaluate_jhmdb(backbone, data_root, output_dir, *, size=JHMDB_SIZE, topk: in
                           / "joint_positions.mat", pred)
             if visualize:
                 keypoint_strip(staging / "visualize" / f"{action}__{video}.png", frames, pred)
-    pooled = [np.concatenate(d) if d else np.zeros(0) for d in distances]
-    summary, per_joint_rows = {}, []
-    for th in PCK_THRESHOLDS:
-        mean, joints = metrics.pck(pooled, th)
-        summary[f"PCK@{th}"] = mean
-        per_joint_rows.append({"threshold": th, **{f"joint{j}": float(v)
-                                                   for j, v in enumerate(joints)}})
-    results = {"benchmark": "jhmdb", "split": split, "data": str(root), **(run_info or {}),
-               "settings": {"size": list(size), "sigma": GAUSSIAN_SIGMA, **settings.as_dict()},
-               "summary": summary, "per_sequence": seq_rows, "per_joint": per_joint_rows,
-               "warnings": warnings, "seconds": round(time.time() - started, 2)}
-    write_results(output, results)
+        pooled = [np.concatenate(d) if d else np.zeros(0) for d in distances]
+        summary, per_joint_rows = {}, []
+        for th in PCK_THRESHOLDS:
+            mean, joints = metrics.pck(pooled, th)
+            summary[f"PCK@{th}"] = mean
+            per_joint_rows.append({"threshold": th, **{f"joint{j}": float(v)
+                                                       for j, v in enumerate(joints)}})
+        results = {"benchmark": "jhmdb", "split": split, "data": str(root.resolve()),
+                   **(run_info or {}),
+                   "settings": {"size": list(size), "sigma": GAUSSIAN_SIGMA,
+                                **settings.as_dict()},
+                   "summary": summary, "per_sequence": seq_rows, "per_joint": per_joint_rows,
+                   "warnings": warnings, "seconds": round(time.time() - started, 2)}
+        write_results(staging, results)
     return results
 
 

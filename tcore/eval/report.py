@@ -2,45 +2,96 @@
 terminal table."""
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from tcore.eval.io import write_csv, write_json
 
-# The folders a run writes beside results.json (`--visualize` the second).
+# What a run puts into OUTPUT: its folders (`--visualize` the second), then its result files.
 RUN_FOLDERS = ("predictions", "visualize")
+RESULT_FILES = ("results.csv", "results.json")   # results.json last: it says the run is whole
+STAGING_PREFIX = ".eval-run-"
 
 
 @contextmanager
-def staged_run_folders(output_dir):
-    """Where a run writes its predictions and overlay strips: a fresh folder inside OUTPUT.
-    When the run finishes its folders replace the earlier run's (so no file of an earlier
-    run stays beside this run's results); when it fails the folder is removed and the earlier
-    run's results stay whole. Made at the start, so an OUTPUT that cannot be written is
-    found before the first video is propagated."""
+def staged_run(output_dir):
+    """The folder a run writes everything into (predictions/, visualize/, results.json and
+    .csv), inside OUTPUT; when the run finishes, they replace the earlier run's, so no file of
+    an earlier run stays beside this run's results; when it fails the folder is removed and
+    the earlier run's results stay whole. Made at the start, so an OUTPUT that cannot be
+    written is found before the first video is propagated. One run per OUTPUT: a run over
+    a subset of the videos replaces a run over all of them."""
     output = Path(output_dir)
+    for name in RUN_FOLDERS:
+        if (output / name).is_symlink():
+            raise ValueError(f"{output / name}: a symbolic link; a finished run replaces this "
+                             "folder, so give an --output where it is a plain folder, or none")
+    for name in RESULT_FILES:
+        if (output / name).is_dir():
+            raise ValueError(f"{output / name}: a folder, where this run writes its {name}")
     try:
         output.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".eval-run-", dir=output))
+        remove_abandoned_stagings(output)
+        staging = Path(tempfile.mkdtemp(
+            prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=output))
     except OSError as error:
         raise ValueError(f"{output}: cannot write the results there "
                          f"({error.strerror or error})") from error
     try:
         yield staging
-        _replace_run_folders(output, staging)
+        _move_into_place(output, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _replace_run_folders(output: Path, staging: Path) -> None:
-    for name in RUN_FOLDERS:
-        earlier, new = output / name, staging / name
-        if earlier.exists():
-            earlier.rename(staging / f"{name}.earlier")   # removed with the staging folder
-        if new.exists():
-            new.rename(earlier)
+def remove_abandoned_stagings(output: Path) -> None:
+    """Staging folders of runs on this host whose process is gone (killed: kill -9 leaves
+    them); another host's, or a live run's, are left alone."""
+    for folder in output.glob(f"{STAGING_PREFIX}*"):
+        host, _, rest = folder.name[len(STAGING_PREFIX):].rpartition("-")[0].rpartition("-")
+        pid = rest if host else ""
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
+
+
+def _move_into_place(output: Path, staging: Path) -> None:
+    """The run's folders, then its result files; the earlier run's folders go into the
+    staging folder (removed with it). A folder that cannot be moved puts the earlier ones
+    back before the error is raised."""
+    replaced = []
+    try:
+        for name in RUN_FOLDERS:
+            earlier, new = output / name, staging / name
+            if earlier.exists():
+                earlier.rename(staging / f"{name}.earlier")
+                replaced.append(name)
+            if new.exists():
+                new.rename(earlier)
+    except OSError as error:
+        for name in replaced:
+            if (output / name).exists():
+                (output / name).rename(staging / f"{name}.failed")
+            (staging / f"{name}.earlier").rename(output / name)
+        raise ValueError(f"{output}: cannot move this run's {name}/ into place "
+                         f"({error.strerror or error}); the earlier run's results are "
+                         "kept") from error
+    for name in RESULT_FILES:
+        if (staging / name).exists():
+            os.replace(staging / name, output / name)
 
 
 def csv_rows(results: dict) -> list[dict]:

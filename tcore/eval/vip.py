@@ -20,7 +20,7 @@ from tcore.eval.features import (backbone_patch_encoder, evaluates_frozen, patch
                                  resolve_device, short_side_size)
 from tcore.eval.io import (read_label_png, read_name_list, read_rgb, read_same_size, size_text,
                            write_label_png)
-from tcore.eval.report import staged_run_folders, write_results
+from tcore.eval.report import staged_run, write_results
 from tcore.eval.segment import PropagationSettings, propagate_segmentation
 
 VIP_CLASSES = 20
@@ -93,12 +93,14 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
     settings = PropagationSettings(topk=topk, radius=radius, temperature=temperature,
                                    context=context, batch_size=batch_size, chunk_size=chunk_size)
     names = videos if videos is not None else video_names(root)
+    if not names:
+        raise ValueError("videos: an empty list, no video to evaluate")
     total = np.zeros((VIP_CLASSES, VIP_CLASSES), dtype=np.int64)
     seq_rows, warnings, input_sizes = [], [], {}
     # Every video's folders and first annotation are found before the first (long) propagation.
     layouts = {name: read_video(root, name) for name in names}
     started = time.time()
-    with staged_run_folders(output) as staging:
+    with staged_run(output) as staging:
         bar = tqdm(names, desc="vip", disable=not progress, unit="video")
         for name in bar:
             bar.set_postfix_str(name)
@@ -130,16 +132,16 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
                 write_label_png(staging / "predictions" / name / f"{path.stem}.png", labels)
             if visualize:
                 mask_strip(staging / "visualize" / f"{name}.png", frames, prediction)
-    ious = metrics.class_iou(total)
-    results = {"benchmark": "vip", "data": str(root), **(run_info or {}),
-               # the setting that sized the inputs: a fixed size, or the short side
-               "settings": {"short_side": None if size else short_side,
-                            "size": list(size) if size else None, **settings.as_dict()},
-               "input_sizes": input_sizes,
-               "summary": {"mIoU": metrics.mean_iou(total),
-                           "classes_present": int(np.sum(~np.isnan(ious)))},
-               "per_class": [{"class": c, "IoU": float(v)} for c, v in enumerate(ious)],
-               "per_sequence": seq_rows, "warnings": warnings,
-               "seconds": round(time.time() - started, 2)}
-    write_results(output, results)
+        ious = metrics.class_iou(total)
+        results = {"benchmark": "vip", "data": str(root.resolve()), **(run_info or {}),
+                   # the setting that sized the inputs: a fixed size, or the short side
+                   "settings": {"short_side": None if size else short_side,
+                                "size": list(size) if size else None, **settings.as_dict()},
+                   "input_sizes": input_sizes,
+                   "summary": {"mIoU": metrics.mean_iou(total),
+                               "classes_present": int(np.sum(~np.isnan(ious)))},
+                   "per_class": [{"class": c, "IoU": float(v)} for c, v in enumerate(ious)],
+                   "per_sequence": seq_rows, "warnings": warnings,
+                   "seconds": round(time.time() - started, 2)}
+        write_results(staging, results)
     return results
