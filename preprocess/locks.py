@@ -18,6 +18,8 @@ import socket
 from pathlib import Path
 from typing import Callable
 
+from tcore.preprocess.files import OutputWriteError
+
 
 class DirectoryBusy(FileExistsError):
     """Another live process holds the lock: it is writing the same directory."""
@@ -27,10 +29,16 @@ class DirectoryBusy(FileExistsError):
 def exclusive_lock(lock_file: str | os.PathLike, busy: Callable[[str], str]):
     """Hold `lock_file`'s lock while the block runs (the file records who holds it). When
     another process holds it, raise DirectoryBusy(busy(holder)), `holder` being its
-    "pid N on HOST"."""
+    "pid N on HOST"; where the OS refuses to make it (a read-only or forbidden directory),
+    an OutputWriteError naming the path."""
     lock_file = Path(lock_file)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a+") as handle:
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_file, "a+")
+    except OSError as error:   # read-only, no permission: the directory cannot be written
+        raise OutputWriteError(f"{error.filename or lock_file}: cannot write: "
+                               f"{error.strerror or error}") from error
+    with handle:
         locked = _lock(handle, busy)
         if locked:
             _say(handle, f"pid {os.getpid()} on {socket.gethostname()}\n")

@@ -450,8 +450,6 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         check_run_directory_path(run_dir)
         if not resume:
             check_new_run_directory(run_dir)
-        if info.is_main:
-            make_run_directory(run_dir)
         with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
               StopRequest().listening() as stop):
             return _train(cfg, shard_set, run_dir, info, stop, resume=resume,
@@ -492,17 +490,6 @@ def check_new_run_directory(run_dir: Path) -> None:
 
 def _processes(count: int) -> str:
     return f"{count} process" if count == 1 else f"{count} processes"
-
-
-def make_run_directory(run_dir: Path) -> None:
-    """RUN_DIR and its lock file, before anything is written there: a directory the OS
-    refuses (read-only, no permission) stops the run with one line naming it."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_LOCK).touch()
-    except OSError as error:
-        raise OutputWriteError(f"{error.filename or run_dir}: cannot write: "
-                               f"{error.strerror or error}") from error
 
 
 def run_directory_lock(run_dir: Path):

@@ -265,6 +265,12 @@ def test_an_output_path_that_is_a_file_is_a_clear_error(synth_root, tmp_path):
     result = CliRunner().invoke(cli, ["shards", "build", src, str(existing / "out"), "--no-progress"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert f"{existing / 'out'}" in result.output and "Not a directory" in result.output
+    # An OUT the OS refuses to make (sysfs refuses mkdir to root too): one line naming it.
+    if Path("/sys/kernel").is_dir():
+        refused = "/sys/tcore-test-shards"
+        result = CliRunner().invoke(cli, ["shards", "build", src, refused, "--no-progress"])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert result.output.startswith(f"Error: {refused}: "), result.output
 
 
 def _failures(out: Path) -> list[dict]:
