@@ -528,16 +528,16 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
     start_step, last_ckpt = 0, None
     if resume:
         last_ckpt = latest_checkpoint(ckpt_dir)
-        if last_ckpt is None and info.is_main:   # a first start under --resume, or a typo
-            print(f"tcore train: --resume: no checkpoint in {ckpt_dir}; starting at step 1"
-                  f"{_replaced_history(run_dir)}", file=sys.stderr)
-        if last_ckpt is not None:
-            state = load_resume_state(ckpt_dir, last_ckpt)
-            check_resumable_config(cfg, state.get("config", {}), last_ckpt)
-            start_step = trainer.load_state_dict(state, last_ckpt)
-            del state
-    elif info.is_main and _replaced_history(run_dir):  # a start that ended before a checkpoint
-        print(f"tcore train: starting at step 1{_replaced_history(run_dir)}", file=sys.stderr)
+    if last_ckpt is not None:
+        state = load_resume_state(ckpt_dir, last_ckpt)
+        check_resumable_config(cfg, state.get("config", {}), last_ckpt)
+        start_step = trainer.load_state_dict(state, last_ckpt)
+        del state
+    elif info.is_main:   # step 1: under --resume (a first start, a typo), or after a start
+        replaced = _replaced_history(run_dir)          # that ended before a checkpoint
+        why = f"--resume: no checkpoint in {ckpt_dir}; " if resume else ""
+        if why or replaced:
+            print(f"tcore train: {why}starting at step 1{replaced}", file=sys.stderr)
     if info.is_main:  # after the resume check, so a refused resume keeps the saved config
         save_config(cfg, run_dir / CONFIG_FILE)
     total = trainer.schedules.total_iters

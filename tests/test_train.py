@@ -227,9 +227,14 @@ def test_resume_names_a_changed_key_and_refuses_other_shards(synth_root, synth_s
                                                               tmp_path, capsys):
     cfg = load_config("tiny_cpu", FAST)
     run = tmp_path / "run"
+    run.mkdir()     # an earlier start that logged 3 steps and ended before a checkpoint
+    (run / "metrics.jsonl").write_text("".join(f'{{"step": {n}}}\n' for n in (1, 2, 3)))
     first = train(cfg, synth_shards, run, resume=True, max_steps=2, checkpoint_every=2,
                   progress=False)
-    assert first.start_step == 0 and "no checkpoint in" in capsys.readouterr().err
+    assert first.start_step == 0
+    assert (f"--resume: no checkpoint in {run / 'checkpoints'}; starting at step 1 (the 3 "
+            "steps metrics.jsonl holds, and TensorBoard's, are replaced)"
+            in capsys.readouterr().err)
     changed = load_config("tiny_cpu", FAST[:2] + ["data.batch_size_per_gpu=2"])
     with pytest.raises(ConfigError, match=r"data\.batch_size_per_gpu: 4 -> 2"):
         train(changed, synth_shards, run, resume=True, max_steps=4, progress=False)

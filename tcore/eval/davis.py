@@ -105,11 +105,13 @@ def count_objects(first_truth: np.ndarray) -> int:
 
 
 def score_objects(n_objects: int, truth: np.ndarray, prediction: np.ndarray,
-                  name: str) -> list[dict]:
+                  name: str, sources: list[Path] | None = None) -> list[dict]:
     """Per-object rows (J and F statistics) over the scored frames.
 
     truth, prediction: [T',H,W] ids of the scored frames (all but the first and last); void
     (255) in the truth counts as background, as in the official semi-supervised task.
+    sources: the prediction's file of each frame, named when one holds an id above the
+    object count (an error, as in the official evaluation).
     """
     if truth.shape != prediction.shape:
         raise ValueError(f"sequence {name}: predictions {prediction.shape} and annotations "
@@ -118,10 +120,12 @@ def score_objects(n_objects: int, truth: np.ndarray, prediction: np.ndarray,
         raise ValueError(f"sequence {name}: needs at least 3 frames (first and last are not "
                          "scored)")
     truth = np.where(truth == 255, 0, truth)
-    n_predicted = int(prediction.max(initial=0))
-    if n_predicted > n_objects:
-        raise ValueError(f"sequence {name}: predictions hold object id {n_predicted} but the "
-                         f"first annotation has only {n_objects} objects")
+    too_high = np.flatnonzero(prediction.reshape(len(prediction), -1).max(axis=1) > n_objects)
+    if too_high.size:
+        frame = int(too_high[0])
+        where = f"{sources[frame]}: holds" if sources else f"sequence {name}: predictions hold"
+        raise ValueError(f"{where} object id {int(prediction[frame].max())} but the first "
+                         f"annotation of sequence {name} has only {n_objects} objects")
     gt_masks = object_masks(truth, n_objects)
     pred_masks = object_masks(prediction, n_objects)
     rows = []
@@ -164,17 +168,6 @@ def read_prediction_sequence(results: Path, seq: DavisSequence,
     return np.stack(maps)
 
 
-def _check_object_ids(prediction: np.ndarray, n_objects: int, results: Path,
-                      seq: DavisSequence) -> None:
-    """An id above the first annotation's object count is an error (as in the official
-    evaluation), named by the first PNG that holds one."""
-    for labels, annotation in zip(prediction, seq.annotations[1:-1]):
-        if labels.max(initial=0) > n_objects:
-            raise ValueError(f"{results / seq.name / annotation.name}: holds object id "
-                             f"{int(labels.max())} but the first annotation of sequence "
-                             f"{seq.name} has only {n_objects} objects")
-
-
 def summarize(object_rows: list[dict]) -> dict:
     """Dataset numbers: each statistic averaged over all objects."""
     if not object_rows:
@@ -208,9 +201,9 @@ def score_davis(data_root, results_dir, *, split: str = "val", sequences: list[s
     for seq in tqdm(sequences_found, desc="davis-score", disable=not progress, unit="video"):
         truth = read_same_size(seq.annotations, read_label_png)
         prediction = read_prediction_sequence(results, seq, truth.shape[1:])
-        n_objects = count_objects(truth[0])
-        _check_object_ids(prediction, n_objects, results, seq)
-        object_rows += score_objects(n_objects, truth[1:-1], prediction, seq.name)
+        sources = [results / seq.name / annotation.name for annotation in seq.annotations[1:-1]]
+        object_rows += score_objects(count_objects(truth[0]), truth[1:-1], prediction,
+                                     seq.name, sources)
     return {"benchmark": "davis-2017", "split": split, "summary": summarize(object_rows),
             "per_sequence": per_sequence(object_rows), "per_object": object_rows}
 

@@ -3,6 +3,7 @@ terminal table."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -51,10 +52,10 @@ def staged_run(output_dir):
 def remove_abandoned_stagings(output: Path) -> None:
     """Staging folders of runs on this host whose process is gone (killed: kill -9 leaves
     them); another host's, or a live run's, are left alone."""
+    own = re.compile(re.escape(f"{STAGING_PREFIX}{socket.gethostname()}-") + r"(\d+)-[^-]+")
     for folder in output.glob(f"{STAGING_PREFIX}*"):
-        host, _, rest = folder.name[len(STAGING_PREFIX):].rpartition("-")[0].rpartition("-")
-        pid = rest if host else ""
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        match = own.fullmatch(folder.name)
+        if match and not _alive(int(match.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -82,10 +83,10 @@ def _move_into_place(output: Path, staging: Path) -> None:
             if new.exists():
                 new.rename(earlier)
     except OSError as error:
-        for name in replaced:
-            if (output / name).exists():
-                (output / name).rename(staging / f"{name}.failed")
-            (staging / f"{name}.earlier").rename(output / name)
+        for back in replaced:
+            if (output / back).exists():
+                (output / back).rename(staging / f"{back}.failed")
+            (staging / f"{back}.earlier").rename(output / back)
         raise ValueError(f"{output}: cannot move this run's {name}/ into place "
                          f"({error.strerror or error}); the earlier run's results are "
                          "kept") from error
