@@ -55,6 +55,66 @@ def os_error_behind(error: BaseException) -> OSError | None:
     return None
 
 
+def check_output_path(path: str | os.PathLike, what: str | None = None, *,
+                      named: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any work and without creating anything, a path that cannot become an
+    output directory: it, or a folder above it, is a file, or the OS will not look it up (a
+    name too long). The OS itself says only "Not a directory" or "File exists", without
+    which path. `what` begins the message (the option and the user's path, "--output run");
+    the path alone by default. A file found elsewhere than `named` (default: `path`), the
+    path `what` shows, is named. An OutputWriteError."""
+    path = Path(path)
+    label = what or str(path)
+    named = Path(named) if named is not None else path
+    for folder in (path, *path.parents):
+        try:
+            is_file = folder.exists() and not folder.is_dir()
+        except OSError as error:
+            raise OutputWriteError(f"{label}: cannot be used: {error.strerror or error}"
+                                   ) from error
+        if is_file:
+            where = "" if folder == named else f"{folder} "
+            raise OutputWriteError(f"{label}: {where}is a file, not a directory")
+    return path
+
+
+def make_output_directory(path: str | os.PathLike, what: str | None = None, *,
+                          named: str | os.PathLike | None = None) -> Path:
+    """`check_output_path`, then make the directory (and its parents) and a file in it,
+    removed at once: an output the OS refuses (read-only, no permission) is found before the
+    work (minutes, hours), not when its first file is written. An OutputWriteError naming
+    `what` (default: the path) and, when it is another, the folder the OS refused."""
+    path = check_output_path(path, what, named=named)
+    label = what or str(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tcore-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        refused = error.filename
+        where = (f"{refused}: " if refused is not None and Path(refused) in path.parents
+                 else "")
+        raise OutputWriteError(f"{label}: cannot write: {where}{error.strerror or error}"
+                               ) from error
+    return path
+
+
+def make_output_file_directory(path: str | os.PathLike, what: str | None = None) -> Path:
+    """`make_output_directory` for the folder an output file goes into; `path` itself must
+    not be a folder."""
+    path = Path(path)
+    label = what or str(path)
+    make_output_directory(path.parent, label, named=path)
+    try:
+        is_dir = path.is_dir()
+    except OSError as error:     # its own name too long
+        raise OutputWriteError(f"{label}: cannot be used: {error.strerror or error}") from error
+    if is_dir:
+        raise OutputWriteError(f"{label}: is a directory, not a file")
+    return path
+
+
 def _fsync(path) -> None:
     """Flush a file, or a folder's entries (a rename), to disk."""
     fd = os.open(path, os.O_RDONLY)

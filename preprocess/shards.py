@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from tcore.preprocess.discover import Inputs, Source, discover_class_folders, discover_list, sample_key
 from tcore.preprocess.errors import BadInput, ShardDirError
+from tcore.preprocess.files import check_output_path, make_output_directory
 from tcore.preprocess.images import prepare_image
 from tcore.preprocess.index import format_index
 from tcore.preprocess.locks import exclusive_lock
@@ -328,7 +329,8 @@ def _check_out_dir(out: Path, options: dict) -> None:
                 if "shuffle_seed" in changed and previous["shuffle_seed"] is None else "")
         raise ShardDirError(f"{out} already holds shards built with other options ({details}); "
                             f"use a new output directory or the original options{hint}")
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    make_output_directory(out)
+    (out / STATE_DIR).mkdir(exist_ok=True)
     if previous is None:
         write_json_atomic(saved, options)
 
@@ -378,10 +380,7 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
         raise ValueError(f"node rank {node_rank} is not in 0..{num_nodes - 1}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():  # before discovering (maybe millions of) inputs
-        raise ShardDirError(f"output {out} exists and is not a directory; give a new or empty "
-                            "directory for the shards")
+    out = check_output_path(out)   # before discovering (maybe millions of) inputs
     # OUT inside SRC: the shards would be inputs of the next run, and a rerun (which should
     # resume) would find a new class folder and refuse the changed inputs.
     if src is not None and list_file is None and out.resolve().is_relative_to(

@@ -31,7 +31,7 @@ except ImportError:
     av = None
 from PIL import Image
 
-from tcore.preprocess.files import write_atomically
+from tcore.preprocess.files import check_output_path, make_output_directory, write_atomically
 from tcore.preprocess.video import require_av
 
 # Class = motion pattern shared by every object of a video.
@@ -240,7 +240,7 @@ def make_synthetic(out, seed: int = 0, videos: int = 24, frames: int = 48, size=
     parameters: a complete dataset with the same parameters is reused as is; a directory
     with other parameters or unrelated content is refused (ValueError)."""
     require_av("tcore data synth")
-    out = Path(out)
+    out = check_output_path(out)
     width, height = parse_size(size)
     davis_width, davis_height = parse_size(davis_size)
     for name, value, low in (("seed", seed, 0), ("videos", videos, 0), ("frames", frames, 1),
@@ -259,6 +259,7 @@ def make_synthetic(out, seed: int = 0, videos: int = 24, frames: int = 48, size=
                          and _all_files_there(out, summary, davis_frames))
     if summary["reused"]:
         return summary
+    make_output_directory(out)
     _write_atomic(out / SYNTH_RECORD, json.dumps({"params": params, "complete": False}).encode())
     for index, relative in enumerate(summary["videos"]):
         motion = MOTION_CLASSES[index % len(MOTION_CLASSES)]

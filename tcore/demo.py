@@ -29,7 +29,8 @@ import torch
 
 from tcore.checkpoint import load_checkpoint
 from tcore.config import load_config
-from tcore.preprocess.files import write_atomically, write_text_atomically
+from tcore.preprocess.files import (check_output_path, make_output_directory, write_atomically,
+                                    write_text_atomically)
 
 DEMO_PRESET = "tiny_cpu"
 DEMO_DIRS = ("synthetic", "shards", "run", "eval")  # replaced on every demo run
@@ -145,13 +146,12 @@ def claim_output(out: Path) -> None:
 
     Only a new or empty directory, or one already marked, is taken: anything else may hold
     someone's work, which the clearing below would delete."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {out}: exists and is not a directory")
+    check_output_path(out, f"--output {out}")
     if not is_demo_output(out):
         if out.is_dir() and any(out.iterdir()):
             raise ValueError(f"--output {out}: not empty and not made by `tcore demo` (no "
                              f"{DEMO_MARKER}); choose another --output or empty it")
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_directory(out, f"--output {out}")
         _write_json(out / DEMO_MARKER, {"made_by": "tcore demo",
                                         "replaced_on_each_run": [*DEMO_DIRS, *DEMO_FILES]})
     # summary.json first: a run killed from here on leaves no summary naming deleted files.

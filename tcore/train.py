@@ -34,7 +34,7 @@ from tcore.config import ConfigError, save_config, validate_config
 from tcore.distributed import DistInfo, all_reduce_mean_, barrier, init_distributed, shutdown
 from tcore.metrics_log import LossHistory, MetricsLogger, NonFiniteLossError, truncate_metrics
 from tcore.optim import apply_schedules, build_optimizer
-from tcore.preprocess.files import OutputWriteError, temporary_prefix
+from tcore.preprocess.files import OutputWriteError, make_output_directory, temporary_prefix
 from tcore.preprocess.locks import exclusive_lock
 from tcore.preprocess.manifest import missing_manifest_hint
 from tcore.schedules import build_schedules
@@ -447,7 +447,7 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         # a precision this machine lacks leave no empty RUN_DIR behind.
         shard_set = load_shards_for_device(cfg, resolve_manifests(data), info.device)
         resolve_precision(cfg.train.precision, info.device)
-        check_run_directory_path(run_dir)
+        make_output_directory(run_dir, f"--output {run_dir}")
         if not resume:
             check_new_run_directory(run_dir)
         with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
@@ -456,21 +456,6 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
                           max_steps=max_steps, progress=progress)
     finally:
         shutdown(info)
-
-
-def check_run_directory_path(run_dir: Path) -> None:
-    """--output must be a directory or become one: not a file, nor below one (the OS says
-    only "File exists" or "Not a directory", without which path)."""
-    for path in (run_dir, *run_dir.parents):
-        try:
-            is_file = path.exists() and not path.is_dir()
-        except OSError as error:    # a name too long, say: the OS refuses to look it up
-            raise OutputWriteError(f"--output {run_dir}: cannot be used: "
-                                   f"{error.strerror or error}") from error
-        if is_file:
-            where = "is a file" if path == run_dir else f"is below {path}, which is a file"
-            raise FileExistsError(f"--output {run_dir} {where}, not a directory; choose a "
-                                  "run directory")
 
 
 def check_new_run_directory(run_dir: Path) -> None:

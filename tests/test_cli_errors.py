@@ -135,11 +135,11 @@ def test_an_output_that_is_a_file_or_below_one_is_named(synth_shards, tmp_path, 
     afile = tmp_path / "afile.txt"
     afile.write_text("mine")
     for output, said in ((afile, "is a file, not a directory"),
-                         (afile / "run", f"is below {afile}, which is a file, not a directory")):
+                         (afile / "run", f"{afile} is a file, not a directory")):
         result = CliRunner().invoke(main, ["train", "--data", str(synth_shards), "--output",
                                            str(output), "--max-steps", "1", "--no-progress",
                                            *TRAIN_FAST] + (["--resume"] if resume else []))
-        _assert_clean_error(result, re.escape(f"--output {output} {said}"))
+        _assert_clean_error(result, re.escape(f"--output {output}: {said}"))
     assert afile.read_text() == "mine"
 
 

@@ -45,9 +45,10 @@ def test_demo_output_that_is_a_file_or_under_one(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("keep")
     result = _invoke(["demo", "--output", str(afile), *SHORT_DEMO])
-    assert result.exit_code == 1 and f"--output {afile}: exists and is not a directory" in result.output
+    assert result.exit_code == 1 and f"--output {afile}: is a file, not a directory" in result.output
     result = _invoke(["demo", "--output", str(afile / "sub"), *SHORT_DEMO])
-    assert result.exit_code == 1 and f"{afile / 'sub'}: Not a directory" in result.output
+    assert result.exit_code == 1 and (f"--output {afile / 'sub'}: {afile} is a file, not a "
+                                      "directory") in result.output
     assert afile.read_text() == "keep"
 
 
@@ -136,7 +137,8 @@ def test_synth_out_not_creatable_is_path_and_reason(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("keep")
     result = _invoke(["data", "synth", str(afile / "sub"), *TINY_SYNTH])
-    assert result.exit_code == 1 and f"{afile / 'sub'}: Not a directory" in result.output, result.output
+    assert result.exit_code == 1 and (f"{afile / 'sub'}: {afile} is a file, not a "
+                                      "directory") in result.output, result.output
 
 
 def test_synth_zero_training_videos_reports_only_what_it_wrote(tmp_path):

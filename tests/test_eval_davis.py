@@ -12,6 +12,7 @@ from PIL import Image
 
 from tcore.eval import davis
 from tcore.eval.io import davis_palette, read_label_png, write_label_png
+from tcore.preprocess.files import OutputWriteError
 
 from davis_files import moving_squares, write_davis
 from reference_paths import OFFICIAL_TINY as REFERENCE
@@ -380,8 +381,8 @@ def test_an_output_that_cannot_be_written_fails_before_any_propagation(tmp_path)
     data = write_davis(tmp_path / "davis", {"a": moving_squares()})
     (tmp_path / "afile").write_text("not a folder")
     encoder = CountingEncoder()
-    with pytest.raises(ValueError, match=r"afile/out: cannot write the results there "
-                                         r"\(Not a directory\)"):
+    with pytest.raises(OutputWriteError, match=r"--output .*afile/out: .*afile is a file, not "
+                                               r"a directory"):
         run_davis(data, tmp_path / "afile" / "out", encoder)
     assert encoder.calls == 0
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from full_disk import file_size_limit
 
@@ -93,3 +94,95 @@ def test_a_command_whose_output_cannot_be_written_says_so_in_one_line(synth_shar
     assert done.stderr.strip().splitlines()[-1] == f"Error: {output}: cannot write: File too large"
     assert "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- every command checks its output path the same way, before its work ---------------------
+
+def output_commands(shards, src):
+    """Each command that writes a folder or file, as a function of that path -> (the
+    command line, the path its message names after the option)."""
+    return {
+        "data synth": lambda out: ["data", "synth", out, "--videos", "1", "--frames", "2",
+                                   "--size", "32x32", "--davis-videos", "0"],
+        "shards build": lambda out: ["shards", "build", src, out, "--no-progress"],
+        "train": lambda out: ["train", "--data", shards, "--output", out, "--max-steps", "1",
+                              "--no-progress", "model.head.prototypes=256"],
+        "pipeline preview": lambda out: ["pipeline", "preview", "--data", shards,
+                                         "--output", f"{out}/grid.png"],
+        "demo": lambda out: ["demo", "--output", out, "--steps", "1", "--no-progress"],
+        "bench --json": lambda out: ["bench", "model", "--arch", "vit_tiny", "--batch", "1",
+                                     "--json", f"{out}/bench.json"],
+        "bench --profile": lambda out: ["bench", "model", "--arch", "vit_tiny", "--batch", "1",
+                                        "--profile", out],
+    }
+
+
+def shown_path(command: list[str], out: str) -> str:
+    """How the message begins: the option and the user's path, or the path alone for a
+    positional OUT."""
+    for option in ("--output", "--json", "--profile"):
+        if option in command:
+            return f"{option} {command[command.index(option) + 1]}"
+    return out
+
+
+def test_every_command_refuses_an_unusable_output_in_the_same_words(synth_root, synth_shards,
+                                                                    tmp_path):
+    """A file in the way (the output itself or a folder above it), a name the OS will not look
+    up and a folder it will not make: one line, worded alike by every command, naming the
+    user's path and which part of it is a file; nothing written, the file kept."""
+    from click.testing import CliRunner
+
+    from tcore.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    too_long = str(tmp_path / ("x" * 300))
+    refused_by_os = "/sys/tcore-test-output" if Path("/sys/kernel").is_dir() else None
+    commands = output_commands(str(synth_shards), str(synth_root / "train"))
+    for name, command_for in commands.items():
+        for out, said in ((str(afile / "sub"), f"{afile} is a file, not a directory"),
+                          (too_long, "cannot be used: File name too long"),
+                          (refused_by_os, "cannot write: ")):
+            if out is None:
+                continue
+            command = command_for(out)
+            result = CliRunner().invoke(main, command)
+            assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (
+                name, result.output)
+            assert "Traceback" not in result.output
+            assert result.output.startswith(f"Error: {shown_path(command, out)}: {said}"), (
+                name, result.output)
+    # The output itself a file: a folder is needed (a file output: its folder is the file).
+    for name, command_for in commands.items():
+        if name in ("data synth", "bench --profile"):   # click's check of a directory says it
+            continue
+        command = command_for(str(afile))
+        result = CliRunner().invoke(main, command)
+        if name in ("pipeline preview", "bench --json"):
+            said = f"{afile} is a file, not a directory"
+        else:
+            said = "is a file, not a directory"
+        assert result.output.startswith(f"Error: {shown_path(command, str(afile))}: {said}"), (
+            name, result.output)
+    assert afile.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_output_file_path_is_refused_before_any_work(tmp_path):
+    """`make_output_file_directory`: its folder made; a folder at its path, or a name longer
+    than the file system allows, refused naming the option."""
+    from tcore.preprocess.files import OutputWriteError, make_output_file_directory
+
+    made = make_output_file_directory(tmp_path / "new" / "report.json", "--json x")
+    assert (tmp_path / "new").is_dir() and not made.exists()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []   # the probe removed
+    (tmp_path / "folder.json").mkdir()
+    for path, said in ((tmp_path / "folder.json", "--json x: is a directory, not a file"),
+                       (tmp_path / ("y" * 300 + ".json"),
+                        "--json x: cannot be used: File name too long")):
+        try:
+            make_output_file_directory(path, "--json x")
+        except OutputWriteError as error:
+            assert str(error) == said
+        else:
+            raise AssertionError(f"{path} was accepted")

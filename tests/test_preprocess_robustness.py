@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from tcore.cli import main as cli
 from tcore.preprocess.discover import discover_class_folders
-from tcore.preprocess.errors import ShardDirError
+from tcore.preprocess.files import OutputWriteError
 from tcore.preprocess.index import format_index
 from tcore.preprocess.manifest import load_manifest
 from tcore.preprocess.shards import BuildConfig, BuildError, _run_pool, build_one_shard, run_build
@@ -257,14 +257,14 @@ def test_an_output_path_that_is_a_file_is_a_clear_error(synth_root, tmp_path):
     existing.write_text("keep me\n")
     result = CliRunner().invoke(cli, ["shards", "build", src, str(existing), "--no-progress"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert f"output {existing} exists and is not a directory" in result.output
+    assert f"Error: {existing}: is a file, not a directory" in result.output
     assert existing.read_text() == "keep me\n"
-    with pytest.raises(ShardDirError, match="is not a directory"):
+    with pytest.raises(OutputWriteError, match="is a file, not a directory"):
         run_build(src, existing, progress=False)
     # Below a file: the OS error, as one line naming the path.
     result = CliRunner().invoke(cli, ["shards", "build", src, str(existing / "out"), "--no-progress"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert f"{existing / 'out'}" in result.output and "Not a directory" in result.output
+    assert f"Error: {existing / 'out'}: {existing} is a file, not a directory" in result.output
     # An OUT the OS refuses to make (sysfs refuses mkdir to root too): one line naming it.
     if Path("/sys/kernel").is_dir():
         refused = "/sys/tcore-test-shards"

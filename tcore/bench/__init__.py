@@ -19,11 +19,11 @@ import torch
 from tcore.bench.data import DataBenchSettings, run_data_bench
 from tcore.bench.model import ModelBenchSettings, attention_agreement, run_model_bench
 from tcore.bench.report import (build_report, format_report, format_summary_table,
-                                parse_overrides, prepare_output_dir, prepare_output_file,
-                                read_report, report_names, resolve_device, split_overrides,
-                                write_json_atomic)
+                                parse_overrides, read_report, report_names, resolve_device,
+                                split_overrides, write_json_atomic)
 from tcore.bench.targets import format_targets
 from tcore.bench.train import TrainBenchSettings, run_train_bench
+from tcore.preprocess.files import make_output_directory, make_output_file_directory
 
 SETTINGS = {"model": ModelBenchSettings, "data": DataBenchSettings, "train": TrainBenchSettings}
 
@@ -55,9 +55,9 @@ def run_bench(kind: str, settings, compare: str | None = None, json_path: str | 
     first = runs_as(settings)      # the device, and a precision it can run
     second = second_settings(settings, compare, first) if compare is not None else None
     if json_path:
-        prepare_output_file(json_path, "--json")
+        make_output_file_directory(json_path, f"--json {json_path}")
     if profile_dir:
-        prepare_output_dir(profile_dir, "--profile")
+        make_output_directory(profile_dir, f"--profile {profile_dir}")
     runs = [run_one(kind, settings, profile_dir)]
     if second is not None:
         release_device_memory()

@@ -11,7 +11,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
@@ -172,38 +171,6 @@ def build_report(results: list[dict], compare_failed: dict | None = None) -> dic
     if compare_failed:
         report["compare_failed"] = compare_failed
     return report
-
-
-def prepare_output_file(path: str | os.PathLike, option: str = "--json") -> Path:
-    """Check that `path` can be written before a bench runs (minutes), not after: its
-    directory is created and a file is made and removed there. A failure is a ValueError
-    naming `option` and the user's path."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {path}: is a directory, not a file")
-    probe_directory(path.parent, f"{option} {path}")
-    return path
-
-
-def prepare_output_dir(path: str | os.PathLike, option: str = "--profile") -> Path:
-    """As `prepare_output_file`, for a directory the bench writes files into."""
-    path = Path(path)
-    probe_directory(path, f"{option} {path}")
-    return path
-
-
-def probe_directory(directory: Path, what: str) -> None:
-    for parent in (directory, *directory.parents):
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"{what}: {parent} is a file, not a directory")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".tcore-probe.", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        raise ValueError(f"{what}: cannot write in {directory} "
-                         f"({error.strerror or error})") from None
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:

@@ -5,6 +5,8 @@ import traceback
 
 import click
 
+from tcore.preprocess.files import make_output_file_directory
+
 ATTENTION = click.Choice(["auto", "xformers", "sdpa", "math"])
 PRECISION = click.Choice(["auto", "bf16", "fp16", "fp32"])
 DEVICE = click.Choice(["auto", "cpu", "cuda", "gpu"])
@@ -95,9 +97,7 @@ def check_json_path(json_path: str | None) -> None:
     """--json is writable: checked before `bench agree` runs, not after (`run_bench` checks
     it for the others)."""
     if json_path:
-        from tcore.bench.report import prepare_output_file
-
-        fail_on_value_error(lambda: prepare_output_file(json_path, "--json"))
+        make_output_file_directory(json_path, f"--json {json_path}")
 
 
 def data_errors() -> tuple[type[Exception], ...]:

@@ -6,6 +6,7 @@ import click
 from tcore.commands import check_torch_device, shard_paths
 from tcore.pipelines.arguments import MAX_SEED
 from tcore.pipelines.config import PipelineConfig
+from tcore.preprocess.files import make_output_file_directory
 
 
 # Up to this many batches the preview runs the torch colour stage eagerly.
@@ -17,18 +18,6 @@ def compiles_colour_stage(batches: int, stats) -> bool:
     EAGER_PREVIEW_BATCHES batches (the same pixels either way; below that, compiling costs
     more than it saves: README, "tcore pipeline preview"). Without --stats it draws one."""
     return (batches if stats else 1) > EAGER_PREVIEW_BATCHES
-
-
-def check_output_file(path: str, option: str) -> None:
-    """`path` can be written: checked before the loader starts, as the bench commands check
-    theirs (a path under a file: "afile is a file, not a directory"); a missing directory is
-    created."""
-    from tcore.bench.report import prepare_output_file
-
-    try:
-        prepare_output_file(path, option)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
 
 
 @click.group(name="pipeline")
@@ -69,9 +58,9 @@ def preview(data, output, batches, stats, batch_size, seed, device, threads, loc
     if stats and os.path.realpath(stats) == os.path.realpath(output):
         raise click.BadParameter(f"{stats} is also --output: the statistics would overwrite "
                                  "the picture", param_hint="--stats")
-    check_output_file(output, "--output")
+    make_output_file_directory(output, f"--output {output}")
     if stats:
-        check_output_file(stats, "--stats")
+        make_output_file_directory(stats, f"--stats {stats}")
     config = PipelineConfig(skip_bad_samples=skip_bad_samples)
     config.views.n_local = local_crops
     config.photometric_compile = compiles_colour_stage(batches, stats)

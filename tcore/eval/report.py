@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tcore.eval.io import write_csv, write_json
+from tcore.preprocess.files import make_output_directory
 
 # What a run puts into OUTPUT: its folders (`--visualize` the second), then its result files.
 RUN_FOLDERS = ("predictions", "visualize")
@@ -34,14 +35,10 @@ def staged_run(output_dir):
     for name in RESULT_FILES:
         if (output / name).is_dir():
             raise ValueError(f"{output / name}: a folder, where this run writes its {name}")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        remove_abandoned_stagings(output)
-        staging = Path(tempfile.mkdtemp(
-            prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=output))
-    except OSError as error:
-        raise ValueError(f"{output}: cannot write the results there "
-                         f"({error.strerror or error})") from error
+    make_output_directory(output, f"--output {output}")
+    remove_abandoned_stagings(output)
+    staging = Path(tempfile.mkdtemp(
+        prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=output))
     try:
         yield staging
         _move_into_place(output, staging)
