@@ -163,14 +163,18 @@ def _decode_selected(path: str, indices: list[int], short_side: int, allow_upsca
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
         # The video stream's own duration when the container has one (mp4), counted from
-        # the stream's start; else the container's, which also spans other streams and, in
-        # Matroska (webm/mkv), counts from time 0, not from the first frame.
+        # the stream's start; in Matroska (webm/mkv) the track's DURATION tag FFmpeg writes,
+        # counted from time 0; else the container's, which also spans other streams (an
+        # audio track longer than the video) and, in Matroska, counts from time 0 too.
         own_duration = stream.duration is not None and stream.time_base is not None
+        tagged = None if own_duration else matroska_track_duration(stream)
         origin = 0.0
         if own_duration:
             duration = float(stream.duration * stream.time_base)
             if stream.start_time is not None:
                 origin = float(stream.start_time * stream.time_base)
+        elif tagged is not None:
+            duration, own_duration = tagged, True
         elif container.duration is not None:
             duration = container.duration / av.time_base
         else:
@@ -191,6 +195,17 @@ def _decode_selected(path: str, indices: list[int], short_side: int, allow_upsca
     if count and last_time is not None and duration > 0 and fps > 0:
         _check_not_truncated(last_time - origin + 1 / fps, duration, fps, shared_duration)
     return kept, count, size, fps, duration
+
+
+def matroska_track_duration(stream) -> float | None:
+    """Seconds of a Matroska track's DURATION tag ("00:00:10.000000000", written by FFmpeg's
+    muxer, so by most downloaders), or None where there is none or it does not parse."""
+    text = (stream.metadata or {}).get("DURATION")
+    try:
+        hours, minutes, seconds = str(text).split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
 
 
 def _check_not_truncated(end_seconds: float, declared_seconds: float, fps: float,

@@ -84,6 +84,45 @@ def test_cut_offset_video_is_truncated_and_the_message_gives_the_true_end(video_
         read_clip(str(cut), 8, 0)
 
 
+def _video_with_longer_audio(path: Path, audio_seconds: float) -> None:
+    """2 s of VP9 (20 frames at 10 fps) muxed with `audio_seconds` of Opus silence."""
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libvpx-vp9", rate=10)
+        video.width, video.height = 64, 48
+        audio = container.add_stream("libopus", rate=48000)
+        audio.layout = "mono"
+        for index in range(20):
+            picture = np.full((48, 64, 3), index * 10, np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(video.encode(None))
+        for index in range(int(audio_seconds * 50)):          # 20 ms frames
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = 48000, index * 960
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+
+
+@pytest.mark.parametrize("ext", ["webm", "mkv"])
+def test_an_audio_track_longer_than_the_video_is_not_truncation(tmp_path, ext):
+    """A whole WebM / MKV whose audio runs 1.5 s past its 2 s of video (Kinetics downloads
+    have such files) was refused as "truncated video: frames end at 2.00 s of the 3.52 s the
+    container declares": the container's duration spans the audio. The video track's own
+    DURATION tag is used; the same file cut in half is still caught by it."""
+    whole = tmp_path / f"long_audio.{ext}"
+    _video_with_longer_audio(whole, 3.5)
+    with av.open(str(whole)) as container:
+        assert container.duration / av.time_base > 3.4     # the container spans the audio
+    clip = read_clip(str(whole), 8, 0)
+    assert clip.source_frames == 20 and clip.source_duration == pytest.approx(2.0)
+    cut = tmp_path / f"cut.{ext}"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInput, match=r"truncated video: frames end at [01]\.\d\d s of the "
+                                       r"2\.00 s"):
+        read_clip(str(cut), 8, 0)
+
+
 def test_a_cut_avi_is_truncated_by_the_frame_count_in_its_header(tmp_path):
     """A cut-off AVI decodes cleanly up to the cut and FFmpeg takes its duration from what
     it found, so the duration check passed it and it became a sample; the frame count in
