@@ -14,7 +14,11 @@ def test_presets_exist_and_load():
     assert {"tiny_cpu", "vits16_k400", "vitb16_k400", "vits16_imagenet"} <= set(preset_names())
     for name in preset_names():
         cfg = load_config(name)
-        assert cfg.optim.clip_grad == 3.0 and cfg.optim.layer_decay == 0.9
+        assert cfg.optim.clip_grad == 3.0 and cfg.optim.pmm_lr_mult == 0.1
+        # the released code's effective optimiser: one lr for every student parameter, the
+        # head's last layer not frozen (README, "Where tcore follows the released code")
+        assert (cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult,
+                cfg.optim.freeze_last_layer_epochs) == (1.0, 1.0, 0), name
         if name != "tiny_cpu":   # the CPU demo preset raises lr and lowers teacher momentum
             assert cfg.optim.base_lr == 0.002 and cfg.optim.momentum_teacher == 0.992
     k400 = load_config("vits16_k400")
