@@ -141,9 +141,10 @@ class MaskConfig:
     mask_sample_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     min_block_patches: int = 4
-    # Per-block cap of the reference: 0.5 * img // patch * img // patch (98 at 224 / 16),
-    # evaluated left to right as the reference does.
-    max_block_fraction: float = 0.5
+    # Per-block cap: fraction * img // patch * img // patch, evaluated left to right. T-CoRe
+    # passes the whole grid (196 at 224 / 16), so a block is bounded only by what remains
+    # (METHOD.md: area U(4, remaining)); DINOv2, which it adapts, passes 0.5.
+    max_block_fraction: float = 1.0
     min_aspect: float = 0.3
     block_tries: int = 10
 

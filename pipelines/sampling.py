@@ -154,8 +154,9 @@ def central_box(height: int, width: int, aspect: tuple[float, float] = (3 / 4, 4
         h, w = height, min(width, int(round(height * aspect[1])))
     else:
         h, w = min(height, int(round(width / aspect[0]))), width
-    # torchvision CenterCrop rounding of the offsets.
-    return int(round((height - h) / 2.0)), int(round((width - w) / 2.0)), h, w
+    # Offsets floored, as the reference's FixedResizedCrop centres its box (torchvision's
+    # CenterCrop rounds half to even instead: one pixel apart for some sizes, e.g. 570 wide).
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def _corners(boxes: np.ndarray) -> np.ndarray:

@@ -182,6 +182,7 @@ class TCoRe(nn.Module):
         self.register_buffer("center_patch", torch.zeros(1, prototypes))
         self._check_ema_pairs()
         self._parameter_lists: dict[str, list] = {}   # see _listed
+        self.teacher.eval()   # from the start: training never calls .train() itself
 
     # ------------------------------------------------------------------ modes and accessors
     def train(self, mode: bool = True):

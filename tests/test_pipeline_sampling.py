@@ -113,9 +113,13 @@ def test_crop_geometry_statistics():
 
 
 @pytest.mark.parametrize("size, box", [((100, 100), (0, 0, 100, 100)),
-                                       ((100, 200), (0, 34, 100, 133)),
-                                       ((200, 100), (34, 0, 133, 100))])
+                                       ((100, 200), (0, 33, 100, 133)),
+                                       ((200, 100), (33, 0, 133, 100)),
+                                       ((320, 570), (0, 71, 320, 427)),
+                                       ((320, 568), (0, 70, 320, 427))])
 def test_central_box(size, box):
+    """The reference's centring: offsets floored ((570 - 427) / 2 = 71.5 -> 71, where
+    torchvision's CenterCrop rounds half to even, to 72)."""
     assert central_box(*size) == box
 
 
@@ -282,9 +286,15 @@ def test_mask_blocks_are_rectangles_within_aspect_range():
 
 
 def test_block_mask_reaches_its_count():
+    """Every crop gets exactly its drawn count (METHOD.md: blocks are repeated until the
+    count is reached; a block whose 10 tries fail is drawn again, not the end of the crop:
+    ending there left 7% of crops a patch or so short), over the paper's ladder of counts;
+    a grid no block fits ends empty instead of looping."""
     cfg = PipelineConfig().masks
-    counts = [block_mask(sample_rng(4, i), 14, 60, cfg).sum() for i in range(200)]
-    assert np.mean(np.array(counts) == 60) > 0.9 and max(counts) <= 60 + 0
+    for count in (19, 60, 97):
+        counts = [block_mask(sample_rng(4, count, i), 14, count, cfg).sum() for i in range(300)]
+        assert counts == [count] * 300, count
+    assert block_mask(sample_rng(4), 1, 1, cfg).sum() == 0
 
 
 def test_mask_tensors_contract():
@@ -431,7 +441,7 @@ def test_defaults_are_method_md_numbers():
             (0.8, 0.4, 0.4, 0.2, 0.1, 0.2, blur, solarize)
     assert (m.patch_size, m.mask_sample_probability, m.mask_ratio) == (16, 0.5, (0.1, 0.5))
     assert (m.min_block_patches, m.min_aspect, m.block_tries, m.max_block_fraction) == \
-        (4, 0.3, 10, 0.5)
+        (4, 0.3, 10, 1.0)
 
 
 def test_jitter_factors_span_their_ranges():
@@ -538,14 +548,17 @@ def test_masked_crops_are_shuffled_and_each_draws_within_its_ladder_step():
     assert (batch_masks(sample_rng(1), 6, 14, odd).any(1)).sum() == 1
 
 
-def test_block_cap_is_the_references_left_to_right_expression():
-    """A block adds at most `0.5 * 112 // 16 * 112 // 16` = 21 patches at 112 / 16 (the
-    tiny presets; not 0.5 * 49 = 24): the first block of a mask is the one `_add_block` draws
-    with that cap from the same generator (the cap sets the drawn area)."""
-    cfg = PipelineConfig().masks
+@pytest.mark.parametrize("fraction, cap", [
+    (1.0, 24),   # the default, T-CoRe's: the whole grid, so only the 24 remaining bound it
+    (0.5, 21),   # DINOv2's 0.5 * 112 // 16 * 112 // 16, left to right (not 0.5 * 49 = 24)
+])
+def test_block_cap_is_the_left_to_right_expression(fraction, cap):
+    """At 112 / 16 (the tiny presets) the first block of a 24-patch mask is the one
+    `_add_block` draws with the cap from the same generator (the cap sets the drawn area)."""
+    cfg = MaskConfig(max_block_fraction=fraction)
     for seed in range(40):
         mask = block_mask(sample_rng(12, seed), 7, 24, cfg)
         rows = [0] * 7
-        assert _add_block(attempt_uniforms(sample_rng(12, seed)), rows, 7, 21, cfg) > 0
+        assert _add_block(attempt_uniforms(sample_rng(12, seed)), rows, 7, cap, cfg) > 0
         first = rows_to_mask(rows, 7)
         assert np.all(mask[first]), seed

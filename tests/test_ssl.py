@@ -287,6 +287,12 @@ def test_teacher_starts_as_the_student():
     teacher = dict(tcore.teacher.named_parameters())
     for name, student in tcore.student.named_parameters():
         assert torch.equal(teacher[name], student), name
+    # The teacher is a target network in eval mode from the start (training never calls
+    # .train()), and stays so when the rest is switched to training mode.
+    assert tcore.student.training and not tcore.teacher.training
+    assert not any(module.training for module in tcore.teacher.modules())
+    tcore.train()
+    assert tcore.student.training and not tcore.teacher.training
 
 
 def test_no_gradient_flows_through_the_past_and_future_branch():
