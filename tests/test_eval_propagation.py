@@ -145,3 +145,32 @@ def test_reference_backbone_patch_tokens_match_the_fixture():
     patch = backbone_patch_encoder(backbone)(fixture["inputs"]["image_rect"])
     expected = fixture["outputs"]["patch_rect"]
     torch.testing.assert_close(patch, expected.reshape(patch.shape), rtol=1e-4, atol=1e-4)
+
+
+def test_labels_are_read_out_at_the_input_size_then_resized_by_nearest():
+    """The reference's read-out (dump_predictions, then convert_davis): soft labels upsampled
+    bilinearly to the network's input size, the argmax there, then the id map resized to the
+    annotation's size by nearest neighbour (source pixel floor(i * in / out)). Here an input
+    of 16 x 32 against an annotation of 16 x 27, with a soft boundary between two labels:
+    the argmax at the annotation's size moves the boundary pixels."""
+    import torch.nn.functional as F
+
+    from tcore.eval.segment import hard_labels
+
+    rng = np.random.default_rng(3)
+    soft = torch.from_numpy(rng.random((2, 4, 3)).astype(np.float32))
+    soft = soft / soft.sum(-1, keepdim=True)
+    input_size, out_size = (16, 32), (16, 27)
+    up = F.interpolate(soft.permute(2, 0, 1)[None], size=input_size, mode="bilinear",
+                       align_corners=False)[0].argmax(0).numpy()
+    rows = np.floor(np.arange(out_size[0]) * input_size[0] / out_size[0]).astype(int)
+    cols = np.floor(np.arange(out_size[1]) * input_size[1] / out_size[1]).astype(int)
+    expected = up[rows][:, cols]
+    got = hard_labels(soft, input_size, out_size).numpy()
+    assert got.shape == out_size and (got == expected).all()
+    at_annotation = F.interpolate(soft.permute(2, 0, 1)[None], size=out_size, mode="bilinear",
+                                  align_corners=False)[0].argmax(0).numpy()
+    assert (at_annotation != expected).any()       # the example tells the two orders apart
+    # Input and annotation of one size: the argmax at that size, nothing resized.
+    same = hard_labels(soft, out_size, out_size).numpy()
+    assert (same == at_annotation).all()

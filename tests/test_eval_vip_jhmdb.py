@@ -163,11 +163,15 @@ def test_joint_label_maps_and_readout():
     np.testing.assert_allclose(coords[:, 0, 0], [2.0, 4.0], atol=0.15)
     empty = torch.zeros(1, 6, 10, 3)
     assert (jhmdb.read_out_keypoints(empty) == -1).all()
-    # the value-weighted mean of the 3 highest cells: 1.0 at (x 3, y 2), 0.5 at (4, 2) and
-    # (3, 3), then 0.1 everywhere else
+    # the value-weighted mean of the 5 highest cells, as T-CoRe's evaluation reads a joint
+    # out: 1.0 at (x 3, y 2), 0.5 at (4, 2) and (3, 3), 0.25 at (2, 2) and (3, 1), then 0.1
+    # everywhere else (3 cells would give (3.25, 2.25); 6 would take in a 0.1 cell)
     soft = torch.full((1, 6, 10, 2), 0.1)
     soft[0, 2, 3, 1], soft[0, 2, 4, 1], soft[0, 3, 3, 1] = 1.0, 0.5, 0.5
-    np.testing.assert_allclose(jhmdb.read_out_keypoints(soft)[:, 0, 0], [3.25, 2.25], atol=1e-6)
+    soft[0, 2, 2, 1], soft[0, 1, 3, 1] = 0.25, 0.25
+    x = (3 * 1.0 + 4 * 0.5 + 3 * 0.5 + 2 * 0.25 + 3 * 0.25) / 2.5
+    y = (2 * 1.0 + 2 * 0.5 + 3 * 0.5 + 2 * 0.25 + 1 * 0.25) / 2.5
+    np.testing.assert_allclose(jhmdb.read_out_keypoints(soft)[:, 0, 0], [x, y], atol=1e-6)
 
 
 def test_joint_files_are_one_based_like_matlab(tmp_path):

@@ -127,7 +127,13 @@ def joint_labels(points: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return np.concatenate([background, maps], axis=-1)
 
 
-def read_out_keypoints(soft: torch.Tensor, top: int = 3) -> np.ndarray:
+# A joint is read out of its propagated map as the value-weighted mean of its strongest
+# cells: 5 of them in T-CoRe's released evaluation code (its process_pose; CRW's, which it
+# adapts, used 3), so PCK is comparable with the published figures.
+KEYPOINT_TOP_CELLS = 5
+
+
+def read_out_keypoints(soft: torch.Tensor, top: int = KEYPOINT_TOP_CELLS) -> np.ndarray:
     """[T, h, w, 1 + J] propagated maps -> [2, J, T] (x, y) in feature cells; -1 where a
     joint's map is all zero."""
     joints = soft[..., 1:]
@@ -199,6 +205,7 @@ def evaluate_jhmdb(backbone, data_root, output_dir, *, size=JHMDB_SIZE, topk: in
         results = {"benchmark": "jhmdb", "split": split, "data": str(root.resolve()),
                    **(run_info or {}),
                    "settings": {"size": list(size), "sigma": GAUSSIAN_SIGMA,
+                                "keypoint_top_cells": KEYPOINT_TOP_CELLS,
                                 **settings.as_dict()},
                    "summary": summary, "per_sequence": seq_rows, "per_joint": per_joint_rows,
                    "warnings": warnings, "seconds": round(time.time() - started, 2)}

@@ -1,11 +1,13 @@
 """Propagate a first-frame label map (object or part ids) through a video: features ->
-soft labels at feature resolution -> bilinear upsampling -> argmax -> ids."""
+soft labels at feature resolution -> bilinear upsampling to the input size -> argmax ->
+nearest-neighbour resize to the annotation's size -> ids."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tcore.eval.features import (PatchEncoder, extract_features, labels_to_grid,
                                  upsample_labels)
@@ -68,6 +70,19 @@ def propagate_segmentation(encode: PatchEncoder, frames: np.ndarray, first_label
     predictions[0] = first_labels
     ids_t = torch.as_tensor(ids, device=soft.device)
     for t in range(1, frames.shape[0]):
-        full = upsample_labels(soft[t], out_size)
-        predictions[t] = ids_t[full.argmax(-1)].cpu().numpy().astype(np.uint8)
+        predictions[t] = ids_t[hard_labels(soft[t], size, out_size)].cpu().numpy()
     return predictions, ids
+
+
+def hard_labels(soft: torch.Tensor, input_size: tuple[int, int],
+                out_size: tuple[int, int]) -> torch.Tensor:
+    """Soft labels [h,w,C] -> label indices [H',W'] as the reference reads them out: upsampled
+    (bilinear) to the network's input size, the argmax taken there, then resized by nearest
+    neighbour to the annotation's size (its dump_predictions, then convert_davis). The argmax
+    at the annotation's size instead moves boundary pixels."""
+    at_input = upsample_labels(soft, input_size).argmax(-1)
+    if tuple(at_input.shape) == tuple(out_size):
+        return at_input
+    # torch's "nearest" takes source pixel floor(i * in / out), as OpenCV's INTER_NEAREST does.
+    resized = F.interpolate(at_input[None, None].float(), size=tuple(out_size), mode="nearest")
+    return resized[0, 0].long()
