@@ -42,27 +42,75 @@ def _is_hidden(path: Path) -> bool:
 def discover_class_folders(root, kind: str = "video") -> Inputs:
     """`root/<class>/<file>`: every regular, non-hidden file is an input, so that broken or
     mislabelled files reach failures.jsonl rather than vanish: videos are not filtered by
-    extension, and in an image build a file without an image extension is an input that
-    fails with that reason."""
+    extension, in an image build a file without an image extension is an input that fails
+    with that reason, and a broken symbolic link is an input that fails as a missing file.
+    Symlinked folders are followed at every level, except one leading back to a folder
+    above it (`self -> .`), which would list the same files again, or forever."""
     root = Path(root)
     if not root.is_dir():
+        if root.exists():
+            raise NotADirectoryError(f"input {root} is a file, not a directory (a list of "
+                                     "inputs goes after --list)")
         raise FileNotFoundError(f"input directory {root} does not exist")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _is_hidden(d))
+    top = [Path(os.path.realpath(root))]
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _is_hidden(d)
+                        and not _leads_back(d, top))
     if not class_dirs:
         raise ValueError(f"{root} holds no class folders (expected {root}/<class>/<file>)")
     sources = []
     for class_dir in class_dirs:
-        for path in sorted(class_dir.rglob("*")):
-            # A hidden folder below the class folder (.git, .cache, ...) hides its files too.
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(class_dir).parts):
+        for path in _files_below(class_dir, [*top, Path(os.path.realpath(class_dir))]):
+            relative = path.relative_to(root).as_posix()
+            if not path.exists():   # a broken symbolic link
+                sources.append(Source(None, relative, class_dir.name, _not_a_file(path)))
                 continue
             problem = _not_an_image(path) if kind == "image" else None
-            sources.append(Source(str(path.resolve()), path.relative_to(root).as_posix(),
-                                  class_dir.name, problem))
+            sources.append(Source(str(path.resolve()), relative, class_dir.name, problem))
     if not sources:
         raise ValueError(f"the class folders of {root} hold no files (expected {root}/<class>/<file>)")
     sources.sort(key=lambda source: source.relative)
     return Inputs(sources, [d.name for d in class_dirs])
+
+
+def _leads_back(folder: Path, chain: list[Path]) -> bool:
+    """Whether `folder` is, or holds, one of the folders `chain` (real paths) walks down."""
+    real = Path(os.path.realpath(folder))
+    return any(walked.is_relative_to(real) for walked in chain)
+
+
+def _files_below(folder: Path, chain: list[Path]):
+    """The non-hidden regular files and broken symbolic links below `folder` (a hidden folder,
+    .git or .cache, hides its files too), following symlinked folders that do not lead back
+    up `chain`. Other entries (a fifo, a socket) are no inputs."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError:   # unreadable: skipped, as pathlib's rglob did
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = folder / entry.name
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()
+        except OSError:   # a loop of links (a -> b -> a): broken, as a dangling link is
+            is_dir, is_file = False, False
+        if is_dir:
+            if not _leads_back(path, chain):
+                yield from _files_below(path, [*chain, Path(os.path.realpath(path))])
+        elif is_file or (entry.is_symlink() and not path.exists()):
+            yield path
+
+
+def _not_a_file(path: Path) -> str:
+    """The failure reason of an input path that is not a regular file."""
+    if path.is_dir():
+        return "a directory, not a file (list the files in it)"
+    if path.exists():
+        return "not a regular file"
+    if path.is_symlink():
+        return f"file not found (a broken symbolic link to {os.readlink(path)})"
+    return "file not found"
 
 
 def _not_an_image(path: Path) -> str | None:
@@ -119,7 +167,8 @@ def _find_kinetics_file(video_root: Path, label: str, youtube_id: str, start: in
 def discover_list(list_file, video_root=None, kind: str = "video") -> Inputs:
     """`list_file` is either one path per line (class = the parent folder name; relative
     paths are relative to `video_root` or the list's folder) or the Kinetics CSV
-    `label,youtube_id,time_start,time_end,split` (needs `video_root`)."""
+    `label,youtube_id,time_start,time_end,split` (needs `video_root`). A file listed twice
+    is refused (ValueError); a line naming a folder or a missing file is an input that fails."""
     list_file = Path(list_file)
     text = list_file.read_text()
     rows = list(csv.reader(text.splitlines()))
@@ -128,8 +177,8 @@ def discover_list(list_file, video_root=None, kind: str = "video") -> Inputs:
             raise ValueError(f"{list_file} is a Kinetics CSV: pass --video-root")
         return _discover_kinetics(rows[1:], Path(video_root), list_file)
     root = Path(video_root) if video_root is not None else list_file.parent
-    sources = []
-    for line in text.splitlines():
+    sources, lines = [], {}
+    for line_number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -138,10 +187,15 @@ def discover_list(list_file, video_root=None, kind: str = "video") -> Inputs:
             relative = path.relative_to(root).as_posix()
         except ValueError:
             relative = path.as_posix()
-        found = str(path.resolve()) if path.is_file() else None
-        sources.append(Source(found, relative, path.parent.name))
+        resolved = os.path.realpath(path)   # unlike Path.resolve, no error for a link loop
+        lines.setdefault(resolved, []).append(line_number)
+        if path.is_file():
+            sources.append(Source(resolved, relative, path.parent.name))
+        else:
+            sources.append(Source(None, relative, path.parent.name, _not_a_file(path)))
     if not sources:
         raise ValueError(f"{list_file} lists no inputs")
+    _refuse_repeats(list_file, lines)
     sources.sort(key=lambda source: source.relative)
     return Inputs(sources, sorted({source.class_name for source in sources}))
 
@@ -155,7 +209,7 @@ def _kinetics_seconds(cell: str, list_file: Path, line_number: int, column: str)
 
 
 def _discover_kinetics(rows: list[list[str]], video_root: Path, list_file: Path) -> Inputs:
-    sources, files = [], _FolderFiles()
+    sources, files, lines = [], _FolderFiles(), {}
     for line_number, row in enumerate(rows, start=2):
         if not row or not "".join(row).strip():
             continue
@@ -173,10 +227,28 @@ def _discover_kinetics(rows: list[list[str]], video_root: Path, list_file: Path)
             sources.append(Source(str(path.resolve()), relative, label))
         else:
             sources.append(Source(None, f"{label}/{youtube_id}_{start:06d}_{end:06d}", label))
+        # a clip not found is told by its name: a row repeated is refused either way
+        lines.setdefault(sources[-1].path or sources[-1].relative, []).append(line_number)
     if not sources:
         raise ValueError(f"{list_file} lists no videos")
+    _refuse_repeats(list_file, lines)
     sources.sort(key=lambda source: source.relative)
     return Inputs(sources, sorted({source.class_name for source in sources}))
+
+
+def _refuse_repeats(list_file: Path, lines: dict[str, list[int]]) -> None:
+    """An input listed twice (the same line twice, or a relative and an absolute path to one
+    file) would be two samples of it, read twice an epoch: refuse, naming the first one
+    repeated and its lines. `lines`: line numbers by resolved path."""
+    repeated = [(path, numbers) for path, numbers in lines.items() if len(numbers) > 1]
+    if not repeated:
+        return
+    path, numbers = repeated[0]   # the first in the file (dicts keep their insertion order)
+    shown = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+    name = "both name" if len(numbers) == 2 else "all name"
+    more = f"; {len(repeated) - 1} more input(s) are listed more than once" if len(repeated) > 1 else ""
+    raise ValueError(f"{list_file}: lines {shown} {name} {path}{more}; list each input once "
+                     "(each line is a sample)")
 
 
 def sample_key(index: int, source: Source) -> str:

@@ -14,7 +14,9 @@ whole dataset at random.
 Resumability: each shard is written under a temporary name; its index is renamed into place,
 then the tar, then a small record `OUT/.build/<prefix>-%06d.json` (sample count, bytes,
 failures). A shard counts as done only once its record exists, so a rerun after any
-interruption (kill -9 included) rebuilds exactly the shards without a record.
+interruption (kill -9 included) rebuilds exactly the shards without a record; it first
+removes, under the build lock, the temporaries the interrupted run left (of its shards, and of
+manifest.json, failures.jsonl and options.json).
 
 Failures: an input that cannot become a sample (BadInput) is recorded in failures.jsonl and
 the build carries on; any other error (an encoder that refuses its options, a worker process
@@ -25,6 +27,7 @@ rerun retries every input), and stops with BuildError naming failures.jsonl.
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import json
 import multiprocessing as mp
@@ -39,7 +42,7 @@ from tqdm import tqdm
 
 from tcore.preprocess.discover import Inputs, Source, discover_class_folders, discover_list, sample_key
 from tcore.preprocess.errors import BadInput, ShardDirError
-from tcore.preprocess.files import check_output_path, make_output_directory
+from tcore.preprocess.files import check_output_path, make_output_directory, temporary_prefix
 from tcore.preprocess.images import prepare_image
 from tcore.preprocess.index import format_index
 from tcore.preprocess.locks import exclusive_lock
@@ -53,6 +56,8 @@ from tcore.preprocess.video import (FRAME_CODECS, VIDEO_CODECS, VP9_SPEED, encod
 
 STATE_DIR = ".build"
 BUILD_LOCK = "lock"       # in STATE_DIR: held by the build running (preprocess.locks)
+OPTIONS_NAME = "options.json"   # in STATE_DIR: the options (and inputs) of the build in OUT
+INPUT_OPTIONS = ("inputs", "inputs_sha256")   # the options that stand for the input files
 DEFAULT_GOP = 20  # one keyframe per 20-frame clip: smallest and fastest for the sampler (docs/PERFORMANCE.md)
 # Highest --crf per codec: libvpx-vp9 refuses more when the encoder opens (after the inputs are
 # decoded), libx264 (8-bit) silently clamps to 51. 0 is lossless (h264) / best (vp9).
@@ -103,8 +108,13 @@ class BuildConfig:
             raise ValueError(f"quality must be in 1..100, got {self.quality}")
         if self.shuffle_seed is not None and (type(self.shuffle_seed) is not int or self.shuffle_seed < 0):
             raise ValueError(f"shuffle seed must be an integer >= 0, got {self.shuffle_seed!r}")
-        if not self.prefix or any(c in self.prefix for c in "/\\.") or self.prefix.startswith("-"):
+        if not self.prefix:
+            raise ValueError("prefix must not be empty")
+        if any(c in self.prefix for c in "/\\."):
             raise ValueError(f"prefix {self.prefix!r} must be a plain name (no dots or slashes)")
+        if self.prefix.startswith("-"):
+            raise ValueError(f"prefix {self.prefix!r} must not start with '-' (shard names would "
+                             "read as command-line options)")
 
     @property
     def clip_ext(self) -> str:
@@ -161,10 +171,10 @@ def _image_sample(source: Source, label: int, config: BuildConfig) -> list[tuple
 def make_sample(source: Source, label: int, config: BuildConfig) -> list[tuple[str, bytes]]:
     """Components of one sample; raises BadInput when the input is unusable (any other
     error is a fault of the build's set-up or of the code, not of this input)."""
+    if source.problem:   # first: a folder or a broken link has no path, but a better reason
+        raise BadInput(source.problem)
     if source.path is None:
         raise BadInput("file not found")
-    if source.problem:
-        raise BadInput(source.problem)
     return (_video_sample if config.kind == "video" else _image_sample)(source, label, config)
 
 
@@ -181,8 +191,30 @@ def _tmp_path(path: Path) -> Path:
 def _remove_stale_tmp(out: Path, config: BuildConfig, shard_ids: list[int]) -> None:
     """Delete temporary files left by interrupted runs for these shards."""
     for shard_id in shard_ids:
-        name = config.shard_name(shard_id)
+        name = glob.escape(config.shard_name(shard_id))   # a prefix may hold [ ] * ?
         for stale in [*out.glob(f"{name}.*.tmp-*"), *(out / STATE_DIR).glob(f".{name}.json.tmp-*")]:
+            stale.unlink(missing_ok=True)
+
+
+def _output_files(out: Path, node_rank: int, num_nodes: int) -> tuple[Path, Path]:
+    """This node's manifest and failures files."""
+    if num_nodes == 1:
+        return out / MANIFEST_NAME, out / FAILURES_NAME
+    suffix = node_suffix(node_rank, num_nodes)
+    return out / f"manifest.{suffix}.json", out / f"failures.{suffix}.jsonl"
+
+
+def _remove_stale_outputs(out: Path, config: BuildConfig, shard_ids: list[int], node_rank: int,
+                          num_nodes: int) -> None:
+    """At start-up, under the build lock (so that no live build's file is touched): delete
+    the temporaries a killed run of this node left, of its shards and of the files it writes
+    with write_atomically (a kill -9 during their rename leaves `.manifest.json.tmp-...`)."""
+    _remove_stale_tmp(out, config, shard_ids)
+    written = list(_output_files(out, node_rank, num_nodes))
+    if num_nodes == 1:   # the nodes of a split build share options.json, each under its own lock
+        written.append(out / STATE_DIR / OPTIONS_NAME)
+    for path in written:
+        for stale in path.parent.glob(glob.escape(temporary_prefix(path)) + "*"):
             stale.unlink(missing_ok=True)
 
 
@@ -309,9 +341,10 @@ def _options(config: BuildConfig, inputs: Inputs) -> dict:
     return {**asdict(config), "inputs": len(inputs.sources), "inputs_sha256": _inputs_digest(inputs)}
 
 
-def _check_out_dir(out: Path, options: dict) -> None:
-    """Refuse a non-empty OUT built with other options (rather than mixing two builds)."""
-    saved = out / STATE_DIR / "options.json"
+def _check_out_dir(out: Path, options: dict) -> bool:
+    """Refuse a non-empty OUT built with other options (rather than mixing two builds);
+    True when OUT holds no build yet (its options are to be recorded, under the lock)."""
+    saved = out / STATE_DIR / OPTIONS_NAME
     if saved.is_file():
         previous = with_default_options(read_json(saved, "build options file"))
     elif (out / MANIFEST_NAME).is_file():
@@ -323,16 +356,34 @@ def _check_out_dir(out: Path, options: dict) -> None:
     else:
         previous = None
     if previous is not None and previous != options:
-        changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
-        details = ", ".join(f"{k}: {previous.get(k)!r} -> {options.get(k)!r}" for k in changed)
-        hint = (" (--no-shuffle for shards in sorted order)"
-                if "shuffle_seed" in changed and previous["shuffle_seed"] is None else "")
-        raise ShardDirError(f"{out} already holds shards built with other options ({details}); "
-                            f"use a new output directory or the original options{hint}")
+        raise _other_build(out, previous, options)
     make_output_directory(out)
     (out / STATE_DIR).mkdir(exist_ok=True)
-    if previous is None:
-        write_json_atomic(saved, options)
+    return previous is None
+
+
+def _other_build(out: Path, previous: dict, options: dict) -> ShardDirError:
+    """The error for an OUT built with other options or from other input files (told apart:
+    the inputs' digest says nothing to the user, and no option brings the files back)."""
+    changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
+    then, now = previous.get("inputs"), options["inputs"]
+    if then == now:
+        count = f"{now}, as then"
+    elif then is None:   # a build made before the count was recorded
+        count = f"{now} now"
+    else:
+        count = f"{then} then, {now} now"
+    files = f"another set of input files ({count}; files were added, removed or renamed since)"
+    others = [k for k in changed if k not in INPUT_OPTIONS]
+    if not others:
+        return ShardDirError(f"{out} already holds shards built from {files}; use a new output "
+                             "directory, or build from the original files")
+    details = ", ".join(f"{k}: {previous.get(k)!r} -> {options.get(k)!r}" for k in others)
+    also = f", and from {files}" if len(others) < len(changed) else ""
+    hint = (" (--no-shuffle for shards in sorted order)"
+            if "shuffle_seed" in changed and previous["shuffle_seed"] is None else "")
+    return ShardDirError(f"{out} already holds shards built with other options ({details}){also}; "
+                         f"use a new output directory or the original options{hint}")
 
 
 def _load_record(out: Path, config: BuildConfig, shard_id: int) -> dict | None:
@@ -389,8 +440,11 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
                             "outside it")
     inputs = discover_inputs(src, kind, list_file, video_root)
     options = _options(config, inputs)
-    _check_out_dir(out, options)
+    new = _check_out_dir(out, options)
     with _build_lock(out, node_rank, num_nodes):
+        # Written under the lock, so that a start-up sweep never removes its temporary.
+        if new:
+            write_json_atomic(out / STATE_DIR / OPTIONS_NAME, options)
         return _build_this_nodes_shards(out, config, inputs, options, workers=workers,
                                         node_rank=node_rank, num_nodes=num_nodes,
                                         progress=progress)
@@ -414,6 +468,7 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
     size = config.samples_per_shard
     shard_count = -(-len(inputs.sources) // size)
     mine = [k for k in range(shard_count) if k % num_nodes == node_rank]
+    _remove_stale_outputs(out, config, mine, node_rank, num_nodes)
     records = {k: _load_record(out, config, k) for k in mine}
     todo = [k for k in mine if records[k] is None]
     order = shard_order(inputs, config.shuffle_seed)
@@ -447,12 +502,9 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
     manifest = make_manifest(kind=config.kind, frames=config.frames, codec=config.codec,
                              short_side=config.short_side, classes=inputs.classes, shards=shards,
                              failures=len(failures), options=options)
-    if num_nodes == 1:
-        manifest_file, failures_file = out / MANIFEST_NAME, out / FAILURES_NAME
-    else:
+    manifest_file, failures_file = _output_files(out, node_rank, num_nodes)
+    if num_nodes > 1:
         manifest["node"] = {"rank": node_rank, "count": num_nodes}
-        suffix = node_suffix(node_rank, num_nodes)
-        manifest_file, failures_file = out / f"manifest.{suffix}.json", out / f"failures.{suffix}.jsonl"
     write_jsonl_atomic(failures_file, failures)
     write_json_atomic(manifest_file, manifest)
     built = sum(1 for k in todo if records[k]["samples"])
@@ -466,7 +518,7 @@ def _give_up_empty_build(out: Path, config: BuildConfig, shard_ids: list[int], f
     write_jsonl_atomic(out / FAILURES_NAME, failures)
     for shard_id in shard_ids:  # all of them empty, so no tar or index is lost
         _record_path(out, config, shard_id).unlink(missing_ok=True)
-    (out / STATE_DIR / "options.json").unlink(missing_ok=True)
+    (out / STATE_DIR / OPTIONS_NAME).unlink(missing_ok=True)
     (out / STATE_DIR / BUILD_LOCK).unlink(missing_ok=True)   # this build ends here
     try:
         (out / STATE_DIR).rmdir()

@@ -1,19 +1,23 @@
 """Awkward but real inputs of the shard builder, through real files and codecs: videos that
 start after time 0, still images posing as videos, other pixel formats, odd sizes and
 display rotations, EXIF-rotated and 16-bit images (checked
-against what DALI decodes), hidden folders and bad numbers in a Kinetics CSV."""
+against what DALI decodes), hidden folders, symbolic links (broken, to folders, in loops),
+inputs listed twice, folders in a list and bad numbers in a Kinetics CSV."""
 import io
 import json
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
+from tcore.cli import main as cli
 from tcore.preprocess.discover import discover_class_folders, discover_list
 from tcore.preprocess.errors import BadInput
 from tcore.preprocess.manifest import shard_paths
@@ -330,6 +334,85 @@ def test_kinetics_csv_with_a_bad_number_names_file_line_and_column(tmp_path):
                         "juggling,xyz,5,one,train\n")
     with pytest.raises(ValueError, match=rf"^{csv_file}:3: column time_end is 'one', not a number"):
         discover_list(csv_file, video_root=tmp_path)
+
+
+def _sources(out: Path, manifest: dict) -> list[str]:
+    return sorted(json.loads(sample["json"])["source"] for shard in manifest["shards"]
+                  for sample in read_tar(out / shard["tar"]).values())
+
+
+def _errors(out: Path) -> dict[str, str]:
+    rows = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    return {row["source"]: row["error"] for row in rows}
+
+
+def test_broken_links_fail_as_missing_and_symlinked_subfolders_are_followed_but_not_loops(tmp_path):
+    src, store = tmp_path / "src", tmp_path / "store"
+    (src / "c").mkdir(parents=True)
+    store.mkdir()
+    _offset_video(src / "c" / "a.mkv", "mpeg4", frames=2, first_pts=0)
+    _offset_video(store / "b.mkv", "mpeg4", frames=2, first_pts=0)
+    (src / "c" / "linked").symlink_to(store)                  # followed, as a class folder link is
+    (src / "c" / "gone.mkv").symlink_to(tmp_path / "nowhere.mkv")    # inputs that fail
+    (src / "c" / "knot.mkv").symlink_to("knot.mkv")
+    (src / "c" / "self").symlink_to(".")                      # loops: neither followed nor hangs
+    (src / "c" / "up").symlink_to("..")
+    (src / "all").symlink_to(".")                             # a "class folder" that is SRC
+    out = tmp_path / "out"
+    manifest = build_shards(src, out, frames=2, short_side=0, progress=False)
+    assert manifest["classes"] == ["c"] and manifest["failures"] == 2
+    assert _sources(out, manifest) == ["c/a.mkv", "c/linked/b.mkv"]
+    assert _errors(out) == {
+        "c/gone.mkv": f"file not found (a broken symbolic link to {tmp_path / 'nowhere.mkv'})",
+        "c/knot.mkv": "file not found (a broken symbolic link to knot.mkv)"}
+
+
+def test_a_list_line_naming_a_folder_or_a_broken_link_says_so(tmp_path):
+    (tmp_path / "c").mkdir()
+    _offset_video(tmp_path / "c" / "v.mkv", "mpeg4", frames=2, first_pts=0)
+    (tmp_path / "c" / "gone.mkv").symlink_to(tmp_path / "nowhere.mkv")
+    (tmp_path / "c" / "knot.mkv").symlink_to("knot.mkv")
+    listing = tmp_path / "list.txt"
+    listing.write_text("c/v.mkv\nc\nc/gone.mkv\nc/knot.mkv\nc/missing.mkv\n")
+    out = tmp_path / "out"
+    manifest = build_shards(None, out, list_file=listing, frames=2, short_side=0, progress=False)
+    assert _sources(out, manifest) == ["c/v.mkv"]
+    assert _errors(out) == {
+        "c": "a directory, not a file (list the files in it)",
+        "c/gone.mkv": f"file not found (a broken symbolic link to {tmp_path / 'nowhere.mkv'})",
+        "c/knot.mkv": "file not found (a broken symbolic link to knot.mkv)",
+        "c/missing.mkv": "file not found"}
+
+
+def test_an_input_listed_twice_is_refused_naming_the_list_its_lines_and_the_file(tmp_path):
+    """Twice in a list is two samples of one file, read twice an epoch (as `--data d,d`
+    would be); paths are compared resolved: relative, through a symlink, or absolute."""
+    video = tmp_path / "src" / "c0" / "v.mkv"
+    video.parent.mkdir(parents=True)
+    _offset_video(video, "mpeg4", frames=2, first_pts=0)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "alias").symlink_to(tmp_path / "src")
+    listing = tmp_path / "lists" / "train.txt"
+    listing.write_text(f"# train\n../src/c0/v.mkv\n\nalias/c0/v.mkv\n{video}\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["shards", "build", "--list", str(listing), str(out),
+                                      "--frames", "2", "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == (f"Error: {listing}: lines 2, 4 and 5 all name {video.resolve()}; "
+                             "list each input once (each line is a sample)\n")
+    assert not out.exists()
+    # A Kinetics CSV row repeated (here with its times written as floats): one clip.
+    clip = tmp_path / "kinetics" / "juggling" / "abc_000000_000010.mkv"
+    clip.parent.mkdir(parents=True)
+    _offset_video(clip, "mpeg4", frames=2, first_pts=0)
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("label,youtube_id,time_start,time_end,split\n"
+                        "juggling,abc,0,10,train\n"
+                        "juggling,xyz,0,10,train\n"
+                        "juggling,abc,0.0,10.0,train\n")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{csv_file}: lines 2 and 4 both name "
+                                                         f"{clip.resolve()}; ")):
+        discover_list(csv_file, video_root=tmp_path / "kinetics")
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,10 @@ from tqdm import tqdm
 
 from tcore.cli import main as cli
 from tcore.preprocess.discover import discover_class_folders
+from tcore.preprocess.errors import ShardDirError
 from tcore.preprocess.files import OutputWriteError
 from tcore.preprocess.index import format_index
+from tcore.preprocess.locks import DirectoryBusy, exclusive_lock
 from tcore.preprocess.manifest import load_manifest
 from tcore.preprocess.shards import BuildConfig, BuildError, _run_pool, build_one_shard, run_build
 from tcore.preprocess.tarwriter import ShardTarWriter
@@ -341,3 +343,87 @@ def test_class_folders_without_files_are_a_clear_error(tmp_path):
                                       "--no-progress"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "the class folders of" in result.output and "hold no files" in result.output
+
+
+def test_a_source_that_is_a_file_is_named_as_a_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a list, maybe\n")
+    result = CliRunner().invoke(cli, ["shards", "build", str(notes), str(tmp_path / "out"),
+                                      "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == (f"Error: input {notes} is a file, not a directory (a list of inputs "
+                             "goes after --list)\n")
+
+
+@pytest.mark.parametrize("prefix, rule", [("-x", "'-x' must not start with '-'"),
+                                          ("a.b", "'a.b' must be a plain name (no dots"),
+                                          ("", "must not be empty")])
+def test_a_bad_prefix_names_the_rule_it_breaks(synth_root, tmp_path, prefix, rule):
+    result = CliRunner().invoke(cli, ["shards", "build", str(synth_root / "train"),
+                                      str(tmp_path / "out"), f"--prefix={prefix}", "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith(f"Error: prefix {rule}"), result.output
+
+
+# One small video, two frames kept: a build of a fraction of a second.
+_TINY = dict(frames=2, short_side=64, progress=False)
+
+
+def _one_video(synth_root: Path, src: Path) -> Path:
+    (src / "a").mkdir(parents=True)
+    shutil.copy(next((synth_root / "train").rglob("*.webm")), src / "a" / "v.webm")
+    return src
+
+
+def test_a_prefix_with_glob_characters_has_its_stale_temporaries_removed(synth_root, tmp_path):
+    """In a glob `[1]` is a character class: the prefix `k[1]` unescaped matched `k1-...`
+    and never the build's own `k[1]-...` temporaries."""
+    src, out = _one_video(synth_root, tmp_path / "src"), tmp_path / "out"
+    run_build(src, out, prefix="k[1]", **_TINY)
+    stale = [out / "k[1]-000000.tar.tmp-99999", out / "k[1]-000000.idx.tmp-99999",
+             out / ".build" / ".k[1]-000000.json.tmp-99999"]   # as a kill -9 leaves them
+    other = out / "k1-000000.tar.tmp-99999"                    # not this build's
+    for path in [*stale, other]:
+        path.write_bytes(b"partial")
+    assert run_build(src, out, prefix="k[1]", **_TINY).skipped_shards == 1
+    assert [path for path in stale if path.exists()] == [] and other.exists()
+
+
+def test_a_rerun_removes_what_a_build_killed_while_renaming_its_files_left(synth_root, tmp_path):
+    """kill -9 during the rename of manifest.json, failures.jsonl or .build/options.json
+    leaves write_atomically's `.<name>.tmp-XXXXXXXX`. A rerun sweeps them at start-up, under
+    the build lock (a live build's temporaries are never touched), and nothing else."""
+    src, out = _one_video(synth_root, tmp_path / "src"), tmp_path / "out"
+    run_build(src, out, **_TINY)
+    stale = [out / ".manifest.json.tmp-k9x2ab7q", out / ".failures.jsonl.tmp-k9x2ab7q",
+             out / ".build" / ".options.json.tmp-k9x2ab7q"]
+    kept = [out / ".notes.json.tmp-k9x2ab7q", out / "manifest.json.tmp-1", out / "notes.txt"]
+    for path in [*stale, *kept]:
+        path.write_text("{}\n")
+    with exclusive_lock(out / ".build" / "lock", lambda holder: "busy"):   # a build running
+        with pytest.raises(DirectoryBusy):
+            run_build(src, out, **_TINY)
+    assert all(path.exists() for path in stale)
+    assert run_build(src, out, **_TINY).skipped_shards == 1
+    assert [path for path in stale if path.exists()] == [] and all(path.exists() for path in kept)
+    assert load_manifest(out, check_files=True)["total_samples"] == 1
+
+
+def test_changed_input_files_are_told_apart_from_changed_options(synth_root, tmp_path):
+    src, out = _one_video(synth_root, tmp_path / "src"), tmp_path / "out"
+    run_build(src, out, **_TINY)
+    shutil.copy(src / "a" / "v.webm", src / "a" / "w.webm")   # a file added
+    with pytest.raises(ShardDirError, match="^" + re.escape(
+            f"{out} already holds shards built from another set of input files (1 then, 2 now; "
+            "files were added, removed or renamed since); use a new output directory, or build "
+            "from the original files") + "$"):
+        run_build(src, out, **_TINY)
+    (src / "a" / "v.webm").unlink()   # so: v.webm renamed w.webm, as many files
+    with pytest.raises(ShardDirError, match=re.escape("from another set of input files (1, as then; ")):
+        run_build(src, out, **_TINY)
+    # Other options too: both are said, the options by name.
+    with pytest.raises(ShardDirError, match=re.escape(
+            "built with other options (frames: 2 -> 3), and from another set of input files (1, as "
+            "then; files were added, removed or renamed since); use a new output directory or the "
+            "original options")):
+        run_build(src, out, **{**_TINY, "frames": 3})
