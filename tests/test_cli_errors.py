@@ -226,6 +226,12 @@ def test_repeated_data_options_are_all_read_as_commas_are(synth_shards, tmp_path
     missing = CliRunner().invoke(main, ["pipeline", "preview", "--output", str(tmp_path / "q.png"),
                                         "--data", f"{dirs[0]},{tmp_path / 'nowhere'}"])
     assert missing.exit_code == 2 and "nowhere: no such file or directory" in missing.output
+    # A shard directory whose name holds a comma (shards build accepts one) is named whole,
+    # with the reason, not as a missing first half.
+    (tmp_path / "out,comma").mkdir()
+    comma = CliRunner().invoke(main, ["pipeline", "preview", "--output", str(tmp_path / "r.png"),
+                                      "--data", str(tmp_path / "out,comma")])
+    assert comma.exit_code == 2 and "out,comma: a path with a comma" in comma.output, comma.output
 
 
 @pytest.mark.parametrize("case", sorted(set(BAD_DATA) - {"mixed_layouts",

@@ -7,6 +7,11 @@ import click
 def shard_paths(ctx, param, values) -> list[str]:
     """`--data` callback: the option repeated and/or comma-separated, as one list of paths
     (the same for every command, so `--data A --data B` never silently keeps only B)."""
+    for value in values:
+        if "," in str(value) and os.path.exists(value):
+            raise click.BadParameter(f"{value}: a path with a comma, which --data reads as a "
+                                     "separator between shard directories; rename it (or link "
+                                     "to it under a name without one)")
     paths = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
     for path in paths:
         if not os.path.exists(path):
