@@ -610,6 +610,18 @@ def build_shards(src, out, *, kind: str = "video", frames: int = 20, short_side:
                      **options).manifest
 
 
+def _split_builds_mixed(out: Path, paths: list[Path], manifests: list[dict]) -> str:
+    """The error for node manifests of builds split over different node counts (an earlier
+    attempt's left beside the build's): which files belong to which, and what to do."""
+    by_count: dict = {}
+    for path, manifest in zip(paths, manifests):
+        by_count.setdefault(manifest.get("node", {}).get("count"), []).append(path.name)
+    builds = "; ".join(f"{count} nodes: {', '.join(names)}"
+                       for count, names in sorted(by_count.items(), key=lambda kv: str(kv[0])))
+    return (f"{out} holds node manifests of builds split over different numbers of nodes "
+            f"({builds}); remove the other build's files, or name this build's parts to merge")
+
+
 def merge_node_manifests(out, parts=None) -> dict:
     """Join the node manifests of a `--num-nodes` build into `out/manifest.json` and
     `out/failures.jsonl`. `parts` defaults to every `out/manifest.node-*.json`; all ranks
@@ -621,11 +633,11 @@ def merge_node_manifests(out, parts=None) -> dict:
     manifests = [validate_manifest(read_json(path, "node manifest"), str(path)) for path in paths]
     ranks = sorted(m.get("node", {}).get("rank", -1) for m in manifests)
     counts = {m.get("node", {}).get("count") for m in manifests}
-    if len(counts) != 1 or ranks != list(range(next(iter(counts)) or 0)):
-        of = (f"{next(iter(counts))} nodes" if len(counts) == 1
-              else f"node counts that disagree ({', '.join(sorted(map(str, counts)))})")
-        raise ShardDirError(f"node manifests in {out} cover ranks {ranks} of {of}; every node "
-                            "must finish before merging")
+    if len(counts) > 1:
+        raise ShardDirError(_split_builds_mixed(out, paths, manifests))
+    if ranks != list(range(next(iter(counts)) or 0)):
+        raise ShardDirError(f"node manifests in {out} cover ranks {ranks} of "
+                            f"{next(iter(counts))} nodes; every node must finish before merging")
     merged = merge_manifest_parts(manifests, [str(p) for p in paths])
     for shard in merged["shards"]:
         if not (out / shard["tar"]).is_file() or not (out / shard["index"]).is_file():

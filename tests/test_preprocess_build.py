@@ -282,6 +282,16 @@ def test_merge_refuses_missing_node(mixed_src, tmp_path):
     with pytest.raises(ShardDirError, match=r"cover ranks \[1\] of 2 nodes; every node must "
                                             r"finish before merging"):
         merge_node_manifests(out)
+    # An earlier attempt's manifest over 3 nodes left beside it: which files are whose, not
+    # "every node must finish" (it read "cover ranks [0, 1] of node counts that disagree").
+    earlier = json.loads((out / "manifest.node-00001-of-00002.json").read_text())
+    earlier["node"] = {"rank": 0, "count": 3}
+    (out / "manifest.node-00000-of-00003.json").write_text(json.dumps(earlier))
+    with pytest.raises(ShardDirError, match=r"split over different numbers of nodes \(2 nodes: "
+                                            r"manifest.node-00001-of-00002.json; 3 nodes: "
+                                            r"manifest.node-00000-of-00003.json\); remove the "
+                                            r"other build's files"):
+        merge_node_manifests(out)
 
 
 def test_image_kind(tmp_path):
