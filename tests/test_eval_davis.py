@@ -286,7 +286,10 @@ def test_cli_refuses_bad_counts_and_devices(tmp_path):
              ("davis", ["--device", "gpu"], "--device"),
              # the fixed size won silently, and results.json recorded both
              ("vip", ["--size", "48x64", "--short-side", "32"],
-              "give --size HxW or --short-side N, not both"),
+              "give one of --size HxW, --short-side N, --long-side N, not --size and "
+              "--short-side"),
+             ("vip", ["--long-side", "880", "--short-side", "32"],
+              "not --long-side and --short-side"),
              # devices torch knows but the evaluation does not run on (a traceback before)
              ("davis", ["--device", "mps"], "runs on cpu or cuda (cuda:N), not mps"),
              ("jhmdb", ["--device", "meta"], "runs on cpu or cuda (cuda:N), not meta"),

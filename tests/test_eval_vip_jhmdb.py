@@ -101,6 +101,45 @@ def test_vip_short_side_size():
     assert short_side_size((720, 1280), 880, 16) == (880, 1568)
 
 
+def test_vip_long_side_size_is_the_released_loaders():
+    """The released code's VIP loader (CropMAE's): long side 880, the other side floored to a
+    multiple of 64: 448 x 880 for 16:9 frames, the 28 x 55 = 1540-token grid its own test
+    script expects; portrait frames the other way round."""
+    from tcore.eval.features import long_side_size
+    for frame in ((720, 1280), (1080, 1920), (480, 854), (540, 960)):
+        assert long_side_size(frame, 880) == (448, 880), frame
+    assert long_side_size((600, 800), 880) == (640, 880)
+    assert long_side_size((1280, 720), 880) == (880, 448)
+
+
+def test_vip_released_sizing_and_first_frame_scoring(tmp_path):
+    """`long_side` sizes each video by the released loader's rule, and `score_first_frame`
+    scores frame 0 as its labels read out at the feature grid (a block edge off the patch
+    grid is then rounded to it, so frame 0 is not scored perfect); results.json records
+    both."""
+    images, labels = part_video(frames=3, size=(96, 128))
+    labels[0, 0:40, 0:16] = 3                  # an edge at row 40, inside a patch row
+    write_vip(tmp_path / "vip", "v", images, {t: labels[t] for t in range(3)})
+    common = dict(topk=3, encoder=colour_encoder(), patch=16, progress=False, device="cpu")
+    default = vip.evaluate_vip(None, tmp_path / "vip", tmp_path / "a", **common)
+    released = vip.evaluate_vip(None, tmp_path / "vip", tmp_path / "b", long_side=128,
+                                score_first_frame=True, **common)
+    assert default["input_sizes"]["v"] == [880, 1168]       # short side 880
+    assert released["input_sizes"]["v"] == [64, 128]        # 96 * 128 / 128 floored to 64
+    assert default["per_sequence"][0]["scored_frames"] == 2
+    assert released["per_sequence"][0]["scored_frames"] == 3
+    first = read_label_png(tmp_path / "b" / "predictions" / "v" / "000000000000.png")
+    # read out through the 4 x 8 grid: mostly right, the edge at row 40 moved
+    assert not np.array_equal(first, labels[0]) and (first == labels[0]).mean() > 0.8
+    kept = read_label_png(tmp_path / "a" / "predictions" / "v" / "000000000000.png")
+    assert np.array_equal(kept, labels[0])                  # METHOD.md: frame 0 is given
+    assert released["settings"]["long_side"] == 128 and released["settings"]["short_side"] is None
+    assert released["settings"]["first_frame_scored"] is True
+    with pytest.raises(ValueError, match="not both"):
+        vip.evaluate_vip(None, tmp_path / "vip", tmp_path / "c", size=(64, 128), long_side=128,
+                         **common)
+
+
 # ----------------------------------------------------------------------------- JHMDB
 JOINTS = np.array([[24 + 64 * (j % 5), 24 + 80 * (j // 5)] for j in range(15)], dtype=float)
 

@@ -139,6 +139,12 @@ def davis_command(checkpoint, arch, device, size, **kwargs):
               help="Resize so the short side has this length (aspect kept).")
 @click.option("--size", default=None,
               help="Fixed input HxW (multiples of 16) instead of --short-side.")
+@click.option("--long-side", default=None, type=click.IntRange(min=1),
+              help="Instead of --short-side: the long side this length, the other floored to "
+                   "a multiple of 64 (the released code's VIP loader; 880 there).")
+@click.option("--score-first-frame", is_flag=True,
+              help="Score frame 0 too, as its labels read out at the feature grid (the "
+                   "released code's scoring; METHOD.md scores from frame 1).")
 @click.pass_context
 @_errors_as_click
 def vip_command(ctx, checkpoint, arch, device, size, **kwargs):
@@ -146,11 +152,16 @@ def vip_command(ctx, checkpoint, arch, device, size, **kwargs):
     from tcore.eval.vip import evaluate_vip
     if size is not None and parse_size(size) is None:   # not silently --short-side's size
         raise click.BadParameter("'native' is DAVIS only: vip takes --short-side N (the "
-                                 "default, 880) or a fixed HxW", param_hint="--size")
-    if size is not None and ctx.get_parameter_source("short_side") is not ParameterSource.DEFAULT:
-        # One or the other: the fixed size wins, and results.json recorded both.
-        raise click.BadParameter("give --size HxW or --short-side N, not both",
+                                 "default, 880), --long-side N or a fixed HxW",
                                  param_hint="--size")
+    # One of the three: results.json records the one that sized the inputs.
+    given = [f"--{name.replace('_', '-')}" for name, set_ in (
+        ("size", size is not None), ("long_side", kwargs["long_side"] is not None),
+        ("short_side", ctx.get_parameter_source("short_side") is not ParameterSource.DEFAULT))
+        if set_]
+    if len(given) > 1:
+        raise click.BadParameter(f"give one of --size HxW, --short-side N, --long-side N, not "
+                                 f"{' and '.join(given)}", param_hint=given[0])
     _run(evaluate_vip, checkpoint, arch, device, size=parse_size(size), **kwargs)
 
 

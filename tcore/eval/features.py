@@ -92,6 +92,19 @@ def short_side_size(frame_hw: tuple[int, int], short_side: int, patch: int) -> t
             max(patch, int(round(width * scale / patch)) * patch))
 
 
+def long_side_size(frame_hw: tuple[int, int], long_side: int, multiple: int = 64
+                   ) -> tuple[int, int]:
+    """The released code's VIP input size (the CropMAE loader it uses): the long side =
+    long_side, the other side scaled with it and floored to a multiple of `multiple` (16:9
+    frames at 880 give 448 x 880, squashing the aspect a little)."""
+    height, width = frame_hw
+    if width >= height:
+        other = int(height * long_side / width) // multiple * multiple
+        return max(multiple, other), long_side
+    other = int(width * long_side / height) // multiple * multiple
+    return long_side, max(multiple, other)
+
+
 def native_size(frame_hw: tuple[int, int], patch: int) -> tuple[int, int]:
     """The frame's own size rounded down to multiples of the patch size."""
     return (max(patch, frame_hw[0] // patch * patch), max(patch, frame_hw[1] // patch * patch))

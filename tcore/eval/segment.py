@@ -51,11 +51,14 @@ def onehot(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def propagate_segmentation(encode: PatchEncoder, frames: np.ndarray, first_labels: np.ndarray,
                            *, size: tuple[int, int], patch: int,
-                           settings: PropagationSettings, device) -> tuple[np.ndarray, np.ndarray]:
+                           settings: PropagationSettings, device,
+                           first_read_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Predict id maps for every frame of a video.
 
     frames: [T,H,W,3] uint8; first_labels: [H',W'] ids of frame 0 (annotation resolution).
-    Returns (predictions [T,H',W'] uint8 with frame 0 = first_labels, ids used).
+    Returns (predictions [T,H',W'] uint8, ids used). Frame 0 is first_labels, or with
+    `first_read_out` what the released code writes for it: its labels at the feature grid,
+    read out as every other frame is.
     """
     ids = label_set(first_labels)
     features = extract_features(encode, frames, size, patch=patch,
@@ -67,8 +70,9 @@ def propagate_segmentation(encode: PatchEncoder, frames: np.ndarray, first_label
                             chunk_size=settings.chunk_size)
     out_size = first_labels.shape
     predictions = np.empty((frames.shape[0], *out_size), dtype=np.uint8)
-    predictions[0] = first_labels
     ids_t = torch.as_tensor(ids, device=soft.device)
+    predictions[0] = (ids_t[hard_labels(first_soft, size, out_size)].cpu().numpy()
+                      if first_read_out else first_labels)
     for t in range(1, frames.shape[0]):
         predictions[t] = ids_t[hard_labels(soft[t], size, out_size)].cpu().numpy()
     return predictions, ids

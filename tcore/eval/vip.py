@@ -16,8 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from tcore.eval import metrics
-from tcore.eval.features import (backbone_patch_encoder, evaluates_frozen, patch_size_of,
-                                 resolve_device, short_side_size)
+from tcore.eval.features import (backbone_patch_encoder, evaluates_frozen, long_side_size,
+                                 patch_size_of, resolve_device, short_side_size)
 from tcore.eval.io import (read_label_png, read_name_list, read_rgb, read_same_size, size_text,
                            write_label_png)
 from tcore.eval.report import staged_run, write_results
@@ -77,13 +77,19 @@ def read_annotation(path: Path, shape: tuple[int, int], frame: Path) -> np.ndarr
 
 @evaluates_frozen
 def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT_SIDE,
-                 size=None, topk: int = 10, radius: float = 20, temperature: float = 0.7,
+                 size=None, long_side: int | None = None, score_first_frame: bool = False,
+                 topk: int = 10, radius: float = 20, temperature: float = 0.7,
                  context: int = 20, device=None, visualize: bool = False, progress: bool = True,
                  videos: list[str] | None = None, batch_size: int = 8, chunk_size: int = 1024,
                  encoder=None, patch: int | None = None, run_info: dict | None = None) -> dict:
     """Propagate part labels through VIP videos; writes OUTPUT/predictions/<video>/<frame>.png
     and results.json/csv; returns {"summary": {"mIoU", ...}, "per_class", "per_sequence"}.
-    `size` (H, W) overrides the short-side resize."""
+    `size` (H, W) overrides the short-side resize, and so does `long_side` (the released
+    code's VIP loader: the long side, the other floored to a multiple of 64).
+    `score_first_frame`: frame 0 is scored too, its prediction being its own labels read out
+    at the feature grid, as the released code writes and scores it (METHOD.md: from frame 1)."""
+    if size is not None and long_side is not None:
+        raise ValueError("give a fixed size or a long side, not both")
     from tcore.eval.visualize import mask_strip
 
     root, output = Path(data_root), Path(output_dir)
@@ -110,18 +116,23 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
             truths = {t: read_annotation(annotations[path.stem], frames.shape[1:3], path)
                       for t, path in enumerate(frames_paths) if path.stem in annotations}
             first = truths[0]
-            video_size = (tuple(size) if size is not None
-                          else short_side_size(first.shape, short_side, patch))
+            if size is not None:
+                video_size = tuple(size)
+            elif long_side is not None:
+                video_size = long_side_size(first.shape, long_side)
+            else:
+                video_size = short_side_size(first.shape, short_side, patch)
             input_sizes[name] = list(video_size)
             prediction, _ = propagate_segmentation(encode, frames, first, size=video_size,
-                                                   patch=patch, settings=settings, device=device)
+                                                   patch=patch, settings=settings, device=device,
+                                                   first_read_out=score_first_frame)
             confusion = np.zeros_like(total)
             scored = 0
-            for t in range(1, len(frames_paths)):
+            for t in range(0 if score_first_frame else 1, len(frames_paths)):
                 if t in truths:
                     confusion += metrics.confusion_matrix(truths[t], prediction[t], VIP_CLASSES)
                     scored += 1
-            unscored = len(frames_paths) - 1 - scored
+            unscored = len(frames_paths) - (0 if score_first_frame else 1) - scored
             if unscored:
                 warnings.append(f"{name}: {unscored} frames have no annotation; propagated, "
                                 "not scored")
@@ -135,8 +146,11 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
         ious = metrics.class_iou(total)
         results = {"benchmark": "vip", "data": str(root.resolve()), **(run_info or {}),
                    # the setting that sized the inputs: a fixed size, or the short side
-                   "settings": {"short_side": None if size else short_side,
-                                "size": list(size) if size else None, **settings.as_dict()},
+                   "settings": {"short_side": None if size or long_side else short_side,
+                                "long_side": long_side,
+                                "size": list(size) if size else None,
+                                "first_frame_scored": score_first_frame,
+                                **settings.as_dict()},
                    "input_sizes": input_sizes,
                    "summary": {"mIoU": metrics.mean_iou(total),
                                "classes_present": int(np.sum(~np.isnan(ious)))},
