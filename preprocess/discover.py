@@ -69,7 +69,23 @@ def discover_class_folders(root, kind: str = "video") -> Inputs:
     if not sources:
         raise ValueError(f"the class folders of {root} hold no files (expected {root}/<class>/<file>)")
     sources.sort(key=lambda source: source.relative)
+    _refuse_files_reached_twice(root, sources)
     return Inputs(sources, [d.name for d in class_dirs])
+
+
+def _refuse_files_reached_twice(root: Path, sources: list[Source]) -> None:
+    """A symbolic link into a sibling folder or another class reaches a file twice: two
+    samples of it (in two classes, maybe), as a list naming it twice would be. Refused,
+    naming both paths."""
+    seen: dict[str, str] = {}
+    for source in sources:
+        if source.path is None:
+            continue
+        if source.path in seen:
+            raise ValueError(f"{root}: {seen[source.path]} and {source.relative} are one file "
+                             f"({source.path}, reached through a symbolic link); each would be "
+                             "a sample: remove the link, or list the inputs with --list")
+        seen[source.path] = source.relative
 
 
 def _leads_back(folder: Path, chain: list[Path]) -> bool:

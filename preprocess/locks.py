@@ -21,16 +21,23 @@ from typing import Callable
 from tcore.preprocess.files import OutputWriteError
 
 
+# Who holds a lock whose file names nobody: holders of a shared lock, or an exclusive holder
+# in the instant before it writes its pid.
+UNNAMED_HOLDER = "processes that share the lock"
+
+
 class DirectoryBusy(FileExistsError):
     """Another live process holds the lock: it is writing the same directory."""
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_file: str | os.PathLike, busy: Callable[[str], str]):
+def exclusive_lock(lock_file: str | os.PathLike, busy: Callable[[str], str], *,
+                   shared: bool = False):
     """Hold `lock_file`'s lock while the block runs (the file records who holds it). When
     another process holds it, raise DirectoryBusy(busy(holder)), `holder` being its
     "pid N on HOST"; where the OS refuses to make it (a read-only or forbidden directory),
-    an OutputWriteError naming the path."""
+    an OutputWriteError naming the path. `shared`: a lock many holders share, which keeps
+    out only an exclusive one (and records no holder: there may be several)."""
     lock_file = Path(lock_file)
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
@@ -39,13 +46,13 @@ def exclusive_lock(lock_file: str | os.PathLike, busy: Callable[[str], str]):
         raise OutputWriteError(f"{error.filename or lock_file}: cannot write: "
                                f"{error.strerror or error}") from error
     with handle:
-        locked = _lock(handle, busy)
-        if locked:
+        locked = _lock(handle, busy, shared)
+        if locked and not shared:
             _say(handle, f"pid {os.getpid()} on {socket.gethostname()}\n")
         try:
             yield
         finally:
-            if locked:   # emptied, not removed: removing a lock file races with its next user
+            if locked and not shared:   # emptied, not removed: that races with its next user
                 _say(handle, "")
 
 
@@ -56,14 +63,14 @@ def _say(handle, text: str) -> None:
     handle.flush()
 
 
-def _lock(handle, busy: Callable[[str], str]) -> bool:
+def _lock(handle, busy: Callable[[str], str], shared: bool = False) -> bool:
     """Take the lock; False where the file system has none."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "a process that has not yet written its pid"
+        holder = handle.read().strip() or UNNAMED_HOLDER
         raise DirectoryBusy(busy(holder)) from None
     except OSError as error:
         if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):

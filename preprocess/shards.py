@@ -26,6 +26,7 @@ rerun retries every input), and stops with BuildError naming failures.jsonl.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -37,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing import connection as mp_connection
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -45,7 +47,7 @@ from tcore.preprocess.errors import BadInput, ShardDirError
 from tcore.preprocess.files import check_output_path, make_output_directory, temporary_prefix
 from tcore.preprocess.images import prepare_image
 from tcore.preprocess.index import format_index
-from tcore.preprocess.locks import exclusive_lock
+from tcore.preprocess.locks import UNNAMED_HOLDER, exclusive_lock
 from tcore.preprocess.manifest import (CLIP_EXTS, FAILURES_NAME, MANIFEST_NAME, load_manifest,
                                        make_manifest, merge_manifest_parts, read_json,
                                        validate_manifest, with_default_options, write_json_atomic,
@@ -440,24 +442,46 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
                             "outside it")
     inputs = discover_inputs(src, kind, list_file, video_root)
     options = _options(config, inputs)
-    new = _check_out_dir(out, options)
+    _check_out_dir(out, options)    # before the lock makes OUT/.build in a foreign folder
     with _build_lock(out, node_rank, num_nodes):
-        # Written under the lock, so that a start-up sweep never removes its temporary.
-        if new:
+        # Checked again and written under the lock: a build that ran in between may have
+        # recorded other options, and a start-up sweep never removes this temporary.
+        if _check_out_dir(out, options):
             write_json_atomic(out / STATE_DIR / OPTIONS_NAME, options)
         return _build_this_nodes_shards(out, config, inputs, options, workers=workers,
                                         node_rank=node_rank, num_nodes=num_nodes,
                                         progress=progress)
 
 
+@contextlib.contextmanager
 def _build_lock(out: Path, node_rank: int, num_nodes: int):
     """One build per node into `out` at a time (tcore.preprocess.locks): a second one would
-    remove the first one's temporaries as stale. The nodes of a split build lock apart."""
-    name = BUILD_LOCK if num_nodes == 1 else f"{BUILD_LOCK}.{node_suffix(node_rank, num_nodes)}"
-    node = f" as node {node_rank} of {num_nodes}" if num_nodes > 1 else ""
-    return exclusive_lock(out / STATE_DIR / name, lambda holder: (
-        f"{out}: another tcore shards build ({holder}) is building into this directory{node}; "
-        "wait for it to end (a rerun afterwards resumes where it stopped)"))
+    remove the first one's temporaries as stale. A whole build holds `.build/lock` alone; the
+    nodes of a split build share it (so neither kind starts beside the other), share
+    `lock.nodes-N` (a split over another node count, whose shards overlap, is refused) and
+    each holds its own `lock.node-R-of-N`."""
+    state = out / STATE_DIR
+
+    def busy(who: Callable[[str], str]) -> Callable[[str], str]:
+        return lambda holder: (f"{out}: {who(holder)} is building into this directory; wait "
+                               "for it to end (a rerun afterwards resumes where it stopped)")
+    builds = busy(lambda holder: "a build split over nodes" if holder == UNNAMED_HOLDER
+                  else f"another tcore shards build ({holder})")
+    with contextlib.ExitStack() as held:
+        held.enter_context(exclusive_lock(state / BUILD_LOCK, builds, shared=num_nodes > 1))
+        if num_nodes > 1:
+            mine = state / f"{BUILD_LOCK}.nodes-{num_nodes}"
+            other_count = busy(lambda holder: "a build split over another number of nodes")
+            held.enter_context(exclusive_lock(mine, other_count, shared=True))
+            for other in sorted(state.glob(f"{BUILD_LOCK}.nodes-*")):
+                if other != mine:   # free unless a split over that node count runs
+                    with exclusive_lock(other, other_count):
+                        pass
+            held.enter_context(exclusive_lock(
+                state / f"{BUILD_LOCK}.{node_suffix(node_rank, num_nodes)}",
+                busy(lambda holder: f"another tcore shards build ({holder}) as node "
+                                    f"{node_rank} of {num_nodes}")))
+        yield
 
 
 def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: dict, *,

@@ -199,8 +199,11 @@ def _decode_selected(path: str, indices: list[int], short_side: int, allow_upsca
 
 def matroska_track_duration(stream) -> float | None:
     """Seconds of a Matroska track's DURATION tag ("00:00:10.000000000", written by FFmpeg's
-    muxer, so by most downloaders), or None where there is none or it does not parse."""
-    text = (stream.metadata or {}).get("DURATION")
+    muxer, so by most downloaders; mkvmerge's reads DURATION-eng), or None where there is
+    none or it does not parse."""
+    tags = stream.metadata or {}
+    text = next((value for key, value in sorted(tags.items())
+                 if key.upper() == "DURATION" or key.upper().startswith("DURATION-")), None)
     try:
         hours, minutes, seconds = str(text).split(":")
         return int(hours) * 3600 + int(minutes) * 60 + float(seconds)

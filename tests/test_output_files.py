@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 from full_disk import file_size_limit
+from reference_paths import OFFICIAL_TINY
 
 # Run in a child: writes every output once with room, then again with no room (RLIMIT_FSIZE
 # 0 refuses any byte), and reports what each second write raised and what the folder holds.
@@ -98,7 +99,7 @@ def test_a_command_whose_output_cannot_be_written_says_so_in_one_line(synth_shar
 
 # ---- every command checks its output path the same way, before its work ---------------------
 
-def output_commands(shards, src):
+def output_commands(shards, src, davis):
     """Each command that writes a folder or file, as a function of that path -> (the
     command line, the path its message names after the option)."""
     return {
@@ -114,6 +115,8 @@ def output_commands(shards, src):
                                      "--json", f"{out}/bench.json"],
         "bench --profile": lambda out: ["bench", "model", "--arch", "vit_tiny", "--batch", "1",
                                         "--profile", out],
+        "eval davis": lambda out: ["eval", "davis", "--data", davis, "--checkpoint",
+                                   str(OFFICIAL_TINY), "--size", "native", "--output", out],
     }
 
 
@@ -139,7 +142,8 @@ def test_every_command_refuses_an_unusable_output_in_the_same_words(synth_root, 
     afile.write_text("keep")
     too_long = str(tmp_path / ("x" * 300))
     refused_by_os = "/sys/tcore-test-output" if Path("/sys/kernel").is_dir() else None
-    commands = output_commands(str(synth_shards), str(synth_root / "train"))
+    commands = output_commands(str(synth_shards), str(synth_root / "train"),
+                               str(synth_root / "davis"))
     for name, command_for in commands.items():
         for out, said in ((str(afile / "sub"), f"{afile} is a file, not a directory"),
                           (too_long, "cannot be used: File name too long"),
@@ -155,7 +159,7 @@ def test_every_command_refuses_an_unusable_output_in_the_same_words(synth_root, 
                 name, result.output)
     # The output itself a file: a folder is needed (a file output: its folder is the file).
     for name, command_for in commands.items():
-        if name in ("data synth", "bench --profile"):   # click's check of a directory says it
+        if name in ("data synth", "bench --profile", "eval davis"):   # click's own check says it
             continue
         command = command_for(str(afile))
         result = CliRunner().invoke(main, command)

@@ -367,6 +367,20 @@ def test_broken_links_fail_as_missing_and_symlinked_subfolders_are_followed_but_
         "c/knot.mkv": "file not found (a broken symbolic link to knot.mkv)"}
 
 
+def test_a_file_reached_twice_through_a_link_is_refused_naming_both_paths(tmp_path):
+    """A link into a sibling folder or another class reaches a file twice: two samples of
+    it, in two classes here. Refused as a list naming a file twice is."""
+    src = tmp_path / "src"
+    for name in ("a", "b"):
+        (src / name).mkdir(parents=True)
+    _offset_video(src / "b" / "y.mkv", "mpeg4", frames=2, first_pts=0)
+    _offset_video(src / "a" / "x.mkv", "mpeg4", frames=2, first_pts=0)
+    (src / "a" / "to_b").symlink_to(src / "b")
+    with pytest.raises(ValueError, match=r"src: a/to_b/y.mkv and b/y.mkv are one file \(.*y.mkv, "
+                                         r"reached through a symbolic link\)"):
+        discover_class_folders(src)
+
+
 def test_a_list_line_naming_a_folder_or_a_broken_link_says_so(tmp_path):
     (tmp_path / "c").mkdir()
     _offset_video(tmp_path / "c" / "v.mkv", "mpeg4", frames=2, first_pts=0)

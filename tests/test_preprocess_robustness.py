@@ -142,23 +142,31 @@ HOLD_THE_BUILD_LOCK = ("import sys, time; from pathlib import Path\n"
 
 def test_a_second_build_of_the_same_node_stops_naming_the_first(synth_root, tmp_path):
     """Node 0 of a split build is running (a real process holds its lock): a second node 0
-    stops at once naming it; node 1 builds beside it; once node 0's process is gone, node 0
+    stops at once naming it, and so do a build of the whole input set and a split over
+    another node count (their start-up sweeps would remove node 0's temporaries, and their
+    shards overlap its); node 1 builds beside it; once node 0's process is gone, node 0
     builds."""
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_BUILD_LOCK, str(out)],
                               stdout=subprocess.PIPE, text=True)
 
-    def build(node: int):
+    def build(node: int, nodes: int = 2):
         return CliRunner().invoke(cli, ["shards", "build", str(synth_root / "train"), str(out),
                                         "--short-side", "64", "--samples-per-shard", "3",
-                                        "--node-rank", str(node), "--num-nodes", "2",
+                                        "--node-rank", str(node), "--num-nodes", str(nodes),
                                         "--no-progress"])
     try:
         assert holder.stdout.readline().strip() == "holding"
         refused = build(0)
         assert refused.exit_code == 1, refused.output
         assert (f"{out}: another tcore shards build (pid {holder.pid} on ") in refused.output
-        assert "is building into this directory as node 0 of 2" in refused.output
+        assert "as node 0 of 2 is building into this directory" in refused.output
+        whole = build(0, nodes=1)
+        assert whole.exit_code == 1 and (f"{out}: a build split over nodes is building into "
+                                         "this directory") in whole.output, whole.output
+        other = build(2, nodes=3)
+        assert other.exit_code == 1 and ("a build split over another number of nodes is "
+                                         "building") in other.output, other.output
         assert not list(out.glob("shard-*"))
         beside = build(1)
         assert beside.exit_code == 0, beside.output

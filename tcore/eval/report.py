@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tcore.eval.io import write_csv, write_json
-from tcore.preprocess.files import make_output_directory
+from tcore.preprocess.files import check_output_path, make_output_directory
 
 # What a run puts into OUTPUT: its folders (`--visualize` the second), then its result files.
 RUN_FOLDERS = ("predictions", "visualize")
@@ -27,7 +27,7 @@ def staged_run(output_dir):
     the earlier run's results stay whole. Made at the start, so an OUTPUT that cannot be
     written is found before the first video is propagated. One run per OUTPUT: a run over
     a subset of the videos replaces a run over all of them."""
-    output = Path(output_dir)
+    output = check_output_path(output_dir, f"--output {output_dir}")   # before any lookup below
     for name in RUN_FOLDERS:
         if (output / name).is_symlink():
             raise ValueError(f"{output / name}: a symbolic link; a finished run replaces this "
