@@ -191,11 +191,31 @@ def _tmp_path(path: Path) -> Path:
 
 
 def _remove_stale_tmp(out: Path, config: BuildConfig, shard_ids: list[int]) -> None:
-    """Delete temporary files left by interrupted runs for these shards."""
-    for shard_id in shard_ids:
-        name = glob.escape(config.shard_name(shard_id))   # a prefix may hold [ ] * ?
-        for stale in [*out.glob(f"{name}.*.tmp-*"), *(out / STATE_DIR).glob(f".{name}.json.tmp-*")]:
-            stale.unlink(missing_ok=True)
+    """Delete temporary files left by interrupted runs for these shards: `<shard>.tar.tmp-*`
+    and `.idx.tmp-*` in OUT, `.<shard>.json.tmp-*` in OUT/.build. One listing of each folder
+    (not one per shard: thousands of shards on a network file system), names matched by
+    text, so a prefix holding [ ] * ? matches only itself."""
+    names = {config.shard_name(shard_id) for shard_id in shard_ids}
+    for folder, owner in ((out, _shard_of_temporary), (out / STATE_DIR, _shard_of_record_temporary)):
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if owner(entry.name) in names:
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def _shard_of_temporary(filename: str) -> str | None:
+    """`shard-000001.tar.tmp-123` -> `shard-000001` (its tar's or index's temporary)."""
+    stem, found, _ = filename.rpartition(".tmp-")
+    return stem.rsplit(".", 1)[0] if found and "." in stem else None
+
+
+def _shard_of_record_temporary(filename: str) -> str | None:
+    """`.shard-000001.json.tmp-abc` -> `shard-000001` (a record's write_atomically temporary)."""
+    stem, _, rest = filename.partition(".json.tmp-")
+    return stem[1:] if rest and stem.startswith(".") else None
 
 
 def _output_files(out: Path, node_rank: int, num_nodes: int) -> tuple[Path, Path]:
