@@ -548,17 +548,19 @@ def test_masked_crops_are_shuffled_and_each_draws_within_its_ladder_step():
     assert (batch_masks(sample_rng(1), 6, 14, odd).any(1)).sum() == 1
 
 
-@pytest.mark.parametrize("fraction, cap", [
-    (1.0, 24),   # the default, T-CoRe's: the whole grid, so only the 24 remaining bound it
-    (0.5, 21),   # DINOv2's 0.5 * 112 // 16 * 112 // 16, left to right (not 0.5 * 49 = 24)
+@pytest.mark.parametrize("grid, count, fraction, cap", [
+    (7, 24, 1.0, 24),    # the default, T-CoRe's: the whole grid, so only the 24 remaining bound it
+    (7, 24, 0.5, 21),    # DINOv2's 0.5 * 112 // 16 * 112 // 16, left to right (not 0.5 * 49 = 24)
+    (14, 150, 1.0, 150),  # above half the grid: the default's cap is what remains...
+    (14, 150, 0.5, 98),   # ...where half the grid would cap the block
 ])
-def test_block_cap_is_the_left_to_right_expression(fraction, cap):
-    """At 112 / 16 (the tiny presets) the first block of a 24-patch mask is the one
-    `_add_block` draws with the cap from the same generator (the cap sets the drawn area)."""
+def test_block_cap_is_the_left_to_right_expression(grid, count, fraction, cap):
+    """The first block of a mask is the one `_add_block` draws with the cap from the same
+    generator (the cap sets the drawn area), at 112 / 16 (the tiny presets) and 224 / 16."""
     cfg = MaskConfig(max_block_fraction=fraction)
     for seed in range(40):
-        mask = block_mask(sample_rng(12, seed), 7, 24, cfg)
-        rows = [0] * 7
-        assert _add_block(attempt_uniforms(sample_rng(12, seed)), rows, 7, cap, cfg) > 0
-        first = rows_to_mask(rows, 7)
+        mask = block_mask(sample_rng(12, seed), grid, count, cfg)
+        rows = [0] * grid
+        assert _add_block(attempt_uniforms(sample_rng(12, seed)), rows, grid, cap, cfg) > 0
+        first = rows_to_mask(rows, grid)
         assert np.all(mask[first]), seed
