@@ -104,7 +104,10 @@ def _open(path: str):
     except EOFError as err:
         raise BadInput("container ends right after its header: no video data (zero frames or truncated)") from err
     except av.FFmpegError as err:
-        raise BadInput(f"not a readable video container ({err.__class__.__name__}: {err})") from err
+        # FFmpeg's reason without the path it appends (failures.jsonl names the source).
+        reason = getattr(err, "strerror", None) or str(err)
+        raise BadInput(f"not a readable video container (FFmpeg: {reason}; a file cut off "
+                       "before its index, or not a video)") from err
     if _is_image_demuxer(container.format.name):
         # FFmpeg reads a still image (whatever its file name) as a one-frame "video";
         # it would become a clip of T identical frames.

@@ -98,6 +98,7 @@ def test_broken_inputs_go_to_failures_and_the_build_carries_on(mixed_build, mixe
     assert {f["source"] for f in failures} == set(BROKEN)
     for failure in failures:
         assert BROKEN[failure["source"]] in failure["error"], failure
+        assert str(mixed_src) not in failure["error"], failure   # the source names the file
     assert manifest["failures"] == len(BROKEN)
     assert manifest["total_samples"] == 4 * GOOD_PER_CLASS
     assert manifest["classes"] == ["drift", "orbit", "pulse", "swing"]
