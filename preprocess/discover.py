@@ -9,8 +9,11 @@ from __future__ import annotations
 import csv
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from tcore.preprocess.errors import TcoreWarning
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -53,8 +56,17 @@ def discover_class_folders(root, kind: str = "video") -> Inputs:
                                      "inputs goes after --list)")
         raise FileNotFoundError(f"input directory {root} does not exist")
     top = [Path(os.path.realpath(root))]
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _is_hidden(d)
-                        and not _leads_back(d, top))
+    entries = sorted(entry for entry in root.iterdir() if not _is_hidden(entry))
+    broken = [entry for entry in entries if entry.is_symlink() and not entry.exists()]
+    if broken:   # a class that vanished would shift every later class's label
+        raise FileNotFoundError(f"{broken[0]}: a broken symbolic link (to "
+                                f"{os.readlink(broken[0])}) where class folders are; fix or "
+                                "remove it (a class left out would shift every later label)")
+    loose = [entry.name for entry in entries if entry.is_file()]
+    if loose:
+        warnings.warn(f"{root}: {len(loose)} file(s) outside class folders, not inputs "
+                      f"(e.g. {loose[0]}): inputs are {root}/<class>/<file>", TcoreWarning)
+    class_dirs = [d for d in entries if d.is_dir() and not _leads_back(d, top)]
     if not class_dirs:
         raise ValueError(f"{root} holds no class folders (expected {root}/<class>/<file>)")
     sources = []

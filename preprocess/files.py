@@ -11,6 +11,7 @@ process's umask.
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -55,6 +56,10 @@ def os_error_behind(error: BaseException) -> OSError | None:
     return None
 
 
+# The longest file name the usual file systems take (ext4, xfs, btrfs, tmpfs, NFS).
+NAME_MAX = 255
+
+
 def check_output_path(path: str | os.PathLike, what: str | None = None, *,
                       named: str | os.PathLike | None = None) -> Path:
     """Refuse, before any work and without creating anything, a path that cannot become an
@@ -66,6 +71,10 @@ def check_output_path(path: str | os.PathLike, what: str | None = None, *,
     path = Path(path)
     label = what or str(path)
     named = Path(named) if named is not None else path
+    if any(len(os.fsencode(part)) > NAME_MAX for part in path.parts):
+        # Found before any folder above it is made (a lookup below a missing folder does not
+        # see it, and mkdir would make the folders above first).
+        raise OutputWriteError(f"{label}: cannot be used: {os.strerror(errno.ENAMETOOLONG)}")
     for folder in (path, *path.parents):
         try:
             is_file = folder.exists() and not folder.is_dir()
@@ -92,6 +101,9 @@ def make_output_directory(path: str | os.PathLike, what: str | None = None, *,
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:   # as check_output_path says it, where a
+            # missing folder above the long name kept the lookup from seeing it
+            raise OutputWriteError(f"{label}: cannot be used: {error.strerror}") from error
         refused = error.filename
         where = (f"{refused}: " if refused is not None and Path(refused) in path.parents
                  else "")

@@ -202,6 +202,10 @@ def validate_config(cfg: DictConfig, source: str = "config") -> None:
     for key in ("adamw_beta1", "adamw_beta2"):
         _require(_is_number(optim[key]) and 0 <= optim[key] < 1, source,
                  f"optim.{key} must be a number in [0, 1), got {optim[key]!r}")
+    # A decay: 1 is none (the presets), 0 would freeze every block but the last.
+    _require(0 < optim.layer_decay <= 1, source,
+             f"optim.layer_decay must be in (0, 1] (1: no layer-wise decay), got "
+             f"{optim.layer_decay!r}")
     for key in ("epochs", "official_epoch_length"):
         _require(isinstance(optim[key], int) and optim[key] > 0, source,
                  f"optim.{key} must be an integer > 0, got {optim[key]!r}")

@@ -179,6 +179,10 @@ def test_model_and_loss_values_of_the_wrong_kind_name_their_override(override, m
     ("loss.center_momentum=1.5", "loss.center_momentum must lie in [0, 1], got 1.5"),
     ("loss.koleo_weight=-1", "loss.koleo_weight must be >= 0, got -1"),
     ("optim.adamw_beta1=1.5", "optim.adamw_beta1 must be a number in [0, 1), got 1.5"),
+    # a "decay" above 1 trained the first blocks fastest; 0 froze all but the last block
+    ("optim.layer_decay=1.5", "optim.layer_decay must be in (0, 1] (1: no layer-wise decay), "
+                              "got 1.5"),
+    ("optim.layer_decay=0", "optim.layer_decay must be in (0, 1] (1: no layer-wise decay), got 0"),
     ("optim.weight_decay=abc", "optim.weight_decay must be a number >= 0, got 'abc'"),
     ("optim.weight_decay_end=-0.1", "optim.weight_decay_end must be a number >= 0, got -0.1"),
     ("optim.momentum_teacher=abc", "optim.momentum_teacher must be a number, got 'abc'"),

@@ -138,6 +138,11 @@ def test_vip_released_sizing_and_first_frame_scoring(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         vip.evaluate_vip(None, tmp_path / "vip", tmp_path / "c", size=(64, 128), long_side=128,
                          **common)
+    # A long side off the patch grid is refused before any video (it failed at the first
+    # one, naming --size, and left an empty output).
+    with pytest.raises(ValueError, match=r"--long-side 100: .*a multiple of it \(16\)"):
+        vip.evaluate_vip(None, tmp_path / "vip", tmp_path / "d", long_side=100, **common)
+    assert not (tmp_path / "d").exists()
 
 
 # ----------------------------------------------------------------------------- JHMDB

@@ -117,6 +117,9 @@ def output_commands(shards, src, davis):
                                         "--profile", out],
         "eval davis": lambda out: ["eval", "davis", "--data", davis, "--checkpoint",
                                    str(OFFICIAL_TINY), "--size", "native", "--output", out],
+        # the output is checked before the scoring (an existing folder stands for results)
+        "eval davis-score": lambda out: ["eval", "davis-score", "--data", davis, "--results",
+                                         davis, "--output", out],
     }
 
 
@@ -141,12 +144,14 @@ def test_every_command_refuses_an_unusable_output_in_the_same_words(synth_root, 
     afile = tmp_path / "afile"
     afile.write_text("keep")
     too_long = str(tmp_path / ("x" * 300))
+    too_long_below_a_new_folder = str(tmp_path / "new" / ("x" * 300))   # no lookup sees it
     refused_by_os = "/sys/tcore-test-output" if Path("/sys/kernel").is_dir() else None
     commands = output_commands(str(synth_shards), str(synth_root / "train"),
                                str(synth_root / "davis"))
     for name, command_for in commands.items():
         for out, said in ((str(afile / "sub"), f"{afile} is a file, not a directory"),
                           (too_long, "cannot be used: File name too long"),
+                          (too_long_below_a_new_folder, "cannot be used: File name too long"),
                           (refused_by_os, "cannot write: ")):
             if out is None:
                 continue
@@ -159,7 +164,8 @@ def test_every_command_refuses_an_unusable_output_in_the_same_words(synth_root, 
                 name, result.output)
     # The output itself a file: a folder is needed (a file output: its folder is the file).
     for name, command_for in commands.items():
-        if name in ("data synth", "bench --profile", "eval davis"):   # click's own check says it
+        if name in ("data synth", "bench --profile", "eval davis", "eval davis-score"):
+            # click's own check of a directory option says it
             continue
         command = command_for(str(afile))
         result = CliRunner().invoke(main, command)

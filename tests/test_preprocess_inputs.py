@@ -19,7 +19,7 @@ from PIL import Image
 
 from tcore.cli import main as cli
 from tcore.preprocess.discover import discover_class_folders, discover_list
-from tcore.preprocess.errors import BadInput
+from tcore.preprocess.errors import BadInput, TcoreWarning
 from tcore.preprocess.manifest import shard_paths
 from tcore.preprocess.shards import build_shards
 from tcore.preprocess.video import read_clip
@@ -365,6 +365,22 @@ def test_broken_links_fail_as_missing_and_symlinked_subfolders_are_followed_but_
     assert _errors(out) == {
         "c/gone.mkv": f"file not found (a broken symbolic link to {tmp_path / 'nowhere.mkv'})",
         "c/knot.mkv": "file not found (a broken symbolic link to knot.mkv)"}
+
+
+def test_a_broken_class_link_is_refused_and_loose_files_are_warned_of(tmp_path):
+    """A class folder that is a broken link vanished without a word, shifting every later
+    class's label; a video directly in SRC was ignored without a word."""
+    src = tmp_path / "src"
+    (src / "b").mkdir(parents=True)
+    _offset_video(src / "b" / "y.mkv", "mpeg4", frames=2, first_pts=0)
+    _offset_video(src / "loose.mkv", "mpeg4", frames=2, first_pts=0)
+    with pytest.warns(TcoreWarning, match=r"src: 1 file\(s\) outside class folders, not inputs "
+                                          r"\(e.g. loose.mkv\)"):
+        assert discover_class_folders(src).classes == ["b"]
+    (src / "a").symlink_to(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match=r"src/a: a broken symbolic link \(to .*gone\) "
+                                                r"where class folders are"):
+        discover_class_folders(src)
 
 
 def test_a_file_reached_twice_through_a_link_is_refused_naming_both_paths(tmp_path):

@@ -288,6 +288,9 @@ def test_cli_says_when_the_schedule_ends_before_max_steps(synth_shards, tmp_path
                                  "past --max-steps 2\n"), third.output
     assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 4
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == logged
+    # At exactly that step: said so (README's "at or below" read "past" for both).
+    same = CliRunner().invoke(cli, [*args[:5], "--max-steps", "4", *args[7:], "--resume"])
+    assert same.output.endswith(f"is at step 4 already, at --max-steps 4\n"), same.output
 
 
 def test_cli_errors_name_the_problem(synth_shards, tmp_path):

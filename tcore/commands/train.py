@@ -59,8 +59,9 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
         click.echo(f"  teacher backbone: {result.teacher_export}")
         click.echo(f"  metrics: {result.metrics}")
     else:
-        past = (f", past --max-steps {max_steps}" if max_steps and max_steps < result.end_step
-                else "")
+        past = ("" if not max_steps or max_steps > result.end_step
+                else f", at --max-steps {max_steps}" if max_steps == result.end_step
+                else f", past --max-steps {max_steps}")
         click.echo(f"nothing to train: {result.run_dir} is at step {result.end_step} already"
                    f"{past}")
     if max_steps and max_steps > result.end_step:

@@ -96,6 +96,11 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
     device = resolve_device(backbone, device)
     encode = encoder if encoder is not None else backbone_patch_encoder(backbone)
     patch = patch if patch is not None else patch_size_of(backbone)
+    if long_side is not None and (long_side % patch or 64 % patch):
+        raise ValueError(f"--long-side {long_side}: the released loader's sizes (the long "
+                         f"side, the other a multiple of 64) need a patch size dividing 64 and "
+                         f"a long side that is a multiple of it ({patch}); give --size or "
+                         "--short-side otherwise")
     settings = PropagationSettings(topk=topk, radius=radius, temperature=temperature,
                                    context=context, batch_size=batch_size, chunk_size=chunk_size)
     names = videos if videos is not None else video_names(root)
