@@ -58,10 +58,11 @@ def discover_class_folders(root, kind: str = "video") -> Inputs:
     top = [Path(os.path.realpath(root))]
     entries = sorted(entry for entry in root.iterdir() if not _is_hidden(entry))
     broken = [entry for entry in entries if entry.is_symlink() and not entry.exists()]
-    if broken:   # a class that vanished would shift every later class's label
-        raise FileNotFoundError(f"{broken[0]}: a broken symbolic link (to "
-                                f"{os.readlink(broken[0])}) where class folders are; fix or "
-                                "remove it (a class left out would shift every later label)")
+    if broken:   # a class folder that vanished would shift every later class's label
+        warnings.warn(f"{broken[0]}: a broken symbolic link (to {os.readlink(broken[0])}) "
+                      f"where class folders are{f' (and {len(broken) - 1} more)' if len(broken) > 1 else ''}: "
+                      "left out; if it was a class, every later class's label shifts",
+                      TcoreWarning)
     loose = [entry.name for entry in entries if entry.is_file()]
     if loose:
         warnings.warn(f"{root}: {len(loose)} file(s) outside class folders, not inputs "
@@ -96,7 +97,7 @@ def _refuse_files_reached_twice(root: Path, sources: list[Source]) -> None:
         if source.path in seen:
             raise ValueError(f"{root}: {seen[source.path]} and {source.relative} are one file "
                              f"({source.path}, reached through a symbolic link); each would be "
-                             "a sample: remove the link, or list the inputs with --list")
+                             "a sample: remove the link")
         seen[source.path] = source.relative
 
 

@@ -71,9 +71,11 @@ def check_output_path(path: str | os.PathLike, what: str | None = None, *,
     path = Path(path)
     label = what or str(path)
     named = Path(named) if named is not None else path
-    if any(len(os.fsencode(part)) > NAME_MAX for part in path.parts):
+    existing, to_make = _parts_to_make(path)
+    if any(len(os.fsencode(part)) > _name_max(existing) for part in to_make):
         # Found before any folder above it is made (a lookup below a missing folder does not
-        # see it, and mkdir would make the folders above first).
+        # see it, and mkdir would make the folders above first). Existing folders are the
+        # file system's to judge (vfat and exFAT count characters, not bytes).
         raise OutputWriteError(f"{label}: cannot be used: {os.strerror(errno.ENAMETOOLONG)}")
     for folder in (path, *path.parents):
         try:
@@ -85,6 +87,28 @@ def check_output_path(path: str | os.PathLike, what: str | None = None, *,
             where = "" if folder == named else f"{folder} "
             raise OutputWriteError(f"{label}: {where}is a file, not a directory")
     return path
+
+
+def _parts_to_make(path: Path) -> tuple[Path, list[str]]:
+    """The nearest folder of `path` that exists, and the names below it (those mkdir would
+    make)."""
+    missing = []
+    for folder in (path, *path.parents):
+        try:
+            if folder.exists():
+                return folder, missing
+        except OSError:   # a name too long to look up: one to make
+            pass
+        missing.append(folder.name)
+    return Path("."), missing
+
+
+def _name_max(folder: Path) -> int:
+    """The longest name, in bytes, the file system of `folder` takes (NAME_MAX if unsaid)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX
 
 
 def make_output_directory(path: str | os.PathLike, what: str | None = None, *,

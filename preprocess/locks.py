@@ -56,6 +56,23 @@ def exclusive_lock(lock_file: str | os.PathLike, busy: Callable[[str], str], *,
                 _say(handle, "")
 
 
+def _dead_here(holder: str) -> bool:
+    """Whether `holder` ("pid N on HOST") names a process of this host that is gone: a
+    holder killed -9 leaves its line, and the lock is now held by others."""
+    words = holder.split()
+    if len(words) != 4 or words[0] != "pid" or words[2] != "on" or not words[1].isdigit():
+        return False
+    if words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _say(handle, text: str) -> None:
     handle.seek(0)
     handle.truncate()
@@ -70,7 +87,9 @@ def _lock(handle, busy: Callable[[str], str], shared: bool = False) -> bool:
         return True
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or UNNAMED_HOLDER
+        holder = handle.read().strip()
+        if not holder or _dead_here(holder):   # shared holders, or a pid a kill -9 left
+            holder = UNNAMED_HOLDER
         raise DirectoryBusy(busy(holder)) from None
     except OSError as error:
         if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):

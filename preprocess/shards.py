@@ -371,7 +371,10 @@ def _check_out_dir(out: Path, options: dict) -> bool:
         previous = with_default_options(read_json(saved, "build options file"))
     elif (out / MANIFEST_NAME).is_file():
         previous = with_default_options(load_manifest(out)["options"])
-    elif out.is_dir() and any(p.name not in (STATE_DIR, FAILURES_NAME) for p in out.iterdir()):
+    elif out.is_dir() and any(p.name not in (STATE_DIR, FAILURES_NAME)
+                              and not p.name.startswith(".") for p in out.iterdir()):
+        # Dot entries are no one's shards: tcore's probes and temporaries (a sibling node's,
+        # starting at the same moment), or a desktop's .DS_Store.
         # failures.jsonl alone is what a build whose every input failed leaves.
         raise ShardDirError(f"{out} is not empty and holds no tcore shard build; choose an empty "
                             "or new output directory")
@@ -477,9 +480,9 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
 def _build_lock(out: Path, node_rank: int, num_nodes: int):
     """One build per node into `out` at a time (tcore.preprocess.locks): a second one would
     remove the first one's temporaries as stale. A whole build holds `.build/lock` alone; the
-    nodes of a split build share it (so neither kind starts beside the other), share
-    `lock.nodes-N` (a split over another node count, whose shards overlap, is refused) and
-    each holds its own `lock.node-R-of-N`."""
+    nodes of a split build share it (so neither kind starts beside the other) and each holds
+    its own `lock.node-R-of-N`. (Two splits over different node counts at once are not
+    told apart: checking for one made sibling nodes starting together refuse each other.)"""
     state = out / STATE_DIR
 
     def busy(who: Callable[[str], str]) -> Callable[[str], str]:
@@ -490,13 +493,6 @@ def _build_lock(out: Path, node_rank: int, num_nodes: int):
     with contextlib.ExitStack() as held:
         held.enter_context(exclusive_lock(state / BUILD_LOCK, builds, shared=num_nodes > 1))
         if num_nodes > 1:
-            mine = state / f"{BUILD_LOCK}.nodes-{num_nodes}"
-            other_count = busy(lambda holder: "a build split over another number of nodes")
-            held.enter_context(exclusive_lock(mine, other_count, shared=True))
-            for other in sorted(state.glob(f"{BUILD_LOCK}.nodes-*")):
-                if other != mine:   # free unless a split over that node count runs
-                    with exclusive_lock(other, other_count):
-                        pass
             held.enter_context(exclusive_lock(
                 state / f"{BUILD_LOCK}.{node_suffix(node_rank, num_nodes)}",
                 busy(lambda holder: f"another tcore shards build ({holder}) as node "

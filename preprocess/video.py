@@ -106,8 +106,9 @@ def _open(path: str):
     except av.FFmpegError as err:
         # FFmpeg's reason without the path it appends (failures.jsonl names the source).
         reason = getattr(err, "strerror", None) or str(err)
-        raise BadInput(f"not a readable video container (FFmpeg: {reason}; a file cut off "
-                       "before its index, or not a video)") from err
+        hint = ("; a file cut off before its index, or not a video"
+                if isinstance(err, av.InvalidDataError) else "")
+        raise BadInput(f"not a readable video container (FFmpeg: {reason}{hint})") from err
     if _is_image_demuxer(container.format.name):
         # FFmpeg reads a still image (whatever its file name) as a one-frame "video";
         # it would become a clip of T identical frames.
@@ -202,11 +203,9 @@ def _decode_selected(path: str, indices: list[int], short_side: int, allow_upsca
 
 def matroska_track_duration(stream) -> float | None:
     """Seconds of a Matroska track's DURATION tag ("00:00:10.000000000", written by FFmpeg's
-    muxer, so by most downloaders; mkvmerge's reads DURATION-eng), or None where there is
-    none or it does not parse."""
-    tags = stream.metadata or {}
-    text = next((value for key, value in sorted(tags.items())
-                 if key.upper() == "DURATION" or key.upper().startswith("DURATION-")), None)
+    muxer, so by most downloaders), or None where there is none or it does not parse. Not
+    mkvmerge's DURATION-eng: FFmpeg copies that from a source it re-muxes, stale."""
+    text = (stream.metadata or {}).get("DURATION")
     try:
         hours, minutes, seconds = str(text).split(":")
         return int(hours) * 3600 + int(minutes) * 60 + float(seconds)

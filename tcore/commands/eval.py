@@ -197,8 +197,9 @@ def davis_score_command(data_root, results_dir, split, output_dir):
     from tcore.eval.davis import score_davis
     from tcore.eval.report import write_results
     from tcore.preprocess.files import make_output_directory
-    if output_dir:   # checked before the scoring, as every command checks its output
-        make_output_directory(output_dir, f"--output {output_dir}")
+    # checked before the scoring, as every command checks its output (RESULTS by default)
+    make_output_directory(output_dir or results_dir,
+                          f"--output {output_dir}" if output_dir else f"--results {results_dir}")
     results = {**score_davis(data_root, results_dir, split=split),
                "data": str(Path(data_root).resolve()),
                "predictions": str(Path(results_dir).resolve())}
