@@ -62,15 +62,18 @@ def _dead_here(holder: str) -> bool:
     words = holder.split()
     if len(words) != 4 or words[0] != "pid" or words[2] != "on" or not words[1].isdigit():
         return False
-    if words[3] != socket.gethostname():
-        return False
+    return words[3] == socket.gethostname() and not process_alive(int(words[1]))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this host (another user's counts)."""
     try:
-        os.kill(int(words[1]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except PermissionError:     # another user's process
+        return True
+    return True
 
 
 def _say(handle, text: str) -> None:

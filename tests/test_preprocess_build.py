@@ -174,6 +174,14 @@ def test_out_built_with_other_options_is_refused(mixed_src, mixed_build, tmp_pat
     with pytest.raises(ShardDirError, match="not empty"):
         build_shards(mixed_src, foreign, progress=False)
     assert _all_files(mixed_build) == before
+    # Dot entries hold no one's shards: a sibling node's probe file (there for an instant as
+    # it starts) or a .DS_Store made a fresh OUT "not empty".
+    dotted = tmp_path / "dotted"
+    dotted.mkdir()
+    (dotted / ".tcore-probe.abc").write_text("")
+    (dotted / ".DS_Store").write_text("")
+    assert build_shards(mixed_src, dotted, frames=20, short_side=SHORT_SIDE, samples_per_shard=4,
+                        progress=False)["total_samples"] == 4 * GOOD_PER_CLASS
     # The same options resume (nothing to do) and leave every file as it was.
     result = run_build(mixed_src, mixed_build, frames=20, short_side=SHORT_SIDE, samples_per_shard=4,
                        progress=False)

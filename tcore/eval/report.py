@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tcore.eval.io import write_csv, write_json
 from tcore.preprocess.files import check_output_path, make_output_directory
+from tcore.preprocess.locks import process_alive
 
 # What a run puts into OUTPUT: its folders (`--visualize` the second), then its result files.
 RUN_FOLDERS = ("predictions", "visualize")
@@ -52,18 +53,8 @@ def remove_abandoned_stagings(output: Path) -> None:
     own = re.compile(re.escape(f"{STAGING_PREFIX}{socket.gethostname()}-") + r"(\d+)-[^-]+")
     for folder in output.glob(f"{STAGING_PREFIX}*"):
         match = own.fullmatch(folder.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # another user's process
-        return True
-    return True
 
 
 def _move_into_place(output: Path, staging: Path) -> None:
