@@ -53,7 +53,9 @@ def _zero_frames(path: Path) -> None:
 BROKEN = {
     "drift/zero_bytes.mp4": "empty file",
     "drift/notes.mp4": "not a readable video container",
-    "orbit/cut.mp4": "not a readable video container",
+    # FFmpeg's InvalidDataError gets the hint of what such a file usually is
+    "orbit/cut.mp4": "not a readable video container (FFmpeg: Invalid data found when processing "
+                     "input; a file cut off before its index, or not a video)",
     "orbit/cut.webm": "truncated",
     "pulse/speech.m4a": "no video stream",
     "swing/nothing.avi": "no frames",

@@ -127,6 +127,25 @@ def test_an_audio_track_longer_than_the_video_is_not_truncation(tmp_path, ext):
         read_clip(str(cut), 8, 0)
 
 
+def test_a_stale_duration_eng_tag_is_not_the_tracks_duration(tmp_path):
+    """mkvmerge's DURATION-eng, which FFmpeg copies unchanged from a source it re-muxes, can
+    name the source's length; the DURATION tag FFmpeg's muxer writes is the track's. A 2 s
+    clip carrying a stale 10 s DURATION-eng is whole, not "truncated at 2.00 s of 10 s"."""
+    path = tmp_path / "remuxed.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=10)
+        stream.width, stream.height = 64, 48
+        stream.metadata["DURATION-eng"] = "00:00:10.000000000"
+        for index in range(20):
+            picture = np.full((48, 64, 3), index * 10, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].metadata["DURATION-eng"].startswith("00:00:10")
+    clip = read_clip(str(path), 8, 0)
+    assert clip.source_frames == 20 and clip.source_duration == pytest.approx(2.0)
+
+
 def test_a_cut_avi_is_truncated_by_the_frame_count_in_its_header(tmp_path):
     """A cut-off AVI decodes cleanly up to the cut and FFmpeg takes its duration from what
     it found, so the duration check passed it and it became a sample; the frame count in
