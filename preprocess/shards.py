@@ -135,6 +135,7 @@ class BuildResult:
     built_shards: int    # shards (tars) this run wrote; a shard whose every input failed has none
     skipped_shards: int  # shards (tars) an earlier run had finished
     failures: list[dict] = field(default_factory=list)
+    failures_path: Path | None = None   # failures.jsonl, or this node's of a split build
 
     @property
     def inputs_per_second(self) -> float:
@@ -442,8 +443,11 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
               prefix: str = "shard", gop: int = DEFAULT_GOP, crf: int | None = None,
               quality: int = 90, vp9_speed: int = VP9_SPEED, allow_upscale: bool = False,
               shuffle_seed: int | None = 0, list_file=None, video_root=None,
-              node_rank: int = 0, num_nodes: int = 1, progress: bool = True) -> BuildResult:
-    """Build (or resume) the shards of `src` into `out`; see build_shards."""
+              node_rank: int = 0, num_nodes: int = 1, progress: bool = True,
+              retry_failed: bool = False) -> BuildResult:
+    """Build (or resume) the shards of `src` into `out`; see build_shards. `retry_failed`:
+    also rebuild the finished shards holding failed inputs (fixed or downloaded again
+    since, under the same paths)."""
     config = BuildConfig(kind=kind, frames=frames if kind == "video" else None, short_side=short_side,
                          codec=codec if kind == "video" else "jpeg", gop=gop, crf=crf, quality=quality,
                          vp9_speed=vp9_speed,
@@ -473,7 +477,7 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
             write_json_atomic(out / STATE_DIR / OPTIONS_NAME, options)
         return _build_this_nodes_shards(out, config, inputs, options, workers=workers,
                                         node_rank=node_rank, num_nodes=num_nodes,
-                                        progress=progress)
+                                        progress=progress, retry_failed=retry_failed)
 
 
 @contextlib.contextmanager
@@ -502,14 +506,17 @@ def _build_lock(out: Path, node_rank: int, num_nodes: int):
 
 def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: dict, *,
                              workers: int, node_rank: int, num_nodes: int,
-                             progress: bool) -> BuildResult:
-    """The shards of this node not yet finished, then its manifest and failures."""
+                             progress: bool, retry_failed: bool = False) -> BuildResult:
+    """The shards of this node not yet finished (and, retrying, those with failures), then
+    its manifest and failures."""
     kind = config.kind
     size = config.samples_per_shard
     shard_count = -(-len(inputs.sources) // size)
     mine = [k for k in range(shard_count) if k % num_nodes == node_rank]
     _remove_stale_outputs(out, config, mine, node_rank, num_nodes)
     records = {k: _load_record(out, config, k) for k in mine}
+    if retry_failed:
+        _forget_shards_with_failures(out, config, records)
     todo = [k for k in mine if records[k] is None]
     order = shard_order(inputs, config.shuffle_seed)
     tasks = []
@@ -548,7 +555,18 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
     write_jsonl_atomic(failures_file, failures)
     write_json_atomic(manifest_file, manifest)
     built = sum(1 for k in todo if records[k]["samples"])
-    return BuildResult(manifest, manifest_file, total, seconds, built, len(shards) - built, failures)
+    return BuildResult(manifest, manifest_file, total, seconds, built, len(shards) - built, failures,
+                       failures_file)
+
+
+def _forget_shards_with_failures(out: Path, config: BuildConfig, records: dict) -> None:
+    """Mark the finished shards that hold failures as not done, removing their records
+    first: a retry stopped halfway then leaves them to be built again, never an old record
+    beside a new tar. Their tars stay until the new ones replace them."""
+    for shard_id, record in records.items():
+        if record is not None and record["failures"]:
+            _record_path(out, config, shard_id).unlink()
+            records[shard_id] = None
 
 
 def _give_up_empty_build(out: Path, config: BuildConfig, shard_ids: list[int], failures: list[dict]) -> None:

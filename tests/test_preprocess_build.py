@@ -163,6 +163,47 @@ def test_rebuild_with_two_workers_is_byte_identical(mixed_src, mixed_build, tmp_
     assert _all_files(again) == _all_files(mixed_build)
 
 
+def test_retry_failed_rebuilds_only_the_shards_holding_failures(mixed_src, mixed_build, tmp_path):
+    """A Kinetics build keeps its failed downloads in finished shards; once they are
+    downloaded again under the same paths, a plain rerun keeps them failed (every shard is
+    done) and `--retry-failed` rebuilds just the shards holding failures."""
+    src, out = tmp_path / "src", tmp_path / "shards"
+    shutil.copytree(mixed_src, src)
+    shutil.copytree(mixed_build, out)
+    good = next(video for video in sorted((src / "drift").iterdir())
+                if video.suffix == ".mp4" and video.name != "notes.mp4")
+    shutil.copy(good, src / "drift" / "notes.mp4")            # the broken file, fixed
+    before = _all_files(out)
+    rerun = CliRunner().invoke(cli, ["shards", "build", str(src), str(out), "--short-side",
+                                     str(SHORT_SIDE), "--samples-per-shard", "4", "--no-progress"])
+    assert rerun.exit_code == 0, rerun.output
+    assert "0 shards built, 4 already done" in rerun.output and "--retry-failed" in rerun.output
+    assert _all_files(out) == before
+    retry = CliRunner().invoke(cli, ["shards", "build", str(src), str(out), "--short-side",
+                                     str(SHORT_SIDE), "--samples-per-shard", "4", "--no-progress",
+                                     "--retry-failed"])
+    assert retry.exit_code == 0, retry.output
+    manifest = load_manifest(out, check_files=True)
+    assert manifest["failures"] == len(BROKEN) - 1 and manifest["total_samples"] == 4 * GOOD_PER_CLASS + 1
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["source"] for f in failures) == sorted(set(BROKEN) - {"drift/notes.mp4"})
+    inputs = discover_inputs(src)
+    fixed = next(i for i, source in enumerate(inputs.sources) if source.relative == "drift/notes.mp4")
+    keys = {name: list(read_tar(out / name)) for name in (s["tar"] for s in manifest["shards"])}
+    holding = [name for name, held in keys.items() if sample_key(fixed, inputs.sources[fixed]) in held]
+    assert len(holding) == 1
+    # every shard that had a failure was built again; the others are the same files
+    order = shard_order(inputs, 0)
+    with_failures = {f"shard-{k:06d}" for k in range(4)
+                     if any(inputs.sources[i].relative in BROKEN for i in order[4 * k:4 * k + 4])}
+    assert holding[0].removesuffix(".tar") in with_failures
+    after = _all_files(out)
+    for name in before:
+        if name.startswith("shard-") and name.split(".")[0] not in with_failures:
+            assert after[name] == before[name], name
+    assert f"{len(with_failures)} shards built, {4 - len(with_failures)} already done" in retry.output
+
+
 def test_out_built_with_other_options_is_refused(mixed_src, mixed_build, tmp_path):
     before = _all_files(mixed_build)
     with pytest.raises(ShardDirError, match="short_side: 96 -> 64"):
@@ -265,6 +306,11 @@ def test_node_split_and_merge_equal_a_single_build(mixed_src, mixed_build, tmp_p
                             node_rank=rank, num_nodes=2, progress=False)
         assert [s["tar"] for s in part["shards"]] == [f"shard-{k:06d}.tar" for k in range(rank, 4, 2)]
     assert not (out / "manifest.json").exists()
+    rerun = CliRunner().invoke(cli, ["shards", "build", str(mixed_src), str(out), "--short-side",
+                                     str(SHORT_SIDE), "--samples-per-shard", "4", "--node-rank", "1",
+                                     "--num-nodes", "2", "--no-progress"])
+    assert rerun.exit_code == 0, rerun.output   # names this node's failures, not failures.jsonl
+    assert f"(see {out / 'failures.node-00001-of-00002.jsonl'};" in rerun.output
     # Before the merge, reading the directory says how to finish it.
     before = CliRunner().invoke(cli, ["shards", "inspect", str(out)])
     assert before.exit_code != 0

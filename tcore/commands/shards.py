@@ -89,6 +89,10 @@ def _refuse_options_that_do_nothing(ctx, kind: str, codec: str) -> None:
               help="This machine's rank when several split one build.")
 @click.option("--num-nodes", default=1, show_default=True, type=click.IntRange(min=1),
               help="Machines splitting the build (then run merge-manifest).")
+@click.option("--retry-failed", is_flag=True,
+              help="Also rebuild the finished shards that hold failed inputs (fixed or "
+                   "downloaded again since, under the same paths); their other samples are "
+                   "encoded again too.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_context
 def build(ctx, paths, list_file, video_root, no_shuffle, **options):
@@ -116,7 +120,9 @@ def build(ctx, paths, list_file, video_root, no_shuffle, **options):
     manifest = result.manifest
     click.echo(f"{result.manifest_path}: {manifest['total_samples']} samples in {len(manifest['shards'])} "
                f"shards, {_mib(manifest['total_bytes'])}; {manifest['failures']} inputs failed"
-               + (f" (see {result.manifest_path.parent / 'failures.jsonl'})" if manifest["failures"] else ""))
+               + (f" (see {result.failures_path}; once they are fixed, "
+                  "the same command with --retry-failed rebuilds their shards)"
+                  if manifest["failures"] else ""))
     click.echo(f"this run: {result.processed_inputs} inputs in {result.seconds:.1f} s = "
                f"{result.inputs_per_second:.2f} {options['kind']}s/s with {options['workers']} worker(s); "
                f"{result.built_shards} shards built, {result.skipped_shards} already done")
