@@ -174,3 +174,34 @@ def test_labels_are_read_out_at_the_input_size_then_resized_by_nearest():
     # Input and annotation of one size: the argmax at that size, nothing resized.
     same = hard_labels(soft, out_size, out_size).numpy()
     assert (same == at_annotation).all()
+
+
+def test_vip_read_out_resizes_as_pils_nearest_and_davis_as_opencvs():
+    """The released code's two scorers resize the id map from the network's input size to the
+    annotation's differently: DAVIS's convert_davis with OpenCV's INTER_NEAREST (source pixel
+    floor(i * in / out)), VIP's scorer with PIL's NEAREST (floor((i + 0.5) * in / out)). With
+    `centred_nearest` the map is PIL's own resize of the argmax, pixel for pixel, also where
+    (i + 0.5) * in / out is a whole number (64 -> 96), which PIL rounds down."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from tcore.eval.segment import hard_labels, pil_nearest_sources
+
+    rng = np.random.default_rng(5)
+    soft = torch.from_numpy(rng.random((5, 7, 4)).astype(np.float32))
+    input_size, out_size = (20, 28), (23, 61)            # enlarged, as VIP's annotations are
+    up = F.interpolate(soft.permute(2, 0, 1)[None], size=input_size, mode="bilinear",
+                       align_corners=False)[0].argmax(0).numpy().astype(np.uint8)
+    pil = np.asarray(Image.fromarray(up).resize(out_size[::-1], Image.NEAREST))
+    centred = hard_labels(soft, input_size, out_size, centred_nearest=True).numpy()
+    assert centred.shape == out_size and (centred == pil).all()
+    floored = hard_labels(soft, input_size, out_size).numpy()
+    assert (floored != pil).any()                        # the example tells the two apart
+    for at_input, size in (((20, 28), (13, 17)), ((64, 32), (96, 48))):
+        up = F.interpolate(soft.permute(2, 0, 1)[None], size=at_input, mode="bilinear",
+                           align_corners=False)[0].argmax(0).numpy().astype(np.uint8)
+        pil = np.asarray(Image.fromarray(up).resize(size[::-1], Image.NEAREST))
+        assert (hard_labels(soft, at_input, size, centred_nearest=True).numpy() == pil).all()
+    ramp = torch.arange(64.0).reshape(1, 1, 64, 1)          # torch's own centred nearest
+    exact = F.interpolate(ramp, size=(96, 1), mode="nearest-exact")[0, 0, :, 0].long().numpy()
+    assert (exact != pil_nearest_sources(64, 96)).any()   # is not PIL's

@@ -12,6 +12,8 @@ from PIL import Image
 
 from tcore.eval import jhmdb, metrics, vip
 from tcore.eval.io import read_label_png, write_label_png
+from tcore.eval.features import labels_to_grid, upsample_labels
+from tcore.eval.segment import label_set, onehot
 
 
 def colour_encoder(patch=16):
@@ -131,6 +133,14 @@ def test_vip_released_sizing_and_first_frame_scoring(tmp_path):
     first = read_label_png(tmp_path / "b" / "predictions" / "v" / "000000000000.png")
     # read out through the 4 x 8 grid: mostly right, the edge at row 40 moved
     assert not np.array_equal(first, labels[0]) and (first == labels[0]).mean() > 0.8
+    # ... at the 64 x 128 input size, then enlarged to 96 x 128 as PIL's NEAREST does (the
+    # released VIP scorer), not as OpenCV's (DAVIS's), which puts the edge elsewhere here
+    ids = label_set(labels[0])
+    grid = labels_to_grid(onehot(labels[0], ids), (4, 8))
+    at_input = upsample_labels(grid, (64, 128)).argmax(-1).numpy().astype(np.uint8)
+    pil = ids[np.asarray(Image.fromarray(at_input).resize((128, 96), Image.NEAREST))]
+    opencv = ids[at_input[np.floor(np.arange(96) * 64 / 96).astype(int)]]
+    assert np.array_equal(first, pil) and not np.array_equal(first, opencv)
     kept = read_label_png(tmp_path / "a" / "predictions" / "v" / "000000000000.png")
     assert np.array_equal(kept, labels[0])                  # METHOD.md: frame 0 is given
     assert released["settings"]["long_side"] == 128 and released["settings"]["short_side"] is None

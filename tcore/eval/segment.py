@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from tcore.eval.features import (PatchEncoder, extract_features, labels_to_grid,
                                  upsample_labels)
@@ -52,13 +53,15 @@ def onehot(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def propagate_segmentation(encode: PatchEncoder, frames: np.ndarray, first_labels: np.ndarray,
                            *, size: tuple[int, int], patch: int,
                            settings: PropagationSettings, device,
-                           first_read_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                           first_read_out: bool = False,
+                           centred_nearest: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Predict id maps for every frame of a video.
 
     frames: [T,H,W,3] uint8; first_labels: [H',W'] ids of frame 0 (annotation resolution).
     Returns (predictions [T,H',W'] uint8, ids used). Frame 0 is first_labels, or with
     `first_read_out` what the released code writes for it: its labels at the feature grid,
-    read out as every other frame is.
+    read out as every other frame is. `centred_nearest`: the id maps resized to the
+    annotation's size as PIL's nearest does (VIP's released scorer), not OpenCV's (DAVIS's).
     """
     ids = label_set(first_labels)
     features = extract_features(encode, frames, size, patch=patch,
@@ -71,22 +74,38 @@ def propagate_segmentation(encode: PatchEncoder, frames: np.ndarray, first_label
     out_size = first_labels.shape
     predictions = np.empty((frames.shape[0], *out_size), dtype=np.uint8)
     ids_t = torch.as_tensor(ids, device=soft.device)
-    predictions[0] = (ids_t[hard_labels(first_soft, size, out_size)].cpu().numpy()
-                      if first_read_out else first_labels)
+    def read_out(labels):
+        return ids_t[hard_labels(labels, size, out_size, centred_nearest)].cpu().numpy()
+    predictions[0] = read_out(first_soft) if first_read_out else first_labels
     for t in range(1, frames.shape[0]):
-        predictions[t] = ids_t[hard_labels(soft[t], size, out_size)].cpu().numpy()
+        predictions[t] = read_out(soft[t])
     return predictions, ids
 
 
 def hard_labels(soft: torch.Tensor, input_size: tuple[int, int],
-                out_size: tuple[int, int]) -> torch.Tensor:
+                out_size: tuple[int, int], centred_nearest: bool = False) -> torch.Tensor:
     """Soft labels [h,w,C] -> label indices [H',W'] as the reference reads them out: upsampled
     (bilinear) to the network's input size, the argmax taken there, then resized by nearest
     neighbour to the annotation's size (its dump_predictions, then convert_davis). The argmax
-    at the annotation's size instead moves boundary pixels."""
+    at the annotation's size instead moves boundary pixels. The nearest neighbour of output
+    pixel i is source pixel floor(i * in / out), OpenCV's INTER_NEAREST (DAVIS's
+    convert_davis), or with `centred_nearest` floor((i + 0.5) * in / out), PIL's NEAREST
+    (the VIP scorer the released code uses)."""
     at_input = upsample_labels(soft, input_size).argmax(-1)
     if tuple(at_input.shape) == tuple(out_size):
         return at_input
-    # torch's "nearest" takes source pixel floor(i * in / out), as OpenCV's INTER_NEAREST does.
+    if centred_nearest:
+        rows, cols = (torch.as_tensor(pil_nearest_sources(n, m), device=at_input.device)
+                      for n, m in zip(at_input.shape, out_size))
+        return at_input[rows][:, cols]
     resized = F.interpolate(at_input[None, None].float(), size=tuple(out_size), mode="nearest")
     return resized[0, 0].long()
+
+
+def pil_nearest_sources(size: int, out: int) -> np.ndarray:
+    """The source index of each of `out` pixels when PIL's NEAREST resizes `size` to `out`,
+    read from PIL itself: it is floor((i + 0.5) * size / out) but where that product is a
+    whole number, which PIL's rounded scale puts just below it (64 -> 96: pixel 4 reads 2,
+    not 3), whereas torch's nearest-exact takes the whole number."""
+    ramp = Image.fromarray(np.arange(size, dtype=np.int32)[None])
+    return np.asarray(ramp.resize((out, 1), Image.NEAREST))[0].astype(np.int64)

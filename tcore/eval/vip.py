@@ -130,7 +130,8 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
             input_sizes[name] = list(video_size)
             prediction, _ = propagate_segmentation(encode, frames, first, size=video_size,
                                                    patch=patch, settings=settings, device=device,
-                                                   first_read_out=score_first_frame)
+                                                   first_read_out=score_first_frame,
+                                                   centred_nearest=True)
             confusion = np.zeros_like(total)
             scored = 0
             for t in range(0 if score_first_frame else 1, len(frames_paths)):
