@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -37,10 +38,14 @@ def test_demo_end_to_end_short(tmp_path):
     with Image.open(out / "loss_curve.png") as png:
         assert png.format == "PNG" and png.size[0] > 500
     assert (out / "run" / "teacher_backbone.safetensors").stat().st_size > 0
+    scores = {name: summary["davis_jf"][name]["J&F-Mean"] for name in ("trained", "random_init")}
+    # the demo's network on its synthetic DAVIS part, 3 steps from its seeded initialisation:
+    # both measured 0.4233 (2026-11-29); a read-out that loses the objects scores about 0
+    assert scores == {"trained": pytest.approx(0.423, abs=0.02),
+                      "random_init": pytest.approx(0.423, abs=0.02)}
     for name in ("trained", "random_init"):
-        scores = summary["davis_jf"][name]
-        assert 0.0 <= scores["J&F-Mean"] <= 1.0
-        assert json.loads((out / "eval" / name / "results.json").read_text())["summary"]
+        saved = json.loads((out / "eval" / name / "results.json").read_text())["summary"]
+        assert saved["J&F-Mean"] == scores[name]
     assert "trained" in result.output and "random init" in result.output
 
 

@@ -170,7 +170,9 @@ def test_cli_end_to_end_with_reference_fixture(synthetic_davis, tmp_path):
     results = json.loads((out / "results.json").read_text())
     names = (synthetic_davis / "ImageSets" / "2017" / "val.txt").read_text().split()
     assert [row["sequence"] for row in results["per_sequence"]] == names
-    assert 0.0 <= results["summary"]["J&F-Mean"] <= 1.0
+    # the fixture's 2-block network on the synthetic set: measured 0.3350 (2026-11-29); a
+    # read-out that loses the objects scores about 0
+    assert results["summary"]["J&F-Mean"] == pytest.approx(0.335, abs=0.02)
     # METHOD.md section 7: top-7, radius 20, temperature 0.7, first frame + previous 20
     assert results["settings"] == {"size": "native", "topk": 7, "radius": 20, "temperature": 0.7,
                                    "context": 20, "long_memory": [0]}
@@ -211,7 +213,7 @@ def test_random_model_and_perfect_scoring_on_synthetic_set(synthetic_davis, tmp_
                                  progress=False, sequences=[first]) for i in range(2)]
     assert backbone.training
     assert runs[0]["summary"] == runs[1]["summary"]
-    assert 0.0 <= runs[0]["summary"]["J&F-Mean"] <= 1.0
+    assert runs[0]["summary"]["J&F-Mean"] == pytest.approx(0.175, abs=0.02)   # measured 0.1754
     assert len(runs[0]["per_object"]) >= 1
     perfect = davis.score_davis(synthetic_davis, synthetic_davis / "Annotations" / "480p",
                                 progress=False)
@@ -228,9 +230,10 @@ def test_cli_reports_bad_input_clearly(tmp_path):
     assert run.exit_code != 0
     assert "junk.pt" in run.output
     bad_size = CliRunner().invoke(main, ["eval", "davis", "--data", str(tmp_path / "empty"),
-                                         "--checkpoint", str(ckpt), "--output", str(tmp_path),
+                                         "--checkpoint", str(REFERENCE), "--output", str(tmp_path / "o"),
                                          "--size", "48x50"])
     assert bad_size.exit_code != 0
+    assert "must be positive multiples of the patch size 16" in bad_size.output, bad_size.output
 
 
 def test_prediction_of_another_size_names_the_file(tmp_path):
