@@ -50,8 +50,8 @@ def step_options(function):
                          help="Attention kernel; auto: xFormers on a GPU where it loads, "
                               "else SDPA."),
             click.option("--precision", default="auto", show_default=True, type=PRECISION,
-                         help="auto: bf16 on GPUs that support it, fp32 on the CPU (as "
-                              "`tcore train`)."),
+                         help="auto: bf16 on GPUs that support it, fp16 on older GPUs, "
+                              "fp32 on the CPU (as `tcore train`)."),
             click.option("--compile/--no-compile", "compile_", default=False,
                          show_default=True,
                          help="torch.compile the step's forward (losses included)."),

@@ -125,7 +125,8 @@ def eval_group():
 @eval_group.command("davis")
 @propagation_options(topk=7)
 @click.option("--size", default=DEFAULT_SIZES["davis"], show_default=True,
-              help="Input HxW (multiples of 16) or 'native' (each video's own size).")
+              help="Input HxW (multiples of the backbone's patch size) or 'native' (each "
+                   "video's own size).")
 @_errors_as_click
 def davis_command(checkpoint, arch, device, size, **kwargs):
     """DAVIS-2017 val: J&F like davis2017-evaluation."""
@@ -138,7 +139,8 @@ def davis_command(checkpoint, arch, device, size, **kwargs):
 @click.option("--short-side", default=880, show_default=True, type=click.IntRange(min=1),
               help="Resize so the short side has this length (aspect kept).")
 @click.option("--size", default=None,
-              help="Fixed input HxW (multiples of 16) instead of --short-side.")
+              help="Fixed input HxW (multiples of the backbone's patch size) instead of "
+                   "--short-side.")
 @click.option("--long-side", default=None, type=click.IntRange(min=1),
               help="Instead of --short-side: the long side this length, the other floored to "
                    "a multiple of 64 (the released code's VIP loader; 880 there).")

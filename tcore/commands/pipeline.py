@@ -16,7 +16,7 @@ EAGER_PREVIEW_BATCHES = 100
 def compiles_colour_stage(batches: int, stats) -> bool:
     """Whether the preview compiles the torch colour stage: only when it draws more than
     EAGER_PREVIEW_BATCHES batches (the same pixels either way; below that, compiling costs
-    more than it saves: README, "tcore pipeline preview"). Without --stats it draws one."""
+    more than it saves: README, "The data pipeline"). Without --stats it draws one."""
     return (batches if stats else 1) > EAGER_PREVIEW_BATCHES
 
 
