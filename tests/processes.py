@@ -1,9 +1,12 @@
 """Helpers for tests that drive real processes: their children, a free port for torchrun,
-and a guarantee that nothing a test started outlives it."""
+two gloo ranks running a script, and a guarantee that nothing a test started outlives it."""
 import contextlib
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -49,3 +52,21 @@ def killed_at_the_end(proc):
             except ProcessLookupError:
                 pass
         proc.wait()
+
+
+def run_two_ranks(code: str, tmp_path) -> list[dict]:
+    """Runs `code` as ranks 0 and 1 (argv[1]: the JSON file it writes); returns both JSONs.
+    A rank that fails or hangs takes the other down with it, so no process is left behind."""
+    port = str(free_port())
+    children = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)   # PYTHONPATH passed through
+        children.append(subprocess.Popen([sys.executable, "-c", code,
+                                          str(tmp_path / f"rank{rank}.json")], env=env))
+    try:
+        assert [child.wait(timeout=120) for child in children] == [0, 0]
+    finally:
+        for child in children:
+            child.kill()
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

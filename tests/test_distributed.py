@@ -1,14 +1,9 @@
 """Two real gloo processes started with torchrun's environment variables: the loss mean over
 ranks that logging and the NaN stop rely on, and the DINO centers' mean over ranks."""
-import json
-import os
-import subprocess
-import sys
-
 import torch
 
 from tcore import losses
-from processes import free_port
+from processes import run_two_ranks
 
 CHILD = r"""
 import json, math, sys, torch
@@ -29,24 +24,6 @@ barrier(info)
 shutdown(info)
 json.dump(out, open(sys.argv[1], "w"))
 """
-
-
-def run_two_ranks(code: str, tmp_path) -> list[dict]:
-    """Runs `code` as ranks 0 and 1 (argv[1]: the JSON file it writes); returns both JSONs.
-    A rank that fails or hangs takes the other down with it, so no process is left behind."""
-    port = str(free_port())
-    children = []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)   # PYTHONPATH passed through
-        children.append(subprocess.Popen([sys.executable, "-c", code,
-                                          str(tmp_path / f"rank{rank}.json")], env=env))
-    try:
-        assert [child.wait(timeout=120) for child in children] == [0, 0]
-    finally:
-        for child in children:
-            child.kill()
-    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
 def test_two_ranks_see_the_mean_and_stop_at_the_same_step(tmp_path):

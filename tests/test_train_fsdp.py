@@ -34,7 +34,7 @@ from tcore.fsdp import is_sharded
 from tcore.models import load_reference
 from tcore.train import Trainer, parallel_mode, read_losses
 
-from processes import killed_at_the_end
+from processes import killed_at_the_end, run_two_ranks
 
 STEPS, STOP = 4, 2
 FAST = ["train.log_every=1", "model.head.prototypes=256", "data.batch_size_per_gpu=4",
@@ -208,3 +208,36 @@ def test_fsdp_at_world_size_1_is_a_single_process_run(capsys):
     assert capsys.readouterr().err.count("train.parallel=fsdp has no effect at world size 1") == 1
     assert parallel_mode(load_config("tiny_cpu", []), single) == "single"
     assert capsys.readouterr().err == ""  # ddp at world size 1: nothing to say
+
+
+SHARDED_CHILD = r"""
+import json, sys, torch
+from torch.distributed.tensor import DTensor
+from tcore.config import load_config
+from tcore.distributed import init_distributed, shutdown
+from tcore.fsdp import is_sharded
+from tcore.train import Trainer
+info = init_distributed("cpu")
+cfg = load_config("tiny_cpu", ["model.head.prototypes=128", "train.parallel=fsdp"])
+trainer = Trainer(cfg, None, info)
+weight = trainer.model.student["backbone"].blocks[0].mlp.fc1.weight
+optimised = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+out = {"parallel": trainer.parallel, "sharded": is_sharded(trainer.model),
+       "block_sharded": is_sharded(trainer.model.student["backbone"].blocks[0]),
+       "dtensor": isinstance(weight, DTensor), "full_rows": weight.shape[0],
+       "local_rows": weight.to_local().shape[0] if isinstance(weight, DTensor) else None,
+       "optimised_dtensors": sum(isinstance(p, DTensor) for p in optimised),
+       "optimised": len(optimised)}
+shutdown(info)
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_fsdp_at_two_ranks_shards_every_block_and_optimises_the_shards(tmp_path):
+    """The runs above would also pass had `fsdp` quietly meant DDP (the losses, resume and
+    checkpoint layout are the same by design): at world size 2 each block is an FSDP unit,
+    its weights DTensors each rank holds half the rows of, and AdamW steps those."""
+    for rank, got in enumerate(run_two_ranks(SHARDED_CHILD, tmp_path)):
+        assert got["parallel"] == "fsdp" and got["sharded"] and got["block_sharded"], (rank, got)
+        assert got["dtensor"] and got["local_rows"] * 2 == got["full_rows"], (rank, got)
+        assert got["optimised_dtensors"] == got["optimised"] > 0, (rank, got)
