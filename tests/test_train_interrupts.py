@@ -235,7 +235,7 @@ def test_two_process_gloo_run_through_torchrun_and_resume(synth_shards, tmp_path
     """World size 2 on the CPU: DDP over gloo, the loader sharded by rank; a resume restores
     each rank's own loader and RNG state."""
     out = tmp_path / "ddp"
-    done = torchrun_train(synth_shards, out, 29517, "--max-steps", "4")
+    done = torchrun_train(synth_shards, out, "--max-steps", "4")
     assert done.stdout.count("trained steps 1..4") == 1          # rank 0 reports, alone
     state = load_checkpoint(out / "checkpoints" / "checkpoint-00000002.pt")
     assert state["world_size"] == 2
@@ -261,7 +261,7 @@ def test_two_process_gloo_run_through_torchrun_and_resume(synth_shards, tmp_path
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(out, resumed_dir)
     (resumed_dir / "checkpoints" / "checkpoint-00000004.pt").unlink()
-    done = torchrun_train(synth_shards, resumed_dir, 29518, "--max-steps", "4", "--resume")
+    done = torchrun_train(synth_shards, resumed_dir, "--max-steps", "4", "--resume")
     assert done.stdout.count("trained steps 3..4") == 1, done.stdout[-2000:]
     losses = read_losses(resumed_dir)
     assert sorted(losses) == [1, 2, 3, 4]

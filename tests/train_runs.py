@@ -16,9 +16,11 @@ def train_command(shards, out, *extra):
             "--checkpoint-every", "2", "--no-progress", *FAST, *extra]
 
 
-def torchrun_train(shards, out, port, *extra):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(port), "-m", "tcore.cli", "train", "--config", "tiny_cpu",
+def torchrun_train(shards, out, *extra):
+    """`--standalone`: a free rendezvous port of its own, so that no other run on the host
+    (another checkout's tests, a port still in TIME_WAIT) can take it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "-m", "tcore.cli", "train", "--config", "tiny_cpu",
                "--data", str(shards), "--output", str(out), "--checkpoint-every", "2",
                "--no-progress", *FAST, *DROP_PATH, "data.num_threads=1", *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
