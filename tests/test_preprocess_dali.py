@@ -1,6 +1,7 @@
 """DALI reads what the shard builder writes: the webdataset reader accepts our index files,
 and the CPU video decoder decodes every VP9 (and MJPEG/MKV) clip to the frame count and size
 its json records."""
+import io
 import json
 
 import av
@@ -10,6 +11,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from tcore.preprocess.manifest import load_manifest, shard_paths
 from tcore.preprocess.shards import build_shards
+from shard_files import read_tar
 
 
 def _decode_every_sample(shard_dir, clip_ext):
@@ -68,5 +70,16 @@ def test_dali_decodes_mjpeg_clips_from_mkv(mjpeg_shards):
     assert (manifest["codec"], manifest["clip_ext"]) == ("mjpeg", "mkv")
     results = _decode_every_sample(mjpeg_shards, "mkv")
     assert len(results) == 12
+    clips = {json.loads(sample["json"])["source"]: sample["mkv"]
+             for tar, _ in shard_paths(mjpeg_shards) for sample in read_tar(tar).values()}
     for frames, meta in results:
         assert frames.shape == (8, meta["height"], meta["width"], 3) == (8, 64, 80, 3)
+        # the full-range (yuvj) JPEG frames come out as FFmpeg decodes the same clip
+        with av.open(io.BytesIO(clips[meta["source"]])) as container:
+            ffmpeg = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        for t in (0, 7):
+            reference = ffmpeg[t].astype(np.float32)
+            # measured (2026-11-29): 3.5 levels apart on average (chroma upsampling), the
+            # means within 0.7; a limited/full range mix-up stretches levels by 16% (200 -> 214)
+            assert np.abs(frames[t].astype(np.float32) - reference).mean() < 5.0, meta["source"]
+            assert abs(frames[t].mean() - reference.mean()) < 1.5, meta["source"]

@@ -255,8 +255,9 @@ def test_step_under_bf16_autocast_matches_float32():
         reference = tcore.forward_losses(batch, TEACHER_TEMP)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = tcore.forward_losses(batch, TEACHER_TEMP)
-    tolerance = {"total": 0.05, "dino": 0.25, "koleo": 0.05, "patch_past": 0.05,
-                 "patch_future": 0.05}
+    # KoLeo runs in float32 under autocast by design (measured 2.7e-5 here)
+    tolerance = {"total": 0.05, "dino": 0.25, "koleo": 1e-3, "patch_past": 0.05,
+                 "patch_future": 0.05, "past_future": 0.05}
     for name, rel_tol in tolerance.items():
         assert mixed[name].dtype == torch.float32
         assert math.isclose(float(mixed[name]), float(reference[name]), rel_tol=rel_tol), name

@@ -316,6 +316,8 @@ def test_a_recompile_limit_falls_back_to_eager_and_eager_errors_surface():
         "    tp._kernel('pil_luma', True, bad.device)(bad)\n"
         "except IndexError:\n"
         "    pass\n"
+        "else:\n"
+        "    raise SystemExit('the eager IndexError was swallowed')\n"
         "assert not tp._COMPILE_FAILED, tp._COMPILE_FAILED\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
