@@ -77,7 +77,7 @@ def test_context_is_first_frame_plus_previous_frames_clamped_at_zero():
     assert context_frames(1, 3) == [0, 0, 0, 0]
     assert context_frames(2, 3) == [0, 0, 0, 1]
     assert context_frames(7, 3) == [0, 4, 5, 6]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="frame 0 is given"):
         context_frames(0, 3)
 
 

@@ -34,6 +34,19 @@ def made_by(loader, count: int) -> list[str]:
     return [digest(next(loader)) for _ in range(count)]
 
 
+def wait_until(reached, seconds: float = 60.0) -> None:
+    """Poll for a state the thread gets to in its own time (a sleep may be too short on a
+    busy machine, and then the test would not test what it says)."""
+    deadline = time.monotonic() + seconds
+    while not reached():
+        assert time.monotonic() < deadline, "the thread did not get there"
+        time.sleep(0.01)
+
+
+def batches_made_ahead(loader) -> int:
+    return loader._ahead_thread._queue.qsize()
+
+
 def test_a_one_pass_epoch_made_ahead_is_the_one_next_makes(synth_shards):
     """12 samples in batches of 5: 5, 5 and 2, then the end, on every later call too."""
     epochs = {}
@@ -66,7 +79,7 @@ def test_the_state_is_the_one_after_the_batch_returned_and_a_resume_is_exact(syn
 
     running = loader_with(2)
     assert made_by(running, 4) == first
-    time.sleep(0.5)                       # the thread fills its two places meanwhile
+    wait_until(lambda: batches_made_ahead(running) == 2)   # the thread fills its two places
     state = running.state_dict()
     assert state["batches_seen"] == 4
     assert made_by(running, 5) == expected
@@ -84,7 +97,7 @@ def test_the_state_is_the_one_after_the_batch_returned_and_a_resume_is_exact(syn
 def test_closing_stops_the_thread_while_it_waits_for_room(synth_shards):
     loader = build_loader([synth_shards], batch_size=2, config=config(1), num_threads=1)
     next(loader)
-    time.sleep(0.5)                       # one batch made ahead, the thread waits for room
+    wait_until(lambda: batches_made_ahead(loader) == 1)   # made, the thread waits for room
     assert len(ahead_threads()) == 1
     began = time.monotonic()
     loader.close()
@@ -171,10 +184,12 @@ def test_the_thread_makes_at_most_depth_items_the_caller_has_not_taken(depth):
             put(number)
 
     made = AheadThread(produce, depth=depth, name="test-ahead")
-    time.sleep(0.3)
+    wait_until(lambda: len(begun) >= depth)
+    time.sleep(0.2)                       # time to go beyond, which it must not
     assert len(begun) == depth
     for taken in range(3):
         assert made.get() == taken
+        wait_until(lambda: len(begun) >= depth + taken + 1)
         time.sleep(0.2)
         assert len(begun) == depth + taken + 1
     made.close()

@@ -136,6 +136,8 @@ def test_a_failed_stage_a_raises_on_every_later_get_instead_of_waiting(kind):
         caller.join(timeout=30)
         assert not caller.is_alive(), "the second get() waited for a stopped stage A"
         assert len(errors) == 2 and errors[0] is errors[1], errors
+        # stage A's own error (reading a None spec), across the process boundary too
+        assert isinstance(errors[0], AttributeError) and "NoneType" in str(errors[0]), errors
     finally:
         producer.close()
 
