@@ -34,4 +34,8 @@ if [[ ! -f "$VENV/.installed" ]]; then
     touch "$VENV/.installed"
 fi
 "$VENV/bin/python" -c "import sys, timm, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__)"
+# Inductor's cache of its own: in the shared default (/tmp/torchinductor_$USER) the two
+# releases' compiled C++ headers meet, and the other release's tests then fail to compile
+# (seen 2026-11-29: "'at::vec' has not been declared" under torch 2.14 beside a 2.11 run).
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$VENV/inductor-cache}
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
