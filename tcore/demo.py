@@ -182,7 +182,7 @@ def run_demo(settings: DemoSettings, log=print) -> dict:
     synth, shards = make_data(settings, out, log)
     started = time.time()
     result = train(cfg, shards, out / "run", max_steps=settings.steps,
-                   progress=settings.progress)
+                   progress=settings.progress, show_plan=False)   # one line per stage
     train_seconds = time.time() - started
     if result.stopped_by:   # asked to stop (SIGTERM): no loss curve or scores of a cut run
         log(f"[3/4] stopped by {result.stopped_by} after step {result.end_step}; the demo "

@@ -34,9 +34,11 @@ from tcore.config import ConfigError, save_config, validate_config
 from tcore.distributed import DistInfo, all_reduce_mean_, barrier, init_distributed, shutdown
 from tcore.metrics_log import LossHistory, MetricsLogger, NonFiniteLossError, truncate_metrics
 from tcore.optim import apply_schedules, build_optimizer
-from tcore.preprocess.files import OutputWriteError, make_output_directory, temporary_prefix
+from tcore.preprocess.files import (OutputWriteError, check_output_path, make_output_directory,
+                                   temporary_prefix)
 from tcore.preprocess.locks import exclusive_lock
 from tcore.preprocess.manifest import missing_manifest_hint
+from tcore.run_plan import AUTO_PRECISION, RunSetting, plan_lines
 from tcore.schedules import build_schedules
 from tcore.step_stream import step_stream
 from tcore.stop_request import StopRequest
@@ -427,20 +429,11 @@ def _leaf(config: dict, dotted: str):
 
 def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
           resume: bool = False, max_steps: int | None = None,
-          checkpoint_every: int | None = None, progress: bool = True) -> TrainResult:
-    """Train T-CoRe on the shards in `data`; write everything under `output`."""
-    output = output or cfg.train.output
-    if not output:
-        raise ConfigError("no run directory: pass --output RUN_DIR (or set train.output)")
-    run_dir = Path(output)
-    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
-    cfg.train.output = str(run_dir)
-    if checkpoint_every is not None:
-        cfg.train.checkpoint_every = checkpoint_every
-        validate_config(cfg, f"--checkpoint-every {checkpoint_every}")   # the config's rule
-    if max_steps is not None and int(max_steps) < 1:
-        raise ConfigError(f"--max-steps {max_steps}: need an integer > 0 (the step of the run "
-                          "to stop at)")
+          checkpoint_every: int | None = None, progress: bool = True,
+          show_plan: bool = True) -> TrainResult:
+    """Train T-CoRe on the shards in `data`; write everything under `output`. `show_plan`:
+    print what the run is about to do (tcore.run_plan) to stderr when it starts."""
+    cfg, run_dir = _run_config(cfg, output, max_steps, checkpoint_every)
     info = init_distributed(cfg.train.device)
     try:
         # Checks that need no run directory come first, so a mistyped --data, bad shards or
@@ -453,9 +446,68 @@ def train(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         with (run_directory_lock(run_dir) if info.is_main else contextlib.nullcontext(),
               StopRequest().listening() as stop):
             return _train(cfg, shard_set, run_dir, info, stop, resume=resume,
-                          max_steps=max_steps, progress=progress)
+                          max_steps=max_steps, progress=progress, show_plan=show_plan)
     finally:
         shutdown(info)
+
+
+def _run_config(cfg: DictConfig, output, max_steps: int | None,
+                checkpoint_every: int | None) -> tuple[DictConfig, Path]:
+    """The run's config (a copy, with --output and --checkpoint-every in it) and its
+    directory; --max-steps checked."""
+    output = output or cfg.train.output
+    if not output:
+        raise ConfigError("no run directory: pass --output RUN_DIR (or set train.output)")
+    run_dir = Path(output)
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+    cfg.train.output = str(run_dir)
+    if checkpoint_every is not None:
+        cfg.train.checkpoint_every = checkpoint_every
+        validate_config(cfg, f"--checkpoint-every {checkpoint_every}")   # the config's rule
+    if max_steps is not None and int(max_steps) < 1:
+        raise ConfigError(f"--max-steps {max_steps}: need an integer > 0 (the step of the run "
+                          "to stop at)")
+    return cfg, run_dir
+
+
+def dry_run(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
+            resume: bool = False, max_steps: int | None = None,
+            checkpoint_every: int | None = None, world_size: int = 1) -> list[str]:
+    """What `train` with these arguments would do, as lines: where it starts and the plan
+    for `world_size` processes. From the config, the manifests and a listing of the run
+    directory only: nothing is written, and no device or process group is touched, so a
+    machine without the GPUs (a login node) can plan the job. The same refusals as `train`
+    for a bad config, bad manifests, an unusable --output, or checkpoints without --resume;
+    not the device's (codecs, precision) or the checkpoint's own (read when it resumes)."""
+    from tcore.pipelines.manifest import load_shard_set
+    cfg, run_dir = _run_config(cfg, output, max_steps, checkpoint_every)
+    if world_size < 1:
+        raise ConfigError(f"--world-size {world_size}: need an integer > 0")
+    shard_set = load_shard_set([str(m) for m in resolve_manifests(data)])
+    check_output_path(run_dir, f"--output {run_dir}")
+    if not resume:
+        check_new_run_directory(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    refuse_checkpoints_without_resume(run_dir, ckpt_dir, resume)
+    found = list_checkpoints(ckpt_dir) if resume else []
+    start = (f"resumes after step {found[-1][0]:,} ({found[-1][1]})" if found
+             else f"starts at step 1 in {run_dir}")
+    precision = AUTO_PRECISION if cfg.train.precision == "auto" else str(cfg.train.precision)
+    setting = RunSetting(world_size=world_size, precision=precision,
+                         parallel=str(cfg.train.parallel) if world_size > 1 else "single",
+                         device=f"train.device={cfg.train.device}")
+    return [f"tcore train --dry-run: {start}{_stop_note(max_steps)}; nothing written",
+            *plan_lines(cfg, shard_set, setting)]
+
+
+def _stop_note(max_steps: int | None) -> str:
+    return f", stopping at --max-steps {max_steps:,}" if max_steps else ""
+
+
+def refuse_checkpoints_without_resume(run_dir: Path, ckpt_dir: Path, resume: bool) -> None:
+    if not resume and latest_checkpoint(ckpt_dir) is not None:
+        raise FileExistsError(f"{run_dir}: already holds checkpoints; pass --resume to "
+                              f"continue that run, or choose another --output")
 
 
 def check_new_run_directory(run_dir: Path) -> None:
@@ -496,15 +548,14 @@ def skipped_samples(loader) -> int | None:
 
 def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
            stop: StopRequest, *,
-           resume: bool, max_steps: int | None, progress: bool) -> TrainResult:
+           resume: bool, max_steps: int | None, progress: bool,
+           show_plan: bool = True) -> TrainResult:
     ckpt_dir = run_dir / "checkpoints"
     if info.is_main:
         remove_stale_temporaries(ckpt_dir)
         for name in (TEACHER_EXPORT, CONFIG_FILE):
             remove_stale_temporaries(run_dir, temporary_prefix(run_dir / name))
-        if not resume and latest_checkpoint(ckpt_dir) is not None:
-            raise FileExistsError(f"{run_dir}: already holds checkpoints; pass --resume to "
-                                  f"continue that run, or choose another --output")
+        refuse_checkpoints_without_resume(run_dir, ckpt_dir, resume)
     barrier(info)
     torch.manual_seed(int(cfg.train.seed) + info.rank)
     loader = build_train_loader(cfg, shard_set, info)
@@ -525,6 +576,8 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
             print(f"tcore train: {why}starting at step 1{replaced}", file=sys.stderr)
     if info.is_main:  # after the resume check, so a refused resume keeps the saved config
         save_config(cfg, run_dir / CONFIG_FILE)
+        if show_plan:
+            _print_plan(cfg, shard_set, trainer, run_dir, start_step, last_ckpt, max_steps)
     total = trainer.schedules.total_iters
     # A run resumed past --max-steps (or its schedule's end) trains nothing: it stays where
     # it is, not "at" the smaller number.
@@ -591,6 +644,16 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
                        end_step=step if stopped_by else end_step, last_checkpoint=last_ckpt,
                        teacher_export=exported, metrics=run_dir / "metrics.jsonl",
                        is_main=info.is_main, stopped_by=stopped_by)
+
+
+def _print_plan(cfg: DictConfig, shard_set, trainer: Trainer, run_dir: Path, start_step: int,
+                checkpoint: Path | None, max_steps: int | None) -> None:
+    start = (f"resuming after step {start_step:,} ({checkpoint})" if start_step
+             else f"starting at step 1 in {run_dir}")
+    setting = RunSetting(world_size=trainer.info.world_size, parallel=trainer.parallel,
+                         precision=trainer.precision, device=str(trainer.device))
+    lines = [f"tcore train: {start}{_stop_note(max_steps)}", *plan_lines(cfg, shard_set, setting)]
+    print("\n  ".join(lines), file=sys.stderr, flush=True)
 
 
 def _replaced_history(run_dir: Path) -> str:

@@ -23,6 +23,7 @@ from tcore.distributed import init_distributed
 from tcore.preprocess.shards import build_shards
 from tcore.metrics_log import read_metrics
 from tcore.optim import apply_schedules, build_optimizer
+from tcore.pipelines.manifest import load_shard_set
 from tcore.synthetic_batch import make_synthetic_batch
 from tcore.train import Trainer, check_resumable_config, read_losses, resolve_precision, train
 from full_disk import file_size_limit
@@ -272,11 +273,20 @@ def test_cli_says_when_the_schedule_ends_before_max_steps(synth_shards, tmp_path
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "trained steps 1..4" in result.output
+    # The plan, as the run starts: tiny_cpu's lr 0.016 scaled by sqrt(4 / 1024)
+    assert f"tcore train: starting at step 1 in {tmp_path / 'run'}, stopping at --max-steps 6\n" \
+           in result.output
+    assert "4 per process x 1 = global batch 4" in result.output
+    assert "2 epochs x 2 steps = 4 steps = 16 samples drawn" in result.output
+    assert "lr        0.016 x sqrt(4 / 1024) = 0.001, reached after 2 warm-up steps" in \
+           result.output
     assert "the schedule ends at step 4" in result.output and "--max-steps 6" in result.output
     export = tmp_path / "run" / "teacher_backbone.safetensors"
     export.unlink()                           # nothing left to train: the export is written
     again = CliRunner().invoke(cli, args + ["--resume"])
     assert again.exit_code == 0 and "is at step 4 already" in again.output
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-00000004.pt"
+    assert f"tcore train: resuming after step 4 ({checkpoint})" in again.output
     assert export.stat().st_size > 0
     # Resumed with --max-steps below where the run is: it stays at step 4 and says so (it
     # said "at step 2" before), its checkpoints and logs as they were.
@@ -291,6 +301,45 @@ def test_cli_says_when_the_schedule_ends_before_max_steps(synth_shards, tmp_path
     # At exactly that step: said so (README's "at or below" read "past" for both).
     same = CliRunner().invoke(cli, [*args[:5], "--max-steps", "4", *args[7:], "--resume"])
     assert same.output.endswith(f"is at step 4 already, at --max-steps 4\n"), same.output
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(synth_shards, tmp_path, monkeypatch):
+    """A paper preset planned for 4 GPUs on a machine without one: the global batch, steps,
+    passes and the scaled lr (0.002 x sqrt(256 / 1024), METHOD.md section 6), nothing made."""
+    out = tmp_path / "run"
+    args = ["train", "--config", "vits16_k400", "--data", str(synth_shards), "--output", str(out),
+            "--dry-run"]
+    result = CliRunner().invoke(cli, [*args, "--world-size", "4"])
+    assert result.exit_code == 0, result.output
+    shard_set = load_shard_set([str(synth_shards)])
+    samples = shard_set.total_samples
+    assert result.output.splitlines()[0] == \
+        f"tcore train --dry-run: starts at step 1 in {out}; nothing written"
+    assert "vit_small, fp16 on train.device=auto, 4 processes (DDP)" in result.output
+    assert (f"{samples} video samples in {len(shard_set.tars)} shards; 64 per process x 4 = "
+            "global batch 256") in result.output
+    assert (f"400 epochs x 936 steps = 374,400 steps = 95,846,400 samples drawn, "
+            f"{374_400 * 256 / samples:,.0f} passes over the data") in result.output
+    assert "0.002 x sqrt(256 / 1024) = 0.001, reached after 18,720 warm-up steps, then cosine " \
+           "to 1e-06 (PMM: 0.0001)" in result.output
+    assert "teacher temperature 0.04 -> 0.07 over 28,080 steps" in result.output
+    assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")      # as torchrun sets it
+    assert "64 per process x 2 = global batch 128" in CliRunner().invoke(cli, args).output
+    # An existing run: refused without --resume as the run would be; with it, where it goes on
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "checkpoint-00000002.pt").write_bytes(b"x")
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1 and "already holds checkpoints; pass --resume" in refused.output
+    resumed = CliRunner().invoke(cli, [*args, "--resume", "--max-steps", "10"])
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.splitlines()[0] == (
+        f"tcore train --dry-run: resumes after step 2 ({checkpoints / 'checkpoint-00000002.pt'}), "
+        "stopping at --max-steps 10; nothing written")
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoint-00000002.pt", "checkpoints"]
+    alone = CliRunner().invoke(cli, [*args[:-1], "--world-size", "4"])
+    assert alone.exit_code == 2 and "give it with --dry-run" in alone.output
 
 
 def test_cli_errors_name_the_problem(synth_shards, tmp_path):

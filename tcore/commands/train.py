@@ -1,4 +1,5 @@
 """`tcore train`: parse options, load the config, call `tcore.train.train`."""
+import os
 import signal
 import sys
 
@@ -21,18 +22,36 @@ from tcore.commands import shard_paths
 @click.option("--checkpoint-every", type=int, default=None,
               help="Steps between checkpoints (overrides train.checkpoint_every).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still written).")
+@click.option("--dry-run", is_flag=True,
+              help="Print what the run would do (global batch, steps, passes over the data, "
+                   "lr after scaling, where it starts) and stop; writes nothing and needs no "
+                   "GPU.")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="With --dry-run: the number of processes to plan for (default: "
+                   "WORLD_SIZE as torchrun sets it, else 1).")
 @click.argument("overrides", nargs=-1)
-def train(config, data, output, resume, max_steps, checkpoint_every, no_progress, overrides):
+def train(config, data, output, resume, max_steps, checkpoint_every, no_progress, dry_run,
+          world_size, overrides):
     """Train T-CoRe. OVERRIDES are key=value config entries, e.g. optim.epochs=10."""
     from tcore.checkpoint import CheckpointError
     from tcore.config import ConfigError, load_config
     from tcore.metrics_log import NonFiniteLossError
     from tcore.pipelines.stage_a import BadSampleError
     from tcore.preprocess.errors import ShardDirError
+    from tcore.train import dry_run as plan_run
     from tcore.train import train as run_train
 
+    if world_size is not None and not dry_run:
+        raise click.UsageError("--world-size plans a run: give it with --dry-run (torchrun "
+                               "sets a real run's)")
     try:
         cfg = load_config(config, list(overrides))
+        if dry_run:
+            for line in plan_run(cfg, data, output, resume=resume, max_steps=max_steps,
+                                 checkpoint_every=checkpoint_every,
+                                 world_size=world_size or int(os.environ.get("WORLD_SIZE", 1))):
+                click.echo(line if line.startswith("tcore train") else f"  {line}")
+            return
         result = run_train(cfg, data, output, resume=resume, max_steps=max_steps,
                            checkpoint_every=checkpoint_every, progress=not no_progress)
     # Errors whose message names the file, shard, sample or key at fault (ShardDirError: a

@@ -1,0 +1,82 @@
+"""What a `tcore train` run is about to do, in a few lines: the network and how it runs, the
+data and the global batch, how many steps and passes over the data that makes, and the
+schedules' numbers after batch scaling. Printed when a run starts and by `tcore train
+--dry-run`, which stops there, so that a week-long job's arithmetic can be read first."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from tcore.schedules import build_schedules
+
+AUTO_PRECISION = "auto (bf16 on a GPU that has it, else fp16; fp32 on the CPU)"
+
+
+@dataclass(frozen=True)
+class RunSetting:
+    """How the run executes, which the config alone does not say."""
+    world_size: int
+    parallel: str           # "single", "ddp" or "fsdp"
+    precision: str          # resolved, or AUTO_PRECISION where no device is at hand
+    device: str
+
+
+def plan_lines(cfg: DictConfig, shard_set, setting: RunSetting) -> list[str]:
+    """The plan as `name  text` lines (no trailing newlines)."""
+    batch = int(cfg.data.batch_size_per_gpu)
+    global_batch = batch * setting.world_size
+    schedules = build_schedules(cfg.optim, global_batch)
+    total, epoch = schedules.total_iters, schedules.epoch_length
+    samples = shard_set.total_samples
+    return [
+        f"model     {_model(cfg)}, {setting.precision} on {setting.device}, "
+        f"{_processes(setting)}",
+        f"data      {samples:,} {shard_set.kind} samples in {_shards(len(shard_set.tars))}; "
+        f"{batch} per process x {setting.world_size} = global batch {global_batch:,}",
+        f"steps     {int(cfg.optim.epochs):,} epochs x {epoch:,} steps = {total:,} steps "
+        f"= {total * global_batch:,} samples drawn, {_passes(total * global_batch / samples)} "
+        f"over the data",
+        f"lr        {_lr(cfg.optim, global_batch, schedules)}",
+        f"schedules weight decay {_number(cfg.optim.weight_decay)} -> "
+        f"{_number(cfg.optim.weight_decay_end)}; teacher momentum "
+        f"{_number(cfg.optim.momentum_teacher)} -> {_number(cfg.optim.final_momentum_teacher)}; "
+        f"teacher temperature {_number(cfg.optim.warmup_teacher_temp)} -> "
+        f"{_number(cfg.optim.teacher_temp)} over "
+        f"{int(cfg.optim.warmup_teacher_temp_epochs) * epoch:,} steps",
+    ]
+
+
+def _shards(count: int) -> str:
+    return "1 shard" if count == 1 else f"{count:,} shards"
+
+
+def _passes(passes: float) -> str:
+    return f"{passes:,.1f} passes" if passes < 100 else f"{passes:,.0f} passes"
+
+
+def _model(cfg: DictConfig) -> str:
+    compiled = f", compiled ({cfg.train.compile_backend})" if cfg.train.compile else ""
+    return f"{cfg.model.arch}{compiled}"
+
+
+def _processes(setting: RunSetting) -> str:
+    if setting.world_size == 1:
+        return "1 process"
+    return f"{setting.world_size} processes ({setting.parallel.upper()})"
+
+
+def _lr(optim: DictConfig, global_batch: int, schedules) -> str:
+    peak = schedules.lr.base
+    if optim.scaling_rule == "sqrt_wrt_1024":
+        scaled = f"{_number(optim.base_lr)} x sqrt({global_batch:,} / 1024) = {_number(peak)}"
+    else:
+        scaled = _number(peak)
+    warmup = int(optim.warmup_epochs) * schedules.epoch_length
+    pmm = _number(peak * float(optim.pmm_lr_mult))
+    return (f"{scaled}, reached after {warmup:,} warm-up steps, then cosine to "
+            f"{_number(optim.min_lr)} (PMM: {pmm})")
+
+
+def _number(value) -> str:
+    return f"{float(value):.4g}"
