@@ -472,8 +472,10 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
     _check_out_dir(out, options)    # before the lock makes OUT/.build in a foreign folder
     with _build_lock(out, node_rank, num_nodes):
         # Checked again and written under the lock: a build that ran in between may have
-        # recorded other options, and a start-up sweep never removes this temporary.
-        if _check_out_dir(out, options):
+        # recorded other options, and a start-up sweep never removes this temporary. Also
+        # written where an older tcore kept them in the manifest alone: a retry removes it.
+        _check_out_dir(out, options)
+        if not (out / STATE_DIR / OPTIONS_NAME).is_file():
             write_json_atomic(out / STATE_DIR / OPTIONS_NAME, options)
         return _build_this_nodes_shards(out, config, inputs, options, workers=workers,
                                         node_rank=node_rank, num_nodes=num_nodes,
@@ -516,7 +518,8 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
     _remove_stale_outputs(out, config, mine, node_rank, num_nodes)
     records = {k: _load_record(out, config, k) for k in mine}
     if retry_failed:
-        _forget_shards_with_failures(out, config, records)
+        _forget_shards_with_failures(out, config, records, _manifests_made_stale(out, node_rank,
+                                                                                 num_nodes))
     todo = [k for k in mine if records[k] is None]
     order = shard_order(inputs, config.shuffle_seed)
     tasks = []
@@ -559,14 +562,27 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
                        failures_file)
 
 
-def _forget_shards_with_failures(out: Path, config: BuildConfig, records: dict) -> None:
-    """Mark the finished shards that hold failures as not done, removing their records
-    first: a retry stopped halfway then leaves them to be built again, never an old record
-    beside a new tar. Their tars stay until the new ones replace them."""
-    for shard_id, record in records.items():
-        if record is not None and record["failures"]:
-            _record_path(out, config, shard_id).unlink()
-            records[shard_id] = None
+def _forget_shards_with_failures(out: Path, config: BuildConfig, records: dict,
+                                 manifests: list[Path]) -> None:
+    """Mark the finished shards that hold failures as not done. The manifests that list
+    them go first, then their records, before any tar is replaced: a retry stopped halfway
+    leaves no manifest or record describing a tar that is no longer the one on disk (a
+    loader refuses the directory until a rerun finishes it, naming the missing manifest).
+    Their tars stay until the new ones replace them."""
+    forgotten = [k for k, record in records.items() if record is not None and record["failures"]]
+    if not forgotten:
+        return
+    for manifest in manifests:
+        manifest.unlink(missing_ok=True)
+    for shard_id in forgotten:
+        _record_path(out, config, shard_id).unlink()
+        records[shard_id] = None
+
+
+def _manifests_made_stale(out: Path, node_rank: int, num_nodes: int) -> list[Path]:
+    """The manifests a node's rebuilt shards make wrong: its own, and a split build's merge."""
+    own = _output_files(out, node_rank, num_nodes)[0]
+    return [own] if num_nodes == 1 else [own, out / MANIFEST_NAME]
 
 
 def _give_up_empty_build(out: Path, config: BuildConfig, shard_ids: list[int], failures: list[dict]) -> None:
@@ -661,7 +677,8 @@ def build_shards(src, out, *, kind: str = "video", frames: int = 20, short_side:
     return the manifest dict (also written to `out/manifest.json`).
 
     Other keyword options: gop, crf, quality, allow_upscale, shuffle_seed (default 0; None
-    keeps the sorted order), list_file, video_root, node_rank, num_nodes, progress. Reruns resume; other options in a non-empty `out` are
+    keeps the sorted order), list_file, video_root, node_rank, num_nodes, progress,
+    retry_failed (also rebuild the finished shards holding failed inputs). Reruns resume; other options in a non-empty `out` are
     refused with ShardDirError."""
     return run_build(src, out, kind=kind, frames=frames, short_side=short_side, codec=codec,
                      samples_per_shard=samples_per_shard, workers=workers, prefix=prefix,
@@ -678,6 +695,22 @@ def _split_builds_mixed(out: Path, paths: list[Path], manifests: list[dict]) -> 
                        for count, names in sorted(by_count.items(), key=lambda kv: str(kv[0])))
     return (f"{out} holds node manifests of builds split over different numbers of nodes "
             f"({builds}); remove the other build's files, or name this build's parts to merge")
+
+
+def _check_node_shards(out: Path, path: Path, manifest: dict) -> None:
+    """Every shard a node manifest lists is in `out`, with the size the node recorded (a
+    shard rebuilt since, by a --retry-failed that stopped, or by a whole build over the
+    split one, is not the one the manifest describes)."""
+    for shard in manifest["shards"]:
+        tar = out / shard["tar"]
+        if not tar.is_file() or not (out / shard["index"]).is_file():
+            raise ShardDirError(f"shard {shard['tar']} (or its index) is not in {out}; copy every "
+                                "node's shards there before merging")
+        if tar.stat().st_size != shard["bytes"]:
+            raise ShardDirError(f"{tar} is {tar.stat().st_size} bytes where {path.name} says "
+                                f"{shard['bytes']}: it was built again since that node's "
+                                "manifest was written; rerun that node's build (the same "
+                                "command), then merge")
 
 
 def merge_node_manifests(out, parts=None) -> dict:
@@ -697,10 +730,8 @@ def merge_node_manifests(out, parts=None) -> dict:
         raise ShardDirError(f"node manifests in {out} cover ranks {ranks} of "
                             f"{next(iter(counts))} nodes; every node must finish before merging")
     merged = merge_manifest_parts(manifests, [str(p) for p in paths])
-    for shard in merged["shards"]:
-        if not (out / shard["tar"]).is_file() or not (out / shard["index"]).is_file():
-            raise ShardDirError(f"shard {shard['tar']} (or its index) is not in {out}; copy every "
-                                "node's shards there before merging")
+    for path, manifest in zip(paths, manifests):
+        _check_node_shards(out, path, manifest)
     failures = []
     for path in paths:
         failure_file = path.with_name(path.name.replace("manifest.", "failures.", 1).replace(".json", ".jsonl"))

@@ -19,8 +19,9 @@ from tcore.preprocess.discover import Source, sample_key
 from tcore.preprocess.errors import ShardDirError, TcoreWarning
 from tcore.preprocess.index import read_index
 from tcore.preprocess.manifest import load_manifest, make_manifest
-from tcore.preprocess.shards import (build_shards, discover_inputs, merge_node_manifests,
-                                     run_build, shard_order)
+from tcore.preprocess import shards as shard_builder
+from tcore.preprocess.shards import (BuildError, build_shards, discover_inputs,
+                                     merge_node_manifests, run_build, shard_order)
 from tcore.preprocess.verify import inspect_shards
 from tcore.pipelines.manifest import load_shard_set
 from tcore.preprocess.video import output_size, uniform_indices
@@ -167,12 +168,7 @@ def test_retry_failed_rebuilds_only_the_shards_holding_failures(mixed_src, mixed
     """A Kinetics build keeps its failed downloads in finished shards; once they are
     downloaded again under the same paths, a plain rerun keeps them failed (every shard is
     done) and `--retry-failed` rebuilds just the shards holding failures."""
-    src, out = tmp_path / "src", tmp_path / "shards"
-    shutil.copytree(mixed_src, src)
-    shutil.copytree(mixed_build, out)
-    good = next(video for video in sorted((src / "drift").iterdir())
-                if video.suffix == ".mp4" and video.name != "notes.mp4")
-    shutil.copy(good, src / "drift" / "notes.mp4")            # the broken file, fixed
+    src, out = _fixed_copy(mixed_src, mixed_build, tmp_path)   # drift/notes.mp4 fixed
     before = _all_files(out)
     rerun = CliRunner().invoke(cli, ["shards", "build", str(src), str(out), "--short-side",
                                      str(SHORT_SIDE), "--samples-per-shard", "4", "--no-progress"])
@@ -202,6 +198,68 @@ def test_retry_failed_rebuilds_only_the_shards_holding_failures(mixed_src, mixed
         if name.startswith("shard-") and name.split(".")[0] not in with_failures:
             assert after[name] == before[name], name
     assert f"{len(with_failures)} shards built, {4 - len(with_failures)} already done" in retry.output
+
+
+def _fixed_copy(mixed_src, built, tmp_path) -> tuple[Path, Path]:
+    """A copy of the sources with drift/notes.mp4 fixed, and a copy of a build of them."""
+    src, out = tmp_path / "src", tmp_path / "shards"
+    shutil.copytree(mixed_src, src)
+    shutil.copytree(built, out)
+    good = next(video for video in sorted((src / "drift").iterdir())
+                if video.suffix == ".mp4" and video.name != "notes.mp4")
+    shutil.copy(good, src / "drift" / "notes.mp4")
+    return src, out
+
+
+def test_a_stopped_retry_leaves_no_manifest_or_record_describing_other_tars(
+        mixed_src, mixed_build, tmp_path, monkeypatch):
+    """A retry stopped after one rebuilt shard (Ctrl-C, a worker killed): the manifest that
+    described the old shards is gone (a loader says there is none, rather than reading
+    wrong counts), every record left describes the tar on disk, and a plain rerun finishes."""
+    src, out = _fixed_copy(mixed_src, mixed_build, tmp_path)
+    real, built = shard_builder.build_one_shard, []
+
+    def stops_after_one(*args, **kwargs):
+        if built:
+            raise BuildError("stopped here by the test")
+        built.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shard_builder, "build_one_shard", stops_after_one)
+    options = dict(frames=20, short_side=SHORT_SIDE, samples_per_shard=4, progress=False)
+    with pytest.raises(BuildError, match="stopped here"):
+        run_build(src, out, retry_failed=True, **options)
+    assert built and not (out / "manifest.json").exists()
+    records = [json.loads(path.read_text()) for path in (out / ".build").glob("shard-*.json")]
+    assert records and len(records) < 4                 # the others are to be built again
+    for record in records:
+        assert (out / record["tar"]).stat().st_size == record["bytes"], record
+    with pytest.raises(ShardDirError, match=r"no shard manifest at .*was the build interrupted"):
+        load_shard_set([str(out)])
+    monkeypatch.undo()
+    run_build(src, out, **options)                       # the same command, without --retry
+    manifest = load_manifest(out, check_files=True)
+    assert manifest["total_samples"] == 4 * GOOD_PER_CLASS + 1
+    assert manifest["failures"] == len(BROKEN) - 1
+
+
+def test_merge_refuses_a_node_manifest_whose_shards_were_built_again(mixed_src, tmp_path):
+    """A split build merged, then retried as a whole build: the node manifests describe the
+    tars as they were; merging them again would undo the whole build's manifest."""
+    built = tmp_path / "built"
+    for rank in range(2):
+        build_shards(mixed_src, built, frames=20, short_side=SHORT_SIDE, samples_per_shard=4,
+                     node_rank=rank, num_nodes=2, progress=False)
+    merge_node_manifests(built)
+    src, out = _fixed_copy(mixed_src, built, tmp_path)
+    run_build(src, out, frames=20, short_side=SHORT_SIDE, samples_per_shard=4, progress=False,
+              retry_failed=True)
+    whole = (out / "manifest.json").read_bytes()
+    with pytest.raises(ShardDirError, match=r"shard-0000\d\d\.tar is \d+ bytes where "
+                                            r"manifest\.node-0000\d-of-00002\.json says \d+: it "
+                                            r"was built again"):
+        merge_node_manifests(out)
+    assert (out / "manifest.json").read_bytes() == whole
 
 
 def test_out_built_with_other_options_is_refused(mixed_src, mixed_build, tmp_path):
