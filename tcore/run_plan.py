@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from tcore.schedules import build_schedules
 
 AUTO_PRECISION = "auto (bf16 on a GPU that has it, else fp16; fp32 on the CPU)"
+KIND_NAMES = {"video": "video", "frames": "video (JPEG-frame)", "image": "image"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ def plan_lines(cfg: DictConfig, shard_set, setting: RunSetting) -> list[str]:
     return [
         f"model     {_model(cfg)}, {setting.precision} on {setting.device}, "
         f"{_processes(setting)}",
-        f"data      {samples:,} {shard_set.kind} samples in {_shards(len(shard_set.tars))}; "
+        f"data      {samples:,} {KIND_NAMES.get(shard_set.kind, shard_set.kind)} samples in "
+        f"{_shards(len(shard_set.tars))}; "
         f"{batch} per process x {setting.world_size} = global batch {global_batch:,}",
         f"steps     {int(cfg.optim.epochs):,} epochs x {epoch:,} steps = {total:,} steps "
         f"= {total * global_batch:,} samples drawn, {_passes(total * global_batch / samples)} "
@@ -45,6 +47,20 @@ def plan_lines(cfg: DictConfig, shard_set, setting: RunSetting) -> list[str]:
         f"{_number(cfg.optim.teacher_temp)} over "
         f"{int(cfg.optim.warmup_teacher_temp_epochs) * epoch:,} steps",
     ]
+
+
+def stop_note(max_steps: int | None, total_steps: int) -> str:
+    """Where a run given --max-steps stops: there, or where its schedule ends before it."""
+    if not max_steps:
+        return ""
+    if max_steps > total_steps:
+        return (f", stopping at step {total_steps:,}, where the schedule ends (before "
+                f"--max-steps {max_steps:,})")
+    return f", stopping at --max-steps {max_steps:,}"
+
+
+def total_steps(cfg: DictConfig) -> int:
+    return int(cfg.optim.epochs) * int(cfg.optim.official_epoch_length)
 
 
 def _shards(count: int) -> str:
@@ -75,7 +91,19 @@ def _lr(optim: DictConfig, global_batch: int, schedules) -> str:
     warmup = int(optim.warmup_epochs) * schedules.epoch_length
     pmm = _number(peak * float(optim.pmm_lr_mult))
     return (f"{scaled}, reached after {warmup:,} warm-up steps, then cosine to "
-            f"{_number(optim.min_lr)} (PMM: {pmm})")
+            f"{_number(optim.min_lr)} (PMM: {pmm}{_multipliers(optim)})")
+
+
+def _multipliers(optim: DictConfig) -> str:
+    """The per-group lr factors beyond the PMM's, where set (the presets set none)."""
+    parts = []
+    if float(optim.layer_decay) != 1.0:
+        parts.append(f"layer decay {_number(optim.layer_decay)}")
+    if float(optim.patch_embed_lr_mult) != 1.0:
+        parts.append(f"patch embedding x{_number(optim.patch_embed_lr_mult)}")
+    if int(optim.freeze_last_layer_epochs):
+        parts.append(f"last layer frozen {int(optim.freeze_last_layer_epochs)} epoch(s)")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _number(value) -> str:

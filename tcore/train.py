@@ -38,7 +38,7 @@ from tcore.preprocess.files import (OutputWriteError, check_output_path, make_ou
                                    temporary_prefix)
 from tcore.preprocess.locks import exclusive_lock
 from tcore.preprocess.manifest import missing_manifest_hint
-from tcore.run_plan import AUTO_PRECISION, RunSetting, plan_lines
+from tcore.run_plan import AUTO_PRECISION, RunSetting, plan_lines, stop_note, total_steps
 from tcore.schedules import build_schedules
 from tcore.step_stream import step_stream
 from tcore.stop_request import StopRequest
@@ -496,12 +496,8 @@ def dry_run(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
     setting = RunSetting(world_size=world_size, precision=precision,
                          parallel=str(cfg.train.parallel) if world_size > 1 else "single",
                          device=f"train.device={cfg.train.device}")
-    return [f"tcore train --dry-run: {start}{_stop_note(max_steps)}; nothing written",
-            *plan_lines(cfg, shard_set, setting)]
-
-
-def _stop_note(max_steps: int | None) -> str:
-    return f", stopping at --max-steps {max_steps:,}" if max_steps else ""
+    return [f"tcore train --dry-run: {start}{stop_note(max_steps, total_steps(cfg))}; "
+            "nothing written", *plan_lines(cfg, shard_set, setting)]
 
 
 def refuse_checkpoints_without_resume(run_dir: Path, ckpt_dir: Path, resume: bool) -> None:
@@ -652,7 +648,8 @@ def _print_plan(cfg: DictConfig, shard_set, trainer: Trainer, run_dir: Path, sta
              else f"starting at step 1 in {run_dir}")
     setting = RunSetting(world_size=trainer.info.world_size, parallel=trainer.parallel,
                          precision=trainer.precision, device=str(trainer.device))
-    lines = [f"tcore train: {start}{_stop_note(max_steps)}", *plan_lines(cfg, shard_set, setting)]
+    lines = [f"tcore train: {start}{stop_note(max_steps, total_steps(cfg))}",
+             *plan_lines(cfg, shard_set, setting)]
     print("\n  ".join(lines), file=sys.stderr, flush=True)
 
 

@@ -274,8 +274,8 @@ def test_cli_says_when_the_schedule_ends_before_max_steps(synth_shards, tmp_path
     assert result.exit_code == 0, result.output
     assert "trained steps 1..4" in result.output
     # The plan, as the run starts: tiny_cpu's lr 0.016 scaled by sqrt(4 / 1024)
-    assert f"tcore train: starting at step 1 in {tmp_path / 'run'}, stopping at --max-steps 6\n" \
-           in result.output
+    assert (f"tcore train: starting at step 1 in {tmp_path / 'run'}, stopping at step 4, where "
+            "the schedule ends (before --max-steps 6)\n") in result.output
     assert "4 per process x 1 = global batch 4" in result.output
     assert "2 epochs x 2 steps = 4 steps = 16 samples drawn" in result.output
     assert "lr        0.016 x sqrt(4 / 1024) = 0.001, reached after 2 warm-up steps" in \
@@ -326,6 +326,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synth_shards, tmp_path, monk
     assert not out.exists()
     monkeypatch.setenv("WORLD_SIZE", "2")      # as torchrun sets it
     assert "64 per process x 2 = global batch 128" in CliRunner().invoke(cli, args).output
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    wrong = CliRunner().invoke(cli, args)
+    assert wrong.exit_code == 2 and "WORLD_SIZE='two' in the environment" in wrong.output
+    monkeypatch.delenv("WORLD_SIZE")
+    # METHOD.md's stated per-group factors, where set, are named beside the lr
+    stated = CliRunner().invoke(cli, [*args, "optim.layer_decay=0.9",
+                                      "optim.patch_embed_lr_mult=0.2",
+                                      "optim.freeze_last_layer_epochs=1"]).output
+    assert "(PMM: 5e-05; layer decay 0.9, patch embedding x0.2, last layer frozen 1 epoch(s))" \
+        in stated, stated
     # An existing run: refused without --resume as the run would be; with it, where it goes on
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True)

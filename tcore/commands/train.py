@@ -8,6 +8,15 @@ import click
 from tcore.commands import shard_paths
 
 
+def _world_size_from_env() -> int:
+    """WORLD_SIZE as torchrun sets it, else 1."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise click.UsageError(f"WORLD_SIZE={text!r} in the environment: not a number of "
+                               "processes; unset it or give --world-size")
+    return int(text)
+
+
 @click.command(name="train", context_settings={"ignore_unknown_options": False})
 @click.option("--config", "config", default="tiny_cpu", show_default=True,
               help="Preset name (tiny_cpu, vits16_k400, vitb16_k400, vits16_imagenet) or YAML path.")
@@ -49,7 +58,7 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
         if dry_run:
             for line in plan_run(cfg, data, output, resume=resume, max_steps=max_steps,
                                  checkpoint_every=checkpoint_every,
-                                 world_size=world_size or int(os.environ.get("WORLD_SIZE", 1))):
+                                 world_size=world_size or _world_size_from_env()):
                 click.echo(line if line.startswith("tcore train") else f"  {line}")
             return
         result = run_train(cfg, data, output, resume=resume, max_steps=max_steps,
