@@ -182,7 +182,7 @@ def test_cli_end_to_end_with_reference_fixture(synthetic_davis, tmp_path):
     assert results["backbone"] == {"embed_dim": 192, "depth": 2, "num_heads": 3,
                                    "patch_size": 16, "registers": 4}
     assert results["input_sizes"] == {name: [96, 160] for name in names}
-    help_text = CliRunner().invoke(main, ["eval", "davis", "--help"]).output
+    help_text = " ".join(CliRunner().invoke(main, ["eval", "davis", "--help"]).output.split())
     assert "[default: 480x880]" in help_text  # the DAVIS input size, when --size is left out
     for name in names:
         anns = sorted((synthetic_davis / "Annotations" / "480p" / name).glob("*.png"))

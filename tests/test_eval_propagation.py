@@ -176,6 +176,32 @@ def test_labels_are_read_out_at_the_input_size_then_resized_by_nearest():
     assert (same == at_annotation).all()
 
 
+# cv2.resize(ramp, INTER_NEAREST) of OpenCV 5.0.0 (2026-11-29) at the output pixels where
+# torch's float32 "nearest" takes a neighbouring source pixel: (size, out) -> {pixel: source}
+OPENCV_NEAREST = {
+    (896, 1280): {90: 62, 170: 118, 180: 125, 330: 230, 340: 237, 350: 244, 360: 251, 650: 454,
+                  660: 461, 670: 468, 680: 475, 690: 482, 700: 489, 710: 496, 720: 503,
+                  730: 510},
+    (880, 910): {91: 87, 182: 175, 273: 263, 364: 351, 455: 439, 546: 527, 637: 615, 728: 703,
+                 819: 791},
+    (400, 96): {30: 125, 54: 225, 60: 250}}
+
+
+def test_davis_read_out_takes_opencvs_nearest_indices_not_torchs():
+    import torch.nn.functional as F
+
+    from tcore.eval.segment import opencv_nearest_sources
+
+    for (size, out), sources in OPENCV_NEAREST.items():
+        ours = opencv_nearest_sources(size, out)
+        ramp = torch.arange(float(size)).reshape(1, 1, size, 1)
+        torchs = F.interpolate(ramp, size=(out, 1), mode="nearest")[0, 0, :, 0].long().numpy()
+        assert {i: int(ours[i]) for i in sources} == sources
+        assert all(abs(torchs[i] - sources[i]) == 1 for i in sources)
+        elsewhere = np.setdiff1d(np.arange(out), list(sources))
+        assert (ours[elsewhere] == torchs[elsewhere]).all()
+
+
 def test_vip_read_out_resizes_as_pils_nearest_and_davis_as_opencvs():
     """The released code's two scorers resize the id map from the network's input size to the
     annotation's differently: DAVIS's convert_davis with OpenCV's INTER_NEAREST (source pixel
