@@ -7,11 +7,14 @@ import sys
 import time
 
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from PIL import Image
 
 from tcore.cli import main as cli
-from tcore.demo import claim_output
+from tcore.config import load_config
+from tcore.demo import claim_output, demo_backbones
 
 
 def test_demo_end_to_end_short(tmp_path):
@@ -46,6 +49,17 @@ def test_demo_end_to_end_short(tmp_path):
     for name in ("trained", "random_init"):
         saved = json.loads((out / "eval" / name / "results.json").read_text())["summary"]
         assert saved["J&F-Mean"] == scores[name]
+    # Three steps barely move the scores, so the weights say what was evaluated: "trained"
+    # is the run's exported teacher, "random init" another network
+    cfg = load_config(str(out / "run" / "config.yaml"))
+    trained, random_init = demo_backbones(cfg, summary["paths"]["checkpoint"])
+    exported = load_file(out / "run" / "teacher_backbone.safetensors")
+    weights = {f"backbone.{key}": value for key, value in trained.state_dict().items()}
+    assert exported.keys() == weights.keys()
+    assert all(torch.equal(weights[key], value) for key, value in exported.items())
+    trained_weights = trained.state_dict()
+    assert any(not torch.equal(value, trained_weights[key])
+               for key, value in random_init.state_dict().items())
     assert "trained" in result.output and "random init" in result.output
 
 
