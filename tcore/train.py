@@ -547,33 +547,18 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
            resume: bool, max_steps: int | None, progress: bool,
            show_plan: bool = True) -> TrainResult:
     ckpt_dir = run_dir / "checkpoints"
-    if info.is_main:
-        remove_stale_temporaries(ckpt_dir)
-        for name in (TEACHER_EXPORT, CONFIG_FILE):
-            remove_stale_temporaries(run_dir, temporary_prefix(run_dir / name))
-        refuse_checkpoints_without_resume(run_dir, ckpt_dir, resume)
-    barrier(info)
+    _prepare_run_directory(run_dir, ckpt_dir, resume, info)
     torch.manual_seed(int(cfg.train.seed) + info.rank)
     loader = build_train_loader(cfg, shard_set, info)
     trainer = Trainer(cfg, loader, info)
-
-    start_step, last_ckpt = 0, None
-    if resume:
-        last_ckpt = latest_checkpoint(ckpt_dir)
-    if last_ckpt is not None:
-        state = load_resume_state(ckpt_dir, last_ckpt)
-        check_resumable_config(cfg, state.get("config", {}), last_ckpt)
-        start_step = trainer.load_state_dict(state, last_ckpt)
-        del state
-    elif info.is_main:   # step 1: under --resume (a first start, a typo), or after a start
-        replaced = _replaced_history(run_dir)          # that ended before a checkpoint
-        why = f"--resume: no checkpoint in {ckpt_dir}; " if resume else ""
-        if why or replaced:
-            print(f"tcore train: {why}starting at step 1{replaced}", file=sys.stderr)
+    start_step, last_ckpt = _load_newest_checkpoint(trainer, ckpt_dir) if resume else (0, None)
     if info.is_main:  # after the resume check, so a refused resume keeps the saved config
         save_config(cfg, run_dir / CONFIG_FILE)
+        start, notable = _start_message(run_dir, ckpt_dir, resume, start_step, last_ckpt)
         if show_plan:
-            _print_plan(cfg, shard_set, trainer, run_dir, start_step, last_ckpt, max_steps)
+            _print_plan(cfg, shard_set, trainer, start, max_steps)
+        elif notable:
+            print(f"tcore train: {start}", file=sys.stderr)
     total = trainer.schedules.total_iters
     # A run resumed past --max-steps (or its schedule's end) trains nothing: it stays where
     # it is, not "at" the smaller number.
@@ -642,10 +627,42 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
                        is_main=info.is_main, stopped_by=stopped_by)
 
 
-def _print_plan(cfg: DictConfig, shard_set, trainer: Trainer, run_dir: Path, start_step: int,
-                checkpoint: Path | None, max_steps: int | None) -> None:
-    start = (f"resuming after step {start_step:,} ({checkpoint})" if start_step
-             else f"starting at step 1 in {run_dir}")
+def _prepare_run_directory(run_dir: Path, ckpt_dir: Path, resume: bool, info: DistInfo) -> None:
+    """Rank 0 removes what killed writes left and refuses checkpoints without --resume; the
+    other ranks wait for it."""
+    if info.is_main:
+        remove_stale_temporaries(ckpt_dir)
+        for name in (TEACHER_EXPORT, CONFIG_FILE):
+            remove_stale_temporaries(run_dir, temporary_prefix(run_dir / name))
+        refuse_checkpoints_without_resume(run_dir, ckpt_dir, resume)
+    barrier(info)
+
+
+def _load_newest_checkpoint(trainer: Trainer, ckpt_dir: Path) -> tuple[int, Path | None]:
+    """(step, checkpoint) the run goes on from, its state loaded into `trainer`; (0, None)
+    when there is none yet (--resume on a first start, or after one that ended before a
+    checkpoint)."""
+    newest = latest_checkpoint(ckpt_dir)
+    if newest is None:
+        return 0, None
+    state = load_resume_state(ckpt_dir, newest)
+    check_resumable_config(trainer.cfg, state.get("config", {}), newest)
+    return trainer.load_state_dict(state, newest), newest
+
+
+def _start_message(run_dir: Path, ckpt_dir: Path, resume: bool, start_step: int,
+                   checkpoint: Path | None) -> tuple[str, bool]:
+    """Where the run starts, and whether that is worth saying without the plan: a start at
+    step 1 under --resume (a first start, or a typo) or over an earlier start's logs."""
+    if start_step:
+        return f"resuming after step {start_step:,} ({checkpoint})", False
+    why = f"--resume: no checkpoint in {ckpt_dir}; " if resume else ""
+    replaced = _replaced_history(run_dir)
+    return f"{why}starting at step 1 in {run_dir}{replaced}", bool(why or replaced)
+
+
+def _print_plan(cfg: DictConfig, shard_set, trainer: Trainer, start: str,
+                max_steps: int | None) -> None:
     setting = RunSetting(world_size=trainer.info.world_size, parallel=trainer.parallel,
                          precision=trainer.precision, device=str(trainer.device))
     lines = [f"tcore train: {start}{stop_note(max_steps, total_steps(cfg))}",

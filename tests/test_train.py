@@ -233,8 +233,8 @@ def test_resume_names_a_changed_key_and_refuses_other_shards(synth_root, synth_s
     first = train(cfg, synth_shards, run, resume=True, max_steps=2, checkpoint_every=2,
                   progress=False)
     assert first.start_step == 0
-    assert (f"--resume: no checkpoint in {run / 'checkpoints'}; starting at step 1 (the 3 "
-            "steps metrics.jsonl holds, and TensorBoard's, are replaced)"
+    assert (f"tcore train: --resume: no checkpoint in {run / 'checkpoints'}; starting at step 1 "
+            f"in {run} (the 3 steps metrics.jsonl holds, and TensorBoard's, are replaced)"
             in capsys.readouterr().err)
     changed = load_config("tiny_cpu", FAST[:2] + ["data.batch_size_per_gpu=2"])
     with pytest.raises(ConfigError, match=r"data\.batch_size_per_gpu: 4 -> 2"):
