@@ -698,19 +698,28 @@ def _split_builds_mixed(out: Path, paths: list[Path], manifests: list[dict]) -> 
 
 
 def _check_node_shards(out: Path, path: Path, manifest: dict) -> None:
-    """Every shard a node manifest lists is in `out`, with the size the node recorded (a
-    shard rebuilt since, by a --retry-failed that stopped, or by a whole build over the
-    split one, is not the one the manifest describes)."""
+    """Every shard a node manifest lists is in `out`, with the size and (in its index's
+    header) the sample count the node recorded: a shard rebuilt since, by a --retry-failed
+    that stopped or a whole build over the split one, is not the one the manifest describes."""
     for shard in manifest["shards"]:
         tar = out / shard["tar"]
         if not tar.is_file() or not (out / shard["index"]).is_file():
             raise ShardDirError(f"shard {shard['tar']} (or its index) is not in {out}; copy every "
                                 "node's shards there before merging")
-        if tar.stat().st_size != shard["bytes"]:
-            raise ShardDirError(f"{tar} is {tar.stat().st_size} bytes where {path.name} says "
-                                f"{shard['bytes']}: it was built again since that node's "
-                                "manifest was written; rerun that node's build (the same "
-                                "command), then merge")
+        size, listed = tar.stat().st_size, _index_count(out / shard["index"])
+        if size != shard["bytes"] or listed != shard["samples"]:
+            raise ShardDirError(
+                f"{tar} is {size} bytes with {listed} samples in its index, where {path.name} "
+                f"says {shard['bytes']} bytes and {shard['samples']} samples: it was built again "
+                "since that node's manifest was written; rerun that node's build (the same "
+                "command), then merge")
+
+
+def _index_count(index: Path) -> int | None:
+    """The sample count in an index file's header (its first line), None if unreadable."""
+    with open(index) as handle:
+        header = handle.readline().split()
+    return int(header[1]) if len(header) == 2 and header[1].isdigit() else None
 
 
 def merge_node_manifests(out, parts=None) -> dict:

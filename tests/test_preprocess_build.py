@@ -251,13 +251,25 @@ def test_merge_refuses_a_node_manifest_whose_shards_were_built_again(mixed_src, 
         build_shards(mixed_src, built, frames=20, short_side=SHORT_SIDE, samples_per_shard=4,
                      node_rank=rank, num_nodes=2, progress=False)
     merge_node_manifests(built)
+    tampered = tmp_path / "tampered"                  # a count off, the bytes the same
+    shutil.copytree(built, tampered)
+    node_0 = tampered / "manifest.node-00000-of-00002.json"
+    manifest = json.loads(node_0.read_text())
+    manifest["shards"][0]["samples"] += 1
+    manifest["total_samples"] += 1
+    node_0.write_text(json.dumps(manifest))
+    count = manifest["shards"][0]["samples"] - 1
+    with pytest.raises(ShardDirError, match=rf"with {count} samples in its index, where "
+                                            rf"{node_0.name} says \d+ bytes and {count + 1} samples"):
+        merge_node_manifests(tampered)
     src, out = _fixed_copy(mixed_src, built, tmp_path)
     run_build(src, out, frames=20, short_side=SHORT_SIDE, samples_per_shard=4, progress=False,
               retry_failed=True)
     whole = (out / "manifest.json").read_bytes()
-    with pytest.raises(ShardDirError, match=r"shard-0000\d\d\.tar is \d+ bytes where "
-                                            r"manifest\.node-0000\d-of-00002\.json says \d+: it "
-                                            r"was built again"):
+    with pytest.raises(ShardDirError, match=r"shard-0000\d\d\.tar is \d+ bytes with \d+ samples "
+                                            r"in its index, where manifest\.node-0000\d-of-00002"
+                                            r"\.json says \d+ bytes and \d+ samples: it was "
+                                            r"built again"):
         merge_node_manifests(out)
     assert (out / "manifest.json").read_bytes() == whole
 
