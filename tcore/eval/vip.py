@@ -76,6 +76,28 @@ def read_annotation(path: Path, shape: tuple[int, int], frame: Path) -> np.ndarr
 
 
 @evaluates_frozen
+def input_size(annotation_shape, size, long_side: int | None, short_side: int,
+               patch: int) -> tuple[int, int]:
+    """A video's network input size: the fixed size, else the released loader's long-side
+    rule, else the short side (METHOD.md)."""
+    if size is not None:
+        return tuple(size)
+    if long_side is not None:
+        return long_side_size(annotation_shape, long_side)
+    return short_side_size(annotation_shape, short_side, patch)
+
+
+def score_video(truths: dict[int, np.ndarray], prediction: np.ndarray,
+                score_first_frame: bool) -> tuple[np.ndarray, int]:
+    """The video's confusion matrix over its annotated frames (from frame 1, or 0 too), and
+    how many frames it counts."""
+    confusion = np.zeros((VIP_CLASSES, VIP_CLASSES), dtype=np.int64)
+    scored = [t for t in sorted(truths) if t >= (0 if score_first_frame else 1)]
+    for t in scored:
+        confusion += metrics.confusion_matrix(truths[t], prediction[t], VIP_CLASSES)
+    return confusion, len(scored)
+
+
 def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT_SIDE,
                  size=None, long_side: int | None = None, score_first_frame: bool = False,
                  topk: int = 10, radius: float = 20, temperature: float = 0.7,
@@ -121,23 +143,13 @@ def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT
             truths = {t: read_annotation(annotations[path.stem], frames.shape[1:3], path)
                       for t, path in enumerate(frames_paths) if path.stem in annotations}
             first = truths[0]
-            if size is not None:
-                video_size = tuple(size)
-            elif long_side is not None:
-                video_size = long_side_size(first.shape, long_side)
-            else:
-                video_size = short_side_size(first.shape, short_side, patch)
+            video_size = input_size(first.shape, size, long_side, short_side, patch)
             input_sizes[name] = list(video_size)
             prediction, _ = propagate_segmentation(encode, frames, first, size=video_size,
                                                    patch=patch, settings=settings, device=device,
                                                    first_read_out=score_first_frame,
                                                    centred_nearest=True)
-            confusion = np.zeros_like(total)
-            scored = 0
-            for t in range(0 if score_first_frame else 1, len(frames_paths)):
-                if t in truths:
-                    confusion += metrics.confusion_matrix(truths[t], prediction[t], VIP_CLASSES)
-                    scored += 1
+            confusion, scored = score_video(truths, prediction, score_first_frame)
             unscored = len(frames_paths) - (0 if score_first_frame else 1) - scored
             if unscored:
                 warnings.append(f"{name}: {unscored} frames have no annotation; propagated, "
