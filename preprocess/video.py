@@ -92,6 +92,10 @@ def _resize(frame, width: int, height: int):
     return out
 
 
+# FFmpeg demuxers that turn text into video frames (ANSI art, subtitles drawn as pictures).
+TEXT_DEMUXERS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
+
+
 def _is_image_demuxer(name: str) -> bool:
     """FFmpeg's image-file demuxers: image2, image2pipe and the `<codec>_pipe` family."""
     return any(part in ("image2", "image2pipe") or part.endswith("_pipe") for part in name.split(","))
@@ -116,6 +120,13 @@ def _open(path: str):
         container.close()
         raise BadInput(f"not a video: a still image (FFmpeg reads it with the {name} image "
                        "demuxer; folders of images are built with --kind image)")
+    if container.format.name in TEXT_DEMUXERS:
+        # FFmpeg's fallback for text it cannot place: a README.txt or a list of paths would
+        # become a "video" of terminal text.
+        name = container.format.name
+        container.close()
+        raise BadInput(f"not a video: text (FFmpeg reads it with its {name} demuxer, which "
+                       "renders text files as video)")
     if not container.streams.video:
         kinds = sorted({stream.type for stream in container.streams})
         container.close()

@@ -146,6 +146,17 @@ def test_a_stale_duration_eng_tag_is_not_the_tracks_duration(tmp_path):
     assert clip.source_frames == 20 and clip.source_duration == pytest.approx(2.0)
 
 
+def test_a_text_file_in_a_video_folder_is_not_a_video(tmp_path):
+    """FFmpeg's tty demuxer reads a text file of some size (a README.txt, a list of paths
+    made inside the data folder) as a "video" of terminal text; it became a sample."""
+    text = tmp_path / "README.txt"
+    text.write_text("A dataset of videos, one folder per class.\n" * 40)
+    with av.open(str(text)) as container:                   # what FFmpeg makes of it
+        assert container.format.name == "tty" and container.streams.video
+    with pytest.raises(BadInput, match=r"not a video: text \(FFmpeg reads it with its tty"):
+        read_clip(str(text), 8, 0)
+
+
 def test_a_cut_avi_is_truncated_by_the_frame_count_in_its_header(tmp_path):
     """A cut-off AVI decodes cleanly up to the cut and FFmpeg takes its duration from what
     it found, so the duration check passed it and it became a sample; the frame count in
