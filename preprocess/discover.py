@@ -17,6 +17,12 @@ from tcore.preprocess.errors import TcoreWarning
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+# Containers a downloaded clip comes in, and what downloaders (yt-dlp) leave beside a clip
+# under its name: partial downloads, metadata, descriptions, thumbnails, subtitles.
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg",
+                    ".3gp", ".ogv", ".ts", ".wmv"}
+DOWNLOADER_SIDE_FILES = (".part", ".ytdl", ".json", ".description", ".jpg", ".jpeg", ".png",
+                         ".webp", ".vtt", ".srt", ".txt", ".temp")
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,14 @@ class Source:
     relative: str  # path relative to the input root (or the list's text) for the json
     class_name: str
     problem: str | None = None  # why it cannot be a sample, when discovery already knows
+    # What names the input whatever file is found for it (a Kinetics row: label/id_start_end,
+    # the same before and after its clip is downloaded, in any container); else `relative`.
+    identity: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The input's name for the build's order and its input-set digest."""
+        return self.identity or self.relative
 
 
 @dataclass
@@ -184,13 +198,20 @@ class _FolderFiles:
 def _find_kinetics_file(video_root: Path, label: str, youtube_id: str, start: int, end: int,
                         files: _FolderFiles) -> Path | None:
     """Downloaded Kinetics clips are `<id>_<start:06d>_<end:06d>.<any ext>`, under
-    `<video_root>/<label>/` or `<video_root>/`."""
+    `<video_root>/<label>/` or `<video_root>/`: a video container's extension first (the
+    first by name), else any file of that name but a downloader's side files."""
     stem = f"{youtube_id}_{start:06d}_{end:06d}"
     for folder in (video_root / label, video_root / label.replace(" ", "_"), video_root):
-        matches = files.matching(folder, stem)
-        if matches:
-            return folder / matches[0]
+        matches = [name for name in files.matching(folder, stem)
+                   if not name.lower().endswith(DOWNLOADER_SIDE_FILES)]
+        videos = [name for name in matches if _extension(name, stem) in VIDEO_EXTENSIONS]
+        if videos or matches:
+            return folder / (videos or matches)[0]
     return None
+
+
+def _extension(name: str, stem: str) -> str:
+    return name[len(stem):].lower()
 
 
 def discover_list(list_file, video_root=None, kind: str = "video") -> Inputs:
@@ -248,20 +269,21 @@ def _discover_kinetics(rows: list[list[str]], video_root: Path, list_file: Path)
         start, end = (_kinetics_seconds(row[column], list_file, line_number, KINETICS_COLUMNS[column])
                       for column in (2, 3))
         path = _find_kinetics_file(video_root, label, youtube_id, start, end, files)
+        row = f"{label}/{youtube_id}_{start:06d}_{end:06d}"
         if path is not None:
             try:
                 relative = path.relative_to(video_root).as_posix()
             except ValueError:
                 relative = path.as_posix()
-            sources.append(Source(str(path.resolve()), relative, label))
+            sources.append(Source(str(path.resolve()), relative, label, identity=row))
         else:
-            sources.append(Source(None, f"{label}/{youtube_id}_{start:06d}_{end:06d}", label))
+            sources.append(Source(None, row, label, identity=row))
         # a clip not found is told by its name: a row repeated is refused either way
         lines.setdefault(sources[-1].path or sources[-1].relative, []).append(line_number)
     if not sources:
         raise ValueError(f"{list_file} lists no videos")
     _refuse_repeats(list_file, lines)
-    sources.sort(key=lambda source: source.relative)
+    sources.sort(key=lambda source: source.key)   # a row keeps its place when its clip comes
     return Inputs(sources, sorted({source.class_name for source in sources}))
 
 

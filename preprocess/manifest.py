@@ -37,8 +37,8 @@ def write_jsonl_atomic(path, rows: list[dict]) -> None:
 
 def with_default_options(options: dict) -> dict:
     """Build options as recorded, plus what builds made before an option existed did:
-    inputs in sorted order (`shuffle_seed` None)."""
-    return {"shuffle_seed": None, **options}
+    inputs in sorted order (`shuffle_seed` None), named by their paths (`input_keys`)."""
+    return {"shuffle_seed": None, "input_keys": "paths", **options}
 
 
 def holds_classes_in_order(manifest: dict) -> bool:

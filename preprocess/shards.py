@@ -342,7 +342,8 @@ def _how_it_ended(exitcode: int | None) -> str:
 
 def shard_order(inputs: Inputs, shuffle_seed: int | None) -> list[int]:
     """The inputs' indices in the order the shards hold them: sorted when `shuffle_seed` is
-    None, else sorted by a hash of (seed, relative path). A hash rather than a shuffle, so
+    None, else sorted by a hash of (seed, the input's key: its relative path, or a Kinetics
+    row's label/id_start_end, whichever file holds it). A hash rather than a shuffle, so
     the order never depends on a library's random stream, and each input's place relative
     to the others does not change when inputs are added."""
     indices = list(range(len(inputs.sources)))
@@ -350,18 +351,20 @@ def shard_order(inputs: Inputs, shuffle_seed: int | None) -> list[int]:
         return indices
     def place(i: int) -> bytes:
         # surrogateescape: a file name that is not UTF-8 keeps its bytes
-        text = f"{shuffle_seed}\0{inputs.sources[i].relative}".encode("utf-8", "surrogateescape")
+        text = f"{shuffle_seed}\0{inputs.sources[i].key}".encode("utf-8", "surrogateescape")
         return hashlib.blake2b(text, digest_size=8).digest()
     return sorted(indices, key=place)
 
 
 def _inputs_digest(inputs: Inputs) -> str:
-    text = json.dumps([inputs.classes, [(s.relative, s.class_name) for s in inputs.sources]])
+    text = json.dumps([inputs.classes, [(s.key, s.class_name) for s in inputs.sources]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _options(config: BuildConfig, inputs: Inputs) -> dict:
-    return {**asdict(config), "inputs": len(inputs.sources), "inputs_sha256": _inputs_digest(inputs)}
+    keys = "kinetics_rows" if any(source.identity for source in inputs.sources) else "paths"
+    return {**asdict(config), "inputs": len(inputs.sources), "inputs_sha256": _inputs_digest(inputs),
+            "input_keys": keys}
 
 
 def _check_out_dir(out: Path, options: dict) -> bool:
@@ -392,6 +395,11 @@ def _other_build(out: Path, previous: dict, options: dict) -> ShardDirError:
     """The error for an OUT built with other options or from other input files (told apart:
     the inputs' digest says nothing to the user, and no option brings the files back)."""
     changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
+    if "input_keys" in changed:
+        return ShardDirError(f"{out} was begun by an earlier tcore, which named each Kinetics "
+                             "row by the file found for it (a clip downloaded since would move "
+                             "the inputs after it); it cannot be resumed: build into a new "
+                             "output directory")
     then, now = previous.get("inputs"), options["inputs"]
     if then == now:
         count = f"{now}, as then"

@@ -493,6 +493,9 @@ def test_kinetics_csv_and_plain_list(synth_root, tmp_path):
     shutil.copy(videos[0], root / "playing_guitar" / "q_000001_000011.webm")
     shutil.copy(videos[1], root / "playing_guitar" / "d.t_000002_000012.webm")
     (root / "playing_guitar" / "q_000001_000011.webm.part").write_bytes(b"partial download")
+    # what yt-dlp leaves beside a clip, sorting before it by name, is not the clip
+    (root / "riding a bike" / "abc-_12_000010_000020.description").write_text("a video")
+    (root / "riding a bike" / "abc-_12_000010_000020.info.json").write_text("{}")
     csv_file = tmp_path / "train.csv"
     csv_file.write_text("label,youtube_id,time_start,time_end,split\n"
                         "riding a bike,abc-_12,10,20,train\n"
@@ -520,6 +523,55 @@ def test_kinetics_csv_and_plain_list(synth_root, tmp_path):
     manifest = build_shards(None, out2, list_file=listing, video_root=synth_root / "train", short_side=64,
                             progress=False)
     assert manifest["total_samples"] == 2 and manifest["classes"] == sorted({p.parent.name for p in videos})
+
+
+def test_a_kinetics_row_downloaded_later_is_retried_in_its_place(synth_root, tmp_path):
+    """A Kinetics row is named by label/id_start_end, not by the file found for it: a clip
+    missing at the first build, or broken and downloaded again in another container, keeps
+    the row's place, so `--retry-failed` takes it (the input set was refused as changed)."""
+    videos = sorted(path for path in (synth_root / "train").rglob("*.webm"))[:3] * 2
+    root = tmp_path / "root"
+    (root / "juggling").mkdir(parents=True)
+    rows = [f"juggling,clip{n},{n},{n + 10},train\n" for n in range(6)]
+    for n in range(6):
+        if n == 2:
+            continue                                           # not downloaded yet
+        shutil.copy(videos[n], root / "juggling" / f"clip{n}_{n:06d}_{n + 10:06d}.webm")
+    broken = root / "juggling" / "clip4_000004_000014.webm"
+    broken.write_bytes(broken.read_bytes()[:3000])             # a cut download
+    csv_file = tmp_path / "k.csv"
+    csv_file.write_text("label,youtube_id,time_start,time_end,split\n" + "".join(rows))
+    out = tmp_path / "out"
+    options = dict(list_file=csv_file, video_root=root, frames=8, short_side=64,
+                   samples_per_shard=2, progress=False)
+    first = run_build(None, out, **options)
+    assert sorted(f["source"] for f in first.failures) == [
+        "juggling/clip2_000002_000012", "juggling/clip4_000004_000014.webm"]
+    before = _all_files(out)
+    shutil.copy(videos[2], root / "juggling" / "clip2_000002_000012.mp4")   # downloaded
+    broken.unlink()
+    shutil.copy(videos[4], root / "juggling" / "clip4_000004_000014.mkv")   # again, as mkv
+    retried = run_build(None, out, retry_failed=True, **options)
+    assert retried.failures == [] and retried.manifest["total_samples"] == 6
+    inputs = discover_inputs(None, list_file=csv_file, video_root=root)
+    order = shard_order(inputs, 0)
+    keys = [inputs.sources[i].key for i in order]
+    held = {k: [s.key for s in inputs.sources if s.key in keys[2 * k:2 * k + 2]] for k in range(3)}
+    fixed = {"juggling/clip2_000002_000012", "juggling/clip4_000004_000014"}
+    for k in range(3):        # the shards without those two rows are the files they were
+        name = f"shard-{k:06d}.tar"
+        if not fixed & set(held[k]):
+            assert _all_files(out)[name] == before[name], name
+    assert load_manifest(out, check_files=True)["failures"] == 0
+    # A Kinetics build begun before rows had their own names (no `input_keys` recorded) is
+    # refused as such, not as "files were added, removed or renamed"
+    options_file = out / ".build" / "options.json"
+    saved = json.loads(options_file.read_text())
+    del saved["input_keys"]
+    options_file.write_text(json.dumps(saved))
+    with pytest.raises(ShardDirError, match="begun by an earlier tcore, which named each "
+                                            "Kinetics row by the file found for it"):
+        run_build(None, out, **options)
 
 
 def test_inspect_verify_finds_a_corrupted_sample(synth_shards, tmp_path):
