@@ -255,6 +255,28 @@ def build_one_shard(out: Path, config: BuildConfig, shard_id: int, items: list[t
                          "resume)") from err
 
 
+def _failure(source: Source, error: str) -> dict:
+    """A failed input as its shard's record keeps it: what failures.jsonl says (`source`,
+    `error`), and the input's key and file state, by which a retry sees it changed."""
+    return {"source": source.relative, "error": error, "input": source.key,
+            "file": input_file_state(source)}
+
+
+def input_file_state(source: Source) -> list | None:
+    """[size, mtime_ns] of the input's file, None where there is none (not its path: a
+    dataset moved with its modification times kept is the same files)."""
+    try:
+        stat = os.stat(source.path) if source.path else None
+    except OSError:
+        stat = None
+    return [stat.st_size, stat.st_mtime_ns] if stat else None
+
+
+def _reported(failure: dict) -> dict:
+    """A failure as failures.jsonl and the build's result give it."""
+    return {"source": failure["source"], "error": failure["error"]}
+
+
 def _write_shard(out: Path, config: BuildConfig, shard_id: int, items: list[tuple[int, Source, int]],
                  tick=None) -> dict:
     name = config.shard_name(shard_id)
@@ -265,12 +287,11 @@ def _write_shard(out: Path, config: BuildConfig, shard_id: int, items: list[tupl
             try:
                 components = make_sample(source, label, config)
             except BadInput as err:  # bad input never stops a build
-                failures.append({"source": source.relative, "error": str(err)})
+                failures.append(_failure(source, str(err)))
             except Exception as err:
                 # Not a known kind of bad input: logged with its type, so that one odd file
                 # among 240k cannot stop (and, rerun, stop again) a Kinetics build...
-                failures.append({"source": source.relative,
-                                 "error": f"{type(err).__name__}: {err}"})
+                failures.append(_failure(source, f"{type(err).__name__}: {err}"))
                 unexpected = unexpected or (source, err)
             else:
                 writer.add_sample(sample_key(input_index, source), components)
@@ -527,7 +548,8 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
     records = {k: _load_record(out, config, k) for k in mine}
     if retry_failed:
         _forget_shards_with_failures(out, config, records, _manifests_made_stale(out, node_rank,
-                                                                                 num_nodes))
+                                                                                 num_nodes),
+                                     {source.key: source for source in inputs.sources})
     todo = [k for k in mine if records[k] is None]
     order = shard_order(inputs, config.shuffle_seed)
     tasks = []
@@ -552,7 +574,8 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
     seconds = time.perf_counter() - start
 
     # by source, as merge_node_manifests lists them (the shards hold a shuffled order)
-    failures = sorted((f for k in mine for f in records[k]["failures"]), key=lambda f: f["source"])
+    failures = sorted((_reported(f) for k in mine for f in records[k]["failures"]),
+                      key=lambda f: f["source"])
     shards = [{key: records[k][key] for key in ("tar", "index", "samples", "bytes")}
               for k in mine if records[k]["samples"]]
     if not shards and num_nodes == 1:
@@ -571,13 +594,17 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
 
 
 def _forget_shards_with_failures(out: Path, config: BuildConfig, records: dict,
-                                 manifests: list[Path]) -> None:
-    """Mark the finished shards that hold failures as not done. The manifests that list
-    them go first, then their records, before any tar is replaced: a retry stopped halfway
-    leaves no manifest or record describing a tar that is no longer the one on disk (a
-    loader refuses the directory until a rerun finishes it, naming the missing manifest).
-    Their tars stay until the new ones replace them."""
-    forgotten = [k for k, record in records.items() if record is not None and record["failures"]]
+                                 manifests: list[Path], sources: dict[str, Source]) -> None:
+    """Mark the finished shards holding a failed input whose file changed since (fixed,
+    downloaded, replaced) as not done; one whose failures are as they were (a clip still
+    missing) is kept, so a retry after a few downloads re-encodes a few shards. The
+    manifests that list them go first, then their records, before any tar is replaced: a
+    retry stopped halfway leaves no manifest or record describing a tar that is no longer
+    the one on disk (a loader refuses the directory until a rerun finishes it, naming the
+    missing manifest). Their tars stay until the new ones replace them."""
+    forgotten = [k for k, record in records.items()
+                 if record is not None and any(_changed_since(failure, sources)
+                                               for failure in record["failures"])]
     if not forgotten:
         return
     for manifest in manifests:
@@ -585,6 +612,14 @@ def _forget_shards_with_failures(out: Path, config: BuildConfig, records: dict,
     for shard_id in forgotten:
         _record_path(out, config, shard_id).unlink()
         records[shard_id] = None
+
+
+def _changed_since(failure: dict, sources: dict[str, Source]) -> bool:
+    """Whether a failed input's file is not the one that failed (a record of a tcore that
+    kept no file state counts as changed)."""
+    if "file" not in failure or failure.get("input") not in sources:
+        return True
+    return input_file_state(sources[failure["input"]]) != failure["file"]
 
 
 def _manifests_made_stale(out: Path, node_rank: int, num_nodes: int) -> list[Path]:

@@ -90,9 +90,10 @@ def _refuse_options_that_do_nothing(ctx, kind: str, codec: str) -> None:
 @click.option("--num-nodes", default=1, show_default=True, type=click.IntRange(min=1),
               help="Machines splitting the build (then run merge-manifest).")
 @click.option("--retry-failed", is_flag=True,
-              help="Also rebuild the finished shards that hold failed inputs (fixed or "
-                   "downloaded again since, under the same paths); their other samples are "
-                   "encoded again too.")
+              help="Also rebuild the finished shards holding a failed input whose file "
+                   "changed since (fixed or downloaded again, under the same path; a "
+                   "Kinetics row in any container); their other samples are encoded again "
+                   "too.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_context
 def build(ctx, paths, list_file, video_root, no_shuffle, **options):
