@@ -43,9 +43,7 @@ def plan_lines(cfg: DictConfig, shard_set, setting: RunSetting) -> list[str]:
         f"schedules weight decay {_number(cfg.optim.weight_decay)} -> "
         f"{_number(cfg.optim.weight_decay_end)}; teacher momentum "
         f"{_number(cfg.optim.momentum_teacher)} -> {_number(cfg.optim.final_momentum_teacher)}; "
-        f"teacher temperature {_number(cfg.optim.warmup_teacher_temp)} -> "
-        f"{_number(cfg.optim.teacher_temp)} over "
-        f"{int(cfg.optim.warmup_teacher_temp_epochs) * epoch:,} steps",
+        f"teacher temperature {_teacher_temperature(cfg.optim, schedules)}",
     ]
 
 
@@ -92,6 +90,18 @@ def _lr(optim: DictConfig, global_batch: int, schedules) -> str:
     pmm = _number(peak * float(optim.pmm_lr_mult))
     return (f"{scaled}, reached after {warmup:,} warm-up steps, then cosine to "
             f"{_number(optim.min_lr)} (PMM: {pmm}{_multipliers(optim)})")
+
+
+def _teacher_temperature(optim: DictConfig, schedules) -> str:
+    """Its warm-up, and where it ends when the warm-up outlasts the run."""
+    warmup = int(optim.warmup_teacher_temp_epochs) * schedules.epoch_length
+    text = (f"{_number(optim.warmup_teacher_temp)} -> {_number(optim.teacher_temp)} over "
+            f"{warmup:,} steps")
+    total = schedules.total_iters
+    if warmup > total:
+        text += (f", longer than the run: it ends at "
+                 f"{_number(schedules.teacher_temp[total - 1])}")
+    return text
 
 
 def _multipliers(optim: DictConfig) -> str:

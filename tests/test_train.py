@@ -322,7 +322,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synth_shards, tmp_path, monk
             f"{374_400 * 256 / samples:,.0f} passes over the data") in result.output
     assert "0.002 x sqrt(256 / 1024) = 0.001, reached after 18,720 warm-up steps, then cosine " \
            "to 1e-06 (PMM: 0.0001)" in result.output
-    assert "teacher temperature 0.04 -> 0.07 over 28,080 steps" in result.output
+    assert "teacher temperature 0.04 -> 0.07 over 28,080 steps\n" in result.output
+    short = CliRunner().invoke(cli, [*args, "optim.epochs=10", "optim.warmup_epochs=1"]).output
+    ends = 0.04 + 0.03 * (10 * 936 - 1) / (30 * 936 - 1)     # the warm-up's value at the end
+    assert (f"over 28,080 steps, longer than the run: it ends at {ends:.4g}\n") in short, short
     assert not out.exists()
     monkeypatch.setenv("WORLD_SIZE", "2")      # as torchrun sets it
     assert "64 per process x 2 = global batch 128" in CliRunner().invoke(cli, args).output
