@@ -72,3 +72,30 @@ def test_a_finished_shard_whose_tar_or_index_is_gone_is_rebuilt(synth_root, tmp_
     result = run_build(synth_root / "train", out, **options)
     assert (result.built_shards, result.skipped_shards) == (2, 1)
     assert _files(out) == before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_mid_build_says_how_to_go_on_and_exits_130(synth_root, tmp_path, workers):
+    """SIGINT (Ctrl-C) printed click's bare "Aborted!" with status 1: now it says the
+    finished shards are kept and to rerun, exits 130 as a shell reports Ctrl-C, and leaves
+    no temporaries; the rerun finishes the build."""
+    src, out = synth_root / "train", tmp_path / "interrupted"
+    process = subprocess.Popen(_build_command(src, out, workers), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / ".build").glob("shard-*.json")):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "build never finished its first shard"
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, output[-2000:]
+    assert f"interrupted; the finished shards in {out} are kept: rerun the same command" in output
+    assert "Aborted!" not in output and "Traceback" not in output, output[-2000:]
+    assert not list(out.glob("*.tmp-*"))
+    subprocess.run(_build_command(src, out, workers), capture_output=True, text=True, check=True)
+    assert load_manifest(out, check_files=True)["total_samples"] == 12

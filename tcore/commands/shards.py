@@ -1,4 +1,6 @@
 """`tcore shards build | inspect | merge-manifest`: thin wrappers over tcore.preprocess."""
+import sys
+
 import click
 from click.core import ParameterSource
 
@@ -114,6 +116,11 @@ def build(ctx, paths, list_file, video_root, no_shuffle, **options):
         src, out = paths
     try:
         result = run_build(src, out, list_file=list_file, video_root=video_root, **options)
+    except KeyboardInterrupt:   # Ctrl-C: the finished shards are kept; say how to go on
+        click.echo(f"\ntcore shards build: interrupted; the finished shards in {out} are kept: "
+                   "rerun the same command to finish the build (until then it may have no "
+                   "manifest, which a retry removes first)", err=True)
+        sys.exit(130)
     except (ShardDirError, BuildError, ValueError, ModuleNotFoundError) as err:
         raise click.ClickException(str(err))
     except OSError as err:
