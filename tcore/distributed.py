@@ -12,6 +12,10 @@ import torch
 import torch.distributed as dist
 
 
+class DistributedSetupError(RuntimeError):
+    """The environment asks for several processes but does not say how to join them."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -44,6 +48,12 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
 def init_distributed(device_preference: str = "auto") -> DistInfo:
     """Join the torchrun process group if there is one; return rank, world size, device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if world_size > 1 and missing:
+        # Some schedulers export WORLD_SIZE for their own use; torch's error is a traceback.
+        raise DistributedSetupError(f"WORLD_SIZE={world_size} but no {' or '.join(missing)} in the "
+                           "environment: launch with torchrun (it sets them), or unset "
+                           "WORLD_SIZE for one process")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)

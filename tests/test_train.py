@@ -353,6 +353,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synth_shards, tmp_path, monk
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoint-00000002.pt", "checkpoints"]
     alone = CliRunner().invoke(cli, [*args[:-1], "--world-size", "4"])
     assert alone.exit_code == 2 and "give it with --dry-run" in alone.output
+    # A real run where WORLD_SIZE is set but no rendezvous (a scheduler's variable, no
+    # torchrun): one line, no run directory (torch's own error was a traceback)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    real = CliRunner().invoke(cli, ["train", "--data", str(synth_shards), "--output",
+                                    str(tmp_path / "real"), "--max-steps", "1", *FAST])
+    assert real.exit_code == 1 and "WORLD_SIZE=2 but no MASTER_ADDR or MASTER_PORT in the " \
+        "environment: launch with torchrun" in real.output, real.output
+    assert not (tmp_path / "real").exists()
 
 
 def test_cli_errors_name_the_problem(synth_shards, tmp_path):

@@ -44,6 +44,7 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
     """Train T-CoRe. OVERRIDES are key=value config entries, e.g. optim.epochs=10."""
     from tcore.checkpoint import CheckpointError
     from tcore.config import ConfigError, load_config
+    from tcore.distributed import DistributedSetupError
     from tcore.metrics_log import NonFiniteLossError
     from tcore.pipelines.stage_a import BadSampleError
     from tcore.preprocess.errors import ShardDirError
@@ -66,7 +67,7 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
     # Errors whose message names the file, shard, sample or key at fault (ShardDirError: a
     # bad manifest and the loader's start-up checks); anything else keeps its traceback.
     except (ConfigError, ShardDirError, BadSampleError, CheckpointError, FileNotFoundError,
-            FileExistsError) as exc:
+            FileExistsError, DistributedSetupError) as exc:
         raise click.ClickException(str(exc)) from exc
     except NonFiniteLossError:
         sys.exit(3)  # the message was printed by the loop
