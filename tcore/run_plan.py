@@ -23,8 +23,10 @@ class RunSetting:
     device: str
 
 
-def plan_lines(cfg: DictConfig, shard_set, setting: RunSetting) -> list[str]:
-    """The plan as `name  text` lines (no trailing newlines)."""
+def plan_lines(cfg: DictConfig, shard_set, setting: RunSetting, start_step: int = 0,
+               end_step: int | None = None) -> list[str]:
+    """The plan as `name  text` lines (no trailing newlines); a `this run` line where the
+    run trains part of the schedule (a resume, --max-steps): steps start_step+1..end_step."""
     batch = int(cfg.data.batch_size_per_gpu)
     global_batch = batch * setting.world_size
     schedules = build_schedules(cfg.optim, global_batch)
@@ -44,6 +46,7 @@ def plan_lines(cfg: DictConfig, shard_set, setting: RunSetting) -> list[str]:
         f"{_number(cfg.optim.weight_decay_end)}; teacher momentum "
         f"{_number(cfg.optim.momentum_teacher)} -> {_number(cfg.optim.final_momentum_teacher)}; "
         f"teacher temperature {_teacher_temperature(cfg.optim, schedules)}",
+        *_this_run(start_step, end_step, total, global_batch, samples, schedules),
     ]
 
 
@@ -90,6 +93,17 @@ def _lr(optim: DictConfig, global_batch: int, schedules) -> str:
     pmm = _number(peak * float(optim.pmm_lr_mult))
     return (f"{scaled}, reached after {warmup:,} warm-up steps, then cosine to "
             f"{_number(optim.min_lr)} (PMM: {pmm}{_multipliers(optim)})")
+
+
+def _this_run(start_step: int, end_step: int | None, total: int, global_batch: int,
+              samples: int, schedules) -> list[str]:
+    end = total if end_step is None else min(end_step, total)
+    if (start_step, end) == (0, total) or end <= start_step:
+        return []
+    drawn = (end - start_step) * global_batch
+    return [f"this run  steps {start_step + 1:,}..{end:,} of {total:,}: {drawn:,} samples drawn, "
+            f"{_passes(drawn / samples)} over the data; lr {_number(schedules.lr[end - 1])} "
+            f"at its last step"]
 
 
 def _teacher_temperature(optim: DictConfig, schedules) -> str:

@@ -477,8 +477,10 @@ def dry_run(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
     for `world_size` processes. From the config, the manifests and a listing of the run
     directory only: nothing is written, and no device or process group is touched, so a
     machine without the GPUs (a login node) can plan the job. The same refusals as `train`
-    for a bad config, bad manifests, an unusable --output, or checkpoints without --resume;
-    not the device's (codecs, precision) or the checkpoint's own (read when it resumes)."""
+    for a bad config, bad manifests, an unusable --output, checkpoints without --resume, and
+    a resume whose config differs from the run's (RUN_DIR/config.yaml, as the run saved it);
+    not the device's (codecs, precision) or the checkpoint's own (read when it resumes:
+    its data and loader state)."""
     from tcore.pipelines.manifest import load_shard_set
     cfg, run_dir = _run_config(cfg, output, max_steps, checkpoint_every)
     if world_size < 1:
@@ -490,14 +492,21 @@ def dry_run(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
     ckpt_dir = run_dir / "checkpoints"
     refuse_checkpoints_without_resume(run_dir, ckpt_dir, resume)
     found = list_checkpoints(ckpt_dir) if resume else []
-    start = (f"resumes after step {found[-1][0]:,} ({found[-1][1]})" if found
-             else f"starts at step 1 in {run_dir}")
+    start_step, checkpoint = found[-1] if found else (0, None)
+    if checkpoint is not None and (run_dir / CONFIG_FILE).is_file():
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
+        check_resumable_config(cfg, saved, run_dir / CONFIG_FILE)
+    start, _ = _start_message(run_dir, ckpt_dir, resume, start_step, checkpoint)
+    end = min(total_steps(cfg), max_steps) if max_steps else total_steps(cfg)
+    if start_step >= end:
+        start = f"nothing to train: {run_dir} is at step {start_step:,} already"
     precision = AUTO_PRECISION if cfg.train.precision == "auto" else str(cfg.train.precision)
     setting = RunSetting(world_size=world_size, precision=precision,
                          parallel=str(cfg.train.parallel) if world_size > 1 else "single",
                          device=f"train.device={cfg.train.device}")
-    return [f"tcore train --dry-run: {start}{stop_note(max_steps, total_steps(cfg))}; "
-            "nothing written", *plan_lines(cfg, shard_set, setting)]
+    stop = stop_note(max_steps, total_steps(cfg)) if start_step < end else ""
+    return [f"tcore train --dry-run: {start}{stop}; nothing written",
+            *plan_lines(cfg, shard_set, setting, start_step, end)]
 
 
 def refuse_checkpoints_without_resume(run_dir: Path, ckpt_dir: Path, resume: bool) -> None:
@@ -552,17 +561,17 @@ def _train(cfg: DictConfig, shard_set, run_dir: Path, info: DistInfo,
     loader = build_train_loader(cfg, shard_set, info)
     trainer = Trainer(cfg, loader, info)
     start_step, last_ckpt = _load_newest_checkpoint(trainer, ckpt_dir) if resume else (0, None)
-    if info.is_main:  # after the resume check, so a refused resume keeps the saved config
-        save_config(cfg, run_dir / CONFIG_FILE)
-        start, notable = _start_message(run_dir, ckpt_dir, resume, start_step, last_ckpt)
-        if show_plan:
-            _print_plan(cfg, shard_set, trainer, start, max_steps)
-        elif notable:
-            print(f"tcore train: {start}", file=sys.stderr)
     total = trainer.schedules.total_iters
     # A run resumed past --max-steps (or its schedule's end) trains nothing: it stays where
     # it is, not "at" the smaller number.
     end_step = max(start_step, min(total, max_steps) if max_steps else total)
+    if info.is_main:  # after the resume check, so a refused resume keeps the saved config
+        save_config(cfg, run_dir / CONFIG_FILE)
+        start, notable = _start_message(run_dir, ckpt_dir, resume, start_step, last_ckpt)
+        if show_plan:
+            _print_plan(cfg, shard_set, trainer, start, max_steps, start_step, end_step)
+        elif notable:
+            print(f"tcore train: {start}", file=sys.stderr)
     if info.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
     logger = MetricsLogger(run_dir, start_step, end_step,
@@ -662,11 +671,11 @@ def _start_message(run_dir: Path, ckpt_dir: Path, resume: bool, start_step: int,
 
 
 def _print_plan(cfg: DictConfig, shard_set, trainer: Trainer, start: str,
-                max_steps: int | None) -> None:
+                max_steps: int | None, start_step: int, end_step: int) -> None:
     setting = RunSetting(world_size=trainer.info.world_size, parallel=trainer.parallel,
                          precision=trainer.precision, device=str(trainer.device))
     lines = [f"tcore train: {start}{stop_note(max_steps, total_steps(cfg))}",
-             *plan_lines(cfg, shard_set, setting)]
+             *plan_lines(cfg, shard_set, setting, start_step, end_step)]
     print("\n  ".join(lines), file=sys.stderr, flush=True)
 
 

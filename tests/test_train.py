@@ -283,6 +283,14 @@ def test_cli_says_when_the_schedule_ends_before_max_steps(synth_shards, tmp_path
     assert "the schedule ends at step 4" in result.output and "--max-steps 6" in result.output
     export = tmp_path / "run" / "teacher_backbone.safetensors"
     export.unlink()                           # nothing left to train: the export is written
+    # The dry run of a resume says what the run would: nothing to train here, and a
+    # changed override refused as the run refuses it (from RUN_DIR/config.yaml)
+    planned = CliRunner().invoke(cli, args + ["--resume", "--dry-run"])
+    assert planned.exit_code == 0 and planned.output.startswith(
+        f"tcore train --dry-run: nothing to train: {tmp_path / 'run'} is at step 4 already; "
+        "nothing written"), planned.output
+    changed = CliRunner().invoke(cli, args + ["--resume", "--dry-run", "optim.base_lr=0.01"])
+    assert changed.exit_code == 1 and "optim.base_lr: 0.016 -> 0.01" in changed.output
     again = CliRunner().invoke(cli, args + ["--resume"])
     assert again.exit_code == 0 and "is at step 4 already" in again.output
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-00000004.pt"
@@ -314,7 +322,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synth_shards, tmp_path, monk
     shard_set = load_shard_set([str(synth_shards)])
     samples = shard_set.total_samples
     assert result.output.splitlines()[0] == \
-        f"tcore train --dry-run: starts at step 1 in {out}; nothing written"
+        f"tcore train --dry-run: starting at step 1 in {out}; nothing written"
     assert "vit_small, fp16 on train.device=auto, 4 processes (DDP)" in result.output
     assert (f"{samples} video samples in {len(shard_set.tars)} shards; 64 per process x 4 = "
             "global batch 256") in result.output
@@ -326,6 +334,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synth_shards, tmp_path, monk
     short = CliRunner().invoke(cli, [*args, "optim.epochs=10", "optim.warmup_epochs=1"]).output
     ends = 0.04 + 0.03 * (10 * 936 - 1) / (30 * 936 - 1)     # the warm-up's value at the end
     assert (f"over 28,080 steps, longer than the run: it ends at {ends:.4g}\n") in short, short
+    assert "this run" not in result.output             # the whole schedule
+    part = CliRunner().invoke(cli, [*args, "--world-size", "2", "--max-steps", "500"]).output
+    lr = 0.002 * math.sqrt(128 / 1024) * 499 / (20 * 936 - 1)    # warming up at step 500
+    assert (f"this run  steps 1..500 of 374,400: 64,000 samples drawn, {64_000 / samples:,.0f} "
+            f"passes over the data; lr {lr:.4g} at its last step") in part, part
     assert not out.exists()
     monkeypatch.setenv("WORLD_SIZE", "2")      # as torchrun sets it
     assert "64 per process x 2 = global batch 128" in CliRunner().invoke(cli, args).output
@@ -348,7 +361,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synth_shards, tmp_path, monk
     resumed = CliRunner().invoke(cli, [*args, "--resume", "--max-steps", "10"])
     assert resumed.exit_code == 0, resumed.output
     assert resumed.output.splitlines()[0] == (
-        f"tcore train --dry-run: resumes after step 2 ({checkpoints / 'checkpoint-00000002.pt'}), "
+        f"tcore train --dry-run: resuming after step 2 ({checkpoints / 'checkpoint-00000002.pt'}), "
         "stopping at --max-steps 10; nothing written")
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoint-00000002.pt", "checkpoints"]
     alone = CliRunner().invoke(cli, [*args[:-1], "--world-size", "4"])
