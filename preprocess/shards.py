@@ -59,6 +59,7 @@ from tcore.preprocess.video import (FRAME_CODECS, VIDEO_CODECS, VP9_SPEED, encod
 STATE_DIR = ".build"
 BUILD_LOCK = "lock"       # in STATE_DIR: held by the build running (preprocess.locks)
 OPTIONS_NAME = "options.json"   # in STATE_DIR: the options (and inputs) of the build in OUT
+INPUTS_NAME = "inputs.json"     # in STATE_DIR: the inputs' keys, to name what changed since
 INPUT_OPTIONS = ("inputs", "inputs_sha256")   # the options that stand for the input files
 DEFAULT_GOP = 20  # one keyframe per 20-frame clip: smallest and fastest for the sampler (docs/PERFORMANCE.md)
 # Highest --crf per codec: libvpx-vp9 refuses more when the encoder opens (after the inputs are
@@ -235,7 +236,7 @@ def _remove_stale_outputs(out: Path, config: BuildConfig, shard_ids: list[int], 
     _remove_stale_tmp(out, config, shard_ids)
     written = list(_output_files(out, node_rank, num_nodes))
     if num_nodes == 1:   # the nodes of a split build share options.json, each under its own lock
-        written.append(out / STATE_DIR / OPTIONS_NAME)
+        written += [out / STATE_DIR / OPTIONS_NAME, out / STATE_DIR / INPUTS_NAME]
     for path in written:
         for stale in path.parent.glob(glob.escape(temporary_prefix(path)) + "*"):
             stale.unlink(missing_ok=True)
@@ -388,7 +389,7 @@ def _options(config: BuildConfig, inputs: Inputs) -> dict:
             "input_keys": keys}
 
 
-def _check_out_dir(out: Path, options: dict) -> bool:
+def _check_out_dir(out: Path, options: dict, keys: list[str]) -> bool:
     """Refuse a non-empty OUT built with other options (rather than mixing two builds);
     True when OUT holds no build yet (its options are to be recorded, under the lock)."""
     saved = out / STATE_DIR / OPTIONS_NAME
@@ -406,15 +407,16 @@ def _check_out_dir(out: Path, options: dict) -> bool:
     else:
         previous = None
     if previous is not None and previous != options:
-        raise _other_build(out, previous, options)
+        raise _other_build(out, previous, options, keys)
     make_output_directory(out)
     (out / STATE_DIR).mkdir(exist_ok=True)
     return previous is None
 
 
-def _other_build(out: Path, previous: dict, options: dict) -> ShardDirError:
+def _other_build(out: Path, previous: dict, options: dict, keys: list[str]) -> ShardDirError:
     """The error for an OUT built with other options or from other input files (told apart:
-    the inputs' digest says nothing to the user, and no option brings the files back)."""
+    the inputs' digest says nothing to the user, and no option brings the files back; the
+    inputs added and removed are named where the build recorded its inputs)."""
     changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
     if "input_keys" in changed:
         return ShardDirError(f"{out} was begun by an earlier tcore, which named each Kinetics "
@@ -428,7 +430,8 @@ def _other_build(out: Path, previous: dict, options: dict) -> ShardDirError:
         count = f"{now} now"
     else:
         count = f"{then} then, {now} now"
-    files = f"another set of input files ({count}; files were added, removed or renamed since)"
+    files = (f"another set of input files ({count}; files were added, removed or renamed since"
+             f"{_inputs_changed(out, keys)})")
     others = [k for k in changed if k not in INPUT_OPTIONS]
     if not others:
         return ShardDirError(f"{out} already holds shards built from {files}; use a new output "
@@ -439,6 +442,23 @@ def _other_build(out: Path, previous: dict, options: dict) -> ShardDirError:
             if "shuffle_seed" in changed and previous["shuffle_seed"] is None else "")
     return ShardDirError(f"{out} already holds shards built with other options ({details}){also}; "
                          f"use a new output directory or the original options{hint}")
+
+
+def _inputs_changed(out: Path, keys: list[str]) -> str:
+    """'; removed: a, b; added: c' against the build's recorded inputs ('' if none recorded)."""
+    try:
+        recorded = set(json.loads((out / STATE_DIR / INPUTS_NAME).read_text()))
+    except (OSError, ValueError):
+        return ""
+    parts = []
+    for what, names in (("removed", sorted(recorded - set(keys))),
+                        ("added", sorted(set(keys) - recorded))):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{what}: {', '.join(names[:3])}{more}")
+    removed = "; an input given up on can be put back as an empty file at its path (it " \
+              "fails again, and the build resumes)" if recorded - set(keys) else ""
+    return "".join(f"; {part}" for part in parts) + removed
 
 
 def _load_record(out: Path, config: BuildConfig, shard_id: int) -> dict | None:
@@ -498,14 +518,17 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
                             "outside it")
     inputs = discover_inputs(src, kind, list_file, video_root)
     options = _options(config, inputs)
-    _check_out_dir(out, options)    # before the lock makes OUT/.build in a foreign folder
+    keys = [source.key for source in inputs.sources]
+    _check_out_dir(out, options, keys)    # before the lock makes OUT/.build in a foreign folder
     with _build_lock(out, node_rank, num_nodes):
         # Checked again and written under the lock: a build that ran in between may have
         # recorded other options, and a start-up sweep never removes this temporary. Also
         # written where an older tcore kept them in the manifest alone: a retry removes it.
-        _check_out_dir(out, options)
+        _check_out_dir(out, options, keys)
         if not (out / STATE_DIR / OPTIONS_NAME).is_file():
             write_json_atomic(out / STATE_DIR / OPTIONS_NAME, options)
+        if not (out / STATE_DIR / INPUTS_NAME).is_file():
+            write_json_atomic(out / STATE_DIR / INPUTS_NAME, keys)
         return _build_this_nodes_shards(out, config, inputs, options, workers=workers,
                                         node_rank=node_rank, num_nodes=num_nodes,
                                         progress=progress, retry_failed=retry_failed)
@@ -636,6 +659,7 @@ def _give_up_empty_build(out: Path, config: BuildConfig, shard_ids: list[int], f
     for shard_id in shard_ids:  # all of them empty, so no tar or index is lost
         _record_path(out, config, shard_id).unlink(missing_ok=True)
     (out / STATE_DIR / OPTIONS_NAME).unlink(missing_ok=True)
+    (out / STATE_DIR / INPUTS_NAME).unlink(missing_ok=True)
     (out / STATE_DIR / BUILD_LOCK).unlink(missing_ok=True)   # this build ends here
     try:
         (out / STATE_DIR).rmdir()

@@ -432,15 +432,18 @@ def test_changed_input_files_are_told_apart_from_changed_options(synth_root, tmp
     shutil.copy(src / "a" / "v.webm", src / "a" / "w.webm")   # a file added
     with pytest.raises(ShardDirError, match="^" + re.escape(
             f"{out} already holds shards built from another set of input files (1 then, 2 now; "
-            "files were added, removed or renamed since); use a new output directory, or build "
-            "from the original files") + "$"):
+            "files were added, removed or renamed since; added: a/w.webm); use a new output "
+            "directory, or build from the original files") + "$"):
         run_build(src, out, **_TINY)
     (src / "a" / "v.webm").unlink()   # so: v.webm renamed w.webm, as many files
-    with pytest.raises(ShardDirError, match=re.escape("from another set of input files (1, as then; ")):
+    with pytest.raises(ShardDirError, match=re.escape(
+            "from another set of input files (1, as then; files were added, removed or renamed "
+            "since; removed: a/v.webm; added: a/w.webm; an input given up on can be put back as "
+            "an empty file at its path (it fails again, and the build resumes))")):
         run_build(src, out, **_TINY)
     # Other options too: both are said, the options by name.
     with pytest.raises(ShardDirError, match=re.escape(
             "built with other options (frames: 2 -> 3), and from another set of input files (1, as "
-            "then; files were added, removed or renamed since); use a new output directory or the "
-            "original options")):
+            "then; files were added, removed or renamed since; removed: a/v.webm; added: "
+            "a/w.webm; an input given up on")):
         run_build(src, out, **{**_TINY, "frames": 3})
