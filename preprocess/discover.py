@@ -21,8 +21,10 @@ KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 # under its name: partial downloads, metadata, descriptions, thumbnails, subtitles.
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg",
                     ".3gp", ".ogv", ".ts", ".wmv"}
-DOWNLOADER_SIDE_FILES = (".part", ".ytdl", ".json", ".description", ".jpg", ".jpeg", ".png",
-                         ".webp", ".vtt", ".srt", ".txt", ".temp")
+DOWNLOADER_SIDE_FILES = (".json", ".json3", ".description", ".jpg", ".jpeg", ".png", ".webp",
+                         ".vtt", ".srt", ".ass", ".ssa", ".ttml", ".srv1", ".srv2", ".srv3",
+                         ".sbv", ".lrc", ".txt", ".annotations.xml")
+DOWNLOADS_UNDER_WAY = (".part", ".ytdl", ".temp")   # anywhere in the suffix: .mp4.part-Frag3
 
 
 @dataclass(frozen=True)
@@ -198,13 +200,16 @@ class _FolderFiles:
 def _find_kinetics_file(video_root: Path, label: str, youtube_id: str, start: int, end: int,
                         files: _FolderFiles) -> Path | None:
     """Downloaded Kinetics clips are `<id>_<start:06d>_<end:06d>.<any ext>`, under
-    `<video_root>/<label>/` or `<video_root>/`: a video container's extension first (the
-    first by name), else any file of that name but a downloader's side files."""
+    `<video_root>/<label>/` or `<video_root>/`: a video container's extension first (of
+    several, the newest: a clip downloaded again beside a broken one), else any file of that
+    name but a downloader's side files and unfinished downloads."""
     stem = f"{youtube_id}_{start:06d}_{end:06d}"
     for folder in (video_root / label, video_root / label.replace(" ", "_"), video_root):
         matches = [name for name in files.matching(folder, stem)
-                   if not name.lower().endswith(DOWNLOADER_SIDE_FILES)]
+                   if not _downloader_side_file(_extension(name, stem))]
         videos = [name for name in matches if _extension(name, stem) in VIDEO_EXTENSIONS]
+        if len(videos) > 1:
+            return folder / max(videos, key=lambda name: (_modified(folder / name), name))
         if videos or matches:
             return folder / (videos or matches)[0]
     return None
@@ -212,6 +217,18 @@ def _find_kinetics_file(video_root: Path, label: str, youtube_id: str, start: in
 
 def _extension(name: str, stem: str) -> str:
     return name[len(stem):].lower()
+
+
+def _downloader_side_file(extension: str) -> bool:
+    return (extension.endswith(DOWNLOADER_SIDE_FILES)
+            or any(marker in extension for marker in DOWNLOADS_UNDER_WAY))
+
+
+def _modified(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def discover_list(list_file, video_root=None, kind: str = "video") -> Inputs:

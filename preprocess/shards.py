@@ -60,7 +60,7 @@ STATE_DIR = ".build"
 BUILD_LOCK = "lock"       # in STATE_DIR: held by the build running (preprocess.locks)
 OPTIONS_NAME = "options.json"   # in STATE_DIR: the options (and inputs) of the build in OUT
 INPUTS_NAME = "inputs.json"     # in STATE_DIR: the inputs' keys, to name what changed since
-INPUT_OPTIONS = ("inputs", "inputs_sha256")   # the options that stand for the input files
+INPUT_OPTIONS = ("inputs", "inputs_sha256", "input_keys")   # the options that stand for the input files
 DEFAULT_GOP = 20  # one keyframe per 20-frame clip: smallest and fastest for the sampler (docs/PERFORMANCE.md)
 # Highest --crf per codec: libvpx-vp9 refuses more when the encoder opens (after the inputs are
 # decoded), libx264 (8-bit) silently clamps to 51. 0 is lossless (h264) / best (vp9).
@@ -137,6 +137,7 @@ class BuildResult:
     skipped_shards: int  # shards (tars) an earlier run had finished
     failures: list[dict] = field(default_factory=list)
     failures_path: Path | None = None   # failures.jsonl, or this node's of a split build
+    unchanged_failures: int = 0   # --retry-failed: failed inputs whose files are as they were
 
     @property
     def inputs_per_second(self) -> float:
@@ -256,11 +257,15 @@ def build_one_shard(out: Path, config: BuildConfig, shard_id: int, items: list[t
                          "resume)") from err
 
 
-def _failure(source: Source, error: str) -> dict:
+# The file state of a failure no file change explains (an unexpected error: a library's
+# bug, a passing I/O error), which a retry always takes again.
+RETRY_ALWAYS = "retry"
+
+
+def _failure(source: Source, error: str, state) -> dict:
     """A failed input as its shard's record keeps it: what failures.jsonl says (`source`,
     `error`), and the input's key and file state, by which a retry sees it changed."""
-    return {"source": source.relative, "error": error, "input": source.key,
-            "file": input_file_state(source)}
+    return {"source": source.relative, "error": error, "input": source.key, "file": state}
 
 
 def input_file_state(source: Source) -> list | None:
@@ -285,14 +290,15 @@ def _write_shard(out: Path, config: BuildConfig, shard_id: int, items: list[tupl
     failures, unexpected = [], None
     with ShardTarWriter(_tmp_path(tar_path)) as writer:
         for input_index, source, label in items:
-            try:
+            state = input_file_state(source)   # before the read: a file landing meanwhile
+            try:                                # then counts as changed for a retry
                 components = make_sample(source, label, config)
             except BadInput as err:  # bad input never stops a build
-                failures.append(_failure(source, str(err)))
+                failures.append(_failure(source, str(err), state))
             except Exception as err:
                 # Not a known kind of bad input: logged with its type, so that one odd file
                 # among 240k cannot stop (and, rerun, stop again) a Kinetics build...
-                failures.append(_failure(source, f"{type(err).__name__}: {err}"))
+                failures.append(_failure(source, f"{type(err).__name__}: {err}", RETRY_ALWAYS))
                 unexpected = unexpected or (source, err)
             else:
                 writer.add_sample(sample_key(input_index, source), components)
@@ -389,40 +395,46 @@ def _options(config: BuildConfig, inputs: Inputs) -> dict:
             "input_keys": keys}
 
 
-def _check_out_dir(out: Path, options: dict, keys: list[str]) -> bool:
+def _check_out_dir(out: Path, options: dict, keys: dict) -> bool:
     """Refuse a non-empty OUT built with other options (rather than mixing two builds);
     True when OUT holds no build yet (its options are to be recorded, under the lock)."""
-    saved = out / STATE_DIR / OPTIONS_NAME
-    if saved.is_file():
-        previous = with_default_options(read_json(saved, "build options file"))
-    elif (out / MANIFEST_NAME).is_file():
-        previous = with_default_options(load_manifest(out)["options"])
-    elif out.is_dir() and any(p.name not in (STATE_DIR, FAILURES_NAME)
-                              and not p.name.startswith(".") for p in out.iterdir()):
-        # Dot entries are no one's shards: tcore's probes and temporaries (a sibling node's,
-        # starting at the same moment), or a desktop's .DS_Store.
-        # failures.jsonl alone is what a build whose every input failed leaves.
-        raise ShardDirError(f"{out} is not empty and holds no tcore shard build; choose an empty "
-                            "or new output directory")
-    else:
-        previous = None
+    recorded = _recorded_options(out)
+    previous = with_default_options(recorded) if recorded is not None else None
     if previous is not None and previous != options:
+        if "input_keys" not in recorded and options["input_keys"] == "kinetics_rows":
+            raise ShardDirError(f"{out} was begun by an earlier tcore, which named each "
+                                "Kinetics row by the file found for it (a clip downloaded since "
+                                "would move the inputs after it); it cannot be resumed: build "
+                                "into a new output directory")
         raise _other_build(out, previous, options, keys)
     make_output_directory(out)
     (out / STATE_DIR).mkdir(exist_ok=True)
     return previous is None
 
 
-def _other_build(out: Path, previous: dict, options: dict, keys: list[str]) -> ShardDirError:
+def _recorded_options(out: Path) -> dict | None:
+    """The options of the build in OUT as recorded (None: OUT holds no build yet); an OUT
+    holding other files is refused."""
+    saved = out / STATE_DIR / OPTIONS_NAME
+    if saved.is_file():
+        return read_json(saved, "build options file")
+    if (out / MANIFEST_NAME).is_file():
+        return load_manifest(out)["options"]
+    if out.is_dir() and any(p.name not in (STATE_DIR, FAILURES_NAME)
+                            and not p.name.startswith(".") for p in out.iterdir()):
+        # Dot entries are no one's shards: tcore's probes and temporaries (a sibling node's,
+        # starting at the same moment), or a desktop's .DS_Store.
+        # failures.jsonl alone is what a build whose every input failed leaves.
+        raise ShardDirError(f"{out} is not empty and holds no tcore shard build; choose an empty "
+                            "or new output directory")
+    return None
+
+
+def _other_build(out: Path, previous: dict, options: dict, keys: dict) -> ShardDirError:
     """The error for an OUT built with other options or from other input files (told apart:
     the inputs' digest says nothing to the user, and no option brings the files back; the
     inputs added and removed are named where the build recorded its inputs)."""
     changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
-    if "input_keys" in changed:
-        return ShardDirError(f"{out} was begun by an earlier tcore, which named each Kinetics "
-                             "row by the file found for it (a clip downloaded since would move "
-                             "the inputs after it); it cannot be resumed: build into a new "
-                             "output directory")
     then, now = previous.get("inputs"), options["inputs"]
     if then == now:
         count = f"{now}, as then"
@@ -444,21 +456,28 @@ def _other_build(out: Path, previous: dict, options: dict, keys: list[str]) -> S
                          f"use a new output directory or the original options{hint}")
 
 
-def _inputs_changed(out: Path, keys: list[str]) -> str:
-    """'; removed: a, b; added: c' against the build's recorded inputs ('' if none recorded)."""
+def _inputs_changed(out: Path, keys: dict) -> str:
+    """'; removed: a, b; added: c' (and the classes') against the build's recorded inputs
+    ('' where none were recorded)."""
     try:
-        recorded = set(json.loads((out / STATE_DIR / INPUTS_NAME).read_text()))
-    except (OSError, ValueError):
+        recorded = json.loads((out / STATE_DIR / INPUTS_NAME).read_text())
+        then = {part: set(recorded[part]) for part in ("classes", "inputs")}
+    except (OSError, ValueError, TypeError, KeyError):
         return ""
+    now = {part: set(keys[part]) for part in ("classes", "inputs")}
     parts = []
-    for what, names in (("removed", sorted(recorded - set(keys))),
-                        ("added", sorted(set(keys) - recorded))):
+    for part, what, names in (("classes", "classes removed", then["classes"] - now["classes"]),
+                              ("classes", "classes added", now["classes"] - then["classes"]),
+                              ("inputs", "removed", then["inputs"] - now["inputs"]),
+                              ("inputs", "added", now["inputs"] - then["inputs"])):
         if names:
+            names = sorted(names)
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             parts.append(f"{what}: {', '.join(names[:3])}{more}")
-    removed = "; an input given up on can be put back as an empty file at its path (it " \
-              "fails again, and the build resumes)" if recorded - set(keys) else ""
-    return "".join(f"; {part}" for part in parts) + removed
+    hint = ("; a broken file deleted from a class folder can be put back as an empty file at "
+            "its path (it fails again, and the build resumes)"
+            if then["inputs"] - now["inputs"] else "")
+    return "".join(f"; {part}" for part in parts) + hint
 
 
 def _load_record(out: Path, config: BuildConfig, shard_id: int) -> dict | None:
@@ -518,7 +537,7 @@ def run_build(src, out, *, kind: str = "video", frames: int = 20, short_side: in
                             "outside it")
     inputs = discover_inputs(src, kind, list_file, video_root)
     options = _options(config, inputs)
-    keys = [source.key for source in inputs.sources]
+    keys = {"classes": inputs.classes, "inputs": [source.key for source in inputs.sources]}
     _check_out_dir(out, options, keys)    # before the lock makes OUT/.build in a foreign folder
     with _build_lock(out, node_rank, num_nodes):
         # Checked again and written under the lock: a build that ran in between may have
@@ -569,10 +588,11 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
     mine = [k for k in range(shard_count) if k % num_nodes == node_rank]
     _remove_stale_outputs(out, config, mine, node_rank, num_nodes)
     records = {k: _load_record(out, config, k) for k in mine}
+    unchanged = 0
     if retry_failed:
-        _forget_shards_with_failures(out, config, records, _manifests_made_stale(out, node_rank,
-                                                                                 num_nodes),
-                                     {source.key: source for source in inputs.sources})
+        unchanged = _forget_shards_with_failures(
+            out, config, records, _manifests_made_stale(out, node_rank, num_nodes),
+            {source.key: source for source in inputs.sources})
     todo = [k for k in mine if records[k] is None]
     order = shard_order(inputs, config.shuffle_seed)
     tasks = []
@@ -613,34 +633,37 @@ def _build_this_nodes_shards(out: Path, config: BuildConfig, inputs, options: di
     write_json_atomic(manifest_file, manifest)
     built = sum(1 for k in todo if records[k]["samples"])
     return BuildResult(manifest, manifest_file, total, seconds, built, len(shards) - built, failures,
-                       failures_file)
+                       failures_file, unchanged)
 
 
 def _forget_shards_with_failures(out: Path, config: BuildConfig, records: dict,
-                                 manifests: list[Path], sources: dict[str, Source]) -> None:
+                                 manifests: list[Path], sources: dict[str, Source]) -> int:
     """Mark the finished shards holding a failed input whose file changed since (fixed,
     downloaded, replaced) as not done; one whose failures are as they were (a clip still
     missing) is kept, so a retry after a few downloads re-encodes a few shards. The
     manifests that list them go first, then their records, before any tar is replaced: a
     retry stopped halfway leaves no manifest or record describing a tar that is no longer
     the one on disk (a loader refuses the directory until a rerun finishes it, naming the
-    missing manifest). Their tars stay until the new ones replace them."""
+    missing manifest). Their tars stay until the new ones replace them. Returns how many
+    failed inputs stay as they were, not retried."""
     forgotten = [k for k, record in records.items()
                  if record is not None and any(_changed_since(failure, sources)
                                                for failure in record["failures"])]
-    if not forgotten:
-        return
-    for manifest in manifests:
-        manifest.unlink(missing_ok=True)
-    for shard_id in forgotten:
-        _record_path(out, config, shard_id).unlink()
-        records[shard_id] = None
+    kept = sum(len(record["failures"]) for k, record in records.items()
+               if record is not None and k not in forgotten)
+    if forgotten:
+        for manifest in manifests:
+            manifest.unlink(missing_ok=True)
+        for shard_id in forgotten:
+            _record_path(out, config, shard_id).unlink()
+            records[shard_id] = None
+    return kept
 
 
 def _changed_since(failure: dict, sources: dict[str, Source]) -> bool:
     """Whether a failed input's file is not the one that failed (a record of a tcore that
     kept no file state counts as changed)."""
-    if "file" not in failure or failure.get("input") not in sources:
+    if "file" not in failure or failure["file"] == RETRY_ALWAYS or failure.get("input") not in sources:
         return True
     return input_file_state(sources[failure["input"]]) != failure["file"]
 

@@ -205,6 +205,31 @@ def test_retry_failed_rebuilds_only_the_shards_holding_failures(mixed_src, mixed
                                      str(SHORT_SIDE), "--samples-per-shard", "4", "--no-progress",
                                      "--retry-failed"])        # nothing changed since: nothing
     assert again.exit_code == 0 and "0 shards built, 4 already done" in again.output
+    assert (f"{len(BROKEN) - 1} failed inputs not retried: their files are as they were when "
+            "they failed") in again.output
+
+
+def test_a_retry_takes_again_a_failure_no_file_change_explains(mixed_src, tmp_path, monkeypatch):
+    """An unexpected error (a library's bug, a passing I/O error) is not the file's doing:
+    a retry takes it again though the file is as it was."""
+    real = shard_builder.make_sample
+    good = next(f"drift/{video.name}" for video in sorted((mixed_src / "drift").iterdir())
+                if f"drift/{video.name}" not in BROKEN)
+
+    def flaky(source, label, config):
+        if source.relative == good:
+            raise RuntimeError("a decoder's bug, once")
+        return real(source, label, config)
+
+    out = tmp_path / "out"
+    options = dict(frames=20, short_side=SHORT_SIDE, samples_per_shard=4, progress=False)
+    monkeypatch.setattr(shard_builder, "make_sample", flaky)
+    first = run_build(mixed_src, out, **options)
+    assert len(first.failures) == len(BROKEN) + 1
+    assert any(f["error"] == "RuntimeError: a decoder's bug, once" for f in first.failures)
+    monkeypatch.undo()
+    retried = run_build(mixed_src, out, retry_failed=True, **options)
+    assert retried.built_shards == 1 and len(retried.failures) == len(BROKEN)
 
 
 def _fixed_copy(mixed_src, built, tmp_path) -> tuple[Path, Path]:
@@ -505,6 +530,8 @@ def test_kinetics_csv_and_plain_list(synth_root, tmp_path):
     # what yt-dlp leaves beside a clip, sorting before it by name, is not the clip
     (root / "riding a bike" / "abc-_12_000010_000020.description").write_text("a video")
     (root / "riding a bike" / "abc-_12_000010_000020.info.json").write_text("{}")
+    (root / "riding a bike" / "abc-_12_000010_000020.en.srv3").write_text("<timedtext/>")
+    (root / "riding a bike" / "abc-_12_000010_000020.f137.mp4.part-Frag3").write_bytes(b"x")
     csv_file = tmp_path / "train.csv"
     csv_file.write_text("label,youtube_id,time_start,time_end,split\n"
                         "riding a bike,abc-_12,10,20,train\n"
@@ -558,7 +585,7 @@ def test_a_kinetics_row_downloaded_later_is_retried_in_its_place(synth_root, tmp
         "juggling/clip2_000002_000012", "juggling/clip4_000004_000014.webm"]
     before = _all_files(out)
     shutil.copy(videos[2], root / "juggling" / "clip2_000002_000012.mp4")   # downloaded
-    broken.unlink()
+    os.utime(broken, ns=(1_000_000_000, 1_000_000_000))                    # the old, broken one
     shutil.copy(videos[4], root / "juggling" / "clip4_000004_000014.mkv")   # again, as mkv
     retried = run_build(None, out, retry_failed=True, **options)
     assert retried.failures == [] and retried.manifest["total_samples"] == 6

@@ -438,12 +438,16 @@ def test_changed_input_files_are_told_apart_from_changed_options(synth_root, tmp
     (src / "a" / "v.webm").unlink()   # so: v.webm renamed w.webm, as many files
     with pytest.raises(ShardDirError, match=re.escape(
             "from another set of input files (1, as then; files were added, removed or renamed "
-            "since; removed: a/v.webm; added: a/w.webm; an input given up on can be put back as "
-            "an empty file at its path (it fails again, and the build resumes))")):
+            "since; removed: a/v.webm; added: a/w.webm; a broken file deleted from a class "
+            "folder can be put back as an empty file at its path (it fails again, and the build "
+            "resumes))")):
         run_build(src, out, **_TINY)
     # Other options too: both are said, the options by name.
     with pytest.raises(ShardDirError, match=re.escape(
             "built with other options (frames: 2 -> 3), and from another set of input files (1, as "
             "then; files were added, removed or renamed since; removed: a/v.webm; added: "
-            "a/w.webm; an input given up on")):
+            "a/w.webm; a broken file deleted")):
         run_build(src, out, **{**_TINY, "frames": 3})
+    (src / "b").mkdir()             # an empty class folder: another set of classes
+    with pytest.raises(ShardDirError, match=re.escape("; classes added: b; removed: a/v.webm")):
+        run_build(src, out, **_TINY)

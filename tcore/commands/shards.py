@@ -134,6 +134,10 @@ def build(ctx, paths, list_file, video_root, no_shuffle, **options):
     click.echo(f"this run: {result.processed_inputs} inputs in {result.seconds:.1f} s = "
                f"{result.inputs_per_second:.2f} {options['kind']}s/s with {options['workers']} worker(s); "
                f"{result.built_shards} shards built, {result.skipped_shards} already done")
+    if result.unchanged_failures:
+        click.echo(f"{result.unchanged_failures} failed inputs not retried: their files are as "
+                   "they were when they failed (same size and modification time; `touch` one "
+                   "to retry it)")
     if options["num_nodes"] > 1 and result.built_shards:
         click.echo(f"when every node has finished: tcore shards merge-manifest {out} (again, "
                    "if it was merged before)")
