@@ -114,6 +114,24 @@ def test_vip_long_side_size_is_the_released_loaders():
     assert long_side_size((1280, 720), 880) == (880, 448)
 
 
+def test_vip_evaluates_a_training_mode_backbone_frozen_and_gives_it_back(tmp_path):
+    """A backbone handed over in training mode with heavy drop path runs in eval mode while
+    it encodes the frames (its blocks' mode seen at each call), the same scores twice, and is
+    given back in training mode."""
+    from tcore.models import build_backbone
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", drop_path=0.5).train()
+    modes = []
+    backbone.blocks[0].register_forward_pre_hook(lambda block, args: modes.append(block.training))
+    images, labels = part_video(frames=3)
+    write_vip(tmp_path / "vip", "v", images, {t: labels[t] for t in range(3)})
+    runs = [vip.evaluate_vip(backbone, tmp_path / "vip", tmp_path / f"out{i}", size=(48, 64),
+                             topk=3, progress=False, device="cpu") for i in range(2)]
+    assert modes and not any(modes)
+    assert backbone.training
+    assert runs[0]["summary"] == runs[1]["summary"]
+
+
 def test_vip_released_sizing_and_first_frame_scoring(tmp_path):
     """`long_side` sizes each video by the released loader's rule, and `score_first_frame`
     scores frame 0 as its labels read out at the feature grid (a block edge off the patch

@@ -75,7 +75,6 @@ def read_annotation(path: Path, shape: tuple[int, int], frame: Path) -> np.ndarr
     return labels
 
 
-@evaluates_frozen
 def input_size(annotation_shape, size, long_side: int | None, short_side: int,
                patch: int) -> tuple[int, int]:
     """A video's network input size: the fixed size, else the released loader's long-side
@@ -98,6 +97,7 @@ def score_video(truths: dict[int, np.ndarray], prediction: np.ndarray,
     return confusion, len(scored)
 
 
+@evaluates_frozen
 def evaluate_vip(backbone, data_root, output_dir, *, short_side: int = VIP_SHORT_SIDE,
                  size=None, long_side: int | None = None, score_first_frame: bool = False,
                  topk: int = 10, radius: float = 20, temperature: float = 0.7,
