@@ -45,15 +45,24 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def env_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it, else 1."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise DistributedSetupError(f"WORLD_SIZE={text!r} in the environment: not a number of "
+                                    "processes; unset it (or give --world-size to --dry-run)")
+    return int(text)
+
+
 def init_distributed(device_preference: str = "auto") -> DistInfo:
     """Join the torchrun process group if there is one; return rank, world size, device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = env_world_size()
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world_size > 1 and missing:
         # Some schedulers export WORLD_SIZE for their own use; torch's error is a traceback.
-        raise DistributedSetupError(f"WORLD_SIZE={world_size} but no {' or '.join(missing)} in the "
-                           "environment: launch with torchrun (it sets them), or unset "
-                           "WORLD_SIZE for one process")
+        raise DistributedSetupError(f"WORLD_SIZE={world_size} but no {' or '.join(missing)} in "
+                                    "the environment: launch with torchrun (it sets them), or "
+                                    "unset WORLD_SIZE for one process")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)

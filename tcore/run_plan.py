@@ -60,10 +60,6 @@ def stop_note(max_steps: int | None, total_steps: int) -> str:
     return f", stopping at --max-steps {max_steps:,}"
 
 
-def total_steps(cfg: DictConfig) -> int:
-    return int(cfg.optim.epochs) * int(cfg.optim.official_epoch_length)
-
-
 def _shards(count: int) -> str:
     return "1 shard" if count == 1 else f"{count:,} shards"
 

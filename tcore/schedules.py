@@ -70,6 +70,11 @@ class Schedules:
                 "momentum": self.momentum[it], "teacher_temp": self.teacher_temp[it]}
 
 
+def schedule_length(optim_cfg) -> int:
+    """The schedules' length in steps: optim.epochs "epochs" of official_epoch_length."""
+    return int(optim_cfg.epochs) * int(optim_cfg.official_epoch_length)
+
+
 def build_schedules(optim_cfg, global_batch: int) -> Schedules:
     """All schedules of METHOD.md section 6 from the config's `optim` section.
 
@@ -79,7 +84,7 @@ def build_schedules(optim_cfg, global_batch: int) -> Schedules:
     freeze_last_layer_epochs, scaling_rule ("sqrt_wrt_1024" or "none").
     """
     epoch = int(optim_cfg.official_epoch_length)
-    total = int(optim_cfg.epochs) * epoch
+    total = schedule_length(optim_cfg)
     warmup = int(optim_cfg.warmup_epochs) * epoch
     if optim_cfg.scaling_rule == "sqrt_wrt_1024":
         lr = scaled_base_lr(optim_cfg.base_lr, global_batch)

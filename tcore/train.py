@@ -38,8 +38,8 @@ from tcore.preprocess.files import (OutputWriteError, check_output_path, make_ou
                                    temporary_prefix)
 from tcore.preprocess.locks import exclusive_lock
 from tcore.preprocess.manifest import missing_manifest_hint
-from tcore.run_plan import AUTO_PRECISION, RunSetting, plan_lines, stop_note, total_steps
-from tcore.schedules import build_schedules
+from tcore.run_plan import AUTO_PRECISION, RunSetting, plan_lines, stop_note
+from tcore.schedules import build_schedules, schedule_length
 from tcore.step_stream import step_stream
 from tcore.stop_request import StopRequest
 
@@ -497,14 +497,15 @@ def dry_run(cfg: DictConfig, data, output: str | os.PathLike | None = None, *,
         saved = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
         check_resumable_config(cfg, saved, run_dir / CONFIG_FILE)
     start, _ = _start_message(run_dir, ckpt_dir, resume, start_step, checkpoint)
-    end = min(total_steps(cfg), max_steps) if max_steps else total_steps(cfg)
+    total = schedule_length(cfg.optim)
+    end = min(total, max_steps) if max_steps else total
     if start_step >= end:
         start = f"nothing to train: {run_dir} is at step {start_step:,} already"
     precision = AUTO_PRECISION if cfg.train.precision == "auto" else str(cfg.train.precision)
     setting = RunSetting(world_size=world_size, precision=precision,
                          parallel=str(cfg.train.parallel) if world_size > 1 else "single",
                          device=f"train.device={cfg.train.device}")
-    stop = stop_note(max_steps, total_steps(cfg)) if start_step < end else ""
+    stop = stop_note(max_steps, total) if start_step < end else ""
     return [f"tcore train --dry-run: {start}{stop}; nothing written",
             *plan_lines(cfg, shard_set, setting, start_step, end)]
 
@@ -674,7 +675,7 @@ def _print_plan(cfg: DictConfig, shard_set, trainer: Trainer, start: str,
                 max_steps: int | None, start_step: int, end_step: int) -> None:
     setting = RunSetting(world_size=trainer.info.world_size, parallel=trainer.parallel,
                          precision=trainer.precision, device=str(trainer.device))
-    lines = [f"tcore train: {start}{stop_note(max_steps, total_steps(cfg))}",
+    lines = [f"tcore train: {start}{stop_note(max_steps, trainer.schedules.total_iters)}",
              *plan_lines(cfg, shard_set, setting, start_step, end_step)]
     print("\n  ".join(lines), file=sys.stderr, flush=True)
 

@@ -344,7 +344,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synth_shards, tmp_path, monk
     assert "64 per process x 2 = global batch 128" in CliRunner().invoke(cli, args).output
     monkeypatch.setenv("WORLD_SIZE", "two")
     wrong = CliRunner().invoke(cli, args)
-    assert wrong.exit_code == 2 and "WORLD_SIZE='two' in the environment" in wrong.output
+    assert wrong.exit_code == 1 and "WORLD_SIZE='two' in the environment" in wrong.output
     monkeypatch.delenv("WORLD_SIZE")
     # METHOD.md's stated per-group factors, where set, are named beside the lr
     stated = CliRunner().invoke(cli, [*args, "optim.layer_decay=0.9",

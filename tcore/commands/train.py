@@ -1,20 +1,10 @@
 """`tcore train`: parse options, load the config, call `tcore.train.train`."""
-import os
 import signal
 import sys
 
 import click
 
 from tcore.commands import shard_paths
-
-
-def _world_size_from_env() -> int:
-    """WORLD_SIZE as torchrun sets it, else 1."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    if not text.isdigit() or int(text) < 1:
-        raise click.UsageError(f"WORLD_SIZE={text!r} in the environment: not a number of "
-                               "processes; unset it or give --world-size")
-    return int(text)
 
 
 @click.command(name="train", context_settings={"ignore_unknown_options": False})
@@ -44,7 +34,7 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
     """Train T-CoRe. OVERRIDES are key=value config entries, e.g. optim.epochs=10."""
     from tcore.checkpoint import CheckpointError
     from tcore.config import ConfigError, load_config
-    from tcore.distributed import DistributedSetupError
+    from tcore.distributed import DistributedSetupError, env_world_size
     from tcore.metrics_log import NonFiniteLossError
     from tcore.pipelines.stage_a import BadSampleError
     from tcore.preprocess.errors import ShardDirError
@@ -59,7 +49,7 @@ def train(config, data, output, resume, max_steps, checkpoint_every, no_progress
         if dry_run:
             for line in plan_run(cfg, data, output, resume=resume, max_steps=max_steps,
                                  checkpoint_every=checkpoint_every,
-                                 world_size=world_size or _world_size_from_env()):
+                                 world_size=world_size or env_world_size()):
                 click.echo(line if line.startswith("tcore train") else f"  {line}")
             return
         result = run_train(cfg, data, output, resume=resume, max_steps=max_steps,
