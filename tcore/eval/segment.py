@@ -3,6 +3,7 @@ soft labels at feature resolution -> bilinear upsampling to the input size -> ar
 nearest-neighbour resize to the annotation's size -> ids."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,24 +95,30 @@ def hard_labels(soft: torch.Tensor, input_size: tuple[int, int],
     if tuple(at_input.shape) == tuple(out_size):
         return at_input
     sources = pil_nearest_sources if centred_nearest else opencv_nearest_sources
-    rows, cols = (torch.as_tensor(sources(n, m), device=at_input.device)
+    rows, cols = (torch.tensor(sources(n, m), device=at_input.device)
                   for n, m in zip(at_input.shape, out_size))
     return at_input[rows][:, cols]
 
 
+@functools.lru_cache(maxsize=64)   # every frame of a video asks for the same sizes
 def opencv_nearest_sources(size: int, out: int) -> np.ndarray:
     """The source index of each of `out` pixels when OpenCV's INTER_NEAREST resizes `size` to
     `out`: floor(i * (1 / (out / size))) in double precision, as its resize does (the same
     indices as cv2.resize for 8,229 size pairs, OpenCV 5.0.0, 2026-11-29). torch's "nearest"
     works in float32 and lands one pixel off at some of them (880 -> 910: 9 of 910)."""
     scale = 1.0 / (out / size)
-    return np.minimum(np.floor(np.arange(out) * scale), size - 1).astype(np.int64)
+    sources = np.minimum(np.floor(np.arange(out) * scale), size - 1).astype(np.int64)
+    sources.flags.writeable = False   # shared by the cache
+    return sources
 
 
+@functools.lru_cache(maxsize=64)
 def pil_nearest_sources(size: int, out: int) -> np.ndarray:
     """The source index of each of `out` pixels when PIL's NEAREST resizes `size` to `out`,
     read from PIL itself: it is floor((i + 0.5) * size / out) but where that product is a
     whole number, which PIL's rounded scale puts just below it (64 -> 96: pixel 4 reads 2,
     not 3), whereas torch's nearest-exact takes the whole number."""
     ramp = Image.fromarray(np.arange(size, dtype=np.int32)[None])
-    return np.asarray(ramp.resize((out, 1), Image.NEAREST))[0].astype(np.int64)
+    sources = np.asarray(ramp.resize((out, 1), Image.NEAREST))[0].astype(np.int64)
+    sources.flags.writeable = False   # shared by the cache
+    return sources
